@@ -1,0 +1,32 @@
+"""clip_jax: CLIP pretraining in JAX/Flax, from a laptop CPU to a TPU pod.
+
+The public API (TensorFlow is never imported here; the input pipeline imports it lazily):
+
+    tokens = clip_jax.tokenize(["a photo of a cat"])           # int32 [N, 77]
+    model, params = clip_jax.load("ViT-B-32-quickgelu", "openai.safetensors")
+    img = clip_jax.encode_image(model, params, clip_jax.preprocess([pil_image]))
+    txt = clip_jax.encode_text(model, params, tokens)          # both L2-normalized
+    clip_jax.save_open_clip("ViT-B-32-quickgelu", params, "out.safetensors")
+"""
+
+from clip_jax.interop import encode_image, encode_text, load, save_open_clip
+from clip_jax.models import create_model, get_model_config, init_variables, list_models
+from clip_jax.preprocessing import MEAN, STD, preprocess
+from clip_jax.tokenizers import tokenize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MEAN",
+    "STD",
+    "create_model",
+    "encode_image",
+    "encode_text",
+    "get_model_config",
+    "init_variables",
+    "list_models",
+    "load",
+    "preprocess",
+    "save_open_clip",
+    "tokenize",
+]

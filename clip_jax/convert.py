@@ -1,0 +1,305 @@
+"""OpenAI / open_clip state dict <-> clip_jax variables (import and export).
+
+The exchange format is open_clip's state dict: keys like
+``visual.transformer.resblocks.3.attn.in_proj_weight``, PyTorch layouts (Linear [out, in],
+Conv OIHW). Every clip_jax leaf maps to exactly one state-dict tensor; a kernel is
+stored as ``k.reshape(prod(in_dims), -1).T`` in PyTorch, so the inverse is a transpose
+and a reshape to the Flax shape. Scanned models (params stacked on a 'layers' axis) are
+unstacked to ``resblocks_{i}`` first, so one table serves both forms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+# Keys of OpenAI's original checkpoints that are metadata, not tensors of the model.
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Number of leading Flax kernel dims that are PyTorch's "in" dims, by leaf name.
+_IN_DIMS = {
+    "kernel": 1,  # nn.Dense [in, out]
+    "in_proj_kernel": 1,  # [embed, 3, heads, head_dim] <-> in_proj_weight [3*embed, embed]
+    "q_proj_kernel": 1,
+    "k_proj_kernel": 1,
+    "v_proj_kernel": 1,
+    "out_proj_kernel": 2,  # [heads, head_dim, embed] <-> out_proj.weight [embed, embed]
+    "c_proj_kernel": 2,  # attention-pool output [heads, head_dim, out]
+}
+
+
+# -- scan <-> per-layer ----------------------------------------------------------------
+def unstack_layers(flat: dict[tuple, Any]) -> dict[tuple, Any]:
+    """'.../resblocks/...' leaves [L, ...] -> '.../resblocks_{i}/...' leaves."""
+    out = {}
+    for path, value in flat.items():
+        if "resblocks" in path:
+            i = path.index("resblocks")
+            for layer in range(value.shape[0]):
+                out[path[:i] + (f"resblocks_{layer}",) + path[i + 1 :]] = value[layer]
+        else:
+            out[path] = value
+    return out
+
+
+def stack_layers(flat: dict[tuple, Any]) -> dict[tuple, Any]:
+    """Inverse of ``unstack_layers``."""
+    groups: dict[tuple, dict[int, Any]] = {}
+    out = {}
+    for path, value in flat.items():
+        idx = next((i for i, p in enumerate(path) if re.fullmatch(r"resblocks_\d+", p)), None)
+        if idx is None:
+            out[path] = value
+            continue
+        key = path[:idx] + ("resblocks",) + path[idx + 1 :]
+        groups.setdefault(key, {})[int(path[idx].split("_")[1])] = value
+    for key, layers in groups.items():
+        out[key] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+    return out
+
+
+# -- one leaf <-> one torch key ----------------------------------------------------------
+def torch_key(path: tuple) -> str:
+    """The open_clip state-dict key of a clip_jax variable path (unstacked form)."""
+    collection, *rest = path
+    if rest[0] == "text":  # open_clip's CLIP keeps the text tower at the top level
+        rest = rest[1:]
+    parts = []
+    for p in rest:
+        m = re.fullmatch(r"resblocks_(\d+)", p)
+        m2 = re.fullmatch(r"layer(\d)_(\d+)", p)
+        if m:
+            parts += ["resblocks", m.group(1)]
+        elif m2:
+            parts += [f"layer{m2.group(1)}", m2.group(2)]
+        elif p == "downsample_conv":
+            parts += ["downsample", "0"]
+        elif p == "downsample_bn":
+            parts += ["downsample", "1"]
+        elif p == "bn" and collection in ("params", "batch_stats"):
+            continue  # our BatchNorm wrapper's inner module
+        else:
+            parts.append(p)
+    leaf = parts[-1]
+    parent = parts[:-1]
+    if collection == "batch_stats":
+        leaf = {"mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+    elif leaf in ("scale", "kernel", "embedding"):
+        leaf = "weight"
+    elif parent and parent[-1] == "attn_pool" and leaf != "query":  # its nn.MultiheadAttention
+        parent = parent + ["attn"]
+        leaf = {"out_proj_kernel": "out_proj.weight", "out_proj_bias": "out_proj.bias"}.get(
+            leaf, leaf.replace("_kernel", "_weight")
+        )
+    elif parent and parent[-1] == "attn":  # MultiheadAttention's own names
+        leaf = {"in_proj_kernel": "in_proj_weight", "out_proj_kernel": "out_proj.weight",
+                "out_proj_bias": "out_proj.bias"}.get(leaf, leaf)
+    elif leaf.endswith("_kernel"):
+        leaf = leaf[: -len("_kernel")] + ".weight"
+    elif leaf.endswith("_bias"):
+        leaf = leaf[: -len("_bias")] + ".bias"
+    return ".".join(parent + [leaf])
+
+
+def _in_dims(path: tuple) -> int | None:
+    """How many leading dims of this kernel are PyTorch's input dims; None if the layout is shared."""
+    leaf = path[-1]
+    if path[0] != "params" or leaf not in _IN_DIMS:
+        return None
+    return _IN_DIMS[leaf]
+
+
+def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value)
+    if path[-1] == "kernel" and value.ndim == 4:  # conv HWIO -> OIHW
+        return value.transpose(3, 2, 0, 1)
+    n_in = _in_dims(path)
+    if n_in is not None:
+        return value.reshape(math.prod(value.shape[:n_in]), -1).T
+    if path[0] == "batch_stats" and path[-1] == "num_batches_tracked":
+        return value.astype(np.int64)
+    if _is_bias(path, value.shape):
+        return value.reshape(-1)
+    return value
+
+
+def from_torch_layout(path: tuple, value: np.ndarray, shape: tuple, dtype) -> np.ndarray:
+    value = np.asarray(value)
+    if path[-1] == "kernel" and len(shape) == 4:  # OIHW -> HWIO
+        value = value.transpose(2, 3, 1, 0)
+    elif _in_dims(path) is not None:
+        value = value.T
+    return value.reshape(shape).astype(dtype)
+
+
+def torch_shape(path: tuple, shape: tuple) -> tuple:
+    """PyTorch shape of a clip_jax leaf of ``shape``, computed without memory (same rules as above)."""
+    shape = tuple(shape)
+    if path[-1] == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    n_in = _in_dims(path)
+    if n_in is not None:
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if _is_bias(path, shape):
+        return (math.prod(shape),)
+    return shape
+
+
+def _is_bias(path: tuple, shape: tuple) -> bool:
+    # Per-head biases [3, heads, head_dim] are flat vectors in PyTorch; logit_bias is a scalar.
+    return len(shape) > 0 and path[0] == "params" and (path[-1] == "bias" or path[-1].endswith("_bias"))
+
+
+# torch.nn.MultiheadAttention keeps separate q/k/v weights only when the key/value width
+# differs from the query width; otherwise it fuses them into in_proj_weight.
+_POOL = "visual.attn_pool.attn."
+_POOL_QKV = [_POOL + f"{n}_proj_weight" for n in "qkv"]
+
+
+def _fuse_pool_qkv(sd: dict) -> dict:
+    """Separate pooler q/k/v weights -> fused in_proj_weight, where torch would fuse them."""
+    if _POOL_QKV[0] not in sd:
+        return sd
+    is_shape = isinstance(sd[_POOL_QKV[0]], tuple)
+    shape = (lambda v: v) if is_shape else np.shape
+    if shape(sd[_POOL_QKV[0]]) == shape(sd[_POOL_QKV[1]]):
+        sd = dict(sd)
+        parts = [sd.pop(k) for k in _POOL_QKV]
+        if is_shape:
+            sd[_POOL + "in_proj_weight"] = (3 * parts[0][0], parts[0][1])
+        else:
+            sd[_POOL + "in_proj_weight"] = np.concatenate(parts, axis=0)
+    return sd
+
+
+def _split_pool_qkv(sd: dict) -> dict:
+    if _POOL + "in_proj_weight" in sd:
+        sd = dict(sd)
+        for k, part in zip(_POOL_QKV, np.split(np.asarray(sd.pop(_POOL + "in_proj_weight")), 3, axis=0)):
+            sd[k] = part
+    return sd
+
+
+# -- whole trees ---------------------------------------------------------------------
+def _expected(shapes) -> dict[str, tuple[tuple, tuple, Any]]:
+    """torch key -> (clip_jax path, flax shape, dtype) for the unstacked variables."""
+    out = {}
+    for path, s in traverse_util.flatten_dict(dict(shapes)).items():
+        shape = tuple(s.shape)
+        if "resblocks" in path:
+            i = path.index("resblocks")
+            for layer in range(shape[0]):
+                p = path[:i] + (f"resblocks_{layer}",) + path[i + 1 :]
+                out[torch_key(p)] = (p, shape[1:], s.dtype)
+        else:
+            out[torch_key(path)] = (path, shape, s.dtype)
+    return out
+
+
+def expected_state_dict_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The open_clip state-dict keys and PyTorch shapes this model imports/exports."""
+    from clip_jax.models import variable_shapes
+
+    return _fuse_pool_qkv({k: torch_shape(p, s) for k, (p, s, _) in _expected(variable_shapes(model)).items()})
+
+
+def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Unwrap training checkpoints ({'state_dict': ...}, 'module.' prefixes); drop OpenAI metadata."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("module."):
+            k = k[len("module.") :]
+        if k in OPENAI_METADATA_KEYS:
+            continue
+        out[k] = v
+    return out
+
+
+def state_dict_to_variables(model, state_dict: Mapping[str, Any]) -> dict:
+    """open_clip/OpenAI state dict (numpy arrays) -> clip_jax variables (numpy, float32 params).
+
+    Raises ValueError naming every missing, unexpected and mis-shaped key.
+    """
+    from clip_jax.models import variable_shapes
+
+    state_dict = _split_pool_qkv(clean_state_dict(state_dict))
+    expected = _expected(variable_shapes(model))
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    wrong = []
+    for k in sorted(set(expected) & set(state_dict)):
+        path, shape, _ = expected[k]
+        want = torch_shape(path, shape)
+        got = tuple(np.shape(state_dict[k]))
+        if got != want:
+            wrong.append(f"{k}: got {got}, expected {want}")
+    if missing or extra or wrong:
+        name = getattr(model.config, "name", None) or "this model config"
+        lines = [f"state dict does not match {name}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", extra), ("mis-shaped keys", wrong)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                lines.append(f"  {title}: {shown}")
+        lines.append("  (is it the right model name? '-quickgelu' only changes the activation, not the keys)")
+        raise ValueError("\n".join(lines))
+    flat = {}
+    for k, (path, shape, dtype) in expected.items():
+        flat[path] = from_torch_layout(path, np.asarray(state_dict[k]), shape, dtype)
+    if model.scan:
+        flat = stack_layers(flat)
+    return traverse_util.unflatten_dict(flat)
+
+
+def variables_to_state_dict(variables) -> dict[str, np.ndarray]:
+    """clip_jax variables -> open_clip state dict (numpy, PyTorch layouts, contiguous)."""
+    flat = traverse_util.flatten_dict(_to_numpy(variables))
+    flat = unstack_layers(flat)
+    # np.array(order="C") keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d).
+    sd = {torch_key(p): np.array(to_torch_layout(p, v), order="C") for p, v in flat.items()}
+    return _fuse_pool_qkv(sd)
+
+
+def _to_numpy(tree):
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(tree))
+
+
+# -- files ---------------------------------------------------------------------------
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """.safetensors (no torch needed) or .pt/.bin/.pth (needs torch; OpenAI's TorchScript archives too)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path!r} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path!r} needs PyTorch; install torch or convert the file to .safetensors"
+        ) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        obj = torch.jit.load(path, map_location="cpu").state_dict()  # OpenAI's released .pt files
+    obj = clean_state_dict(obj)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+
+
+def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str, metadata: dict | None = None):
+    from safetensors.numpy import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: np.asarray(v) for k, v in state_dict.items()}, path, metadata=metadata)

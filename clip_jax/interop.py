@@ -1,0 +1,142 @@
+"""The public inference/interop API: load, save_open_clip, encode_image, encode_text.
+
+``params`` here is the Flax variables dict: {'params': ...} plus 'batch_stats' for the
+ResNet towers. Inputs are validated on the host before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import convert
+from clip_jax.models import CLIP, CLIPConfig, create_model, get_model_config
+
+
+def load(
+    name: Union[str, dict, CLIPConfig],
+    path: str,
+    dtype: str = "float32",
+    scan: bool = False,
+    remat: str = "none",
+):
+    """(model, params) from an OpenAI/open_clip checkpoint or a clip_jax export.
+
+    name: a preset of ``clip_jax.list_models()`` (use the '-quickgelu' names for OpenAI's
+    weights), an open_clip-style config dict, or the path of such a JSON.
+    path: ``.safetensors`` (no torch needed), ``.pt``/``.bin``/``.pth`` (needs torch),
+    or a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``.
+    """
+    model = create_model(name, dtype=dtype, scan=scan, remat=remat)  # unknown name fails here, first
+    if path.endswith(".msgpack"):
+        return model, read_flax_params(model, path)
+    state_dict = convert.read_state_dict(path)
+    variables = convert.state_dict_to_variables(model, state_dict)
+    return model, jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+def save_open_clip(name: Union[str, dict, CLIPConfig], params, path: str, config_path: Optional[str] = None):
+    """Write ``params`` as an open_clip state dict in ``.safetensors``.
+
+    ``open_clip.create_model(name, pretrained=path)`` loads it with strict key matching.
+    For configs that are no open_clip preset, also write their JSON (``config_path``,
+    default: path with '.json') for ``open_clip.add_model_config``.
+    """
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_open_clip writes .safetensors; got path {path!r}")
+    config = get_model_config(name)
+    state_dict = convert.variables_to_state_dict(params)
+    model = CLIP(config)
+    expected = convert.expected_state_dict_shapes(model)
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if got != expected:
+        bad = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise ValueError(f"params do not match model {name!r}: first differing keys {bad[:8]}")
+    convert.write_safetensors(state_dict, path, metadata={"clip_jax_config": json.dumps(config.to_dict())})
+    if config_path or not isinstance(name, str) or name.endswith(".json"):
+        config_path = config_path or path[: -len(".safetensors")] + ".json"
+        with open(config_path, "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+    return path
+
+
+def write_flax_params(params, path: str):
+    from flax import serialization
+
+    with open(path, "wb") as f:
+        f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, jax.device_get(params))))
+
+
+def read_flax_params(model: CLIP, path: str):
+    from flax import serialization
+
+    from clip_jax.models import variable_shapes
+
+    with open(path, "rb") as f:
+        raw = serialization.msgpack_restore(f.read())
+    shapes = variable_shapes(model)
+    got = jax.tree_util.tree_map(np.shape, raw)
+    want = jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
+    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want) or got != want:
+        raise ValueError(f"{path!r} does not hold parameters of this model (different tree or shapes)")
+    return jax.tree_util.tree_map(jnp.asarray, raw)
+
+
+# -- encoding ---------------------------------------------------------------------------
+_JIT_CACHE: dict = {}
+
+
+def _jitted(model: CLIP, method: str):
+    key = (model.config, model.dtype, model.remat, model.scan, model.attn_impl, method)
+    if key not in _JIT_CACHE:
+        _JIT_CACHE[key] = jax.jit(lambda variables, x: model.apply(variables, x, method=method))
+    return _JIT_CACHE[key]
+
+
+def _batched(fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Apply fn in fixed-size chunks (last one padded) so any N compiles once."""
+    n = x.shape[0]
+    outs = []
+    for start in range(0, n, batch_size):
+        chunk = x[start : start + batch_size]
+        pad = min(batch_size, n) - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outs.append(np.asarray(fn(params, chunk))[: chunk.shape[0] - pad])
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def encode_image(model: CLIP, params, images, batch_size: int = 256) -> np.ndarray:
+    """images: NHWC float32 [N, S, S, 3], already normalized -> L2-normalized float32 [N, embed_dim]."""
+    images = np.asarray(images)
+    size = model.config.vision.image_size
+    if images.ndim == 3:
+        raise ValueError(f"images must be a batch [N, {size}, {size}, 3]; got one image {images.shape}: add a batch axis")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        hint = " (NCHW? transpose to NHWC)" if images.ndim == 4 and images.shape[1] == 3 else ""
+        raise ValueError(f"images must be NHWC [N, {size}, {size}, 3]; got shape {images.shape}{hint}")
+    if images.shape[1:3] != (size, size):
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]}, the model takes {size}x{size}: "
+            f"use clip_jax.preprocess(image, image_size={size})"
+        )
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be float (normalized), got {images.dtype}: use clip_jax.preprocess")
+    return _batched(_jitted(model, "encode_image"), params, images.astype(np.float32), batch_size)
+
+
+def encode_text(model: CLIP, params, tokens, batch_size: int = 256) -> np.ndarray:
+    """tokens: int [N, context_length] from clip_jax.tokenize -> L2-normalized float32 [N, embed_dim]."""
+    tokens = np.asarray(tokens)
+    ctx, vocab = model.config.text.context_length, model.config.text.vocab_size
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be int [N, {ctx}] (clip_jax.tokenize); got {tokens.dtype} {tokens.shape}")
+    if tokens.shape[1] > ctx:
+        raise ValueError(f"tokens are {tokens.shape[1]} long, the model's context_length is {ctx}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}); got [{tokens.min()}, {tokens.max()}]")
+    return _batched(_jitted(model, "encode_text"), params, tokens.astype(np.int32), batch_size)

@@ -1,0 +1,130 @@
+"""The CLIP two-tower model: image tower + text tower + learned temperature (and optional bias)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.config import CLIPConfig
+from clip_jax.models.layers import Dtype, remat_policy
+from clip_jax.models.resnet import ModifiedResNet
+from clip_jax.models.text import TextTransformer
+from clip_jax.models.vit import VisionTransformer
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """F.normalize semantics (divide by max(norm, eps)), computed in float32."""
+    x = x.astype(jnp.float32)
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(norm, eps)
+
+
+class CLIP(nn.Module):
+    """CLIP with param tree {'visual': ..., 'text': ..., 'logit_scale': ()[, 'logit_bias': ()]}.
+
+    Runtime options (not part of the architecture, so not in CLIPConfig):
+      dtype: compute dtype (params stay float32); remat: 'none' | 'full' | a
+      jax.checkpoint_policies name; scan: scan the Transformer layers; attn_impl: passed
+      to jax.nn.dot_product_attention.
+    Embeddings come out L2-normalized, in float32.
+    """
+
+    config: CLIPConfig
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = False
+    attn_impl: Optional[str] = None
+
+    def setup(self):
+        cfg = self.config
+        if self.remat != "none":
+            remat_policy(self.remat)  # fail early on a bad name
+        v = cfg.vision
+        if v.is_resnet:
+            if len(v.layers) != 4:
+                raise ValueError(f"a ModifiedResNet needs 4 stage depths, got layers={v.layers}")
+            self.visual = ModifiedResNet(
+                layers=v.layers,
+                output_dim=cfg.embed_dim,
+                heads=v.heads,
+                image_size=v.image_size,
+                width=v.width,
+                dtype=self.dtype,
+                remat="none" if self.remat == "none" else "full",
+            )
+        else:
+            if not v.patch_size:
+                raise ValueError("a ViT vision_cfg needs patch_size (or give 4 stage depths for a ResNet)")
+            self.visual = VisionTransformer(
+                image_size=v.image_size,
+                patch_size=v.patch_size,
+                width=v.width,
+                layers=v.layers,
+                heads=v.heads,
+                mlp_ratio=v.mlp_ratio,
+                output_dim=cfg.embed_dim,
+                pool_type=v.pool_type,
+                attn_pooler_heads=v.attn_pooler_heads,
+                quick_gelu=cfg.quick_gelu,
+                dtype=self.dtype,
+                attn_impl=self.attn_impl,
+                remat=self.remat,
+                scan=self.scan,
+            )
+        t = cfg.text
+        self.text = TextTransformer(
+            context_length=t.context_length,
+            vocab_size=t.vocab_size,
+            width=t.width,
+            heads=t.heads,
+            layers=t.layers,
+            mlp_ratio=t.mlp_ratio,
+            output_dim=cfg.embed_dim,
+            pool_type=t.pool_type,
+            quick_gelu=cfg.quick_gelu,
+            dtype=self.dtype,
+            attn_impl=self.attn_impl,
+            remat=self.remat,
+            scan=self.scan,
+        )
+        self.logit_scale = self.param(
+            "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_scale), ()), ()
+        )
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = self.param(
+                "logit_bias", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_bias), ()), ()
+            )
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.config.vision.is_resnet
+
+    def encode_image(self, images, train: bool = False):
+        """images NHWC [N, S, S, 3], normalized -> unit-norm float32 [N, embed_dim]."""
+        if self.is_resnet:
+            return l2_normalize(self.visual(images, train=train))
+        return l2_normalize(self.visual(images))
+
+    def encode_text(self, tokens):
+        """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]."""
+        return l2_normalize(self.text(tokens))
+
+    def temperature(self):
+        """(exp(logit_scale) clamped at 100, logit_bias or None), in float32."""
+        scale = jnp.exp(jnp.minimum(self.logit_scale, MAX_LOGIT_SCALE))
+        bias = self.logit_bias if self.config.init_logit_bias is not None else None
+        return scale, bias
+
+    def __call__(self, images, tokens, train: bool = False):
+        """-> dict(image_embeds, text_embeds, logit_scale[, logit_bias])."""
+        out = dict(image_embeds=self.encode_image(images, train), text_embeds=self.encode_text(tokens))
+        out["logit_scale"], bias = self.temperature()
+        if bias is not None:
+            out["logit_bias"] = bias
+        return out

@@ -1,0 +1,146 @@
+"""Model configs: open_clip's JSON schema (embed_dim, vision_cfg, text_cfg, quick_gelu) as dataclasses.
+
+Presets live in ``clip_jax/model_configs/NAME.json`` with the same keys as open_clip's
+``model_configs``, so a user who knows one knows the other. A ``NAME-quickgelu`` variant
+exists for every preset (QuickGELU is what OpenAI's released weights were trained with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_configs")
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    layers: Union[int, Tuple[int, ...]] = 12  # a tuple of 4 stage depths selects ModifiedResNet
+    width: int = 768
+    patch_size: Optional[int] = 16
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    pool_type: str = "tok"  # 'tok' | 'avg' | 'map' (attentional pooler, one query)
+    attn_pooler_heads: int = 8
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, tuple)
+
+    @property
+    def heads(self) -> int:
+        # ModifiedResNet's attention pool works at width*32 channels.
+        return (self.width * 32 if self.is_resnet else self.width) // self.head_width
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    pool_type: str = "argmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    embed_dim: int
+    vision: VisionConfig
+    text: TextConfig
+    quick_gelu: bool = False
+    init_logit_scale: float = float(np.log(1 / 0.07))
+    init_logit_bias: Optional[float] = None  # set (e.g. -10) for the SigLIP loss
+
+    # -- open_clip JSON <-> dataclasses ------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        d = dict(d)
+        vision = dict(d.pop("vision_cfg"))
+        text = dict(d.pop("text_cfg"))
+        if vision.pop("attentional_pool", False):
+            queries = vision.pop("attn_pooler_queries", 256)
+            if queries != 1:
+                raise ValueError(f"attentional_pool with attn_pooler_queries={queries} (CoCa) is not supported; use 1")
+            vision["pool_type"] = "map"
+        vision.pop("attn_pooler_queries", None)
+        if isinstance(vision.get("layers"), (list, tuple)):
+            vision["layers"] = tuple(vision["layers"])
+        vision = _known(VisionConfig, vision, "vision_cfg")
+        text = _known(TextConfig, text, "text_cfg")
+        d = _known(cls, d, "model config")
+        return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The open_clip JSON for this config (what ``open_clip.add_model_config`` takes)."""
+        vision = dataclasses.asdict(self.vision)
+        if vision["pool_type"] == "map":
+            vision.update(pool_type="tok", attentional_pool=True, attn_pooler_queries=1)
+        else:
+            vision.pop("attn_pooler_heads")
+        if self.vision.is_resnet:
+            vision["layers"] = list(vision["layers"])
+            vision["patch_size"] = None
+            for k in ("mlp_ratio", "pool_type"):
+                vision.pop(k)
+        out: dict[str, Any] = {"embed_dim": self.embed_dim}
+        if self.quick_gelu:
+            out["quick_gelu"] = True
+        if self.init_logit_bias is not None:
+            out["init_logit_bias"] = self.init_logit_bias
+        out["vision_cfg"] = vision
+        out["text_cfg"] = dataclasses.asdict(self.text)
+        return out
+
+
+def _known(klass, d: dict[str, Any], where: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(klass)} - {"vision", "text"}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unsupported keys in {where}: {unknown} (supported: {sorted(fields)})")
+    return d
+
+
+def _preset_files() -> dict[str, str]:
+    return {f[:-5]: os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".json")}
+
+
+def list_models() -> list[str]:
+    """Every preset name: open_clip's names, their -quickgelu variants, and tiny test presets."""
+    names = []
+    for base in _preset_files():
+        names += [base, base + QUICKGELU_SUFFIX]
+    return sorted(names)
+
+
+def get_model_config(name_or_config: Union[str, dict, CLIPConfig]) -> CLIPConfig:
+    """A preset name, an open_clip-style dict, a path to such a JSON file, or a CLIPConfig."""
+    if isinstance(name_or_config, CLIPConfig):
+        return name_or_config
+    if isinstance(name_or_config, dict):
+        return CLIPConfig.from_dict(name_or_config)
+    name = name_or_config
+    if name.endswith(".json") and os.path.exists(name):
+        with open(name) as f:
+            return CLIPConfig.from_dict(json.load(f))
+    files = _preset_files()
+    base, quick = name, False
+    if name.endswith(QUICKGELU_SUFFIX):
+        base, quick = name[: -len(QUICKGELU_SUFFIX)], True
+    if base not in files:
+        close = difflib.get_close_matches(name, list_models(), n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}")
+    with open(files[base]) as f:
+        d = json.load(f)
+    if quick:
+        d["quick_gelu"] = True
+    return CLIPConfig.from_dict(d)

@@ -1,0 +1,220 @@
+"""Building blocks shared by the towers: LayerNorm, attention, MLP, residual Transformer.
+
+Conventions:
+  * params are float32; ``dtype`` is the compute dtype (float32 or bfloat16);
+  * every parameter carries logical axis names (see ``clip_jax.models.AXES``) so the
+    trainer can shard it over a mesh by rules, without the layers knowing the mesh;
+  * the Transformer stack can be scanned over layers (params get a leading 'layers'
+    axis, compile time flat in depth) and rematerialized by a named policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+Dtype = Any
+
+# Remat policies by name: 'none' keeps every activation (no remat), 'full' saves nothing,
+# anything else is looked up in jax.checkpoint_policies (e.g. 'dots_with_no_batch_dims_saveable').
+REMAT_POLICIES = ("none", "full")
+
+
+def remat_policy(name: str):
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or name.startswith("_"):
+        raise ValueError(
+            f"unknown remat policy {name!r}: use 'none', 'full' or a name in jax.checkpoint_policies "
+            "such as 'dots_with_no_batch_dims_saveable'"
+        )
+    # Policies that take arguments (save_only_these_names, ...) are factories; callers pass the
+    # finished policy through code, not config names.
+    return policy
+
+
+def quick_gelu(x):
+    """OpenAI's approximation x * sigmoid(1.702 x); their released weights were trained with it."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x):
+    # torch.nn.GELU's default is the exact erf form, not the tanh approximation.
+    return jax.nn.gelu(x, approximate=False)
+
+
+def activation(quick: bool) -> Callable:
+    return quick_gelu if quick else gelu
+
+
+def param_with_axes(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def LayerNorm(dtype: Dtype = jnp.float32, name: Optional[str] = None, axis_name: str = "embed") -> nn.LayerNorm:
+    """LayerNorm with eps 1e-5 (PyTorch's); flax computes its statistics in float32."""
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=param_with_axes(nn.initializers.ones, (axis_name,)),
+        bias_init=param_with_axes(nn.initializers.zeros, (axis_name,)),
+        name=name,
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused q/k/v projection (open_clip's in_proj) and an output projection.
+
+    Kernels are stored per head ([embed, 3, heads, head_dim] and [heads, head_dim, embed])
+    so a tensor-parallel axis can split heads; the layout maps 1:1 onto PyTorch's
+    ``in_proj_weight`` [3*width, width] by a transpose and a reshape.
+    """
+
+    heads: int
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None  # jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'
+    init_std: Optional[float] = None
+    out_init_std: Optional[float] = None
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+        head_dim = width // self.heads
+        std = self.init_std or width**-0.5
+        qkv_kernel = self.param(
+            "in_proj_kernel",
+            param_with_axes(normal(std), ("embed", None, "heads", "kv")),
+            (width, 3, self.heads, head_dim),
+        )
+        qkv_bias = self.param(
+            "in_proj_bias", param_with_axes(nn.initializers.zeros, (None, "heads", "kv")), (3, self.heads, head_dim)
+        )
+        out_kernel = self.param(
+            "out_proj_kernel",
+            param_with_axes(normal(self.out_init_std or std), ("heads", "kv", "embed")),
+            (self.heads, head_dim, width),
+        )
+        out_bias = self.param("out_proj_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (width,))
+
+        x = x.astype(self.dtype)
+        qkv = jnp.einsum("btd,dchk->cbthk", x, qkv_kernel.astype(self.dtype)) + qkv_bias.astype(self.dtype)[
+            :, None, None
+        ]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attn_impl)
+        out = checkpoint_name(out, "attention")
+        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """width -> mlp_dim -> width with (Quick)GELU; open_clip's c_fc / c_proj."""
+
+    mlp_dim: int
+    quick_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    fc_std: Optional[float] = None
+    proj_std: Optional[float] = None
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=param_with_axes(normal(self.fc_std or (2 * width) ** -0.5), ("embed", "mlp")),
+            bias_init=param_with_axes(nn.initializers.zeros, ("mlp",)),
+            name="c_fc",
+        )(x)
+        h = activation(self.quick_gelu)(h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = checkpoint_name(h, "mlp_hidden")
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=param_with_axes(normal(self.proj_std or width**-0.5), ("mlp", "embed")),
+            bias_init=param_with_axes(nn.initializers.zeros, ("embed",)),
+            name="c_proj",
+        )(h)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+
+    heads: int
+    mlp_ratio: float = 4.0
+    causal: bool = False
+    quick_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None
+    depth: int = 12  # of the whole stack: scales the init of the residual projections
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        width = x.shape[-1]
+        proj_std = width**-0.5 * (2 * self.depth) ** -0.5
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        y = LayerNorm(self.dtype, name="ln_1")(x)
+        x = x + MultiHeadAttention(
+            self.heads, self.causal, self.dtype, self.attn_impl, out_init_std=proj_std, name="attn"
+        )(y)
+        y = LayerNorm(self.dtype, name="ln_2")(x)
+        x = x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
+        return x, None
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks, plain (``resblocks_{i}``) or scanned (``resblocks``)."""
+
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    causal: bool = False
+    quick_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None
+    remat: str = "none"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        block = ResidualAttentionBlock
+        if self.remat != "none":
+            block = nn.remat(block, policy=remat_policy(self.remat), prevent_cse=not self.scan)
+        kwargs = dict(
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            causal=self.causal,
+            quick_gelu=self.quick_gelu,
+            dtype=self.dtype,
+            attn_impl=self.attn_impl,
+            depth=self.layers,
+        )
+        if self.scan:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(**kwargs, name="resblocks")(x, None)
+        else:
+            for i in range(self.layers):
+                x, _ = block(**kwargs, name=f"resblocks_{i}")(x, None)
+        return x

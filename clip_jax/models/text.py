@@ -1,0 +1,85 @@
+"""Causal text Transformer (CLIP's text tower): learned positions, pre-LN blocks, EOT pooling."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.layers import Dtype, LayerNorm, Transformer, normal, param_with_axes
+
+TEXT_POOL_TYPES = ("argmax", "first", "last")
+
+
+class TextTransformer(nn.Module):
+    """tokens int32 [N, T] (T <= context_length) -> text features [N, output_dim] (not normalized).
+
+    pool_type: 'argmax' takes the position of the largest id, which is EOT (49407) for the
+    CLIP vocabulary; 'first' / 'last' take position 0 / T-1 (for other vocabularies).
+    """
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    output_dim: int = 512
+    pool_type: str = "argmax"
+    quick_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None
+    remat: str = "none"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(
+                f"tokens have length {tokens.shape[1]} > context_length {self.context_length}; "
+                f"tokenize with context_length={self.context_length}"
+            )
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
+        if self.pool_type not in TEXT_POOL_TYPES:
+            raise ValueError(f"text pool_type {self.pool_type!r} not in {TEXT_POOL_TYPES}")
+        length = tokens.shape[1]
+        embed = nn.Embed(
+            self.vocab_size,
+            self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=param_with_axes(normal(0.02), ("vocab", "embed")),
+            name="token_embedding",
+        )
+        pos = self.param(
+            "positional_embedding", param_with_axes(normal(0.01), (None, "embed")), (self.context_length, self.width)
+        )
+        x = embed(tokens) + pos[:length].astype(self.dtype)
+        x = Transformer(
+            layers=self.layers,
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            causal=True,
+            quick_gelu=self.quick_gelu,
+            dtype=self.dtype,
+            attn_impl=self.attn_impl,
+            remat=self.remat,
+            scan=self.scan,
+            name="transformer",
+        )(x)
+        x = LayerNorm(self.dtype, name="ln_final")(x)
+        if self.pool_type == "argmax":
+            index = jnp.argmax(tokens, axis=-1)
+        elif self.pool_type == "first":
+            index = jnp.zeros(tokens.shape[:1], jnp.int32)
+        else:
+            index = jnp.full(tokens.shape[:1], length - 1, jnp.int32)
+        pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+        proj = self.param(
+            "text_projection", param_with_axes(normal(self.width**-0.5), ("embed", None)), (self.width, self.output_dim)
+        )
+        return pooled @ proj.astype(self.dtype)

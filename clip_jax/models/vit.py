@@ -1,0 +1,144 @@
+"""Vision Transformer image tower in the OpenAI layout."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.layers import Dtype, LayerNorm, Transformer, normal, param_with_axes
+
+VISION_POOL_TYPES = ("tok", "avg", "map")
+
+
+def check_images(images, image_size: int):
+    """Raise a clear error (at trace time, before any compile) for images of the wrong size/layout."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        hint = " (looks NCHW: transpose to NHWC)" if images.ndim == 4 and images.shape[1] == 3 else ""
+        raise ValueError(f"images must be NHWC float [N, H, W, 3], got shape {images.shape}{hint}")
+    if images.shape[1:3] != (image_size, image_size):
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]} but the model takes {image_size}x{image_size}: "
+            "resize/crop them (clip_jax.preprocess) or pick a preset of that size"
+        )
+
+
+class AttentionalPooler(nn.Module):
+    """Cross-attention of learned queries over the tokens (open_clip's AttentionalPooler).
+
+    query [n_queries, d_model]; tokens are layer-normed (ln_k), queries too (ln_q), then a
+    multi-head attention with separate in-projections (key/value dims = context width).
+    """
+
+    d_model: int
+    heads: int = 8
+    n_queries: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        context_dim = x.shape[-1]
+        head_dim = self.d_model // self.heads
+        query = self.param("query", param_with_axes(normal(1.0), (None, "embed")), (self.n_queries, self.d_model))
+        x = LayerNorm(self.dtype, name="ln_k")(x)
+        q = LayerNorm(self.dtype, name="ln_q")(query.astype(self.dtype))
+
+        def proj(name, dim_in, axes_in):
+            return self.param(
+                name, param_with_axes(normal(dim_in**-0.5), (axes_in, "heads", "kv")), (dim_in, self.heads, head_dim)
+            ).astype(self.dtype)
+
+        bias = self.param(
+            "in_proj_bias", param_with_axes(nn.initializers.zeros, (None, "heads", "kv")), (3, self.heads, head_dim)
+        ).astype(self.dtype)
+        qh = jnp.einsum("qd,dhk->qhk", q, proj("q_proj_kernel", self.d_model, "embed")) + bias[0]
+        kh = jnp.einsum("btd,dhk->bthk", x, proj("k_proj_kernel", context_dim, "embed")) + bias[1]
+        vh = jnp.einsum("btd,dhk->bthk", x, proj("v_proj_kernel", context_dim, "embed")) + bias[2]
+        qh = jnp.broadcast_to(qh, (x.shape[0],) + qh.shape)
+        out = jax.nn.dot_product_attention(qh, kh, vh)
+        out_kernel = self.param(
+            "out_proj_kernel",
+            param_with_axes(normal(self.d_model**-0.5), ("heads", "kv", "embed")),
+            (self.heads, head_dim, self.d_model),
+        )
+        out_bias = self.param("out_proj_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (self.d_model,))
+        return jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+
+
+class VisionTransformer(nn.Module):
+    """images NHWC [N, S, S, 3] (normalized) -> image features [N, output_dim] (not normalized).
+
+    pool_type: 'tok' (OpenAI: class token after ln_post), 'avg' (mean of the patch tokens
+    after ln_post), 'map' (open_clip's attentional pooler with one learned query, then
+    ln_post; the projection is then [output_dim, output_dim]).
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    output_dim: int = 512
+    pool_type: str = "tok"
+    attn_pooler_heads: int = 8
+    quick_gelu: bool = False
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None
+    remat: str = "none"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, images):
+        check_images(images, self.image_size)
+        if self.pool_type not in VISION_POOL_TYPES:
+            raise ValueError(f"vision pool_type {self.pool_type!r} not in {VISION_POOL_TYPES}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        grid = self.image_size // self.patch_size
+        scale = self.width**-0.5
+        x = nn.Conv(
+            self.width,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=param_with_axes(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            name="conv1",
+        )(images.astype(self.dtype))
+        x = x.reshape(x.shape[0], grid * grid, self.width)
+        cls = self.param("class_embedding", param_with_axes(normal(scale), ("embed",)), (self.width,))
+        pos = self.param(
+            "positional_embedding", param_with_axes(normal(scale), (None, "embed")), (grid * grid + 1, self.width)
+        )
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = LayerNorm(self.dtype, name="ln_pre")(x)
+        x = Transformer(
+            layers=self.layers,
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            causal=False,
+            quick_gelu=self.quick_gelu,
+            dtype=self.dtype,
+            attn_impl=self.attn_impl,
+            remat=self.remat,
+            scan=self.scan,
+            name="transformer",
+        )(x)
+        pool_dim = self.width
+        if self.pool_type == "map":
+            pool_dim = self.output_dim
+            x = AttentionalPooler(self.output_dim, self.attn_pooler_heads, 1, self.dtype, name="attn_pool")(x)
+            pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 0]
+        elif self.pool_type == "avg":
+            pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 1:].mean(axis=1)
+        else:
+            pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 0]
+        proj = self.param("proj", param_with_axes(normal(scale), ("embed", None)), (pool_dim, self.output_dim))
+        return pooled @ proj.astype(self.dtype)
+

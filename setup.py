@@ -1,0 +1,37 @@
+"""clip_jax: CLIP pretraining in JAX/Flax, from a laptop CPU to a TPU pod."""
+
+from setuptools import find_packages, setup
+
+# Core: what the model, the losses, the train step and the benchmark need. TensorFlow
+# (input pipeline, SentencePiece) comes with the "data" extra so an accelerator host
+# without it can still run the model and the benchmark.
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "ml-collections>=1.0",
+    "einops>=0.8",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "ftfy>=6.1",
+    "regex>=2024.0",
+    "pillow>=10.0",
+]
+DATA = [
+    "tensorflow>=2.18",
+    "tensorflow-text>=2.18",
+    "tensorflow-datasets>=4.9",
+]
+TEST = DATA + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2"]
+
+setup(
+    name="clip_jax",
+    version="0.1.0",
+    description="CLIP pretraining in JAX/Flax: ViT/ModifiedResNet/text towers, open_clip interop, sharded training",
+    python_requires=">=3.10",
+    packages=find_packages(include=["clip_jax", "clip_jax.*"]),
+    package_data={"clip_jax": ["assets/*", "model_configs/*.json"]},
+    install_requires=CORE,
+    extras_require={"data": DATA, "test": TEST},
+)
