@@ -127,9 +127,14 @@ class ClipTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        specials = (self.sot_id, self.eot_id, self.pad_id)
-        text = "".join(self.decoder[int(i)] for i in ids if int(i) not in specials)
-        raw = bytearray(self.byte_decoder[c] for c in text.replace("</w>", " "))
+        """Text of one row of ids: after SOT, up to EOT (id 0 is "!", so padding is only cut at EOT)."""
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.sot_id:
+            ids = ids[1:]
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        words = "".join(self.decoder[i] for i in ids).split("</w>")
+        raw = b" ".join(bytes(self.byte_decoder[c] for c in w) for w in words)
         return raw.decode("utf-8", errors="replace").strip()
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:

@@ -1,0 +1,166 @@
+"""Tower options against the plain float32 form: scan, remat, bfloat16; axes; logit scale."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import clip_jax
+from clip_jax import convert
+from clip_jax.models import MAX_LOGIT_SCALE, create_model, init_variables, logical_axes, variable_shapes
+from random_weights import random_images, random_state_dict
+
+TINY = ["ViT-Tiny-test", "RN-Tiny-test-quickgelu"]
+
+
+def inputs(model, n=3, seed=0):
+    images = random_images(n, model.config.vision.image_size, seed)
+    tokens = clip_jax.tokenize(["a red circle", "two small blue squares on the left", ""][:n])
+    return jnp.asarray(images), jnp.asarray(tokens)
+
+
+def loss_fn(model, params, variables, images, tokens):
+    out = model.apply({**variables, "params": params}, images, tokens)
+    logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(logits)), jnp.arange(len(logits))])
+
+
+def random_variables(model, seed=0):
+    sd = random_state_dict(convert.expected_state_dict_shapes(model), seed)
+    return convert.state_dict_to_variables(model, sd)
+
+
+def stack_like(variables, model):
+    """Per-layer variables -> the stacked layout of a scanned model."""
+    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, variables))
+    return traverse_util.unflatten_dict(convert.stack_layers(flat))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_scan_and_remat_match_plain_outputs_and_gradients(name):
+    plain = create_model(name)
+    variables = random_variables(plain)
+    images, tokens = inputs(plain)
+    ref_out = jax.jit(plain.apply)(variables, images, tokens)
+    # Everything passed as arguments: closed-over arrays would become HLO constants (slow compiles).
+    ref_grad = jax.jit(jax.grad(loss_fn, argnums=1), static_argnums=0)(plain, variables["params"], variables, images, tokens)
+    # XLA:CPU compiles of gradients take seconds: cover each option once, not every product.
+    for scan, remat in ((True, "none"), (False, "full"), (True, "dots_with_no_batch_dims_saveable")):
+        model = create_model(name, remat=remat, scan=scan)
+        v = stack_like(variables, model) if scan else variables
+        out = jax.jit(model.apply)(v, images, tokens)
+        for k in ref_out:
+            np.testing.assert_allclose(out[k], ref_out[k], atol=2e-6, err_msg=f"{k} scan={scan}")
+        grad = jax.jit(jax.grad(loss_fn, argnums=1), static_argnums=0)(model, v["params"], v, images, tokens)
+        ref = stack_like(ref_grad, model) if scan else ref_grad
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree_util.tree_leaves(ref)):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=f"{path} scan={scan}")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(name):
+    model32 = create_model(name)
+    model16 = create_model(name, dtype="bfloat16")
+    variables = random_variables(model32)
+    # Initialising the bf16 model gives float32 params.
+    shapes = variable_shapes(model16)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(shapes["params"])} == {jnp.dtype("float32")}
+    images, tokens = inputs(model32)
+    a = jax.jit(model32.apply)(variables, images, tokens)
+    b = jax.jit(model16.apply)(variables, images, tokens)
+    assert b["image_embeds"].dtype == jnp.float32
+    # Unit vectors: bf16 has ~3 significant digits; cosine with the fp32 result stays ~1.
+    for k in ("image_embeds", "text_embeds"):
+        cos = np.sum(np.asarray(a[k]) * np.asarray(b[k]), axis=-1)
+        assert cos.min() > 0.99, (k, cos)
+
+
+def test_scan_compiles_one_layer_whatever_the_depth():
+    """Compile time flat in depth: the scanned program has the same size for 2 and 12 layers."""
+
+    def program_size(layers, scan):
+        cfg = clip_jax.get_model_config("ViT-Tiny-test").to_dict()
+        cfg["vision_cfg"]["layers"] = layers
+        cfg["text_cfg"]["layers"] = layers
+        model = create_model(cfg, scan=scan)
+        images, tokens = inputs(model)
+        v = variable_shapes(model)
+        # Count HLO ops (lines): the text itself differs in the stacked params' leading dim.
+        return len(jax.jit(model.apply).lower(v, images, tokens).as_text().splitlines())
+
+    assert program_size(2, True) == program_size(12, True)
+    assert program_size(12, False) > 3 * program_size(2, False)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "RN50", "ViT-Tiny-test"])
+def test_every_param_has_logical_axes(name):
+    model = create_model(name, scan=name.startswith("ViT"))
+    specs = logical_axes(model)["params"]
+    shapes = variable_shapes(model)["params"]
+    flat_specs = traverse_util.flatten_dict(specs)
+    flat_shapes = traverse_util.flatten_dict(shapes)
+    assert flat_specs.keys() == flat_shapes.keys()
+    for path, spec in flat_specs.items():
+        assert spec is not None and len(spec) == flat_shapes[path].ndim, path
+        if flat_shapes[path].ndim >= 2 and math.prod(flat_shapes[path].shape) > 4096:
+            # every big tensor has at least one shardable named axis
+            assert any(a in ("embed", "mlp", "heads", "vocab", "conv_out", "conv_in") for a in spec), path
+
+
+def test_logit_scale_init_and_clamp():
+    model = create_model("ViT-Tiny-test")
+    variables = init_variables(model, jax.random.key(0))
+    assert float(variables["params"]["logit_scale"]) == pytest.approx(math.log(1 / 0.07))
+    variables["params"]["logit_scale"] = jnp.asarray(7.0)
+    images, tokens = inputs(model)
+    out = model.apply(variables, images, tokens, method=lambda m, *_: m.temperature())
+    assert float(out[0]) == pytest.approx(100.0)
+    assert MAX_LOGIT_SCALE == pytest.approx(math.log(100))
+
+
+def test_siglip_bias_param():
+    cfg = clip_jax.get_model_config("ViT-Tiny-test").to_dict()
+    cfg["init_logit_bias"] = -10.0
+    model = create_model(cfg)
+    out = model.apply(init_variables(model, jax.random.key(0)), method=lambda m: m.temperature())
+    assert float(out[1]) == -10.0
+
+
+def test_resnet_train_mode_uses_batch_statistics():
+    """BatchNorm in train mode: batch mean/var, running stats updated with momentum 0.1, counter +1."""
+    model = create_model("RN-Tiny-test")
+    variables = random_variables(model)
+    images, tokens = inputs(model)
+    apply = jax.jit(lambda v, i: model.apply(v, i, train=True, mutable=["batch_stats"], method="encode_image"))
+    _, updated = apply(variables, images)
+    stem = traverse_util.flatten_dict(updated["batch_stats"])
+    old = traverse_util.flatten_dict(variables["batch_stats"])
+    assert int(stem[("visual", "bn1", "num_batches_tracked")]) == int(old[("visual", "bn1", "num_batches_tracked")]) + 1
+    # Reference for the first BatchNorm: the stem conv output's batch statistics.
+    kernel = variables["params"]["visual"]["conv1"]["kernel"]
+    x = jax.lax.conv_general_dilated(images, kernel, (2, 2), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    mean = x.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(
+        stem[("visual", "bn1", "bn", "mean")], 0.9 * old[("visual", "bn1", "bn", "mean")] + 0.1 * mean, atol=1e-5
+    )
+
+
+def test_list_models_has_every_preset():
+    names = clip_jax.list_models()
+    for base in ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50", "RN101", "RN50x4",
+                 "RN50x16", "RN50x64", "ViT-Tiny-test", "RN-Tiny-test"]:
+        assert base in names and base + "-quickgelu" in names
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        create_model("ViT-Tiny-test", remat="sometimes").apply({}, *inputs(create_model("ViT-Tiny-test")))
+    with pytest.raises(ValueError, match="dtype 'float16' not supported"):
+        create_model("ViT-Tiny-test", dtype="float16")
+    cfg = clip_jax.get_model_config("ViT-Tiny-test").to_dict()
+    cfg["vision_cfg"]["patch_dropout"] = 0.5
+    with pytest.raises(ValueError, match="unsupported keys in vision_cfg: \\['patch_dropout'\\]"):
+        create_model(cfg)
