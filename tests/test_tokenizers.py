@@ -83,3 +83,19 @@ def test_sentencepiece_in_graph_matches_sentencepiece_library(sp_model):
     for text in texts:
         want = ref.encode(text)[:8]
         assert list(plain([text])[0]) == want + [0] * (8 - len(want)), text
+
+
+def test_ftfy_fast_path_is_exact():
+    """The tokenizer skips ftfy for printable ASCII without '&': ftfy must not change such text."""
+    import ftfy
+
+    from clip_jax.tokenizers import _ftfy_is_identity
+
+    rng = np.random.default_rng(0)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\t", "\n", "\r", "\x00", "\x1b", "&", "é"]
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 80))) for _ in range(3000)]
+    fast = [t for t in texts if _ftfy_is_identity(t)]
+    assert len(fast) > 300
+    for t in fast:
+        assert ftfy.fix_text(t) == t, repr(t)
+    assert not _ftfy_is_identity("a &amp; b") and not _ftfy_is_identity("caf\u00e9") and not _ftfy_is_identity("a\rb")
