@@ -15,6 +15,7 @@ import numpy as np
 
 from clip_jax import convert
 from clip_jax.models import CLIP, CLIPConfig, create_model, get_model_config
+from clip_jax.models.vit import check_images
 
 
 def load(
@@ -113,19 +114,7 @@ def _batched(fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
 def encode_image(model: CLIP, params, images, batch_size: int = 256) -> np.ndarray:
     """images: NHWC float32 [N, S, S, 3], already normalized -> L2-normalized float32 [N, embed_dim]."""
     images = np.asarray(images)
-    size = model.config.vision.image_size
-    if images.ndim == 3:
-        raise ValueError(f"images must be a batch [N, {size}, {size}, 3]; got one image {images.shape}: add a batch axis")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        hint = " (NCHW? transpose to NHWC)" if images.ndim == 4 and images.shape[1] == 3 else ""
-        raise ValueError(f"images must be NHWC [N, {size}, {size}, 3]; got shape {images.shape}{hint}")
-    if images.shape[1:3] != (size, size):
-        raise ValueError(
-            f"images are {images.shape[1]}x{images.shape[2]}, the model takes {size}x{size}: "
-            f"use clip_jax.preprocess(image, image_size={size})"
-        )
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be float (normalized), got {images.dtype}: use clip_jax.preprocess")
+    check_images(images, model.config.vision.image_size)
     return _batched(_jitted(model, "encode_image"), params, images.astype(np.float32), batch_size)
 
 

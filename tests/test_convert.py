@@ -180,7 +180,7 @@ def test_bad_images_and_tokens_fail_before_compile():
     params = clip_jax.init_variables(model, __import__("jax").random.key(0))
     with pytest.raises(ValueError, match="NCHW"):
         clip_jax.encode_image(model, params, np.zeros((2, 3, 32, 32), np.float32))
-    with pytest.raises(ValueError, match="model takes 32x32"):
+    with pytest.raises(ValueError, match="the model takes 32x32"):
         clip_jax.encode_image(model, params, np.zeros((2, 64, 64, 3), np.float32))
     with pytest.raises(ValueError, match="add a batch axis"):
         clip_jax.encode_image(model, params, np.zeros((32, 32, 3), np.float32))
@@ -210,3 +210,28 @@ def test_export_loads_in_open_clip(tmp_path):
             r_txt = ref.encode_text(torch.from_numpy(tokens).long(), normalize=True).numpy()
         assert np.abs(clip_jax.encode_image(model, params, images) - r_img).max() < TOL
         assert np.abs(clip_jax.encode_text(model, params, tokens) - r_txt).max() < TOL
+
+
+def test_read_torch_checkpoint(tmp_path):
+    """.pt / .bin through torch where it is installed (never required): plain and TorchScript."""
+    torch = pytest.importorskip("torch")
+    path = f"{FIXTURES}/openclip_small_vit.safetensors"
+    config = json.loads(__import__("safetensors").safe_open(path, "np").metadata()["config"])
+    sd = convert.read_state_dict(path)
+    ref = np.load(f"{FIXTURES}/openclip_small_vit.npz")
+    torch.save({"state_dict": {"module." + k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "ckpt.pt")
+
+    class Holder(torch.nn.Module):  # a TorchScript archive, like OpenAI's released .pt files
+        def __init__(self):
+            super().__init__()
+            for k, v in sd.items():
+                self.register_buffer(k.replace(".", "__"), torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v))
+
+        def forward(self, x):
+            return x
+
+    torch.jit.script(Holder()).save(str(tmp_path / "jit.pt"))
+    model, params = clip_jax.load(config, str(tmp_path / "ckpt.pt"))
+    assert np.abs(clip_jax.encode_image(model, params, ref["images"]) - ref["image_embeds"]).max() < TOL
+    jit_sd = convert.read_state_dict(str(tmp_path / "jit.pt"))
+    assert {k.replace("__", "."): v.dtype for k, v in jit_sd.items()} == {k: v.dtype for k, v in sd.items()}

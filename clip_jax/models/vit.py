@@ -14,15 +14,21 @@ VISION_POOL_TYPES = ("tok", "avg", "map")
 
 
 def check_images(images, image_size: int):
-    """Raise a clear error (at trace time, before any compile) for images of the wrong size/layout."""
+    """Raise a clear error for images of the wrong size/layout/dtype: on the host for numpy
+    inputs, at trace time (before any compile) inside the model."""
+    size = f"[N, {image_size}, {image_size}, 3]"
+    if images.ndim == 3:
+        raise ValueError(f"images must be a batch {size}; got one image {images.shape}: add a batch axis")
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (looks NCHW: transpose to NHWC)" if images.ndim == 4 and images.shape[1] == 3 else ""
-        raise ValueError(f"images must be NHWC float [N, H, W, 3], got shape {images.shape}{hint}")
-    if images.shape[1:3] != (image_size, image_size):
+        raise ValueError(f"images must be NHWC float {size}, got shape {images.shape}{hint}")
+    if tuple(images.shape[1:3]) != (image_size, image_size):
         raise ValueError(
             f"images are {images.shape[1]}x{images.shape[2]} but the model takes {image_size}x{image_size}: "
-            "resize/crop them (clip_jax.preprocess) or pick a preset of that size"
+            f"resize/crop them (clip_jax.preprocess(image, image_size={image_size})) or pick a preset of that size"
         )
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be float (normalized), got {images.dtype}: use clip_jax.preprocess")
 
 
 class AttentionalPooler(nn.Module):
