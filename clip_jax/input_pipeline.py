@@ -1,0 +1,463 @@
+"""tf.data input pipeline: image-text pairs from TFRecords, tfds or the embedded 'shapes' dataset.
+
+Per host, one pass over its share of the data looks like this:
+
+  files of this host (order shuffled per epoch from (seed, epoch, process))
+    -> interleave the records (deterministic), a sentinel after each file
+    -> byte accounting: a file that stops short of its size is an unreadable shard:
+       reported with its path, its readable records kept
+    -> shuffle buffer (seeded per epoch) -> enumerate: every raw record gets its position
+    -> skip(position) on resume: raw bytes are skipped, nothing is decoded
+    -> parse + checks (missing image, empty or non-UTF-8 caption) -> cumulative counters
+       (tf.data scan, so they describe exactly what was consumed) -> drop bad records
+    -> decode + crop + normalize (parallel, deterministic; undecodable images dropped)
+    -> batch (host batch = global batch / processes) -> tokenize -> prefetch
+
+Resumption is deterministic by construction: the state is a few integers (epoch,
+position of the next raw record, counters); a resumed run builds the same stream and skips
+to the position, so it sees exactly the batches an uninterrupted run would have seen.
+Per-example randomness (crop boxes, caption choice) derives from (seed, epoch, position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from clip_jax import records
+from clip_jax.preprocessing import MEAN, STD
+
+BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard")
+_MASK31 = (1 << 31) - 1
+
+
+# -- sources ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Source:
+    kind: str  # 'tfrecord' | 'tfds' | 'shapes'
+    name: str = ""  # tfds name[/config]; tfrecord glob(s)
+    split: str = "train"
+
+
+def parse_spec(spec: str) -> Source:
+    """'tfds:NAME[/CONFIG][:SPLIT]', 'tfrecord:GLOB[,GLOB...]', 'shapes[:SPLIT]'."""
+    if not spec or not isinstance(spec, str):
+        raise ValueError(f"empty data spec {spec!r}: use 'shapes', 'tfds:NAME[:SPLIT]' or 'tfrecord:GLOB'")
+    if spec == "shapes" or spec.startswith("shapes:"):
+        split = spec.split(":", 1)[1] if ":" in spec else "train"
+        if split not in ("train", "validation", "test"):
+            raise ValueError(f"shapes split {split!r} not in train, validation, test")
+        return Source("shapes", split=split)
+    if spec.startswith("tfds:"):
+        rest = spec[len("tfds:") :]
+        name, _, split = rest.rpartition(":") if ":" in rest else (rest, "", "train")
+        if not name:
+            raise ValueError(f"no dataset name in {spec!r}: expected tfds:NAME[/CONFIG][:SPLIT]")
+        return Source("tfds", name, split or "train")
+    if spec.startswith("tfrecord:"):
+        return Source("tfrecord", spec[len("tfrecord:") :])
+    raise ValueError(f"unknown data spec {spec!r}: use 'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB'")
+
+
+def list_files(patterns: str) -> list[str]:
+    import tensorflow as tf
+
+    files = []
+    for pattern in patterns.split(","):
+        matched = sorted(tf.io.gfile.glob(pattern.strip()))
+        if not matched:
+            raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+        files += matched
+    return files
+
+
+def shapes_files(split: str, config) -> list[str]:
+    from clip_jax import shapes
+
+    paths = shapes.ensure_shapes_dataset(
+        cache_dir=config.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax"),
+        seed=config.get("shapes_seed", 0),
+        image_size=config.get("shapes_image_size", 64),
+        sizes=dict(config.get("shapes_sizes", {"train": 20000, "validation": 1000, "test": 1000})),
+    )
+    return list(paths[split])
+
+
+# -- state --------------------------------------------------------------------------
+@dataclasses.dataclass
+class InputState:
+    """Where the host's stream is: the next raw record (epoch, position), and counters."""
+
+    epoch: int = 0
+    position: int = 0
+    examples: int = 0
+    bad: dict = dataclasses.field(default_factory=lambda: {k: 0 for k in BAD_KINDS + ("undecodable",)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputState":
+        return cls(int(d["epoch"]), int(d["position"]), int(d["examples"]), {k: int(v) for k, v in d["bad"].items()})
+
+
+def _mix(*ints: int) -> int:
+    """A 31-bit seed from several integers (stable across runs and machines)."""
+    return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(1)[0]) & _MASK31
+
+
+class InputPipeline:
+    """Iterates host-local batches {'image': [b, S, S, 3], 'tokens': [b, ctx] int32, ...} forever.
+
+    ``state()`` after a batch is what to checkpoint; ``InputPipeline(..., state=saved)``
+    resumes right after the last batch that was taken.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        config,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        context_length: int = 77,
+        tokenizer=None,
+        state: Optional[InputState] = None,
+        num_epochs: Optional[int] = None,
+    ):
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global batch {global_batch_size} does not divide over {process_count} processes: "
+                f"use a multiple of {process_count}"
+            )
+        self.source = parse_spec(spec)
+        self.config = config
+        self.batch_size = global_batch_size // process_count
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.context_length = context_length
+        self.num_epochs = num_epochs
+        if tokenizer is None:
+            from clip_jax.tokenizers import get_tokenizer
+
+            tokenizer = get_tokenizer()
+        self.tokenizer = tokenizer
+        self._state = state or InputState()
+        self._files = self._host_files()  # fails early on a bad spec / missing data
+        self._iterator = None
+
+    # -- host sharding -------------------------------------------------------------
+    def _host_files(self) -> Optional[list[str]]:
+        kind = self.source.kind
+        if kind == "tfds":
+            return None
+        files = shapes_files(self.source.split, self.config) if kind == "shapes" else list_files(self.source.name)
+        if len(files) < self.process_count:
+            raise ValueError(
+                f"{len(files)} files for {self.process_count} processes: each process reads whole files, "
+                f"so write at least {self.process_count} shards (data/*_to_tfrecord.py --num_shards)"
+            )
+        return files[self.process_index :: self.process_count]
+
+    # -- the raw stream of one epoch (built in-graph: `epoch` is a tensor) --------------
+    def _seed(self, salt: int, epoch):
+        import tensorflow as tf
+
+        return tf.stack([tf.constant(_mix(self.seed, self.process_index, salt), tf.int64), tf.cast(epoch, tf.int64)])
+
+    def _tfrecord_epoch(self, epoch):
+        """(image bytes, captions [n], is_sentinel, shard_read_short) of this host's files."""
+        import tensorflow as tf
+
+        files = tf.constant(self._files)
+        n = len(self._files)
+        order = tf.range(n, dtype=tf.int64)
+        if self.train:
+            order = tf.random.experimental.stateless_shuffle(order, seed=self._seed(1, epoch))
+        compressed = any(f.endswith(".gz") for f in self._files)
+        sizes = tf.constant([tf.io.gfile.stat(f).length for f in self._files], tf.int64)
+
+        def read(i):
+            body = tf.data.TFRecordDataset(tf.gather(files, i), compression_type="GZIP" if compressed else "")
+            body = body.ignore_errors()  # a corrupt shard ends early; `account` reports it
+            body = body.map(lambda r: (i, r, False))
+            return body.concatenate(tf.data.Dataset.from_tensors((i, tf.constant(b""), True)))
+
+        ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+            read, cycle_length=min(16, n), block_length=1, deterministic=True, num_parallel_calls=tf.data.AUTOTUNE
+        )
+
+        def account(read_bytes, element):
+            i, record, sentinel = element
+            # TFRecord framing: 8-byte length, 4-byte CRC, data, 4-byte CRC.
+            read_bytes = tf.tensor_scatter_nd_add(read_bytes, [[i]], [tf.cast(tf.strings.length(record), tf.int64) + 16])
+            short = tf.logical_and(sentinel, tf.gather(read_bytes, i) - 16 < tf.gather(sizes, i))
+            if compressed:  # sizes are of the compressed files: no byte accounting
+                short = tf.constant(False)
+            else:
+                tf.cond(short, lambda: _report_short(tf.gather(files, i), tf.gather(read_bytes, i) - 16, tf.gather(sizes, i)),
+                        tf.no_op)
+            return read_bytes, (record, sentinel, short)
+
+        ds = ds.scan(tf.zeros([n], tf.int64), account)
+        feature_spec = {
+            records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            records.CAPTION: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        }
+
+        def parse(record, sentinel, short):
+            ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
+            return ex[records.IMAGE], tf.reshape(ex[records.CAPTION], [1]), sentinel, short
+
+        # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
+        return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+
+    def _tfds_epoch(self, epoch):
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(self.source.name, data_dir=self.config.get("data_dir") or None)
+        split = tfds.even_splits(self.source.split, n=self.process_count, drop_remainder=False)[self.process_index]
+        image_key = self.config.get("image_key", "image")
+        caption_key = self.config.get("caption_key", "caption")
+        decoders = _nested({k: v for k, v in [(image_key, tfds.decode.SkipDecoding())]})
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+
+        def select(ex):
+            captions = tf.reshape(_get_path(ex, caption_key), [-1])
+            return _get_path(ex, image_key), captions, tf.constant(False), tf.constant(False)
+
+        return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def _epoch(self, epoch, skip: int = 0):
+        """One epoch as (epoch, position, image, captions, sentinel, short), skipping `skip` raw records."""
+        import tensorflow as tf
+
+        epoch = tf.cast(epoch, tf.int64)
+        ds = self._tfds_epoch(epoch) if self.source.kind == "tfds" else self._tfrecord_epoch(epoch)
+        if self.train:
+            seed = tf.constant(_mix(self.seed, self.process_index, 2), tf.int64) + epoch * 1_000_003
+            ds = ds.shuffle(self.config.get("shuffle_buffer", 10_000), seed=seed, reshuffle_each_iteration=False)
+        ds = ds.enumerate().map(lambda pos, x: (epoch, pos) + tuple(x))
+        return ds.skip(skip) if skip else ds
+
+    # -- the whole stream ---------------------------------------------------------------
+    def _build(self):
+        import tensorflow as tf
+
+        start = self._state
+        # Later epochs: a tensor epoch through flat_map, so one pipeline runs across epochs.
+        last = start.epoch + self.num_epochs if self.num_epochs else 2**62
+        ds = self._epoch(start.epoch, start.position)
+        if start.epoch + 1 < last:
+            ds = ds.concatenate(tf.data.Dataset.range(start.epoch + 1, last).flat_map(self._epoch))
+        ds = ds.map(self._check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.scan(tf.zeros([len(BAD_KINDS) + 1], tf.int64), _count)  # in order: exact counters
+        ds = ds.filter(lambda ex: tf.equal(ex["status"], 0))
+        ds = ds.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        ds = ds.map(self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        options = tf.data.Options()
+        options.deterministic = True
+        if self.config.get("threads", 0):
+            options.threading.private_threadpool_size = int(self.config.get("threads"))
+        return ds.with_options(options).prefetch(self.config.get("prefetch", 2))
+
+    def _check(self, epoch, position, image, captions, sentinel, short):
+        """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
+        import tensorflow as tf
+
+        seed = tf.stack([tf.constant(_mix(self.seed, self.process_index, 4), tf.int64) + epoch, position])
+        n = tf.shape(captions, out_type=tf.int64)[0]
+        pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int64) if self.train else tf.constant(0, tf.int64)
+        caption = tf.strings.strip(tf.cond(n > 0, lambda: tf.gather(captions, tf.minimum(pick, n - 1)), lambda: tf.constant("")))
+        status = tf.case(
+            [
+                (short, lambda: tf.constant(4, tf.int64)),
+                (sentinel, lambda: tf.constant(-1, tf.int64)),
+                (tf.equal(tf.strings.length(image), 0), lambda: tf.constant(1, tf.int64)),
+                (tf.equal(tf.strings.length(caption), 0), lambda: tf.constant(2, tf.int64)),
+                (tf.logical_not(_valid_utf8(caption)), lambda: tf.constant(3, tf.int64)),
+            ],
+            default=lambda: tf.constant(0, tf.int64),
+            exclusive=False,
+        )
+        return {"epoch": epoch, "position": position, "image": image, "caption": caption, "status": status}
+
+    def _decode(self, ex):
+        import tensorflow as tf
+
+        seed = tf.stack([tf.cast(_mix(self.seed, self.process_index, 3), tf.int64) + ex["epoch"], ex["position"]])
+        image = decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config)
+        dtype = tf.bfloat16 if self.config.get("image_dtype", "float32") == "bfloat16" else tf.float32
+        return {
+            "image": tf.cast(image, dtype),
+            "caption": ex["caption"],
+            "epoch": ex["epoch"],
+            "position": ex["position"],
+            "counts": ex["counts"],
+        }
+
+    def _tokenize(self, batch):
+        batch["tokens"] = self.tokenizer.tf_tokenize(batch["caption"], self.context_length)
+        return batch
+
+    # -- iteration ------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._base = InputState.from_dict(self._state.to_dict())
+            self._iterator = iter(self._build())
+        batch = next(self._iterator)
+        out = {k: v.numpy() for k, v in batch.items()}
+        self._update_state(out)
+        return out
+
+    def _update_state(self, batch):
+        base = self._base
+        counts = batch["counts"][-1]  # cumulative since this pipeline was built, as of the last example
+        self._state.epoch = int(batch["epoch"][-1])
+        self._state.position = int(batch["position"][-1]) + 1
+        self._state.examples += len(batch["epoch"])
+        seen = int(counts[-1])
+        bad = dict(base.bad)
+        for i, kind in enumerate(BAD_KINDS):
+            bad[kind] = base.bad[kind] + int(counts[i])
+        flagged = int(sum(counts[: len(BAD_KINDS)]))
+        delivered = self._state.examples - base.examples
+        bad["undecodable"] = base.bad["undecodable"] + max(0, seen - flagged - delivered)
+        self._state.bad = bad
+
+    def state(self) -> InputState:
+        return InputState.from_dict(self._state.to_dict())
+
+
+# -- in-graph helpers ------------------------------------------------------------------
+def _report_short(path, read, size):
+    import tensorflow as tf
+
+    tf.print("clip_jax input: unreadable shard", path, "- read", read, "of", size,
+             "bytes; the records after the damage are skipped", output_stream=sys.stderr)
+    return tf.no_op()
+
+
+def _valid_utf8(s):
+    import tensorflow as tf
+
+    # Transcoding replaces each invalid byte sequence with U+FFFD: valid text comes back unchanged.
+    replaced = tf.strings.unicode_transcode(s, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+    return tf.equal(replaced, s)
+
+
+def _count(counts, ex):
+    """counts[:4]: BAD_KINDS so far; counts[4]: raw records seen (sentinels excluded)."""
+    import tensorflow as tf
+
+    status = ex["status"]
+    bad = tf.one_hot(status - 1, len(BAD_KINDS), dtype=tf.int64)  # status 0 / -1 -> zeros
+    seen = tf.cast(status != -1, tf.int64)
+    counts = counts + tf.concat([bad, [seen]], 0)
+    ex = dict(ex, counts=counts)
+    return counts, ex
+
+
+def _get_path(ex, path: str):
+    for part in path.split("/"):
+        ex = ex[part]
+    return ex
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
+    """Encoded JPEG/PNG -> float32 [S, S, 3] normalized with CLIP's mean/std.
+
+    train: RandomResizedCrop (area scale `crop_scale`, default (0.9, 1.0) as open_clip;
+    aspect ratio 3/4..4/3) or, with crop='random', a random square crop of the resized
+    image. JPEGs decode only the crop window. Eval: resize the shorter side, center crop.
+    """
+    import tensorflow as tf
+
+    method = config.get("resize_method", "bicubic")
+    is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")
+    if train and config.get("crop", "random_resized") == "random_resized":
+        shape = tf.cond(
+            is_jpeg,
+            lambda: tf.io.extract_jpeg_shape(image_bytes),
+            lambda: tf.shape(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)),
+        )
+        scale = tuple(config.get("crop_scale", (0.9, 1.0)))
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=scale, max_attempts=10, use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+
+        def jpeg():
+            return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+        def other():
+            full = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+            return tf.slice(full, [begin[0], begin[1], 0], [size[0], size[1], 3])
+
+        image = tf.cond(is_jpeg, jpeg, other)
+        image = tf.image.resize(image, [image_size, image_size], method=method, antialias=True)
+    else:
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        h = tf.cast(tf.shape(image)[0], tf.float32)
+        w = tf.cast(tf.shape(image)[1], tf.float32)
+        ratio = image_size / tf.minimum(h, w)
+        new_h = tf.maximum(image_size, tf.cast(tf.floor(h * ratio), tf.int32))
+        new_w = tf.maximum(image_size, tf.cast(tf.floor(w * ratio), tf.int32))
+        image = tf.image.resize(image, [new_h, new_w], method=method, antialias=True)
+        if train:  # crop='random': a random square window of the resized image
+            image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=seed)
+        else:
+            top = (new_h - image_size + 1) // 2
+            left = (new_w - image_size + 1) // 2
+            image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
+    image = tf.clip_by_value(image, 0.0, 255.0) / 255.0
+    image = (image - tf.constant(MEAN)) / tf.constant(STD)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+# -- host batch -> global jax.Array ------------------------------------------------------
+MODEL_INPUTS = ("image", "tokens")
+
+
+def to_global_arrays(batch: dict, sharding, keys=MODEL_INPUTS) -> dict:
+    """Host-local numpy batches of every process -> one global jax.Array per key.
+
+    ``sharding`` splits the leading (batch) axis over the mesh's data axes; each process
+    passes only its own rows, in process order (jax.make_array_from_process_local_data).
+    """
+    import jax
+
+    out = {}
+    for key in keys:
+        local = batch[key]
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

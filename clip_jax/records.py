@@ -1,0 +1,67 @@
+"""The TFRecord schema of clip_jax image-text shards, and its writer.
+
+One ``tf.train.Example`` per image-text pair:
+
+| feature   | type          | required | what |
+| --------- | ------------- | -------- | ---- |
+| `image`   | bytes         | yes      | the encoded image file (JPEG or PNG), as stored |
+| `caption` | bytes         | yes      | UTF-8 caption |
+| `key`     | bytes         | no       | an id of the pair (e.g. img2dataset's key), for tracing |
+| `label`   | int64         | no       | a class index, for datasets that also serve zero-shot eval |
+
+Shards are named ``PREFIX-00012-of-00128.tfrecord`` (optionally GZIP-compressed, then
+``.tfrecord.gz``). The readers take any glob, local or on cloud storage (tf.io.gfile).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+IMAGE = "image"
+CAPTION = "caption"
+KEY = "key"
+LABEL = "label"
+
+
+def shard_name(prefix: str, index: int, count: int, compressed: bool = False) -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}.tfrecord" + (".gz" if compressed else "")
+
+
+def serialize_example(image: bytes, caption: str, key: str = "", label: Optional[int] = None) -> bytes:
+    """Encode one pair as a serialized tf.train.Example."""
+    import tensorflow as tf
+
+    feature = {
+        IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        CAPTION: tf.train.Feature(bytes_list=tf.train.BytesList(value=[caption.encode("utf-8")])),
+        KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
+    }
+    if label is not None:
+        feature[LABEL] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+class ShardWriter:
+    """Writes examples round the shards of one output, ``count`` files in all."""
+
+    def __init__(self, prefix: str, count: int = 1, compressed: bool = False):
+        import tensorflow as tf
+
+        options = tf.io.TFRecordOptions(compression_type="GZIP" if compressed else "")
+        self.paths = [shard_name(prefix, i, count, compressed) for i in range(count)]
+        self._writers = [tf.io.TFRecordWriter(p, options) for p in self.paths]
+        self.written = 0
+
+    def write(self, serialized: bytes) -> None:
+        self._writers[self.written % len(self._writers)].write(serialized)
+        self.written += 1
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
