@@ -54,7 +54,7 @@ def parse_spec(spec: str) -> Source:
         return Source("shapes", split=split)
     if spec.startswith("tfds:"):
         rest = spec[len("tfds:") :]
-        name, _, split = rest.rpartition(":") if ":" in rest else (rest, "", "train")
+        name, _, split = rest.partition(":")  # the split may hold ':' itself (train[:10%])
         if not name:
             raise ValueError(f"no dataset name in {spec!r}: expected tfds:NAME[/CONFIG][:SPLIT]")
         return Source("tfds", name, split or "train")

@@ -38,7 +38,8 @@ def serialize_example(image: bytes, caption: str, key: str = "", label: Optional
     }
     if label is not None:
         feature[LABEL] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True: the same pair gives the same bytes in every process.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 class ShardWriter:

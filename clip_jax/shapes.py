@@ -1,0 +1,483 @@
+"""Shapes: clip_jax's embedded default dataset, captioned images of coloured shapes.
+
+Procedurally generated, so it needs no download: each image (RGB uint8, ``image_size``
+square, 64x64 px by default) shows one or two flat shapes on a plain light or dark grey
+background, with a caption naming colour, shape and (often) size and position of each:
+
+    "a large red circle", "there is a small blue square on the left",
+    "a green triangle above a big yellow star", "an orange cross and a purple diamond"
+
+The first object a caption mentions is the *main* one; ``label`` is its index in
+``class_names("combo")`` ("red circle", ...), ``label_color`` / ``label_shape`` its colour
+and shape indices. One (colour, shape) combo per colour is held out (``HELD_OUT``): it
+appears nowhere in "train" or "validation", and is the main object of every "test" image,
+so zero-shot accuracy on "test" measures composition of colour and shape, not recall.
+
+Every example is drawn from its own ``np.random.default_rng([seed, split, index])``, so the
+records are byte-identical for a seed whatever the sharding or the number of processes.
+
+    paths = ensure_shapes_dataset("~/.cache/clip_jax")   # {"train": [...], ...}
+    prompts("combo")  # 36 lists of texts: [["a red circle.", "a red circle shape.", ...], ...]
+
+CLI: ``python -m clip_jax.shapes --out=DIR [--seed=0] [--preview=preview.png]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from clip_jax import records
+
+VERSION = 1
+SPLITS = ("train", "validation", "test")
+DEFAULT_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
+
+# Saturated colours far apart in RGB (and from every grey background), so that a small
+# model can tell them apart from a few pixels.
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 20),
+    "purple": (150, 50, 200),
+    "orange": (250, 130, 20),
+}
+COLOR_NAMES = tuple(COLORS)
+SHAPE_NAMES = ("circle", "square", "triangle", "star", "cross", "diamond")
+# Held out: colour c with shape (5c + 1) mod 6. 5 is coprime with 6, so this is one combo
+# per colour and one per shape (a permutation), and every colour and every shape still
+# appears in training in 5 combos: red square, green circle, blue diamond, yellow cross,
+# purple star, orange triangle.
+HELD_OUT = tuple((c, (5 * c + 1) % len(SHAPE_NAMES)) for c in range(len(COLOR_NAMES)))
+
+# Zero-shot prompt templates; fill them with prompt() or prompts(), which fix "a"/"an".
+TEMPLATES = ["a {}.", "a {} shape.", "a photo of a {}.", "a drawing of a {}.", "there is a {}.", "an image of a {}."]
+
+# Caption wording. Colour and shape words are never varied: zero-shot prompts use them.
+_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+_WHERE = {
+    "left": ("on the left", "on the left side", "at the left"),
+    "right": ("on the right", "on the right side", "at the right"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "center": ("in the center", "in the middle"),
+}
+_RELATIONS = {
+    "left": ("to the left of", "left of"),
+    "right": ("to the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+_FRAMES = ("{}", "{}", "there is {}", "an image of {}", "a picture of {}", "a drawing of {}")  # bare: 1/3
+
+# Geometry, as fractions of image_size: the bounding "radius" of a shape (half its box),
+# small and large ranges apart so the size words stay true, and the margins kept free.
+_RADIUS = {"small": (0.08, 0.11), "large": (0.16, 0.21)}
+_EDGE = 0.03  # free border
+_GAP = 0.04  # min free space between the boxes of two shapes (they never overlap)
+
+
+def class_names(task: str) -> List[str]:
+    """Zero-shot class names: "color" (6), "shape" (6) or "combo" (36, index = label)."""
+    if task == "color":
+        return list(COLOR_NAMES)
+    if task == "shape":
+        return list(SHAPE_NAMES)
+    if task == "combo":
+        return [f"{c} {s}" for c in COLOR_NAMES for s in SHAPE_NAMES]
+    raise ValueError(f"unknown task {task!r}; expected 'color', 'shape' or 'combo'")
+
+
+def combo_index(color: int, shape: int) -> int:
+    return color * len(SHAPE_NAMES) + shape
+
+
+def held_out_names() -> List[str]:
+    return [f"{COLOR_NAMES[c]} {SHAPE_NAMES[s]}" for c, s in HELD_OUT]
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def prompt(template: str, name: str) -> str:
+    """``template.format(name)`` with "a" before a vowel made "an" ("an orange star")."""
+    return re.sub(r"\ba \{\}", lambda _: _a(name), template).replace("{}", name)
+
+
+def prompts(task: str, templates: Sequence[str] = TEMPLATES) -> List[List[str]]:
+    """Prompt texts [class][k] for ``class_names(task)``, to embed and average per class.
+
+    "combo": every template with "red circle", .... "color" and "shape": every template
+    with every combo of that colour (shape), e.g. "a red circle.", "a red square.", ...:
+    the captions never name a colour without a shape, so prompts that do would be
+    off-distribution for a model trained on them; this marginalizes the other attribute.
+    """
+    out = []
+    for name in class_names(task):
+        if task == "combo":
+            names = [name]
+        elif task == "color":
+            names = [f"{name} {s}" for s in SHAPE_NAMES]
+        else:
+            names = [f"{c} {name}" for c in COLOR_NAMES]
+        out.append([prompt(t, n) for n in names for t in templates])
+    return out
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _polygon(shape: str, x: float, y: float, r: float) -> List[Tuple[float, float]]:
+    """Vertices (px) of a shape centred at (x, y) filling about the box of half-side r."""
+    if shape == "square":
+        h = 0.85 * r  # a full-box square looks much bigger than a circle of radius r
+        pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
+    elif shape == "diamond":
+        pts = [(0, -r), (0.7 * r, 0), (0, r), (-0.7 * r, 0)]
+    elif shape == "triangle":  # pointing up, base on the box's bottom edge
+        pts = [(0, -r), (r, 0.8 * r), (-r, 0.8 * r)]
+    elif shape == "star":  # five points, inner radius 0.45 of the outer
+        radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
+        pts = [(q * math.sin(k * math.pi / 5), -q * math.cos(k * math.pi / 5)) for k, q in enumerate(radii)]
+    elif shape == "cross":  # a plus sign, arms 0.36 r wide on each side
+        w = 0.36 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w)]
+        pts += [(-x, -y) for x, y in pts]  # the other half, rotated 180 degrees
+    else:
+        raise ValueError(shape)
+    return [(x + dx, y + dy) for dx, dy in pts]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float, rgb: Tuple[int, int, int]) -> None:
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=rgb)
+    else:
+        draw.polygon(_polygon(shape, x, y, r), fill=rgb)
+
+
+def _place_single(rng: np.random.Generator, where: str, r: float, size: int) -> Tuple[float, float]:
+    """A centre (px) in the third of the image that ``where`` names, the shape inside it."""
+    lo, hi = r + _EDGE * size, size - r - _EDGE * size
+    third = {"left": (0.0, 1 / 3), "right": (2 / 3, 1.0), "center": (0.4, 0.6)}
+    side = {"top": (0.0, 1 / 3), "bottom": (2 / 3, 1.0), "center": (0.4, 0.6)}
+    xs = third.get(where, (0.4, 0.6))  # top/bottom: near the middle column
+    ys = side.get(where, (0.4, 0.6))  # left/right: near the middle row
+
+    def pick(a: float, b: float) -> float:
+        a, b = max(lo, a * size), min(hi, b * size)
+        return rng.uniform(a, b) if b > a else float(np.clip((a + b) / 2, lo, hi))
+
+    return pick(*xs), pick(*ys)
+
+
+def _place_pair(rng: np.random.Generator, relation: str, r0: float, r1: float, size: int):
+    """Centres (px) of the main shape (radius r0) and the other (r1) so that the main one
+    is ``relation`` ("left"/"right"/"above"/"below") of the other, their boxes apart."""
+    edge, gap = _EDGE * size, _GAP * size
+    first_main = relation in ("left", "above")  # the main shape comes first along the axis
+    ra, rb = (r0, r1) if first_main else (r1, r0)
+    # Along the axis: a then b, with room for both and the gap.
+    pa = rng.uniform(ra + edge, max(ra + edge, size - edge - 2 * rb - gap - ra))
+    pb = rng.uniform(pa + ra + gap + rb, max(pa + ra + gap + rb, size - edge - rb))
+    # Across: b near a's line (within half their distance), so the relation reads clearly.
+    half = (pb - pa) / 2
+    qa = rng.uniform(ra + edge, size - edge - ra)
+    lo, hi = max(rb + edge, qa - half), min(size - edge - rb, qa + half)
+    qb = rng.uniform(lo, hi) if hi > lo else float(np.clip(qa, rb + edge, size - edge - rb))
+    a, b = ((pa, qa), (pb, qb)) if relation in ("left", "right") else ((qa, pa), (qb, pb))
+    return (a, b) if first_main else (b, a)
+
+
+def _pick_combo(rng: np.random.Generator, allowed: np.ndarray) -> Tuple[int, int]:
+    k = int(allowed[rng.integers(len(allowed))])
+    return divmod(k, len(SHAPE_NAMES))
+
+
+def _phrase(rng: np.random.Generator, obj: dict) -> str:
+    words = [COLOR_NAMES[obj["color"]], SHAPE_NAMES[obj["shape"]]]
+    if rng.random() < 0.75:  # size said most of the time, so "small"/"large" get learnt
+        words.insert(0, _SIZE_WORDS[obj["size"]][rng.integers(2)])
+    return _a(" ".join(words))
+
+
+def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+_HELD = np.array([combo_index(c, s) for c, s in HELD_OUT])
+_SEEN = np.setdiff1d(np.arange(len(COLOR_NAMES) * len(SHAPE_NAMES)), _HELD)
+_ALL = np.arange(len(COLOR_NAMES) * len(SHAPE_NAMES))
+
+
+def make_example(seed: int, split: str, index: int, image_size: int = 64):
+    """One example: (RGB uint8 array [image_size, image_size, 3], caption, objects), where
+    objects is a list of dicts (color, shape, size "small"/"large", centre x, y and box
+    half-side r in px), the main one first."""
+    image, caption, objs = _example(seed, split, index, image_size)
+    return np.asarray(image), caption, objs
+
+
+def _jitter(rng: np.random.Generator, rgb: Sequence[float], amount: int) -> Tuple[int, int, int]:
+    return tuple(min(255, max(0, int(v) + int(d))) for v, d in zip(rgb, rng.integers(-amount, amount + 1, 3)))
+
+
+def _example(seed: int, split: str, index: int, image_size: int):
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    size = image_size
+    dark = rng.random() < 0.5
+    grey = rng.uniform(20, 60) if dark else rng.uniform(195, 245)
+    background = _jitter(rng, (grey, grey, grey), 8)  # a faint tint
+
+    # Test: the main object is a held-out combo, the other anything. Else seen combos only.
+    main_pool, other_pool = (_HELD, _ALL) if split == "test" else (_SEEN, _SEEN)
+    n = 1 if rng.random() < 0.5 else 2
+    objs = []
+    for i in range(n):
+        while True:  # two objects of one combo would make an odd caption
+            color, shape = _pick_combo(rng, main_pool if i == 0 else other_pool)
+            if i == 0 or (color, shape) != (objs[0]["color"], objs[0]["shape"]):
+                break
+        kind = "small" if rng.random() < 0.5 else "large"
+        r = rng.uniform(*_RADIUS[kind]) * size
+        objs.append(dict(color=color, shape=shape, size=kind, r=r))
+
+    if n == 1:
+        where = _choice(rng, tuple(_WHERE))
+        objs[0]["x"], objs[0]["y"] = _place_single(rng, where, objs[0]["r"], size)
+        text = _phrase(rng, objs[0])
+        if rng.random() < 0.7:
+            text += " " + _choice(rng, _WHERE[where])
+    else:
+        relation = _choice(rng, tuple(_RELATIONS))
+        for obj, (x, y) in zip(objs, _place_pair(rng, relation, objs[0]["r"], objs[1]["r"], size)):
+            obj["x"], obj["y"] = x, y
+        first, second = _phrase(rng, objs[0]), _phrase(rng, objs[1])
+        link = "and" if rng.random() < 0.2 else _choice(rng, _RELATIONS[relation])
+        text = f"{first} {link} {second}"
+    caption = _choice(rng, _FRAMES).format(text)
+    if rng.random() < 0.15:
+        caption += " on a dark background" if dark else " on a light background"
+
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for obj in objs:
+        # A little colour jitter (max 12 per channel): the names stay unambiguous.
+        rgb = _jitter(rng, COLORS[COLOR_NAMES[obj["color"]]], 12)
+        _draw(draw, SHAPE_NAMES[obj["shape"]], obj["x"], obj["y"], obj["r"], rgb)
+    return image, caption, objs
+
+
+def serialize(png: bytes, caption: str, key: str, color: int, shape: int) -> bytes:
+    """records' schema plus int64 ``label_color`` and ``label_shape`` (``label`` = combo)."""
+    import tensorflow as tf
+
+    def ints(v: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+
+    def strs(v: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    feature = {
+        records.IMAGE: strs(png),
+        records.CAPTION: strs(caption.encode("utf-8")),
+        records.KEY: strs(key.encode("utf-8")),
+        records.LABEL: ints(combo_index(color, shape)),
+        "label_color": ints(color),
+        "label_shape": ints(shape),
+    }
+    # deterministic: sorts the feature map; without it the byte order of map entries can
+    # change from one process to the next (seen here), breaking byte-identical records.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+def _encoded_range(args) -> List[tuple]:
+    """Worker: (png bytes, caption, key, color, shape) for indices [start, stop) of a split."""
+    seed, split, start, stop, image_size = args
+    out = []
+    for i in range(start, stop):
+        image, caption, objs = _example(seed, split, i, image_size)
+        buf = io.BytesIO()
+        # PNG, lossless (colours exact, as named) and small here (~280 B at 64 px: flat
+        # shapes compress ~40x); it decodes as fast as JPEG at this size.
+        image.save(buf, format="PNG", compress_level=6)
+        out.append((buf.getvalue(), caption, f"{split}-{i:07d}", objs[0]["color"], objs[0]["shape"]))
+    return out
+
+
+# ------------------------------------------------------------------------------ caching
+
+
+def _dir_name(seed: int, image_size: int, sizes: Dict[str, int], shards: Dict[str, int]) -> str:
+    parts = "-".join(f"{s}{sizes[s]}x{shards[s]}" for s in SPLITS)
+    return f"shapes-v{VERSION}-seed{seed}-{image_size}px-{parts}"
+
+
+def ensure_shapes_dataset(
+    cache_dir: str,
+    seed: int = 0,
+    image_size: int = 64,
+    sizes: Optional[Dict[str, int]] = None,
+    num_shards: Optional[Dict[str, int]] = None,
+    workers: int = 1,
+) -> Dict[str, List[str]]:
+    """The Shapes TFRecords under ``cache_dir``, written on first use: split -> shard paths.
+
+    sizes: examples per split (default 20000 / 1000 / 1000). num_shards: shards per split
+    (default one per 2500 examples). Both, with the version, seed and image size, name the
+    directory, so different settings never collide. It is written as a temporary sibling
+    then renamed, so a crash or a concurrent writer never leaves a partial dataset under
+    the final name; the loser of a race just uses the winner's (identical) files.
+    workers: processes to draw with. Default 1: one core makes the default 22k images in
+    ~10 s (+ TF import), and 2 workers gained nothing on a loaded 2-core machine (spawned
+    workers pay ~2 s importing clip_jax/JAX). Use more for big datasets on big hosts; the
+    workers are spawned, so the calling script needs an ``if __name__ == "__main__"`` guard.
+    Local paths only (os.rename).
+    """
+    sizes = dict(DEFAULT_SIZES, **(sizes or {}))
+    shards = {s: max(1, math.ceil(sizes[s] / 2500)) for s in SPLITS}
+    shards.update(num_shards or {})
+    cache_dir = os.path.expanduser(cache_dir)
+    final = os.path.join(cache_dir, _dir_name(seed, image_size, sizes, shards))
+    paths = {s: [records.shard_name(os.path.join(final, s), i, shards[s]) for i in range(shards[s])] for s in SPLITS}
+    if os.path.exists(os.path.join(final, "dataset_info.json")):
+        return paths
+
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=cache_dir)
+    try:
+        _write(tmp, seed, image_size, sizes, shards, workers)
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process got there first
+        except OSError:
+            if not os.path.exists(os.path.join(final, "dataset_info.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) -> None:
+    chunk = 500
+    jobs = [(seed, s, a, min(a + chunk, sizes[s]), image_size) for s in SPLITS for a in range(0, sizes[s], chunk)]
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: the caller may hold TensorFlow/JAX threads that fork would copy
+        # mid-state. Workers only draw and PNG-encode; this process serializes and writes.
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        results = pool.map(_encoded_range, jobs)
+    else:
+        pool, results = None, map(_encoded_range, jobs)
+    try:
+        writers = {s: records.ShardWriter(os.path.join(out, s), shards[s]) for s in SPLITS}
+        for job, encoded in zip(jobs, results):
+            for item in encoded:
+                writers[job[1]].write(serialize(*item))
+        for w in writers.values():
+            w.close()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    info = dict(
+        name="shapes",
+        version=VERSION,
+        seed=seed,
+        image_size=image_size,
+        image_format="png",
+        sizes=sizes,
+        num_shards=shards,
+        files={s: [os.path.basename(p) for p in writers[s].paths] for s in SPLITS},
+        features={"label": "combo", "label_color": "color", "label_shape": "shape"},
+        class_names={t: class_names(t) for t in ("color", "shape", "combo")},
+        held_out=held_out_names(),
+        held_out_labels=[int(k) for k in _HELD],
+        templates=TEMPLATES,
+    )
+    # Written last: its presence marks a complete directory.
+    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def parse(serialized: bytes) -> dict:
+    """A record back as dict(image=uint8 [H, W, 3], caption, key, label, label_color, label_shape)."""
+    import tensorflow as tf
+
+    f = tf.train.Example.FromString(serialized).features.feature
+    out = dict(
+        image=np.asarray(Image.open(io.BytesIO(f[records.IMAGE].bytes_list.value[0])).convert("RGB")),
+        caption=f[records.CAPTION].bytes_list.value[0].decode("utf-8"),
+        key=f[records.KEY].bytes_list.value[0].decode("utf-8"),
+    )
+    for name in (records.LABEL, "label_color", "label_shape"):
+        out[name] = int(f[name].int64_list.value[0])
+    return out
+
+
+def read_split(paths: Sequence[str]) -> List[dict]:
+    """All records of some shards, parsed (small splits only: for tests and previews)."""
+    import tensorflow as tf
+
+    return [parse(r.numpy()) for p in paths for r in tf.data.TFRecordDataset(p)]
+
+
+def preview(examples: Sequence[dict], path: str, scale: int = 3, columns: int = 4) -> None:
+    """A grid PNG of examples (upscaled ``scale`` times) with their captions under them."""
+    import textwrap
+
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    side = examples[0]["image"].shape[0] * scale
+    cell_h = side + 4 * 12 + 6
+    rows = math.ceil(len(examples) / columns)
+    grid = Image.new("RGB", (columns * (side + 8), rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, ex in enumerate(examples):
+        x, y = (k % columns) * (side + 8) + 4, (k // columns) * cell_h + 2
+        grid.paste(Image.fromarray(ex["image"]).resize((side, side), Image.NEAREST), (x, y))
+        text = f"[{ex['key']}] {ex['caption']}"
+        for j, line in enumerate(textwrap.wrap(text, width=side // 6)[:4]):
+            draw.text((x, y + side + 2 + 12 * j), line, fill="black", font=font)
+    grid.save(path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="cache directory; the dataset goes in a subdirectory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image_size", type=int, default=64)
+    for s in SPLITS:
+        p.add_argument(f"--{s}", type=int, default=DEFAULT_SIZES[s], help=f"{s} examples")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing images (see ensure_shapes_dataset)")
+    p.add_argument("--preview", default="", help="write a grid of 8 train and 8 test examples here")
+    args = p.parse_args(argv)
+    t = time.time()
+    sizes = {s: getattr(args, s) for s in SPLITS}
+    paths = ensure_shapes_dataset(args.out, args.seed, args.image_size, sizes, workers=args.workers)
+    print(f"{os.path.dirname(paths['train'][0])} ready in {time.time() - t:.1f}s")
+    if args.preview:
+        import tensorflow as tf
+
+        examples = [parse(r.numpy()) for s in ("train", "test") for r in tf.data.TFRecordDataset(paths[s][:1]).take(8)]
+        preview(examples, args.preview)
+        print(f"preview: {args.preview}")
+
+
+if __name__ == "__main__":
+    main()
