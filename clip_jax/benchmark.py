@@ -134,7 +134,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--crop", default="random_resized", choices=["random_resized", "random"])
     p.add_argument("--resize", default="bicubic", choices=["bicubic", "bilinear"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "uint8"])
     p.set_defaults(fn=bench_input)
     args = parser.parse_args(argv)
     args.fn(args)

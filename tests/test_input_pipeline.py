@@ -81,12 +81,15 @@ def test_tfrecord_batches_and_tokens(tmp_path):
 
 def test_eval_transform_matches_host_preprocess(tmp_path):
     """In-graph resize + center crop ~ clip_jax.preprocess (PIL bicubic vs TF bicubic)."""
-    array = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     from clip_jax.input_pipeline import decode_and_crop
 
-    got = decode_and_crop(tf.constant(encode(array, "PNG")), 24, False, tf.constant([0, 0], tf.int64), {}).numpy()
-    want = clip_jax.preprocess(array, image_size=24)
-    assert np.abs(got - want).mean() < 0.05  # normalized units; resize kernels differ slightly
+    yy, xx = np.mgrid[0:40, 0:60]
+    smooth = np.stack([xx * 4, yy * 6, (xx + yy) * 2], -1).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    for array, tol in ((smooth, 0.02), (noise, 0.15)):
+        got = decode_and_crop(tf.constant(encode(array, "PNG")), 24, False, tf.constant([0, 0], tf.int64), {}).numpy()
+        want = clip_jax.preprocess(array, image_size=24)
+        assert np.abs(got - want).mean() < tol  # normalized units; TF and PIL bicubic kernels differ slightly
 
 
 def test_two_hosts_read_disjoint_complete_parts(tmp_path):
@@ -198,3 +201,27 @@ def test_global_array_on_8_devices():
     out = to_global_arrays(batch, NamedSharding(mesh, PartitionSpec("data")))
     np.testing.assert_array_equal(np.asarray(out["image"]), batch["image"])
     assert len(out["image"].addressable_shards) == len(devices)
+
+
+def test_shapes_source(tmp_path):
+    config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 40, "validation": 8, "test": 8}}
+    p = InputPipeline("shapes:test", config, global_batch_size=4, image_size=32, train=False, num_epochs=1)
+    batches = list(p)
+    assert len(batches) == 2 and batches[0]["image"].shape == (4, 32, 32, 3)
+    from clip_jax import shapes
+
+    held_out = set(shapes.held_out_names())
+    for b in batches:
+        for c in captions(b):
+            assert any(name.split()[1] in c for name in held_out), c
+
+
+def test_uint8_output_normalized_on_device_matches_float(tmp_path):
+    from clip_jax.preprocessing import normalize_images
+
+    glob = write_shards(tmp_path, n_shards=1, per_shard=4)
+    f32 = next(pipeline(glob, train=False, num_epochs=1))
+    u8 = next(pipeline(glob, config={"image_dtype": "uint8"}, train=False, num_epochs=1))
+    assert u8["image"].dtype == np.uint8
+    # uint8 rounding: at most half a level, 0.5 / (255 * min std) in normalized units.
+    assert np.abs(np.asarray(normalize_images(u8["image"])) - f32["image"]).max() < 0.5 / (255 * 0.26) + 1e-5
