@@ -1,0 +1,143 @@
+"""Contrastive losses over the GLOBAL batch, sharded over a mesh with shard_map.
+
+Every form equals the plain single-device computation of the same global batch, in value
+and gradient (tests/test_losses.py), whatever the mesh:
+
+  * 'softmax'      symmetric InfoNCE; each device all-gathers the N embeddings and scores
+                   its own rows and columns ([b_local, N] logits per device);
+  * 'softmax_ring' the same loss, memory-flat: text and image chunks travel round the
+                   devices with ppermute, with running log-sum-exp accumulators, so no
+                   device ever holds more than [b_local, b_local] logits (each ring step
+                   is rematerialized in the backward pass);
+  * 'sigmoid'      SigLIP: -sum_ij log sigmoid(z_ij (t x_i.y_j + bias)) / N, z = +1 on the
+                   diagonal, -1 elsewhere, computed with the same ring (memory-flat).
+
+Embeddings come in unit-normalized [N, d], sharded on the batch axis over `data_axes`;
+`scale` is exp(logit_scale) (already clamped), `bias` the SigLIP bias.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+LOSSES = ("softmax", "softmax_ring", "sigmoid")
+
+
+# -- plain references (one device, the whole batch) -------------------------------------
+def softmax_loss_reference(img, txt, scale, bias=None):
+    logits = scale * img.astype(jnp.float32) @ txt.astype(jnp.float32).T
+    labels = jnp.arange(logits.shape[0])
+    i2t = jax.nn.logsumexp(logits, axis=1) - logits[labels, labels]
+    t2i = jax.nn.logsumexp(logits, axis=0) - logits[labels, labels]
+    return (i2t.mean() + t2i.mean()) / 2
+
+
+def sigmoid_loss_reference(img, txt, scale, bias):
+    logits = scale * img.astype(jnp.float32) @ txt.astype(jnp.float32).T + bias
+    z = 2 * jnp.eye(logits.shape[0]) - 1
+    return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / logits.shape[0]
+
+
+REFERENCES = {"softmax": softmax_loss_reference, "softmax_ring": softmax_loss_reference, "sigmoid": sigmoid_loss_reference}
+
+
+# -- sharded forms: bodies run per device under shard_map --------------------------------
+def _softmax_all_gather(img, txt, scale, bias, *, axes, n_total):
+    del bias
+    b = img.shape[0]
+    all_img = jax.lax.all_gather(img, axes, tiled=True)
+    all_txt = jax.lax.all_gather(txt, axes, tiled=True)
+    labels = jax.lax.axis_index(axes) * b + jnp.arange(b)  # this device's rows, offset by rank
+    i2t = scale * img @ all_txt.T  # [b, N]: my images against every text
+    t2i = scale * txt @ all_img.T  # [b, N]: my texts against every image
+    pos = jnp.take_along_axis(i2t, labels[:, None], axis=1)[:, 0]
+    local = jnp.sum(jax.nn.logsumexp(i2t, axis=1) - pos) + jnp.sum(jax.nn.logsumexp(t2i, axis=1) - pos)
+    return jax.lax.psum(local, axes) / (2 * n_total)
+
+
+def _ring_perm(n: int):
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
+    """Row lse of my images over all texts; column lse of the texts that visit me travels with them."""
+    del bias
+    pos = scale * jnp.sum(img * txt, axis=-1)  # the positives: my own pairs
+    row_lse = jnp.full(img.shape[:1], -jnp.inf)
+    col_lse = jnp.full(txt.shape[:1], -jnp.inf)  # for the text chunk currently held
+
+    @partial(jax.checkpoint, prevent_cse=False)  # recompute [b, b] logits in backward: memory flat
+    def step(carry, _):
+        row_lse, visiting_txt, visiting_col = carry
+        logits = scale * img @ visiting_txt.T  # [b, b]
+        row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+        visiting_col = jnp.logaddexp(visiting_col, jax.nn.logsumexp(logits, axis=0))
+        visiting_txt, visiting_col = jax.lax.ppermute((visiting_txt, visiting_col), axes, _ring_perm(n_dev))
+        return (row_lse, visiting_txt, visiting_col), None
+
+    (row_lse, txt_back, col_lse), _ = jax.lax.scan(step, (row_lse, txt, col_lse), None, length=n_dev)
+    del txt_back  # after n_dev hops every text chunk is home, with its complete column lse
+    local = jnp.sum(row_lse - pos) + jnp.sum(col_lse - pos)
+    return jax.lax.psum(local, axes) / (2 * n_total)
+
+
+def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
+    me = jax.lax.axis_index(axes)
+
+    @partial(jax.checkpoint, prevent_cse=False)
+    def step(carry, hop):
+        total, visiting_txt = carry
+        logits = scale * img @ visiting_txt.T + bias  # [b, b]
+        # The chunk that arrives after `hop` hops came from device (me - hop): positives only at hop 0.
+        z = jnp.where(hop == 0, 2 * jnp.eye(logits.shape[0]) - 1, -jnp.ones_like(logits))
+        total = total + jnp.sum(jax.nn.log_sigmoid(z * logits))
+        return (total, jax.lax.ppermute(visiting_txt, axes, _ring_perm(n_dev))), None
+
+    del me
+    (total, _), _ = jax.lax.scan(step, (jnp.zeros((), jnp.float32), txt), jnp.arange(n_dev))
+    return -jax.lax.psum(total, axes) / n_total
+
+
+def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",)) -> Callable:
+    """loss(img [N, d], txt [N, d], scale, bias) -> scalar, for arrays sharded on `data_axes`.
+
+    Call it inside jit. N must divide over the devices of `data_axes` (checked on trace).
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}: choose one of {LOSSES}")
+    axes = tuple(data_axes)
+    n_dev = 1
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"data axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
+        n_dev *= mesh.shape[a]
+
+    def loss(img, txt, scale, bias=None):
+        n_total = img.shape[0]
+        if n_total % n_dev:
+            raise ValueError(f"global batch {n_total} does not divide over {n_dev} devices of mesh axes {axes}")
+        if bias is None:
+            bias = jnp.zeros((), jnp.float32)
+        body = {
+            "softmax": partial(_softmax_all_gather, axes=axes, n_total=n_total),
+            "softmax_ring": partial(_softmax_ring, axes=axes, n_total=n_total, n_dev=n_dev),
+            "sigmoid": partial(_sigmoid_ring, axes=axes, n_total=n_total, n_dev=n_dev),
+        }[kind]
+        sharded = _shard_map(body, mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
+        return sharded(img.astype(jnp.float32), txt.astype(jnp.float32), jnp.float32(scale), jnp.float32(bias))
+
+    return loss
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    # jax.shard_map is the public name from jax 0.6; check_vma=False: psum'd outputs are replicated.
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
