@@ -191,6 +191,12 @@ class Transformer(nn.Module):
     remat: str = "none"
     scan: bool = False
 
+    @classmethod
+    def of_tower(cls, tower: nn.Module, causal: bool) -> "Transformer":
+        """The stack of a tower module that has the same-named fields (layers, heads, dtype, ...)."""
+        fields = ("layers", "heads", "mlp_ratio", "quick_gelu", "dtype", "attn_impl", "remat", "scan")
+        return cls(causal=causal, name="transformer", **{f: getattr(tower, f) for f in fields})
+
     @nn.compact
     def __call__(self, x):
         block = ResidualAttentionBlock

@@ -59,18 +59,7 @@ class TextTransformer(nn.Module):
             "positional_embedding", param_with_axes(normal(0.01), (None, "embed")), (self.context_length, self.width)
         )
         x = embed(tokens) + pos[:length].astype(self.dtype)
-        x = Transformer(
-            layers=self.layers,
-            heads=self.heads,
-            mlp_ratio=self.mlp_ratio,
-            causal=True,
-            quick_gelu=self.quick_gelu,
-            dtype=self.dtype,
-            attn_impl=self.attn_impl,
-            remat=self.remat,
-            scan=self.scan,
-            name="transformer",
-        )(x)
+        x = Transformer.of_tower(self, causal=True)(x)
         x = LayerNorm(self.dtype, name="ln_final")(x)
         if self.pool_type == "argmax":
             index = jnp.argmax(tokens, axis=-1)

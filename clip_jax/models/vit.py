@@ -124,18 +124,7 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
         x = LayerNorm(self.dtype, name="ln_pre")(x)
-        x = Transformer(
-            layers=self.layers,
-            heads=self.heads,
-            mlp_ratio=self.mlp_ratio,
-            causal=False,
-            quick_gelu=self.quick_gelu,
-            dtype=self.dtype,
-            attn_impl=self.attn_impl,
-            remat=self.remat,
-            scan=self.scan,
-            name="transformer",
-        )(x)
+        x = Transformer.of_tower(self, causal=False)(x)
         pool_dim = self.width
         if self.pool_type == "map":
             pool_dim = self.output_dim
