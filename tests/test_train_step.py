@@ -1,0 +1,91 @@
+"""The sharded train step equals the same step on one device; accumulation computes what it says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax.losses import make_loss
+from clip_jax.models import create_model, init_variables
+from clip_jax.optim import make_optimizer
+from clip_jax.sharding import batch_sharding, make_mesh, variable_shardings
+from clip_jax.train_step import create_state, jit_train_step
+from random_weights import random_images
+
+OPTIM = {"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.2, "grad_clip_norm": 1.0}
+
+
+def batch(n, size, seed=0):
+    words = ["red", "blue", "green", "circle", "square", "star", "small", "large"]
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(words, 4)) for _ in range(n)]
+    return {"image": random_images(n, size, seed), "tokens": clip_jax.tokenize(texts)}
+
+
+def run(name, mesh_shape, devices, steps=2, accum=1, n=16, loss="softmax"):
+    model = create_model(name, scan=True)
+    mesh = make_mesh(mesh_shape, devices)
+    variables = jax.device_put(init_variables(model, jax.random.key(0)), variable_shardings(model, mesh))
+    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
+    state = create_state(variables, optimizer)
+    step = jit_train_step(model, optimizer, make_loss(loss, mesh, ("data", "fsdp")), state, batch_sharding(mesh), accum)
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, batch(n, model.config.vision.image_size, i))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree_util.tree_map(np.asarray, state.params), state
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 simulated devices")
+@pytest.mark.parametrize("name,loss", [("ViT-Tiny-test", "softmax"), ("RN-Tiny-test", "softmax_ring")])
+def test_eight_devices_equal_one(name, loss):
+    one_losses, one_params, one_state = run(name, {"data": 1}, jax.devices()[:1], loss=loss)
+    many_losses, many_params, many_state = run(name, {"data": 2, "fsdp": 4}, jax.devices(), loss=loss)
+    np.testing.assert_allclose(many_losses, one_losses, rtol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(many_params), jax.tree_util.tree_leaves(one_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert int(many_state.step) == 2
+    if name.startswith("RN"):  # BatchNorm statistics of the global batch, equal too
+        for a, b in zip(jax.tree_util.tree_leaves(many_state.batch_stats), jax.tree_util.tree_leaves(one_state.batch_stats)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_is_the_mean_over_microbatches():
+    """accum=2 on 16 pairs == the optimizer applied to the mean gradient of two 8-pair losses."""
+    model = create_model("ViT-Tiny-test", scan=True)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    variables = init_variables(model, jax.random.key(0))
+    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
+    loss_fn = make_loss("softmax", mesh, ("data", "fsdp"))
+    data = batch(16, model.config.vision.image_size)
+
+    def micro_loss(params, i):
+        out = model.apply({"params": params}, data["image"][i * 8:(i + 1) * 8], data["tokens"][i * 8:(i + 1) * 8])
+        return loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+
+    grads = [jax.jit(jax.grad(micro_loss), static_argnums=1)(variables["params"], i) for i in range(2)]
+    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *grads)
+    opt_state = optimizer.init(variables["params"])
+    updates, _ = optimizer.update(mean, opt_state, variables["params"])
+    import optax
+
+    want = optax.apply_updates(variables["params"], updates)
+    state = create_state(variables, optimizer)
+    step = jit_train_step(model, optimizer, loss_fn, state, batch_sharding(mesh), accum_steps=2)
+    state, metrics = step(state, data)
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_logit_scale_is_clamped_on_the_param():
+    model = create_model("ViT-Tiny-test", scan=True)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    variables = init_variables(model, jax.random.key(0))
+    variables["params"]["logit_scale"] = jnp.float32(4.7)  # above ln(100) = 4.605
+    optimizer = make_optimizer({"learning_rate": 0.0, "warmup_steps": 0}, variables["params"], total_steps=10)
+    state = create_state(variables, optimizer)
+    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state, batch_sharding(mesh))
+    state, metrics = step(state, batch(8, 32))
+    assert float(state.params["logit_scale"]) == pytest.approx(np.log(100), rel=1e-6)
+    assert float(metrics["logit_scale"]) == pytest.approx(100.0, rel=1e-5)
