@@ -211,14 +211,17 @@ class InputPipeline:
             return read_bytes, (record, sentinel, short)
 
         ds = ds.scan(tf.zeros([n], tf.int64), account)
+        label_keys = self._label_keys()
         feature_spec = {
             records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
             records.CAPTION: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys},
         }
 
         def parse(record, sentinel, short):
             ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
-            return ex[records.IMAGE], tf.reshape(ex[records.CAPTION], [1]), sentinel, short
+            labels = tf.stack([ex[k] for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
+            return ex[records.IMAGE], tf.reshape(ex[records.CAPTION], [1]), labels, sentinel, short
 
         # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
         return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
@@ -234,9 +237,12 @@ class InputPipeline:
         decoders = _nested({k: v for k, v in [(image_key, tfds.decode.SkipDecoding())]})
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
+        label_keys = self._label_keys()
+
         def select(ex):
             captions = tf.reshape(_get_path(ex, caption_key), [-1])
-            return _get_path(ex, image_key), captions, tf.constant(False), tf.constant(False)
+            labels = tf.stack([tf.cast(_get_path(ex, k), tf.int64) for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
+            return _get_path(ex, image_key), captions, labels, tf.constant(False), tf.constant(False)
 
         return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -274,7 +280,11 @@ class InputPipeline:
             options.threading.private_threadpool_size = int(self.config.get("threads"))
         return ds.with_options(options).prefetch(self.config.get("prefetch", 2))
 
-    def _check(self, epoch, position, image, captions, sentinel, short):
+    def _label_keys(self) -> list[str]:
+        """Integer features passed through as batch['labels'] [b, K] (-1 where absent), e.g. for zero-shot eval."""
+        return list(self.config.get("label_keys", ()))
+
+    def _check(self, epoch, position, image, captions, labels, sentinel, short):
         """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
         import tensorflow as tf
 
@@ -293,7 +303,8 @@ class InputPipeline:
             default=lambda: tf.constant(0, tf.int64),
             exclusive=False,
         )
-        return {"epoch": epoch, "position": position, "image": image, "caption": caption, "status": status}
+        return {"epoch": epoch, "position": position, "image": image, "caption": caption, "labels": labels,
+                "status": status}
 
     def _decode(self, ex):
         import tensorflow as tf
@@ -307,6 +318,7 @@ class InputPipeline:
             "epoch": ex["epoch"],
             "position": ex["position"],
             "counts": ex["counts"],
+            "labels": ex["labels"],
         }
 
     def _tokenize(self, batch):

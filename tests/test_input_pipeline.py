@@ -204,16 +204,18 @@ def test_global_array_on_8_devices():
 
 
 def test_shapes_source(tmp_path):
-    config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 40, "validation": 8, "test": 8}}
+    config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 40, "validation": 8, "test": 8},
+              "label_keys": ["label", "label_color", "label_shape"]}
     p = InputPipeline("shapes:test", config, global_batch_size=4, image_size=32, train=False, num_epochs=1)
     batches = list(p)
     assert len(batches) == 2 and batches[0]["image"].shape == (4, 32, 32, 3)
     from clip_jax import shapes
 
-    held_out = set(shapes.held_out_names())
+    held_out = {shapes.combo_index(c, s) for c, s in shapes.HELD_OUT}
     for b in batches:
-        for c in captions(b):
-            assert any(name.split()[1] in c for name in held_out), c
+        for (label, color, shape), caption in zip(b["labels"], captions(b)):
+            assert label in held_out and label == shapes.combo_index(color, shape)
+            assert shapes.COLOR_NAMES[color] in caption and shapes.SHAPE_NAMES[shape] in caption
 
 
 def test_uint8_output_normalized_on_device_matches_float(tmp_path):
