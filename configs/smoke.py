@@ -1,0 +1,50 @@
+"""Smoke run: a tiny CLIP on the embedded 'shapes' dataset, on a laptop CPU in a few minutes.
+
+    python -m clip_jax.train --config=configs/smoke.py --workdir=/tmp/smoke
+    python -m clip_jax.train --config=configs/smoke.py --workdir=/tmp/smoke --config.total_steps=50
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = "ViT-Tiny-test"
+    c.dtype = "float32"
+    c.remat = "none"
+    c.scan = True
+    c.loss = "softmax"
+    c.seed = 0
+    c.batch_size = 128  # global, over every process
+    c.total_steps = 600
+    c.accum_steps = 1
+    c.log_every_steps = 25
+    c.eval_every_steps = 150
+    c.checkpoint_every_steps = 150
+    c.keep_checkpoints = 2
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.end_learning_rate = 1e-5
+    c.optim.warmup_steps = 50
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip_norm = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "shapes:train"
+    c.data.eval = "shapes:test"  # held-out colour-shape combinations
+    c.data.image_dtype = "uint8"  # normalized on the device
+    c.data.crop = "random_resized"
+    c.data.crop_scale = (0.9, 1.0)
+    c.data.resize_method = "bilinear"
+    c.data.shuffle_buffer = 5000
+    c.data.cache_dir = ""  # default ~/.cache/clip_jax
+    c.data.shapes_seed = 0
+    c.data.shapes_image_size = 64
+    c.data.shapes_sizes = {"train": 20000, "validation": 1000, "test": 1000}
+    c.data.label_keys = ("label", "label_color", "label_shape")
+    return c
