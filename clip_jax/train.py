@@ -35,16 +35,21 @@ def validate(config) -> None:
 
 
 def evaluate(model, params, config, mesh) -> dict:
+    """Zero-shot accuracy on each comma-separated shapes split of config.data.eval."""
     from clip_jax.zero_shot import embed_split, shapes_zero_shot
 
-    spec = config.data.get("eval", "")
-    if not spec or not spec.startswith("shapes"):
-        return {}
+    out = {}
     variables = jax.device_get(params)
-    pipe = InputPipeline(spec, _data_config(config), global_batch_size=100, image_size=model.config.vision.image_size,
-                         train=False, num_epochs=1, context_length=model.config.text.context_length)
-    embeds, labels = embed_split(model, variables, pipe)
-    return shapes_zero_shot(model, variables, embeds, labels)
+    for spec in [s.strip() for s in config.data.get("eval", "").split(",") if s.strip()]:
+        if not spec.startswith("shapes"):
+            continue  # other datasets: clip_jax.evaluate (issue 6)
+        pipe = InputPipeline(spec, _data_config(config), global_batch_size=100, train=False, num_epochs=1,
+                             image_size=model.config.vision.image_size, context_length=model.config.text.context_length)
+        embeds, labels = embed_split(model, variables, pipe)
+        split = spec.split(":", 1)[1] if ":" in spec else "train"
+        out.update({k.replace("zero_shot/", f"zero_shot/{split}/"): v
+                    for k, v in shapes_zero_shot(model, variables, embeds, labels).items()})
+    return out
 
 
 def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict:

@@ -36,7 +36,8 @@ def get_config():
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "shapes:train"
-    c.data.eval = "shapes:test"  # held-out colour-shape combinations
+    # validation: colour-shape combinations seen in training; test: held-out combinations only.
+    c.data.eval = "shapes:validation,shapes:test"
     c.data.image_dtype = "uint8"  # normalized on the device
     c.data.crop = "random_resized"
     c.data.crop_scale = (0.9, 1.0)
