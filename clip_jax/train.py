@@ -77,6 +77,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                              sharding.batch_sharding(mesh), config.accum_steps)
     schedule = make_schedule(config.optim, config.total_steps)
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+    writer = _summary_writer(workdir)
     step = int(state.step)
     last = {}
     window_start, window_images = time.perf_counter(), 0
@@ -101,11 +102,38 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            if writer is not None:
+                _write_summaries(writer, step, row)
             last = row
             window_start, window_images = time.perf_counter(), 0
         checkpoint.save(manager, step, state, pipe.state(), force=step == end)
     manager.wait_until_finished()
     return last
+
+
+def _summary_writer(workdir: str):
+    """TensorBoard event files in workdir/tensorboard (process 0; None where TensorFlow is absent)."""
+    if jax.process_index() != 0:
+        return None
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+
+def _write_summaries(writer, step: int, row: dict) -> None:
+    # tf.summary.write with TensorBoard's scalar-plugin metadata: the same events
+    # tf.summary.scalar writes, without needing the tensorboard package installed.
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    with writer.as_default(step=step):
+        for key, value in row.items():
+            if key != "step":
+                tf.summary.write(key, tf.constant(float(value), tf.float32), metadata=metadata)
+    writer.flush()
 
 
 def log(message: str) -> None:

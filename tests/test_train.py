@@ -42,3 +42,15 @@ def test_restart_continues_exactly(tmp_path):
     for x, y in zip(a, b):
         assert set(x) >= {"step", "loss", "learning_rate", "logit_scale", "images_per_sec"}
         np.testing.assert_allclose(y["loss"], x["loss"], rtol=1e-6)
+    # TensorBoard events hold the same losses.
+    import tensorflow as tf
+
+    events = sorted((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    logged = {}
+    for event in tf.compat.v1.train.summary_iterator(str(events[0])):
+        for value in event.summary.value:
+            if value.tag == "loss":
+                logged[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([logged[s] for s in range(1, 7)], [m["loss"] for m in a], rtol=1e-6)
