@@ -44,6 +44,8 @@ def _gather_input_states(state: Optional[InputState]) -> list[dict]:
 def save(manager: ocp.CheckpointManager, step: int, train_state: Any, input_state: Optional[InputState] = None,
          force: bool = False) -> bool:
     """Save (asynchronously) if the manager's interval says so, or `force`. Returns whether it saved."""
+    if not force and not manager.should_save(step):
+        return False  # before the gather: on a pod it is a collective, not to run every step
     items = {"state": ocp.args.StandardSave(train_state), "input": ocp.args.JsonSave(_gather_input_states(input_state))}
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 

@@ -176,6 +176,12 @@ class InputPipeline:
 
         return tf.stack([tf.constant(_mix(self.seed, self.process_index, salt), tf.int64), tf.cast(epoch, tf.int64)])
 
+    def _example_seed(self, salt: int, epoch, position):
+        """Stateless seed of one example: from (seed, process, salt), its epoch and its raw position."""
+        import tensorflow as tf
+
+        return tf.stack([tf.constant(_mix(self.seed, self.process_index, salt), tf.int64) + epoch, position])
+
     def _tfrecord_epoch(self, epoch):
         """(image bytes, captions [n], is_sentinel, shard_read_short) of this host's files."""
         import tensorflow as tf
@@ -220,7 +226,7 @@ class InputPipeline:
 
         def parse(record, sentinel, short):
             ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
-            labels = tf.stack([ex[k] for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
+            labels = _stack_labels([ex[k] for k in label_keys])
             return ex[records.IMAGE], tf.reshape(ex[records.CAPTION], [1]), labels, sentinel, short
 
         # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
@@ -234,14 +240,14 @@ class InputPipeline:
         split = tfds.even_splits(self.source.split, n=self.process_count, drop_remainder=False)[self.process_index]
         image_key = self.config.get("image_key", "image")
         caption_key = self.config.get("caption_key", "caption")
-        decoders = _nested({k: v for k, v in [(image_key, tfds.decode.SkipDecoding())]})
+        decoders = _nested({image_key: tfds.decode.SkipDecoding()})
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
         label_keys = self._label_keys()
 
         def select(ex):
             captions = tf.reshape(_get_path(ex, caption_key), [-1])
-            labels = tf.stack([tf.cast(_get_path(ex, k), tf.int64) for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
+            labels = _stack_labels([_get_path(ex, k) for k in label_keys])
             return _get_path(ex, image_key), captions, labels, tf.constant(False), tf.constant(False)
 
         return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -288,7 +294,7 @@ class InputPipeline:
         """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
         import tensorflow as tf
 
-        seed = tf.stack([tf.constant(_mix(self.seed, self.process_index, 4), tf.int64) + epoch, position])
+        seed = self._example_seed(4, epoch, position)
         n = tf.shape(captions, out_type=tf.int64)[0]
         pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int64) if self.train else tf.constant(0, tf.int64)
         caption = tf.strings.strip(tf.cond(n > 0, lambda: tf.gather(captions, tf.minimum(pick, n - 1)), lambda: tf.constant("")))
@@ -309,17 +315,12 @@ class InputPipeline:
     def _decode(self, ex):
         import tensorflow as tf
 
-        seed = tf.stack([tf.cast(_mix(self.seed, self.process_index, 3), tf.int64) + ex["epoch"], ex["position"]])
+        seed = self._example_seed(3, ex["epoch"], ex["position"])
         image = decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config)
         dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config.get("image_dtype", "float32")]
-        return {
-            "image": tf.cast(image, dtype),
-            "caption": ex["caption"],
-            "epoch": ex["epoch"],
-            "position": ex["position"],
-            "counts": ex["counts"],
-            "labels": ex["labels"],
-        }
+        out = {k: v for k, v in ex.items() if k != "status"}  # every record passing here has status 0
+        out["image"] = tf.cast(image, dtype)
+        return out
 
     def _tokenize(self, batch):
         batch["tokens"] = self.tokenizer.tf_tokenize(batch["caption"], self.context_length)
@@ -384,6 +385,13 @@ def _count(counts, ex):
     counts = counts + tf.concat([bad, [seen]], 0)
     ex = dict(ex, counts=counts)
     return counts, ex
+
+
+def _stack_labels(values):
+    """Integer label features -> int64 [K] (an empty vector when no label_keys are configured)."""
+    import tensorflow as tf
+
+    return tf.stack([tf.cast(v, tf.int64) for v in values]) if values else tf.zeros([0], tf.int64)
 
 
 def _get_path(ex, path: str):

@@ -9,7 +9,6 @@ of negatives for memory; for the full N x N matrix at lower memory use the ring 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax
@@ -101,7 +100,3 @@ def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
-
-
-def count_params(params) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))

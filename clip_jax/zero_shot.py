@@ -42,7 +42,7 @@ def shapes_zero_shot(model, params, image_embeds: np.ndarray, labels: np.ndarray
     return out
 
 
-def embed_split(model, params, pipeline, normalize=None) -> tuple[np.ndarray, np.ndarray]:
+def embed_split(model, params, pipeline) -> tuple[np.ndarray, np.ndarray]:
     """Image embeddings and labels of every batch of a finite (num_epochs=1) pipeline."""
     embeds, labels = [], []
     for batch in pipeline:

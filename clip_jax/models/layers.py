@@ -21,9 +21,6 @@ Dtype = Any
 
 # Remat policies by name: 'none' keeps every activation (no remat), 'full' saves nothing,
 # anything else is looked up in jax.checkpoint_policies (e.g. 'dots_with_no_batch_dims_saveable').
-REMAT_POLICIES = ("none", "full")
-
-
 def remat_policy(name: str):
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
