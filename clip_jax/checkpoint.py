@@ -3,55 +3,75 @@
 One CheckpointManager per run, items:
   'state': the train state (params, optimizer state, step, rng), StandardSave/Restore, so a
            checkpoint written on one mesh restores onto another given target shardings;
-  'input': the InputState of every process (a few integers each), gathered to one JSON
-           list so that resuming with the same process count gives each host its position.
+  'input': the InputState of every data stream of the job (a few integers each), gathered
+           from all processes into one JSON list in stream order; a job with the same
+           stream count resumes from it on any process count that divides it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from clip_jax.input_pipeline import InputState
+
+
+# Replica-parallel saving splits each replicated array over its replicas, so each writes a
+# part: worth it for large arrays on many hosts, but for small ones the slicing (a jax op
+# per array per device) costs far more than the write (6 s per save of the smoke model on 8
+# CPU devices). Only arrays above this size are split.
+_MIN_BYTES_TO_SPLIT = 64 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_BYTES_TO_SPLIT), override=True
+)
 
 
 def make_manager(directory: str, keep: int = 3, save_every: int = 1, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save, create=True
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    if "://" not in directory:  # local paths absolute; gs:// and the like as they are
+        directory = os.path.abspath(directory)
+    return ocp.CheckpointManager(directory, options=options)
 
 
-def _gather_input_states(state: Optional[InputState]) -> list[dict]:
-    """Every process's InputState, in process order (all processes must call this)."""
+def _gather_input_states(states: Optional[Sequence[InputState]]) -> list[dict]:
+    """The InputStates of every process's streams, concatenated in process order (= stream order).
+
+    All processes must call this: with several it is a collective.
+    """
+    mine = [s.to_dict() for s in states or []]
     if jax.process_count() == 1:
-        return [state.to_dict()] if state is not None else []
+        return mine
     import json
 
     import numpy as np
     from jax.experimental import multihost_utils
 
-    raw = json.dumps(state.to_dict() if state is not None else None).encode()
-    buf = np.zeros(4096, np.uint8)
-    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    raw = np.frombuffer(json.dumps(mine).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    buf = np.zeros(longest, np.uint8)
+    buf[: raw.size] = raw
     gathered = multihost_utils.process_allgather(buf)
-    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in np.asarray(gathered)]
+    return [s for row in np.asarray(gathered) for s in json.loads(bytes(row).rstrip(b"\0").decode())]
 
 
-def save(manager: ocp.CheckpointManager, step: int, train_state: Any, input_state: Optional[InputState] = None,
+def save(manager: ocp.CheckpointManager, step: int, train_state: Any,
+         input_states: Optional[Sequence[InputState]] = None,
          force: bool = False) -> bool:
     """Save (asynchronously) if the manager's interval says so, or `force`. Returns whether it saved."""
     if not force and not manager.should_save(step):
         return False  # before the gather: on a pod it is a collective, not to run every step
-    items = {"state": ocp.args.StandardSave(train_state), "input": ocp.args.JsonSave(_gather_input_states(input_state))}
+    items = {"state": ocp.args.StandardSave(train_state), "input": ocp.args.JsonSave(_gather_input_states(input_states))}
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None):
-    """(train_state, InputState of this process or None, step), onto the shardings of `abstract_state`.
+    """(train_state, [InputState of every data stream] or None, step), onto the shardings of `abstract_state`.
 
     `abstract_state`: a pytree of jax.ShapeDtypeStruct with .sharding (e.g. from jax.eval_shape
     plus the target mesh's shardings): this is what lets an 8-device checkpoint load on 4.
@@ -61,13 +81,37 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                          input=ocp.args.JsonRestore()))
-    inputs = out["input"] or []
-    mine = None
-    if inputs:
-        if len(inputs) != jax.process_count():
-            raise ValueError(
-                f"checkpoint step {step} holds input positions of {len(inputs)} processes, this job has "
-                f"{jax.process_count()}: resume with the same process count (the data order is per process)"
-            )
-        mine = InputState.from_dict(inputs[jax.process_index()])
-    return out["state"], mine, step
+    inputs = [InputState.from_dict(s) for s in out["input"] or []]
+    return out["state"], inputs or None, step
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, log=print):
+    """Restore the newest checkpoint that reads back whole; (state, input states, step), or None if none exist.
+
+    A checkpoint that fails to read (truncated or corrupt files, missing items) is reported
+    by path and renamed to STEP.unreadable (kept for inspection, out of the manager's way, so
+    the run can save that step again), and the previous one is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore(manager, abstract_state, step)
+        except Exception as e:  # orbax / tensorstore raise many types for damaged files
+            path = str(epath.Path(manager.directory) / str(step))
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full")[0][:300]
+            log(f"checkpoint {path} is unreadable ({type(e).__name__}: {reason}); "
+                f"moved to {path}.unreadable, trying the previous one")
+            if jax.process_index() == 0:
+                epath.Path(path).rename(_free_name(path + ".unreadable"))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"clip_jax unreadable checkpoint {step}")
+            manager.reload()
+    return None
+
+
+def _free_name(path: str) -> str:
+    candidate, n = path, 1
+    while epath.Path(candidate).exists():
+        candidate, n = f"{path}.{n}", n + 1
+    return candidate

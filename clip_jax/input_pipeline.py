@@ -13,6 +13,13 @@ Per host, one pass over its share of the data looks like this:
     -> decode + crop + normalize (parallel, deterministic; undecodable images dropped)
     -> batch (host batch = global batch / processes) -> tokenize -> prefetch
 
+Streams: the data is read as `streams` independent streams (config `data.streams`;
+default one per process), stream s reading whole files files[s::streams] (or the s-th
+tfds.even_splits slice) with its own seeds, and contributing global_batch / streams rows
+to every global batch, in stream order. Each process runs a contiguous block of streams.
+So the global batches depend on the stream count, not on the process count: a job with
+4 streams sees the same data on 1, 2 or 4 processes, and can resume on any of them.
+
 Resumption is deterministic by construction: the state is a few integers (epoch,
 position of the next raw record, counters); a resumed run builds the same stream and skips
 to the position, so it sees exactly the batches an uninterrupted run would have seen.
@@ -24,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -83,6 +90,7 @@ def shapes_files(split: str, config) -> list[str]:
         seed=config.get("shapes_seed", 0),
         image_size=config.get("shapes_image_size", 64),
         sizes=dict(config.get("shapes_sizes", {"train": 20000, "validation": 1000, "test": 1000})),
+        num_shards=dict(config.get("shapes_shards", {})) or None,
     )
     return list(paths[split])
 
@@ -90,7 +98,7 @@ def shapes_files(split: str, config) -> list[str]:
 # -- state --------------------------------------------------------------------------
 @dataclasses.dataclass
 class InputState:
-    """Where the host's stream is: the next raw record (epoch, position), and counters."""
+    """Where one stream is: the next raw record (epoch, position), and counters."""
 
     epoch: int = 0
     position: int = 0
@@ -110,80 +118,41 @@ def _mix(*ints: int) -> int:
     return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(1)[0]) & _MASK31
 
 
-class InputPipeline:
-    """Iterates host-local batches {'image': [b, S, S, 3], 'tokens': [b, ctx] int32, ...} forever.
+class _Stream:
+    """One stream: files[index::count] (or a tfds slice), its own seeds and state, `batch_size` rows per batch."""
 
-    ``state()`` after a batch is what to checkpoint; ``InputPipeline(..., state=saved)``
-    resumes right after the last batch that was taken.
-    """
-
-    def __init__(
-        self,
-        spec: str,
-        config,
-        *,
-        global_batch_size: int,
-        image_size: int,
-        train: bool,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        context_length: int = 77,
-        tokenizer=None,
-        state: Optional[InputState] = None,
-        num_epochs: Optional[int] = None,
-    ):
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global batch {global_batch_size} does not divide over {process_count} processes: "
-                f"use a multiple of {process_count}"
-            )
-        self.source = parse_spec(spec)
+    def __init__(self, source: Source, files: Optional[list[str]], config, *, batch_size: int, image_size: int,
+                 train: bool, seed: int, index: int, count: int, context_length: int, tokenizer,
+                 state: Optional[InputState], num_epochs: Optional[int]):
+        self.source = source
         self.config = config
-        self.batch_size = global_batch_size // process_count
+        self.batch_size = batch_size
         self.image_size = image_size
         self.train = train
         self.seed = seed
-        self.process_index = process_index
-        self.process_count = process_count
+        self.index = index
+        self.count = count
         self.context_length = context_length
         self.num_epochs = num_epochs
-        if tokenizer is None:
-            from clip_jax.tokenizers import get_tokenizer
-
-            tokenizer = get_tokenizer()
         self.tokenizer = tokenizer
         self._state = state or InputState()
-        self._files = self._host_files()  # fails early on a bad spec / missing data
+        self._files = files
         self._iterator = None
-
-    # -- host sharding -------------------------------------------------------------
-    def _host_files(self) -> Optional[list[str]]:
-        kind = self.source.kind
-        if kind == "tfds":
-            return None
-        files = shapes_files(self.source.split, self.config) if kind == "shapes" else list_files(self.source.name)
-        if len(files) < self.process_count:
-            raise ValueError(
-                f"{len(files)} files for {self.process_count} processes: each process reads whole files, "
-                f"so write at least {self.process_count} shards (data/*_to_tfrecord.py --num_shards)"
-            )
-        return files[self.process_index :: self.process_count]
 
     # -- the raw stream of one epoch (built in-graph: `epoch` is a tensor) --------------
     def _seed(self, salt: int, epoch):
         import tensorflow as tf
 
-        return tf.stack([tf.constant(_mix(self.seed, self.process_index, salt), tf.int64), tf.cast(epoch, tf.int64)])
+        return tf.stack([tf.constant(_mix(self.seed, self.index, salt), tf.int64), tf.cast(epoch, tf.int64)])
 
     def _example_seed(self, salt: int, epoch, position):
-        """Stateless seed of one example: from (seed, process, salt), its epoch and its raw position."""
+        """Stateless seed of one example: from (seed, stream, salt), its epoch and its raw position."""
         import tensorflow as tf
 
-        return tf.stack([tf.constant(_mix(self.seed, self.process_index, salt), tf.int64) + epoch, position])
+        return tf.stack([tf.constant(_mix(self.seed, self.index, salt), tf.int64) + epoch, position])
 
     def _tfrecord_epoch(self, epoch):
-        """(image bytes, captions [n], is_sentinel, shard_read_short) of this host's files."""
+        """(image bytes, captions [n], is_sentinel, shard_read_short) of this stream's files."""
         import tensorflow as tf
 
         files = tf.constant(self._files)
@@ -197,11 +166,11 @@ class InputPipeline:
         def read(i):
             body = tf.data.TFRecordDataset(tf.gather(files, i), compression_type="GZIP" if compressed else "")
             body = body.ignore_errors()  # a corrupt shard ends early; `account` reports it
-            body = body.map(lambda r: (i, r, False))
+            body = body.map(_plain(lambda r: (i, r, False)))
             return body.concatenate(tf.data.Dataset.from_tensors((i, tf.constant(b""), True)))
 
         ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-            read, cycle_length=min(16, n), block_length=1, deterministic=True, num_parallel_calls=tf.data.AUTOTUNE
+            _plain(read), cycle_length=min(16, n), block_length=1, deterministic=True, num_parallel_calls=tf.data.AUTOTUNE
         )
 
         def account(read_bytes, element):
@@ -216,7 +185,7 @@ class InputPipeline:
                         tf.no_op)
             return read_bytes, (record, sentinel, short)
 
-        ds = ds.scan(tf.zeros([n], tf.int64), account)
+        ds = ds.scan(tf.zeros([n], tf.int64), _plain(account))
         label_keys = self._label_keys()
         feature_spec = {
             records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
@@ -230,14 +199,14 @@ class InputPipeline:
             return ex[records.IMAGE], tf.reshape(ex[records.CAPTION], [1]), labels, sentinel, short
 
         # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
-        return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
     def _tfds_epoch(self, epoch):
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
         builder = tfds.builder(self.source.name, data_dir=self.config.get("data_dir") or None)
-        split = tfds.even_splits(self.source.split, n=self.process_count, drop_remainder=False)[self.process_index]
+        split = tfds.even_splits(self.source.split, n=self.count, drop_remainder=False)[self.index]
         image_key = self.config.get("image_key", "image")
         caption_key = self.config.get("caption_key", "caption")
         decoders = _nested({image_key: tfds.decode.SkipDecoding()})
@@ -250,7 +219,7 @@ class InputPipeline:
             labels = _stack_labels([_get_path(ex, k) for k in label_keys])
             return _get_path(ex, image_key), captions, labels, tf.constant(False), tf.constant(False)
 
-        return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def _epoch(self, epoch, skip: int = 0):
         """One epoch as (epoch, position, image, captions, sentinel, short), skipping `skip` raw records."""
@@ -259,9 +228,9 @@ class InputPipeline:
         epoch = tf.cast(epoch, tf.int64)
         ds = self._tfds_epoch(epoch) if self.source.kind == "tfds" else self._tfrecord_epoch(epoch)
         if self.train:
-            seed = tf.constant(_mix(self.seed, self.process_index, 2), tf.int64) + epoch * 1_000_003
+            seed = tf.constant(_mix(self.seed, self.index, 2), tf.int64) + epoch * 1_000_003
             ds = ds.shuffle(self.config.get("shuffle_buffer", 10_000), seed=seed, reshuffle_each_iteration=False)
-        ds = ds.enumerate().map(lambda pos, x: (epoch, pos) + tuple(x))
+        ds = ds.enumerate().map(_plain(lambda pos, x: (epoch, pos) + tuple(x)))
         return ds.skip(skip) if skip else ds
 
     # -- the whole stream ---------------------------------------------------------------
@@ -273,13 +242,13 @@ class InputPipeline:
         last = start.epoch + self.num_epochs if self.num_epochs else 2**62
         ds = self._epoch(start.epoch, start.position)
         if start.epoch + 1 < last:
-            ds = ds.concatenate(tf.data.Dataset.range(start.epoch + 1, last).flat_map(self._epoch))
-        ds = ds.map(self._check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.scan(tf.zeros([len(BAD_KINDS) + 1], tf.int64), _count)  # in order: exact counters
-        ds = ds.filter(lambda ex: tf.equal(ex["status"], 0))
-        ds = ds.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+            ds = ds.concatenate(tf.data.Dataset.range(start.epoch + 1, last).flat_map(_plain(self._epoch)))
+        ds = ds.map(_plain(self._check), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.scan(tf.zeros([len(BAD_KINDS) + 1], tf.int64), _plain(_count))  # in order: exact counters
+        ds = ds.filter(_plain(lambda ex: tf.equal(ex["status"], 0)))
+        ds = ds.map(_plain(self._decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
         ds = ds.batch(self.batch_size, drop_remainder=True)
-        ds = ds.map(self._tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_plain(self._tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         if self.config.get("threads", 0):
@@ -327,9 +296,6 @@ class InputPipeline:
         return batch
 
     # -- iteration ------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
     def __next__(self) -> dict[str, Any]:
         if self._iterator is None:
             self._base = InputState.from_dict(self._state.to_dict())
@@ -358,7 +324,115 @@ class InputPipeline:
         return InputState.from_dict(self._state.to_dict())
 
 
+
+class InputPipeline:
+    """Iterates host-local batches {'image': [b, S, S, 3], 'tokens': [b, ctx] int32, ...} forever.
+
+    The host batch is the rows of this process's streams, in stream order. ``state()``
+    after a batch (one InputState per stream of this process) is what to checkpoint;
+    ``InputPipeline(..., state=states)`` resumes right after the last batch taken, where
+    `states` holds either this process's streams or all streams of the job.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        config,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        context_length: int = 77,
+        tokenizer=None,
+        state: Optional[Sequence[InputState]] = None,
+        num_epochs: Optional[int] = None,
+    ):
+        streams = int(config.get("streams", 0) or process_count)
+        if streams % process_count:
+            raise ValueError(
+                f"data.streams={streams} does not divide over {process_count} processes: "
+                f"use a multiple of {process_count} (or 0 for one stream per process)"
+            )
+        if global_batch_size % streams:
+            raise ValueError(
+                f"global batch {global_batch_size} does not divide over {streams} data streams "
+                f"({process_count} processes): use a multiple of {streams}"
+            )
+        self.source = parse_spec(spec)
+        self.streams = streams
+        self.process_index = process_index
+        self.process_count = process_count
+        self.batch_size = global_batch_size // process_count
+        per_process = streams // process_count
+        self.stream_ids = list(range(process_index * per_process, (process_index + 1) * per_process))
+        if state is not None:
+            state = list(state)
+            if len(state) == streams:
+                state = [state[s] for s in self.stream_ids]
+            elif len(state) != per_process:
+                raise ValueError(
+                    f"the saved input position has {len(state)} streams; this job reads {streams} "
+                    f"(data.streams): resume with the stream count the run started with"
+                )
+        if tokenizer is None:
+            from clip_jax.tokenizers import get_tokenizer
+
+            tokenizer = get_tokenizer()
+        all_files = self._all_files(config)  # fails early on a bad spec / missing data
+        self._streams = [
+            _Stream(self.source, all_files[s::streams] if all_files is not None else None, config,
+                    batch_size=global_batch_size // streams, image_size=image_size, train=train, seed=seed,
+                    index=s, count=streams, context_length=context_length, tokenizer=tokenizer,
+                    state=state[k] if state is not None else None, num_epochs=num_epochs)
+            for k, s in enumerate(self.stream_ids)
+        ]
+
+    def _all_files(self, config) -> Optional[list[str]]:
+        kind = self.source.kind
+        if kind == "tfds":
+            return None
+        files = shapes_files(self.source.split, config) if kind == "shapes" else list_files(self.source.name)
+        if len(files) < self.streams:
+            raise ValueError(
+                f"{len(files)} files for {self.streams} data streams ({self.process_count} processes): each stream "
+                f"reads whole files, so write at least {self.streams} shards (data/*_to_tfrecord.py --num_shards) "
+                f"or set data.streams lower"
+            )
+        return files
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        parts = [next(s) for s in self._streams]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def state(self) -> list[InputState]:
+        return [s.state() for s in self._streams]
+
+    def bad_records(self) -> dict:
+        """Bad-record counts of this process's streams, summed by kind."""
+        out: dict = {}
+        for s in self._streams:
+            for k, v in s.state().bad.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
 # -- in-graph helpers ------------------------------------------------------------------
+def _plain(fn):
+    """A tf.data function traced as written: no autograph rewrite (the control flow here is
+    explicit tf.cond / tf.case), which takes seconds per pipeline build otherwise."""
+    import tensorflow as tf
+
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _report_short(path, read, size):
     import tensorflow as tf
 

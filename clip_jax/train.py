@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from clip_jax import checkpoint, sharding
+from clip_jax import checkpoint, distributed, sharding
 from clip_jax.input_pipeline import InputPipeline, to_global_arrays
 from clip_jax.losses import make_loss
 from clip_jax.models import create_model
@@ -27,11 +27,32 @@ def _data_config(config) -> dict:
 
 def validate(config) -> None:
     """Bad configs fail here, before data is read or anything compiles."""
-    for key in ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
+    for key in ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "accum_steps",
+                "max_nonfinite_steps"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
     if config.loss not in ("softmax", "softmax_ring", "sigmoid"):
         raise ValueError(f"config.loss {config.loss!r} not in softmax, softmax_ring, sigmoid")
+    if not config.data.get("train"):
+        raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
+    streams = int(config.data.get("streams", 0) or jax.process_count())
+    if streams % jax.process_count() or config.batch_size % streams:
+        raise ValueError(
+            f"config.data.streams={streams} must be a multiple of the {jax.process_count()} processes and divide "
+            f"config.batch_size={config.batch_size}"
+        )
+    if config.batch_size % (config.accum_steps * streams):
+        raise ValueError(f"config.batch_size={config.batch_size} does not split into accum_steps={config.accum_steps} "
+                         f"microbatches: use a multiple of {config.accum_steps * streams}")
+
+
+def _host_copy(tree):
+    """A numpy copy of a (possibly sharded over several processes) pytree, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def evaluate(model, params, config, mesh) -> dict:
@@ -39,11 +60,12 @@ def evaluate(model, params, config, mesh) -> dict:
     from clip_jax.zero_shot import embed_split, shapes_zero_shot
 
     out = {}
-    variables = jax.device_get(params)
+    variables = _host_copy(params)
     for spec in [s.strip() for s in config.data.get("eval", "").split(",") if s.strip()]:
         if not spec.startswith("shapes"):
             continue  # other datasets: clip_jax.evaluate (issue 6)
-        pipe = InputPipeline(spec, _data_config(config), global_batch_size=100, train=False, num_epochs=1,
+        data_config = dict(_data_config(config), streams=1)  # every process evaluates the whole split
+        pipe = InputPipeline(spec, data_config, global_batch_size=100, train=False, num_epochs=1,
                              image_size=model.config.vision.image_size, context_length=model.config.text.context_length)
         embeds, labels = embed_split(model, variables, pipe)
         split = spec.split(":", 1)[1] if ":" in spec else "train"
@@ -52,53 +74,123 @@ def evaluate(model, params, config, mesh) -> dict:
     return out
 
 
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _check_streak(step: int, metrics, config) -> None:
+    """Stop after config.max_nonfinite_steps steps in a row whose loss or gradient was not finite."""
+    in_a_row = int(metrics["skipped_in_a_row"])
+    if in_a_row >= config.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
+            f"(config.max_nonfinite_steps={config.max_nonfinite_steps}); none of them was applied and no "
+            f"checkpoint holds them. Lower optim.learning_rate, use dtype=float32, or check the data."
+        )
+
+
+def _trim_metrics(path: str, last_step: int) -> None:
+    """Drop rows past the step a run resumes from (written by a run that died after its last checkpoint)."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("step", 0) <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def _initial_weights(config, model, variables, shardings):
+    """config.init_from (a .safetensors / .pt / .msgpack file) in place of the random init.
+
+    Only where the run starts from step 0: a resumed run restores its checkpoint instead.
+    """
+    from clip_jax.interop import load
+
+    path = config.init_from
+    if not os.path.exists(path) and "://" not in path:
+        raise FileNotFoundError(f"config.init_from={path!r} does not exist")
+    _, loaded = load(config.model, path, scan=config.scan)
+    want = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), variables)
+    got = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), dict(loaded))
+    if want != got:
+        raise ValueError(f"config.init_from={path!r} does not hold {config.model!r} weights of the expected shapes")
+    log(f"initialized from {path}")
+    return jax.device_put(dict(loaded), shardings)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict:
     """Train to config.total_steps (or stop, checkpointed, at step `stop_at`, as a preemption would)."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(dict(config.mesh))
-    sharding.check_batch(config.batch_size, mesh)
+    sharding.check_batch(config.batch_size // config.accum_steps, mesh)
     model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan)
-    variables, _ = sharding.sharded_init(model, mesh, jax.random.key(config.seed))
+    variables, shardings = sharding.sharded_init(model, mesh, jax.random.key(config.seed))
+    if config.get("init_from"):
+        variables = _initial_weights(config, model, variables, shardings)
     optimizer = make_optimizer(config.optim, variables["params"], config.total_steps)
     state = create_state(variables, optimizer)
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
                                       config.checkpoint_every_steps)
-    input_state = None
-    if manager.latest_step() is not None:
+    input_states = None
+    if manager.all_steps():
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, input_state, step = checkpoint.restore(manager, abstract)
-        log(f"resumed from step {step} in {workdir}")
+        restored = checkpoint.restore_latest_good(manager, abstract, log)
+        if restored is None:
+            log(f"no readable checkpoint in {manager.directory}: starting from step 0")
+        else:
+            state, input_states, step = restored
+            log(f"resumed from step {step} in {workdir}")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _trim_metrics(metrics_path, int(state.step))
     pipe = InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
                          image_size=model.config.vision.image_size, train=True, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         context_length=model.config.text.context_length, state=input_state)
+                         context_length=model.config.text.context_length, state=input_states)
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
                              sharding.batch_sharding(mesh), config.accum_steps)
     schedule = make_schedule(config.optim, config.total_steps)
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+    metrics_file = open(metrics_path, "a") if jax.process_index() == 0 else None
     writer = _summary_writer(workdir)
     step = int(state.step)
-    last = {}
+    last, previous = {}, None
     window_start, window_images = time.perf_counter(), 0
     end = min(config.total_steps, stop_at or config.total_steps)
     while step < end:
         batch = to_global_arrays(next(pipe), sharding.batch_sharding(mesh))
         state, metrics = step_fn(state, batch)
         step += 1
+        if previous is not None:  # one step behind, so the host never waits on the step it just started
+            _check_streak(*previous, config)
+        previous = (step, metrics)
         window_images += config.batch_size
         if step % config.log_every_steps == 0 or step == config.total_steps:
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - window_start
             row = {"step": step, "loss": float(metrics["loss"]), "learning_rate": float(schedule(step - 1)),
                    "logit_scale": float(metrics["logit_scale"]), "grad_norm": float(metrics["grad_norm"]),
-                   "images_per_sec": window_images / elapsed, "skipped_records": sum(pipe.state().bad.values())}
+                   "images_per_sec": window_images / elapsed, "skipped_steps": int(metrics["skipped_steps"]),
+                   "skipped_records": sum(pipe.bad_records().values())}
             if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == config.total_steps):
                 row.update(evaluate(model, {"params": state.params, "batch_stats": state.batch_stats}
                                     if state.batch_stats else {"params": state.params}, config, mesh))
-            eta = (config.total_steps - step) / max(window_images / elapsed / config.batch_size, 1e-9)
+            eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                + f" eta={eta:.0f}s")
+                + f" eta={_duration(eta)}")
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -106,7 +198,13 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                 _write_summaries(writer, step, row)
             last = row
             window_start, window_images = time.perf_counter(), 0
-        checkpoint.save(manager, step, state, pipe.state(), force=step == end)
+        if step == end or manager.should_save(step):
+            _check_streak(step, metrics, config)
+            if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):  # cannot happen: guarded in the step
+                raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
+            checkpoint.save(manager, step, state, pipe.state(), force=True)
+    if previous is not None:
+        _check_streak(*previous, config)
     manager.wait_until_finished()
     return last
 
@@ -146,8 +244,13 @@ def main(argv):
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    distributed.initialize()  # before anything touches the devices
+    config = flags.FLAGS.config
+    cache = config.get("compilation_cache_dir", "")
+    if cache != "none":  # compiled steps persist: a restart (after a crash or preemption) skips the compile
+        jax.config.update("jax_compilation_cache_dir", cache or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax", "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

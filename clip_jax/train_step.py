@@ -26,13 +26,17 @@ class TrainState:
     params: Any
     batch_stats: Any  # ResNet BatchNorm statistics; {} for ViTs
     opt_state: Any
+    # Steps whose loss or gradient was not finite: not applied, counted (total, and in a row).
+    skipped: jax.Array
+    skipped_in_a_row: jax.Array
 
 
 def create_state(variables, optimizer: optax.GradientTransformation) -> TrainState:
     """The state on the params' mesh: optimizer moments sharded like the params, scalars replicated."""
     params = variables["params"]
     opt_state = jax.jit(optimizer.init)(params)  # created where, and sharded as, the params are
-    state = TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}), opt_state)
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
+    state = TrainState(zero(), params, variables.get("batch_stats", {}), opt_state, zero(), zero())
     sharding = jax.tree_util.tree_leaves(params)[0].sharding
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return state
@@ -80,13 +84,25 @@ def train_step(state: TrainState, batch: dict, *, model: CLIP, optimizer, loss_f
         )
         grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
         loss, scale = loss / accum_steps, scales[-1]
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # CLIP's clamp of the learned temperature, on the parameter (as open_clip does after each step).
     params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))
-    metrics = {"loss": loss, "logit_scale": scale, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params)}
-    return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+    # A non-finite loss, gradient or update is never applied: params, moments and statistics stay as
+    # they were (the step counter and the data still advance); the trainer stops on a streak.
+    param_norm = optax.tree.norm(params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)  # last: an overflowing update
+    keep_if_bad = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_bad(params, state.params)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
+    batch_stats = keep_if_bad(batch_stats, state.batch_stats)
+    bad = 1 - finite.astype(jnp.int32)
+    skipped, in_a_row = state.skipped + bad, (state.skipped_in_a_row + 1) * bad
+    metrics = {"loss": loss, "logit_scale": scale, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+               "skipped_steps": skipped, "skipped_in_a_row": in_a_row}
+    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, skipped, in_a_row)
+    return new_state, metrics
 
 
 def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding, accum_steps: int = 1):

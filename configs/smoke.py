@@ -10,6 +10,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.model = "ViT-Tiny-test"
+    c.init_from = ""  # or weights to start from: .safetensors / .pt / .msgpack
     c.dtype = "float32"
     c.remat = "none"
     c.scan = True
@@ -22,6 +23,8 @@ def get_config():
     c.eval_every_steps = 150
     c.checkpoint_every_steps = 150
     c.keep_checkpoints = 2
+    c.compilation_cache_dir = ""  # "" = ~/.cache/clip_jax/xla; "none" = off
+    c.max_nonfinite_steps = 10  # stop after this many steps in a row with a NaN/inf loss or gradient
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
     c.optim = ml_collections.ConfigDict()
@@ -36,6 +39,8 @@ def get_config():
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "shapes:train"
+    # Two data streams (4 shards each): the same global batches on 1 or 2 processes.
+    c.data.streams = 2
     # validation: colour-shape combinations seen in training; test: held-out combinations only.
     c.data.eval = "shapes:validation,shapes:test"
     c.data.image_dtype = "uint8"  # normalized on the device

@@ -111,13 +111,13 @@ def test_resume_mid_epoch_is_exact(tmp_path):
     first = pipeline(glob, config={"shuffle_buffer": 16})
     for _ in range(7):
         next(first)
-    saved = first.state().to_dict()
-    resumed = pipeline(glob, config={"shuffle_buffer": 16}, state=InputState.from_dict(saved))
+    saved = [s.to_dict() for s in first.state()]
+    resumed = pipeline(glob, config={"shuffle_buffer": 16}, state=[InputState.from_dict(s) for s in saved])
     for want in ref[7:]:
         got = next(resumed)
         assert captions(got) == captions(want)
         np.testing.assert_array_equal(got["image"], want["image"])  # same crops: seeds from positions
-    assert resumed.state().to_dict() == reference.state().to_dict()
+    assert resumed.state() == reference.state()
     # Different epochs see different orders; the same seed gives the same order.
     assert captions(ref[0]) != captions(ref[12])
 
@@ -131,23 +131,54 @@ def test_bad_records_are_skipped_and_counted(tmp_path, capfd):
     open(path, "wb").write(data[: int(len(data) * 0.6)])
     p = pipeline(glob, num_epochs=1, train=False)
     got = [c for b in p for c in captions(b)]
-    state = p.state()
-    assert state.bad["missing_image"] == 1
-    assert state.bad["empty_caption"] == 1
-    assert state.bad["invalid_utf8_caption"] == 1
-    assert state.bad["unreadable_shard"] == 1
-    assert state.bad["undecodable"] == 1
+    bad = p.bad_records()
+    assert bad["missing_image"] == 1
+    assert bad["empty_caption"] == 1
+    assert bad["invalid_utf8_caption"] == 1
+    assert bad["unreadable_shard"] == 1
+    assert bad["undecodable"] == 1
     assert "item 0 1" not in got and "item 0 2" not in got and "item 1 4" not in got
     assert sum(c.startswith("item 2 ") for c in got) >= 5  # the readable prefix of the broken shard
     assert path in capfd.readouterr().err
 
 
+def test_global_batches_depend_on_streams_not_processes(tmp_path):
+    """4 streams on 1, 2 or 4 processes: the same global batches, and a position saved on 1 resumes on 2."""
+    glob = write_shards(tmp_path, bad={(1, 3): "corrupt_image", (2, 5): "empty_caption"})
+    config = {"streams": 4, "shuffle_buffer": 8}
+
+    def global_batches(processes, steps, state=None):
+        pipes = [pipeline(glob, config=config, global_batch_size=8, process_index=i, process_count=processes,
+                          state=state) for i in range(processes)]
+        out = []
+        for _ in range(steps):
+            parts = [next(p) for p in pipes]
+            out.append({"caption": sum((captions(b) for b in parts), []),
+                        "image": np.concatenate([b["image"] for b in parts])})
+        return out, [s for p in pipes for s in p.state()]
+
+    one, _ = global_batches(1, 9)  # past an epoch: 46 good pairs, 4 streams of 2 rows each
+    for processes in (2, 4):
+        many, _ = global_batches(processes, 9)
+        for a, b in zip(one, many):
+            assert a["caption"] == b["caption"]
+            np.testing.assert_array_equal(a["image"], b["image"])
+    _, saved = global_batches(1, 4)
+    resumed, _ = global_batches(2, 5, state=saved)
+    for a, b in zip(one[4:], resumed):
+        assert a["caption"] == b["caption"]
+    with pytest.raises(ValueError, match="resume with the stream count"):
+        pipeline(glob, config={"streams": 2}, global_batch_size=8, state=saved[:3])
+
+
 def test_batch_must_divide_over_processes(tmp_path):
     glob = write_shards(tmp_path, n_shards=2)
-    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+    with pytest.raises(ValueError, match="does not divide over 3 data streams"):
         pipeline(glob, global_batch_size=8, process_count=3)
-    with pytest.raises(ValueError, match="2 files for 3 processes"):
+    with pytest.raises(ValueError, match="2 files for 3 data streams"):
         pipeline(glob, global_batch_size=9, process_count=3)
+    with pytest.raises(ValueError, match="streams=3 does not divide over 2 processes"):
+        pipeline(glob, config={"streams": 3}, global_batch_size=12, process_count=2)
     with pytest.raises(FileNotFoundError, match="no TFRecord files match"):
         pipeline(str(tmp_path / "nothing-*.tfrecord"))
 

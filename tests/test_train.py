@@ -22,6 +22,7 @@ def smoke_config(tmp_path, total_steps):
     c.checkpoint_every_steps = 2
     c.data.cache_dir = str(tmp_path / "cache")
     c.data.shapes_sizes = {"train": 64, "validation": 8, "test": 8}
+    c.data.shapes_shards = {"train": 4}
     c.data.shuffle_buffer = 32
     return c
 
@@ -31,12 +32,20 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_restart_continues_exactly(tmp_path):
+def test_restart_continues_exactly_past_a_corrupt_checkpoint(tmp_path, capsys):
     straight = tmp_path / "straight"
     train.train_and_evaluate(smoke_config(tmp_path, 6), str(straight))
     interrupted = tmp_path / "interrupted"
     train.train_and_evaluate(smoke_config(tmp_path, 6), str(interrupted), stop_at=4)  # stops after step 4 ...
-    train.train_and_evaluate(smoke_config(tmp_path, 6), str(interrupted))  # ... and a new run resumes there
+    # ... its latest checkpoint (step 4) is damaged: the biggest array file cut in half ...
+    latest = interrupted / "checkpoints" / "4"
+    data = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    capsys.readouterr()
+    train.train_and_evaluate(smoke_config(tmp_path, 6), str(interrupted))  # ... a new run resumes from step 2
+    out = capsys.readouterr().out
+    assert f"checkpoint {latest} is unreadable" in out and "resumed from step 2" in out
+    assert (interrupted / "checkpoints" / "4.unreadable").is_dir()  # kept for inspection
     a, b = read_metrics(straight), read_metrics(interrupted)
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6] and [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
@@ -54,3 +63,73 @@ def test_restart_continues_exactly(tmp_path):
                 logged[event.step] = float(tf.make_ndarray(value.tensor))
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([logged[s] for s in range(1, 7)], [m["loss"] for m in a], rtol=1e-6)
+
+
+def test_non_finite_steps_stop_the_run_and_are_never_checkpointed(tmp_path):
+    import pytest
+
+    from clip_jax import checkpoint
+
+    c = smoke_config(tmp_path, 10)
+    c.optim.learning_rate = float("inf")  # every update overflows
+    c.max_nonfinite_steps = 3
+    with pytest.raises(train.NonFiniteError, match="3 steps in a row had a non-finite"):
+        train.train_and_evaluate(c, str(tmp_path / "w"))
+    rows = read_metrics(tmp_path / "w")
+    assert [r["skipped_steps"] for r in rows] == [1, 2, 3]  # the streak is checked one step behind
+    manager = checkpoint.make_manager(str(tmp_path / "w" / "checkpoints"))
+    assert manager.all_steps() == [2]
+    import orbax.checkpoint as ocp
+
+    state = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_init_from_weights_file(tmp_path):
+    from clip_jax.interop import write_flax_params
+    from clip_jax.models import create_model, init_variables
+
+    model = create_model("ViT-Tiny-test", scan=True)
+    params = init_variables(model, jax.random.key(42))["params"]
+    write_flax_params({"params": params}, str(tmp_path / "w.msgpack"))
+    c = smoke_config(tmp_path, 1)
+    c.init_from = str(tmp_path / "w.msgpack")
+    c.optim.learning_rate = 0.0  # the saved step-1 params are the loaded ones
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    from clip_jax import checkpoint
+    import orbax.checkpoint as ocp
+
+    manager = checkpoint.make_manager(str(tmp_path / "run" / "checkpoints"))
+    saved = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+    for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c.init_from = str(tmp_path / "missing.msgpack")
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train.train_and_evaluate(c, str(tmp_path / "run2"))
+
+
+def test_paper_configs_for_every_preset():
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("paper", os.path.join(os.path.dirname(__file__), "..", "configs", "clip_paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    from clip_jax.models import create_model, list_models
+
+    presets = [m for m in list_models() if "test" not in m]
+    assert len(presets) == 20  # 10 sizes, each also -quickgelu
+    for name in presets:
+        c = paper.get_config(name)
+        assert c.batch_size == 32768 and c.total_steps in (390625, 12207)
+        assert (c.optim.b2, c.optim.eps) == ((0.98, 1e-6) if name.startswith("ViT") else (0.999, 1e-8))
+        assert c.optim.weight_decay == 0.2
+        create_model(c.model, dtype=c.dtype, remat=c.remat, scan=c.scan)
+        with pytest.raises(ValueError, match="data.train is empty"):
+            train.validate(c)
+        c.data.train = "shapes"
+        train.validate(c)
+    assert paper.get_config("RN50x64").optim.learning_rate == 3.6e-4
+    with pytest.raises(ValueError, match="no paper recipe"):
+        paper.get_config("ViT-Tiny-test")

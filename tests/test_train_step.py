@@ -41,7 +41,9 @@ def run(name, mesh_shape, devices, steps=2, accum=1, n=16, loss="softmax"):
 @pytest.mark.parametrize("name,loss", [("ViT-Tiny-test", "softmax"), ("RN-Tiny-test", "softmax_ring")])
 def test_eight_devices_equal_one(name, loss):
     one_losses, one_params, one_state = run(name, {"data": 1}, jax.devices()[:1], loss=loss)
-    many_losses, many_params, many_state = run(name, {"data": 2, "fsdp": 4}, jax.devices(), loss=loss)
+    # ViT: data x FSDP x tensor parallel (heads and MLP split); ResNet: data x FSDP.
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2} if name.startswith("ViT") else {"data": 2, "fsdp": 4}
+    many_losses, many_params, many_state = run(name, mesh, jax.devices(), loss=loss)
     np.testing.assert_allclose(many_losses, one_losses, rtol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(many_params), jax.tree_util.tree_leaves(one_params)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
@@ -89,3 +91,28 @@ def test_logit_scale_is_clamped_on_the_param():
     state, metrics = step(state, batch(8, 32))
     assert float(state.params["logit_scale"]) == pytest.approx(np.log(100), rel=1e-6)
     assert float(metrics["logit_scale"]) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_non_finite_step_is_not_applied_and_counted():
+    model = create_model("ViT-Tiny-test", scan=True)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    variables = init_variables(model, jax.random.key(0))
+    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
+    state = create_state(variables, optimizer)
+    before = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
+    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state, batch_sharding(mesh))
+    good = batch(8, 32)
+    image = np.array(good["image"], np.float32)
+    image[3, 0, 0, 0] = np.nan  # one pixel of one image
+    bad = dict(good, image=image)
+    state, metrics = step(state, bad)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1 and int(state.skipped) == 1 and int(state.skipped_in_a_row) == 1
+    after = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
+    for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(a, b)  # params and Adam moments untouched
+    state, metrics = step(state, good)
+    assert np.isfinite(float(metrics["loss"])) and int(state.skipped) == 1 and int(state.skipped_in_a_row) == 0
+    changed = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                                                                   jax.tree_util.tree_leaves(before[0]))]
+    assert all(changed)

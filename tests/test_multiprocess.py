@@ -1,0 +1,130 @@
+"""The train CLI as users run it: 1 device, 8 devices and 2 processes x 4 devices give the same
+losses (the same global batches: data streams, not processes, fix the order), and a run killed
+with SIGKILL at any moment and restarted ends exactly where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env_with(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for key in ("CLIP_JAX_COORDINATOR", "CLIP_JAX_NUM_PROCESSES", "CLIP_JAX_PROCESS_ID"):
+        env.pop(key, None)
+    return env
+
+
+def losses(workdir) -> dict:
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            assert row["step"] not in out, "a step logged twice"
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def smoke_args(workdir, cache, **overrides) -> list:
+    args = [f"--config={ROOT}/configs/smoke.py", f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
+            "--config.eval_every_steps=0", "--config.log_every_steps=1"]
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The embedded dataset, made once (the processes below would otherwise race to make it)."""
+    from clip_jax import shapes
+
+    path = tmp_path_factory.mktemp("cache")
+    shapes.ensure_shapes_dataset(str(path), seed=0, image_size=64, sizes=SIZES)
+    return str(path)
+
+
+SIZES = {"train": 2560, "validation": 100, "test": 100}
+SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
+
+
+def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache):
+    common = dict(total_steps=20, checkpoint_every_steps=20, **SIZE_ARGS)
+    runs = {}
+    for name, devices in (("1x1", 1), ("1x8", 8)):
+        cmd = [sys.executable, "-m", "clip_jax.train"] + smoke_args(tmp_path / name, cache, **common)
+        subprocess.run(cmd, env=env_with(devices), cwd=ROOT, check=True, capture_output=True, timeout=600)
+        runs[name] = losses(tmp_path / name)
+    cmd = ["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4"] + smoke_args(tmp_path / "2x4", cache, **common)
+    env = env_with(1)
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs["2x4"] = losses(tmp_path / "2x4")
+    assert sorted(runs["1x1"]) == list(range(1, 21))
+    want = np.array([runs["1x1"][s] for s in range(1, 21)])
+    assert want[-1] < want[0]  # it trains
+    for name in ("1x8", "2x4"):
+        got = np.array([runs[name][s] for s in range(1, 21)])
+        np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=name)
+
+
+def test_multiprocess_launcher_dry_run():
+    out = subprocess.run(["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4", "--dry-run", "--workdir=/tmp/w"],
+                         env=dict(os.environ, CLIP_JAX_PORT="12345", PYTHON="python3"), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [
+        f"XLA_FLAGS=--xla_force_host_platform_device_count=4 CLIP_JAX_COORDINATOR=127.0.0.1:12345 "
+        f"CLIP_JAX_NUM_PROCESSES=2 CLIP_JAX_PROCESS_ID={i} python3 -m clip_jax.train --workdir=/tmp/w"
+        for i in range(2)
+    ]
+
+
+def final_params(workdir):
+    from clip_jax import checkpoint
+    import orbax.checkpoint as ocp
+
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"))
+    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return manager.latest_step(), state
+
+
+def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_path, cache):
+    args = dict(total_steps=12, checkpoint_every_steps=2, batch_size=32, **SIZE_ARGS)
+    cmd = lambda w: [sys.executable, "-m", "clip_jax.train"] + smoke_args(w, cache, **args)
+    env = env_with(8)
+    subprocess.run(cmd(tmp_path / "straight"), env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    # Kill points: during start-up (imports, dataset, compile), right after a step's log line
+    # (the step may be mid-save: saves are async), and twice in a row at the same step.
+    plan = [("seconds", 3.0), ("step", 3), ("step", 6), ("step", 6), ("step", 11)]
+    interrupted = tmp_path / "interrupted"
+    for kind, when in plan:
+        proc = subprocess.Popen(cmd(interrupted), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        start = time.monotonic()
+        if kind == "seconds":
+            time.sleep(when)
+        else:
+            for line in proc.stdout:
+                if line.startswith(f"step={when} "):
+                    break
+        assert proc.poll() is None, f"the run ended before the kill point {kind}={when}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert time.monotonic() - start < 600
+    subprocess.run(cmd(interrupted), env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    want, got = losses(tmp_path / "straight"), losses(interrupted)
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-6)
+    (step_a, a), (step_b, b) = final_params(tmp_path / "straight"), final_params(interrupted)
+    assert step_a == step_b == 12
+    import jax
+
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
