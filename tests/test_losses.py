@@ -21,16 +21,18 @@ def inputs(n=16, d=8, seed=0):
     return jnp.asarray(img), jnp.asarray(txt), jnp.float32(10.0), jnp.float32(-3.0)
 
 
-@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("kind", LOSSES + ("softmax_gather_by_sum",))
 @pytest.mark.parametrize("shape,names", MESHES, ids=[str(m[0]) for m in MESHES])
 def test_loss_and_grads_equal_single_device(kind, shape, names):
     if np.prod(shape) > len(jax.devices()):
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
     mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
     img, txt, scale, bias = inputs()
+    by_sum = kind == "softmax_gather_by_sum"  # the CPU multi-process form of the all_gather
+    kind = "softmax" if by_sum else kind
     ref_fn = REFERENCES[kind]
     ref, ref_grads = jax.value_and_grad(ref_fn, argnums=(0, 1, 2, 3))(img, txt, scale, bias)
-    loss = make_loss(kind, mesh, names)
+    loss = make_loss(kind, mesh, names, gather_by_sum=by_sum)
     batch = NamedSharding(mesh, P(names))
     img_s, txt_s = jax.device_put(img, batch), jax.device_put(txt, batch)
     val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(img_s, txt_s, scale, bias)
