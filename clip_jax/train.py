@@ -170,42 +170,44 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     last, previous = {}, None
     window_start, window_images = time.perf_counter(), 0
     end = min(config.total_steps, stop_at or config.total_steps)
-    while step < end:
-        batch = to_global_arrays(next(pipe), sharding.batch_sharding(mesh))
-        state, metrics = step_fn(state, batch)
-        step += 1
-        if previous is not None:  # one step behind, so the host never waits on the step it just started
+    try:
+        while step < end:
+            batch = to_global_arrays(next(pipe), sharding.batch_sharding(mesh))
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if previous is not None:  # one step behind, so the host never waits on the step it just started
+                _check_streak(*previous, config)
+            previous = (step, metrics)
+            window_images += config.batch_size
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "loss": float(metrics["loss"]), "learning_rate": float(schedule(step - 1)),
+                       "logit_scale": float(metrics["logit_scale"]), "grad_norm": float(metrics["grad_norm"]),
+                       "images_per_sec": window_images / elapsed, "skipped_steps": int(metrics["skipped_steps"]),
+                       "skipped_records": sum(pipe.bad_records().values())}
+                if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                    row.update(evaluate(model, {"params": state.params, "batch_stats": state.batch_stats}
+                                        if state.batch_stats else {"params": state.params}, config, mesh))
+                eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
+                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                    + f" eta={_duration(eta)}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                if writer is not None:
+                    _write_summaries(writer, step, row)
+                last = row
+                window_start, window_images = time.perf_counter(), 0
+            if step == end or manager.should_save(step):
+                _check_streak(step, metrics, config)
+                if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):  # cannot happen: guarded in the step
+                    raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
+                checkpoint.save(manager, step, state, pipe.state(), force=True)
+        if previous is not None:
             _check_streak(*previous, config)
-        previous = (step, metrics)
-        window_images += config.batch_size
-        if step % config.log_every_steps == 0 or step == config.total_steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - window_start
-            row = {"step": step, "loss": float(metrics["loss"]), "learning_rate": float(schedule(step - 1)),
-                   "logit_scale": float(metrics["logit_scale"]), "grad_norm": float(metrics["grad_norm"]),
-                   "images_per_sec": window_images / elapsed, "skipped_steps": int(metrics["skipped_steps"]),
-                   "skipped_records": sum(pipe.bad_records().values())}
-            if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == config.total_steps):
-                row.update(evaluate(model, {"params": state.params, "batch_stats": state.batch_stats}
-                                    if state.batch_stats else {"params": state.params}, config, mesh))
-            eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                + f" eta={_duration(eta)}")
-            if metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            if writer is not None:
-                _write_summaries(writer, step, row)
-            last = row
-            window_start, window_images = time.perf_counter(), 0
-        if step == end or manager.should_save(step):
-            _check_streak(step, metrics, config)
-            if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):  # cannot happen: guarded in the step
-                raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
-            checkpoint.save(manager, step, state, pipe.state(), force=True)
-    if previous is not None:
-        _check_streak(*previous, config)
-    manager.wait_until_finished()
+    finally:  # an error, too, lets a save in flight complete: no half-written checkpoint
+        manager.wait_until_finished()
     return last
 
 

@@ -89,10 +89,12 @@ def train_step(state: TrainState, batch: dict, *, model: CLIP, optimizer, loss_f
     params = optax.apply_updates(state.params, updates)
     # CLIP's clamp of the learned temperature, on the parameter (as open_clip does after each step).
     params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))
-    # A non-finite loss, gradient or update is never applied: params, moments and statistics stay as
+    # A non-finite loss or gradient is never applied: params, moments and statistics stay as
     # they were (the step counter and the data still advance); the trainer stops on a streak.
-    param_norm = optax.tree.norm(params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)  # last: an overflowing update
+    # (Not also the new params' norm: on XLA:CPU that extra reduction before the select made
+    # the 8-device ResNet step deadlock in a collective rendezvous. The trainer checks the
+    # params' norm before every checkpoint instead.)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_bad = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep_if_bad(params, state.params)
     opt_state = keep_if_bad(opt_state, state.opt_state)
