@@ -31,7 +31,7 @@ setup(
     description="CLIP pretraining in JAX/Flax: ViT/ModifiedResNet/text towers, open_clip interop, sharded training",
     python_requires=">=3.10",
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
-    package_data={"clip_jax": ["assets/*", "model_configs/*.json"]},
+    package_data={"clip_jax": ["assets/*", "assets/zero_shot/*.json", "model_configs/*.json"]},
     install_requires=CORE,
     extras_require={"data": DATA, "test": TEST},
 )

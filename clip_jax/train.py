@@ -136,6 +136,9 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     """Train to config.total_steps (or stop, checkpointed, at step `stop_at`, as a preemption would)."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # what clip_jax.export / evaluate read to rebuild the model
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
     model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan)

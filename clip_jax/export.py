@@ -1,0 +1,85 @@
+"""Export a training run's parameters for evaluation anywhere:
+
+    python -m clip_jax.export --workdir=DIR --out=PATH [--step=N]
+
+writes PATH.safetensors in open_clip's layout (``open_clip.create_model(name,
+pretrained=PATH.safetensors)``), PATH.json (the open_clip model config, for
+``open_clip.add_model_config``; written for every model, needed for those that are no
+open_clip preset), and PATH.msgpack (the plain Flax variables, unstacked). Both files
+load with ``clip_jax.load(name, path)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+
+def read_run_config(workdir: str):
+    """The ml_collections config a run was started with (train.py writes DIR/config.json)."""
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir!r} is not a clip_jax training workdir (or was made before config.json existed)"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, step: Optional[int] = None):
+    """(model, variables, step) of a workdir's checkpoint (latest by default), unstacked, on the host."""
+    import orbax.checkpoint as ocp
+
+    from clip_jax import checkpoint, convert
+    from clip_jax.models import create_model
+
+    config = read_run_config(workdir)
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"))
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or pass an exported file")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f"no checkpoint at step {step} in {workdir}/checkpoints; there are {sorted(steps)}")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    trained = {"params": state["params"]}
+    if state.get("batch_stats"):
+        trained["batch_stats"] = state["batch_stats"]
+    # Through open_clip's state dict: the same tested conversion unstacks scanned layers.
+    model = create_model(config.model)
+    variables = convert.state_dict_to_variables(model, convert.variables_to_state_dict(trained))
+    return model, variables, step
+
+
+def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
+    from clip_jax.interop import save_open_clip, write_flax_params
+
+    model, variables, step = load_run(workdir, step)
+    out = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    paths = {"safetensors": out + ".safetensors", "json": out + ".json", "msgpack": out + ".msgpack"}
+    save_open_clip(model.config, variables, paths["safetensors"], config_path=paths["json"])
+    write_flax_params(variables, paths["msgpack"])
+    return {"step": step, **paths}
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a training workdir (python -m clip_jax.train --workdir)")
+    parser.add_argument("--out", required=True, help="output path prefix (PATH.safetensors, PATH.json, PATH.msgpack)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    args = parser.parse_args(argv)
+    written = export(args.workdir, args.out, args.step)
+    print(f"exported step {written.pop('step')}:")
+    for kind, path in written.items():
+        print(f"  {kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()
