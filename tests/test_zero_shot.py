@@ -9,7 +9,7 @@ import pytest
 
 import clip_jax
 from clip_jax import convert
-from clip_jax.zero_shot import classifier_weights
+from clip_jax.zero_shot import classifier_weights, load_metadata, per_class_accuracy, topk_accuracy
 from random_weights import random_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -37,3 +37,27 @@ def test_shipped_class_names_and_templates(name, classes, templates):
     assert len(meta["classnames"]) == classes and len(meta["templates"]) == templates
     assert all(t.count("{}") == 1 for t in meta["templates"])
     assert all(c.strip() == c and c for c in meta["classnames"])
+
+
+def test_topk_and_per_class_accuracy_against_a_loop():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((200, 12))
+    labels = rng.integers(0, 12, 200)
+    got = topk_accuracy(logits, labels, ks=(1, 5))
+    for k in (1, 5):
+        want = np.mean([labels[i] in np.argsort(-logits[i])[:k] for i in range(200)])
+        assert got[f"top{k}"] == pytest.approx(want)
+    per_class = per_class_accuracy(logits, labels)
+    for c in range(12):
+        rows = labels == c
+        assert per_class[c] == pytest.approx(np.mean(np.argmax(logits[rows], 1) == c))
+
+
+def test_metadata_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no zero-shot class names for 'nope'"):
+        load_metadata("nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"classnames": ["cat"], "templates": ["a photo"]}))
+    with pytest.raises(ValueError, match="exactly one"):
+        load_metadata(str(bad))
+    assert len(load_metadata("cifar10")["classnames"]) == 10
