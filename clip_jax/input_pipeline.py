@@ -118,6 +118,22 @@ def _mix(*ints: int) -> int:
     return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(1)[0]) & _MASK31
 
 
+def stream_count(config, global_batch_size: int, process_count: int) -> int:
+    """The job's number of data streams (config 'streams'; 0 = one per process), checked."""
+    streams = int(config.get("streams", 0) or process_count)
+    if streams % process_count:
+        raise ValueError(
+            f"data.streams={streams} does not divide over {process_count} processes: "
+            f"use a multiple of {process_count} (or 0 for one stream per process)"
+        )
+    if global_batch_size % streams:
+        raise ValueError(
+            f"global batch {global_batch_size} does not divide over {streams} data streams "
+            f"({process_count} processes): use a multiple of {streams}"
+        )
+    return streams
+
+
 class _Stream:
     """One stream: files[index::count] (or a tfds slice), its own seeds and state, `batch_size` rows per batch."""
 
@@ -350,17 +366,7 @@ class InputPipeline:
         state: Optional[Sequence[InputState]] = None,
         num_epochs: Optional[int] = None,
     ):
-        streams = int(config.get("streams", 0) or process_count)
-        if streams % process_count:
-            raise ValueError(
-                f"data.streams={streams} does not divide over {process_count} processes: "
-                f"use a multiple of {process_count} (or 0 for one stream per process)"
-            )
-        if global_batch_size % streams:
-            raise ValueError(
-                f"global batch {global_batch_size} does not divide over {streams} data streams "
-                f"({process_count} processes): use a multiple of {streams}"
-            )
+        streams = stream_count(config, global_batch_size, process_count)
         self.source = parse_spec(spec)
         self.streams = streams
         self.process_index = process_index

@@ -1,7 +1,7 @@
 """Training entry point: python -m clip_jax.train --config=configs/smoke.py --workdir=DIR [--config.x=...]
 
 A second run on the same workdir resumes from its latest checkpoint (params, optimizer
-state, step, and every process's input position), so it continues the same stream.
+state, step, and every data stream's position), so it continues the same stream.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from clip_jax import checkpoint, distributed, sharding
-from clip_jax.input_pipeline import InputPipeline, to_global_arrays
-from clip_jax.losses import make_loss
+from clip_jax.input_pipeline import InputPipeline, stream_count, to_global_arrays
+from clip_jax.losses import LOSSES, make_loss
 from clip_jax.models import create_model
 from clip_jax.optim import make_optimizer, make_schedule
 from clip_jax.train_step import TrainState, create_state, jit_train_step
@@ -31,16 +31,11 @@ def validate(config) -> None:
                 "max_nonfinite_steps"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-    if config.loss not in ("softmax", "softmax_ring", "sigmoid"):
-        raise ValueError(f"config.loss {config.loss!r} not in softmax, softmax_ring, sigmoid")
+    if config.loss not in LOSSES:
+        raise ValueError(f"config.loss {config.loss!r} not in {', '.join(LOSSES)}")
     if not config.data.get("train"):
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
-    streams = int(config.data.get("streams", 0) or jax.process_count())
-    if streams % jax.process_count() or config.batch_size % streams:
-        raise ValueError(
-            f"config.data.streams={streams} must be a multiple of the {jax.process_count()} processes and divide "
-            f"config.batch_size={config.batch_size}"
-        )
+    streams = stream_count(config.data, config.batch_size, jax.process_count())
     if config.batch_size % (config.accum_steps * streams):
         raise ValueError(f"config.batch_size={config.batch_size} does not split into accum_steps={config.accum_steps} "
                          f"microbatches: use a multiple of {config.accum_steps * streams}")
@@ -204,13 +199,16 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                 window_start, window_images = time.perf_counter(), 0
             if step == end or manager.should_save(step):
                 _check_streak(step, metrics, config)
-                if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):  # cannot happen: guarded in the step
+                # The step guards loss and gradient; an update that overflows is caught here.
+                if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):
                     raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
                 checkpoint.save(manager, step, state, pipe.state(), force=True)
         if previous is not None:
             _check_streak(*previous, config)
     finally:  # an error, too, lets a save in flight complete: no half-written checkpoint
         manager.wait_until_finished()
+        if metrics_file:
+            metrics_file.close()
     return last
 
 

@@ -80,8 +80,7 @@ def per_class_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def accuracy(image_embeds: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-    preds = np.argmax(np.asarray(image_embeds) @ weights.T, axis=1)
-    return float(np.mean(preds == np.asarray(labels)))
+    return topk_accuracy(np.asarray(image_embeds) @ weights.T, labels, ks=(1,))["top1"]
 
 
 def shapes_zero_shot(model, params, image_embeds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
