@@ -23,7 +23,9 @@ DATA = [
     "tensorflow-text>=2.18",
     "tensorflow-datasets>=4.9",
 ]
-TEST = DATA + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2"]
+# scikit-learn: the reference the linear probe is tested against; importlib_resources: tfds needs
+# it to write the small test datasets the evaluation tests build.
+TEST = DATA + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3", "importlib_resources>=5"]
 
 setup(
     name="clip_jax",

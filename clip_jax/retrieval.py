@@ -3,6 +3,7 @@
 image->text: an image scores a hit at K when ANY of its captions ranks in its top K texts.
 text->image: a caption scores a hit at K when its image ranks in its top K images.
 Ties rank in index order (argsort is stable), so the result is deterministic.
+Keys: image_to_text_R1, text_to_image_R5, ... (R@K without the '@', which TensorBoard tags reject).
 """
 
 from __future__ import annotations
@@ -35,6 +36,6 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image
     is_own = text_to_image[order] == np.arange(n_images)[:, None]
     i2t_rank = np.argmax(is_own, axis=1)
     for k in ks:
-        out[f"image_to_text_R@{k}"] = float(np.mean(i2t_rank < k))
-        out[f"text_to_image_R@{k}"] = float(np.mean(t2i_rank < k))
+        out[f"image_to_text_R{k}"] = float(np.mean(i2t_rank < k))
+        out[f"text_to_image_R{k}"] = float(np.mean(t2i_rank < k))
     return out

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from clip_jax import checkpoint, distributed, sharding
+from clip_jax.features import Encoder
 from clip_jax.input_pipeline import InputPipeline, stream_count, to_global_arrays
 from clip_jax.losses import LOSSES, make_loss
 from clip_jax.models import create_model
@@ -31,6 +32,9 @@ def validate(config) -> None:
                 "max_nonfinite_steps"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+    from clip_jax.evaluate import parse_evals
+
+    parse_evals(config.data.get("eval", ""))  # syntax only; make_evaluator checks the datasets
     if config.loss not in LOSSES:
         raise ValueError(f"config.loss {config.loss!r} not in {', '.join(LOSSES)}")
     if not config.data.get("train"):
@@ -41,32 +45,30 @@ def validate(config) -> None:
                          f"microbatches: use a multiple of {config.accum_steps * streams}")
 
 
-def _host_copy(tree):
-    """A numpy copy of a (possibly sharded over several processes) pytree, on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
+def make_evaluator(config, model):
+    """The evaluations of config.data.eval, checked now (datasets, splits, class names), or None."""
+    from clip_jax.evaluate import Evaluator
 
-    return multihost_utils.process_allgather(tree, tiled=True)
+    if not config.eval_every_steps or not config.data.get("eval", ""):
+        return None
+    return Evaluator(config.data.eval, _data_config(config), image_size=model.config.vision.image_size,
+                     context_length=model.config.text.context_length, log=log)
 
 
-def evaluate(model, params, config, mesh) -> dict:
-    """Zero-shot accuracy on each comma-separated shapes split of config.data.eval."""
-    from clip_jax.zero_shot import embed_split, shapes_zero_shot
+def _evaluate(evaluator, encoder, state, config, workdir: str, step: int) -> dict:
+    """Run every evaluation on the current params; per-class details go to workdir/eval/step_N.json."""
+    from clip_jax.evaluate import format_table
 
-    out = {}
-    variables = _host_copy(params)
-    for spec in [s.strip() for s in config.data.get("eval", "").split(",") if s.strip()]:
-        if not spec.startswith("shapes"):
-            continue  # other datasets: clip_jax.evaluate (issue 6)
-        data_config = dict(_data_config(config), streams=1)  # every process evaluates the whole split
-        pipe = InputPipeline(spec, data_config, global_batch_size=100, train=False, num_epochs=1,
-                             image_size=model.config.vision.image_size, context_length=model.config.text.context_length)
-        embeds, labels = embed_split(model, variables, pipe)
-        split = spec.split(":", 1)[1] if ":" in spec else "train"
-        out.update({k.replace("zero_shot/", f"zero_shot/{split}/"): v
-                    for k, v in shapes_zero_shot(model, variables, embeds, labels).items()})
-    return out
+    encoder.variables = {"params": state.params, "batch_stats": state.batch_stats} if state.batch_stats \
+        else {"params": state.params}
+    start = time.perf_counter()
+    metrics, details = evaluator.run(encoder, config.get("eval_batch_size", 256))
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
+            json.dump({"step": step, "metrics": metrics, "details": details}, f, indent=1)
+    log(format_table(metrics) + f"\n(step {step}, evaluated in {time.perf_counter() - start:.1f}s)")
+    return metrics
 
 
 class NonFiniteError(RuntimeError):
@@ -137,6 +139,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
     model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan)
+    evaluator = make_evaluator(config, model)  # a missing eval dataset fails here, before any compile
     variables, shardings = sharding.sharded_init(model, mesh, jax.random.key(config.seed))
     if config.get("init_from"):
         variables = _initial_weights(config, model, variables, shardings)
@@ -162,6 +165,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
                              sharding.batch_sharding(mesh), config.accum_steps)
     schedule = make_schedule(config.optim, config.total_steps)
+    encoder = Encoder(model, None, mesh) if evaluator else None
     metrics_file = open(metrics_path, "a") if jax.process_index() == 0 else None
     writer = _summary_writer(workdir)
     step = int(state.step)
@@ -184,12 +188,11 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                        "logit_scale": float(metrics["logit_scale"]), "grad_norm": float(metrics["grad_norm"]),
                        "images_per_sec": window_images / elapsed, "skipped_steps": int(metrics["skipped_steps"]),
                        "skipped_records": sum(pipe.bad_records().values())}
-                if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == config.total_steps):
-                    row.update(evaluate(model, {"params": state.params, "batch_stats": state.batch_stats}
-                                        if state.batch_stats else {"params": state.params}, config, mesh))
                 eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                     + f" eta={_duration(eta)}")
+                if evaluator and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                    row.update(_evaluate(evaluator, encoder, state, config, workdir, step))
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()

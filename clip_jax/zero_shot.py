@@ -19,11 +19,15 @@ import numpy as np
 import clip_jax
 
 
-def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]]) -> np.ndarray:
-    """[C, d] unit vectors from prompts [class][k]."""
+def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], embed_texts=None) -> np.ndarray:
+    """[C, d] unit vectors from prompts [class][k].
+
+    embed_texts: tokens -> unit embeddings (default clip_jax.encode_text on one device;
+    evaluation passes clip_jax.features.Encoder.embed_texts, sharded over the mesh)."""
     ctx = model.config.text.context_length
     flat = [p for prompts in class_prompts for p in prompts]
-    emb = clip_jax.encode_text(model, params, clip_jax.tokenize(flat, ctx))
+    tokens = clip_jax.tokenize(flat, ctx)
+    emb = embed_texts(tokens) if embed_texts else clip_jax.encode_text(model, params, tokens)
     out, start = [], 0
     for prompts in class_prompts:
         mean = emb[start : start + len(prompts)].mean(axis=0)

@@ -21,6 +21,7 @@ def get_config():
     c.accum_steps = 1
     c.log_every_steps = 25
     c.eval_every_steps = 150
+    c.eval_batch_size = 256  # global
     c.checkpoint_every_steps = 150
     c.keep_checkpoints = 2
     c.compilation_cache_dir = ""  # "" = ~/.cache/clip_jax/xla; "none" = off
@@ -42,7 +43,8 @@ def get_config():
     # Two data streams (4 shards each): the same global batches on 1 or 2 processes.
     c.data.streams = 2
     # validation: colour-shape combinations seen in training; test: held-out combinations only.
-    c.data.eval = "shapes:validation,shapes:test"
+    # Run every eval_every_steps (python -m clip_jax.evaluate runs the same specs, and more).
+    c.data.eval = "zero_shot=shapes:validation,zero_shot=shapes:test,retrieval=shapes:test"
     c.data.image_dtype = "uint8"  # normalized on the device
     c.data.crop = "random_resized"
     c.data.crop_scale = (0.9, 1.0)

@@ -6,7 +6,8 @@
 #   launch/local_multiprocess.sh 2 4 --config=configs/smoke.py --workdir=/tmp/smoke2x4
 #
 # If one process fails, the others are stopped (they would wait in a collective forever).
-# Env: CLIP_JAX_PORT (default: a free port), PYTHON (default: python3).
+# Env: CLIP_JAX_PORT (default: a free port), PYTHON (default: python3),
+#      CLIP_JAX_MODULE (default: clip_jax.train; e.g. clip_jax.evaluate).
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
@@ -22,6 +23,7 @@ if [[ ${1:-} == --dry-run ]]; then
   shift
 fi
 PYTHON=${PYTHON:-python3}
+MODULE=${CLIP_JAX_MODULE:-clip_jax.train}
 PORT=${CLIP_JAX_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 # Any other XLA flags of the caller are kept; a device count of theirs is replaced by D.
@@ -31,8 +33,8 @@ FLAGS="--xla_force_host_platform_device_count=$D${OTHER_FLAGS:+ $OTHER_FLAGS}"
 command_for() {  # the command of process $1 (train args follow), as one printable line
   local i=$1
   shift
-  printf 'XLA_FLAGS=%q CLIP_JAX_COORDINATOR=127.0.0.1:%s CLIP_JAX_NUM_PROCESSES=%s CLIP_JAX_PROCESS_ID=%s %q -m clip_jax.train' \
-    "$FLAGS" "$PORT" "$P" "$i" "$PYTHON"
+  printf 'XLA_FLAGS=%q CLIP_JAX_COORDINATOR=127.0.0.1:%s CLIP_JAX_NUM_PROCESSES=%s CLIP_JAX_PROCESS_ID=%s %q -m %s' \
+    "$FLAGS" "$PORT" "$P" "$i" "$PYTHON" "$MODULE"
   printf ' %q' "$@"
   printf '\n'
 }
@@ -49,7 +51,7 @@ for ((i = 0; i < P; i++)); do
   (
     export XLA_FLAGS=$FLAGS
     export CLIP_JAX_COORDINATOR=127.0.0.1:$PORT CLIP_JAX_NUM_PROCESSES=$P CLIP_JAX_PROCESS_ID=$i
-    exec "$PYTHON" -m clip_jax.train "$@" > >(sed -u "s/^/[p$i] /") 2>&1
+    exec "$PYTHON" -m "$MODULE" "$@" > >(sed -u "s/^/[p$i] /") 2>&1
   ) &
   pids+=($!)
 done

@@ -26,17 +26,17 @@ def test_recall_equals_brute_force_with_five_captions_per_image():
     got = recall_at_k(img, txt, owner)
     for k in (1, 5, 10):
         i2t, t2i = brute_force(img, txt, owner, k)
-        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
-        assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
-    assert 0 < got["text_to_image_R@1"] < got["text_to_image_R@10"] < 1  # a non-trivial case
+        assert got[f"image_to_text_R{k}"] == pytest.approx(i2t)
+        assert got[f"text_to_image_R{k}"] == pytest.approx(t2i)
+    assert 0 < got["text_to_image_R1"] < got["text_to_image_R10"] < 1  # a non-trivial case
 
 
 def test_ties_and_perfect_and_bad_inputs():
     eye = np.eye(4, dtype=np.float32)
-    assert recall_at_k(eye, eye, np.arange(4), ks=(1,)) == {"image_to_text_R@1": 1.0, "text_to_image_R@1": 1.0}
+    assert recall_at_k(eye, eye, np.arange(4), ks=(1,)) == {"image_to_text_R1": 1.0, "text_to_image_R1": 1.0}
     same = np.ones((4, 2), np.float32) / np.sqrt(2)  # all tied: ranks by index
     got = recall_at_k(same, same, np.arange(4), ks=(1, 4))
-    assert got["image_to_text_R@1"] == got["text_to_image_R@1"] == 0.25 and got["text_to_image_R@4"] == 1.0
+    assert got["image_to_text_R1"] == got["text_to_image_R1"] == 0.25 and got["text_to_image_R4"] == 1.0
     with pytest.raises(ValueError, match="one image index per caption"):
         recall_at_k(eye, eye, np.arange(3))
     with pytest.raises(ValueError, match="at least one caption"):

@@ -1,0 +1,236 @@
+"""Evaluation data: every example of a split once, in order, as padded host batches.
+
+Unlike the training pipeline (endless, shuffled, one caption per image), an evaluation
+reader yields each image exactly once with all its labels and up to `max_captions`
+captions, center-cropped, in a fixed order. Each process reads its own share (tfds:
+``even_splits``; TFRecords: every P-th file, or every P-th record when there are fewer
+files than processes). The last batch is padded; ``mask`` marks the real rows.
+
+Sources use the training specs: 'shapes:SPLIT', 'tfds:NAME[/CONFIG]:SPLIT', 'tfrecord:GLOB'.
+``describe`` checks one (the dataset exists, the split exists, the keys exist) without
+reading images, so a bad evaluation spec fails before training or embedding starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from clip_jax import records
+from clip_jax.input_pipeline import Source, _get_path, _nested, _plain, decode_and_crop, list_files, parse_spec, shapes_files
+
+SHAPES_LABEL_KEYS = ("label", "label_color", "label_shape")  # combo, colour, shape
+
+
+@dataclasses.dataclass
+class SplitInfo:
+    spec: str
+    source: Source
+    name: str  # for metric keys: 'cifar10.test', 'shapes.validation'
+    num_examples: Optional[int]  # None where unknown without reading (TFRecords)
+    label_names: dict  # label key -> class names the dataset declares (tfds ClassLabel)
+    caption_key: Optional[str]  # where captions are, None if the source has none
+    files: Optional[list] = None
+
+
+def metric_name(source: Source) -> str:
+    """'cifar10.test', 'coco_captions.val', 'shapes.test', 'mydata-00000.test' (tag-safe)."""
+    if source.kind == "tfrecord":
+        base = source.name.split(",")[0].rsplit("/", 1)[-1].split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
+        name = base
+    else:
+        name = f"{source.name or source.kind}.{source.split}"
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
+
+
+def _builder(source: Source, data_dir: Optional[str]):
+    import tensorflow_datasets as tfds
+
+    where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    try:
+        builder = tfds.builder(source.name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise FileNotFoundError(
+            f"tfds dataset {source.name!r} not found in {where}: no tfds builder has that name and no prepared "
+            f"copy is there. Prepare it where you have internet (`tfds build {source.name} --data_dir=DIR`), "
+            f"copy DIR here and set data.data_dir (or --data_dir)"
+        ) from None
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"tfds dataset {source.name!r} is known but not prepared in {where}: run "
+            f"`tfds build {source.name} --data_dir=DIR` where you have internet, then set data.data_dir=DIR"
+        )
+    return builder
+
+
+def _check_split(builder, source: Source) -> int:
+    base = re.split(r"[\[+]", source.split)[0]
+    if base not in builder.info.splits:
+        raise ValueError(f"tfds dataset {source.name!r} has no split {base!r}; it has {sorted(builder.info.splits)}")
+    try:
+        return int(builder.info.splits[source.split].num_examples)
+    except Exception as e:  # a malformed slice such as 'test[:x]'
+        raise ValueError(f"bad split {source.split!r} of {source.name!r}: {e}") from None
+
+
+def _feature_at(features, path: str):
+    node = features
+    for part in path.split("/"):
+        try:
+            node = node[part]
+        except (KeyError, TypeError):
+            return None
+        if hasattr(node, "feature"):  # tfds Sequence: look inside
+            node = node.feature
+    return node
+
+
+def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions: bool = False) -> SplitInfo:
+    """Resolve and check an evaluation source without reading its images."""
+    source = parse_spec(spec)
+    name = metric_name(source)
+    if source.kind == "shapes":
+        files = shapes_files(source.split, config)
+        from clip_jax import shapes
+
+        names = {"label": shapes.class_names("combo"), "label_color": shapes.class_names("color"),
+                 "label_shape": shapes.class_names("shape")}
+        sizes = dict(config.get("shapes_sizes", {"train": 20000, "validation": 1000, "test": 1000}))
+        return SplitInfo(spec, source, name, int(sizes[source.split]), names, records.CAPTION, files)
+    if source.kind == "tfrecord":
+        # Keys are checked while reading: a missing label reads as -1 and is reported then.
+        return SplitInfo(spec, source, name, None, {}, records.CAPTION, list_files(source.name))
+    builder = _builder(source, config.get("data_dir") or None)
+    n = _check_split(builder, source)
+    features = builder.info.features
+    label_names = {}
+    for key in label_keys:
+        feature = _feature_at(features, key)
+        if feature is None:
+            raise ValueError(f"tfds dataset {source.name!r} has no feature {key!r} for labels; its features: "
+                             f"{sorted(features.keys())}: pass label_key=...")
+        if getattr(feature, "names", None):
+            label_names[key] = list(feature.names)
+    image_key = config.get("image_key", "image")
+    if _feature_at(features, image_key) is None:
+        raise ValueError(f"tfds dataset {source.name!r} has no image feature {image_key!r}; its features: "
+                         f"{sorted(features.keys())}: set data.image_key")
+    caption_key = None
+    wanted = config.get("caption_key", "") or ""
+    for key in ([wanted] if wanted else ["caption", "captions/text", "captions", "text"]):
+        if _feature_at(features, key) is not None:
+            caption_key = key
+            break
+    if need_captions and caption_key is None:
+        raise ValueError(f"tfds dataset {source.name!r} has no caption feature "
+                         f"{repr(wanted) if wanted else 'caption, captions/text, captions or text'}; its features: "
+                         f"{sorted(features.keys())}: pass caption_key=...")
+    return SplitInfo(spec, source, name, n, label_names, caption_key)
+
+
+def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, context_length: int,
+                 label_keys: Sequence[str] = (), max_captions: int = 0, process_index: int = 0,
+                 process_count: int = 1, tokenizer=None, limit: int = 0) -> Iterator[dict[str, Any]]:
+    """Host batches of this process: image [b,S,S,3], labels [b,K] int64 (-1 = absent),
+    tokens [b,M,ctx] and caption_mask [b,M] (M = max_captions > 0), mask [b] (real rows)."""
+    import tensorflow as tf
+
+    if max_captions and tokenizer is None:
+        from clip_jax.tokenizers import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    label_keys = list(label_keys)
+    ds = _raw(info, config, label_keys, process_index, process_count)
+    if limit:  # `limit` examples over all processes (tfds users can also slice: 'train[:5000]')
+        ds = ds.take(limit // process_count + int(process_index < limit % process_count))
+
+    def prepare(image, captions, labels):
+        out = {"image": decode_and_crop(image, image_size, False, None, config), "labels": labels}
+        if max_captions:
+            captions = tf.strings.strip(captions[:max_captions])
+            pad = max_captions - tf.shape(captions)[0]
+            out["captions"] = tf.concat([captions, tf.fill([pad], "")], 0)
+        return out
+
+    # An image that does not decode is skipped with a warning in the log (ignore_errors):
+    # the report counts the examples actually evaluated.
+    ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
+    ds = ds.batch(batch_size)
+    if max_captions:
+        def tokenize(batch):
+            flat = tf.reshape(batch["captions"], [-1])
+            tokens = tokenizer.tf_tokenize(flat, context_length)
+            batch["tokens"] = tf.reshape(tokens, [-1, max_captions, context_length])
+            batch["caption_mask"] = tf.reshape(tf.strings.length(flat) > 0, [-1, max_captions])
+            del batch["captions"]
+            return batch
+
+        ds = ds.map(_plain(tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for batch in ds.prefetch(2).as_numpy_iterator():
+        yield pad_batch(batch, batch_size)
+
+
+def pad_batch(batch: dict, batch_size: int) -> dict:
+    """Pad every array to batch_size rows (zeros; labels -1) and add mask [b]."""
+    n = len(batch["image"])
+    out = {}
+    for key, value in batch.items():
+        fill = -1 if key == "labels" else 0
+        pad = np.full((batch_size - n,) + value.shape[1:], fill, value.dtype)
+        out[key] = np.concatenate([value, pad]) if n < batch_size else value
+    out["mask"] = np.arange(batch_size) < n
+    return out
+
+
+def empty_batch(like: dict) -> dict:
+    """A batch of padding only: for a process whose share ended before the others'."""
+    out = {k: np.zeros_like(v) for k, v in like.items()}
+    if "labels" in out:
+        out["labels"][:] = -1
+    return out
+
+
+def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_count: int):
+    """(image bytes, captions [n] string, labels [K] int64) of this process's share, in order."""
+    import tensorflow as tf
+
+    source = info.source
+    if source.kind == "tfds":
+        import tensorflow_datasets as tfds
+
+        builder = _builder(source, config.get("data_dir") or None)
+        split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
+        image_key = config.get("image_key", "image")
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_nested({image_key: tfds.decode.SkipDecoding()}))
+        read_options = tf.data.Options()
+        read_options.deterministic = True
+
+        def select(ex):
+            captions = tf.reshape(_get_path(ex, info.caption_key), [-1]) if info.caption_key else tf.zeros([0], tf.string)
+            labels = tf.stack([tf.cast(tf.reshape(_get_path(ex, k), []), tf.int64) for k in label_keys]) if label_keys \
+                else tf.zeros([0], tf.int64)
+            return _get_path(ex, image_key), captions, labels
+
+        return ds.with_options(read_options).map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    files = list(info.files)
+    shard_records = len(files) < process_count
+    if not shard_records:
+        files = files[process_index::process_count]
+    compressed = any(f.endswith(".gz") for f in files)
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP" if compressed else "", num_parallel_reads=None)
+    if shard_records:
+        ds = ds.shard(process_count, process_index)
+    spec = {records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            records.CAPTION: tf.io.VarLenFeature(tf.string),
+            **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys}}
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        labels = tf.stack([ex[k] for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
+        return ex[records.IMAGE], tf.sparse.to_dense(ex[records.CAPTION]), labels
+
+    return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -1,0 +1,154 @@
+"""Image and text embeddings for evaluation, sharded over the device mesh like training.
+
+Each process feeds its own rows (clip_jax.eval_data); the batch axis is split over the
+mesh's ('data', 'fsdp') axes and the parameters stay as they are (sharded in training,
+replicated when loaded for evaluation). Every process ends with all embeddings on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import sharding
+from clip_jax.eval_data import empty_batch
+
+
+def host_copy(tree):
+    """A numpy copy of a (possibly multi-process) pytree of arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+class Encoder:
+    """Jitted encode_image / encode_text (L2-normalized) of one model and its variables on a mesh."""
+
+    def __init__(self, model, variables, mesh):
+        self.model = model
+        self.variables = variables
+        self.mesh = mesh
+        self.sharding = sharding.batch_sharding(mesh)
+        self.devices = sharding.batch_devices(mesh)
+
+        def images(v, x):
+            if x.dtype == jnp.uint8:  # eval batches may come as uint8: normalize on the device
+                from clip_jax.preprocessing import normalize_images
+
+                x = normalize_images(x)
+            return model.apply(v, x, method="encode_image")
+
+        self._images = jax.jit(images, out_shardings=self.sharding)
+        self._texts = jax.jit(lambda v, t: model.apply(v, t, method="encode_text"), out_shardings=self.sharding)
+
+    def round_batch(self, batch: int) -> int:
+        """The smallest global batch >= `batch` that splits over the batch devices."""
+        return -(-batch // self.devices) * self.devices
+
+    def _global(self, local: np.ndarray):
+        shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        return jax.make_array_from_process_local_data(self.sharding, local, shape)
+
+    def images(self, local_images: np.ndarray):
+        """This process's rows -> global [rows * processes, d] embeddings (on the devices)."""
+        return self._images(self.variables, self._global(local_images))
+
+    def texts(self, local_tokens: np.ndarray):
+        return self._texts(self.variables, self._global(local_tokens.astype(np.int32)))
+
+    def embed_texts(self, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Tokens every process holds alike [N, ctx] -> [N, d] on the host (e.g. zero-shot prompts)."""
+        tokens = np.asarray(tokens, np.int32)
+        batch = self.round_batch(min(batch, max(len(tokens), 1)))
+        outs = []
+        for start in range(0, len(tokens), batch):
+            chunk = tokens[start : start + batch]
+            n = len(chunk)
+            if n < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - n, chunk.shape[1]), np.int32)])
+            arr = jax.make_array_from_callback(chunk.shape, self.sharding, lambda idx, c=chunk: c[idx])
+            outs.append((self._texts(self.variables, arr), n))
+        return np.concatenate([host_copy(o)[:n] for o, n in outs]) if outs else np.zeros((0, 0), np.float32)
+
+
+def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, desc: str = "",
+            total: Optional[int] = None, log: Optional[Callable[[str], None]] = None, every_s: float = 10.0) -> dict:
+    """Embed every real row of this process's `batches` (eval_data) on the mesh; gather on every process.
+
+    Returns image_embeds [n, d], labels [n, K], and with texts=True text_embeds [n, M, d]
+    and caption_mask [n, M]; n counts the real rows of all processes, process-major order.
+    Processes whose share ends early feed padding until every process is done.
+    """
+    iterator = iter(batches)
+    like, pending, seen = None, [], 0
+    start = last_report = time.perf_counter()
+    while True:
+        local = next(iterator, None)
+        if not _any_process(local is not None):
+            break
+        if local is None:
+            local = empty_batch(like)
+        if like is None:
+            like = local
+        out = {"image_embeds": encoder.images(local["image"])}
+        if texts:
+            b, m = local["tokens"].shape[:2]
+            out["text_embeds"] = encoder.texts(local["tokens"].reshape(b * m, -1))
+        pending.append((out, {k: local[k] for k in ("mask", "labels", "caption_mask") if k in local}))
+        seen += int(local["mask"].sum()) * jax.process_count()  # an estimate while the shares are even
+        now = time.perf_counter()
+        if log and now - last_report >= every_s:
+            last_report = now
+            of = f"/{total}" if total else ""
+            log(f"  {desc}: ~{min(seen, total) if total else seen}{of} images, {seen / (now - start):.0f} images/s")
+    if like is None:
+        raise ValueError(f"{desc or 'the evaluation split'} holds no examples")
+    device = host_copy([o for o, _ in pending])
+    local_meta = {k: np.concatenate([m[k] for _, m in pending]) for k in pending[0][1]}
+    meta = host_copy(local_meta) if jax.process_count() > 1 else local_meta
+    # Rows of a global batch are process-major: regroup the per-process metadata to match.
+    meta = _process_major(meta, [len(m["mask"]) for _, m in pending])
+    mask = meta["mask"].astype(bool)
+    result = {"image_embeds": np.concatenate([d["image_embeds"] for d in device])[mask]}
+    if "labels" in meta:
+        result["labels"] = meta["labels"][mask]
+    if texts:
+        m = pending[0][1]["caption_mask"].shape[1]
+        text = np.concatenate([d["text_embeds"] for d in device])
+        result["text_embeds"] = text.reshape(-1, m, text.shape[-1])[mask]
+        result["caption_mask"] = meta["caption_mask"][mask].astype(bool)
+    if log:
+        log(f"  {desc}: {int(mask.sum())} images in {time.perf_counter() - start:.1f}s")
+    return result
+
+
+def _process_major(meta: dict, sizes: list) -> dict:
+    """[processes * sum(sizes), ...] gathered per process -> the global batches' row order."""
+    p = jax.process_count()
+    if p == 1:
+        return meta
+    out = {}
+    total = sum(sizes)
+    for key, value in meta.items():
+        per_process = value.reshape((p, total) + value.shape[1:])
+        chunks, start = [], 0
+        for size in sizes:  # batch i of the global run: process 0's rows, then process 1's, ...
+            chunks.append(per_process[:, start : start + size].reshape((p * size,) + value.shape[1:]))
+            start += size
+        out[key] = np.concatenate(chunks)
+    return out
+
