@@ -223,3 +223,25 @@ def _tensorboard_tags(logdir) -> set:
         for event in tf.compat.v1.train.summary_iterator(path):
             tags.update(v.tag for v in event.summary.value)
     return tags
+
+
+def test_linear_probe_uses_the_validation_split_and_equals_a_plain_probe(tfds_dir, tiny_model):
+    from clip_jax.linear_probe import linear_probe
+
+    model, variables = tiny_model
+    config = {"data_dir": tfds_dir}
+    ev = evaluate.Evaluator("linear_probe=tfds:cliptiny", config, image_size=32, context_length=77, log=lambda *_: None)
+    (spec, splits), = ev.probes
+    assert {r: i.spec for r, i in splits.items()} == {"train": "tfds:cliptiny:train", "test": "tfds:cliptiny:test",
+                                                     "val": "tfds:cliptiny:validation"}
+    metrics, details = ev.run(_encoder(model, variables), batch_size=8)
+    plain = {role: _plain(model, variables, eval_data.describe(f"tfds:cliptiny:{split}", config, label_keys=["label"]),
+                          config, max_captions=0)
+             for role, split in (("train", "train"), ("val", "validation"), ("test", "test"))}
+    want = linear_probe(plain["train"]["image_embeds"], plain["train"]["labels"], plain["test"]["image_embeds"],
+                        plain["test"]["labels"], 3, val_features=plain["val"]["image_embeds"],
+                        val_labels=plain["val"]["labels"])
+    assert metrics["linear_probe/cliptiny/C"] == pytest.approx(want["C"])
+    assert metrics["linear_probe/cliptiny/top1"] == pytest.approx(want["top1"])
+    assert metrics["linear_probe/cliptiny/val_top1"] == pytest.approx(want["val_top1"])
+    assert details["linear_probe=tfds:cliptiny"]["train_examples"] == 30

@@ -128,3 +128,28 @@ def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_p
 
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_evaluation_on_2_processes_equals_1_process(tmp_path, cache):
+    """clip_jax.evaluate over 2 processes x 4 devices (uneven shares: one process feeds padding at
+    the end) gives the figures of 1 process x 8 devices."""
+    import jax
+
+    import clip_jax
+
+    model = clip_jax.create_model("ViT-Tiny-test")
+    clip_jax.save_open_clip("ViT-Tiny-test", clip_jax.init_variables(model, jax.random.key(5)),
+                            str(tmp_path / "tiny.safetensors"))
+    args = [f"--weights={tmp_path / 'tiny.safetensors'}", "--model=ViT-Tiny-test", "--batch_size=8",
+            "--eval=zero_shot=shapes:test|limit=97,retrieval=shapes:test|limit=97",
+            f"--data=cache_dir={cache}", f"--data=shapes_sizes={json.dumps(SIZES)}"]
+    subprocess.run([sys.executable, "-m", "clip_jax.evaluate", f"--out={tmp_path / 'one.json'}"] + args,
+                   env=env_with(8), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    env = dict(env_with(1), PYTHON=sys.executable, CLIP_JAX_MODULE="clip_jax.evaluate")
+    done = subprocess.run(["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4", f"--out={tmp_path / 'two.json'}"]
+                          + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["details"]["retrieval=shapes:test|limit=97"]["images"] == 97
+    assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-9)
+    assert two["details"] == one["details"]
