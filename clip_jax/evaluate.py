@@ -321,6 +321,10 @@ class Evaluator:
         result = linear_probe(*feats["train"], *feats["test"], num_classes, val_features=val[0], val_labels=val[1],
                               val_fraction=float(spec.get("val_fraction", 0.2)))
         name = eval_data.metric_name(splits["test"].source).rsplit(".", 1)[0]
+        if spec.data.startswith("shapes"):  # which of its label tasks: shapes/color, shapes/shape, shapes/combo
+            name += "/" + _SHAPES_TASKS[spec.get("label_key") or "label"]
+        elif spec.get("label_key"):
+            name += "/" + spec.get("label_key")
         self.log(f"  linear probe {name}: C={result['C']:.3g} in {time.perf_counter() - start:.1f}s")
         metrics = {f"linear_probe/{name}/{k}": float(v) for k, v in result.items()
                    if k in ("top1", "top5", "mean_per_class", "val_top1", "C")}

@@ -205,14 +205,14 @@ class _Stream:
         label_keys = self._label_keys()
         feature_spec = {
             records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-            records.CAPTION: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            records.CAPTION: tf.io.VarLenFeature(tf.string),  # one caption or several (one is drawn per epoch)
             **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys},
         }
 
         def parse(record, sentinel, short):
             ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
             labels = _stack_labels([ex[k] for k in label_keys])
-            return ex[records.IMAGE], tf.reshape(ex[records.CAPTION], [1]), labels, sentinel, short
+            return ex[records.IMAGE], tf.sparse.to_dense(ex[records.CAPTION]), labels, sentinel, short
 
         # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
         return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()

@@ -5,7 +5,7 @@ One ``tf.train.Example`` per image-text pair:
 | feature   | type          | required | what |
 | --------- | ------------- | -------- | ---- |
 | `image`   | bytes         | yes      | the encoded image file (JPEG or PNG), as stored |
-| `caption` | bytes         | yes      | UTF-8 caption |
+| `caption` | bytes (1+)    | yes      | UTF-8 caption; several for COCO-style data (training draws one, retrieval uses all) |
 | `key`     | bytes         | no       | an id of the pair (e.g. img2dataset's key), for tracing |
 | `label`   | int64         | no       | a class index, for datasets that also serve zero-shot eval |
 
@@ -15,7 +15,7 @@ Shards are named ``PREFIX-00012-of-00128.tfrecord`` (optionally GZIP-compressed,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 IMAGE = "image"
 CAPTION = "caption"
@@ -27,13 +27,15 @@ def shard_name(prefix: str, index: int, count: int, compressed: bool = False) ->
     return f"{prefix}-{index:05d}-of-{count:05d}.tfrecord" + (".gz" if compressed else "")
 
 
-def serialize_example(image: bytes, caption: str, key: str = "", label: Optional[int] = None) -> bytes:
-    """Encode one pair as a serialized tf.train.Example."""
+def serialize_example(image: bytes, caption: Union[str, Sequence[str]], key: str = "", label: Optional[int] = None) -> bytes:
+    """Encode one image and its caption (or captions) as a serialized tf.train.Example."""
     import tensorflow as tf
+
+    captions = [caption] if isinstance(caption, str) else list(caption)
 
     feature = {
         IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        CAPTION: tf.train.Feature(bytes_list=tf.train.BytesList(value=[caption.encode("utf-8")])),
+        CAPTION: tf.train.Feature(bytes_list=tf.train.BytesList(value=[c.encode("utf-8") for c in captions])),
         KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
     }
     if label is not None:

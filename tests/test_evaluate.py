@@ -245,3 +245,53 @@ def test_linear_probe_uses_the_validation_split_and_equals_a_plain_probe(tfds_di
     assert metrics["linear_probe/cliptiny/top1"] == pytest.approx(want["top1"])
     assert metrics["linear_probe/cliptiny/val_top1"] == pytest.approx(want["val_top1"])
     assert details["linear_probe=tfds:cliptiny"]["train_examples"] == 30
+
+
+def _write_multi_caption_records(path, n=12):
+    import io
+
+    from PIL import Image
+
+    from clip_jax import records
+
+    rng = np.random.default_rng(1)
+    with records.ShardWriter(str(path / "coco"), 2) as w:
+        for i, image in enumerate(_images(rng, n)):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="PNG")
+            w.write(records.serialize_example(buf.getvalue(), [f"picture {i} take {j}" for j in range(1 + i % 3)]))
+    return f"tfrecord:{path}/coco-*"
+
+
+def test_records_with_several_captions_retrieval_and_training(tmp_path, tiny_model):
+    """A record may hold several captions: retrieval reads all of them, training draws one per epoch."""
+    from clip_jax.input_pipeline import InputPipeline
+
+    spec = _write_multi_caption_records(tmp_path)
+    model, variables = tiny_model
+    ev = evaluate.Evaluator(f"retrieval={spec}", {}, image_size=32, context_length=77, log=lambda *_: None)
+    metrics, details = ev.run(_encoder(model, variables), batch_size=8)
+    assert details[f"retrieval={spec}"] == {"images": 12, "captions": 4 * (1 + 2 + 3), "images_without_caption": 0}
+    ref = _plain(model, variables, eval_data.describe(spec, {}), {})
+    m = ref["caption_mask"]
+    want = recall_at_k(ref["image_embeds"], ref["text_embeds"][m], np.nonzero(m)[0])
+    for k, v in want.items():
+        assert metrics[f"retrieval/coco/{k}"] == pytest.approx(v)
+
+    pipe = InputPipeline(spec, {"shuffle_buffer": 4}, global_batch_size=4, image_size=32, train=True, num_epochs=6)
+    tokenizer = clip_jax.tokenizers.get_tokenizer()
+    seen = set()
+    for batch in pipe:
+        seen.update(tokenizer.decode(t).strip() for t in batch["tokens"])
+    assert {c for c in seen if c.startswith("picture 2 ")} == {f"picture 2 take {j}" for j in range(3)}
+    assert sum(pipe.bad_records().values()) == 0
+
+
+def test_evaluate_cli_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a clip_jax training workdir"):
+        evaluate.main([f"--workdir={tmp_path}", "--eval=zero_shot=shapes:test"])
+    np.save(tmp_path / "w.npy", np.zeros(1))
+    with pytest.raises(ValueError, match="pass --model=NAME"):
+        evaluate.main([f"--weights={tmp_path / 'w.npy'}", "--eval=zero_shot=shapes:test"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.main([f"--weights={tmp_path / 'missing.safetensors'}", "--eval=zero_shot=shapes:test"])
