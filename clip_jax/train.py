@@ -71,6 +71,42 @@ def _evaluate(evaluator, encoder, state, config, workdir: str, step: int) -> dic
     return metrics
 
 
+class PreemptionNotice:
+    """SIGTERM (a preemption notice, scancel, Ctrl-C's polite cousin) -> checkpoint and exit.
+
+    Several processes must stop at the same step, or the rest wait in a collective forever:
+    there JAX's preemption sync manager (started by jax.distributed.initialize) catches
+    SIGTERM and agrees on the step. A single process keeps a flag set by its own handler.
+    """
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._flag = False
+        self._previous = None
+        self._synced = jax.distributed.is_initialized()
+        if not self._synced and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._notice)
+
+    def _notice(self, signum, frame):
+        self._flag = True
+
+    def reached(self, step: int) -> bool:
+        if self._synced:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag
+
+    def restore(self):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -172,6 +208,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     last, previous = {}, None
     window_start, window_images = time.perf_counter(), 0
     end = min(config.total_steps, stop_at or config.total_steps)
+    preemption = PreemptionNotice()
     try:
         while step < end:
             batch = to_global_arrays(next(pipe), sharding.batch_sharding(mesh))
@@ -200,15 +237,22 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                     _write_summaries(writer, step, row)
                 last = row
                 window_start, window_images = time.perf_counter(), 0
-            if step == end or manager.should_save(step):
+            preempted = preemption.reached(step)
+            if step == end or preempted or manager.should_save(step):
                 _check_streak(step, metrics, config)
                 # The step guards loss and gradient; an update that overflows is caught here.
                 if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):
                     raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
                 checkpoint.save(manager, step, state, pipe.state(), force=True)
+            if preempted:
+                manager.wait_until_finished()
+                log(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; exiting. "
+                    f"The same command resumes from it.")
+                return last
         if previous is not None:
             _check_streak(*previous, config)
     finally:  # an error, too, lets a save in flight complete: no half-written checkpoint
+        preemption.restore()
         manager.wait_until_finished()
         if metrics_file:
             metrics_file.close()

@@ -46,7 +46,10 @@ fi
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap 'cleanup; exit 143' TERM INT
+# SIGTERM/SIGINT (a preemption notice, scancel, Ctrl-C): pass SIGTERM on and wait, so every
+# process checkpoints at the same step (the trainer's preemption handling) before it exits.
+forward() { for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done; wait || true; exit 143; }
+trap forward TERM INT
 for ((i = 0; i < P; i++)); do
   (
     export XLA_FLAGS=$FLAGS

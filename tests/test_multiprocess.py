@@ -153,3 +153,43 @@ def test_evaluation_on_2_processes_equals_1_process(tmp_path, cache):
     assert one["details"]["retrieval=shapes:test|limit=97"]["images"] == 97
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-9)
     assert two["details"] == one["details"]
+
+
+def _sigterm_after(cmd, env, step_line: str, target=None):
+    """Start cmd, send SIGTERM (to `target` or the process) once `step_line` is printed; return (rc, output)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if step_line in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + rest
+
+
+@pytest.mark.parametrize("layout", ["1x1", "2x4"])
+def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path, cache, layout):
+    import re
+
+    workdir = tmp_path / "run"
+    args = smoke_args(workdir, cache, total_steps=10, checkpoint_every_steps=100, **SIZE_ARGS)
+    if layout == "1x1":
+        cmd, env = [sys.executable, "-m", "clip_jax.train"] + args, env_with(1)
+    else:  # the launcher passes SIGTERM on to both processes, which agree on the step to stop at
+        cmd = ["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4"] + args
+        env = dict(env_with(1), PYTHON=sys.executable)
+    rc, out = _sigterm_after(cmd, env, "step=3 ")
+    assert rc == (0 if layout == "1x1" else 143), out[-3000:]
+    saved = re.search(r"preemption notice \(SIGTERM\): saved a checkpoint at step (\d+)", out)
+    assert saved, out[-3000:]
+    stopped = int(saved.group(1))
+    assert 3 <= stopped < 10
+    # (Orbax also keeps the step-1 checkpoint it makes when there is none yet.)
+    assert max(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit()) == stopped
+    assert sorted(losses(workdir)) == list(range(1, stopped + 1))  # every step up to the checkpoint, once
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"resumed from step {stopped}" in done.stdout
+    assert sorted(losses(workdir)) == list(range(1, 11))
