@@ -1,29 +1,58 @@
 """Start the multi-process runtime where the environment asks for it, before jax is used.
 
-Explicit: CLIP_JAX_COORDINATOR=host:port, CLIP_JAX_NUM_PROCESSES, CLIP_JAX_PROCESS_ID (what
-launch/local_multiprocess.sh sets). On CPU, collectives across processes go through gloo.
-Without those variables this is a no-op: one process.
+In order of precedence (`plan` decides, from the environment alone):
+
+1. Explicit: CLIP_JAX_COORDINATOR=host:port, CLIP_JAX_NUM_PROCESSES, CLIP_JAX_PROCESS_ID
+   (launch/local_multiprocess.sh sets them). On CPU, collectives go through gloo.
+2. CLIP_JAX_DISTRIBUTED=0: one process, whatever else is set. =1: jax.distributed.initialize()
+   with JAX's own cluster detection (Cloud TPU pods, SLURM, Open MPI, ...); the TPU launch
+   script sets it on every worker.
+3. A SLURM job step with more than one task (srun inside sbatch): JAX's SLURM detection.
+4. A Cloud TPU VM that is one worker of several (TPU_WORKER_HOSTNAMES lists more than one).
+Otherwise one process.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Mapping, Optional
 
 import jax
 
 
-def initialize() -> None:
-    coordinator = os.environ.get("CLIP_JAX_COORDINATOR")
-    if not coordinator:
-        return
-    try:
-        num_processes = int(os.environ["CLIP_JAX_NUM_PROCESSES"])
-        process_id = int(os.environ["CLIP_JAX_PROCESS_ID"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(
-            "CLIP_JAX_COORDINATOR is set, so CLIP_JAX_NUM_PROCESSES and CLIP_JAX_PROCESS_ID must be integers too"
-        ) from e
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"CLIP_JAX_PROCESS_ID={process_id} not in [0, {num_processes})")
+def plan(environ: Mapping[str, str]) -> Optional[dict]:
+    """The keyword arguments for jax.distributed.initialize, or None for a single process."""
+    coordinator = environ.get("CLIP_JAX_COORDINATOR")
+    if coordinator:
+        try:
+            num_processes = int(environ["CLIP_JAX_NUM_PROCESSES"])
+            process_id = int(environ["CLIP_JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                "CLIP_JAX_COORDINATOR is set, so CLIP_JAX_NUM_PROCESSES and CLIP_JAX_PROCESS_ID must be integers too"
+            ) from e
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"CLIP_JAX_PROCESS_ID={process_id} not in [0, {num_processes})")
+        return {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id}
+    switch = environ.get("CLIP_JAX_DISTRIBUTED", "").strip().lower()
+    if switch in ("0", "false", "no", "off"):
+        return None
+    if switch in ("1", "true", "yes", "on", "auto"):
+        return {}
+    if switch:
+        raise ValueError(f"CLIP_JAX_DISTRIBUTED={switch!r}: use 1 (detect the cluster) or 0 (one process)")
+    if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        return {}
+    if len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return {}
+    return None
+
+
+def initialize(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """jax.distributed.initialize as `plan` says; True when several processes were started."""
+    kwargs = plan(os.environ if environ is None else environ)
+    if kwargs is None:
+        return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    return True

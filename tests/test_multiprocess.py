@@ -193,3 +193,21 @@ def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"resumed from step {stopped}" in done.stdout
     assert sorted(losses(workdir)) == list(range(1, 11))
+
+
+def test_local_cpu_launcher_dry_run():
+    run = lambda *args: subprocess.run(["bash", f"{ROOT}/launch/local_cpu.sh", *args],
+                                       env=dict(os.environ, PYTHON="python3", XLA_FLAGS="--xla_foo=1"),
+                                       capture_output=True, text=True)
+    assert run("--dry-run").stdout.splitlines() == [
+        r"env XLA_FLAGS=--xla_force_host_platform_device_count=1\ --xla_foo=1 JAX_PLATFORMS=cpu "
+        "CLIP_JAX_DISTRIBUTED=0 python3 -m clip_jax.train --config=configs/smoke.py --workdir=/tmp/clip_smoke"]
+    import shlex
+
+    out = run("--devices=8", "--dry-run", "--config=configs/clip_paper.py:ViT-B-32", "--workdir=/w").stdout
+    assert shlex.split(out)[1:] == [
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 --xla_foo=1", "JAX_PLATFORMS=cpu",
+        "CLIP_JAX_DISTRIBUTED=0", "python3", "-m", "clip_jax.train", "--config=configs/clip_paper.py:ViT-B-32",
+        "--workdir=/w"]
+    bad = run("--devices=x", "--dry-run")
+    assert bad.returncode == 2 and "--devices must be a positive integer" in bad.stderr

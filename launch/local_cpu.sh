@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One training process on this machine's CPU, with D simulated devices (default 1).
+#
+#   launch/local_cpu.sh [--devices=D] [--dry-run] [train args...]
+#   launch/local_cpu.sh                                   # the smoke run in /tmp/clip_smoke
+#   launch/local_cpu.sh --devices=8 --workdir=/tmp/mesh8 # the same on an 8-device mesh
+#
+# Without --config, configs/smoke.py; without --workdir, /tmp/clip_smoke. Other XLA flags of
+# the caller are kept. Env: PYTHON (default: python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=1
+DRY_RUN=0
+ARGS=()
+for arg in "$@"; do
+  case $arg in
+    --devices=*) D=${arg#--devices=} ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) ARGS+=("$arg") ;;
+  esac
+done
+if [[ ! $D =~ ^[1-9][0-9]*$ ]]; then
+  echo "local_cpu: --devices must be a positive integer, got '$D'" >&2
+  exit 2
+fi
+[[ " ${ARGS[*]-} " == *" --config="* ]] || ARGS=(--config=configs/smoke.py "${ARGS[@]+"${ARGS[@]}"}")
+[[ " ${ARGS[*]} " == *" --workdir="* ]] || ARGS+=(--workdir=/tmp/clip_smoke)
+OTHER_FLAGS=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/^ +| +$//g; s/  +/ /g')
+FLAGS="--xla_force_host_platform_device_count=$D${OTHER_FLAGS:+ $OTHER_FLAGS}"
+CMD=(env "XLA_FLAGS=$FLAGS" JAX_PLATFORMS=cpu CLIP_JAX_DISTRIBUTED=0 "${PYTHON:-python3}" -m clip_jax.train "${ARGS[@]}")
+if [[ $DRY_RUN == 1 ]]; then
+  printf '%q ' "${CMD[@]}" | sed 's/ $//'
+  printf '\n'
+  exit 0
+fi
+exec "${CMD[@]}"
