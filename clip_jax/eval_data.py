@@ -22,7 +22,8 @@ import numpy as np
 from clip_jax import records
 from clip_jax.input_pipeline import Source, _get_path, _nested, _plain, decode_and_crop, list_files, parse_spec, shapes_files
 
-SHAPES_LABEL_KEYS = ("label", "label_color", "label_shape")  # combo, colour, shape
+# The embedded dataset's label features and the zero-shot task each one labels.
+SHAPES_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}
 
 
 @dataclasses.dataclass
@@ -39,8 +40,7 @@ class SplitInfo:
 def metric_name(source: Source) -> str:
     """'cifar10.test', 'coco_captions.val', 'shapes.test', 'mydata-00000.test' (tag-safe)."""
     if source.kind == "tfrecord":
-        base = source.name.split(",")[0].rsplit("/", 1)[-1].split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
-        name = base
+        name = source.name.split(",")[0].rsplit("/", 1)[-1].split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
     else:
         name = f"{source.name or source.kind}.{source.split}"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
@@ -96,8 +96,7 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
         files = shapes_files(source.split, config)
         from clip_jax import shapes
 
-        names = {"label": shapes.class_names("combo"), "label_color": shapes.class_names("color"),
-                 "label_shape": shapes.class_names("shape")}
+        names = {key: shapes.class_names(task) for key, task in SHAPES_TASKS.items()}
         sizes = dict(config.get("shapes_sizes", {"train": 20000, "validation": 1000, "test": 1000}))
         return SplitInfo(spec, source, name, int(sizes[source.split]), names, records.CAPTION, files)
     if source.kind == "tfrecord":

@@ -42,7 +42,7 @@ OPTIONS = {
     "retrieval": {"caption_key", "max_captions", "limit"},
     "linear_probe": _COMMON | {"train", "val", "test", "val_fraction"},
 }
-_SHAPES_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}
+_SHAPES_TASKS = eval_data.SHAPES_TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +89,10 @@ def parse_evals(text) -> list[EvalSpec]:
 
 def _with_split(data: str, task: str, split: str = "train") -> str:
     """linear_probe names a dataset without a split; the splits come from its options."""
-    if task != "linear_probe":
+    if task != "linear_probe" or data.startswith("tfrecord:"):
         return data
-    if data.startswith("tfrecord:") or data == "shapes" or data.startswith("shapes:"):
-        return data.split(":")[0] + f":{split}" if data.startswith("shapes") else data
+    if data.startswith("shapes"):
+        return f"shapes:{split}"
     kind, name = data.split(":", 2)[:2]
     return f"{kind}:{name}:{split}"
 
@@ -150,8 +150,8 @@ class Evaluator:
     """Checks every spec at construction (datasets, splits, keys, class names); run() evaluates."""
 
     def __init__(self, specs, data_config, *, image_size: int, context_length: int, log: Callable = print):
-        self.specs = [s for s in (specs if isinstance(specs, (list, tuple)) else [specs]) if isinstance(s, EvalSpec)] \
-            + parse_evals([s for s in (specs if isinstance(specs, (list, tuple)) else [specs]) if isinstance(s, str)])
+        items = specs if isinstance(specs, (list, tuple)) else [specs]
+        self.specs = [x for item in items for x in ([item] if isinstance(item, EvalSpec) else parse_evals(item))]
         self.config = data_config
         self.image_size = image_size
         self.context_length = context_length
@@ -159,6 +159,7 @@ class Evaluator:
         self.groups: dict = {}
         self.probes = []
         self._class_meta: dict = {}
+        self._keys = {s: self._label_keys(s) for s in self.specs if s.task == "zero_shot"}
         for spec in self.specs:
             if spec.task == "linear_probe":
                 self.probes.append((spec, self._probe_splits(spec)))
@@ -167,7 +168,7 @@ class Evaluator:
             group = self.groups.setdefault((spec.data, limit), _Group(spec.data, limit))
             group.specs.append(spec)
             if spec.task == "zero_shot":
-                for key in self._label_keys(spec):
+                for key in self._keys[spec]:
                     if key not in group.label_keys:
                         group.label_keys.append(key)
             else:
@@ -182,8 +183,7 @@ class Evaluator:
                                             need_captions=group.max_captions > 0)
             for spec in group.specs:
                 if spec.task == "zero_shot" and group.info.source.kind != "shapes":
-                    key = self._label_keys(spec)[0]
-                    self._class_meta[spec] = _class_metadata(spec, group.info, key, self.log)
+                    self._class_meta[spec] = _class_metadata(spec, group.info, self._keys[spec][0], self.log)
 
     def _label_keys(self, spec: EvalSpec) -> list:
         if spec.get("label_key"):
@@ -210,17 +210,13 @@ class Evaluator:
             try:
                 splits[role] = eval_data.describe(data, self.config, label_keys=keys)
             except ValueError as e:
-                if role == "val" and spec.get("val") is None:
-                    continue
                 raise ValueError(f"{spec}: {e}") from None
-        if "val" not in splits and spec.data.startswith("tfds:"):
+        if "val" not in splits and not spec.data.startswith("tfrecord:"):
             try:  # the dataset's own validation split, where it has one (the paper's protocol)
                 splits["val"] = eval_data.describe(_with_split(spec.data, spec.task, "validation"), self.config,
                                                    label_keys=keys)
             except ValueError:
-                pass
-        if spec.data.startswith("shapes") and "val" not in splits:
-            splits["val"] = eval_data.describe("shapes:validation", self.config, label_keys=keys)
+                pass  # none: linear_probe holds out part of train
         return splits
 
     # -- running ----------------------------------------------------------------------------
@@ -262,7 +258,7 @@ class Evaluator:
     def _zero_shot(self, encoder, spec, group, feats):
         info = group.info
         metrics, details = {}, {"examples": int(len(feats["image_embeds"]))}
-        for key in self._label_keys(spec):
+        for key in self._keys[spec]:
             labels = feats["labels"][:, group.label_keys.index(key)]
             if info.source.kind == "shapes":
                 from clip_jax import shapes
@@ -307,14 +303,14 @@ class Evaluator:
         from clip_jax.linear_probe import linear_probe
 
         limit = int(spec.get("limit", 0))
+        key = spec.get("label_key") or "label"
         feats = {}
         for role, info in splits.items():
-            f = self._extract(encoder, info, self.config, global_batch, [spec.get("label_key") or "label"], 0, limit)
+            f = self._extract(encoder, info, self.config, global_batch, [key], 0, limit)
             labels = f["labels"][:, 0]
-            num_classes = len(info.label_names.get(spec.get("label_key") or "label") or []) or None
-            _check_labels(spec, info, spec.get("label_key") or "label", labels, num_classes)
+            _check_labels(spec, info, key, labels, len(info.label_names.get(key) or []) or None)
             feats[role] = (f["image_embeds"], labels)
-        declared = [len(i.label_names.get(spec.get("label_key") or "label") or []) for i in splits.values()]
+        declared = [len(i.label_names.get(key) or []) for i in splits.values()]
         num_classes = max(declared) or int(max(int(l.max()) for _, l in feats.values()) + 1)
         val = feats.get("val", (None, None))
         start = time.perf_counter()
@@ -322,7 +318,7 @@ class Evaluator:
                               val_fraction=float(spec.get("val_fraction", 0.2)))
         name = eval_data.metric_name(splits["test"].source).rsplit(".", 1)[0]
         if spec.data.startswith("shapes"):  # which of its label tasks: shapes/color, shapes/shape, shapes/combo
-            name += "/" + _SHAPES_TASKS[spec.get("label_key") or "label"]
+            name += "/" + _SHAPES_TASKS[key]
         elif spec.get("label_key"):
             name += "/" + spec.get("label_key")
         self.log(f"  linear probe {name}: C={result['C']:.3g} in {time.perf_counter() - start:.1f}s")
@@ -375,12 +371,12 @@ def _fmt(metric: str, value: float) -> str:
 
 # -- command line ------------------------------------------------------------------------------
 def load_model(workdir: Optional[str], weights: Optional[str], model_name: Optional[str], step: Optional[int]):
-    """(model, variables, description, run config or None) from a workdir or an exported/released file."""
+    """(model, variables, description, run config or None, step or None) from a workdir or a weights file."""
     if workdir:
         from clip_jax.export import load_run, read_run_config
 
         model, variables, step = load_run(workdir, step)
-        return model, variables, f"{workdir} step {step}", read_run_config(workdir)
+        return model, variables, f"{workdir} step {step}", read_run_config(workdir), step
     if not weights:
         raise ValueError("pass --workdir=DIR (a training run) or --weights=FILE (an exported or released model)")
     if not os.path.exists(weights) and "://" not in weights:
@@ -392,7 +388,7 @@ def load_model(workdir: Optional[str], weights: Optional[str], model_name: Optio
     import clip_jax
 
     model, variables = clip_jax.load(name, weights)
-    return model, variables, weights, None
+    return model, variables, weights, None, None
 
 
 def _model_beside(weights: str):
@@ -435,7 +431,7 @@ def main(argv=None):
     import jax
 
     log = print if jax.process_index() == 0 else (lambda *_: None)
-    model, variables, what, run_config = load_model(args.workdir, args.weights, args.model, args.step)
+    model, variables, what, run_config, step = load_model(args.workdir, args.weights, args.model, args.step)
     data_config = {k: v for k, v in (run_config.data.to_dict() if run_config else {}).items() if k not in ("train", "eval")}
     for item in args.data:
         key, sep, value = item.partition("=")
@@ -462,7 +458,7 @@ def main(argv=None):
     start = time.perf_counter()
     metrics, details = evaluator.run(encoder, args.batch_size)
     log(format_table(metrics))
-    out = args.out or (os.path.join(args.workdir, f"eval_step{what.rsplit(' ', 1)[-1]}.json") if args.workdir else None)
+    out = args.out or (os.path.join(args.workdir, f"eval_step{step}.json") if args.workdir else None)
     if out and jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump({"model": what, "evals": [str(s) for s in specs], "metrics": metrics, "details": details,

@@ -119,7 +119,7 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, d
         raise ValueError(f"{desc or 'the evaluation split'} holds no examples")
     device = host_copy([o for o, _ in pending])
     local_meta = {k: np.concatenate([m[k] for _, m in pending]) for k in pending[0][1]}
-    meta = host_copy(local_meta) if jax.process_count() > 1 else local_meta
+    meta = host_copy(local_meta)
     # Rows of a global batch are process-major: regroup the per-process metadata to match.
     meta = _process_major(meta, [len(m["mask"]) for _, m in pending])
     mask = meta["mask"].astype(bool)

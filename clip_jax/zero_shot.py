@@ -13,7 +13,6 @@ from typing import Sequence
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 
 import clip_jax
@@ -82,28 +81,3 @@ def per_class_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, hits / counts, np.nan)
 
-
-def accuracy(image_embeds: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-    return topk_accuracy(np.asarray(image_embeds) @ weights.T, labels, ks=(1,))["top1"]
-
-
-def shapes_zero_shot(model, params, image_embeds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy on the shapes tasks; labels [N, 3] = (combo, color, shape) from the pipeline."""
-    from clip_jax import shapes
-
-    out = {}
-    for i, task in enumerate(("combo", "color", "shape")):
-        out[f"zero_shot/{task}"] = accuracy(image_embeds, labels[:, i], classifier_weights(model, params, shapes.prompts(task)))
-    return out
-
-
-def embed_split(model, params, pipeline) -> tuple[np.ndarray, np.ndarray]:
-    """Image embeddings and labels of every batch of a finite (num_epochs=1) pipeline."""
-    embeds, labels = [], []
-    for batch in pipeline:
-        images = batch["image"]
-        if images.dtype == np.uint8:
-            images = np.asarray(clip_jax.preprocessing.normalize_images(jnp.asarray(images)))
-        embeds.append(clip_jax.encode_image(model, params, images.astype(np.float32)))
-        labels.append(batch["labels"])
-    return np.concatenate(embeds), np.concatenate(labels)
