@@ -10,6 +10,7 @@ CORE = [
     "flax>=0.12",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
+    "etils[epath]>=1.7",  # workdir files on local disks or gs:// (Orbax uses it too)
     "ml-collections>=1.0",
     "einops>=0.8",
     "numpy>=1.26",

@@ -14,10 +14,12 @@ Otherwise one process.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Mapping, Optional
 
 import jax
+import numpy as np
 
 
 def plan(environ: Mapping[str, str]) -> Optional[dict]:
@@ -56,3 +58,40 @@ def initialize(environ: Optional[Mapping[str, str]] = None) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
     jax.distributed.initialize(**kwargs)
     return True
+
+
+_barriers = itertools.count()  # every process makes the same calls in the same order: names match
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process reaches `name` (the coordination service's barrier, not a collective).
+
+    A collective is no barrier here: on the CPU, gloo gives a process 30 s (fixed) to meet its
+    peers at the first collective, and compiles differ by more than that (one process may hit the
+    persistent compile cache while another compiles under load).
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost  # the same client jax.distributed.initialize started
+
+    multihost.get_jax_distributed_client().wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def compile_together(jitted, name: str):
+    """`jitted` (a jax.jit function) that, with several processes, compiles each new input signature
+    ahead of time and waits for every process to have compiled it before the first run, so that no
+    process reaches a collective while another still compiles."""
+    if jax.process_count() == 1:
+        return jitted
+    compiled = {}
+
+    def call(*args):
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = (treedef,) + tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None))
+                                 for x in leaves)
+        if key not in compiled:
+            compiled[key] = jitted.lower(*args).compile()
+            barrier(f"{name}/compiled/{next(_barriers)}")
+        return compiled[key](*args)
+
+    return call

@@ -460,9 +460,10 @@ def main(argv=None):
     log(format_table(metrics))
     out = args.out or (os.path.join(args.workdir, f"eval_step{step}.json") if args.workdir else None)
     if out and jax.process_index() == 0:
-        with open(out, "w") as f:
-            json.dump({"model": what, "evals": [str(s) for s in specs], "metrics": metrics, "details": details,
-                       "seconds": time.perf_counter() - start}, f, indent=2)
+        from etils import epath  # gs:// too
+
+        epath.Path(out).write_text(json.dumps({"model": what, "evals": [str(s) for s in specs], "metrics": metrics,
+                                               "details": details, "seconds": time.perf_counter() - start}, indent=2))
         log(f"wrote {out}")
     return metrics
 

@@ -20,13 +20,14 @@ def read_run_config(workdir: str):
     """The ml_collections config a run was started with (train.py writes DIR/config.json)."""
     import ml_collections
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    from etils import epath
+
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {workdir!r} is not a clip_jax training workdir (or was made before config.json existed)"
         )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def load_run(workdir: str, step: Optional[int] = None):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import sharding
+from clip_jax import distributed, sharding
 from clip_jax.eval_data import empty_batch
 
 
@@ -52,8 +52,9 @@ class Encoder:
                 x = normalize_images(x)
             return model.apply(v, x, method="encode_image")
 
-        self._images = jax.jit(images, out_shardings=self.sharding)
-        self._texts = jax.jit(lambda v, t: model.apply(v, t, method="encode_text"), out_shardings=self.sharding)
+        self._images = distributed.compile_together(jax.jit(images, out_shardings=self.sharding), "encode_image")
+        self._texts = distributed.compile_together(
+            jax.jit(lambda v, t: model.apply(v, t, method="encode_text"), out_shardings=self.sharding), "encode_text")
 
     def round_batch(self, batch: int) -> int:
         """The smallest global batch >= `batch` that splits over the batch devices."""

@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from clip_jax import checkpoint, distributed, sharding
 from clip_jax.features import Encoder
@@ -64,9 +65,9 @@ def _evaluate(evaluator, encoder, state, config, workdir: str, step: int) -> dic
     start = time.perf_counter()
     metrics, details = evaluator.run(encoder, config.get("eval_batch_size", 256))
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
-            json.dump({"step": step, "metrics": metrics, "details": details}, f, indent=1)
+        (epath.Path(workdir) / "eval").mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "eval" / f"step_{step}.json").write_text(
+            json.dumps({"step": step, "metrics": metrics, "details": details}, indent=1))
     log(format_table(metrics) + f"\n(step {step}, evaluated in {time.perf_counter() - start:.1f}s)")
     return metrics
 
@@ -122,22 +123,21 @@ def _check_streak(step: int, metrics, config) -> None:
         )
 
 
-def _trim_metrics(path: str, last_step: int) -> None:
+def _trim_metrics(path: epath.Path, last_step: int) -> None:
     """Drop rows past the step a run resumes from (written by a run that died after its last checkpoint)."""
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0 or not path.exists():
         return
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get("step", 0) <= last_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def _initial_weights(config, model, variables, shardings):
@@ -165,13 +165,21 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def write_run_config(workdir: str, config) -> None:
+    """WORKDIR/config.json: what clip_jax.export / evaluate read to rebuild the model.
+
+    Workdirs are local paths or gs:// (Cloud TPU): epath goes through tf.io.gfile there (and
+    Orbax through TensorStore), so every workdir file here is written through epath.
+    """
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
+
+
 def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict:
     """Train to config.total_steps (or stop, checkpointed, at step `stop_at`, as a preemption would)."""
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # what clip_jax.export / evaluate read to rebuild the model
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+    write_run_config(workdir, config)
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
     model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan)
@@ -192,7 +200,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
         else:
             state, input_states, step = restored
             log(f"resumed from step {step} in {workdir}")
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = epath.Path(workdir) / "metrics.jsonl"
     _trim_metrics(metrics_path, int(state.step))
     pipe = InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
                          image_size=model.config.vision.image_size, train=True, seed=config.seed,
@@ -200,9 +208,10 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                          context_length=model.config.text.context_length, state=input_states)
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
                              sharding.batch_sharding(mesh), config.accum_steps)
+    step_fn = distributed.compile_together(step_fn, "train_step")
     schedule = make_schedule(config.optim, config.total_steps)
     encoder = Encoder(model, None, mesh) if evaluator else None
-    metrics_file = open(metrics_path, "a") if jax.process_index() == 0 else None
+    metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
     writer = _summary_writer(workdir)
     step = int(state.step)
     last, previous = {}, None
