@@ -75,3 +75,189 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
             raise AssertionError("no error")
         except FileNotFoundError as e:
             assert "gs://bucket/runs/missing/config.json not found" in str(e)
+
+
+# -- Cloud TPU pods -------------------------------------------------------------------------
+
+TRAIN = ["--config=configs/clip_paper.py:ViT-B-16", "--workdir=gs://bkt/runs/b16",
+         "--config.data.train=tfrecord:gs://bkt/laion/*.tfrecord", "--config.note=it's $HOME"]
+
+
+def commands(out: str):
+    """The dry run's command lines as argv lists (comments dropped; a `| tee` pipe split off)."""
+    return [shlex.split(line) for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def remote(argv):
+    """The --command of a gcloud ssh argv, as the worker's shell splits it."""
+    (command,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+    return shlex.split(command)
+
+
+def test_tpu_pod_v4_32_spot_dry_run():
+    out = run("tpu_pod.sh", "run", "--name=clip-b16", "--zone=us-central2-b", "--accelerator=v4-32", "--spot",
+              "--dry-run", "--", *TRAIN)
+    assert out.returncode == 0, out.stderr
+    assert "v4-32 (16 chips on 4 hosts, runtime tpu-ubuntu2204-base, spot)" in out.stderr
+    cmds = commands(out.stdout)
+    scope = ["--zone=us-central2-b"]
+    ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-b16", *scope]
+    describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", "clip-b16", *scope,
+                "--format=value(state.state)"]
+    delete = ["gcloud", "compute", "tpus", "queued-resources", "delete", "clip-b16", *scope, "--force", "--quiet"]
+    tarball = cmds[2][cmds[2].index("czf") + 1]
+    assert cmds[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", "clip-b16", "--node-id=clip-b16",
+                       *scope, "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+    assert cmds[1] == describe
+    assert cmds[2] == ["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "|", "tar",
+                       "czf", tarball, "-C", ROOT, "--null", "-T", "-"]
+    assert cmds[3] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "clip-b16:clip_jax.tgz", *scope,
+                       "--worker=all"]
+    assert cmds[4][:-1] == ssh + ["--worker=all"]
+    assert remote(cmds[4]) == ["rm", "-rf", "~/clip_jax", "&&", "mkdir", "-p", "~/clip_jax", "&&", "tar", "xzf",
+                               "~/clip_jax.tgz", "-C", "~/clip_jax"]
+    assert remote(cmds[5]) == ["cd", "~/clip_jax", "&&", "python3", "-m", "pip", "install", "-q", "-e", ".[data]",
+                               "jax[tpu]", "-f", "https://storage.googleapis.com/jax-releases/libtpu_releases.html"]
+    # The same training command on every worker; the arguments survive both shells intact.
+    assert cmds[6][:-1] == ssh + ["--worker=all"]
+    assert remote(cmds[6]) == ["cd", "~/clip_jax", "&&", "PYTHON=python3", "bash", "~/clip_jax/launch/tpu_worker.sh",
+                               "start", *TRAIN]
+    assert cmds[7] == ssh + ["--worker=0", "--command=tail -n +1 -F ~/clip_jax_train.log", "|", "tee", "-a",
+                             "tpu_logs/clip-b16.log"]
+    assert cmds[8] == describe
+    assert remote(cmds[9])[-4:] == ["tpu_worker.sh", "status;", "else", "echo", "no-code;", "fi"][-4:]
+    assert cmds[10] == delete and cmds[11] == delete  # preempted: re-create; finished: delete
+    assert len(cmds) == 12
+
+
+def test_tpu_pod_v5e_256_on_demand_git_dry_run():
+    out = run("tpu_pod.sh", "run", "--name=clip-l14", "--zone=us-west4-a", "--accelerator=v5e-256",
+              "--project=my-proj", "--code=git:https://github.com/acme/clip_jax.git@v0.1", "--python=python3.11",
+              "--keep", "--dry-run", "--", *TRAIN)
+    assert out.returncode == 0, out.stderr
+    assert "v5litepod-256 (256 chips on 64 hosts, runtime v2-alpha-tpuv5-lite)" in out.stderr
+    cmds = commands(out.stdout)
+    scope = ["--zone=us-west4-a", "--project=my-proj"]
+    assert cmds[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", "clip-l14", "--node-id=clip-l14",
+                       *scope, "--accelerator-type=v5litepod-256", "--runtime-version=v2-alpha-tpuv5-lite"]
+    assert remote(cmds[2]) == ["rm", "-rf", "~/clip_jax", "&&", "git", "clone", "-q",
+                               "https://github.com/acme/clip_jax.git", "~/clip_jax", "&&", "git", "-C", "~/clip_jax",
+                               "checkout", "-q", "v0.1"]
+    assert cmds[2][:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "clip-l14", *scope]
+    assert remote(cmds[3])[3] == "python3.11"
+    assert remote(cmds[4])[3:] == ["PYTHON=python3.11", "bash", "~/clip_jax/launch/tpu_worker.sh", "start", *TRAIN]
+    assert "--worker=all" in cmds[4] and "--worker=0" in cmds[5]
+    assert "# finished: --keep, the slice stays" in out.stdout
+    assert sum(c[3:5] == ["queued-resources", "delete"] for c in cmds) == 1  # only the preemption path deletes
+
+
+def test_tpu_pod_actions_and_errors():
+    base = ["--name=p", "--zone=z", "--dry-run"]
+    assert commands(run("tpu_pod.sh", "stop", *base).stdout) == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "p", "--zone=z", "--worker=all",
+         "--command=bash ~/clip_jax/launch/tpu_worker.sh stop"]]
+    assert commands(run("tpu_pod.sh", "delete", *base).stdout) == [
+        ["gcloud", "compute", "tpus", "queued-resources", "delete", "p", "--zone=z", "--force", "--quiet"]]
+    assert "--runtime-version=v2-alpha-tpuv6e" in run("tpu_pod.sh", "create", *base, "--accelerator=v6e-64").stdout
+    v5p = run("tpu_pod.sh", "create", *base, "--accelerator=v5p-128", "--runtime=custom-rt", "--reserved")
+    assert "64 chips on 16 hosts" in v5p.stderr and "--runtime-version=custom-rt --reserved" in v5p.stdout
+    assert "1 hosts" in run("tpu_pod.sh", "create", *base, "--accelerator=v5e-8").stderr
+    errors = {
+        ("create", "--zone=z", "--accelerator=v4-32"): "--name=NAME is required",
+        ("create", "--name=p", "--accelerator=v4-32"): "--zone=ZONE is required",
+        ("create", "--name=p", "--zone=z", "--accelerator=v3-8"): "--accelerator=TYPE is required",
+        ("train", "--name=p", "--zone=z", "--", "--config=c", "--workdir=/local/run"): "must be on Cloud Storage",
+        ("train", "--name=p", "--zone=z", "--", "--workdir=gs://b/r"): "at least --config=... and --workdir=gs://",
+        ("setup", "--name=p", "--zone=z", "--code=svn:x"): "--code must be 'copy' or 'git:URL[@REF]'",
+        ("launch", "--name=p", "--zone=z"): "usage:",
+        ("stop", "--name=p", "--zone=z", "--config=c"): "train arguments go after --",
+    }
+    for args, message in errors.items():
+        bad = run("tpu_pod.sh", *args, "--dry-run")
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def _run_pod(tmp_path, scenario, *extra):
+    import json
+    import re
+
+    (tmp_path / "scenario.json").write_text(json.dumps(scenario))
+    env = dict(os.environ, GCLOUD=f"{ROOT}/tests/fixtures/fake_gcloud.py", FAKE_GCLOUD_DIR=str(tmp_path),
+               TMPDIR=str(tmp_path))
+    out = subprocess.run(["bash", f"{ROOT}/launch/tpu_pod.sh", "run", "--name=p", "--zone=z", "--accelerator=v4-32",
+                          "--spot", "--poll=0", f"--log-dir={tmp_path}/logs", *extra, "--", "--config=c",
+                          "--workdir=gs://b/r"], env=env, capture_output=True, text=True, timeout=120)
+    ops = []
+    for line in (tmp_path / "calls.jsonl").read_text().splitlines():
+        args = json.loads(line)
+        command = " ".join(a for a in args if a.startswith("--command="))
+        if args[2] == "queued-resources" and args[3] != "describe":
+            ops.append(args[3])
+        elif args[3] == "scp":
+            ops.append("scp")
+        elif re.search(r"tpu_worker.sh (start|status|stop)", command):
+            ops.append(re.search(r"tpu_worker.sh (start|status|stop)", command).group(1))
+        elif "pip install" in command:
+            ops.append("install")
+    return out, ops
+
+
+def test_tpu_pod_run_recreates_a_preempted_spot_slice_and_resumes(tmp_path):
+    out, ops = _run_pod(tmp_path, ["running", "preempt", "running", "running", "finished"])
+    assert out.returncode == 0, out.stderr
+    slice_ = ["create", "scp", "install", "start"]
+    assert ops == slice_ + ["status"] * 2 + ["delete"] + slice_ + ["status"] * 3 + ["delete"]
+    assert "restart 1 of at most 20" in out.stderr and "training finished" in out.stderr
+    assert "step=50 loss=3.1" in (tmp_path / "logs" / "p.log").read_text()  # the streamed log is kept
+
+
+def test_tpu_pod_run_stops_on_failure_and_after_max_restarts(tmp_path):
+    (tmp_path / "a").mkdir()
+    out, ops = _run_pod(tmp_path / "a", ["running", "failed 3"])
+    assert out.returncode == 1 and "training failed 3" in out.stderr
+    assert "delete" not in ops  # kept for inspection
+    (tmp_path / "b").mkdir()
+    out, ops = _run_pod(tmp_path / "b", ["preempt", "preempt"], "--max-restarts=1")
+    assert out.returncode == 1 and "preempted 2 times (--max-restarts=1)" in out.stderr
+    assert ops.count("create") == 2
+
+
+def test_tpu_worker_start_status_stop(tmp_path):
+    """The worker side: training detached from the caller, its status, SIGTERM -> 'preempted'."""
+    fake = tmp_path / "python"
+    fake.write_text("""#!/usr/bin/env bash
+echo "args: $* distributed=$CLIP_JAX_DISTRIBUTED"
+case $FAKE_MODE in
+  finish) exit 0 ;;
+  fail) exit 3 ;;
+esac
+trap 'echo "preemption notice (SIGTERM): saved a checkpoint at step 7 in gs://b/r; exiting."; exit 0' TERM
+while :; do sleep 0.05; done
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), CLIP_JAX_STATE_DIR=str(tmp_path))
+    worker = lambda *args, **kw: subprocess.run(["bash", f"{ROOT}/launch/tpu_worker.sh", *args], cwd=ROOT,
+                                                env=dict(env, **kw), capture_output=True, text=True, timeout=30)
+    import time
+
+    def status_becomes(want):
+        for _ in range(100):
+            if (got := worker("status").stdout.strip()) == want:
+                return True
+            time.sleep(0.05)
+        raise AssertionError(f"status {got!r}, want {want!r}")
+
+    assert worker("status").stdout.strip() == "none"
+    started = worker("start", "--config=c", "--workdir=gs://b/r", "--x=a b")
+    assert started.returncode == 0 and "started clip_jax.train" in started.stdout
+    status_becomes("running")
+    assert "already runs" in worker("start", "--config=c").stdout  # a second start does not double the job
+    assert "sent SIGTERM" in worker("stop").stdout
+    status_becomes("preempted")
+    log = (tmp_path / "clip_jax_train.log").read_text()
+    assert "args: -m clip_jax.train --config=c --workdir=gs://b/r --x=a b distributed=1" in log
+    worker("start", "--config=c", FAKE_MODE="finish")
+    status_becomes("finished")
+    worker("start", "--config=c", FAKE_MODE="fail")
+    status_becomes("failed 3")
+    assert "is not running" in worker("stop").stdout
