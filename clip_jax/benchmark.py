@@ -1,7 +1,7 @@
-"""Benchmarks that print figures: ``python -m clip_jax.benchmark {tokenizer,input} ...``.
+"""Benchmarks that print figures: ``python -m clip_jax.benchmark {train,matmul,tokenizer,input} ...``.
 
 Each prints ``key: value`` lines, the headline figure last. TensorFlow is imported only
-by the sub-benchmarks that need it.
+by the sub-benchmarks that need it: ``train`` and ``matmul`` need only jax, flax and optax.
 """
 
 from __future__ import annotations
@@ -115,9 +115,150 @@ def bench_input(args) -> None:
     print(f"images/s: {images / seconds:,.0f} (per core: {images / seconds / cores:,.0f})")
 
 
+
+# -- train: whole training steps, sharded as clip_jax.train shards them --------------------
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of a square matmul on the default device: the CPU's peak for MFU."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * n**3 / best
+
+
+def _synthetic_batch(model, batch: int, sharding, seed: int = 0) -> dict:
+    """uint8 images (as the input pipeline feeds them) and tokens with an EOT, placed on the devices."""
+    import jax
+
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, cfg.vision.image_size, cfg.vision.image_size, 3), dtype=np.uint8)
+    tokens = rng.integers(1, cfg.text.vocab_size - 2, (batch, cfg.text.context_length), dtype=np.int32)
+    tokens[:, 0] = cfg.text.vocab_size - 2  # SOT
+    lengths = rng.integers(5, cfg.text.context_length, batch)
+    tokens[np.arange(batch), lengths] = cfg.text.vocab_size - 1  # EOT: the argmax the text tower pools
+    tokens[np.arange(cfg.text.context_length)[None, :] > lengths[:, None]] = 0
+    return {"image": jax.device_put(images, sharding), "tokens": jax.device_put(tokens, sharding)}
+
+
+def _memory(compiled) -> dict:
+    """Per-device bytes of the compiled step (XLA's memory analysis): what must fit."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+             + getattr(m, "generated_code_size_in_bytes", 0))
+    return {"memory_gib": total / 2**30, "temp_gib": m.temp_size_in_bytes / 2**30,
+            "arguments_gib": m.argument_size_in_bytes / 2**30}
+
+
+def bench_train(args) -> dict:
+    import jax
+
+    from clip_jax import flops, sharding
+    from clip_jax.losses import make_loss
+    from clip_jax.models import create_model
+    from clip_jax.optim import make_optimizer
+    from clip_jax.train_step import create_state, jit_train_step
+
+    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+    mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
+    mesh = sharding.make_mesh({k: int(v) for k, v in mesh_shape.items()}, devices)
+    sharding.check_batch(args.batch // args.accum_steps, mesh)
+    attn = None if args.attn == "auto" else args.attn
+    model = create_model(args.model, dtype=args.dtype, remat=args.remat, scan=args.scan, attn_impl=attn)
+    variables, _ = sharding.sharded_init(model, mesh, jax.random.key(0))
+    # The paper's ViT optimizer; the schedule is irrelevant to speed.
+    optimizer = make_optimizer({"learning_rate": 5e-4, "warmup_steps": 10, "b2": 0.98, "eps": 1e-6,
+                                "weight_decay": 0.2}, variables["params"], 1000)
+    state = create_state(variables, optimizer)
+    del variables
+    batch_sharding = sharding.batch_sharding(mesh)
+    step = jit_train_step(model, optimizer, make_loss(args.loss, mesh, sharding.BATCH_AXES), state, batch_sharding,
+                          args.accum_steps)
+    batch = _synthetic_batch(model, args.batch, batch_sharding)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.repeats):  # back to back, as in training: the host only waits at the end
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append((time.perf_counter() - start) / args.steps)
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+    step_s = float(np.median(times))
+    n = len(devices)
+    model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
+    device = devices[0]
+    peak = flops.peak_flops(device)
+    if peak is not None:
+        peak_total, peak_note = peak * n, f"{peak / 1e12:.0f} TFLOP/s per device ({device.device_kind}, bf16 table)"
+    else:  # CPU: the devices share the host's cores, so the peak is the host's measured matmul
+        peak_total = measure_matmul_peak(args.dtype)
+        peak_note = f"{peak_total / 1e12:.3f} TFLOP/s measured {args.dtype} matmul 2048^3 on this host"
+    out = {
+        "model": args.model, "batch": args.batch, "devices": n, "mesh": dict(mesh.shape), "dtype": args.dtype,
+        "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "compile_s": compile_s,
+        "step_s": step_s, "step_s_min": float(min(times)), "images/s": args.batch / step_s,
+        "images/s/device": args.batch / step_s / n, "model_tflop_per_step": model_flops / 1e12,
+        "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": model_flops / step_s / peak_total,
+        **_memory(compiled),
+    }
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    for key, value in out.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return out
+
+
+def bench_matmul(args) -> None:
+    peak = measure_matmul_peak(args.dtype, args.n)
+    print(f"matmul: {args.n}^3 {args.dtype}")
+    print(f"tflop/s: {peak / 1e12:.4g}")
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="whole training steps on synthetic inputs: images/s, MFU, memory per device")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
+    p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
+    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"],
+                   help="jax.nn.dot_product_attention implementation (auto: JAX picks)")
+    p.add_argument("--accum_steps", type=int, default=1)
+    p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
+    p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
+    p.add_argument("--profile", default="", help="write a jax.profiler trace of 3 more steps here")
+    p.set_defaults(fn=bench_train)
+    p = sub.add_parser("matmul", help="FLOP/s of a square matmul (the CPU's peak for MFU)")
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(fn=bench_matmul)
     p = sub.add_parser("tokenizer", help="CLIP BPE captions/s, in Python and inside tf.data")
     p.add_argument("--captions", type=int, default=20000)
     p.add_argument("--batch", type=int, default=256)
@@ -135,7 +276,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "uint8"])
     p.set_defaults(fn=bench_input)
     args = parser.parse_args(argv)
-    args.fn(args)
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""The train benchmark runs on the CPU and prints every figure (the figures themselves live in the README)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax.benchmark import main
+
+FIGURES = ["step_s", "images/s", "images/s/device", "mfu", "memory_gib", "tflop/s", "compile_s"]
+
+
+def run(capsys, *args):
+    out = main(["train", "--model=ViT-Tiny-test", "--steps=1", "--repeats=1", "--warmup=1", *args])
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    return out, printed
+
+
+def test_train_benchmark_prints_every_figure(capsys):
+    out, printed = run(capsys, "--batch=16", "--devices=1")
+    for key in FIGURES:
+        assert key in printed and float(printed[key]) > 0, key
+    assert out["images/s"] == pytest.approx(16 / out["step_s"])
+    assert 0 < out["mfu"] < 1
+    # The compiled step's arguments hold at least params + two Adam moments in float32.
+    from clip_jax.models import create_model, variable_shapes
+
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(variable_shapes(create_model("ViT-Tiny-test"))))
+    assert out["arguments_gib"] * 2**30 >= 3 * 4 * n_params
+    assert out["memory_gib"] >= out["arguments_gib"]
+
+
+def test_memory_per_device_stays_flat_as_the_global_batch_grows_8x(capsys):
+    """A fixed per-device batch of 64: 1 device (global 64) vs 8 devices (global 512).
+
+    The loss sees the full 512 x 512 similarity matrix, yet each device holds only its
+    64 rows of it and the gathered 512 x d embeddings. (Going from one device to several
+    adds one fixed buffer, for the gradient all-reduce, the size of the gradients.)
+    """
+    assert jax.device_count() >= 8
+    one, _ = run(capsys, "--batch=64", "--devices=1")
+    eight, _ = run(capsys, "--batch=512", "--devices=8")
+    assert eight["devices"] == 8 and eight["images/s/device"] > 0
+    assert eight["memory_gib"] == pytest.approx(one["memory_gib"], rel=0.10), (one["memory_gib"], eight["memory_gib"])
+
+
+def test_train_benchmark_bad_batch_errors_before_compiling(capsys):
+    with pytest.raises(ValueError, match="does not divide"):
+        main(["train", "--model=ViT-Tiny-test", "--batch=12", "--devices=8"])
