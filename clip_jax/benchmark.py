@@ -200,7 +200,7 @@ def bench_train(args) -> dict:
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / args.steps)
     if args.profile:
-        with jax.profiler.trace(args.profile):
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
             for _ in range(3):
                 state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
