@@ -65,8 +65,9 @@ def _evaluate(evaluator, encoder, state, config, workdir: str, step: int) -> dic
     start = time.perf_counter()
     metrics, details = evaluator.run(encoder, config.get("eval_batch_size", 256))
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "eval").mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / "eval" / f"step_{step}.json").write_text(
+        out = epath.Path(workdir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_{step}.json").write_text(
             json.dumps({"step": step, "metrics": metrics, "details": details}, indent=1))
     log(format_table(metrics) + f"\n(step {step}, evaluated in {time.perf_counter() - start:.1f}s)")
     return metrics

@@ -25,8 +25,8 @@ if [[ ! $D =~ ^[1-9][0-9]*$ ]]; then
 fi
 [[ " ${ARGS[*]-} " == *" --config="* ]] || ARGS=(--config=configs/smoke.py "${ARGS[@]+"${ARGS[@]}"}")
 [[ " ${ARGS[*]} " == *" --workdir="* ]] || ARGS+=(--workdir=/tmp/clip_smoke)
-OTHER_FLAGS=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/^ +| +$//g; s/  +/ /g')
-FLAGS="--xla_force_host_platform_device_count=$D${OTHER_FLAGS:+ $OTHER_FLAGS}"
+source launch/lib.sh
+FLAGS=$(host_xla_flags "$D")
 CMD=(env "XLA_FLAGS=$FLAGS" JAX_PLATFORMS=cpu CLIP_JAX_DISTRIBUTED=0 "${PYTHON:-python3}" -m clip_jax.train "${ARGS[@]}")
 if [[ $DRY_RUN == 1 ]]; then
   printf '%q ' "${CMD[@]}" | sed 's/ $//'

@@ -26,9 +26,8 @@ PYTHON=${PYTHON:-python3}
 MODULE=${CLIP_JAX_MODULE:-clip_jax.train}
 PORT=${CLIP_JAX_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-# Any other XLA flags of the caller are kept; a device count of theirs is replaced by D.
-OTHER_FLAGS=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/^ +| +$//g; s/  +/ /g')
-FLAGS="--xla_force_host_platform_device_count=$D${OTHER_FLAGS:+ $OTHER_FLAGS}"
+source "$(dirname "$0")/lib.sh"
+FLAGS=$(host_xla_flags "$D")  # the caller's other XLA flags are kept
 
 command_for() {  # the command of process $1 (train args follow), as one printable line
   local i=$1

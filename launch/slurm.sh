@@ -35,15 +35,9 @@ TRAIN_ARGS=("$@")
 fail() { echo "slurm.sh: $*" >&2; exit 2; }
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || fail "--nodes=N is required (a positive integer)"
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || fail "--gpus-per-node must be a positive integer, got '$GPUS'"
-WORKDIR=""
-HAVE_CONFIG=0
-for a in "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"; do
-  case $a in
-    --workdir=*) WORKDIR=${a#--workdir=} ;;
-    --config=*) HAVE_CONFIG=1 ;;
-  esac
-done
-[[ -n $WORKDIR && $HAVE_CONFIG == 1 ]] || fail "pass the train arguments after --, at least --config=... and --workdir=..."
+source "$(dirname "$0")/lib.sh"
+WORKDIR=$(train_workdir "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}")
+[[ -n $WORKDIR ]] || fail "pass the train arguments after --, at least --config=... and --workdir=..."
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 script() {

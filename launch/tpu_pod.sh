@@ -95,14 +95,9 @@ if [[ $ACTION == create || $ACTION == run ]]; then
   fi
 fi
 if [[ $ACTION == train || $ACTION == run ]]; then
-  WORKDIR="" HAVE_CONFIG=0
-  for a in "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"; do
-    case $a in
-      --workdir=*) WORKDIR=${a#--workdir=} ;;
-      --config=*) HAVE_CONFIG=1 ;;
-    esac
-  done
-  [[ $HAVE_CONFIG == 1 && -n $WORKDIR ]] || fail "pass the train arguments after --, at least --config=... and --workdir=gs://..."
+  source "$(dirname "$0")/lib.sh"
+  WORKDIR=$(train_workdir "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}")
+  [[ -n $WORKDIR ]] || fail "pass the train arguments after --, at least --config=... and --workdir=gs://..."
   [[ $WORKDIR == gs://* ]] || fail "--workdir=$WORKDIR: on a pod the workdir must be on Cloud Storage (gs://BUCKET/...): every worker writes its share of the checkpoints there, and it must outlive a preempted slice"
 fi
 case $CODE in
@@ -119,6 +114,8 @@ SCOPE=(--zone="$ZONE")
 REMOTE_DIR='~/clip_jax'  # expanded by the workers' shell
 WORKER="bash $REMOTE_DIR/launch/tpu_worker.sh"
 TARBALL="${TMPDIR:-/tmp}/clip_jax-$NAME.tgz"
+DESCRIBE=("$GCLOUD" compute tpus queued-resources describe "$NAME" "${SCOPE[@]}" --format='value(state.state)')
+SSH=("$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${SCOPE[@]}")
 STATUS="if [ -f $REMOTE_DIR/launch/tpu_worker.sh ]; then $WORKER status; else echo no-code; fi"
 
 say() { echo "tpu_pod.sh: $*" >&2; }
@@ -136,10 +133,10 @@ cmd() {  # run a command, or print it under --dry-run
   if [[ $DRY_RUN == 1 ]]; then show "$@"; else "$@"; fi
 }
 ssh_workers() {  # ssh_workers WORKER COMMAND: one command on one worker or on all of them
-  cmd "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${SCOPE[@]}" --worker="$1" --command="$2"
+  cmd "${SSH[@]}" --worker="$1" --command="$2"
 }
 qr_state() {  # the queued resource's state; empty when there is none
-  "$GCLOUD" compute tpus queued-resources describe "$NAME" "${SCOPE[@]}" --format='value(state.state)' 2>/dev/null || true
+  "${DESCRIBE[@]}" 2>/dev/null || true
 }
 
 do_create() {
@@ -148,7 +145,7 @@ do_create() {
     --accelerator-type="$ACCEL" --runtime-version="$RUNTIME" ${CAPACITY:+"$CAPACITY"}
   if [[ $DRY_RUN == 1 ]]; then
     echo "# then every ${POLL}s until ACTIVE (FAILED stops):"
-    show "$GCLOUD" compute tpus queued-resources describe "$NAME" "${SCOPE[@]}" --format='value(state.state)'
+    show "${DESCRIBE[@]}"
     return
   fi
   local state
@@ -200,8 +197,7 @@ do_delete() {
 
 worker_status() {  # worker 0's training status (the job's: its processes end together), "no-code" or "unreachable"
   local out
-  out=$("$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${SCOPE[@]}" --worker=0 \
-        --command="$STATUS" 2>/dev/null) \
+  out=$("${SSH[@]}" --worker=0 --command="$STATUS" 2>/dev/null) \
     && [[ -n $out ]] && echo "${out##*$'\n'}" || echo unreachable
 }
 
@@ -209,7 +205,7 @@ do_run() {
   if [[ $DRY_RUN == 1 ]]; then
     do_create; do_setup; do_train; do_logs
     echo "# then every ${POLL}s: the queued resource's state and worker 0's training status:"
-    show "$GCLOUD" compute tpus queued-resources describe "$NAME" "${SCOPE[@]}" --format='value(state.state)'
+    show "${DESCRIBE[@]}"
     ssh_workers 0 "$STATUS"
     echo "# preempted: delete, create, setup and train again (the run resumes from its checkpoint):"
     do_delete
@@ -274,7 +270,7 @@ case $ACTION in
   logs) do_logs ;;
   status)
     if [[ $DRY_RUN == 1 ]]; then
-      show "$GCLOUD" compute tpus queued-resources describe "$NAME" "${SCOPE[@]}" --format='value(state.state)'
+      show "${DESCRIBE[@]}"
     else
       echo "queued resource $NAME: $(qr_state)"
     fi
