@@ -182,13 +182,16 @@ class Evaluator:
             group.info = eval_data.describe(group.data, caption_cfg, label_keys=group.label_keys,
                                             need_captions=group.max_captions > 0)
             for spec in group.specs:
-                if spec.task == "zero_shot" and group.info.source.kind != "shapes":
+                if spec.task == "zero_shot" and (group.info.source.kind != "shapes" or spec.get("classes")):
                     self._class_meta[spec] = _class_metadata(spec, group.info, self._keys[spec][0], self.log)
 
     def _label_keys(self, spec: EvalSpec) -> list:
         if spec.get("label_key"):
             return [spec.get("label_key")]
         if spec.data.startswith("shapes"):
+            if spec.get("classes"):  # one list of names cannot serve all three label tasks
+                raise ValueError(f"{spec}: classes= on shapes needs label_key= naming the labels they are for "
+                                 f"(one of {list(_SHAPES_TASKS)})")
             return list(_SHAPES_TASKS)
         if spec.data.startswith("tfds:") and not spec.get("classes"):
             shipped = find_metadata(eval_data.parse_spec(_with_split(spec.data, spec.task)).name)
@@ -260,14 +263,15 @@ class Evaluator:
         metrics, details = {}, {"examples": int(len(feats["image_embeds"]))}
         for key in self._keys[spec]:
             labels = feats["labels"][:, group.label_keys.index(key)]
-            if info.source.kind == "shapes":
+            if spec not in self._class_meta:  # shapes' own prompts, per label task
                 from clip_jax import shapes
 
                 task = _SHAPES_TASKS[key]
                 prompts, names, prefix = shapes.prompts(task), shapes.class_names(task), f"{task}/"
             else:
                 meta = self._class_meta[spec]
-                prompts, names, prefix = zero_shot.prompts_for(meta), meta["classnames"], ""
+                prompts, names = zero_shot.prompts_for(meta), meta["classnames"]
+                prefix = f"{_SHAPES_TASKS[key]}/" if info.source.kind == "shapes" else ""
             _check_labels(spec, info, key, labels, len(names))
             weights = zero_shot.classifier_weights(encoder.model, None, prompts, embed_texts=encoder.embed_texts)
             logits = feats["image_embeds"] @ weights.T

@@ -166,6 +166,33 @@ def test_errors_name_the_problem(tfds_dir, tmp_path):
         evaluate.Evaluator("retrieval=tfds:cliptiny:test|caption_key=text_en", config, **kw)
 
 
+def test_own_class_names_on_shapes_replace_its_prompts(tiny_model, tmp_path):
+    """classes= on the embedded dataset is used (not ignored) for the one label task it names."""
+    from clip_jax import shapes
+
+    model, variables = tiny_model
+    config = {"shapes_sizes": {"test": 40}, "cache_dir": str(tmp_path / "cache")}
+    kw = dict(image_size=32, context_length=77, log=lambda *_: None)
+    colours = _classes_file(tmp_path, shapes.class_names("color"))
+    ev = evaluate.Evaluator(f"zero_shot=shapes:test|classes={colours}|label_key=label_color", config, **kw)
+    metrics, _ = ev.run(_encoder(model, variables), batch_size=16)
+    assert set(metrics) == {f"zero_shot/shapes.test/color/{m}" for m in ("top1", "top5", "mean_per_class")}
+
+    info = eval_data.describe("shapes:test", config, label_keys=["label_color"])
+    (batch,) = eval_data.eval_batches(info, config, batch_size=64, image_size=32, context_length=77,
+                                      label_keys=["label_color"], max_captions=0)
+    images = clip_jax.encode_image(model, variables, batch["image"][batch["mask"]])
+    weights = zero_shot.classifier_weights(model, variables, zero_shot.prompts_for(zero_shot.load_metadata(colours)))
+    want = zero_shot.topk_accuracy(images @ weights.T, batch["labels"][batch["mask"], 0], ks=(1,))
+    assert metrics["zero_shot/shapes.test/color/top1"] == pytest.approx(want["top1"])
+
+    with pytest.raises(ValueError, match="classes= on shapes needs label_key="):
+        evaluate.Evaluator(f"zero_shot=shapes:test|classes={colours}", config, **kw)
+    with pytest.raises(ValueError, match="has 3 names but shapes:test declares 6 classes in 'label_shape'"):
+        evaluate.Evaluator(f"zero_shot=shapes:test|classes={_classes_file(tmp_path)}|label_key=label_shape",
+                           config, **kw)
+
+
 def test_tfrecord_labels_outside_the_class_list_are_an_error(tmp_path, tiny_model):
     import io
 
