@@ -569,3 +569,34 @@ def to_global_arrays(batch: dict, sharding, keys=MODEL_INPUTS) -> dict:
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
+
+
+class DevicePrefetch:
+    """Global batches put on the devices ahead of the step that uses them.
+
+    `size` batches are in flight when a step is dispatched: its own and the next size-1. Their
+    host-to-device copies run while earlier steps compute, so a step never waits on a transfer. Each batch carries the input position after it: `state()`
+    is where the steps (not the prefetcher) have got to, which is what a checkpoint must save.
+    """
+
+    def __init__(self, pipe: "InputPipeline", sharding, size: int = 2):
+        import collections
+
+        if size < 1:
+            raise ValueError(f"device prefetch size must be >= 1, got {size}")
+        self.pipe, self.sharding, self.size = pipe, sharding, size
+        self._queue: collections.deque = collections.deque()
+        self._state = pipe.state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self._queue) < self.size:
+            batch = to_global_arrays(next(self.pipe), self.sharding)  # dispatched, not waited on
+            self._queue.append((batch, self.pipe.state()))
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def state(self) -> list:
+        return self._state

@@ -16,7 +16,7 @@ from etils import epath
 
 from clip_jax import checkpoint, distributed, sharding
 from clip_jax.features import Encoder
-from clip_jax.input_pipeline import InputPipeline, stream_count, to_global_arrays
+from clip_jax.input_pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.losses import LOSSES, make_loss
 from clip_jax.models import create_model
 from clip_jax.optim import make_optimizer, make_schedule
@@ -183,7 +183,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     write_run_config(workdir, config)
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
-    model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan)
+    model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan,
+                         attn_impl=config.get("attn_impl", "auto"))
     evaluator = make_evaluator(config, model)  # a missing eval dataset fails here, before any compile
     variables, shardings = sharding.sharded_init(model, mesh, jax.random.key(config.seed))
     if config.get("init_from"):
@@ -210,6 +211,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
                              sharding.batch_sharding(mesh), config.accum_steps)
     step_fn = distributed.compile_together(step_fn, "train_step")
+    batches = DevicePrefetch(pipe, sharding.batch_sharding(mesh), config.get("prefetch_batches", 2))
     schedule = make_schedule(config.optim, config.total_steps)
     encoder = Encoder(model, None, mesh) if evaluator else None
     metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
@@ -221,8 +223,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
     preemption = PreemptionNotice()
     try:
         while step < end:
-            batch = to_global_arrays(next(pipe), sharding.batch_sharding(mesh))
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, next(batches))
             step += 1
             if previous is not None:  # one step behind, so the host never waits on the step it just started
                 _check_streak(*previous, config)
@@ -253,7 +254,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                 # The step guards loss and gradient; an update that overflows is caught here.
                 if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):
                     raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
-                checkpoint.save(manager, step, state, pipe.state(), force=True)
+                checkpoint.save(manager, step, state, batches.state(), force=True)
             if preempted:
                 manager.wait_until_finished()
                 log(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; exiting. "

@@ -37,11 +37,13 @@ def get_config(model: str = "ViT-B-32"):
     c.dtype = "bfloat16"  # compute; params and optimizer state stay float32
     c.remat = "none" if base in SMALL else "full"
     c.scan = True
+    c.attn_impl = "auto"  # cuDNN fused attention on NVIDIA GPUs in bf16 (lengths padded to x8), else XLA
     c.loss = "softmax"
     c.seed = 0
     c.batch_size = 32_768
     c.total_steps = PAPER_STEPS // 32 if base == "ViT-L-14-336" else PAPER_STEPS
     c.accum_steps = 1
+    c.prefetch_batches = 2  # global batches put on the devices ahead of the step
     c.log_every_steps = 100
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 2_000

@@ -14,11 +14,13 @@ def get_config():
     c.dtype = "float32"
     c.remat = "none"
     c.scan = True
+    c.attn_impl = "auto"  # cuDNN fused attention on NVIDIA GPUs in bf16 (lengths padded to x8), else XLA
     c.loss = "softmax"
     c.seed = 0
     c.batch_size = 128  # global, over every process
     c.total_steps = 600
     c.accum_steps = 1
+    c.prefetch_batches = 2  # global batches put on the devices ahead of the step
     c.log_every_steps = 25
     c.eval_every_steps = 150
     c.eval_batch_size = 256  # global

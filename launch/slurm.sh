@@ -2,7 +2,7 @@
 # Multi-node GPU training under SLURM: writes an sbatch script and submits it.
 #
 #   launch/slurm.sh --nodes=N [--gpus-per-node=8] [--partition=P] [--account=A] [--time=HH:MM:SS]
-#                   [--job-name=clip_jax] [--python=python3] [--dry-run] -- TRAIN_ARGS...
+#                   [--job-name=clip_jax] [--python=python3] [--perf-flags] [--dry-run] -- TRAIN_ARGS...
 #   launch/slurm.sh --nodes=2 --partition=gpu -- --config=configs/clip_paper.py:ViT-B-16 \
 #                   --workdir=/shared/runs/vitb16 --config.data.train='tfrecord:/shared/laion/*.tfrecord'
 #
@@ -13,9 +13,10 @@
 # (--requeue); one that reached its time limit is resubmitted with the same script
 # (WORKDIR/clip_jax.sbatch); either way the run resumes from its checkpoint. The workdir must be
 # on storage every node sees. Logs: WORKDIR/slurm-JOBID.out. --dry-run prints the script and
-# the sbatch command instead of submitting.
+# the sbatch command instead of submitting. --perf-flags prepends GPU_PERF_XLA_FLAGS (launch/lib.sh:
+# collectives overlapped with compute; unmeasured here) to the job's XLA_FLAGS.
 set -euo pipefail
-NODES="" GPUS=8 PARTITION="" ACCOUNT="" TIME="24:00:00" NAME="clip_jax" PY="python3" DRY_RUN=0
+NODES="" GPUS=8 PARTITION="" ACCOUNT="" TIME="24:00:00" NAME="clip_jax" PY="python3" DRY_RUN=0 PERF=0
 while (($#)); do
   case $1 in
     --nodes=*) NODES=${1#*=} ;;
@@ -25,6 +26,7 @@ while (($#)); do
     --time=*) TIME=${1#*=} ;;
     --job-name=*) NAME=${1#*=} ;;
     --python=*) PY=${1#*=} ;;
+    --perf-flags) PERF=1 ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; break ;;
     *) echo "slurm.sh: unknown option '$1' (train arguments go after --)" >&2; exit 2 ;;
@@ -55,6 +57,7 @@ script() {
   [[ -n $ACCOUNT ]] && echo "#SBATCH --account=$ACCOUNT"
   echo "set -euo pipefail"
   echo "cd $(printf '%q' "$REPO")"
+  [[ $PERF == 1 ]] && echo "export XLA_FLAGS=\"$GPU_PERF_XLA_FLAGS \${XLA_FLAGS:-}\""
   printf 'srun --kill-on-bad-exit=1 %q -m clip_jax.train' "$PY"
   printf ' %q' "${TRAIN_ARGS[@]}"
   printf '\n'

@@ -32,6 +32,8 @@
 #   --project=PROJECT   default: gcloud's configured project
 #   --code=copy | git:URL[@REF]   default copy (tracked and untracked, not ignored, files)
 #   --python=python3    the workers' python
+#   --perf-flags        train with LIBTPU_INIT_ARGS=TPU_PERF_LIBTPU_ARGS (launch/lib.sh: async
+#                       collectives overlapped with compute; unmeasured here)
 #   --log-dir=DIR       default ./tpu_logs
 #   --poll=SECONDS      default 60;  --max-restarts=N  default 20;  --keep
 #   --dry-run           print the commands instead of running them
@@ -41,7 +43,7 @@ set -euo pipefail
 ACTION=${1:-}
 [[ -n $ACTION && $ACTION != -* ]] && shift || ACTION=""
 NAME="" ZONE="" ACCEL="" RUNTIME="" CAPACITY="" PROJECT="" CODE="copy" PY="python3"
-LOG_DIR="tpu_logs" POLL=60 MAX_RESTARTS=20 KEEP=0 DRY_RUN=0
+LOG_DIR="tpu_logs" POLL=60 MAX_RESTARTS=20 KEEP=0 DRY_RUN=0 PERF=0
 fail() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 while (($#)); do
   case $1 in
@@ -58,6 +60,7 @@ while (($#)); do
     --poll=*) POLL=${1#*=} ;;
     --max-restarts=*) MAX_RESTARTS=${1#*=} ;;
     --keep) KEEP=1 ;;
+    --perf-flags) PERF=1 ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; break ;;
     *) fail "unknown option '$1' (train arguments go after --)" ;;
@@ -179,7 +182,9 @@ do_setup() {
 do_train() {
   local quoted
   quoted=$(for a in "${TRAIN_ARGS[@]}"; do printf ' '; qq "$a"; done)
-  ssh_workers all "cd $REMOTE_DIR && PYTHON=$(qq "$PY") $WORKER start$quoted"
+  local env="PYTHON=$(qq "$PY")"
+  [[ $PERF == 1 ]] && env="LIBTPU_INIT_ARGS=$(qq "$TPU_PERF_LIBTPU_ARGS") $env"
+  ssh_workers all "cd $REMOTE_DIR && $env $WORKER start$quoted"
 }
 
 do_logs() {  # streams until the connection ends (the slice stops, or Ctrl-C)

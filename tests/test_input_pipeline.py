@@ -234,6 +234,38 @@ def test_global_array_on_8_devices():
     assert len(out["image"].addressable_shards) == len(devices)
 
 
+def test_device_prefetch_keeps_order_and_the_position_of_the_steps(tmp_path):
+    """Batches come out as the pipeline gives them, already on the mesh; the position saved for a
+    checkpoint is the one after the last batch handed to a step, not after the prefetched ones."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clip_jax.input_pipeline import DevicePrefetch
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    glob = write_shards(tmp_path)
+    reference = pipeline(glob, global_batch_size=8)
+    want = [next(reference) for _ in range(5)]
+    positions = []
+    probe = pipeline(glob, global_batch_size=8)
+    for _ in range(5):
+        next(probe)
+        positions.append(probe.state())
+    prefetch = DevicePrefetch(pipeline(glob, global_batch_size=8), sharding, size=2)
+    assert prefetch.state() == pipeline(glob, global_batch_size=8).state()  # nothing consumed yet
+    for i in range(5):
+        got = next(prefetch)
+        assert got["image"].sharding == sharding and set(got) == {"image", "tokens"}
+        np.testing.assert_array_equal(np.asarray(got["image"]), want[i]["image"])
+        np.testing.assert_array_equal(np.asarray(got["tokens"]), want[i]["tokens"])
+        assert prefetch.state() == positions[i]
+        if i < 4:  # the next batch is read (and on its way to the devices) while this one's step runs
+            assert prefetch.pipe.state() == positions[i + 1]
+    with pytest.raises(ValueError, match="prefetch size must be >= 1"):
+        DevicePrefetch(reference, sharding, size=0)
+
+
 def test_shapes_source(tmp_path):
     config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 40, "validation": 8, "test": 8},
               "label_keys": ["label", "label_color", "label_shape"]}

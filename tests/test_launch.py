@@ -41,6 +41,34 @@ def test_slurm_errors():
     assert bad.returncode == 2 and "train arguments go after --" in bad.stderr
 
 
+def test_perf_flags_reach_the_job_environment():
+    """--perf-flags: the GPU job exports XLA_FLAGS with the overlap flags ahead of the caller's;
+    every TPU worker trains with LIBTPU_INIT_ARGS. Without the option, neither is touched."""
+    def perf_sets(name):
+        out = subprocess.run(["bash", "-c", f"source {ROOT}/launch/lib.sh; printf '%s' \"${name}\""],
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    gpu, tpu = perf_sets("GPU_PERF_XLA_FLAGS"), perf_sets("TPU_PERF_LIBTPU_ARGS")
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in gpu and len(gpu) == 4
+    assert "--xla_tpu_enable_async_collective_fusion=true" in tpu and len(tpu) == 7
+    train = ["--", "--config=c", "--workdir=/w"]
+    lines = run("slurm.sh", "--nodes=2", "--perf-flags", "--dry-run", *train).stdout.splitlines()
+    (export,) = [l for l in lines if l.startswith("export XLA_FLAGS=")]
+    assert lines.index(export) < lines.index(next(l for l in lines if l.startswith("srun ")))
+    env = subprocess.run(["bash", "-c", export + '; printf "%s" "$XLA_FLAGS"'], capture_output=True, text=True,
+                         env=dict(os.environ, XLA_FLAGS="--mine=1")).stdout.split()
+    assert env == gpu + ["--mine=1"]
+    assert not any("XLA_FLAGS" in l for l in run("slurm.sh", "--nodes=2", "--dry-run", *train).stdout.splitlines())
+
+    tpu_train = ["train", "--name=p", "--zone=z", "--dry-run", "--", "--config=c", "--workdir=gs://b/w"]
+    (ssh,) = commands(run("tpu_pod.sh", *tpu_train[:4], "--perf-flags", *tpu_train[4:]).stdout)
+    worker = remote(ssh)
+    assert worker[3] == "LIBTPU_INIT_ARGS=" + " ".join(tpu) and worker[4] == "PYTHON=python3"
+    (ssh,) = commands(run("tpu_pod.sh", *tpu_train).stdout)
+    assert "LIBTPU_INIT_ARGS" not in ssh[-1]
+
+
 def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
     """A gs:// workdir: config.json, metrics.jsonl (append, trim on resume) are read and written through
     epath (tf.io.gfile on Cloud Storage). Here gs:// is mocked onto tmp_path; a plain open() or os.path

@@ -157,10 +157,55 @@ def test_list_models_has_every_preset():
 
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="unknown remat policy"):
-        create_model("ViT-Tiny-test", remat="sometimes").apply({}, *inputs(create_model("ViT-Tiny-test")))
+        create_model("ViT-Tiny-test", remat="sometimes")
+    with pytest.raises(ValueError, match="attn_impl 'flash' not supported"):
+        create_model("ViT-Tiny-test", attn_impl="flash")
     with pytest.raises(ValueError, match="dtype 'float16' not supported"):
         create_model("ViT-Tiny-test", dtype="float16")
     cfg = clip_jax.get_model_config("ViT-Tiny-test").to_dict()
     cfg["vision_cfg"]["patch_dropout"] = 0.5
     with pytest.raises(ValueError, match="unsupported keys in vision_cfg: \\['patch_dropout'\\]"):
         create_model(cfg)
+
+
+@pytest.mark.parametrize("length,causal", [(197, False), (77, True), (50, False), (80, True)])
+def test_attention_padded_for_cudnn_equals_unpadded(length, causal):
+    """cuDNN takes lengths that are multiples of 8: the padding (keys masked by length, query rows
+    sliced off) must not change outputs or gradients. Checked here with XLA's kernel on both sides."""
+    from clip_jax.models.layers import padded_attention
+
+    rng = np.random.default_rng(length)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, length, 3, 16)), jnp.float32) for _ in range(3))
+    w = jnp.asarray(rng.normal(size=(2, length, 3, 16)), jnp.float32)  # a loss that weighs every output
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    def padded(q, k, v):
+        return padded_attention(q, k, v, causal, "xla")
+
+    np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=2e-6)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+    for got, want in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    if length % 8:  # the padding is real: without the key mask the result differs
+        pad = ((0, 0), (0, -length % 8), (0, 0), (0, 0))
+        unmasked = jax.nn.dot_product_attention(*(jnp.pad(x, pad) for x in (q, k, v)), is_causal=causal)[:, :length]
+        assert causal or not np.allclose(unmasked, plain(q, k, v), atol=1e-3)
+
+
+def test_attention_implementation_choice():
+    from clip_jax.models.layers import attention_impl
+
+    q32, q16 = jnp.zeros((1, 8, 2, 64)), jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    assert jax.default_backend() == "cpu"
+    assert attention_impl(None, q16) == attention_impl("auto", q32) == "xla"  # no cuDNN off GPU
+    assert attention_impl("xla", q16) == "xla"
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        attention_impl("cudnn", q16)
+    # 'auto' and 'xla' give the same model outputs on the CPU
+    model = create_model("ViT-Tiny-test", attn_impl="auto")
+    variables = random_variables(model)
+    a = model.apply(variables, *inputs(model))
+    b = create_model("ViT-Tiny-test", attn_impl="xla").apply(variables, *inputs(model))
+    np.testing.assert_array_equal(a["image_embeds"], b["image_embeds"])

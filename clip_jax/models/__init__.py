@@ -34,6 +34,13 @@ def create_model(
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
+    if attn_impl not in (None, "auto", "xla", "cudnn"):
+        raise ValueError(f"attn_impl {attn_impl!r} not supported: use 'auto' (cuDNN's fused kernel on NVIDIA "
+                         "GPUs in 16 bits, else XLA's), 'xla' or 'cudnn'")
+    if remat != "none":
+        from clip_jax.models.layers import remat_policy
+
+        remat_policy(remat)  # an unknown policy name fails here, before any tracing
     return CLIP(config, dtype=dtype, remat=remat, scan=scan, attn_impl=attn_impl)
 
 

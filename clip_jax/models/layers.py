@@ -10,6 +10,7 @@ Conventions:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -69,6 +70,59 @@ def LayerNorm(dtype: Dtype = jnp.float32, name: Optional[str] = None, axis_name:
     )
 
 
+# cuDNN's fused attention takes sequence lengths that are multiples of this (not 197 or 77).
+CUDNN_SEQ_MULTIPLE = 8
+
+
+def attention_impl(requested: Optional[str], q) -> str:
+    """The jax.nn.dot_product_attention implementation to use: 'auto'/None picks cuDNN's fused
+    kernel where it applies (NVIDIA GPU, 16-bit inputs, head dim a multiple of 8 up to 128),
+    XLA's everywhere else (CPU, TPU, float32)."""
+    if requested not in (None, "auto"):
+        if requested not in ("xla", "cudnn"):
+            raise ValueError(f"unknown attention implementation {requested!r}: use 'auto', 'xla' or 'cudnn'")
+        if requested == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+            raise ValueError(f"attn_impl='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()!r}): "
+                             "use 'auto' or 'xla'")
+        return requested
+    head_dim = q.shape[-1]
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def padded_attention(q, k, v, causal: bool, implementation: str, multiple: int = CUDNN_SEQ_MULTIPLE):
+    """Attention over [batch, length, heads, head_dim] with the length padded up to `multiple`.
+
+    Padded keys are masked out by ``key_value_seq_lengths`` (or, causally, are never seen
+    by a real query); padded query rows are sliced off. Equal to unpadded attention.
+    """
+    length = q.shape[1]
+    pad = -length % multiple
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    lengths = None if causal else jnp.full((q.shape[0],), length, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :length]
+
+
+def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
+    """Scaled dot-product attention by the chosen (or automatic) implementation."""
+    impl = attention_impl(implementation, q)
+    if impl == "cudnn" and implementation == "cudnn":
+        return padded_attention(q, k, v, causal, "cudnn")
+    if impl == "cudnn":  # chosen automatically: an old cuDNN or an unsupported shape falls back to XLA
+        try:
+            return padded_attention(q, k, v, causal, "cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with a fused q/k/v projection (open_clip's in_proj) and an output projection.
 
@@ -80,7 +134,7 @@ class MultiHeadAttention(nn.Module):
     heads: int
     causal: bool = False
     dtype: Dtype = jnp.float32
-    attn_impl: Optional[str] = None  # jax.nn.dot_product_attention implementation: None, 'xla', 'cudnn'
+    attn_impl: Optional[str] = None  # None/'auto' (see attention_impl), 'xla' or 'cudnn'
     init_std: Optional[float] = None
     out_init_std: Optional[float] = None
 
@@ -112,7 +166,7 @@ class MultiHeadAttention(nn.Module):
         ]
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attn_impl)
+        out = attention(q, k, v, self.causal, self.attn_impl)
         out = checkpoint_name(out, "attention")
         return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
 
