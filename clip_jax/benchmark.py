@@ -161,15 +161,26 @@ def _memory(compiled) -> dict:
             "arguments_gib": m.argument_size_in_bytes / 2**30}
 
 
+def _host_usage() -> dict:
+    """This process's CPU seconds (user, system) and minor page faults so far (Unix)."""
+    try:
+        import resource
+    except ImportError:
+        return {}
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "page_faults": float(r.ru_minflt)}
+
+
 def bench_train(args) -> dict:
     import jax
 
-    from clip_jax import flops, sharding
+    from clip_jax import flops, host_memory, sharding
     from clip_jax.losses import make_loss
     from clip_jax.models import create_model
     from clip_jax.optim import make_optimizer
     from clip_jax.train_step import create_state, jit_train_step
 
+    keep_freed = host_memory.keep_freed_memory_on_cpu() if args.keep_freed_memory else False
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
     mesh = sharding.make_mesh({k: int(v) for k, v in mesh_shape.items()}, devices)
@@ -193,12 +204,14 @@ def bench_train(args) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
+    usage = _host_usage()
     for _ in range(args.repeats):  # back to back, as in training: the host only waits at the end
         start = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / args.steps)
+    usage = {k: (v - usage[k]) / (args.repeats * args.steps) for k, v in _host_usage().items()}
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
             for _ in range(3):
@@ -216,12 +229,15 @@ def bench_train(args) -> dict:
         peak_note = f"{peak_total / 1e12:.3f} TFLOP/s measured {args.dtype} matmul 2048^3 on this host"
     out = {
         "model": args.model, "batch": args.batch, "devices": n, "mesh": dict(mesh.shape), "dtype": args.dtype,
-        "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "compile_s": compile_s,
+        "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "keep_freed_memory": keep_freed,
+        "compile_s": compile_s,
         "step_s": step_s, "step_s_min": float(min(times)), "images/s": args.batch / step_s,
         "images/s/device": args.batch / step_s / n, "model_tflop_per_step": model_flops / 1e12,
         "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": model_flops / step_s / peak_total,
         **_memory(compiled),
     }
+    if n == 1 or device.platform == "cpu":  # the host's own work per step: page faults show up here
+        out.update({f"host_{k}_per_step": v for k, v in usage.items()})
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -254,6 +270,8 @@ def main(argv=None):
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
     p.add_argument("--profile", default="", help="write a jax.profiler trace of 3 more steps here")
+    p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
+                   help="on the CPU, reuse freed host memory across steps (clip_jax.host_memory; as train does)")
     p.set_defaults(fn=bench_train)
     p = sub.add_parser("matmul", help="FLOP/s of a square matmul (the CPU's peak for MFU)")
     p.add_argument("--n", type=int, default=2048)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from clip_jax import checkpoint, distributed, sharding
+from clip_jax import checkpoint, distributed, host_memory, sharding
 from clip_jax.features import Encoder
 from clip_jax.input_pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.losses import LOSSES, make_loss
@@ -306,6 +306,7 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     distributed.initialize()  # before anything touches the devices
+    host_memory.keep_freed_memory_on_cpu()  # before the first big allocation
     config = flags.FLAGS.config
     cache = config.get("compilation_cache_dir", "")
     if cache != "none":  # compiled steps persist: a restart (after a crash or preemption) skips the compile

@@ -12,7 +12,10 @@ FIGURES = ["step_s", "images/s", "images/s/device", "mfu", "memory_gib", "tflop/
 
 
 def run(capsys, *args):
-    out = main(["train", "--model=ViT-Tiny-test", "--steps=1", "--repeats=1", "--warmup=1", *args])
+    # --keep_freed_memory=0: the allocator setting is process-wide and must not reach the other
+    # tests of this worker (tests/test_host_memory.py checks it in a subprocess).
+    out = main(["train", "--model=ViT-Tiny-test", "--steps=1", "--repeats=1", "--warmup=1", "--keep_freed_memory=0",
+                *args])
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
     return out, printed
 
@@ -29,6 +32,8 @@ def test_train_benchmark_prints_every_figure(capsys):
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(variable_shapes(create_model("ViT-Tiny-test"))))
     assert out["arguments_gib"] * 2**30 >= 3 * 4 * n_params
     assert out["memory_gib"] >= out["arguments_gib"]
+    assert out["keep_freed_memory"] is False and out["host_page_faults_per_step"] >= 0
+    assert out["host_user_s_per_step"] + out["host_sys_s_per_step"] > 0
 
 
 def test_memory_per_device_stays_flat_as_the_global_batch_grows_8x(capsys):
