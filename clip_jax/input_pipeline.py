@@ -28,6 +28,7 @@ Per-example randomness (crop boxes, caption choice) derives from (seed, epoch, p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
@@ -575,13 +576,12 @@ class DevicePrefetch:
     """Global batches put on the devices ahead of the step that uses them.
 
     `size` batches are in flight when a step is dispatched: its own and the next size-1. Their
-    host-to-device copies run while earlier steps compute, so a step never waits on a transfer. Each batch carries the input position after it: `state()`
-    is where the steps (not the prefetcher) have got to, which is what a checkpoint must save.
+    host-to-device copies run while earlier steps compute, so a step never waits on a transfer.
+    Each batch carries the input position after it: `state()` is where the steps (not the
+    prefetcher) have got to, which is what a checkpoint must save.
     """
 
     def __init__(self, pipe: "InputPipeline", sharding, size: int = 2):
-        import collections
-
         if size < 1:
             raise ValueError(f"device prefetch size must be >= 1, got {size}")
         self.pipe, self.sharding, self.size = pipe, sharding, size

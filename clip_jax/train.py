@@ -208,10 +208,11 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                          image_size=model.config.vision.image_size, train=True, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          context_length=model.config.text.context_length, state=input_states)
+    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
-                             sharding.batch_sharding(mesh), config.accum_steps)
+                             batch_sharding, config.accum_steps)
     step_fn = distributed.compile_together(step_fn, "train_step")
-    batches = DevicePrefetch(pipe, sharding.batch_sharding(mesh), config.get("prefetch_batches", 2))
+    batches = DevicePrefetch(pipe, batch_sharding, config.get("prefetch_batches", 2))
     schedule = make_schedule(config.optim, config.total_steps)
     encoder = Encoder(model, None, mesh) if evaluator else None
     metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None

@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE, l2_normalize
 from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models
+from clip_jax.models.layers import ATTN_IMPLS, remat_policy
 
 AXES = ("embed", "mlp", "heads", "kv", "vocab", "layers", "conv_in", "conv_out")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,12 +35,10 @@ def create_model(
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    if attn_impl not in (None, "auto", "xla", "cudnn"):
+    if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl {attn_impl!r} not supported: use 'auto' (cuDNN's fused kernel on NVIDIA "
                          "GPUs in 16 bits, else XLA's), 'xla' or 'cudnn'")
     if remat != "none":
-        from clip_jax.models.layers import remat_policy
-
         remat_policy(remat)  # an unknown policy name fails here, before any tracing
     return CLIP(config, dtype=dtype, remat=remat, scan=scan, attn_impl=attn_impl)
 

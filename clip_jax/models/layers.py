@@ -72,21 +72,23 @@ def LayerNorm(dtype: Dtype = jnp.float32, name: Optional[str] = None, axis_name:
 
 # cuDNN's fused attention takes sequence lengths that are multiples of this (not 197 or 77).
 CUDNN_SEQ_MULTIPLE = 8
+# attn_impl values: None and 'auto' choose (see attention_impl); 'xla' and 'cudnn' force a kernel.
+ATTN_IMPLS = (None, "auto", "xla", "cudnn")
 
 
 def attention_impl(requested: Optional[str], q) -> str:
     """The jax.nn.dot_product_attention implementation to use: 'auto'/None picks cuDNN's fused
     kernel where it applies (NVIDIA GPU, 16-bit inputs, head dim a multiple of 8 up to 128),
     XLA's everywhere else (CPU, TPU, float32)."""
-    if requested not in (None, "auto"):
-        if requested not in ("xla", "cudnn"):
-            raise ValueError(f"unknown attention implementation {requested!r}: use 'auto', 'xla' or 'cudnn'")
-        if requested == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
-            raise ValueError(f"attn_impl='cudnn' needs an NVIDIA GPU (this backend is {jax.default_backend()!r}): "
-                             "use 'auto' or 'xla'")
+    if requested not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention implementation {requested!r}: use 'auto', 'xla' or 'cudnn'")
+    backend = jax.default_backend()
+    on_gpu = backend in ("gpu", "cuda")
+    if requested == "cudnn" and not on_gpu:
+        raise ValueError(f"attn_impl='cudnn' needs an NVIDIA GPU (this backend is {backend!r}): use 'auto' or 'xla'")
+    if requested in ("xla", "cudnn"):
         return requested
     head_dim = q.shape[-1]
-    on_gpu = jax.default_backend() in ("gpu", "cuda")
     if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
     return "xla"
@@ -112,13 +114,13 @@ def padded_attention(q, k, v, causal: bool, implementation: str, multiple: int =
 
 def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
     """Scaled dot-product attention by the chosen (or automatic) implementation."""
-    impl = attention_impl(implementation, q)
-    if impl == "cudnn" and implementation == "cudnn":
-        return padded_attention(q, k, v, causal, "cudnn")
-    if impl == "cudnn":  # chosen automatically: an old cuDNN or an unsupported shape falls back to XLA
+    if attention_impl(implementation, q) == "cudnn":
         try:
             return padded_attention(q, k, v, causal, "cudnn")
         except (RuntimeError, ValueError, NotImplementedError) as e:
+            if implementation == "cudnn":  # asked for by name: no silent fallback
+                raise
+            # chosen automatically: an old cuDNN or an unsupported shape falls back to XLA
             warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's")
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
