@@ -17,11 +17,16 @@ def vit_clip_closed_form(name: str, batch: int) -> dict:
     def block(n, w, mlp):  # qkv + out projection + MLP, then q.k and attn.v
         return 2 * n * (4 * w * w + 2 * w * mlp) + 2 * 2 * n * n * w
 
+    def pooled_block(n, w, mlp):  # the last layer: k and v of n rows; q, out, MLP of one; 1 x n attention
+        return 2 * (2 * n * w * w + 2 * w * w + 2 * w * mlp) + 2 * 2 * n * w
+
     patches = (v.image_size // v.patch_size) ** 2
     image = (2 * patches * v.patch_size**2 * 3 * v.width  # patch embedding
-             + v.layers * block(patches + 1, v.width, int(v.width * v.mlp_ratio))
+             + (v.layers - 1) * block(patches + 1, v.width, int(v.width * v.mlp_ratio))
+             + pooled_block(patches + 1, v.width, int(v.width * v.mlp_ratio))
              + 2 * v.width * d)  # projection of the class token
-    text = t.layers * block(t.context_length, t.width, int(t.width * t.mlp_ratio)) + 2 * t.width * d
+    text = ((t.layers - 1) * block(t.context_length, t.width, int(t.width * t.mlp_ratio))
+            + pooled_block(t.context_length, t.width, int(t.width * t.mlp_ratio)) + 2 * t.width * d)
     return {"image": batch * image, "text": batch * text, "logits": 2 * batch * batch * d}
 
 

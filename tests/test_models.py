@@ -60,6 +60,29 @@ def test_scan_and_remat_match_plain_outputs_and_gradients(name):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=f"{path} scan={scan}")
 
 
+@pytest.mark.parametrize("causal,scan,remat", [(True, False, "none"), (False, True, "none"), (True, True, "full")])
+def test_pooled_last_layer_equals_full_stack_then_row(causal, scan, remat):
+    """Transformer(x, pool_index) computes only the pooled row of the last layer: the same row
+    (and the same gradients for every param and the input) as the full stack then a gather."""
+    from clip_jax.models.layers import Transformer
+
+    stack = Transformer(layers=3, heads=4, causal=causal, remat=remat, scan=scan)
+    x = jax.random.normal(jax.random.key(1), (4, 13, 32))
+    index = jnp.array([12, 0, 5, 7])  # EOT-like positions; 0 is the class token
+    variables = stack.init(jax.random.key(0), x)
+    full = lambda v, x: jnp.take_along_axis(stack.apply(v, x), index[:, None, None], axis=1)[:, 0]  # noqa: E731
+    pooled = lambda v, x: stack.apply(v, x, index)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(pooled)(variables, x), jax.jit(full)(variables, x), atol=1e-5)
+    # a cotangent on the output: every param and the input get the same gradient both ways
+    w = jax.random.normal(jax.random.key(2), (4, 32))
+    grads = [jax.jit(jax.grad(lambda v, x: jnp.sum(f(v, x) * w), argnums=(0, 1)))(variables, x) for f in (pooled, full)]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(path))
+    # the rows it skips matter to the full stack's other rows: the pooled path is not a no-op
+    other = jnp.take_along_axis(stack.apply(variables, x), (index[:, None, None] + 1) % 13, axis=1)[:, 0]
+    assert np.abs(np.asarray(other) - np.asarray(jax.jit(pooled)(variables, x))).max() > 1e-2
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(name):
     model32 = create_model(name)

@@ -141,7 +141,9 @@ class MultiHeadAttention(nn.Module):
     out_init_std: Optional[float] = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, query_index=None):
+        """x [batch, length, width] -> the same; with ``query_index`` [batch], only that row's output
+        [batch, 1, width] (what a pooled last layer needs: ~1/length of the query-side work)."""
         width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
@@ -163,12 +165,20 @@ class MultiHeadAttention(nn.Module):
         out_bias = self.param("out_proj_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (width,))
 
         x = x.astype(self.dtype)
-        qkv = jnp.einsum("btd,dchk->cbthk", x, qkv_kernel.astype(self.dtype)) + qkv_bias.astype(self.dtype)[
-            :, None, None
-        ]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        out = attention(q, k, v, self.causal, self.attn_impl)
+        kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
+        if query_index is None:
+            qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+            out = attention(q, k, v, self.causal, self.attn_impl)
+        else:
+            # One query row per sequence (the pooled token's), keys and values for all rows.
+            kv = jnp.einsum("btd,dchk->cbthk", x, kernel[:, 1:]) + bias[1:, None, None]
+            row = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            q = jnp.einsum("btd,dhk->bthk", row, kernel[:, 0]) + bias[0]
+            # causally, the query at position i sees the keys 0..i
+            lengths = query_index.astype(jnp.int32) + 1 if self.causal else None
+            out = jax.nn.dot_product_attention(q, kv[0], kv[1], key_value_seq_lengths=lengths, implementation="xla")
         out = checkpoint_name(out, "attention")
         return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
 
@@ -218,21 +228,30 @@ class ResidualAttentionBlock(nn.Module):
     depth: int = 12  # of the whole stack: scales the init of the residual projections
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x, query_index=None):
+        """[batch, length, width] -> the same; with ``query_index`` [batch] only that row's
+        output, [batch, 1, width]: a last layer whose other rows nobody reads."""
         width = x.shape[-1]
         proj_std = width**-0.5 * (2 * self.depth) ** -0.5
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         y = LayerNorm(self.dtype, name="ln_1")(x)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
         x = x + MultiHeadAttention(
             self.heads, self.causal, self.dtype, self.attn_impl, out_init_std=proj_std, name="attn"
-        )(y)
+        )(y, query_index)
         y = LayerNorm(self.dtype, name="ln_2")(x)
-        x = x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
-        return x, None
+        return x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
 
 
 class Transformer(nn.Module):
-    """A stack of residual attention blocks, plain (``resblocks_{i}``) or scanned (``resblocks``)."""
+    """A stack of residual attention blocks, per layer (``resblocks_{i}``) or stacked (``resblocks``,
+    every leaf with a leading 'layers' axis, applied by ``lax.scan``: compile time flat in depth).
+
+    Called with ``pool_index`` [batch] (the token a tower pools: the class token, EOT), the last
+    layer computes only that token's row (its keys and values still see every token) and the
+    stack returns [batch, width]. The result is the same; the last layer costs ~1/6 of the others.
+    """
 
     layers: int
     heads: int
@@ -250,30 +269,42 @@ class Transformer(nn.Module):
         fields = ("layers", "heads", "mlp_ratio", "quick_gelu", "dtype", "attn_impl", "remat", "scan")
         return cls(causal=causal, name="transformer", **{f: getattr(tower, f) for f in fields})
 
+    def _block_kwargs(self) -> dict:
+        return dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, quick_gelu=self.quick_gelu,
+                    dtype=self.dtype, attn_impl=self.attn_impl, depth=self.layers)
+
     @nn.compact
-    def __call__(self, x):
-        block = ResidualAttentionBlock
-        if self.remat != "none":
-            block = nn.remat(block, policy=remat_policy(self.remat), prevent_cse=not self.scan)
-        kwargs = dict(
-            heads=self.heads,
-            mlp_ratio=self.mlp_ratio,
-            causal=self.causal,
-            quick_gelu=self.quick_gelu,
-            dtype=self.dtype,
-            attn_impl=self.attn_impl,
-            depth=self.layers,
-        )
-        if self.scan:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=self.layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = stack(**kwargs, name="resblocks")(x, None)
+    def __call__(self, x, pool_index=None):
+        queries = [None] * self.layers
+        if pool_index is not None:
+            queries[-1] = pool_index
+        if not self.scan:
+            block = ResidualAttentionBlock
+            if self.remat != "none":
+                block = nn.remat(block, policy=remat_policy(self.remat))
+            for i, query_index in enumerate(queries):
+                x = block(**self._block_kwargs(), name=f"resblocks_{i}")(x, query_index)
         else:
-            for i in range(self.layers):
-                x, _ = block(**kwargs, name=f"resblocks_{i}")(x, None)
-        return x
+            x = self._scanned(x, pool_index)
+        return x if pool_index is None else x[:, 0]
+
+    def _scanned(self, x, pool_index):
+        # One unbound block applied to each layer's slice of the stacked params: the same
+        # params tree as flax's nn.scan, and the last layer may differ (pooled) from the rest.
+        block = ResidualAttentionBlock(**self._block_kwargs(), parent=None)
+
+        def init_stack(rng):
+            one = lambda key: block.init(key, x[:1])["params"]  # noqa: E731 (shapes need only one row)
+            stacked = jax.vmap(one)(jax.random.split(rng, self.layers))
+            return jax.tree.map(lambda p: p.add_axis(0, {nn.PARTITION_NAME: "layers"}), stacked,
+                                is_leaf=lambda p: isinstance(p, nn.meta.AxisMetadata))
+
+        params = self.param("resblocks", init_stack)
+        apply = lambda h, p, query_index=None: block.apply({"params": p}, h, query_index)  # noqa: E731
+        if self.remat != "none":
+            apply = jax.checkpoint(apply, policy=remat_policy(self.remat), prevent_cse=False)
+        if pool_index is None:
+            return jax.lax.scan(lambda h, p: (apply(h, p), None), x, params)[0]
+        head, last = jax.tree.map(lambda p: p[:-1], params), jax.tree.map(lambda p: p[-1], params)
+        x = jax.lax.scan(lambda h, p: (apply(h, p), None), x, head)[0]
+        return apply(x, last, pool_index)

@@ -59,15 +59,15 @@ class TextTransformer(nn.Module):
             "positional_embedding", param_with_axes(normal(0.01), (None, "embed")), (self.context_length, self.width)
         )
         x = embed(tokens) + pos[:length].astype(self.dtype)
-        x = Transformer.of_tower(self, causal=True)(x)
-        x = LayerNorm(self.dtype, name="ln_final")(x)
         if self.pool_type == "argmax":
             index = jnp.argmax(tokens, axis=-1)
         elif self.pool_type == "first":
             index = jnp.zeros(tokens.shape[:1], jnp.int32)
         else:
             index = jnp.full(tokens.shape[:1], length - 1, jnp.int32)
-        pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+        # The last layer computes only the pooled token's row ([batch, width] out).
+        x = Transformer.of_tower(self, causal=True)(x, index)
+        pooled = LayerNorm(self.dtype, name="ln_final")(x)
         proj = self.param(
             "text_projection", param_with_axes(normal(self.width**-0.5), ("embed", None)), (self.width, self.output_dim)
         )

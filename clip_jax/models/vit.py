@@ -124,16 +124,16 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
         x = LayerNorm(self.dtype, name="ln_pre")(x)
-        x = Transformer.of_tower(self, causal=False)(x)
+        transformer = Transformer.of_tower(self, causal=False)
         pool_dim = self.width
         if self.pool_type == "map":
             pool_dim = self.output_dim
-            x = AttentionalPooler(self.output_dim, self.attn_pooler_heads, 1, self.dtype, name="attn_pool")(x)
+            x = AttentionalPooler(self.output_dim, self.attn_pooler_heads, 1, self.dtype, name="attn_pool")(transformer(x))
             pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 0]
         elif self.pool_type == "avg":
-            pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 1:].mean(axis=1)
-        else:
-            pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 0]
+            pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x))[:, 1:].mean(axis=1)
+        else:  # the class token: the last layer computes only its row
+            pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x, jnp.zeros(x.shape[:1], jnp.int32)))
         proj = self.param("proj", param_with_axes(normal(scale), ("embed", None)), (pool_dim, self.output_dim))
         return pooled @ proj.astype(self.dtype)
 
