@@ -203,37 +203,47 @@ def bench_train(args) -> dict:
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    times = []
+    n = len(devices)
+    device = devices[0]
+    peak = flops.peak_flops(device)
+    times, cpu_peaks = [], []
     usage = _host_usage()
+    peak_usage = dict.fromkeys(usage, 0.0)  # the peak measurements' own host time, left out
     for _ in range(args.repeats):  # back to back, as in training: the host only waits at the end
         start = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / args.steps)
-    usage = {k: (v - usage[k]) / (args.repeats * args.steps) for k, v in _host_usage().items()}
+        if peak is None:
+            # CPU: a shared host's speed drifts by 10-20% within minutes, so each repeat's MFU
+            # divides by a matmul peak measured right after it, not once for the whole run.
+            before = _host_usage()
+            cpu_peaks.append(measure_matmul_peak(args.dtype, seconds=1.0))
+            peak_usage = {k: v + _host_usage()[k] - before[k] for k, v in peak_usage.items()}
+    usage = {k: (v - usage[k] - peak_usage[k]) / (args.repeats * args.steps) for k, v in _host_usage().items()}
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
             for _ in range(3):
                 state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
     step_s = float(np.median(times))
-    n = len(devices)
     model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
-    device = devices[0]
-    peak = flops.peak_flops(device)
     if peak is not None:
         peak_total, peak_note = peak * n, f"{peak / 1e12:.0f} TFLOP/s per device ({device.device_kind}, bf16 table)"
+        mfu = model_flops / step_s / peak_total
     else:  # CPU: the devices share the host's cores, so the peak is the host's measured matmul
-        peak_total = measure_matmul_peak(args.dtype)
-        peak_note = f"{peak_total / 1e12:.3f} TFLOP/s measured {args.dtype} matmul 2048^3 on this host"
+        peak_total = float(np.median(cpu_peaks))
+        peak_note = (f"{peak_total / 1e12:.3f} TFLOP/s measured {args.dtype} matmul 2048^3 on this host "
+                     f"(median; {min(cpu_peaks) / 1e12:.3f}-{max(cpu_peaks) / 1e12:.3f} after each repeat)")
+        mfu = float(np.median([model_flops / t / p for t, p in zip(times, cpu_peaks)]))
     out = {
         "model": args.model, "batch": args.batch, "devices": n, "mesh": dict(mesh.shape), "dtype": args.dtype,
         "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "keep_freed_memory": keep_freed,
         "compile_s": compile_s,
         "step_s": step_s, "step_s_min": float(min(times)), "images/s": args.batch / step_s,
         "images/s/device": args.batch / step_s / n, "model_tflop_per_step": model_flops / 1e12,
-        "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": model_flops / step_s / peak_total,
+        "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": mfu,
         **_memory(compiled),
     }
     if n == 1 or device.platform == "cpu":  # the host's own work per step: page faults show up here
