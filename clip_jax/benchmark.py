@@ -207,21 +207,19 @@ def bench_train(args) -> dict:
     device = devices[0]
     peak = flops.peak_flops(device)
     times, cpu_peaks = [], []
-    usage = _host_usage()
-    peak_usage = dict.fromkeys(usage, 0.0)  # the peak measurements' own host time, left out
+    usage = dict.fromkeys(_host_usage(), 0.0)  # host time and faults of the timed steps only
     for _ in range(args.repeats):  # back to back, as in training: the host only waits at the end
-        start = time.perf_counter()
+        before, start = _host_usage(), time.perf_counter()
         for _ in range(args.steps):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / args.steps)
+        usage = {k: v + _host_usage()[k] - before[k] for k, v in usage.items()}
         if peak is None:
             # CPU: a shared host's speed drifts by 10-20% within minutes, so each repeat's MFU
             # divides by a matmul peak measured right after it, not once for the whole run.
-            before = _host_usage()
             cpu_peaks.append(measure_matmul_peak(args.dtype, seconds=1.0))
-            peak_usage = {k: v + _host_usage()[k] - before[k] for k, v in peak_usage.items()}
-    usage = {k: (v - usage[k] - peak_usage[k]) / (args.repeats * args.steps) for k, v in _host_usage().items()}
+    usage = {k: v / (args.repeats * args.steps) for k, v in usage.items()}
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
             for _ in range(3):

@@ -112,6 +112,11 @@ def padded_attention(q, k, v, causal: bool, implementation: str, multiple: int =
     return out[:, :length]
 
 
+def take_rows(x, index):
+    """x [batch, length, ...] -> [batch, 1, ...]: row index[b] of each sequence (the pooled token)."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 1)), axis=1)
+
+
 def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
     """Scaled dot-product attention by the chosen (or automatic) implementation."""
     if attention_impl(implementation, q) == "cudnn":
@@ -173,9 +178,9 @@ class MultiHeadAttention(nn.Module):
             out = attention(q, k, v, self.causal, self.attn_impl)
         else:
             # One query row per sequence (the pooled token's), keys and values for all rows.
+            # XLA's kernel always: a single query row is a small share of the layer's work.
             kv = jnp.einsum("btd,dchk->cbthk", x, kernel[:, 1:]) + bias[1:, None, None]
-            row = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
-            q = jnp.einsum("btd,dhk->bthk", row, kernel[:, 0]) + bias[0]
+            q = jnp.einsum("btd,dhk->bthk", take_rows(x, query_index), kernel[:, 0]) + bias[0]
             # causally, the query at position i sees the keys 0..i
             lengths = query_index.astype(jnp.int32) + 1 if self.causal else None
             out = jax.nn.dot_product_attention(q, kv[0], kv[1], key_value_seq_lengths=lengths, implementation="xla")
@@ -236,7 +241,7 @@ class ResidualAttentionBlock(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         y = LayerNorm(self.dtype, name="ln_1")(x)
         if query_index is not None:
-            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            x = take_rows(x, query_index)
         x = x + MultiHeadAttention(
             self.heads, self.causal, self.dtype, self.attn_impl, out_init_std=proj_std, name="attn"
         )(y, query_index)
@@ -275,17 +280,15 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x, pool_index=None):
-        queries = [None] * self.layers
-        if pool_index is not None:
-            queries[-1] = pool_index
-        if not self.scan:
+        if self.scan:
+            x = self._scanned(x, pool_index)
+        else:
             block = ResidualAttentionBlock
             if self.remat != "none":
                 block = nn.remat(block, policy=remat_policy(self.remat))
-            for i, query_index in enumerate(queries):
+            for i in range(self.layers):
+                query_index = pool_index if i == self.layers - 1 else None
                 x = block(**self._block_kwargs(), name=f"resblocks_{i}")(x, query_index)
-        else:
-            x = self._scanned(x, pool_index)
         return x if pool_index is None else x[:, 0]
 
     def _scanned(self, x, pool_index):
