@@ -85,20 +85,25 @@ def train_step(state: TrainState, batch: dict, *, model: CLIP, optimizer, loss_f
         grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
         loss, scale = loss / accum_steps, scales[-1]
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # CLIP's clamp of the learned temperature, on the parameter (as open_clip does after each step).
-    params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))
     # A non-finite loss or gradient is never applied: params, moments and statistics stay as
     # they were (the step counter and the data still advance); the trainer stops on a streak.
-    # (Not also the new params' norm: on XLA:CPU that extra reduction before the select made
-    # the 8-device ResNet step deadlock in a collective rendezvous. The trainer checks the
-    # params' norm before every checkpoint instead.)
+    # One cond around the whole update, not a select per leaf: XLA copies every donated
+    # moment buffer to keep the old value for a select (2x params of memory traffic and
+    # temporaries per step); a cond updates the buffers in place and skips the work.
+    # (Not the new params' norm too: on XLA:CPU that extra reduction made the 8-device ResNet
+    # step deadlock in a collective rendezvous. The trainer checks it before each checkpoint.)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep_if_bad(params, state.params)
-    opt_state = keep_if_bad(opt_state, state.opt_state)
-    batch_stats = keep_if_bad(batch_stats, state.batch_stats)
+
+    def update(old):
+        params, opt_state, _ = old
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        # CLIP's clamp of the learned temperature, on the parameter (as open_clip does after each step).
+        params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))
+        return params, opt_state, batch_stats
+
+    params, opt_state, batch_stats = jax.lax.cond(
+        finite, update, lambda old: old, (state.params, state.opt_state, state.batch_stats))
     bad = 1 - finite.astype(jnp.int32)
     skipped, in_a_row = state.skipped + bad, (state.skipped_in_a_row + 1) * bad
     metrics = {"loss": loss, "logit_scale": scale, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),

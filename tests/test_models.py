@@ -232,3 +232,65 @@ def test_attention_implementation_choice():
     a = model.apply(variables, *inputs(model))
     b = create_model("ViT-Tiny-test", attn_impl="xla").apply(variables, *inputs(model))
     np.testing.assert_array_equal(a["image_embeds"], b["image_embeds"])
+
+
+def _layer_norm_reference(x, scale, bias, eps=1e-5):
+    # the textbook formula, differentiated by autodiff: what the hand-written backward must equal
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_outputs_and_gradients_equal_the_formula(dtype):
+    from clip_jax.models.layers import LayerNorm, layer_norm
+
+    kx, ks, kb, kg = jax.random.split(jax.random.key(0), 4)
+    x = (jax.random.normal(kx, (3, 7, 64)) * 3 + 1.5).astype(dtype)  # an offset mean: cancellation matters
+    scale = 1 + 0.3 * jax.random.normal(ks, (64,))
+    bias = 0.2 * jax.random.normal(kb, (64,))
+    cotangent = jax.random.normal(kg, x.shape)
+    y, vjp = jax.vjp(lambda x, s, b: layer_norm(x, s, b).astype(jnp.float32), x, scale, bias)
+    y_ref, vjp_ref = jax.vjp(lambda x, s, b: _layer_norm_reference(x, s, b), x, scale, bias)
+    assert y.dtype == jnp.float32 and layer_norm(x, scale, bias).dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(y, y_ref, atol=tol * 4)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol * 10, rtol=tol)
+    # the module: flax's LayerNorm param names and init, the same function
+    module = LayerNorm(dtype)
+    params = module.init(jax.random.key(1), x)["params"]
+    assert {k: v.value.shape for k, v in params.items()} == {"scale": (64,), "bias": (64,)}
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, x), np.float32),
+                               _layer_norm_reference(x, 1.0, 0.0), atol=tol * 4)
+
+
+def test_gelu_is_the_exact_erf_form_with_its_gradient():
+    from clip_jax.models.layers import gelu
+
+    x = jnp.linspace(-9.0, 9.0, 4001)
+    y, grad = jax.vmap(jax.value_and_grad(gelu))(x)
+    y_ref, grad_ref = jax.vmap(jax.value_and_grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(y, y_ref, atol=2e-6)
+    np.testing.assert_allclose(grad, grad_ref, atol=2e-6)
+    # not the tanh approximation, which differs by up to ~5e-4 around |x| ~ 2
+    assert float(jnp.abs(y - jax.nn.gelu(x, approximate=True)).max()) > 1e-4
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_patch_embedding_equals_the_strided_conv():
+    import flax.linen as nn
+
+    from clip_jax.models.vit import PatchEmbed
+
+    images = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))
+    embed = PatchEmbed(patch_size=16, width=32, name="conv1")
+    conv = nn.Conv(32, (16, 16), strides=(16, 16), padding="VALID", use_bias=False)
+    params = embed.init(jax.random.key(1), images)["params"]
+    conv_params = conv.init(jax.random.key(1), images)["params"]
+    assert jax.tree.map(np.shape, nn.unbox(params)) == jax.tree.map(np.shape, conv_params)  # same checkpoint tree
+    out = embed.apply({"params": params}, images)
+    want = conv.apply({"params": nn.unbox(params)}, images).reshape(2, 9, 32)
+    assert out.shape == (2, 9, 32)
+    np.testing.assert_allclose(out, want, atol=1e-5)

@@ -73,6 +73,30 @@ class AttentionalPooler(nn.Module):
         return jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
 
 
+class PatchEmbed(nn.Module):
+    """The patch embedding (open_clip's conv1, stride = kernel = patch, no bias) as one matmul.
+
+    Same param as a flax nn.Conv named conv1 (``kernel`` [patch, patch, 3, width], HWIO), so
+    checkpoints and converters are unchanged. Cutting the image into patches and multiplying
+    by the flattened kernel is the same sum; XLA:CPU ran the strided conv at a fraction of its
+    matmul speed (337 ms vs 83 ms of a ViT-B/32 batch-32 forward pass).
+    """
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        batch, height, width, channels = images.shape
+        kernel = self.param("kernel", param_with_axes(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                            (p, p, channels, self.width))
+        patches = images.astype(self.dtype).reshape(batch, height // p, p, width // p, p, channels)
+        x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+        return x.reshape(batch, (height // p) * (width // p), self.width)
+
+
 class VisionTransformer(nn.Module):
     """images NHWC [N, S, S, 3] (normalized) -> image features [N, output_dim] (not normalized).
 
@@ -105,18 +129,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         grid = self.image_size // self.patch_size
         scale = self.width**-0.5
-        x = nn.Conv(
-            self.width,
-            (self.patch_size, self.patch_size),
-            strides=(self.patch_size, self.patch_size),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=param_with_axes(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-            name="conv1",
-        )(images.astype(self.dtype))
-        x = x.reshape(x.shape[0], grid * grid, self.width)
+        x = PatchEmbed(self.patch_size, self.width, self.dtype, name="conv1")(images)
         cls = self.param("class_embedding", param_with_axes(normal(scale), ("embed",)), (self.width,))
         pos = self.param(
             "positional_embedding", param_with_axes(normal(scale), (None, "embed")), (grid * grid + 1, self.width)
