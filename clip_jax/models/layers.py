@@ -68,8 +68,8 @@ def layer_norm(x, scale, bias, eps: float = 1e-5):
     as the mean of squared deviations (two passes, not E[x^2] - E[x]^2), the result in x's dtype.
 
     The backward pass is written out (the closed form of the LayerNorm gradient) so it keeps
-    only x and two per-row statistics and runs as two row reductions and one elementwise pass;
-    autodiff of the forward formula made XLA:CPU keep and reread several full-size temporaries.
+    only x and two per-row statistics: autodiff of the forward formula kept more full-size
+    residuals (a ViT-B/32 batch-32 step's temporaries: 3.15 GiB with flax's, 2.93 with this).
     """
     return _layer_norm_fwd(x, scale, bias, eps)[0]
 
