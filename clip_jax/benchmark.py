@@ -214,7 +214,8 @@ def bench_train(args) -> dict:
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / args.steps)
-        usage = {k: v + _host_usage()[k] - before[k] for k, v in usage.items()}
+        after = _host_usage()
+        usage = {k: v + after[k] - before[k] for k, v in usage.items()}
         if peak is None:
             # CPU: a shared host's speed drifts by 10-20% within minutes, so each repeat's MFU
             # divides by a matmul peak measured right after it, not once for the whole run.

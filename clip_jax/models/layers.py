@@ -74,15 +74,11 @@ def layer_norm(x, scale, bias, eps: float = 1e-5):
     return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
-def _layer_norm_stats(x, eps):
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    centred = x - mean
-    return centred, mean, jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + eps)
-
-
 def _layer_norm_fwd(x, scale, bias, eps):
-    centred, mean, rstd = _layer_norm_stats(x, eps)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    centred = xf - mean
+    rstd = jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + eps)
     y = centred * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype), (x, mean, rstd, scale)
 
@@ -116,7 +112,8 @@ class LayerNorm(nn.Module):
         width = x.shape[-1]
         scale = self.param("scale", param_with_axes(nn.initializers.ones, (self.axis_name,)), (width,))
         bias = self.param("bias", param_with_axes(nn.initializers.zeros, (self.axis_name,)), (width,))
-        return layer_norm(x.astype(self.dtype), scale, bias, 1e-5)
+        # statistics of x as given (a float32 input is not rounded to bf16 first), as flax's did
+        return layer_norm(x, scale, bias).astype(self.dtype)
 
 
 # cuDNN's fused attention takes sequence lengths that are multiples of this (not 197 or 77).
