@@ -1,7 +1,7 @@
-"""Benchmarks that print figures: ``python -m clip_jax.benchmark {train,matmul,tokenizer,input} ...``.
+"""Benchmarks that print figures: ``python -m clip_jax.benchmark {train,ab,matmul,tokenizer,input} ...``.
 
 Each prints ``key: value`` lines, the headline figure last. TensorFlow is imported only
-by the sub-benchmarks that need it: ``train`` and ``matmul`` need only jax, flax and optax.
+by the sub-benchmarks that need it: ``train``, ``ab`` and ``matmul`` need only jax, flax and optax.
 """
 
 from __future__ import annotations
@@ -171,49 +171,69 @@ def _host_usage() -> dict:
     return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "page_faults": float(r.ru_minflt)}
 
 
+class _Step:
+    """One compiled training step with its own state and batch, as clip_jax.train builds them."""
+
+    def __init__(self, args, compiler_options: dict | None = None):
+        import jax
+
+        from clip_jax import sharding
+        from clip_jax.losses import make_loss
+        from clip_jax.models import create_model
+        from clip_jax.optim import make_optimizer
+        from clip_jax.train_step import create_state, jit_train_step
+
+        self.devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+        mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
+        mesh = sharding.make_mesh({k: int(v) for k, v in mesh_shape.items()}, self.devices)
+        self.mesh = mesh
+        sharding.check_batch(args.batch // args.accum_steps, mesh)
+        attn = None if args.attn == "auto" else args.attn
+        model = create_model(args.model, dtype=args.dtype, remat=args.remat, scan=args.scan, attn_impl=attn)
+        variables, _ = sharding.sharded_init(model, mesh, jax.random.key(0))
+        # The paper's ViT optimizer; the schedule is irrelevant to speed.
+        optimizer = make_optimizer({"learning_rate": 5e-4, "warmup_steps": 10, "b2": 0.98, "eps": 1e-6,
+                                    "weight_decay": 0.2}, variables["params"], 1000)
+        self.state = create_state(variables, optimizer)
+        del variables
+        batch_sharding = sharding.batch_sharding(mesh)
+        step = jit_train_step(model, optimizer, make_loss(args.loss, mesh, sharding.BATCH_AXES), self.state,
+                              batch_sharding, args.accum_steps)
+        self.batch = _synthetic_batch(model, args.batch, batch_sharding)
+        start = time.perf_counter()
+        self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options or None)
+        self.compile_s = time.perf_counter() - start
+        self.metrics = None
+
+    def run(self, steps: int) -> float:
+        """Seconds per step of `steps` back-to-back steps (the host waits only at the end, as in training)."""
+        import jax
+
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, self.metrics))
+        return (time.perf_counter() - start) / steps
+
+
 def bench_train(args) -> dict:
     import jax
 
-    from clip_jax import flops, host_memory, sharding
-    from clip_jax.losses import make_loss
-    from clip_jax.models import create_model
-    from clip_jax.optim import make_optimizer
-    from clip_jax.train_step import create_state, jit_train_step
+    from clip_jax import flops, host_memory
 
     keep_freed = host_memory.keep_freed_memory_on_cpu() if args.keep_freed_memory else False
-    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
-    mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
-    mesh = sharding.make_mesh({k: int(v) for k, v in mesh_shape.items()}, devices)
-    sharding.check_batch(args.batch // args.accum_steps, mesh)
-    attn = None if args.attn == "auto" else args.attn
-    model = create_model(args.model, dtype=args.dtype, remat=args.remat, scan=args.scan, attn_impl=attn)
-    variables, _ = sharding.sharded_init(model, mesh, jax.random.key(0))
-    # The paper's ViT optimizer; the schedule is irrelevant to speed.
-    optimizer = make_optimizer({"learning_rate": 5e-4, "warmup_steps": 10, "b2": 0.98, "eps": 1e-6,
-                                "weight_decay": 0.2}, variables["params"], 1000)
-    state = create_state(variables, optimizer)
-    del variables
-    batch_sharding = sharding.batch_sharding(mesh)
-    step = jit_train_step(model, optimizer, make_loss(args.loss, mesh, sharding.BATCH_AXES), state, batch_sharding,
-                          args.accum_steps)
-    batch = _synthetic_batch(model, args.batch, batch_sharding)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    train = _Step(args)
+    compiled, devices, mesh, compile_s = train.compiled, train.devices, train.mesh, train.compile_s
+    if args.warmup:
+        train.run(args.warmup)
     n = len(devices)
     device = devices[0]
     peak = flops.peak_flops(device)
     times, cpu_peaks = [], []
     usage = dict.fromkeys(_host_usage(), 0.0)  # host time and faults of the timed steps only
     for _ in range(args.repeats):  # back to back, as in training: the host only waits at the end
-        before, start = _host_usage(), time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append((time.perf_counter() - start) / args.steps)
+        before = _host_usage()
+        times.append(train.run(args.steps))
         after = _host_usage()
         usage = {k: v + after[k] - before[k] for k, v in usage.items()}
         if peak is None:
@@ -223,9 +243,7 @@ def bench_train(args) -> dict:
     usage = {k: v / (args.repeats * args.steps) for k, v in usage.items()}
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
-            for _ in range(3):
-                state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
+            train.run(3)
     step_s = float(np.median(times))
     model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
     if peak is not None:
@@ -239,6 +257,7 @@ def bench_train(args) -> dict:
     out = {
         "model": args.model, "batch": args.batch, "devices": n, "mesh": dict(mesh.shape), "dtype": args.dtype,
         "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "keep_freed_memory": keep_freed,
+        "host_allocator": host_memory.allocator(),
         "compile_s": compile_s,
         "step_s": step_s, "step_s_min": float(min(times)), "images/s": args.batch / step_s,
         "images/s/device": args.batch / step_s / n, "model_tflop_per_step": model_flops / 1e12,
@@ -252,6 +271,123 @@ def bench_train(args) -> dict:
         out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     for key, value in out.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return out
+
+
+# What an `ab` variant may set: the train benchmark's options, and XLA compiler options (xla_*).
+VARIANT_SETTINGS = {
+    "dtype": ("float32", "bfloat16"),
+    "remat": str,  # 'none', 'full' or a jax.checkpoint_policies name (checked when the model is built)
+    "scan": bool,
+    "loss": ("softmax", "softmax_ring", "sigmoid"),
+    "attn": ("auto", "xla", "cudnn"),
+    "accum_steps": int,
+}
+
+
+def _literal(text: str):
+    """An XLA option's value: true/false, an int, a float, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    """'NAME:key=value,...' -> (name, benchmark settings, XLA compiler options).
+
+    Keys are the train benchmark's options (VARIANT_SETTINGS) or XLA debug options, named as
+    in XLA_FLAGS without the dashes (xla_cpu_use_onednn=true). 'base:' is the unchanged step.
+    """
+    name, colon, body = spec.partition(":")
+    if not colon or not name.strip():
+        raise ValueError(f"variant {spec!r}: write NAME:key=value,... (e.g. 'base:' or 'full_remat:remat=full')")
+    settings, options = {}, {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not value:
+            raise ValueError(f"variant {name!r}: {item!r} is not key=value")
+        if key.startswith("xla_"):
+            options[key] = _literal(value)
+            continue
+        kind = VARIANT_SETTINGS.get(key)
+        if kind is None:
+            raise ValueError(f"variant {name!r}: unknown setting {key!r}; use one of {sorted(VARIANT_SETTINGS)} "
+                             "or an XLA option such as xla_cpu_use_onednn=true")
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise ValueError(f"variant {name!r}: {key}={value!r} is not one of {list(kind)}")
+        elif kind is bool:
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"variant {name!r}: {key}={value!r} is not a boolean (0/1/true/false)")
+            value = value.lower() in ("1", "true")
+        elif kind is int:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"variant {name!r}: {key}={value!r} is not a positive integer")
+            value = int(value)
+        settings[key] = value
+    return name.strip(), settings, options
+
+
+def bench_ab(args) -> dict:
+    """Variants of the training step compiled side by side in one process, their steps alternated.
+
+    Separate runs drift with the host (10-20% within minutes on a shared CPU); alternating
+    single turns of each variant in one process pairs them in time, so the paired ratio
+    resolves differences of a few percent. The order flips every round, so neither variant
+    always follows the other.
+    """
+    import argparse as _argparse
+
+    from clip_jax import flops, host_memory
+
+    variants = [parse_variant(spec) for spec in args.variant]  # every spec checked before any compile
+    names = [name for name, _, _ in variants]
+    if len(variants) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"ab needs at least two variants with distinct names, got {names}: "
+                         "e.g. --variant=base: --variant=full_remat:remat=full")
+    if args.keep_freed_memory:
+        host_memory.keep_freed_memory_on_cpu()
+    steps = {}
+    for name, settings, options in variants:
+        steps[name] = _Step(_argparse.Namespace(**{**vars(args), **settings}), options)
+        if args.warmup:
+            steps[name].run(args.warmup)
+    times = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(steps[name].run(args.steps))
+    device = steps[names[0]].devices[0]
+    peak = flops.peak_flops(device)
+    peak = peak * len(steps[names[0]].devices) if peak else measure_matmul_peak(args.dtype, seconds=1.0)
+    base = np.array(times[names[0]])
+    out = {"model": args.model, "batch": args.batch, "devices": len(steps[names[0]].devices),
+           "rounds": args.rounds, "steps_per_turn": args.steps, "peak_tflop/s": peak / 1e12,
+           "host_allocator": host_memory.allocator()}
+    for key, value in out.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    results = {}
+    for name, settings, options in variants:
+        t = np.array(times[name])
+        paired = base / t  # > 1: faster than the first variant in the same round
+        model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
+        results[name] = {
+            "settings": {**settings, **options}, "step_s": float(np.median(t)), "step_s_min": float(t.min()),
+            "images/s": args.batch / float(np.median(t)), "mfu": model_flops / float(np.median(t)) / peak,
+            "speedup": float(np.median(paired)), "speedup_range": (float(paired.min()), float(paired.max())),
+            "compile_s": steps[name].compile_s, **_memory(steps[name].compiled),
+        }
+        for key, value in results[name].items():
+            if key == "speedup_range":
+                value = f"{value[0]:.3f}-{value[1]:.3f}"
+            print(f"{name}.{key}: {value:.4g}" if isinstance(value, float) else f"{name}.{key}: {value}")
+    best = max(names, key=lambda n: results[n]["speedup"])
+    print(f"fastest: {best} ({results[best]['speedup']:.3f}x {names[0]}, median of {args.rounds} paired rounds)")
+    out["variants"] = results
     return out
 
 
@@ -282,6 +418,25 @@ def main(argv=None):
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
                    help="on the CPU, reuse freed host memory across steps (clip_jax.host_memory; as train does)")
     p.set_defaults(fn=bench_train)
+    p = sub.add_parser("ab", help="variants of the training step in one process, steps alternated: paired speedups")
+    p.add_argument("--variant", action="append", default=[], required=True,
+                   help="NAME:key=value,... (repeat; the first is the baseline). Keys: "
+                        + ", ".join(VARIANT_SETTINGS) + ", or XLA options xla_*=value")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default)")
+    p.add_argument("--rounds", type=int, default=8, help="rounds; each runs every variant once, order flipped")
+    p.add_argument("--steps", type=int, default=1, help="back-to-back steps per turn")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
+    p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--accum_steps", type=int, default=1)
+    p.add_argument("--mesh", default="")
+    p.add_argument("--devices", type=int, default=0)
+    p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1])
+    p.set_defaults(fn=bench_ab)
     p = sub.add_parser("matmul", help="FLOP/s of a square matmul (the CPU's peak for MFU)")
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -307,4 +462,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from clip_jax import host_memory
+
+    host_memory.prefer_tcmalloc("clip_jax.benchmark")  # on the CPU, where installed (CLIP_JAX_TCMALLOC=0: glibc)
     main()

@@ -477,4 +477,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from clip_jax import host_memory
+
+    host_memory.prefer_tcmalloc("clip_jax.evaluate")  # on the CPU, where installed: restarts this command
     sys.exit(0 if main() is not None else 1)

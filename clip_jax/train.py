@@ -317,6 +317,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.prefer_tcmalloc("clip_jax.train")  # on the CPU, where installed: restarts this command
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -53,3 +53,35 @@ def test_memory_per_device_stays_flat_as_the_global_batch_grows_8x(capsys):
 def test_train_benchmark_bad_batch_errors_before_compiling(capsys):
     with pytest.raises(ValueError, match="does not divide"):
         main(["train", "--model=ViT-Tiny-test", "--batch=12", "--devices=8"])
+
+
+def test_ab_variant_specs_are_checked_before_any_compile():
+    from clip_jax.benchmark import parse_variant
+
+    assert parse_variant("base:") == ("base", {}, {})
+    assert parse_variant("r: remat=full, scan=1, accum_steps=2, xla_cpu_use_onednn=true") == (
+        "r", {"remat": "full", "scan": True, "accum_steps": 2}, {"xla_cpu_use_onednn": True})
+    for spec, message in [("base", "NAME:key=value"), ("x:remat", "not key=value"), ("x:colour=red", "unknown setting"),
+                          ("x:dtype=float16", "not one of"), ("x:scan=maybe", "not a boolean"),
+                          ("x:accum_steps=0", "not a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            parse_variant(spec)
+    with pytest.raises(ValueError, match="distinct names"):
+        main(["ab", "--model=ViT-Tiny-test", "--variant=a:", "--variant=a:remat=full"])
+
+
+def test_ab_compiles_each_variant_with_its_settings_and_pairs_the_rounds(capsys):
+    """Two variants that must differ in compiled memory (bf16 compute halves the activations'
+    bytes) run alternately; the baseline's paired speedup against itself is exactly 1."""
+    out = main(["ab", "--model=ViT-Tiny-test", "--batch=64", "--devices=1", "--rounds=2", "--warmup=1",
+                "--keep_freed_memory=0", "--variant=f32:", "--variant=bf16:dtype=bfloat16"])
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    f32, bf16 = out["variants"]["f32"], out["variants"]["bf16"]
+    assert f32["speedup"] == 1.0 and printed["f32.speedup_range"] == "1.000-1.000"
+    assert bf16["settings"] == {"dtype": "bfloat16"}
+    assert bf16["temp_gib"] < 0.8 * f32["temp_gib"], (bf16["temp_gib"], f32["temp_gib"])
+    assert bf16["arguments_gib"] == pytest.approx(f32["arguments_gib"])  # float32 params and moments either way
+    for name in ("f32", "bf16"):
+        for key in ("step_s", "images/s", "mfu", "speedup", "memory_gib", "compile_s"):
+            assert float(printed[f"{name}.{key}"]) > 0, (name, key)
+    assert printed["fastest"].split()[0] in ("f32", "bf16")

@@ -41,3 +41,46 @@ def test_off_switch_and_other_backends(monkeypatch):
 
     monkeypatch.setenv("CLIP_JAX_KEEP_FREED_MEMORY", "0")
     assert host_memory.keep_freed_memory_on_cpu() is False
+
+
+def _run(*args, env=None):
+    import os
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_JAX_TCMALLOC") and k != "LD_PRELOAD"}
+    environ.update(env or {})
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+needs_tcmalloc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("clip_jax.host_memory").host_memory.find_tcmalloc() is None,
+    reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+
+
+@needs_tcmalloc
+def test_entry_points_restart_once_with_tcmalloc_unless_told_not_to():
+    env = {"JAX_PLATFORMS": "cpu"}
+    assert _run("-m", "clip_jax.host_memory", env=env).split() == ["allocator:", "tcmalloc"]
+    assert _run("-m", "clip_jax.host_memory", env={**env, "CLIP_JAX_TCMALLOC": "0"}).split() == ["allocator:", "glibc"]
+    # Not on an accelerator backend: there the host's allocator is not the devices'.
+    assert _run("-m", "clip_jax.host_memory", env={"JAX_PLATFORMS": "tpu"}).split() == ["allocator:", "glibc"]
+    # The benchmark reports what it ran with, and the arguments survive the restart.
+    out = _run("-m", "clip_jax.benchmark", "matmul", "--n=64", env=env)
+    assert "matmul: 64^3 float32" in out
+
+
+def test_a_bad_tcmalloc_path_is_named(monkeypatch):
+    from clip_jax import host_memory
+
+    monkeypatch.setenv("CLIP_JAX_TCMALLOC", "/nonexistent/libtcmalloc.so")
+    with pytest.raises(FileNotFoundError, match="CLIP_JAX_TCMALLOC='/nonexistent/libtcmalloc.so' is not a file"):
+        host_memory.find_tcmalloc()
+
+
+@needs_tcmalloc
+def test_tcmalloc_reuses_freed_memory_without_page_faults():
+    from clip_jax import host_memory
+
+    faults = int(_run("-c", PROGRAM, "0", env={"LD_PRELOAD": host_memory.find_tcmalloc()}).split()[-1])
+    assert faults < 10
