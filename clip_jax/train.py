@@ -307,7 +307,9 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     distributed.initialize()  # before anything touches the devices
-    host_memory.keep_freed_memory_on_cpu()  # before the first big allocation
+    kept = host_memory.keep_freed_memory_on_cpu()  # before the first big allocation
+    if host_memory.cpu_backend_expected():  # tcmalloc where installed (prefer_tcmalloc), else glibc's settings
+        log(f"host allocator: {host_memory.allocator()}" + (" (freed memory kept)" if kept else ""))
     config = flags.FLAGS.config
     cache = config.get("compilation_cache_dir", "")
     if cache != "none":  # compiled steps persist: a restart (after a crash or preemption) skips the compile

@@ -217,6 +217,38 @@ def test_attention_padded_for_cudnn_equals_unpadded(length, causal):
         assert causal or not np.allclose(unmasked, plain(q, k, v), atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_heads_major_attention_equals_jax_attention(causal, dtype):
+    """The layout XLA's batched dots want ([batch, heads, length, head_dim]) computes what
+    jax.nn.dot_product_attention's 'xla' implementation does on [batch, length, heads, head_dim],
+    outputs and gradients, in float32 and bfloat16."""
+    from clip_jax.models.layers import heads_major_attention
+
+    rng = np.random.default_rng(int(causal))
+    q, k, v, w = (jnp.asarray(rng.normal(size=(2, 13, 3, 16)), dtype) for _ in range(4))
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+
+    def ours(q, k, v):
+        return heads_first(heads_major_attention(heads_first(q), heads_first(k), heads_first(v), causal))
+
+    def jax_xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    tol = 2e-6 if dtype == jnp.float32 else 2e-2
+    assert ours(q, k, v).dtype == dtype
+    np.testing.assert_allclose(ours(q, k, v).astype(np.float32), jax_xla(q, k, v).astype(np.float32), atol=tol)
+    loss = lambda f: lambda *a: jnp.sum((f(*a) * w).astype(jnp.float32))
+    for got, want in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(jax_xla), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=10 * tol)
+    # the mask is real: the first query sees only the first key causally, every key otherwise
+    first = ours(q, k, v)[:, 0].astype(np.float32)
+    if causal:
+        np.testing.assert_allclose(first, v[:, 0].astype(np.float32), atol=tol)
+    else:
+        assert not np.allclose(first, v[:, 0].astype(np.float32), atol=1e-2)
+
+
 def test_attention_implementation_choice():
     from clip_jax.models.layers import attention_impl
 

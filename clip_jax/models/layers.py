@@ -164,7 +164,8 @@ def take_rows(x, index):
 
 
 def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
-    """Scaled dot-product attention by the chosen (or automatic) implementation."""
+    """Scaled dot-product attention over [batch, length, heads, head_dim] by the chosen (or
+    automatic) implementation."""
     if attention_impl(implementation, q) == "cudnn":
         try:
             return padded_attention(q, k, v, causal, "cudnn")
@@ -174,6 +175,25 @@ def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
             # chosen automatically: an old cuDNN or an unsupported shape falls back to XLA
             warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's")
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
+def heads_major_attention(q, k, v, causal: bool):
+    """XLA's attention over [batch, heads, length, head_dim]: what jax.nn.dot_product_attention's
+    'xla' implementation computes (float32 logits scaled after the dot, softmax in float32, the
+    probabilities in the input dtype), in the layout its batched dots want.
+
+    With heads before length, the q/k/v projection writes the operands of the per-head dots
+    directly and the output projection reads the result as it is; from [batch, length, heads,
+    head_dim] XLA:CPU transposes q, k, v and the output around the dots, forward and backward.
+    Fwd+bwd of a whole attention block on a 2-core Zen 5 host: 80 -> 72 ms (ViT-B/32 layer, batch 32),
+    57 -> 48 ms (text layer).
+    """
+    logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if causal:
+        length = logits.shape[-1]
+        logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("bhts,bhsk->bhtk", probs, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -217,7 +237,14 @@ class MultiHeadAttention(nn.Module):
 
         x = x.astype(self.dtype)
         kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
-        if query_index is None:
+        out_spec = "bthk,hkd->btd"
+        per_head = jax.ShapeDtypeStruct((head_dim,), kernel.dtype)  # what attention_impl decides on
+        if query_index is None and attention_impl(self.attn_impl, per_head) == "xla":
+            qkv = jnp.einsum("btd,dchk->cbhtk", x, kernel) + bias[:, None, :, None]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            q = nn.with_logical_constraint(q, ("batch", "heads", "length", "kv"))
+            out, out_spec = heads_major_attention(q, k, v, self.causal), "bhtk,hkd->btd"
+        elif query_index is None:
             qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
             q, k, v = qkv[0], qkv[1], qkv[2]
             q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
@@ -231,7 +258,7 @@ class MultiHeadAttention(nn.Module):
             lengths = query_index.astype(jnp.int32) + 1 if self.causal else None
             out = jax.nn.dot_product_attention(q, kv[0], kv[1], key_value_seq_lengths=lengths, implementation="xla")
         out = checkpoint_name(out, "attention")
-        return jnp.einsum("bthk,hkd->btd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        return jnp.einsum(out_spec, out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
 
 
 class Mlp(nn.Module):
