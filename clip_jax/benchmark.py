@@ -1,7 +1,7 @@
-"""Benchmarks that print figures: ``python -m clip_jax.benchmark {train,ab,matmul,tokenizer,input} ...``.
+"""Benchmarks that print figures: ``python -m clip_jax.benchmark {train,ab,parts,matmul,tokenizer,input} ...``.
 
 Each prints ``key: value`` lines, the headline figure last. TensorFlow is imported only
-by the sub-benchmarks that need it: ``train``, ``ab`` and ``matmul`` need only jax, flax and optax.
+by the sub-benchmarks that need it: ``train``, ``ab``, ``parts`` and ``matmul`` need only jax, flax and optax.
 """
 
 from __future__ import annotations
@@ -197,8 +197,8 @@ class _Step:
         self.state = create_state(variables, optimizer)
         del variables
         batch_sharding = sharding.batch_sharding(mesh)
-        step = jit_train_step(model, optimizer, make_loss(args.loss, mesh, sharding.BATCH_AXES), self.state,
-                              batch_sharding, args.accum_steps)
+        self.model, self.loss_fn = model, make_loss(args.loss, mesh, sharding.BATCH_AXES)
+        step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps)
         self.batch = _synthetic_batch(model, args.batch, batch_sharding)
         start = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options or None)
@@ -391,6 +391,61 @@ def bench_ab(args) -> dict:
     return out
 
 
+def bench_parts(args) -> dict:
+    """Where a step's time goes: the forward pass (to the loss), forward + backward (the
+    gradients) and the whole step, compiled in one process and alternated round by round.
+    The backward is the second minus the first, the update (norms, clipping, the guard, AdamW)
+    the third minus the second."""
+    import jax
+    import jax.numpy as jnp
+
+    from clip_jax import flops, host_memory
+    from clip_jax.preprocessing import normalize_images
+    from clip_jax.train_step import _forward_loss
+
+    if args.keep_freed_memory:
+        host_memory.keep_freed_memory_on_cpu()
+    train = _Step(args)
+    # Own copies: the step donates (and so deletes) the state it is given.
+    params, batch_stats = jax.tree_util.tree_map(jnp.copy, (train.state.params, train.state.batch_stats))
+
+    def loss(p, batch):
+        images = batch["image"]
+        images = normalize_images(images) if images.dtype == jnp.uint8 else images
+        return _forward_loss(train.model, train.loss_fn, p, batch_stats, images, batch["tokens"])[0]
+
+    forward, gradients = jax.jit(loss), jax.jit(jax.grad(loss))
+    parts = {"forward": lambda: forward(params, train.batch), "forward_backward": lambda: gradients(params, train.batch),
+             "step": lambda: train.run(1)}
+    for run in parts.values():  # compile and warm up
+        for _ in range(max(args.warmup, 1)):
+            jax.block_until_ready(run())
+    times = {name: [] for name in parts}
+    for r in range(args.rounds):
+        for name in list(parts) if r % 2 == 0 else list(parts)[::-1]:
+            start = time.perf_counter()
+            jax.block_until_ready(parts[name]())
+            times[name].append(time.perf_counter() - start)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    median["backward"] = median["forward_backward"] - median["forward"]
+    median["update"] = median["step"] - median["forward_backward"]
+    train_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
+    work = {"forward": train_flops / 3, "forward_backward": train_flops, "step": train_flops,
+            "backward": 2 * train_flops / 3, "update": 0.0}
+    devices = len(train.devices)
+    peak = flops.peak_flops(train.devices[0])
+    peak = peak * devices if peak else measure_matmul_peak(args.dtype, seconds=1.0)
+    out = {"model": args.model, "batch": args.batch, "devices": devices, "rounds": args.rounds,
+           "peak_tflop/s": peak / 1e12, "host_allocator": host_memory.allocator()}
+    for name in ("forward", "backward", "forward_backward", "update", "step"):
+        out[f"{name}_s"] = median[name]
+        if work[name]:
+            out[f"{name}_mfu"] = work[name] / median[name] / peak
+    for key, value in out.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return out
+
+
 def bench_matmul(args) -> None:
     peak = measure_matmul_peak(args.dtype, args.n)
     print(f"matmul: {args.n}^3 {args.dtype}")
@@ -437,6 +492,20 @@ def main(argv=None):
     p.add_argument("--devices", type=int, default=0)
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1])
     p.set_defaults(fn=bench_ab)
+    p = sub.add_parser("parts", help="forward, forward+backward and the whole step alternated: where the time goes")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
+    p.add_argument("--remat", default="none")
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--mesh", default="")
+    p.add_argument("--devices", type=int, default=0)
+    p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1])
+    p.set_defaults(fn=bench_parts, accum_steps=1)
     p = sub.add_parser("matmul", help="FLOP/s of a square matmul (the CPU's peak for MFU)")
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

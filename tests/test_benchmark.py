@@ -85,3 +85,15 @@ def test_ab_compiles_each_variant_with_its_settings_and_pairs_the_rounds(capsys)
         for key in ("step_s", "images/s", "mfu", "speedup", "memory_gib", "compile_s"):
             assert float(printed[f"{name}.{key}"]) > 0, (name, key)
     assert printed["fastest"].split()[0] in ("whole", "micro")
+
+
+def test_parts_prints_where_the_step_time_goes(capsys):
+    out = main(["parts", "--model=ViT-Tiny-test", "--batch=16", "--devices=1", "--rounds=2", "--warmup=1",
+                "--keep_freed_memory=0"])
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    for key in ("forward_s", "forward_backward_s", "step_s", "forward_mfu", "forward_backward_mfu", "step_mfu"):
+        assert float(printed[key]) > 0, key
+    assert out["backward_s"] == pytest.approx(out["forward_backward_s"] - out["forward_s"])
+    assert out["update_s"] == pytest.approx(out["step_s"] - out["forward_backward_s"])
+    # forward MFU counts a third of the step's FLOPs in the forward's time
+    assert out["forward_mfu"] == pytest.approx(out["step_mfu"] * out["step_s"] / out["forward_s"] / 3)
