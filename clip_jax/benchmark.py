@@ -339,10 +339,9 @@ def bench_ab(args) -> dict:
     Separate runs drift with the host (10-20% within minutes on a shared CPU); alternating
     single turns of each variant in one process pairs them in time, so the paired ratio
     resolves differences of a few percent. The order flips every round, so neither variant
-    always follows the other.
+    always follows the other. Each variant holds its own state (params and moments), so N
+    variants need N times the step's memory. MFU divides by the peak of --dtype.
     """
-    import argparse as _argparse
-
     from clip_jax import flops, host_memory
 
     variants = [parse_variant(spec) for spec in args.variant]  # every spec checked before any compile
@@ -354,7 +353,7 @@ def bench_ab(args) -> dict:
         host_memory.keep_freed_memory_on_cpu()
     steps = {}
     for name, settings, options in variants:
-        steps[name] = _Step(_argparse.Namespace(**{**vars(args), **settings}), options)
+        steps[name] = _Step(argparse.Namespace(**{**vars(args), **settings}), options)
         if args.warmup:
             steps[name].run(args.warmup)
     times = {name: [] for name in names}
@@ -371,10 +370,10 @@ def bench_ab(args) -> dict:
     for key, value in out.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     results = {}
+    model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
     for name, settings, options in variants:
         t = np.array(times[name])
         paired = base / t  # > 1: faster than the first variant in the same round
-        model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
         results[name] = {
             "settings": {**settings, **options}, "step_s": float(np.median(t)), "step_s_min": float(t.min()),
             "images/s": args.batch / float(np.median(t)), "mfu": model_flops / float(np.median(t)) / peak,
@@ -451,60 +450,47 @@ def bench_matmul(args) -> None:
     print(f"matmul: {args.n}^3 {args.dtype}")
     print(f"tflop/s: {peak / 1e12:.4g}")
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="whole training steps on synthetic inputs: images/s, MFU, memory per device")
+def _step_options(p) -> None:
+    """The options of the training step that train, ab and parts build (as clip_jax.train builds it)."""
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch", type=int, default=32, help="global batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"],
                    help="attention kernel (auto: cuDNN fused on NVIDIA GPUs in bf16, lengths padded to x8; XLA elsewhere)")
-    p.add_argument("--accum_steps", type=int, default=1)
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
-    p.add_argument("--profile", default="", help="write a jax.profiler trace of 3 more steps here")
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
-                   help="on the CPU, reuse freed host memory across steps (clip_jax.host_memory; as train does)")
+                   help="on the CPU under glibc, reuse freed host memory across steps (clip_jax.host_memory)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.benchmark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="whole training steps on synthetic inputs: images/s, MFU, memory per device")
+    _step_options(p)
+    p.add_argument("--accum_steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", default="", help="write a jax.profiler trace of 3 more steps here")
     p.set_defaults(fn=bench_train)
     p = sub.add_parser("ab", help="variants of the training step in one process, steps alternated: paired speedups")
     p.add_argument("--variant", action="append", default=[], required=True,
                    help="NAME:key=value,... (repeat; the first is the baseline). Keys: "
                         + ", ".join(VARIANT_SETTINGS) + ", or XLA options xla_*=value")
-    p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--batch", type=int, default=32, help="global batch")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default)")
+    _step_options(p)
+    p.add_argument("--accum_steps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=8, help="rounds; each runs every variant once, order flipped")
     p.add_argument("--steps", type=int, default=1, help="back-to-back steps per turn")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
-    p.add_argument("--remat", default="none")
-    p.add_argument("--scan", action="store_true")
-    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"])
-    p.add_argument("--accum_steps", type=int, default=1)
-    p.add_argument("--mesh", default="")
-    p.add_argument("--devices", type=int, default=0)
-    p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1])
     p.set_defaults(fn=bench_ab)
     p = sub.add_parser("parts", help="forward, forward+backward and the whole step alternated: where the time goes")
-    p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--batch", type=int, default=32, help="global batch")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    _step_options(p)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
-    p.add_argument("--remat", default="none")
-    p.add_argument("--scan", action="store_true")
-    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"])
-    p.add_argument("--mesh", default="")
-    p.add_argument("--devices", type=int, default=0)
-    p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1])
     p.set_defaults(fn=bench_parts, accum_steps=1)
     p = sub.add_parser("matmul", help="FLOP/s of a square matmul (the CPU's peak for MFU)")
     p.add_argument("--n", type=int, default=2048)
