@@ -333,6 +333,15 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     return name.strip(), settings, options
 
 
+def _total_peak(devices, dtype: str) -> float:
+    """FLOP/s of all `devices`: the table's peak per device, or on the CPU (devices sharing the
+    host's cores) one matmul measurement of the host."""
+    from clip_jax import flops
+
+    peak = flops.peak_flops(devices[0])
+    return peak * len(devices) if peak else measure_matmul_peak(dtype, seconds=1.0)
+
+
 def bench_ab(args) -> dict:
     """Variants of the training step compiled side by side in one process, their steps alternated.
 
@@ -360,9 +369,7 @@ def bench_ab(args) -> dict:
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(steps[name].run(args.steps))
-    device = steps[names[0]].devices[0]
-    peak = flops.peak_flops(device)
-    peak = peak * len(steps[names[0]].devices) if peak else measure_matmul_peak(args.dtype, seconds=1.0)
+    peak = _total_peak(steps[names[0]].devices, args.dtype)
     base = np.array(times[names[0]])
     out = {"model": args.model, "batch": args.batch, "devices": len(steps[names[0]].devices),
            "rounds": args.rounds, "steps_per_turn": args.steps, "peak_tflop/s": peak / 1e12,
@@ -432,8 +439,7 @@ def bench_parts(args) -> dict:
     work = {"forward": train_flops / 3, "forward_backward": train_flops, "step": train_flops,
             "backward": 2 * train_flops / 3, "update": 0.0}
     devices = len(train.devices)
-    peak = flops.peak_flops(train.devices[0])
-    peak = peak * devices if peak else measure_matmul_peak(args.dtype, seconds=1.0)
+    peak = _total_peak(train.devices, args.dtype)
     out = {"model": args.model, "batch": args.batch, "devices": devices, "rounds": args.rounds,
            "peak_tflop/s": peak / 1e12, "host_allocator": host_memory.allocator()}
     for name in ("forward", "backward", "forward_backward", "update", "step"):

@@ -12,10 +12,10 @@ what a training or evaluation process wants anyway.
 That is not always enough. glibc's heap fragments: a small block carved out of a freed
 multi-gigabyte temporary leaves it too small for the next step's, so the heap grows by the
 temporaries' size (2.9 GiB for ViT-B/32 batch 32) every step or two and first-touches it
-again. In most runs on a 2-core Zen 5 host (and 2 of 5 on another machine) it came back:
-128,000-385,000 page faults, 1-4.6 s of kernel time and up to 60% more time per step.
+again. In 3 of 5 ViT-B/32 runs on a 2-core Zen 5 host (2 of 5 on another machine) it came
+back: 128,000-385,000 page faults, 1.1-4.6 s of kernel time and up to 60% more time per step.
 tcmalloc (Debian/Ubuntu: libtcmalloc-minimal4; what TPU VMs preload for JAX) keeps freed
-spans per size and showed 0-140 faults a step in every run. So the entry points restart
+spans per size and showed 47-364 faults a step in every run. So the entry points restart
 themselves once with tcmalloc preloaded where it is installed (`prefer_tcmalloc`), and
 fall back to the glibc settings where it is not.
 

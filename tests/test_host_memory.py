@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from clip_jax import host_memory
+
 PROGRAM = """
 import resource, sys, numpy as np
 from clip_jax import host_memory
@@ -37,8 +39,6 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 def test_off_switch_and_other_backends(monkeypatch):
-    from clip_jax import host_memory
-
     monkeypatch.setenv("CLIP_JAX_KEEP_FREED_MEMORY", "0")
     assert host_memory.keep_freed_memory_on_cpu() is False
 
@@ -54,7 +54,7 @@ def _run(*args, env=None):
 
 
 needs_tcmalloc = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or __import__("clip_jax.host_memory").host_memory.find_tcmalloc() is None,
+    not sys.platform.startswith("linux") or host_memory.find_tcmalloc() is None,
     reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
 
 
@@ -71,8 +71,6 @@ def test_entry_points_restart_once_with_tcmalloc_unless_told_not_to():
 
 
 def test_a_bad_tcmalloc_path_is_named(monkeypatch):
-    from clip_jax import host_memory
-
     monkeypatch.setenv("CLIP_JAX_TCMALLOC", "/nonexistent/libtcmalloc.so")
     with pytest.raises(FileNotFoundError, match="CLIP_JAX_TCMALLOC='/nonexistent/libtcmalloc.so' is not a file"):
         host_memory.find_tcmalloc()
@@ -80,7 +78,5 @@ def test_a_bad_tcmalloc_path_is_named(monkeypatch):
 
 @needs_tcmalloc
 def test_tcmalloc_reuses_freed_memory_without_page_faults():
-    from clip_jax import host_memory
-
     faults = int(_run("-c", PROGRAM, "0", env={"LD_PRELOAD": host_memory.find_tcmalloc()}).split()[-1])
     assert faults < 10
