@@ -249,6 +249,42 @@ def test_heads_major_attention_equals_jax_attention(causal, dtype):
         assert not np.allclose(first, v[:, 0].astype(np.float32), atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_and_heads_major_qkv_equal_autodiff_of_einsums(dtype):
+    """The projections with written-out backwards (``linear``: the weight gradient as one row-
+    contracting dot; ``heads_major_qkv``: q/k/v in the heads-major layout, one gradient pass)
+    give the values and gradients of autodiff through the plain einsums."""
+    from clip_jax.models.layers import heads_major_qkv, linear
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 7, 16)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(16, 3, 2, 8)) * 0.3, dtype)
+    bias = jnp.asarray(rng.normal(size=(3, 2, 8)), dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+
+    def check(ours, ref, args):
+        weights = [jnp.asarray(rng.normal(size=o.shape), jnp.float32) for o in jax.tree.leaves(ref(*args))]
+        loss = lambda f: lambda *a: sum(jnp.sum(o.astype(jnp.float32) * w)  # noqa: E731
+                                        for o, w in zip(jax.tree.leaves(f(*a)), weights))
+        for got, want in zip(jax.tree.leaves(ours(*args)), jax.tree.leaves(ref(*args))):
+            assert got.dtype == want.dtype == dtype and got.shape == want.shape
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol, atol=tol)
+        argnums = tuple(range(len(args)))
+        for got, want in zip(jax.grad(loss(ours), argnums)(*args), jax.grad(loss(ref), argnums)(*args)):
+            assert got.dtype == want.dtype == dtype
+            scale = float(jnp.abs(want.astype(jnp.float32)).max())
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=tol * scale)
+
+    check(linear, lambda x, k: jnp.einsum("btd,dchk->btchk", x, k), (x, kernel))
+    check(linear, lambda x, k: x @ k, (x, kernel.reshape(16, -1)))
+
+    def ref_qkv(x, k, b):
+        qkv = jnp.einsum("btd,dchk->cbhtk", x, k) + b[:, None, :, None]
+        return qkv[0], qkv[1], qkv[2]
+
+    check(heads_major_qkv, ref_qkv, (x, kernel, bias))
+
+
 def test_attention_implementation_choice():
     from clip_jax.models.layers import attention_impl
 

@@ -100,6 +100,54 @@ def _layer_norm_bwd(eps, residuals, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@jax.custom_vjp
+def linear(x, kernel):
+    """x [..., in] @ kernel [in, *out] -> [..., *out], with a backward whose weight gradient is
+    one dot contracting the rows of x and of the incoming gradient as they are laid out.
+
+    Autodiff of a dot_general computes the weight gradient as dot(dy, x) and transposes the
+    result, and XLA:CPU turns that into a transposed copy of an activation before the dot (a
+    [rows, width] activation written column by column; ~20 MB per MLP layer of the text tower
+    at batch 32). Here dW = x^T dy is asked for directly (contracting dim 0 of both), which
+    XLA:CPU runs as one dot with no copy. Same values as autodiff (tested).
+    """
+    return _linear_fwd(x, kernel)[0]
+
+
+def _linear_fwd(x, kernel):
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y, (x, kernel)
+
+
+def _linear_bwd(residuals, dy):
+    x, kernel = residuals
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(x2.shape[0], -1)
+    kernel2 = kernel.reshape(kernel.shape[0], -1)
+    dx = jax.lax.dot_general(dy2, kernel2, (((1,), (1,)), ((), ())))
+    dkernel = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
+    return dx.reshape(x.shape).astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+class Dense(nn.Module):
+    """nn.Dense's params (``kernel`` [in, out], ``bias`` [out], float32) and result, computed by
+    ``linear`` in ``dtype``."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return linear(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with PyTorch's eps 1e-5 and float32 params ``scale``/``bias`` (flax's
     nn.LayerNorm's names, so checkpoints and converters see the same tree); output in ``dtype``."""
@@ -182,11 +230,10 @@ def heads_major_attention(q, k, v, causal: bool):
     'xla' implementation computes (float32 logits scaled after the dot, softmax in float32, the
     probabilities in the input dtype), in the layout its batched dots want.
 
-    With heads before length, the q/k/v projection writes the operands of the per-head dots
-    directly and the output projection reads the result as it is; from [batch, length, heads,
-    head_dim] XLA:CPU transposes q, k, v and the output around the dots, forward and backward.
-    Fwd+bwd of a whole attention block on a 2-core Zen 5 host: 80 -> 72 ms (ViT-B/32 layer, batch 32),
-    57 -> 48 ms (text layer).
+    From [batch, length, heads, head_dim] XLA:CPU transposes q, k, v and the output around the
+    per-head dots, forward and backward; ``heads_major_qkv`` writes q, k, v in this layout
+    directly. Fwd+bwd of a whole attention block on a 2-core Zen 5 host: 80 -> 72 ms
+    (ViT-B/32 layer, batch 32), 57 -> 48 ms (text layer).
     """
     logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if causal:
@@ -194,6 +241,42 @@ def heads_major_attention(q, k, v, causal: bool):
         logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     return jnp.einsum("bhts,bhsk->bhtk", probs, v)
+
+
+@jax.custom_vjp
+def heads_major_qkv(x, kernel, bias):
+    """x [batch, length, width], kernel [width, 3, heads, head_dim], bias [3, heads, head_dim] ->
+    q, k, v, each [batch, heads, length, head_dim].
+
+    One [rows, width] x [width, 3 * width] matmul and a transpose to the heads-major layout. The
+    backward writes dq, dk, dv back into one [rows, 3 * width] gradient in a single pass, then
+    takes dx and dkernel as two plain matmuls (autodiff of three slices made a zero-padded
+    [3, ...] copy of each of dq, dk and dv first).
+    """
+    return _heads_major_qkv_fwd(x, kernel, bias)[0]
+
+
+def _heads_major_qkv_fwd(x, kernel, bias):
+    qkv = (jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ()))) + bias).transpose(2, 0, 3, 1, 4)
+    return (qkv[0], qkv[1], qkv[2]), (x, kernel)
+
+
+def _heads_major_qkv_bwd(residuals, grads):
+    x, kernel = residuals
+    rows, width = x.shape[0] * x.shape[1], x.shape[2]
+    dqkv = jnp.stack(grads, axis=2).transpose(0, 3, 2, 1, 4)  # [batch, length, 3, heads, head_dim]
+    # As 2-D matmuls: contracting several axes at once, XLA:CPU copied x and dqkv transposed
+    # first. (With heads split over a 'tensor' mesh axis the reshape costs a reshard; correct either way.)
+    dqkv = dqkv.reshape(rows, -1)
+    x2, kernel2 = x.reshape(rows, width), kernel.reshape(width, -1)
+    dx = jax.lax.dot_general(dqkv, kernel2, (((1,), (1,)), ((), ())))
+    dkernel = jax.lax.dot_general(x2, dqkv, (((0,), (0,)), ((), ())))
+    dbias = dqkv.sum(0, dtype=jnp.float32)
+    return (dx.reshape(x.shape).astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype),
+            dbias.reshape(kernel.shape[1:]).astype(kernel.dtype))
+
+
+heads_major_qkv.defvjp(_heads_major_qkv_fwd, _heads_major_qkv_bwd)
 
 
 class MultiHeadAttention(nn.Module):
@@ -237,19 +320,8 @@ class MultiHeadAttention(nn.Module):
 
         x = x.astype(self.dtype)
         kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
-        out_spec = "bthk,hkd->btd"
         per_head = jax.ShapeDtypeStruct((head_dim,), kernel.dtype)  # what attention_impl decides on
-        if query_index is None and attention_impl(self.attn_impl, per_head) == "xla":
-            qkv = jnp.einsum("btd,dchk->cbhtk", x, kernel) + bias[:, None, :, None]
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            q = nn.with_logical_constraint(q, ("batch", "heads", "length", "kv"))
-            out, out_spec = heads_major_attention(q, k, v, self.causal), "bhtk,hkd->btd"
-        elif query_index is None:
-            qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-            out = attention(q, k, v, self.causal, self.attn_impl)
-        else:
+        if query_index is not None:
             # One query row per sequence (the pooled token's), keys and values for all rows.
             # XLA's kernel always: a single query row is a small share of the layer's work.
             kv = jnp.einsum("btd,dchk->cbthk", x, kernel[:, 1:]) + bias[1:, None, None]
@@ -257,8 +329,19 @@ class MultiHeadAttention(nn.Module):
             # causally, the query at position i sees the keys 0..i
             lengths = query_index.astype(jnp.int32) + 1 if self.causal else None
             out = jax.nn.dot_product_attention(q, kv[0], kv[1], key_value_seq_lengths=lengths, implementation="xla")
-        out = checkpoint_name(out, "attention")
-        return jnp.einsum(out_spec, out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        elif attention_impl(self.attn_impl, per_head) == "xla":
+            q, k, v = heads_major_qkv(x, kernel, bias)
+            q = nn.with_logical_constraint(q, ("batch", "heads", "length", "kv"))
+            out = heads_major_attention(q, k, v, self.causal).transpose(0, 2, 1, 3)
+        else:
+            qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+            out = attention(q, k, v, self.causal, self.attn_impl)
+        out = checkpoint_name(out, "attention")  # [batch, length, heads, head_dim]
+        # heads and head_dim are adjacent: the projection is one [rows, width] x [width, width] matmul
+        out = linear(out.reshape(out.shape[:2] + (width,)), out_kernel.reshape(width, width).astype(self.dtype))
+        return out + out_bias.astype(self.dtype)
 
 
 class Mlp(nn.Module):
@@ -273,10 +356,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        h = nn.Dense(
+        h = Dense(
             self.mlp_dim,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
             kernel_init=param_with_axes(normal(self.fc_std or (2 * width) ** -0.5), ("embed", "mlp")),
             bias_init=param_with_axes(nn.initializers.zeros, ("mlp",)),
             name="c_fc",
@@ -284,10 +366,9 @@ class Mlp(nn.Module):
         h = activation(self.quick_gelu)(h)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = checkpoint_name(h, "mlp_hidden")
-        return nn.Dense(
+        return Dense(
             width,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
             kernel_init=param_with_axes(normal(self.proj_std or width**-0.5), ("mlp", "embed")),
             bias_init=param_with_axes(nn.initializers.zeros, ("embed",)),
             name="c_proj",
