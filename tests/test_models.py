@@ -345,6 +345,11 @@ def test_gelu_is_the_exact_erf_form_with_its_gradient():
     # not the tanh approximation, which differs by up to ~5e-4 around |x| ~ 2
     assert float(jnp.abs(y - jax.nn.gelu(x, approximate=True)).max()) > 1e-4
     assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+    # the written-out backward in bfloat16: the gradient's dtype is the input's, its value the float32 one's
+    x16 = x.astype(jnp.bfloat16)
+    grad16 = jax.vmap(jax.grad(gelu))(x16)
+    assert grad16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(grad16.astype(np.float32), jax.vmap(jax.grad(gelu))(x16.astype(jnp.float32)), atol=1e-2)
 
 
 def test_patch_embedding_equals_the_strided_conv():

@@ -42,12 +42,32 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+@jax.custom_vjp
 def gelu(x):
     """torch.nn.GELU's default, the exact erf form (not the tanh approximation), in torch's own
     formula x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu's erfc form is as exact but XLA expands erfc
-    into two polynomial branches, an exp and divides, and its gradient keeps more residuals:
-    the erf form cut a ViT-B/32 step's temporaries from 3.56 to 3.15 GiB."""
+    into two polynomial branches, an exp and divides, and its gradient keeps more residuals.
+
+    The backward keeps only x and takes the derivative Phi(x) + x phi(x) from it, with Phi
+    written through erfc so that XLA cannot share it with the forward's erf: shared, the erf
+    tensor was written out for the backward and the forward took two passes. A ViT-B/32 batch-32
+    step's temporaries: 3.56 GiB with jax.nn.gelu, 2.80 with the erf form, 2.39 with this backward.
+    """
     return 0.5 * x * (1.0 + jax.lax.erf(x * 0.5**0.5))  # Python floats: x's dtype is kept
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(xf * -(0.5**0.5))  # = (1 + erf(x / sqrt 2)) / 2
+    pdf = jnp.exp(-0.5 * xf * xf) * (2 * jnp.pi) ** -0.5
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def activation(quick: bool) -> Callable:
