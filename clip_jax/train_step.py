@@ -96,7 +96,8 @@ def train_step(state: TrainState, batch: dict, *, model: CLIP, optimizer, loss_f
 
     def update(old):
         params, opt_state, _ = old
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        # the norm already taken, for the clipping (clip_jax.optim.clip_by_global_norm)
+        updates, opt_state = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
         params = optax.apply_updates(params, updates)
         # CLIP's clamp of the learned temperature, on the parameter (as open_clip does after each step).
         params = dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))

@@ -97,3 +97,29 @@ def test_parts_prints_where_the_step_time_goes(capsys):
     assert out["update_s"] == pytest.approx(out["step_s"] - out["forward_backward_s"])
     # forward MFU counts a third of the step's FLOPs in the forward's time
     assert out["forward_mfu"] == pytest.approx(out["step_mfu"] * out["step_s"] / out["forward_s"] / 3)
+
+
+def test_max_batch_finds_the_largest_batch_that_fits(capsys):
+    """With a memory budget between two batches' compiled footprints, the search lands on the
+    larger batch that fits; the footprints are cross-checked against the train benchmark's
+    own memory figure for those batches (compiled separately, with real inputs)."""
+    tiny = ["--model=ViT-Tiny-test", "--devices=2", "--keep_freed_memory=0"]
+    at = {b: run(capsys, f"--batch={2 * b}", "--devices=2")[0]["memory_gib"] for b in (40, 48)}
+    assert at[40] < at[48]
+    budget = (at[40] + at[48]) / 2
+    out = main(["max_batch", *tiny, f"--memory_gib={budget}", "--multiple=8", "--start=8"])
+    printed = capsys.readouterr().out
+    assert out["max_batch_per_device"] == 40 and out["max_global_batch"] == 80
+    assert out["memory_gib"] == pytest.approx(at[40], rel=1e-6) and not out["at_limit"]
+    assert "probe: batch/device=48" in printed and "max_batch_per_device: 40" in printed
+    # doubling 8 -> 16 -> 32 -> 64, then bisecting 32..64 in steps of 8: few compiles
+    assert out["probes"] <= 7
+
+
+def test_max_batch_needs_a_memory_figure_on_the_cpu_and_a_fitting_start():
+    with pytest.raises(ValueError, match="--memory_gib"):
+        main(["max_batch", "--model=ViT-Tiny-test", "--devices=1"])
+    with pytest.raises(ValueError, match="multiple of --multiple"):
+        main(["max_batch", "--model=ViT-Tiny-test", "--memory_gib=1", "--start=12", "--multiple=8"])
+    with pytest.raises(ValueError, match="already needs"):
+        main(["max_batch", "--model=ViT-Tiny-test", "--devices=1", "--memory_gib=0.001", "--keep_freed_memory=0"])

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from clip_jax.models import create_model, variable_shapes
@@ -75,3 +76,30 @@ def test_grad_clipping_happens_before_adam():
     mu = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
           if isinstance(s, optax.ScaleByAdamState)][0].mu
     np.testing.assert_allclose(optax.tree.norm(mu), 0.1, rtol=1e-5)
+
+
+def test_clip_by_global_norm_equals_optax_and_keeps_its_state():
+    """Our clipping (one scalar scale, the step's norm passed in) gives optax.clip_by_global_norm's
+    updates above and below the threshold, and the same (empty) state, so checkpoints written
+    with optax's transformation restore into ours."""
+    import optax
+
+    from clip_jax.optim import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    for size in (0.1, 10.0):  # global norm below and above max_norm = 1
+        grads = {"w": jnp.asarray(rng.normal(size=(5, 3)) * size, jnp.float32),
+                 "b": jnp.asarray(rng.normal(size=(3,)) * size, jnp.float32)}
+        want, want_state = optax.clip_by_global_norm(1.0).update(grads, optax.clip_by_global_norm(1.0).init(grads))
+        ours = clip_by_global_norm(1.0)
+        state = ours.init(grads)
+        assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(want_state)
+        for kwargs in ({}, {"grad_norm": optax.tree.norm(grads)}):
+            got, _ = ours.update(grads, state, None, **kwargs)
+            for k in grads:
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+        clipped = optax.tree.norm(got)
+        assert (clipped == pytest.approx(1.0, rel=1e-5)) if size > 1 else (clipped < 1.0)
+    # the norm passed in is the one used (the step's), not recomputed
+    got, _ = ours.update(grads, state, None, grad_norm=jnp.float32(2 * optax.tree.norm(grads)))
+    assert optax.tree.norm(got) == pytest.approx(0.5, rel=1e-5)
