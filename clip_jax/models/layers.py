@@ -277,23 +277,21 @@ def heads_major_qkv(x, kernel, bias):
 
 
 def _heads_major_qkv_fwd(x, kernel, bias):
-    qkv = (jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ()))) + bias).transpose(2, 0, 3, 1, 4)
-    return (qkv[0], qkv[1], qkv[2]), (x, kernel)
+    qkv, residuals = _linear_fwd(x, kernel)
+    qkv = (qkv + bias).transpose(2, 0, 3, 1, 4)
+    return (qkv[0], qkv[1], qkv[2]), residuals
 
 
 def _heads_major_qkv_bwd(residuals, grads):
-    x, kernel = residuals
-    rows, width = x.shape[0] * x.shape[1], x.shape[2]
+    kernel = residuals[1]
     dqkv = jnp.stack(grads, axis=2).transpose(0, 3, 2, 1, 4)  # [batch, length, 3, heads, head_dim]
-    # As 2-D matmuls: contracting several axes at once, XLA:CPU copied x and dqkv transposed
-    # first. (With heads split over a 'tensor' mesh axis the reshape costs a reshard; correct either way.)
-    dqkv = dqkv.reshape(rows, -1)
-    x2, kernel2 = x.reshape(rows, width), kernel.reshape(width, -1)
-    dx = jax.lax.dot_general(dqkv, kernel2, (((1,), (1,)), ((), ())))
-    dkernel = jax.lax.dot_general(x2, dqkv, (((0,), (0,)), ((), ())))
-    dbias = dqkv.sum(0, dtype=jnp.float32)
-    return (dx.reshape(x.shape).astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype),
-            dbias.reshape(kernel.shape[1:]).astype(kernel.dtype))
+    # linear's backward, as 2-D matmuls: contracting several axes at once, XLA:CPU copied x and
+    # dqkv transposed first. (With heads split over a 'tensor' mesh axis its reshape costs a
+    # reshard; correct either way.)
+    dx, dkernel = _linear_bwd(residuals, dqkv)
+    # over the same 2-D rows (a 5-D sum made XLA write one more transposed copy of dqkv)
+    dbias = dqkv.reshape(-1, kernel[0].size).sum(0, dtype=jnp.float32)
+    return dx, dkernel, dbias.reshape(kernel.shape[1:]).astype(kernel.dtype)
 
 
 heads_major_qkv.defvjp(_heads_major_qkv_fwd, _heads_major_qkv_bwd)
