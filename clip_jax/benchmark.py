@@ -518,6 +518,9 @@ def bench_max_batch(args) -> dict:
            "capacity_gib": capacity, "max_batch_per_device": low, "max_global_batch": low * n,
            "memory_gib": probes[low], "probes": len(probes), "at_limit": high is None}
     if args.run:
+        # Each try builds its own state: drop the probes' (and a failed try's) first, or the
+        # device would hold two copies of the params and moments.
+        train = step = None
         while True:
             try:
                 step = _Step(argparse.Namespace(**{**vars(args), "batch": low * n}))
@@ -525,6 +528,7 @@ def bench_max_batch(args) -> dict:
                 out["ran_step_s"] = step.run(1)
                 break
             except Exception as e:  # noqa: BLE001 (XLA raises its own error types for OOM)
+                step = None
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     raise
                 if low <= args.multiple:
