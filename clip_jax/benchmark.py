@@ -118,13 +118,14 @@ def bench_input(args) -> None:
 
 # -- train: whole training steps, sharded as clip_jax.train shards them --------------------
 
-def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
-    """FLOP/s of a square matmul on the default device: the CPU's peak for MFU."""
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0,
+                        compiler_options: dict | None = None) -> float:
+    """FLOP/s of a square matmul on the default device, compiled with `compiler_options`."""
     import jax
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: x @ x).lower(a).compile(compiler_options=compiler_options or None)
     f(a).block_until_ready()
     best, spent = float("inf"), 0.0
     while spent < seconds:
@@ -133,6 +134,15 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 
         took = time.perf_counter() - start
         best, spent = min(best, took), spent + took
     return 2 * n**3 / best
+
+
+def cpu_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
+    """The CPU's peak for MFU: the faster of XLA:CPU's matmul libraries on a square matmul
+    (YNNPACK, XLA's default, and oneDNN on x86, which the step may use: clip_jax.xla_cpu)."""
+    from clip_jax import xla_cpu
+
+    libraries = xla_cpu.matmul_libraries()
+    return max(measure_matmul_peak(dtype, n, seconds / len(libraries), options) for options in libraries.values())
 
 
 def _synthetic_batch(model, batch: int, sharding, seed: int = 0) -> dict:
@@ -182,6 +192,7 @@ class _Step:
         from clip_jax.models import create_model
         from clip_jax.optim import make_optimizer
         from clip_jax.train_step import create_state, jit_train_step
+        from clip_jax.xla_cpu import step_compiler_options
 
         self.devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
@@ -198,7 +209,10 @@ class _Step:
         del variables
         batch_sharding = sharding.batch_sharding(mesh)
         self.model, self.loss_fn = model, make_loss(args.loss, mesh, sharding.BATCH_AXES)
-        self.step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps)
+        # The same per-host XLA options as clip_jax.train's step (oneDNN matmuls on Intel CPUs).
+        self.step_options = step_compiler_options(args.onednn_dots, self.devices)
+        self.step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps,
+                                   self.step_options)
         self.batch_sharding = batch_sharding
         self.batch = _synthetic_batch(model, args.batch, batch_sharding)
         start = time.perf_counter()
@@ -249,7 +263,7 @@ def bench_train(args) -> dict:
         if peak is None:
             # CPU: a shared host's speed drifts by 10-20% within minutes, so each repeat's MFU
             # divides by a matmul peak measured right after it, not once for the whole run.
-            cpu_peaks.append(measure_matmul_peak(args.dtype, seconds=1.0))
+            cpu_peaks.append(cpu_matmul_peak(args.dtype, seconds=1.0))
     usage = {k: v / (args.repeats * args.steps) for k, v in usage.items()}
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
@@ -261,13 +275,15 @@ def bench_train(args) -> dict:
         mfu = model_flops / step_s / peak_total
     else:  # CPU: the devices share the host's cores, so the peak is the host's measured matmul
         peak_total = float(np.median(cpu_peaks))
-        peak_note = (f"{peak_total / 1e12:.3f} TFLOP/s measured {args.dtype} matmul 2048^3 on this host "
+        peak_note = (f"{peak_total / 1e12:.3f} TFLOP/s measured {args.dtype} matmul 2048^3 on this host, "
+                     "the fastest of XLA:CPU's matmul libraries "
                      f"(median; {min(cpu_peaks) / 1e12:.3f}-{max(cpu_peaks) / 1e12:.3f} after each repeat)")
         mfu = float(np.median([model_flops / t / p for t, p in zip(times, cpu_peaks)]))
     out = {
         "model": args.model, "batch": args.batch, "devices": n, "mesh": dict(mesh.shape), "dtype": args.dtype,
         "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "keep_freed_memory": keep_freed,
         "host_allocator": host_memory.allocator(),
+        "onednn_dots": "on" if train.step_options else "off",
         "compile_s": compile_s,
         "step_s": step_s, "step_s_min": float(min(times)), "images/s": args.batch / step_s,
         "images/s/device": args.batch / step_s / n, "model_tflop_per_step": model_flops / 1e12,
@@ -291,6 +307,7 @@ VARIANT_SETTINGS = {
     "scan": bool,
     "loss": ("softmax", "softmax_ring", "sigmoid"),
     "attn": ("auto", "xla", "cudnn"),
+    "onednn_dots": ("auto", "on", "off"),
     "accum_steps": int,
 }
 
@@ -349,7 +366,7 @@ def _total_peak(devices, dtype: str) -> float:
     from clip_jax import flops
 
     peak = flops.peak_flops(devices[0])
-    return peak * len(devices) if peak else measure_matmul_peak(dtype, seconds=1.0)
+    return peak * len(devices) if peak else cpu_matmul_peak(dtype, seconds=1.0)
 
 
 def bench_ab(args) -> dict:
@@ -430,7 +447,8 @@ def bench_parts(args) -> dict:
         images = normalize_images(images) if images.dtype == jnp.uint8 else images
         return _forward_loss(train.model, train.loss_fn, p, batch_stats, images, batch["tokens"])[0]
 
-    forward, gradients = jax.jit(loss), jax.jit(jax.grad(loss))
+    options = train.step_options or None  # the step's own XLA options, so the parts compare
+    forward, gradients = jax.jit(loss, compiler_options=options), jax.jit(jax.grad(loss), compiler_options=options)
     parts = {"forward": lambda: forward(params, train.batch), "forward_backward": lambda: gradients(params, train.batch),
              "step": lambda: train.run(1)}
     for run in parts.values():  # compile and warm up
@@ -542,9 +560,14 @@ def bench_max_batch(args) -> dict:
 
 
 def bench_matmul(args) -> None:
-    peak = measure_matmul_peak(args.dtype, args.n)
+    from clip_jax import xla_cpu
+
     print(f"matmul: {args.n}^3 {args.dtype}")
-    print(f"tflop/s: {peak / 1e12:.4g}")
+    peaks = {name: measure_matmul_peak(args.dtype, args.n, compiler_options=options)
+             for name, options in xla_cpu.matmul_libraries().items()}
+    for name, peak in peaks.items():
+        print(f"tflop/s_{name}: {peak / 1e12:.4g}")
+    print(f"tflop/s: {max(peaks.values()) / 1e12:.4g}")
 
 def _step_options(p) -> None:
     """The options of the training step that train, ab and parts build (as clip_jax.train builds it)."""
@@ -558,6 +581,8 @@ def _step_options(p) -> None:
                    help="attention kernel (auto: cuDNN fused on NVIDIA GPUs in bf16, lengths padded to x8; XLA elsewhere)")
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
+    p.add_argument("--onednn_dots", default="auto", choices=["auto", "on", "off"],
+                   help="XLA:CPU matmuls through oneDNN (auto: on Intel CPUs; clip_jax.xla_cpu)")
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
                    help="on the CPU under glibc, reuse freed host memory across steps (clip_jax.host_memory)")
 

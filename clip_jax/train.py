@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from clip_jax import checkpoint, distributed, host_memory, sharding
+from clip_jax import checkpoint, distributed, host_memory, sharding, xla_cpu
 from clip_jax.features import Encoder
 from clip_jax.input_pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.losses import LOSSES, make_loss
@@ -38,6 +38,7 @@ def validate(config) -> None:
     parse_evals(config.data.get("eval", ""))  # syntax only; make_evaluator checks the datasets
     if config.loss not in LOSSES:
         raise ValueError(f"config.loss {config.loss!r} not in {', '.join(LOSSES)}")
+    xla_cpu.check_choice(config.get("cpu_onednn_dots", "auto"), "config.cpu_onednn_dots")
     if not config.data.get("train"):
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
     streams = stream_count(config.data, config.batch_size, jax.process_count())
@@ -209,8 +210,11 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          context_length=model.config.text.context_length, state=input_states)
     batch_sharding = sharding.batch_sharding(mesh)
+    step_options = xla_cpu.step_compiler_options(config.get("cpu_onednn_dots", "auto"), list(mesh.devices.flat))
+    if step_options:
+        log("train step: XLA:CPU matmuls through oneDNN (config.cpu_onednn_dots; clip_jax.xla_cpu)")
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
-                             batch_sharding, config.accum_steps)
+                             batch_sharding, config.accum_steps, step_options)
     step_fn = distributed.compile_together(step_fn, "train_step")
     batches = DevicePrefetch(pipe, batch_sharding, config.get("prefetch_batches", 2))
     schedule = make_schedule(config.optim, config.total_steps)

@@ -113,8 +113,10 @@ def train_step(state: TrainState, batch: dict, *, model: CLIP, optimizer, loss_f
     return new_state, metrics
 
 
-def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding, accum_steps: int = 1):
-    """jit with explicit shardings: the state keeps its layout (donated), the batch is split on data axes."""
+def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding, accum_steps: int = 1,
+                   compiler_options: dict | None = None):
+    """jit with explicit shardings: the state keeps its layout (donated), the batch is split on data axes.
+    `compiler_options`: XLA options for this program alone (clip_jax.xla_cpu.step_compiler_options)."""
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     fn = lambda s, b: train_step(s, b, model=model, optimizer=optimizer, loss_fn=loss_fn, accum_steps=accum_steps)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
@@ -123,4 +125,5 @@ def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding,
         in_shardings=(state_shardings, {"image": batch_sharding, "tokens": batch_sharding}),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=compiler_options or None,
     )

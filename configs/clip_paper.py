@@ -38,6 +38,7 @@ def get_config(model: str = "ViT-B-32"):
     c.remat = "none" if base in SMALL else "full"
     c.scan = True
     c.attn_impl = "auto"  # cuDNN fused attention on NVIDIA GPUs in bf16 (lengths padded to x8), else XLA
+    c.cpu_onednn_dots = "auto"  # on a CPU: the step's matmuls through oneDNN on Intel hosts (clip_jax.xla_cpu)
     c.loss = "softmax"
     c.seed = 0
     c.batch_size = 32_768

@@ -1,0 +1,93 @@
+"""oneDNN matmuls on the CPU: chosen per host as documented, and the same training step as XLA's default."""
+
+import platform
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import xla_cpu
+from clip_jax.losses import make_loss
+from clip_jax.models import create_model, init_variables
+from clip_jax.optim import make_optimizer
+from clip_jax.sharding import batch_sharding, make_mesh
+from clip_jax.train_step import create_state, jit_train_step
+from test_train_step import OPTIM, batch
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def test_choice_is_checked():
+    assert [xla_cpu.check_choice(v) for v in ("auto", "on", "off", None, True, False)] == \
+        ["auto", "on", "off", "auto", "on", "off"]
+    with pytest.raises(ValueError, match=r"config.cpu_onednn_dots='yes': use one of auto, on, off"):
+        xla_cpu.check_choice("yes", "config.cpu_onednn_dots")
+
+
+@pytest.mark.parametrize("vendor,machine,choice,platform_name,expected", [
+    ("GenuineIntel", "x86_64", "auto", "cpu", True),
+    ("AuthenticAMD", "x86_64", "auto", "cpu", False),
+    ("GenuineIntel", "x86_64", "auto", "gpu", False),  # never off the CPU
+    ("AuthenticAMD", "x86_64", "on", "cpu", True),
+    ("GenuineIntel", "x86_64", "off", "cpu", False),
+    ("", "aarch64", "auto", "cpu", False),
+])
+def test_auto_means_intel_cpus(monkeypatch, vendor, machine, choice, platform_name, expected):
+    monkeypatch.setattr(xla_cpu, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(xla_cpu.platform, "machine", lambda: machine)
+    assert xla_cpu.use_onednn_dots(choice, platform_name) is expected
+
+
+def test_cpu_vendor_reads_cpuinfo():
+    vendor = xla_cpu.cpu_vendor()
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        assert vendor == ""
+        return
+    assert (f": {vendor}" in text) if vendor else ("vendor_id" not in text)
+
+
+def _two_steps(options, name="ViT-Tiny-test"):
+    model = create_model(name, scan=True)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    variables = init_variables(model, jax.random.key(0))
+    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
+    state = create_state(variables, optimizer)
+    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state,
+                          batch_sharding(mesh), compiler_options=options)
+    text = step.lower(state, batch(16, model.config.vision.image_size)).compile().as_text()
+    losses = []
+    for i in range(2):
+        state, metrics = step(state, batch(16, model.config.vision.image_size, i))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree_util.tree_map(np.asarray, state.params), text
+
+
+def test_train_config_is_checked_before_any_compile():
+    import importlib.util
+    import os
+
+    from clip_jax import train
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
+    spec = importlib.util.spec_from_file_location("smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    c = smoke.get_config()
+    train.validate(c)
+    c.cpu_onednn_dots = "yes"
+    with pytest.raises(ValueError, match="config.cpu_onednn_dots='yes'"):
+        train.validate(c)
+
+
+@pytest.mark.skipif(not X86 or jax.default_backend() != "cpu", reason="XLA:CPU has oneDNN on x86 only")
+@pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")  # oneDNN calls: not cacheable
+def test_onednn_step_equals_default_step():
+    """The step through oneDNN's matmuls (the attention cores included) against XLA's default."""
+    ref_losses, ref_params, ref_text = _two_steps(None)
+    losses, params, text = _two_steps(xla_cpu.step_compiler_options("on", jax.devices()))
+    assert "onednn_fusion" in text and "onednn_fusion" not in ref_text  # the option reached the compiler
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
