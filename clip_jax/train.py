@@ -20,7 +20,7 @@ from clip_jax.input_pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.losses import LOSSES, make_loss
 from clip_jax.models import create_model
 from clip_jax.optim import make_optimizer, make_schedule
-from clip_jax.train_step import TrainState, create_state, jit_train_step
+from clip_jax.train_step import TrainState, create_state, jit_train_step, params_are_finite
 
 
 def _data_config(config) -> dict:
@@ -257,7 +257,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
             if step == end or preempted or manager.should_save(step):
                 _check_streak(step, metrics, config)
                 # The step guards loss and gradient; an update that overflows is caught here.
-                if not np.isfinite(float(jax.device_get(metrics["param_norm"]))):
+                if not bool(params_are_finite(state.params)):
                     raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
                 checkpoint.save(manager, step, state, batches.state(), force=True)
             if preempted:

@@ -107,10 +107,18 @@ def train_step(state: TrainState, batch: dict, *, model: CLIP, optimizer, loss_f
         finite, update, lambda old: old, (state.params, state.opt_state, state.batch_stats))
     bad = 1 - finite.astype(jnp.int32)
     skipped, in_a_row = state.skipped + bad, (state.skipped_in_a_row + 1) * bad
-    metrics = {"loss": loss, "logit_scale": scale, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+    # No params' norm here: one more pass over every param each step (1.3% of a ViT-B/32 step
+    # on a CPU) for a figure the trainer needs only before a checkpoint (params_are_finite).
+    metrics = {"loss": loss, "logit_scale": scale, "grad_norm": grad_norm,
                "skipped_steps": skipped, "skipped_in_a_row": in_a_row}
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state, skipped, in_a_row)
     return new_state, metrics
+
+
+@jax.jit
+def params_are_finite(params):
+    """Whether every parameter is finite (their global norm is): the check before a checkpoint."""
+    return jnp.isfinite(optax.tree.norm(params))
 
 
 def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding, accum_steps: int = 1,

@@ -116,3 +116,13 @@ def test_non_finite_step_is_not_applied_and_counted():
     changed = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
                                                                    jax.tree_util.tree_leaves(before[0]))]
     assert all(changed)
+
+
+def test_params_are_finite_checks_every_leaf():
+    from clip_jax.train_step import params_are_finite
+
+    params = {"a": jnp.ones((3, 4)), "b": {"c": jnp.zeros((5,))}}
+    assert bool(params_are_finite(params))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        broken = {"a": params["a"], "b": {"c": params["b"]["c"].at[2].set(bad)}}
+        assert not bool(params_are_finite(broken))
