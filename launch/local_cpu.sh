@@ -6,7 +6,9 @@
 #   launch/local_cpu.sh --devices=8 --workdir=/tmp/mesh8 # the same on an 8-device mesh
 #
 # Without --config, configs/smoke.py; without --workdir, /tmp/clip_smoke. Other XLA flags of
-# the caller are kept. Env: PYTHON (default: python3).
+# the caller are kept. On Intel CPUs the train step's matmuls go through oneDNN per compiled
+# step, not through XLA_FLAGS (--config.cpu_onednn_dots=auto|on|off; clip_jax/xla_cpu.py).
+# Env: PYTHON (default: python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=1
