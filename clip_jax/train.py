@@ -11,7 +11,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from etils import epath
 
 from clip_jax import checkpoint, distributed, host_memory, sharding, xla_cpu

@@ -31,14 +31,18 @@ ONEDNN_DOTS = {
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
 CHOICES = ("auto", "on", "off")
-MATMUL_LIBRARIES = ("default", "onednn")
+
+
+def has_onednn() -> bool:
+    """Whether XLA:CPU has oneDNN on this machine (x86 builds only)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def matmul_libraries() -> dict:
     """The matmul libraries a CPU step may run on, by name, as compile options: XLA's default
     (YNNPACK), and oneDNN where XLA:CPU has it (x86). The CPU's MFU peak is the faster one."""
     libraries = {"default": {}}
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if has_onednn():
         libraries["onednn"] = dict(ONEDNN_DOTS)
     return libraries
 
@@ -75,7 +79,7 @@ def use_onednn_dots(onednn_dots, platform_name: str) -> bool:
         return False
     if choice == "on":
         return True
-    return cpu_vendor() == "GenuineIntel" and platform.machine().lower() in ("x86_64", "amd64")
+    return cpu_vendor() == "GenuineIntel" and has_onednn()
 
 
 def step_compiler_options(onednn_dots, devices) -> dict:

@@ -1,7 +1,5 @@
 """oneDNN matmuls on the CPU: chosen per host as documented, and the same training step as XLA's default."""
 
-import platform
-
 import jax
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from clip_jax.sharding import batch_sharding, make_mesh
 from clip_jax.train_step import create_state, jit_train_step
 from test_train_step import OPTIM, batch
 
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def test_choice_is_checked():
@@ -56,12 +53,12 @@ def _two_steps(options, name="ViT-Tiny-test"):
     state = create_state(variables, optimizer)
     step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state,
                           batch_sharding(mesh), compiler_options=options)
-    text = step.lower(state, batch(16, model.config.vision.image_size)).compile().as_text()
+    compiled = step.lower(state, batch(16, model.config.vision.image_size)).compile()
     losses = []
     for i in range(2):
-        state, metrics = step(state, batch(16, model.config.vision.image_size, i))
+        state, metrics = compiled(state, batch(16, model.config.vision.image_size, i))
         losses.append(float(metrics["loss"]))
-    return losses, jax.tree_util.tree_map(np.asarray, state.params), text
+    return losses, jax.tree_util.tree_map(np.asarray, state.params), compiled.as_text()
 
 
 def test_train_config_is_checked_before_any_compile():
@@ -81,8 +78,7 @@ def test_train_config_is_checked_before_any_compile():
         train.validate(c)
 
 
-@pytest.mark.skipif(not X86 or jax.default_backend() != "cpu", reason="XLA:CPU has oneDNN on x86 only")
-@pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")  # oneDNN calls: not cacheable
+@pytest.mark.skipif(not xla_cpu.has_onednn() or jax.default_backend() != "cpu", reason="XLA:CPU has oneDNN on x86 only")
 def test_onednn_step_equals_default_step():
     """The step through oneDNN's matmuls (the attention cores included) against XLA's default."""
     ref_losses, ref_params, ref_text = _two_steps(None)
