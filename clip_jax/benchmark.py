@@ -490,6 +490,30 @@ def _capacity_gib(device, memory_gib: float) -> float:
                      "pass --memory_gib=N (the memory per device to fit in)")
 
 
+def largest_fitting(fits, start: int, multiple: int, limit: int) -> tuple[int, int | None]:
+    """The largest batch `fits` accepts, for a `fits` that holds up to some batch and fails above.
+
+    `start` must fit. Doubles until a batch does not fit (or would pass `limit`), then bisects in
+    steps of `multiple`. Returns (largest fitting batch, smallest failing one probed; None when
+    the doubling stopped at `limit`). Shared with launch/open_clip_max_batch.py, so both sides
+    of the side by side are searched alike.
+    """
+    low, high = start, None
+    while high is None:  # doubling: low fits, 2 low is the next probe
+        if 2 * low > limit:
+            break
+        if fits(2 * low):
+            low *= 2
+        else:
+            high = 2 * low
+    if high is not None:  # bisect: low fits, high does not
+        while high - low > multiple:
+            mid = (low + high) // 2 // multiple * multiple
+            mid = max(mid, low + multiple)
+            low, high = (mid, high) if fits(mid) else (low, mid)
+    return low, high
+
+
 def bench_max_batch(args) -> dict:
     """The largest per-device batch whose compiled training step fits in a device's memory.
 
@@ -519,19 +543,7 @@ def bench_max_batch(args) -> dict:
     if not fits(args.start):
         raise ValueError(f"batch {args.start} per device already needs {probes[args.start]:.3g} GiB of "
                          f"{capacity:.3g}: use a smaller --start, --remat=full, --scan or an fsdp mesh")
-    low, high = args.start, None
-    while high is None:  # doubling: low fits, 2 low is the next probe
-        if 2 * low > args.limit:
-            break
-        if fits(2 * low):
-            low *= 2
-        else:
-            high = 2 * low
-    if high is not None:  # bisect: low fits, high does not
-        while high - low > args.multiple:
-            mid = (low + high) // 2 // args.multiple * args.multiple
-            mid = max(mid, low + args.multiple)
-            low, high = (mid, high) if fits(mid) else (low, mid)
+    low, high = largest_fitting(fits, args.start, args.multiple, args.limit)
     out = {"model": args.model, "dtype": args.dtype, "remat": args.remat, "scan": args.scan, "devices": n,
            "capacity_gib": capacity, "max_batch_per_device": low, "max_global_batch": low * n,
            "memory_gib": probes[low], "probes": len(probes), "at_limit": high is None}

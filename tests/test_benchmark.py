@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax.benchmark import main
+from clip_jax.benchmark import largest_fitting, main
 
 FIGURES = ["step_s", "images/s", "images/s/device", "mfu", "memory_gib", "tflop/s", "compile_s"]
 
@@ -114,6 +114,28 @@ def test_max_batch_finds_the_largest_batch_that_fits(capsys):
     assert "probe: batch/device=48" in printed and "max_batch_per_device: 40" in printed
     # doubling 8 -> 16 -> 32 -> 64, then bisecting 32..64 in steps of 8: few compiles
     assert out["probes"] <= 7
+
+
+@pytest.mark.parametrize("largest,start,multiple,limit", [(1000, 8, 8, 1 << 16), (1000, 64, 64, 1 << 16),
+                                                         (8, 8, 8, 1 << 16), (5000, 8, 8, 1024), (1023, 256, 1, 4096),
+                                                         (5000, 8, 8, 1000)])
+def test_largest_fitting_search_against_a_known_threshold(largest, start, multiple, limit):
+    """Batches up to `largest` fit: the search returns the largest multiple of `multiple` (from
+    `start`) at or under it, or the last doubling under `limit`, and probes each batch once."""
+    probed = []
+
+    def fits(b):
+        probed.append(b)
+        return b <= largest
+
+    low, high = largest_fitting(fits, start, multiple, limit)
+    if largest >= limit:  # the doubling stops at the limit
+        assert high is None and low == start * 2 ** int(math.log2(limit // start))
+    else:
+        expected = start + (largest - start) // multiple * multiple
+        assert low == expected and high is not None and high - low <= multiple and not fits(high)
+        probed.pop()
+    assert len(probed) == len(set(probed)) and all(b % multiple == 0 for b in probed)
 
 
 def test_max_batch_needs_a_memory_figure_on_the_cpu_and_a_fitting_start():

@@ -289,3 +289,62 @@ while :; do sleep 0.05; done
     worker("start", "--config=c", FAKE_MODE="fail")
     status_becomes("failed 3")
     assert "is not running" in worker("stop").stdout
+
+
+def test_gpu_bench_runs_every_clip_model_and_tabulates_them(tmp_path):
+    """launch/gpu_bench.sh's smoke mode on the CPU: the same commands as on the GPU, tiny models."""
+    out = subprocess.run(["bash", f"{ROOT}/launch/gpu_bench.sh", "run", str(tmp_path), "clip,open_clip"],
+                         capture_output=True, text=True, env=dict(os.environ, CLIP_JAX_GPU_BENCH_SMOKE="1"))
+    assert out.returncode == 0, out.stderr + out.stdout
+    import json
+
+    figures = json.load(open(tmp_path / "figures.json"))
+    assert [r["model"] for r in figures["clip"]] == ["ViT-Tiny-test", "RN-Tiny-test"]
+    for r in figures["clip"]:
+        assert r["dtype"] == "bfloat16" and r["scan"] == "True" and float(r["images/s"]) > 0
+        row = f"| {r['model']} | 16 | {float(r['images/s']):,.0f} | {float(r['mfu']):.1%} |"
+        assert row in out.stdout and row in open(tmp_path / "summary.md").read()
+    log = open(tmp_path / "bench.log").read()
+    assert "== open_clip: skipped" in log and log.count("exit 0 after") == 2
+
+
+def test_gpu_bench_skips_runs_that_do_not_fit_the_budget_and_checks_its_arguments(tmp_path):
+    env = dict(os.environ, CLIP_JAX_GPU_BENCH_SMOKE="1")
+    out = subprocess.run(["bash", f"{ROOT}/launch/gpu_bench.sh", "run", str(tmp_path), "clip", "--budget=40"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("skipped,") == 2 and "exit " not in out.stdout
+    for args, message in [(["run", str(tmp_path), "clip,gpu"], "unknown part 'gpu'"),
+                          (["run", str(tmp_path), "--budget=ten"], "--budget must be whole seconds"),
+                          (["run"], "usage:"), (["run", str(tmp_path), "--fast"], "unknown option --fast")]:
+        bad = subprocess.run(["bash", f"{ROOT}/launch/gpu_bench.sh", *args], capture_output=True, text=True, env=env)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_gpu_bench_summary_pairs_each_model_with_open_clip(tmp_path):
+    import sys
+
+    sys.path.insert(0, f"{ROOT}/launch")
+    import gpu_bench_summary
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "clip_1_ViT-B-16_256.log").write_text(
+        "== clip_1_ViT-B-16_256 (timeout 240s): python3 ...\nWARNING: something: else\nmodel: ViT-B-16\nbatch: 256\n"
+        "compile_s: 41.5\nstep_s: 0.05\nimages/s: 5120\nmfu: 0.5951\nmemory_gib: 30.25\n== exit 0\n")
+    (logs / "clip_2_ViT-L-14_128.log").write_text("== clip_2\nTraceback (most recent call last):\nOOM\n== exit 1\n")
+    (logs / "open_clip.log").write_text(
+        '{"gpu": "NVIDIA H200", "bf16_matmul_tflops": 790.0}\n'
+        '{"model": "ViT-B-16", "batch": 256, "compiled": false, "step_s": 0.16, "img_per_s": 1600.0}\n'
+        '{"model": "ViT-B-16", "batch": 256, "compiled": true, "step_s": 0.1, "img_per_s": 2560.0}\n'
+        '{"model": "RN50", "batch": "256", "error": "RuntimeError(boom)"}\n')
+    (logs / "max_batch_clip.log").write_text("probe: batch/device=512 memory_gib=60 fits=True\nmodel: ViT-B-16\n"
+                                            "max_batch_per_device: 1792\nmemory_gib: 130.1\nran_step_s: 0.4\n")
+    (logs / "max_batch_open_clip.log").write_text("== max_batch_open_clip: skipped (needs a CUDA GPU)\n")
+    summary = gpu_bench_summary.main([str(logs), str(tmp_path)])
+    assert "| ViT-B-16 | 256 | 5,120 | 59.5% | 30.25 | 42 | 1,600 | 2,560 | 3.20 | 2.00 | 4,400 |" in summary
+    assert "| ViT-L-14_128 | failed: see bench.log |" in summary
+    assert "open_clip RN50 batch 256 failed: RuntimeError(boom)" in summary
+    assert "largest batch, clip: 1792 (ViT-B-16, 130.1 GiB, confirmed by a step)" in summary
+    assert "largest batch, open_clip: none" in summary
+    assert open(tmp_path / "summary.md").read() == summary + "\n"
