@@ -6,8 +6,9 @@
 #   launch/gpu_bench.sh prepare                         # here: open_clip's wheels + oc_bench_gpu.py into .carry/
 #   launch/gpu_bench.sh run OUTDIR [PARTS] [--budget=S] # on the GPU machine, from the repo root
 #
-# PARTS: comma-separated, run in the order given, from clip, open_clip, max_batch (default:
-# all three). Every run has its own timeout inside --budget seconds (default 570, for a
+# PARTS: comma-separated, run in the order given, from clip, open_clip, max_batch, ab (default:
+# all four; ab times scanned vs plain layers and cuDNN vs XLA attention for ViT-B/16 in paired
+# rounds, for what to tune next). Every run has its own timeout inside --budget seconds (default 570, for a
 # 600 s command); a run that fails or runs out of time is logged and the next one goes on, and
 # a run that no longer fits in what is left is skipped. Written to OUTDIR: bench.log (every
 # run's output), figures.json (what was parsed from it) and summary.md (the table, also
@@ -40,11 +41,11 @@ if [[ ${1-} == prepare ]]; then
   exit 0
 fi
 if [[ ${1-} != run || -z ${2-} ]]; then
-  echo "usage: launch/gpu_bench.sh prepare | run OUTDIR [clip,open_clip,max_batch] [--budget=SECONDS]" >&2
+  echo "usage: launch/gpu_bench.sh prepare | run OUTDIR [clip,open_clip,max_batch,ab] [--budget=SECONDS]" >&2
   exit 2
 fi
 OUTDIR=$2
-PARTS=clip,open_clip,max_batch
+PARTS=clip,open_clip,max_batch,ab
 BUDGET=570
 for arg in "${@:3}"; do
   case $arg in
@@ -54,7 +55,7 @@ for arg in "${@:3}"; do
   esac
 done
 for part in ${PARTS//,/ }; do
-  case $part in clip|open_clip|max_batch) ;; *) echo "gpu_bench: unknown part '$part' (clip, open_clip, max_batch)" >&2; exit 2 ;; esac
+  case $part in clip|open_clip|max_batch|ab) ;; *) echo "gpu_bench: unknown part '$part' (clip, open_clip, max_batch, ab)" >&2; exit 2 ;; esac
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_bench: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2; }
 mkdir -p "$OUTDIR"
@@ -71,6 +72,7 @@ if [[ ${CLIP_JAX_GPU_BENCH_SMOKE:-0} == 1 ]]; then
   OC_SPECS=(ViT-B-32:16)
   MAX_BATCH=(--model=ViT-Tiny-test --memory_gib=0.1 --start=32 --multiple=32)
   OC_MAX_BATCH=(ViT-B-32 --start=16 --multiple=16)
+  AB=(--model=ViT-Tiny-test --batch=16 --rounds=2 --steps=1 --warmup=1)
 else
   # The targets' models and batches (issue 8); the configs scan the Transformer layers.
   CLIP_RUNS=("ViT-B-16 256" "ViT-B-32 512" "ViT-L-14 128" "RN50 256")
@@ -78,6 +80,7 @@ else
   OC_SPECS=(ViT-B-16:256 ViT-B-32:512 ViT-L-14:128 RN50:256 ViT-B-16:256:c)
   MAX_BATCH=(--model=ViT-B-16 --start=512 --multiple=64)
   OC_MAX_BATCH=(ViT-B-16 --start=512 --multiple=64)
+  AB=(--model=ViT-B-16 --batch=256 --rounds=6 --steps=3 --warmup=2)
 fi
 
 # bench NAME MIN_SECONDS MAX_SECONDS CMD...: run CMD with a timeout inside the budget, into LOGS/NAME.
@@ -96,7 +99,7 @@ bench() {
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOGS/$name.log"
   if ((rc == 0)); then  # the headline figures; the table at the end has them all
-    grep -E '^(images/s|mfu|memory_gib|compile_s|max_batch_per_device|max_batch|\{)' "$LOGS/$name.log" | head -n 8
+    grep -E '^(images/s|mfu|memory_gib|compile_s|max_batch_per_device|max_batch|\{|fastest|[a-z_]+\.speedup:)' "$LOGS/$name.log" | head -n 8
   else
     tail -n 6 "$LOGS/$name.log" | head -n 5
   fi
@@ -132,6 +135,9 @@ for part in ${PARTS//,/ }; do
       else
         echo "== max_batch_open_clip: skipped (needs a CUDA GPU and open_clip)" | tee "$LOGS/max_batch_open_clip.log"
       fi ;;
+    ab)
+      bench ab 120 240 "$PY" -m clip_jax.benchmark ab --dtype=bfloat16 "${AB[@]}" --variant=scan:scan=True \
+        --variant=plain:scan=False --variant=xla_attention:scan=True,attn=xla ;;
   esac
 done
 

@@ -4,7 +4,8 @@
 
 LOGS_DIR holds one log per run: clip_<i>_<model>_<batch>.log (`python -m clip_jax.benchmark
 train`'s `key: value` lines), open_clip.log (oc_bench_gpu.py's JSON lines) and
-max_batch_clip.log / max_batch_open_clip.log. Standard library only.
+max_batch_clip.log / max_batch_open_clip.log, and ab.log (`benchmark ab`'s paired variants).
+Standard library only.
 """
 
 import glob
@@ -27,7 +28,7 @@ def key_values(path: str) -> dict:
 
 
 def collect(logs: str) -> dict:
-    figures = {"clip": [], "open_clip": [], "max_batch": {}}
+    figures = {"clip": [], "open_clip": [], "max_batch": {}, "ab": {}}
     for path in sorted(glob.glob(os.path.join(logs, "clip_*.log"))):
         name = os.path.basename(path)[len("clip_"):-len(".log")].split("_", 1)[-1]
         kv = key_values(path)
@@ -40,6 +41,9 @@ def collect(logs: str) -> dict:
         path = os.path.join(logs, f"max_batch_{side}.log")
         if os.path.exists(path):
             figures["max_batch"][side] = key_values(path)
+    path = os.path.join(logs, "ab.log")
+    if os.path.exists(path):
+        figures["ab"] = key_values(path)
     return figures
 
 
@@ -60,7 +64,7 @@ def table(figures: dict) -> str:
         rows.append(f"| {model} | {batch} | {ips:,.0f} | {float(r['mfu']):.1%} | {memory} | {float(r['compile_s']):.0f} "
                     f"| {shown(eager)} | {shown(compiled)} | {ratio(eager)} | {ratio(compiled)} "
                     f"| {shown(TARGETS.get(model))} |")
-    lines = ["\n".join(rows)]
+    lines = ["\n".join(rows)] if figures["clip"] else []
     for r in figures["open_clip"]:
         if "error" in r:
             lines.append(f"open_clip {r['model']} batch {r['batch']} failed: {r['error']}")
@@ -72,6 +76,14 @@ def table(figures: dict) -> str:
             memory = kv.get("memory_gib", kv.get("peak_gib"))
             lines.append(f"largest batch, {side}: {batch} ({kv['model']}, {memory} GiB"
                          + (", confirmed by a step" if "ran_step_s" in kv else "") + ")")
+    ab = figures["ab"]
+    variants = [key[: -len(".settings")] for key in ab if key.endswith(".settings")]
+    if variants:
+        lines.append("\n".join([f"paired rounds ({ab.get('model', '?')}, batch {ab.get('batch', '?')}):"] + [
+            f"- {v} {ab[v + '.settings']}: {float(ab[v + '.images/s']):,.0f} img/s, {ab.get(v + '.speedup', '1')} x "
+            f"the first ({ab.get(v + '.speedup_range', '-')})" for v in variants if v + ".images/s" in ab]))
+    elif ab:
+        lines.append("paired rounds: failed or skipped (see bench.log)")
     return "\n\n".join(lines)
 
 

@@ -341,10 +341,14 @@ def test_gpu_bench_summary_pairs_each_model_with_open_clip(tmp_path):
     (logs / "max_batch_clip.log").write_text("probe: batch/device=512 memory_gib=60 fits=True\nmodel: ViT-B-16\n"
                                             "max_batch_per_device: 1792\nmemory_gib: 130.1\nran_step_s: 0.4\n")
     (logs / "max_batch_open_clip.log").write_text("== max_batch_open_clip: skipped (needs a CUDA GPU)\n")
+    (logs / "ab.log").write_text("model: ViT-B-16\nbatch: 256\nscan.settings: {'scan': True}\nscan.images/s: 4000\n"
+                                 "scan.speedup: 1\nplain.settings: {'scan': False}\nplain.images/s: 4400.4\n"
+                                 "plain.speedup: 1.1\nplain.speedup_range: 1.05-1.15\n")
     summary = gpu_bench_summary.main([str(logs), str(tmp_path)])
     assert "| ViT-B-16 | 256 | 5,120 | 59.5% | 30.25 | 42 | 1,600 | 2,560 | 3.20 | 2.00 | 4,400 |" in summary
     assert "| ViT-L-14_128 | failed: see bench.log |" in summary
     assert "open_clip RN50 batch 256 failed: RuntimeError(boom)" in summary
     assert "largest batch, clip: 1792 (ViT-B-16, 130.1 GiB, confirmed by a step)" in summary
     assert "largest batch, open_clip: none" in summary
+    assert "- plain {'scan': False}: 4,400 img/s, 1.1 x the first (1.05-1.15)" in summary
     assert open(tmp_path / "summary.md").read() == summary + "\n"
