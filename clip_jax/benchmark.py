@@ -209,8 +209,8 @@ class _Step:
         del variables
         batch_sharding = sharding.batch_sharding(mesh)
         self.model, self.loss_fn = model, make_loss(args.loss, mesh, sharding.BATCH_AXES)
-        # The same per-host XLA options as clip_jax.train's step (oneDNN matmuls on Intel CPUs).
-        self.step_options = step_compiler_options(args.onednn_dots, self.devices)
+        # The same per-host XLA options as clip_jax.train's step (oneDNN matmuls for float32 on Intel CPUs).
+        self.step_options = step_compiler_options(args.onednn_dots, self.devices, args.dtype)
         self.step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps,
                                    self.step_options)
         self.batch_sharding = batch_sharding

@@ -209,7 +209,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          context_length=model.config.text.context_length, state=input_states)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_options = xla_cpu.step_compiler_options(config.get("cpu_onednn_dots", "auto"), list(mesh.devices.flat))
+    step_options = xla_cpu.step_compiler_options(config.get("cpu_onednn_dots", "auto"), list(mesh.devices.flat),
+                                                 config.dtype)
     if step_options:
         log("train step: XLA:CPU matmuls through oneDNN (config.cpu_onednn_dots; clip_jax.xla_cpu)")
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,

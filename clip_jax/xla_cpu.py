@@ -9,8 +9,9 @@ fast. On an Intel Xeon (AVX-512) host, a ViT-B/32 batch-32 float32 step was 1.04
 faster with it (median of 6 paired rounds, `python -m clip_jax.benchmark ab`), the smoke
 run's ViT-Tiny-test 0.97 x (its matmuls are too small for either library to matter).
 
-So `onednn_dots="auto"` turns it on where the CPU is Intel's (oneDNN is Intel's library) and
-off elsewhere: on the AMD hosts of earlier sessions oneDNN was not faster beyond their 10-20%
+So `onednn_dots="auto"` turns it on for float32 steps where the CPU is Intel's (oneDNN is
+Intel's library) and off elsewhere; bf16 steps on the CPU were never measured with it (a CPU
+run is a float32 run), so they keep XLA's default library unless "on" asks. Elsewhere: on the AMD hosts of earlier sessions oneDNN was not faster beyond their 10-20%
 noise, and no AMD host has been measured in paired rounds since; "on" forces it. Options
 are per compiled program (jax.jit's `compiler_options`), never process-wide XLA_FLAGS, so
 evaluation and embedding programs keep XLA's defaults.
@@ -72,22 +73,23 @@ def check_choice(onednn_dots, where: str = "onednn_dots") -> str:
     return onednn_dots
 
 
-def use_onednn_dots(onednn_dots, platform_name: str) -> bool:
-    """Whether a step compiled for `platform_name` ('cpu', 'gpu', 'tpu') takes oneDNN's matmuls."""
+def use_onednn_dots(onednn_dots, platform_name: str, dtype: str = "float32") -> bool:
+    """Whether a step compiled for `platform_name` ('cpu', 'gpu', 'tpu') that computes in
+    `dtype` takes oneDNN's matmuls."""
     choice = check_choice(onednn_dots)
     if platform_name != "cpu" or choice == "off":
         return False
     if choice == "on":
         return True
-    return cpu_vendor() == "GenuineIntel" and has_onednn()
+    return cpu_vendor() == "GenuineIntel" and has_onednn() and str(dtype) == "float32"
 
 
-def step_compiler_options(onednn_dots, devices) -> dict:
+def step_compiler_options(onednn_dots, devices, dtype: str = "float32") -> dict:
     """The compile options for a training step on `devices` ({} off the CPU or where not wanted).
     Where they are oneDNN's, JAX's warning that the step cannot go in the persistent
     compilation cache is silenced: it is expected (see above) and would repeat every compile."""
     platform_name = devices[0].platform if devices else "cpu"
-    if not use_onednn_dots(onednn_dots, platform_name):
+    if not use_onednn_dots(onednn_dots, platform_name, dtype):
         return {}
     warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry.*onednn")
     return dict(ONEDNN_DOTS)

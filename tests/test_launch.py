@@ -293,18 +293,20 @@ while :; do sleep 0.05; done
 
 def test_gpu_bench_runs_every_clip_model_and_tabulates_them(tmp_path):
     """launch/gpu_bench.sh's smoke mode on the CPU: the same commands as on the GPU, tiny models."""
-    out = subprocess.run(["bash", f"{ROOT}/launch/gpu_bench.sh", "run", str(tmp_path), "clip,open_clip"],
-                         capture_output=True, text=True, env=dict(os.environ, CLIP_JAX_GPU_BENCH_SMOKE="1"))
-    assert out.returncode == 0, out.stderr + out.stdout
     import json
+    import sys
 
+    out = subprocess.run(["bash", f"{ROOT}/launch/gpu_bench.sh", "run", str(tmp_path), "clip,open_clip"],
+                         capture_output=True, text=True,
+                         env=dict(os.environ, CLIP_JAX_GPU_BENCH_SMOKE="1", PYTHON=sys.executable))
+    assert out.returncode == 0, out.stderr + out.stdout
     figures = json.load(open(tmp_path / "figures.json"))
-    assert [r["model"] for r in figures["clip"]] == ["ViT-Tiny-test", "RN-Tiny-test"]
+    log = open(tmp_path / "bench.log").read()
+    assert [r.get("model") for r in figures["clip"]] == ["ViT-Tiny-test", "RN-Tiny-test"], log
     for r in figures["clip"]:
         assert r["dtype"] == "bfloat16" and r["scan"] == "True" and float(r["images/s"]) > 0
         row = f"| {r['model']} | 16 | {float(r['images/s']):,.0f} | {float(r['mfu']):.1%} |"
         assert row in out.stdout and row in open(tmp_path / "summary.md").read()
-    log = open(tmp_path / "bench.log").read()
     assert "== open_clip: skipped" in log and log.count("exit 0 after") == 2
 
 

@@ -126,3 +126,33 @@ def test_params_are_finite_checks_every_leaf():
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
         broken = {"a": params["a"], "b": {"c": params["b"]["c"].at[2].set(bad)}}
         assert not bool(params_are_finite(broken))
+
+
+@pytest.mark.parametrize("name", ["ViT-Tiny-test", "RN-Tiny-test"])
+def test_bfloat16_step_takes_every_tower_matmul_in_bfloat16(name):
+    """dtype=bfloat16: every matmul and convolution of the training step, forward and backward,
+    takes bf16 operands, except the loss's [N, d] x [d, N] logits and their gradients (float32 on
+    purpose). Read off the lowered program; before attention_logits' backward, each attention
+    layer's dq and dk were float32 matmuls (autodiff met the float32 logits' gradient by
+    converting k and q), and the pooled last layer's and the attention pool's too."""
+    import re
+
+    n = 8
+    model = create_model(name, dtype="bfloat16")
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    variables = init_variables(model, jax.random.key(0))
+    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
+    state = create_state(variables, optimizer)
+    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state, batch_sharding(mesh))
+    text = step.lower(state, batch(n, model.config.vision.image_size)).as_text()
+    loss_shapes = {f"{n}x{model.config.embed_dim}", f"{model.config.embed_dim}x{n}", f"{n}x{n}"}
+    dots = f32 = 0
+    for line in text.splitlines():
+        if "stablehlo.dot_general" not in line and "stablehlo.convolution" not in line:
+            continue
+        dots += 1
+        operands = re.findall(r"tensor<([\dx]+)x(bf16|f32)>", re.search(r": \((.*)\) ->", line).group(1))
+        if any(dtype != "bf16" for _, dtype in operands):
+            f32 += 1
+            assert all(shape in loss_shapes and dtype == "f32" for shape, dtype in operands), line.strip()[:300]
+    assert dots > 50 and 1 <= f32 <= 6, (dots, f32)

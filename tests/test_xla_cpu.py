@@ -21,18 +21,19 @@ def test_choice_is_checked():
         xla_cpu.check_choice("yes", "config.cpu_onednn_dots")
 
 
-@pytest.mark.parametrize("vendor,machine,choice,platform_name,expected", [
-    ("GenuineIntel", "x86_64", "auto", "cpu", True),
-    ("AuthenticAMD", "x86_64", "auto", "cpu", False),
-    ("GenuineIntel", "x86_64", "auto", "gpu", False),  # never off the CPU
-    ("AuthenticAMD", "x86_64", "on", "cpu", True),
-    ("GenuineIntel", "x86_64", "off", "cpu", False),
-    ("", "aarch64", "auto", "cpu", False),
+@pytest.mark.parametrize("vendor,machine,choice,platform_name,dtype,expected", [
+    ("GenuineIntel", "x86_64", "auto", "cpu", "float32", True),
+    ("GenuineIntel", "x86_64", "auto", "cpu", "bfloat16", False),  # measured in float32 only
+    ("AuthenticAMD", "x86_64", "auto", "cpu", "float32", False),
+    ("GenuineIntel", "x86_64", "auto", "gpu", "float32", False),  # never off the CPU
+    ("AuthenticAMD", "x86_64", "on", "cpu", "bfloat16", True),
+    ("GenuineIntel", "x86_64", "off", "cpu", "float32", False),
+    ("", "aarch64", "auto", "cpu", "float32", False),
 ])
-def test_auto_means_intel_cpus(monkeypatch, vendor, machine, choice, platform_name, expected):
+def test_auto_means_float32_steps_on_intel_cpus(monkeypatch, vendor, machine, choice, platform_name, dtype, expected):
     monkeypatch.setattr(xla_cpu, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(xla_cpu.platform, "machine", lambda: machine)
-    assert xla_cpu.use_onednn_dots(choice, platform_name) is expected
+    assert xla_cpu.use_onednn_dots(choice, platform_name, dtype) is expected
 
 
 def test_cpu_vendor_reads_cpuinfo():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 

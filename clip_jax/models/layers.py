@@ -245,20 +245,52 @@ def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
-def heads_major_attention(q, k, v, causal: bool):
+@jax.custom_vjp
+def attention_logits(q, k):
+    """q [batch, heads, t, head_dim], k [batch, heads, s, head_dim] -> float32 logits [batch, heads, t, s].
+
+    The dot accumulates in float32 for the float32 softmax. Its backward rounds the logits'
+    gradient to the inputs' dtype and takes dq and dk as dots in that dtype (accumulating in
+    float32), as fused attention kernels do: autodiff would meet the float32 cotangent by
+    converting k and q to float32, two float32 matmuls per layer in a bf16 step. In float32 it
+    is autodiff's backward exactly.
+    """
+    return jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
+
+
+def _attention_logits_fwd(q, k):
+    return attention_logits(q, k), (q, k)
+
+
+def _attention_logits_bwd(residuals, g):
+    q, k = residuals
+    g = g.astype(q.dtype)
+    dq = jnp.einsum("bhts,bhsk->bhtk", g, k, preferred_element_type=jnp.float32).astype(q.dtype)
+    dk = jnp.einsum("bhts,bhtk->bhsk", g, q, preferred_element_type=jnp.float32).astype(k.dtype)
+    return dq, dk
+
+
+attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
+
+
+def heads_major_attention(q, k, v, causal: bool, kv_lengths=None):
     """XLA's attention over [batch, heads, length, head_dim]: what jax.nn.dot_product_attention's
     'xla' implementation computes (float32 logits scaled after the dot, softmax in float32, the
-    probabilities in the input dtype), in the layout its batched dots want.
+    probabilities in the input dtype), in the layout its batched dots want. ``kv_lengths``
+    [batch]: only keys before it are seen (its ``key_value_seq_lengths``).
 
     From [batch, length, heads, head_dim] XLA:CPU transposes q, k, v and the output around the
     per-head dots, forward and backward; ``heads_major_qkv`` writes q, k, v in this layout
     directly. Fwd+bwd of a whole attention block on a 2-core Zen 5 host: 80 -> 72 ms
     (ViT-B/32 layer, batch 32), 57 -> 48 ms (text layer).
     """
-    logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    logits = attention_logits(q, k) * q.shape[-1] ** -0.5
     if causal:
         length = logits.shape[-1]
         logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(jnp.float32).min)
+    if kv_lengths is not None:
+        seen = jnp.arange(logits.shape[-1]) < kv_lengths[:, None, None, None]
+        logits = jnp.where(seen, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     return jnp.einsum("bhts,bhsk->bhtk", probs, v)
 
@@ -342,11 +374,11 @@ class MultiHeadAttention(nn.Module):
         if query_index is not None:
             # One query row per sequence (the pooled token's), keys and values for all rows.
             # XLA's kernel always: a single query row is a small share of the layer's work.
-            kv = jnp.einsum("btd,dchk->cbthk", x, kernel[:, 1:]) + bias[1:, None, None]
-            q = jnp.einsum("btd,dhk->bthk", take_rows(x, query_index), kernel[:, 0]) + bias[0]
+            kv = jnp.einsum("btd,dchk->cbhtk", x, kernel[:, 1:]) + bias[1:, None, :, None]
+            q = jnp.einsum("btd,dhk->bhtk", take_rows(x, query_index), kernel[:, 0]) + bias[0, :, None]
             # causally, the query at position i sees the keys 0..i
             lengths = query_index.astype(jnp.int32) + 1 if self.causal else None
-            out = jax.nn.dot_product_attention(q, kv[0], kv[1], key_value_seq_lengths=lengths, implementation="xla")
+            out = heads_major_attention(q, kv[0], kv[1], False, lengths).transpose(0, 2, 1, 3)
         elif attention_impl(self.attn_impl, per_head) == "xla":
             q, k, v = heads_major_qkv(x, kernel, bias)
             q = nn.with_logical_constraint(q, ("batch", "heads", "length", "kv"))

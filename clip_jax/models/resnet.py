@@ -11,13 +11,12 @@ sharded under jit) and updates the running averages (PyTorch momentum 0.1).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import Dtype, normal, param_with_axes
+from clip_jax.models.layers import Dtype, heads_major_attention, normal, param_with_axes
 from clip_jax.models.vit import check_images
 
 
@@ -111,10 +110,11 @@ class AttentionPool2d(nn.Module):
         qk, qb = proj("q_proj")
         kk, kb = proj("k_proj")
         vk, vb = proj("v_proj")
-        q = jnp.einsum("btc,chk->bthk", x[:, :1], qk) + qb
-        k = jnp.einsum("btc,chk->bthk", x, kk) + kb
-        v = jnp.einsum("btc,chk->bthk", x, vk) + vb
-        out = jax.nn.dot_product_attention(q, k, v)[:, 0]
+        # heads-major [batch, heads, length, head_dim]: heads_major_attention's layout
+        q = jnp.einsum("btc,chk->bhtk", x[:, :1], qk) + qb[:, None]
+        k = jnp.einsum("btc,chk->bhtk", x, kk) + kb[:, None]
+        v = jnp.einsum("btc,chk->bhtk", x, vk) + vb[:, None]
+        out = heads_major_attention(q, k, v, causal=False)[:, :, 0]
         out_kernel = self.param(
             "c_proj_kernel", param_with_axes(normal(std), ("heads", "kv", None)), (self.heads, head_dim, self.output_dim)
         )

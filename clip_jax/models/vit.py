@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import Dtype, LayerNorm, Transformer, normal, param_with_axes
+from clip_jax.models.layers import Dtype, LayerNorm, Transformer, heads_major_attention, normal, param_with_axes
 
 VISION_POOL_TYPES = ("tok", "avg", "map")
 
@@ -59,11 +58,12 @@ class AttentionalPooler(nn.Module):
         bias = self.param(
             "in_proj_bias", param_with_axes(nn.initializers.zeros, (None, "heads", "kv")), (3, self.heads, head_dim)
         ).astype(self.dtype)
-        qh = jnp.einsum("qd,dhk->qhk", q, proj("q_proj_kernel", self.d_model, "embed")) + bias[0]
-        kh = jnp.einsum("btd,dhk->bthk", x, proj("k_proj_kernel", context_dim, "embed")) + bias[1]
-        vh = jnp.einsum("btd,dhk->bthk", x, proj("v_proj_kernel", context_dim, "embed")) + bias[2]
+        # heads-major [batch, heads, length, head_dim]: heads_major_attention's layout
+        qh = jnp.einsum("qd,dhk->hqk", q, proj("q_proj_kernel", self.d_model, "embed")) + bias[0, :, None]
+        kh = jnp.einsum("btd,dhk->bhtk", x, proj("k_proj_kernel", context_dim, "embed")) + bias[1, :, None]
+        vh = jnp.einsum("btd,dhk->bhtk", x, proj("v_proj_kernel", context_dim, "embed")) + bias[2, :, None]
         qh = jnp.broadcast_to(qh, (x.shape[0],) + qh.shape)
-        out = jax.nn.dot_product_attention(qh, kh, vh)
+        out = heads_major_attention(qh, kh, vh, causal=False).transpose(0, 2, 1, 3)  # [batch, queries, heads, head_dim]
         out_kernel = self.param(
             "out_proj_kernel",
             param_with_axes(normal(self.d_model**-0.5), ("heads", "kv", "embed")),
