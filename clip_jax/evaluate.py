@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 

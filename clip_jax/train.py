@@ -19,7 +19,7 @@ from clip_jax.input_pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.losses import LOSSES, make_loss
 from clip_jax.models import create_model
 from clip_jax.optim import make_optimizer, make_schedule
-from clip_jax.train_step import TrainState, create_state, jit_train_step, params_are_finite
+from clip_jax.train_step import create_state, jit_train_step, params_are_finite
 
 
 def _data_config(config) -> dict:
