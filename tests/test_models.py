@@ -222,15 +222,15 @@ def test_attention_padded_for_cudnn_equals_unpadded(length, causal):
 def test_heads_major_attention_equals_jax_attention(causal, dtype):
     """The layout XLA's batched dots want ([batch, heads, length, head_dim]) computes what
     jax.nn.dot_product_attention's 'xla' implementation does on [batch, length, heads, head_dim],
-    outputs and gradients, in float32 and bfloat16."""
-    from clip_jax.models.layers import heads_major_attention
+    outputs and gradients, in float32 and bfloat16. ``attention(..., "xla")`` is it between the
+    two layouts (also cuDNN's fallback)."""
+    from clip_jax.models.layers import attention
 
     rng = np.random.default_rng(int(causal))
     q, k, v, w = (jnp.asarray(rng.normal(size=(2, 13, 3, 16)), dtype) for _ in range(4))
-    heads_first = lambda x: x.transpose(0, 2, 1, 3)
 
     def ours(q, k, v):
-        return heads_first(heads_major_attention(heads_first(q), heads_first(k), heads_first(v), causal))
+        return attention(q, k, v, causal, "xla")
 
     def jax_xla(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")

@@ -29,8 +29,8 @@ class CLIP(nn.Module):
 
     Runtime options (not part of the architecture, so not in CLIPConfig):
       dtype: compute dtype (params stay float32); remat: 'none' | 'full' | a
-      jax.checkpoint_policies name; scan: scan the Transformer layers; attn_impl: passed
-      to jax.nn.dot_product_attention.
+      jax.checkpoint_policies name; scan: scan the Transformer layers; attn_impl: the
+      attention kernel, 'auto' | 'xla' | 'cudnn' (layers.attention_impl).
     Embeddings come out L2-normalized, in float32.
     """
 

@@ -233,7 +233,8 @@ def take_rows(x, index):
 
 def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
     """Scaled dot-product attention over [batch, length, heads, head_dim] by the chosen (or
-    automatic) implementation."""
+    automatic) implementation: cuDNN's fused kernel, or XLA's (``heads_major_attention``, so
+    its bf16 backward takes bf16 dots as the layers' own XLA path does)."""
     if attention_impl(implementation, q) == "cudnn":
         try:
             return padded_attention(q, k, v, causal, "cudnn")
@@ -242,7 +243,8 @@ def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
                 raise
             # chosen automatically: an old cuDNN or an unsupported shape falls back to XLA
             warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's")
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    swap = (0, 2, 1, 3)  # [batch, length, heads, head_dim] <-> heads_major_attention's layout
+    return heads_major_attention(q.transpose(swap), k.transpose(swap), v.transpose(swap), causal).transpose(swap)
 
 
 @jax.custom_vjp
