@@ -10,9 +10,10 @@ faster with it (median of 6 paired rounds, `python -m clip_jax.benchmark ab`), t
 run's ViT-Tiny-test 0.97 x (its matmuls are too small for either library to matter).
 
 So `onednn_dots="auto"` turns it on for float32 steps where the CPU is Intel's (oneDNN is
-Intel's library) and off elsewhere; bf16 steps on the CPU were never measured with it (a CPU
-run is a float32 run), so they keep XLA's default library unless "on" asks. Elsewhere: on the AMD hosts of earlier sessions oneDNN was not faster beyond their 10-20%
-noise, and no AMD host has been measured in paired rounds since; "on" forces it. Options
+Intel's library) and off elsewhere. bf16 steps on the CPU were never measured with it (a CPU
+run is a float32 run), so they keep XLA's default library. On the AMD hosts of earlier
+sessions oneDNN was not faster beyond their 10-20% noise, and no AMD host has been measured
+in paired rounds since. "on" forces it in every case. Options
 are per compiled program (jax.jit's `compiler_options`), never process-wide XLA_FLAGS, so
 evaluation and embedding programs keep XLA's defaults.
 
@@ -81,7 +82,11 @@ def use_onednn_dots(onednn_dots, platform_name: str, dtype: str = "float32") -> 
         return False
     if choice == "on":
         return True
-    return cpu_vendor() == "GenuineIntel" and has_onednn() and str(dtype) == "float32"
+    import ml_dtypes  # noqa: F401  (jax's; it makes numpy read "bfloat16")
+    import numpy as np
+
+    # a name ('float32') or a dtype (jnp.float32), as create_model takes either
+    return cpu_vendor() == "GenuineIntel" and has_onednn() and np.dtype(dtype) == np.float32
 
 
 def step_compiler_options(onednn_dots, devices, dtype: str = "float32") -> dict:

@@ -1,6 +1,7 @@
 """oneDNN matmuls on the CPU: chosen per host as documented, and the same training step as XLA's default."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,6 +25,8 @@ def test_choice_is_checked():
 @pytest.mark.parametrize("vendor,machine,choice,platform_name,dtype,expected", [
     ("GenuineIntel", "x86_64", "auto", "cpu", "float32", True),
     ("GenuineIntel", "x86_64", "auto", "cpu", "bfloat16", False),  # measured in float32 only
+    ("GenuineIntel", "x86_64", "auto", "cpu", jnp.float32, True),  # a dtype, not its name
+    ("GenuineIntel", "x86_64", "auto", "cpu", jnp.bfloat16, False),
     ("AuthenticAMD", "x86_64", "auto", "cpu", "float32", False),
     ("GenuineIntel", "x86_64", "auto", "gpu", "float32", False),  # never off the CPU
     ("AuthenticAMD", "x86_64", "on", "cpu", "bfloat16", True),
