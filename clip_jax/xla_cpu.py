@@ -9,9 +9,13 @@ fast. On an Intel Xeon (AVX-512) host, a ViT-B/32 batch-32 float32 step was 1.04
 faster with it (median of 6 paired rounds, `python -m clip_jax.benchmark ab`), the smoke
 run's ViT-Tiny-test 0.97 x (its matmuls are too small for either library to matter).
 
-So `onednn_dots="auto"` turns it on for float32 steps where the CPU is Intel's (oneDNN is
-Intel's library) and off elsewhere. bf16 steps on the CPU were never measured with it (a CPU
-run is a float32 run), so they keep XLA's default library. On the AMD hosts of earlier
+So `onednn_dots="auto"` turns it on for float32 steps on one CPU device where the CPU is
+Intel's (oneDNN is Intel's library) and off elsewhere. bf16 steps on the CPU were never
+measured with it (a CPU run is a float32 run), so they keep XLA's default library. Nor were
+steps over several simulated CPU devices (the test suite's 8-device meshes): there 8 device
+threads call oneDNN at once, and CI's Intel host lost a test worker twice in such runs (a
+ViT-Tiny-test benchmark step over 8 devices, float32 and bf16), never reproduced on an AMD
+host with "on"; a real CPU host is one device, so auto keeps them on XLA's default. On the AMD hosts of earlier
 sessions oneDNN was not faster beyond their 10-20% noise, and no AMD host has been measured
 in paired rounds since. "on" forces it in every case. Options
 are per compiled program (jax.jit's `compiler_options`), never process-wide XLA_FLAGS, so
@@ -74,9 +78,9 @@ def check_choice(onednn_dots, where: str = "onednn_dots") -> str:
     return onednn_dots
 
 
-def use_onednn_dots(onednn_dots, platform_name: str, dtype: str = "float32") -> bool:
-    """Whether a step compiled for `platform_name` ('cpu', 'gpu', 'tpu') that computes in
-    `dtype` takes oneDNN's matmuls."""
+def use_onednn_dots(onednn_dots, platform_name: str, dtype: str = "float32", n_devices: int = 1) -> bool:
+    """Whether a step compiled for `platform_name` ('cpu', 'gpu', 'tpu') over `n_devices` that
+    computes in `dtype` takes oneDNN's matmuls."""
     choice = check_choice(onednn_dots)
     if platform_name != "cpu" or choice == "off":
         return False
@@ -86,7 +90,8 @@ def use_onednn_dots(onednn_dots, platform_name: str, dtype: str = "float32") -> 
     import numpy as np
 
     # a name ('float32') or a dtype (jnp.float32), as create_model takes either
-    return cpu_vendor() == "GenuineIntel" and has_onednn() and np.dtype(dtype) == np.float32
+    return (cpu_vendor() == "GenuineIntel" and has_onednn() and np.dtype(dtype) == np.float32
+            and n_devices == 1)
 
 
 def step_compiler_options(onednn_dots, devices, dtype: str = "float32") -> dict:
@@ -94,7 +99,7 @@ def step_compiler_options(onednn_dots, devices, dtype: str = "float32") -> dict:
     Where they are oneDNN's, JAX's warning that the step cannot go in the persistent
     compilation cache is silenced: it is expected (see above) and would repeat every compile."""
     platform_name = devices[0].platform if devices else "cpu"
-    if not use_onednn_dots(onednn_dots, platform_name, dtype):
+    if not use_onednn_dots(onednn_dots, platform_name, dtype, len(devices)):
         return {}
     warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry.*onednn")
     return dict(ONEDNN_DOTS)

@@ -22,21 +22,25 @@ def test_choice_is_checked():
         xla_cpu.check_choice("yes", "config.cpu_onednn_dots")
 
 
-@pytest.mark.parametrize("vendor,machine,choice,platform_name,dtype,expected", [
-    ("GenuineIntel", "x86_64", "auto", "cpu", "float32", True),
-    ("GenuineIntel", "x86_64", "auto", "cpu", "bfloat16", False),  # measured in float32 only
-    ("GenuineIntel", "x86_64", "auto", "cpu", jnp.float32, True),  # a dtype, not its name
-    ("GenuineIntel", "x86_64", "auto", "cpu", jnp.bfloat16, False),
-    ("AuthenticAMD", "x86_64", "auto", "cpu", "float32", False),
-    ("GenuineIntel", "x86_64", "auto", "gpu", "float32", False),  # never off the CPU
-    ("AuthenticAMD", "x86_64", "on", "cpu", "bfloat16", True),
-    ("GenuineIntel", "x86_64", "off", "cpu", "float32", False),
-    ("", "aarch64", "auto", "cpu", "float32", False),
+@pytest.mark.parametrize("vendor,machine,choice,platform_name,dtype,n_devices,expected", [
+    ("GenuineIntel", "x86_64", "auto", "cpu", "float32", 1, True),
+    ("GenuineIntel", "x86_64", "auto", "cpu", "bfloat16", 1, False),  # measured in float32 only
+    ("GenuineIntel", "x86_64", "auto", "cpu", jnp.float32, 1, True),  # a dtype, not its name
+    ("GenuineIntel", "x86_64", "auto", "cpu", jnp.bfloat16, 1, False),
+    ("GenuineIntel", "x86_64", "auto", "cpu", "float32", 8, False),  # simulated meshes: never measured
+    ("AuthenticAMD", "x86_64", "auto", "cpu", "float32", 1, False),
+    ("GenuineIntel", "x86_64", "auto", "gpu", "float32", 1, False),  # never off the CPU
+    ("AuthenticAMD", "x86_64", "on", "cpu", "bfloat16", 8, True),
+    ("GenuineIntel", "x86_64", "off", "cpu", "float32", 1, False),
+    ("", "aarch64", "auto", "cpu", "float32", 1, False),
 ])
-def test_auto_means_float32_steps_on_intel_cpus(monkeypatch, vendor, machine, choice, platform_name, dtype, expected):
+def test_auto_means_float32_single_device_steps_on_intel_cpus(monkeypatch, vendor, machine, choice, platform_name,
+                                                               dtype, n_devices, expected):
     monkeypatch.setattr(xla_cpu, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(xla_cpu.platform, "machine", lambda: machine)
-    assert xla_cpu.use_onednn_dots(choice, platform_name, dtype) is expected
+    assert xla_cpu.use_onednn_dots(choice, platform_name, dtype, n_devices) is expected
+    devices = [type("Device", (), {"platform": platform_name})()] * n_devices
+    assert bool(xla_cpu.step_compiler_options(choice, devices, dtype)) is expected
 
 
 def test_cpu_vendor_reads_cpuinfo():
