@@ -594,7 +594,7 @@ def _step_options(p) -> None:
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
     p.add_argument("--onednn_dots", default="auto", choices=["auto", "on", "off"],
-                   help="XLA:CPU matmuls through oneDNN (auto: on Intel CPUs; clip_jax.xla_cpu)")
+                   help="XLA:CPU matmuls through oneDNN (auto: float32 steps on one Intel CPU device; clip_jax.xla_cpu)")
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
                    help="on the CPU under glibc, reuse freed host memory across steps (clip_jax.host_memory)")
 
