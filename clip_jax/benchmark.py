@@ -124,8 +124,11 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 
     import jax
     import jax.numpy as jnp
 
+    from clip_jax import xla_cpu
+
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x).lower(a).compile(compiler_options=compiler_options or None)
+    xla_cpu.keep_alive(f, compiler_options)  # destroying a oneDNN program can abort XLA:CPU
     f(a).block_until_ready()
     best, spent = float("inf"), 0.0
     while spent < seconds:
@@ -192,7 +195,7 @@ class _Step:
         from clip_jax.models import create_model
         from clip_jax.optim import make_optimizer
         from clip_jax.train_step import create_state, jit_train_step
-        from clip_jax.xla_cpu import step_compiler_options
+        from clip_jax.xla_cpu import keep_alive, step_compiler_options
 
         self.devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
@@ -217,6 +220,7 @@ class _Step:
         self.batch = _synthetic_batch(model, args.batch, batch_sharding)
         start = time.perf_counter()
         self.compiled = self.step.lower(self.state, self.batch).compile(compiler_options=compiler_options or None)
+        keep_alive(self.compiled, {**self.step_options, **(compiler_options or {})})
         self.compile_s = time.perf_counter() - start
         self.metrics = None
 
@@ -432,7 +436,7 @@ def bench_parts(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from clip_jax import flops, host_memory
+    from clip_jax import flops, host_memory, xla_cpu
     from clip_jax.preprocessing import normalize_images
     from clip_jax.train_step import _forward_loss
 
@@ -449,6 +453,7 @@ def bench_parts(args) -> dict:
 
     options = train.step_options or None  # the step's own XLA options, so the parts compare
     forward, gradients = jax.jit(loss, compiler_options=options), jax.jit(jax.grad(loss), compiler_options=options)
+    xla_cpu.keep_alive((forward, gradients), options)
     parts = {"forward": lambda: forward(params, train.batch), "forward_backward": lambda: gradients(params, train.batch),
              "step": lambda: train.run(1)}
     for run in parts.values():  # compile and warm up

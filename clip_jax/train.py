@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
         log("train step: XLA:CPU matmuls through oneDNN (config.cpu_onednn_dots; clip_jax.xla_cpu)")
     step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
                              batch_sharding, config.accum_steps, step_options)
-    step_fn = distributed.compile_together(step_fn, "train_step")
+    step_fn = distributed.compile_together(step_fn, "train_step", step_options)
     batches = DevicePrefetch(pipe, batch_sharding, config.get("prefetch_batches", 2))
     schedule = make_schedule(config.optim, config.total_steps)
     encoder = Encoder(model, None, mesh) if evaluator else None

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clip_jax import xla_cpu
 from clip_jax.models import CLIP, MAX_LOGIT_SCALE
 from clip_jax.preprocessing import normalize_images
 
@@ -128,10 +129,12 @@ def jit_train_step(model, optimizer, loss_fn, state: TrainState, batch_sharding,
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     fn = lambda s, b: train_step(s, b, model=model, optimizer=optimizer, loss_fn=loss_fn, accum_steps=accum_steps)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
+    step = jax.jit(
         fn,
         in_shardings=(state_shardings, {"image": batch_sharding, "tokens": batch_sharding}),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
         compiler_options=compiler_options or None,
     )
+    # With oneDNN options its executables (in jit's cache) must outlive the run: xla_cpu.keep_alive.
+    return xla_cpu.keep_alive(step, compiler_options)

@@ -11,19 +11,25 @@ run's ViT-Tiny-test 0.97 x (its matmuls are too small for either library to matt
 
 So `onednn_dots="auto"` turns it on for float32 steps on one CPU device where the CPU is
 Intel's (oneDNN is Intel's library) and off elsewhere. bf16 steps on the CPU were never
-measured with it (a CPU run is a float32 run), so they keep XLA's default library. Nor were
-steps over several simulated CPU devices (the test suite's 8-device meshes): there 8 device
-threads call oneDNN at once, and CI's Intel host lost a test worker twice in such runs (a
-ViT-Tiny-test benchmark step over 8 devices, float32 and bf16), never reproduced on an AMD
-host with "on"; a real CPU host is one device, so auto keeps them on XLA's default. On the AMD hosts of earlier
-sessions oneDNN was not faster beyond their 10-20% noise, and no AMD host has been measured
-in paired rounds since. "on" forces it in every case. Options
+measured with it (a CPU run is a float32 run), so they keep XLA's default library; nor were
+steps over several simulated CPU devices (the test suite's 8-device meshes; a real CPU host is
+one device), so auto keeps those on XLA's default too. On AMD hosts oneDNN was not
+faster beyond the noise: a Zen 4 host (AVX-512) ran the ViT-B/32 batch-32 step 1.02 x faster
+with it, median of 6 paired rounds ranging 0.96-1.41 x. "on" forces it in every case. Options
 are per compiled program (jax.jit's `compiler_options`), never process-wide XLA_FLAGS, so
 evaluation and embedding programs keep XLA's defaults.
 
 One cost: XLA cannot serialize a oneDNN call into the persistent compilation cache ("ToProto
 is not implemented for thunk kind: onednn-fusion"), so such a step is compiled afresh on a
 restart (about 7 s for ViT-B/32 on 2 cores).
+
+One hazard, and its guard: XLA:CPU (jax 0.10.2) aborts the whole process when a program with
+oneDNN calls is destroyed soon after its last run on a loaded machine, even after
+block_until_ready: "object_pool.h:117 Check failed: available_.size() == num_created_" in
+~OneDnnFusionThunk (a oneDNN state it pooled is still out). That abort, not oneDNN itself, is
+what killed CI's test workers (a benchmark's matmul peak, compiled with oneDNN and dropped). So
+every program compiled with these options is kept alive until the process exits
+(`keep_alive`); a training run or a benchmark compiles only a few.
 """
 
 from __future__ import annotations
@@ -37,6 +43,22 @@ ONEDNN_DOTS = {
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
 CHOICES = ("auto", "on", "off")
+
+
+_KEPT = []  # programs compiled with oneDNN options: never destroyed (see the module docstring)
+
+
+def is_onednn(compiler_options) -> bool:
+    """Whether `compiler_options` (a dict or None) turn on XLA:CPU's oneDNN."""
+    return bool(compiler_options) and bool(compiler_options.get("xla_cpu_use_onednn"))
+
+
+def keep_alive(program, compiler_options):
+    """`program` (a jax.jit function or a compiled executable), kept referenced until the process
+    exits when `compiler_options` are oneDNN's, so that XLA never destroys it (see above)."""
+    if is_onednn(compiler_options):
+        _KEPT.append(program)
+    return program
 
 
 def has_onednn() -> bool:

@@ -61,7 +61,7 @@ def _two_steps(options, name="ViT-Tiny-test"):
     state = create_state(variables, optimizer)
     step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state,
                           batch_sharding(mesh), compiler_options=options)
-    compiled = step.lower(state, batch(16, model.config.vision.image_size)).compile()
+    compiled = xla_cpu.keep_alive(step.lower(state, batch(16, model.config.vision.image_size)).compile(), options)
     losses = []
     for i in range(2):
         state, metrics = compiled(state, batch(16, model.config.vision.image_size, i))
@@ -95,3 +95,62 @@ def test_onednn_step_equals_default_step():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_alive_holds_onednn_programs_only():
+    import gc
+    import weakref
+
+    class Program:  # a stand-in: anything weak-referenceable
+        pass
+
+    kept, dropped = Program(), Program()
+    refs = weakref.ref(xla_cpu.keep_alive(kept, dict(xla_cpu.ONEDNN_DOTS))), weakref.ref(xla_cpu.keep_alive(dropped, {}))
+    del kept, dropped
+    gc.collect()
+    assert refs[0]() is not None and refs[1]() is None
+    assert xla_cpu.keep_alive(None, None) is None and not xla_cpu.is_onednn(None)
+
+
+@pytest.mark.skipif(not xla_cpu.has_onednn() or jax.default_backend() != "cpu", reason="XLA:CPU has oneDNN on x86 only")
+def test_onednn_programs_are_never_destroyed(tmp_path):
+    """XLA:CPU aborts when a oneDNN program is destroyed right after a run on a busy CPU
+    ('object_pool.h: Check failed: available_.size() == num_created_'): the training step and the
+    benchmark's matmul peak are kept alive, and a loop that compiles, runs and drops oneDNN
+    programs through keep_alive, with every core busy, ends normally (without keep_alive that loop
+    aborted in 3 of 6 runs on a 2-core AMD host)."""
+    import subprocess
+    import sys
+
+    from clip_jax import benchmark
+
+    model = create_model("ViT-Tiny-test", scan=True)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    variables = init_variables(model, jax.random.key(0))
+    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
+    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")),
+                          create_state(variables, optimizer), batch_sharding(mesh),
+                          compiler_options=dict(xla_cpu.ONEDNN_DOTS))
+    assert any(p is step for p in xla_cpu._KEPT)
+    before = len(xla_cpu._KEPT)
+    benchmark.measure_matmul_peak("float32", 256, 0.01, dict(xla_cpu.ONEDNN_DOTS))
+    benchmark.measure_matmul_peak("float32", 256, 0.01, None)
+    assert len(xla_cpu._KEPT) == before + 1
+
+    script = tmp_path / "drop.py"
+    script.write_text(
+        "import gc\nimport jax, jax.numpy as jnp\nfrom clip_jax import xla_cpu\n"
+        "x = jnp.ones((512, 512), jnp.float32)\n"
+        "for i in range(40):\n"
+        "    f = jax.jit(lambda x, i=i: x @ x + i).lower(x).compile(compiler_options=dict(xla_cpu.ONEDNN_DOTS))\n"
+        "    xla_cpu.keep_alive(f, xla_cpu.ONEDNN_DOTS)\n"
+        "    f(x).block_until_ready()\n"
+        "    del f\n"
+        "    gc.collect()\n"
+        "print('ended')\n")
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the other core, busy
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    finally:
+        burner.kill()
+    assert done.returncode == 0 and "ended" in done.stdout, done.stderr[-2000:]
