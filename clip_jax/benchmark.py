@@ -364,6 +364,25 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     return name.strip(), settings, options
 
 
+def check_compiler_options(name: str, options: dict) -> None:
+    """Raise ValueError if XLA does not take `options` (an unknown name or a value of the wrong
+    kind), found by compiling a one-op program with them: milliseconds, where the step would
+    take seconds to minutes to compile before XLA said so."""
+    if not options:
+        return
+    import jax
+    from clip_jax import xla_cpu
+
+    try:
+        probe = jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=options)
+    except Exception as e:  # jax's JaxRuntimeError: INVALID_ARGUMENT
+        reason = str(e).rstrip(".")
+        raise ValueError(f"variant {name!r}: XLA does not take {options}: {reason}. Check the option's name "
+                         "and value (XLA's options are the flags of xla/debug_options_flags.cc, without "
+                         "the dashes)") from None
+    xla_cpu.keep_alive(probe, options)
+
+
 def _total_peak(devices, dtype: str) -> float:
     """FLOP/s of all `devices`: the table's peak per device, or on the CPU (devices sharing the
     host's cores) one matmul measurement of the host."""
@@ -389,6 +408,8 @@ def bench_ab(args) -> dict:
     if len(variants) < 2 or len(set(names)) != len(names):
         raise ValueError(f"ab needs at least two variants with distinct names, got {names}: "
                          "e.g. --variant=base: --variant=full_remat:remat=full")
+    for name, _, options in variants:
+        check_compiler_options(name, options)
     if args.keep_freed_memory:
         host_memory.keep_freed_memory_on_cpu()
     steps = {}

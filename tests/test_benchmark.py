@@ -69,6 +69,21 @@ def test_ab_variant_specs_are_checked_before_any_compile():
         main(["ab", "--model=ViT-Tiny-test", "--variant=a:", "--variant=a:remat=full"])
 
 
+def test_ab_refuses_xla_options_that_xla_does_not_take_before_compiling_a_step(monkeypatch):
+    import clip_jax.benchmark as benchmark
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a step was compiled before the options were checked")
+
+    monkeypatch.setattr(benchmark, "_Step", no_step)
+    for option, message in [("xla_cpu_no_such_option=true", "No such compile option"),
+                            ("xla_cpu_enable_fast_min_max=maybe", "not a valid bool"),
+                            ("xla_cpu_opt_preset=BOGUS", "not a valid enum")]:
+        with pytest.raises(ValueError, match=f"variant 'bad': XLA does not take .*{message}"):
+            main(["ab", "--model=ViT-Tiny-test", "--variant=base:", f"--variant=bad:{option}"])
+    benchmark.check_compiler_options("fine", {"xla_cpu_enable_fast_min_max": True})  # a real option passes
+
+
 def test_ab_compiles_each_variant_with_its_settings_and_pairs_the_rounds(capsys):
     """Two variants that must differ in compiled memory (4 microbatches hold a quarter of the
     activations at a time) run alternately; the baseline's paired speedup against itself is 1."""
