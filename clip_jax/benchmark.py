@@ -187,7 +187,7 @@ def _host_usage() -> dict:
 class _Step:
     """One compiled training step with its own state and batch, as clip_jax.train builds them."""
 
-    def __init__(self, args, compiler_options: dict | None = None):
+    def __init__(self, args, compiler_options: dict | None = None, compile: bool = True):
         import jax
 
         from clip_jax import sharding
@@ -218,11 +218,13 @@ class _Step:
                                    self.step_options)
         self.batch_sharding = batch_sharding
         self.batch = _synthetic_batch(model, args.batch, batch_sharding)
+        self.metrics = None
+        if not compile:  # traced only (bench_dots)
+            return
         start = time.perf_counter()
         self.compiled = self.step.lower(self.state, self.batch).compile(compiler_options=compiler_options or None)
         keep_alive(self.compiled, {**self.step_options, **(compiler_options or {})})
         self.compile_s = time.perf_counter() - start
-        self.metrics = None
 
     def memory_at(self, batch: int) -> dict:
         """The per-device memory (``_memory``) of this step compiled for another global batch,
@@ -505,6 +507,78 @@ def bench_parts(args) -> dict:
     return out
 
 
+def _time_alone(fn, args, min_runs: int = 5, min_seconds: float = 0.2) -> float:
+    """Median seconds of fn(*args), compiled, over at least `min_runs` runs and `min_seconds`."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    while len(times) < min_runs or sum(times) < min_seconds:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_dots(args) -> dict:
+    """Every matmul (dot_general, convolution) of the training step, each timed alone in its own
+    jit with the step's XLA options: how fast the step could be if nothing but its matmuls took
+    time. Prints each distinct matmul (how often the step runs it, its shapes, ms and FLOP/s),
+    the sum per step, their FLOP-weighted speed against the peak, and `mfu_ceiling`: the
+    model FLOPs (3 x forward) over that sum, the MFU of a step whose other work were free.
+    Batched matmuls (the per-head attention dots) are summed apart from the dense ones."""
+    import collections
+
+    import jax
+
+    from clip_jax import flops, xla_cpu
+
+    step = _Step(args, compile=False)
+    jaxpr = jax.make_jaxpr(step.step)(step.state, step.batch).jaxpr
+    distinct = collections.OrderedDict()
+    for eqn, times in flops.matmul_eqns(jaxpr):
+        avals = tuple((v.aval.shape, v.aval.dtype) for v in eqn.invars)
+        key = (eqn.primitive.name, avals, repr(sorted(eqn.params.items(), key=lambda kv: kv[0])))
+        if key in distinct:
+            distinct[key]["count"] += times
+        else:
+            distinct[key] = {"eqn": eqn, "count": times}
+    options = step.step_options or None
+    rng = np.random.default_rng(0)
+    rows = []
+    for entry in distinct.values():
+        eqn = entry["eqn"]
+        operands = [jax.device_put(rng.standard_normal(v.aval.shape).astype(v.aval.dtype), step.devices[0])
+                    for v in eqn.invars]
+        fn = jax.jit(lambda *xs, eqn=eqn: eqn.primitive.bind(*xs, **eqn.params), compiler_options=options)
+        xla_cpu.keep_alive(fn, options)
+        seconds = _time_alone(fn, operands)
+        batched = eqn.primitive.name == "dot_general" and bool(eqn.params["dimension_numbers"][1][0])
+        rows.append({"count": entry["count"], "flops": flops.eqn_flops(eqn), "s": seconds, "batched": batched,
+                     "what": f"{eqn.primitive.name} " + " x ".join(f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars)})
+    peak = _total_peak(step.devices, args.dtype)
+    model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
+    rows.sort(key=lambda r: -r["count"] * r["s"])
+    for i, r in enumerate(rows[: args.top]):
+        print(f"matmul_{i}: {r['count']}x {r['what']}: {r['s'] * 1e3:.3f} ms, {r['flops'] / r['s'] / 1e9:.1f} GFLOP/s")
+    out = {"model": args.model, "batch": args.batch, "devices": len(step.devices), "distinct_matmuls": len(rows),
+           "peak_tflop/s": peak / 1e12}
+    for label, chosen in (("dense", [r for r in rows if not r["batched"]]), ("batched", [r for r in rows if r["batched"]]),
+                          ("all", rows)):
+        seconds = sum(r["count"] * r["s"] for r in chosen)
+        work = sum(r["count"] * r["flops"] for r in chosen)
+        out[f"{label}_matmuls_per_step"] = sum(r["count"] for r in chosen)
+        out[f"{label}_s_per_step"] = seconds
+        out[f"{label}_tflop_per_step"] = work / 1e12
+        if seconds:
+            out[f"{label}_fraction_of_peak"] = work / seconds / peak
+    out["model_tflop_per_step"] = model_flops / 1e12
+    out["mfu_ceiling"] = model_flops / out["all_s_per_step"] / peak
+    for key, value in out.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return out
+
+
 def _capacity_gib(device, memory_gib: float) -> float:
     """The memory one device offers the step: --memory_gib, else what the backend reports."""
     if memory_gib:
@@ -651,6 +725,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.set_defaults(fn=bench_parts, accum_steps=1)
+    p = sub.add_parser("dots", help="every matmul of the step timed alone: the step's time if nothing else took any")
+    _step_options(p)
+    p.add_argument("--top", type=int, default=25, help="print this many matmuls, dearest per step first")
+    p.set_defaults(fn=bench_dots, accum_steps=1)
     p = sub.add_parser("max_batch", help="the largest per-device batch whose compiled step fits in memory")
     _step_options(p)
     p.add_argument("--memory_gib", type=float, default=0.0,

@@ -66,22 +66,33 @@ def _sub_jaxprs(params):
                 yield item
 
 
-def jaxpr_flops(jaxpr) -> int:
-    total = 0
+MATMULS = ("dot_general", "conv_general_dilated")
+
+
+def matmul_eqns(jaxpr, times: int = 1):
+    """(eqn, times) for every dot_general and convolution `jaxpr` runs, `times` being how often
+    it runs per call: scans multiply by their length; of a cond's branches only the dearest
+    counts (one runs)."""
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name == "dot_general":
-            total += _dot_flops(eqn)
-        elif name == "conv_general_dilated":
-            total += _conv_flops(eqn)
-        elif name == "cond":  # one branch runs: count the dearest
-            total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+        if name in MATMULS:
+            yield eqn, times
+        elif name == "cond":
+            yield from matmul_eqns(max((b.jaxpr for b in eqn.params["branches"]), key=jaxpr_flops), times)
         elif name == "while":
             raise ValueError("a while loop's trip count is unknown: count FLOPs of a program without one")
         else:
-            inner = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
-            total += inner * (eqn.params["length"] if name == "scan" else 1)
-    return total
+            for inner in _sub_jaxprs(eqn.params):
+                yield from matmul_eqns(inner, times * (eqn.params["length"] if name == "scan" else 1))
+
+
+def eqn_flops(eqn) -> int:
+    """FLOPs of one dot_general or convolution equation."""
+    return _dot_flops(eqn) if eqn.primitive.name == "dot_general" else _conv_flops(eqn)
+
+
+def jaxpr_flops(jaxpr) -> int:
+    return sum(eqn_flops(eqn) * times for eqn, times in matmul_eqns(jaxpr))
 
 
 def count_flops(fn, *args, **kwargs) -> int:

@@ -113,6 +113,22 @@ def test_parts_prints_where_the_step_time_goes(capsys):
     assert out["forward_mfu"] == pytest.approx(out["step_mfu"] * out["step_s"] / out["forward_s"] / 3)
 
 
+def test_dots_times_every_matmul_of_the_step(capsys):
+    """The step's matmuls are the forward's and the backward's: at most two backward dots per
+    forward dot (dX and dW; the pixels' dX is never taken), so between 1x and 1.5x of the
+    forward + one backward dot, i.e. within (2/3, 1] of the 3 x forward model FLOPs."""
+    out = main(["dots", "--model=ViT-Tiny-test", "--batch=16", "--devices=1", "--top=3"])
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("matmul_") for line in printed) == 3
+    assert out["distinct_matmuls"] <= out["all_matmuls_per_step"]
+    assert out["dense_matmuls_per_step"] + out["batched_matmuls_per_step"] == out["all_matmuls_per_step"]
+    assert 2 / 3 * out["model_tflop_per_step"] < out["all_tflop_per_step"] <= out["model_tflop_per_step"]
+    assert out["dense_tflop_per_step"] + out["batched_tflop_per_step"] == pytest.approx(out["all_tflop_per_step"])
+    assert out["batched_tflop_per_step"] > 0  # the per-head attention dots
+    assert out["all_s_per_step"] == pytest.approx(out["dense_s_per_step"] + out["batched_s_per_step"])
+    assert out["mfu_ceiling"] == pytest.approx(out["model_tflop_per_step"] / out["all_s_per_step"] / out["peak_tflop/s"])
+
+
 def test_max_batch_finds_the_largest_batch_that_fits(capsys):
     """With a memory budget between two batches' compiled footprints, the search lands on the
     larger batch that fits; the footprints are cross-checked against the train benchmark's

@@ -62,6 +62,34 @@ def test_dot_and_conv_closed_forms():
     assert count_flops(jax.checkpoint(lambda x: x @ x), np.zeros((4, 4), np.float32)) == 2 * 4**3
 
 
+def test_matmul_eqns_lists_the_backward_dots_with_their_multiplicity():
+    """The gradient of a residual 2-layer MLP in its weights, scanned 3 times: per step the
+    forward's two dots, and the backward's dW2, dh, dW1 and the carry's gradient dh W1^T."""
+    from clip_jax.flops import eqn_flops, matmul_eqns
+
+    b, i, h = 4, 5, 6
+
+    def loss(w1, w2, x):
+        def layer(carry, _):
+            return carry + jnp.tanh(carry @ w1) @ w2, None
+        return jax.lax.scan(layer, x, None, length=3)[0].sum()
+
+    args = (np.zeros((i, h), np.float32), np.zeros((h, i), np.float32), np.zeros((b, i), np.float32))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(*args).jaxpr
+    found = sorted((sorted(tuple(v.aval.shape) for v in eqn.invars), eqn_flops(eqn), times)
+                   for eqn, times in matmul_eqns(jaxpr))
+    flop = 2 * b * i * h  # every one of these dots
+    want = sorted((sorted(shapes), f, t) for shapes, f, t in [
+        ([(b, i), (i, h)], flop, 3), ([(b, h), (h, i)], flop, 3),  # forward: carry W1, tanh(.) W2
+        ([(b, h), (b, i)], flop, 3),  # dW2 = tanh(.)^T g
+        ([(b, i), (h, i)], flop, 3),  # dh = g W2^T
+        ([(b, i), (b, h)], flop, 3),  # dW1 = carry^T dh
+        ([(b, h), (i, h)], flop, 3),  # dcarry = dh W1^T
+    ])
+    assert found == want
+    assert sum(eqn_flops(e) * t for e, t in matmul_eqns(jaxpr)) == count_flops(jax.grad(loss, argnums=(0, 1)), *args)
+
+
 def test_peaks_by_device_kind():
     class D:
         def __init__(self, kind):
