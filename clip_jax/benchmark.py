@@ -533,6 +533,10 @@ def bench_dots(args) -> dict:
 
     from clip_jax import flops, xla_cpu
 
+    n = args.devices or jax.device_count()
+    if n != 1:  # the traced step's shapes are global: per device they would be 1/n of them
+        raise ValueError(f"dots times the matmuls of a one-device step, and this one has {n} devices: "
+                         "pass --devices=1 (and the per-device batch as --batch)")
     step = _Step(args, compile=False)
     jaxpr = jax.make_jaxpr(step.step)(step.state, step.batch).jaxpr
     distinct = collections.OrderedDict()

@@ -127,6 +127,8 @@ def test_dots_times_every_matmul_of_the_step(capsys):
     assert out["batched_tflop_per_step"] > 0  # the per-head attention dots
     assert out["all_s_per_step"] == pytest.approx(out["dense_s_per_step"] + out["batched_s_per_step"])
     assert out["mfu_ceiling"] == pytest.approx(out["model_tflop_per_step"] / out["all_s_per_step"] / out["peak_tflop/s"])
+    with pytest.raises(ValueError, match="--devices=1"):  # the traced shapes would be global ones
+        main(["dots", "--model=ViT-Tiny-test", "--batch=16", "--devices=8"])
 
 
 def test_max_batch_finds_the_largest_batch_that_fits(capsys):

@@ -119,6 +119,7 @@ def test_onednn_programs_are_never_destroyed(tmp_path):
     benchmark's matmul peak are kept alive, and a loop that compiles, runs and drops oneDNN
     programs through keep_alive, with every core busy, ends normally (without keep_alive that loop
     aborted in 3 of 6 runs on a 2-core AMD host)."""
+    import os
     import subprocess
     import sys
 
@@ -150,7 +151,10 @@ def test_onednn_programs_are_never_destroyed(tmp_path):
         "print('ended')\n")
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the other core, busy
     try:
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        # clip_jax from this checkout, installed or not
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     finally:
         burner.kill()
     assert done.returncode == 0 and "ended" in done.stdout, done.stderr[-2000:]
