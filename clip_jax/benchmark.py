@@ -1,7 +1,9 @@
-"""Benchmarks that print figures: ``python -m clip_jax.benchmark {train,ab,parts,matmul,tokenizer,input} ...``.
+"""Benchmarks that print figures: ``python -m clip_jax.benchmark
+{train,ab,parts,dots,max_batch,matmul,tokenizer,input} ...``.
 
 Each prints ``key: value`` lines, the headline figure last. TensorFlow is imported only
-by the sub-benchmarks that need it: ``train``, ``ab``, ``parts`` and ``matmul`` need only jax, flax and optax.
+by the sub-benchmarks that need it (``tokenizer``, ``input``): the step's benchmarks need only
+jax, flax and optax.
 """
 
 from __future__ import annotations
@@ -526,7 +528,8 @@ def bench_dots(args) -> dict:
     time. Prints each distinct matmul (how often the step runs it, its shapes, ms and FLOP/s),
     the sum per step, their FLOP-weighted speed against the peak, and `mfu_ceiling`: the
     model FLOPs (3 x forward) over that sum, the MFU of a step whose other work were free.
-    Batched matmuls (the per-head attention dots) are summed apart from the dense ones."""
+    Batched matmuls (the per-head attention dots) are summed apart from the dense ones. cuDNN's
+    fused attention (on a GPU) is a custom call, not a matmul of the jaxpr, so it is left out."""
     import collections
 
     import jax
