@@ -118,6 +118,12 @@ def bench_input(args) -> None:
 
 
 
+def _print_figures(figures: dict) -> None:
+    """One `key: value` line per figure, floats to 4 significant digits."""
+    for key, value in figures.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
 # -- train: whole training steps, sharded as clip_jax.train shards them --------------------
 
 def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0,
@@ -303,8 +309,7 @@ def bench_train(args) -> dict:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
-    for key, value in out.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_figures(out)
     return out
 
 
@@ -430,8 +435,7 @@ def bench_ab(args) -> dict:
     out = {"model": args.model, "batch": args.batch, "devices": len(steps[names[0]].devices),
            "rounds": args.rounds, "steps_per_turn": args.steps, "peak_tflop/s": peak / 1e12,
            "host_allocator": host_memory.allocator()}
-    for key, value in out.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_figures(out)
     results = {}
     model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
     for name, settings, options in variants:
@@ -504,8 +508,7 @@ def bench_parts(args) -> dict:
         out[f"{name}_s"] = median[name]
         if work[name]:
             out[f"{name}_mfu"] = work[name] / median[name] / peak
-    for key, value in out.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_figures(out)
     return out
 
 
@@ -530,8 +533,6 @@ def bench_dots(args) -> dict:
     model FLOPs (3 x forward) over that sum, the MFU of a step whose other work were free.
     Batched matmuls (the per-head attention dots) are summed apart from the dense ones. cuDNN's
     fused attention (on a GPU) is a custom call, not a matmul of the jaxpr, so it is left out."""
-    import collections
-
     import jax
 
     from clip_jax import flops, xla_cpu
@@ -542,7 +543,7 @@ def bench_dots(args) -> dict:
                          "pass --devices=1 (and the per-device batch as --batch)")
     step = _Step(args, compile=False)
     jaxpr = jax.make_jaxpr(step.step)(step.state, step.batch).jaxpr
-    distinct = collections.OrderedDict()
+    distinct = {}  # the step's order, first occurrence
     for eqn, times in flops.matmul_eqns(jaxpr):
         avals = tuple((v.aval.shape, v.aval.dtype) for v in eqn.invars)
         key = (eqn.primitive.name, avals, repr(sorted(eqn.params.items(), key=lambda kv: kv[0])))
@@ -581,8 +582,7 @@ def bench_dots(args) -> dict:
             out[f"{label}_fraction_of_peak"] = work / seconds / peak
     out["model_tflop_per_step"] = model_flops / 1e12
     out["mfu_ceiling"] = model_flops / out["all_s_per_step"] / peak
-    for key, value in out.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_figures(out)
     return out
 
 
@@ -673,8 +673,7 @@ def bench_max_batch(args) -> dict:
                 low -= args.multiple
                 print(f"ran out of memory; stepping down to batch/device={low}", flush=True)
         out["max_batch_per_device"], out["max_global_batch"] = low, low * n
-    for key, value in out.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_figures(out)
     return out
 
 
