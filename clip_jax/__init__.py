@@ -9,7 +9,7 @@ The public API (TensorFlow is never imported here; the input pipeline imports it
     clip_jax.save_open_clip("ViT-B-32-quickgelu", params, "out.safetensors")
 """
 
-from clip_jax.interop import encode_image, encode_text, load, save_open_clip
+from clip_jax.api import encode_image, encode_text, load, save_open_clip
 from clip_jax.models import create_model, get_model_config, init_variables, list_models
 from clip_jax.preprocessing import MEAN, STD, preprocess
 from clip_jax.tokenizers import tokenize

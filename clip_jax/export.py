@@ -34,7 +34,8 @@ def load_run(workdir: str, step: Optional[int] = None):
     """(model, variables, step) of a workdir's checkpoint (latest by default), unstacked, on the host."""
     import orbax.checkpoint as ocp
 
-    from clip_jax import checkpoint, convert
+    from clip_jax import convert
+    from clip_jax.train import checkpoint
     from clip_jax.models import create_model
 
     config = read_run_config(workdir)
@@ -46,17 +47,15 @@ def load_run(workdir: str, step: Optional[int] = None):
     if step not in steps:
         raise ValueError(f"no checkpoint at step {step} in {workdir}/checkpoints; there are {sorted(steps)}")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    trained = {"params": state["params"]}
-    if state.get("batch_stats"):
-        trained["batch_stats"] = state["batch_stats"]
+    trained = {"params": state["params"], **(state.get("model_state") or {})}
     # Through open_clip's state dict: the same tested conversion unstacks scanned layers.
-    model = create_model(config.model)
+    model = create_model(config.model, overrides=config.get("model_overrides"))
     variables = convert.state_dict_to_variables(model, convert.variables_to_state_dict(trained))
     return model, variables, step
 
 
 def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
-    from clip_jax.interop import save_open_clip, write_flax_params
+    from clip_jax.api import save_open_clip, write_flax_params
 
     model, variables, step = load_run(workdir, step)
     out = out[: -len(".safetensors")] if out.endswith(".safetensors") else out

@@ -16,6 +16,8 @@ ViT-H-14 is not in the paper (open_clip trained it on LAION-2B); it gets the ViT
 
 import ml_collections
 
+from clip_jax.config import base_config
+
 PAPER_STEPS = 32 * 400_000_000 // 32_768  # 390,625
 # Peak learning rates of tables 20 (ResNets) and 21 (ViTs).
 LEARNING_RATE = {
@@ -31,46 +33,23 @@ def get_config(model: str = "ViT-B-32"):
     if base not in LEARNING_RATE:
         raise ValueError(f"no paper recipe for {model!r}: use one of {sorted(LEARNING_RATE)} (or a -quickgelu name)")
     vit = base.startswith("ViT")
-    c = ml_collections.ConfigDict()
+    c = base_config()
     c.model = model
-    c.init_from = ""  # weights to start from (ViT-L-14-336: the ViT-L-14 run)
     c.dtype = "bfloat16"  # compute; params and optimizer state stay float32
     c.remat = "none" if base in SMALL else "full"
-    c.scan = True
-    c.attn_impl = "auto"  # cuDNN fused attention on NVIDIA GPUs in bf16 (lengths padded to x8), else XLA
-    c.cpu_onednn_dots = "auto"  # on a CPU: the step's matmuls through oneDNN on Intel hosts (clip_jax.xla_cpu)
-    c.loss = "softmax"
-    c.seed = 0
     c.batch_size = 32_768
     c.total_steps = PAPER_STEPS // 32 if base == "ViT-L-14-336" else PAPER_STEPS
-    c.accum_steps = 1
-    c.prefetch_batches = 2  # global batches put on the devices ahead of the step
-    c.log_every_steps = 100
-    c.eval_every_steps = 0
     c.checkpoint_every_steps = 2_000
-    c.keep_checkpoints = 3
-    c.compilation_cache_dir = ""
-    c.max_nonfinite_steps = 10
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if base in SMALL
                                        else {"data": 1, "fsdp": -1, "tensor": 1})
 
-    c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = LEARNING_RATE[base]
-    c.optim.end_learning_rate = 0.0
     c.optim.warmup_steps = 2_000 if base != "ViT-L-14-336" else 0
-    c.optim.b1 = 0.9
     c.optim.b2 = 0.98 if vit else 0.999
     c.optim.eps = 1e-6 if vit else 1e-8
     c.optim.weight_decay = 0.2
     c.optim.grad_clip_norm = 0.0  # the paper does not clip
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = ""  # required: 'tfrecord:GLOB' or 'tfds:NAME[:SPLIT]'
-    c.data.eval = ""
-    c.data.streams = 0  # one per process
     c.data.image_dtype = "uint8"
     c.data.crop = "random"  # resize the shorter side, random square crop (the paper's only augmentation)
-    c.data.resize_method = "bicubic"
-    c.data.shuffle_buffer = 10_000
-    c.data.label_keys = ()
     return c

@@ -40,12 +40,12 @@ ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 
 
 def import_records():
-    """Import clip_jax.records, also when the package is not installed (the scripts run
+    """Import clip_jax.input.records, also when the package is not installed (the scripts run
     as ``python data/script.py`` from a checkout)."""
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if repo_root not in sys.path:
         sys.path.insert(0, repo_root)
-    from clip_jax import records
+    from clip_jax.input import records
 
     return records
 

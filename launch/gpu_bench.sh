@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The GPU side by side of the README's Performance section in one command: clip_jax's training
-# step for the four models of the GPU targets, open_clip's on the same GPU
-# (../shared/bench/oc_bench_gpu.py), and the largest ViT-B/16 batch of each.
+# The GPU side by side of docs/performance.md in one command: clip_jax's training step for the
+# four models of the GPU targets, open_clip's on the same GPU (launch/open_clip_bench.py), and
+# the largest ViT-B/16 batch of each.
 #
-#   launch/gpu_bench.sh prepare                         # here: open_clip's wheels + oc_bench_gpu.py into .carry/
+#   launch/gpu_bench.sh prepare                         # with network: open_clip's wheels into .carry/wheels
 #   launch/gpu_bench.sh run OUTDIR [PARTS] [--budget=S] # on the GPU machine, from the repo root
 #
 # PARTS: comma-separated, run in the order given, from clip, open_clip, max_batch, ab (default:
 # all four; ab times scanned vs plain layers and cuDNN vs XLA attention for ViT-B/16 in paired
-# rounds, for what to tune next). Every run has its own timeout inside --budget seconds (default 570, for a
-# 600 s command); a run that fails or runs out of time is logged and the next one goes on, and
-# a run that no longer fits in what is left is skipped. Written to OUTDIR: bench.log (every
-# run's output), figures.json (what was parsed from it) and summary.md (the table, also
+# rounds, for what to tune next). Every run has its own timeout inside --budget seconds (default
+# 570, for a 600 s limit); a run that fails or runs out of time is logged and the next one goes
+# on, and a run that no longer fits in what is left is skipped. Written to OUTDIR: bench.log
+# (every run's output), figures.json (what was parsed from it) and summary.md (the table, also
 # printed last).
 #
-# Through the device tool: carry [".carry"] and run
+# A GPU machine that has jax, flax, optax and torch but no open_clip and no network: run
+# `prepare` where there is network, copy the checkout with .carry/ to the GPU machine, then
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .carry/wheels/*.whl && export PYTHONPATH=/tmp/site || exit; \
-#   bash launch/gpu_bench.sh run $OUT                # timeout_s 600
-# The machine has jax, flax, optax and torch but no open_clip: `prepare` downloads it (and ftfy,
-# wcwidth) as wheels, since nothing can be fetched there.
+#   bash launch/gpu_bench.sh run OUTDIR
 # Env: PYTHON (default python3); CLIP_JAX_GPU_BENCH_SMOKE=1 runs tiny models and batches on
 # whatever jax finds (the tests run it on the CPU).
 set -uo pipefail
@@ -32,7 +31,6 @@ prepare() {
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$wheels" open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 || exit 1
-  install -m 644 ../shared/bench/oc_bench_gpu.py .carry/ || exit 1
   du -sh .carry
 }
 
@@ -74,7 +72,7 @@ if [[ ${CLIP_JAX_GPU_BENCH_SMOKE:-0} == 1 ]]; then
   OC_MAX_BATCH=(ViT-B-32 --start=16 --multiple=16)
   AB=(--model=ViT-Tiny-test --batch=16 --rounds=2 --steps=1 --warmup=1)
 else
-  # The targets' models and batches (issue 8); the configs scan the Transformer layers.
+  # The GPU targets' models and batches; the configs scan the Transformer layers.
   CLIP_RUNS=("ViT-B-16 256" "ViT-B-32 512" "ViT-L-14 128" "RN50 256")
   TRAIN_OPTS=(--steps=10 --repeats=3 --warmup=3)
   OC_SPECS=(ViT-B-16:256 ViT-B-32:512 ViT-L-14:128 RN50:256 ViT-B-16:256:c)
@@ -122,11 +120,11 @@ for part in ${PARTS//,/ }; do
           --dtype=bfloat16 --scan "${TRAIN_OPTS[@]}"
       done ;;
     open_clip)
-      if [[ ! -f .carry/oc_bench_gpu.py ]] || ! "$PY" -c "import open_clip, torch; assert torch.cuda.is_available()" 2>/dev/null; then
-        echo "== open_clip: skipped (needs a CUDA GPU, open_clip and .carry/oc_bench_gpu.py: launch/gpu_bench.sh prepare)" \
+      if ! "$PY" -c "import open_clip, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        echo "== open_clip: skipped (needs a CUDA GPU and open_clip: launch/gpu_bench.sh prepare)" \
           | tee "$LOGS/open_clip.log"
       else
-        bench open_clip 60 300 "$PY" .carry/oc_bench_gpu.py "${OC_SPECS[@]}"
+        bench open_clip 60 300 "$PY" launch/open_clip_bench.py --device=cuda "${OC_SPECS[@]}"
       fi ;;
     max_batch)
       bench max_batch_clip 90 300 "$PY" -m clip_jax.benchmark max_batch --dtype=bfloat16 --scan --run "${MAX_BATCH[@]}"

@@ -3,7 +3,7 @@
     python3 launch/gpu_bench_summary.py LOGS_DIR OUTDIR
 
 LOGS_DIR holds one log per run: clip_<i>_<model>_<batch>.log (`python -m clip_jax.benchmark
-train`'s `key: value` lines), open_clip.log (oc_bench_gpu.py's JSON lines) and
+train`'s `key: value` lines), open_clip.log (launch/open_clip_bench.py's JSON lines) and
 max_batch_clip.log / max_batch_open_clip.log, and ab.log (`benchmark ab`'s paired variants).
 Standard library only.
 """
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-# Issue 8's targets on one H100-class GPU (images/s), by model.
+# The GPU targets on one H100-class GPU (images/s), by model.
 TARGETS = {"ViT-B-16": 4400, "ViT-B-32": 7800, "ViT-L-14": 1030, "RN50": 2000}
 
 
@@ -61,9 +61,9 @@ def table(figures: dict) -> str:
         shown = lambda x: f"{x:,.0f}" if x else "-"
         ratio = lambda x: f"{ips / x:.2f}" if x else "-"
         memory = f"{float(r['memory_gib']):.2f}" if "memory_gib" in r else "-"
-        rows.append(f"| {model} | {batch} | {ips:,.0f} | {float(r['mfu']):.1%} | {memory} | {float(r['compile_s']):.0f} "
-                    f"| {shown(eager)} | {shown(compiled)} | {ratio(eager)} | {ratio(compiled)} "
-                    f"| {shown(TARGETS.get(model))} |")
+        rows.append(f"| {model} | {batch} | {ips:,.0f} | {float(r['mfu']):.1%} | {memory} "
+                    f"| {float(r['compile_s']):.0f} | {shown(eager)} | {shown(compiled)} "
+                    f"| {ratio(eager)} | {ratio(compiled)} | {shown(TARGETS.get(model))} |")
     lines = ["\n".join(rows)] if figures["clip"] else []
     for r in figures["open_clip"]:
         if "error" in r:

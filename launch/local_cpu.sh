@@ -7,7 +7,7 @@
 #
 # Without --config, configs/smoke.py; without --workdir, /tmp/clip_smoke. Other XLA flags of
 # the caller are kept. On Intel CPUs the train step's matmuls go through oneDNN per compiled
-# step, not through XLA_FLAGS (--config.cpu_onednn_dots=auto|on|off; clip_jax/xla_cpu.py).
+# step, not through XLA_FLAGS (--config.cpu_onednn_dots=auto|on|off; clip_jax/cpu/onednn.py).
 # Env: PYTHON (default: python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

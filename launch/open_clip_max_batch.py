@@ -3,7 +3,7 @@
 
     python3 launch/open_clip_max_batch.py ViT-B-16 [--start=512] [--multiple=64] [--limit=16384]
 
-The step is ../shared/bench/oc_bench_gpu.py's: bf16 autocast, open_clip's ClipLoss, fused
+The step is launch/open_clip_bench.py's GPU step: bf16 autocast, open_clip's ClipLoss, fused
 AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2), synthetic images and 77-token captions.
 A batch fits when two real steps run without a CUDA out-of-memory error (the second holds
 AdamW's moments, made on the first). The search is clip_jax's own (`largest_fitting`), so both
@@ -12,50 +12,19 @@ Needs torch with CUDA and open_clip; nothing else of clip_jax's (it imports only
 """
 
 import argparse
-import gc
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # open_clip_bench beside this file; clip_jax in the repo root
 # Importing clip_jax imports jax: keep it off the GPU, whose memory open_clip is measured on.
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def make_step(name: str):
-    """open_clip's model and AdamW on the GPU, and a function running one step at a batch."""
-    import open_clip
-    import torch
-
-    torch.manual_seed(0)
-    model = open_clip.create_model(name, pretrained=None).cuda().train()
-    loss_fn = open_clip.ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2,
-                                  fused=True)
-    size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-
-    def step(batch: int) -> None:
-        images = torch.randn(batch, 3, size, size, device="cuda")
-        tokens = torch.randint(1, 49000, (batch, 77), device="cuda")
-        tokens[:, 20] = 49407  # an EOT
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(images, tokens)
-            loss = loss_fn(out[0], out[1], out[2])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        torch.cuda.synchronize()
-
-    def clear() -> None:  # what a failed step left: its gradients and the allocator's cached blocks
-        optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
-
-    return step, clear
-
-
 def main(argv=None) -> dict:
-    from clip_jax.benchmark import largest_fitting
+    from open_clip_bench import make_step, synthetic_batch
+
+    from clip_jax.benchmark.bench import largest_fitting
 
     parser = argparse.ArgumentParser(prog="launch/open_clip_max_batch.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
@@ -69,14 +38,15 @@ def main(argv=None) -> dict:
 
     if not torch.cuda.is_available():
         raise SystemExit("open_clip_max_batch needs a CUDA GPU (torch.cuda.is_available() is False)")
-    step, clear = make_step(args.model)
+    step, size, clear = make_step(args.model, "cuda")
     peaks = {}
 
     def fits(batch: int) -> bool:
         torch.cuda.reset_peak_memory_stats()
         try:
-            step(batch)
-            step(batch)
+            for _ in range(2):
+                step(*synthetic_batch(batch, size, "cuda"))
+                torch.cuda.synchronize()
             ok = True
         except torch.OutOfMemoryError:
             ok = False

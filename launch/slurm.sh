@@ -6,7 +6,7 @@
 #   launch/slurm.sh --nodes=2 --partition=gpu -- --config=configs/clip_paper.py:ViT-B-16 \
 #                   --workdir=/shared/runs/vitb16 --config.data.train='tfrecord:/shared/laion/*.tfrecord'
 #
-# One srun task per node drives all of that node's GPUs; clip_jax.distributed sees an srun task
+# One srun task per node drives all of that node's GPUs; clip_jax.parallel.distributed sees an srun task
 # of a multi-task job and lets JAX read the SLURM variables (coordinator = the first node).
 # Ten minutes before the time limit SLURM sends SIGTERM to the tasks: the trainer checkpoints at
 # that step (all nodes agree on it) and exits. A job the scheduler preempts is requeued

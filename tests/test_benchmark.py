@@ -5,7 +5,7 @@ import math
 import jax
 import pytest
 
-from clip_jax.benchmark import largest_fitting, main
+from clip_jax.benchmark.bench import largest_fitting, main
 
 FIGURES = ["step_s", "images/s", "images/s/device", "mfu", "memory_gib", "tflop/s", "compile_s"]
 
@@ -55,7 +55,7 @@ def test_train_benchmark_bad_batch_errors_before_compiling(capsys):
 
 
 def test_ab_variant_specs_are_checked_before_any_compile():
-    from clip_jax.benchmark import parse_variant
+    from clip_jax.benchmark.bench import parse_variant
 
     assert parse_variant("base:") == ("base", {}, {})
     assert parse_variant("r: remat=full, scan=1, accum_steps=2, xla_cpu_use_onednn=true") == (
@@ -70,12 +70,12 @@ def test_ab_variant_specs_are_checked_before_any_compile():
 
 
 def test_ab_refuses_xla_options_that_xla_does_not_take_before_compiling_a_step(monkeypatch):
-    import clip_jax.benchmark as benchmark
+    import clip_jax.benchmark.bench as benchmark
 
     def no_step(*args, **kwargs):
         raise AssertionError("a step was compiled before the options were checked")
 
-    monkeypatch.setattr(benchmark, "_Step", no_step)
+    monkeypatch.setattr(benchmark, "BenchStep", no_step)
     for option, message in [("xla_cpu_no_such_option=true", "No such compile option"),
                             ("xla_cpu_enable_fast_min_max=maybe", "not a valid bool"),
                             ("xla_cpu_opt_preset=BOGUS", "not a valid enum")]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import checkpoint
-from clip_jax.input_pipeline import InputPipeline
+from clip_jax.train import checkpoint
+from clip_jax.input.pipeline import InputPipeline
 from test_input_pipeline import captions, write_shards
 
 

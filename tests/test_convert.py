@@ -109,7 +109,7 @@ def test_scanned_model_loads_same_weights():
 
 
 def test_flax_msgpack_roundtrip(tmp_path):
-    from clip_jax.interop import write_flax_params
+    from clip_jax.api import write_flax_params
 
     path = f"{FIXTURES}/openclip_small_rn.safetensors"
     config = json.loads(__import__("safetensors").safe_open(path, "np").metadata()["config"])

@@ -1,8 +1,8 @@
-"""Which environments start the multi-process runtime, and with what (clip_jax.distributed.plan)."""
+"""Which environments start the multi-process runtime, and with what (clip_jax.parallel.distributed.plan)."""
 
 import pytest
 
-from clip_jax.distributed import plan
+from clip_jax.parallel.distributed import plan
 
 
 def test_explicit_coordinator():

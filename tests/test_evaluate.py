@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import eval_data, evaluate, features, sharding, zero_shot
-from clip_jax.retrieval import recall_at_k
+from clip_jax import evaluate
+from clip_jax.input import eval_data
+from clip_jax.evaluate import features
+from clip_jax.parallel import sharding
+from clip_jax.evaluate import zero_shot
+from clip_jax.evaluate.retrieval import recall_at_k
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -168,7 +172,7 @@ def test_errors_name_the_problem(tfds_dir, tmp_path):
 
 def test_own_class_names_on_shapes_replace_its_prompts(tiny_model, tmp_path):
     """classes= on the embedded dataset is used (not ignored) for the one label task it names."""
-    from clip_jax import shapes
+    from clip_jax.input import shapes
 
     model, variables = tiny_model
     config = {"shapes_sizes": {"test": 40}, "cache_dir": str(tmp_path / "cache")}
@@ -198,7 +202,7 @@ def test_tfrecord_labels_outside_the_class_list_are_an_error(tmp_path, tiny_mode
 
     from PIL import Image
 
-    from clip_jax import records
+    from clip_jax.input import records
 
     with records.ShardWriter(str(tmp_path / "ev"), 1) as w:
         for i in range(5):
@@ -256,7 +260,7 @@ def _tensorboard_tags(logdir) -> set:
 
 
 def test_linear_probe_uses_the_validation_split_and_equals_a_plain_probe(tfds_dir, tiny_model):
-    from clip_jax.linear_probe import linear_probe
+    from clip_jax.evaluate.linear_probe import linear_probe
 
     model, variables = tiny_model
     config = {"data_dir": tfds_dir}
@@ -282,7 +286,7 @@ def _write_multi_caption_records(path, n=12):
 
     from PIL import Image
 
-    from clip_jax import records
+    from clip_jax.input import records
 
     rng = np.random.default_rng(1)
     with records.ShardWriter(str(path / "coco"), 2) as w:
@@ -295,7 +299,7 @@ def _write_multi_caption_records(path, n=12):
 
 def test_records_with_several_captions_retrieval_and_training(tmp_path, tiny_model):
     """A record may hold several captions: retrieval reads all of them, training draws one per epoch."""
-    from clip_jax.input_pipeline import InputPipeline
+    from clip_jax.input.pipeline import InputPipeline
 
     spec = _write_multi_caption_records(tmp_path)
     model, variables = tiny_model

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax.flops import clip_forward_flops, count_flops, peak_flops
+from clip_jax.train.flops import clip_forward_flops, count_flops, peak_flops
 from clip_jax.models import get_model_config
 
 
@@ -65,7 +65,7 @@ def test_dot_and_conv_closed_forms():
 def test_matmul_eqns_lists_the_backward_dots_with_their_multiplicity():
     """The gradient of a residual 2-layer MLP in its weights, scanned 3 times: per step the
     forward's two dots, and the backward's dW2, dh, dW1 and the carry's gradient dh W1^T."""
-    from clip_jax.flops import eqn_flops, matmul_eqns
+    from clip_jax.train.flops import eqn_flops, matmul_eqns
 
     b, i, h = 4, 5, 6
 

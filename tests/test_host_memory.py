@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from clip_jax import host_memory
+from clip_jax.cpu import allocator as host_memory
 
 PROGRAM = """
 import resource, sys, numpy as np
-from clip_jax import host_memory
+from clip_jax.cpu import allocator as host_memory
 if sys.argv[1] == "1":
     assert host_memory.keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -61,10 +61,10 @@ needs_tcmalloc = pytest.mark.skipif(
 @needs_tcmalloc
 def test_entry_points_restart_once_with_tcmalloc_unless_told_not_to():
     env = {"JAX_PLATFORMS": "cpu"}
-    assert _run("-m", "clip_jax.host_memory", env=env).split() == ["allocator:", "tcmalloc"]
-    assert _run("-m", "clip_jax.host_memory", env={**env, "CLIP_JAX_TCMALLOC": "0"}).split() == ["allocator:", "glibc"]
+    assert _run("-m", "clip_jax.cpu.allocator", env=env).split() == ["allocator:", "tcmalloc"]
+    assert _run("-m", "clip_jax.cpu.allocator", env={**env, "CLIP_JAX_TCMALLOC": "0"}).split() == ["allocator:", "glibc"]
     # Not on an accelerator backend: there the host's allocator is not the devices'.
-    assert _run("-m", "clip_jax.host_memory", env={"JAX_PLATFORMS": "tpu"}).split() == ["allocator:", "glibc"]
+    assert _run("-m", "clip_jax.cpu.allocator", env={"JAX_PLATFORMS": "tpu"}).split() == ["allocator:", "glibc"]
     # The benchmark reports what it ran with, and the arguments survive the restart.
     out = _run("-m", "clip_jax.benchmark", "matmul", "--n=64", env=env)
     assert "matmul: 64^3 float32" in out

@@ -10,8 +10,8 @@ tf = pytest.importorskip("tensorflow")
 from PIL import Image  # noqa: E402
 
 import clip_jax  # noqa: E402
-from clip_jax import records  # noqa: E402
-from clip_jax.input_pipeline import InputPipeline, InputState, parse_spec  # noqa: E402
+from clip_jax.input import records  # noqa: E402
+from clip_jax.input.pipeline import InputPipeline, InputState, parse_spec  # noqa: E402
 
 
 def encode(array, fmt):
@@ -81,7 +81,7 @@ def test_tfrecord_batches_and_tokens(tmp_path):
 
 def test_eval_transform_matches_host_preprocess(tmp_path):
     """In-graph resize + center crop ~ clip_jax.preprocess (PIL bicubic vs TF bicubic)."""
-    from clip_jax.input_pipeline import decode_and_crop
+    from clip_jax.input.pipeline import decode_and_crop
 
     yy, xx = np.mgrid[0:40, 0:60]
     smooth = np.stack([xx * 4, yy * 6, (xx + yy) * 2], -1).astype(np.uint8)
@@ -223,7 +223,7 @@ def test_global_array_on_8_devices():
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from clip_jax.input_pipeline import to_global_arrays
+    from clip_jax.input.pipeline import to_global_arrays
 
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -240,7 +240,7 @@ def test_device_prefetch_keeps_order_and_the_position_of_the_steps(tmp_path):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from clip_jax.input_pipeline import DevicePrefetch
+    from clip_jax.input.pipeline import DevicePrefetch
 
     mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -272,7 +272,7 @@ def test_shapes_source(tmp_path):
     p = InputPipeline("shapes:test", config, global_batch_size=4, image_size=32, train=False, num_epochs=1)
     batches = list(p)
     assert len(batches) == 2 and batches[0]["image"].shape == (4, 32, 32, 3)
-    from clip_jax import shapes
+    from clip_jax.input import shapes
 
     held_out = {shapes.combo_index(c, s) for c, s in shapes.HELD_OUT}
     for b in batches:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from clip_jax.linear_probe import fit_logistic_regression, linear_probe, predict_logits, sweep_regularization
+from clip_jax.evaluate.linear_probe import fit_logistic_regression, linear_probe, predict_logits, sweep_regularization
 
 K, D = 5, 16
 # Overlapping unit-variance clusters (Bayes accuracy ~0.85): not separable, so every C has a

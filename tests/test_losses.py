@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax.losses import LOSSES, REFERENCES, make_loss
+from clip_jax.methods.losses import LOSSES, REFERENCES, make_loss
 
 MESHES = [((1,), ("data",)), ((2,), ("data",)), ((4,), ("data",)), ((8,), ("data",)),
           ((2, 4), ("data", "fsdp")), ((4, 2), ("data", "fsdp"))]

@@ -43,7 +43,7 @@ def smoke_args(workdir, cache, **overrides) -> list:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """The embedded dataset, made once (the processes below would otherwise race to make it)."""
-    from clip_jax import shapes
+    from clip_jax.input import shapes
 
     path = tmp_path_factory.mktemp("cache")
     shapes.ensure_shapes_dataset(str(path), seed=0, image_size=64, sizes=SIZES)
@@ -87,7 +87,7 @@ def test_multiprocess_launcher_dry_run():
 
 
 def final_params(workdir):
-    from clip_jax import checkpoint
+    from clip_jax.train import checkpoint
     import orbax.checkpoint as ocp
 
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"))

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from clip_jax.models import create_model, variable_shapes
-from clip_jax.optim import make_optimizer, make_schedule, weight_decay_mask
+from clip_jax.train.optim import make_optimizer, make_schedule, weight_decay_mask
 
 
 def test_mask_decays_weight_matrices_only():
@@ -84,7 +84,7 @@ def test_clip_by_global_norm_equals_optax_and_keeps_its_state():
     with optax's transformation restore into ours."""
     import optax
 
-    from clip_jax.optim import clip_by_global_norm
+    from clip_jax.train.optim import clip_by_global_norm
 
     rng = np.random.default_rng(0)
     for size in (0.1, 10.0):  # global norm below and above max_norm = 1

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clip_jax.retrieval import recall_at_k
+from clip_jax.evaluate.retrieval import recall_at_k
 
 
 def brute_force(img, txt, owner, k):

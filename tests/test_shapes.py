@@ -1,4 +1,4 @@
-"""clip_jax.shapes: determinism, held-out combos, captions vs labels vs pixels, the cache."""
+"""clip_jax.input.shapes: determinism, held-out combos, captions vs labels vs pixels, the cache."""
 
 import glob
 import json
@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from clip_jax import shapes
+from clip_jax.input import shapes
 
 SIZES = {"train": 50, "validation": 20, "test": 20}
 COLOR = "|".join(shapes.COLOR_NAMES)

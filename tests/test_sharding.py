@@ -7,7 +7,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from clip_jax.models import create_model, init_variables
-from clip_jax.sharding import check_batch, make_mesh, sharded_init, spec_for
+from clip_jax.parallel.sharding import check_batch, make_mesh, sharded_init, spec_for
 
 needs8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 simulated devices")
 

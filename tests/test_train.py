@@ -68,14 +68,14 @@ def test_restart_continues_exactly_past_a_corrupt_checkpoint(tmp_path, capsys):
 def test_non_finite_steps_stop_the_run_and_are_never_checkpointed(tmp_path, monkeypatch):
     import pytest
 
-    from clip_jax import checkpoint
+    from clip_jax.train import checkpoint
 
     import jax.numpy as jnp
 
-    from clip_jax import train_step
+    from clip_jax.methods import clip as clip_method
 
     # Every image becomes NaN inside the step, so every loss and gradient is NaN.
-    monkeypatch.setattr(train_step, "normalize_images", lambda x: jnp.full(x.shape, jnp.nan, jnp.float32))
+    monkeypatch.setattr(clip_method, "normalize_images", lambda x: jnp.full(x.shape, jnp.nan, jnp.float32))
     c = smoke_config(tmp_path, 10)
     c.max_nonfinite_steps = 3
     with pytest.raises(train.NonFiniteError, match="3 steps in a row had a non-finite"):
@@ -91,7 +91,7 @@ def test_non_finite_steps_stop_the_run_and_are_never_checkpointed(tmp_path, monk
 
 
 def test_init_from_weights_file(tmp_path):
-    from clip_jax.interop import write_flax_params
+    from clip_jax.api import write_flax_params
     from clip_jax.models import create_model, init_variables
 
     model = create_model("ViT-Tiny-test", scan=True)
@@ -101,7 +101,7 @@ def test_init_from_weights_file(tmp_path):
     c.init_from = str(tmp_path / "w.msgpack")
     c.optim.learning_rate = 0.0  # the saved step-1 params are the loaded ones
     train.train_and_evaluate(c, str(tmp_path / "run"))
-    from clip_jax import checkpoint
+    from clip_jax.train import checkpoint
     import orbax.checkpoint as ocp
 
     manager = checkpoint.make_manager(str(tmp_path / "run" / "checkpoints"))

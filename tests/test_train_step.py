@@ -5,34 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import clip_jax
-from clip_jax.losses import make_loss
-from clip_jax.models import create_model, init_variables
-from clip_jax.optim import make_optimizer
-from clip_jax.sharding import batch_sharding, make_mesh, variable_shardings
-from clip_jax.train_step import create_state, jit_train_step
-from random_weights import random_images
-
-OPTIM = {"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.2, "grad_clip_norm": 1.0}
-
-
-def batch(n, size, seed=0):
-    words = ["red", "blue", "green", "circle", "square", "star", "small", "large"]
-    rng = np.random.default_rng(seed)
-    texts = [" ".join(rng.choice(words, 4)) for _ in range(n)]
-    return {"image": random_images(n, size, seed), "tokens": clip_jax.tokenize(texts)}
+from clip_jax.models import init_variables
+from clip_jax.train.optim import make_optimizer
+from tiny import OPTIM, text_batch as batch, tiny_config, tiny_run
 
 
 def run(name, mesh_shape, devices, steps=2, accum=1, n=16, loss="softmax"):
-    model = create_model(name, scan=True)
-    mesh = make_mesh(mesh_shape, devices)
-    variables = jax.device_put(init_variables(model, jax.random.key(0)), variable_shardings(model, mesh))
-    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
-    state = create_state(variables, optimizer)
-    step = jit_train_step(model, optimizer, make_loss(loss, mesh, ("data", "fsdp")), state, batch_sharding(mesh), accum)
-    losses = []
+    r = tiny_run(tiny_config(name, loss, accum), mesh_shape, devices)
+    state, losses = r.state, []
     for i in range(steps):
-        state, metrics = step(state, batch(n, model.config.vision.image_size, i))
+        state, metrics = r.step_fn(state, batch(n, r.model.config.vision.image_size, i))
         losses.append(float(metrics["loss"]))
     return losses, jax.tree_util.tree_map(np.asarray, state.params), state
 
@@ -49,14 +31,19 @@ def test_eight_devices_equal_one(name, loss):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     assert int(many_state.step) == 2
     if name.startswith("RN"):  # BatchNorm statistics of the global batch, equal too
-        for a, b in zip(jax.tree_util.tree_leaves(many_state.batch_stats), jax.tree_util.tree_leaves(one_state.batch_stats)):
+        for a, b in zip(jax.tree_util.tree_leaves(many_state.model_state), jax.tree_util.tree_leaves(one_state.model_state)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_accumulation_is_the_mean_over_microbatches():
-    """accum=2 on 16 pairs == the optimizer applied to the mean gradient of two 8-pair losses."""
-    model = create_model("ViT-Tiny-test", scan=True)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    """accum=2 on 16 pairs == the optimizer applied to the mean gradient of two 8-pair losses,
+    computed here by hand from the model and the loss (not through the step)."""
+    import optax
+
+    from clip_jax.methods.losses import make_loss
+
+    r = tiny_run(accum=2)
+    model, mesh = r.model, r.mesh
     variables = init_variables(model, jax.random.key(0))
     optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
     loss_fn = make_loss("softmax", mesh, ("data", "fsdp"))
@@ -68,50 +55,38 @@ def test_accumulation_is_the_mean_over_microbatches():
 
     grads = [jax.jit(jax.grad(micro_loss), static_argnums=1)(variables["params"], i) for i in range(2)]
     mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *grads)
-    opt_state = optimizer.init(variables["params"])
-    updates, _ = optimizer.update(mean, opt_state, variables["params"])
-    import optax
-
+    updates, _ = optimizer.update(mean, optimizer.init(variables["params"]), variables["params"])
     want = optax.apply_updates(variables["params"], updates)
-    state = create_state(variables, optimizer)
-    step = jit_train_step(model, optimizer, loss_fn, state, batch_sharding(mesh), accum_steps=2)
-    state, metrics = step(state, data)
+    for a, b in zip(jax.tree_util.tree_leaves(r.state.params), jax.tree_util.tree_leaves(variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same init as the step's
+    state, metrics = r.step_fn(r.state, data)
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_logit_scale_is_clamped_on_the_param():
-    model = create_model("ViT-Tiny-test", scan=True)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    variables = init_variables(model, jax.random.key(0))
-    variables["params"]["logit_scale"] = jnp.float32(4.7)  # above ln(100) = 4.605
-    optimizer = make_optimizer({"learning_rate": 0.0, "warmup_steps": 0}, variables["params"], total_steps=10)
-    state = create_state(variables, optimizer)
-    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state, batch_sharding(mesh))
-    state, metrics = step(state, batch(8, 32))
+    r = tiny_run(learning_rate=0.0)
+    state = r.state.replace(params=dict(r.state.params, logit_scale=jnp.float32(4.7)))  # above ln(100) = 4.605
+    state, metrics = r.step_fn(state, batch(8, 32))
     assert float(state.params["logit_scale"]) == pytest.approx(np.log(100), rel=1e-6)
     assert float(metrics["logit_scale"]) == pytest.approx(100.0, rel=1e-5)
 
 
 def test_non_finite_step_is_not_applied_and_counted():
-    model = create_model("ViT-Tiny-test", scan=True)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    variables = init_variables(model, jax.random.key(0))
-    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
-    state = create_state(variables, optimizer)
+    r = tiny_run()
+    state = r.state
     before = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
-    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state, batch_sharding(mesh))
     good = batch(8, 32)
     image = np.array(good["image"], np.float32)
     image[3, 0, 0, 0] = np.nan  # one pixel of one image
     bad = dict(good, image=image)
-    state, metrics = step(state, bad)
+    state, metrics = r.step_fn(state, bad)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1 and int(state.skipped) == 1 and int(state.skipped_in_a_row) == 1
     after = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
     for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
         np.testing.assert_array_equal(a, b)  # params and Adam moments untouched
-    state, metrics = step(state, good)
+    state, metrics = r.step_fn(state, good)
     assert np.isfinite(float(metrics["loss"])) and int(state.skipped) == 1 and int(state.skipped_in_a_row) == 0
     changed = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree_util.tree_leaves(state.params),
                                                                    jax.tree_util.tree_leaves(before[0]))]
@@ -119,7 +94,7 @@ def test_non_finite_step_is_not_applied_and_counted():
 
 
 def test_params_are_finite_checks_every_leaf():
-    from clip_jax.train_step import params_are_finite
+    from clip_jax.train.step import params_are_finite
 
     params = {"a": jnp.ones((3, 4)), "b": {"c": jnp.zeros((5,))}}
     assert bool(params_are_finite(params))
@@ -138,13 +113,11 @@ def test_bfloat16_step_takes_every_tower_matmul_in_bfloat16(name):
     import re
 
     n = 8
-    model = create_model(name, dtype="bfloat16")
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    variables = init_variables(model, jax.random.key(0))
-    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
-    state = create_state(variables, optimizer)
-    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state, batch_sharding(mesh))
-    text = step.lower(state, batch(n, model.config.vision.image_size)).as_text()
+    c = tiny_config(name)
+    c.dtype, c.scan = "bfloat16", False
+    r = tiny_run(c)
+    model = r.model
+    text = r.step_fn.lower(r.state, batch(n, model.config.vision.image_size)).as_text()
     loss_shapes = {f"{n}x{model.config.embed_dim}", f"{model.config.embed_dim}x{n}", f"{n}x{n}"}
     dots = f32 = 0
     for line in text.splitlines():

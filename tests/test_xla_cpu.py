@@ -5,13 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import xla_cpu
-from clip_jax.losses import make_loss
-from clip_jax.models import create_model, init_variables
-from clip_jax.optim import make_optimizer
-from clip_jax.sharding import batch_sharding, make_mesh
-from clip_jax.train_step import create_state, jit_train_step
-from test_train_step import OPTIM, batch
+from clip_jax.cpu import onednn as xla_cpu
+from tiny import text_batch as batch, tiny_run
 
 
 
@@ -54,14 +49,9 @@ def test_cpu_vendor_reads_cpuinfo():
 
 
 def _two_steps(options, name="ViT-Tiny-test"):
-    model = create_model(name, scan=True)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    variables = init_variables(model, jax.random.key(0))
-    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
-    state = create_state(variables, optimizer)
-    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")), state,
-                          batch_sharding(mesh), compiler_options=options)
-    compiled = xla_cpu.keep_alive(step.lower(state, batch(16, model.config.vision.image_size)).compile(), options)
+    r = tiny_run(model=name, compiler_options=options)
+    state, model = r.state, r.model
+    compiled = xla_cpu.keep_alive(r.step_fn.lower(state, batch(16, model.config.vision.image_size)).compile(), options)
     losses = []
     for i in range(2):
         state, metrics = compiled(state, batch(16, model.config.vision.image_size, i))
@@ -69,21 +59,28 @@ def _two_steps(options, name="ViT-Tiny-test"):
     return losses, jax.tree_util.tree_map(np.asarray, state.params), compiled.as_text()
 
 
-def test_train_config_is_checked_before_any_compile():
-    import importlib.util
+def test_no_experiment_config_names_a_cpu_library():
+    """The oneDNN and allocator choices are runtime options of the CPU entry points, not config."""
+    import glob
     import os
 
-    from clip_jax import train
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "configs", "*.py")) + [os.path.join(root, "clip_jax", "config.py")]:
+        with open(path) as f:
+            text = f.read().lower()
+        for word in ("onednn", "tcmalloc", "mallopt", "xla_cpu"):
+            assert word not in text, (path, word)
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
-    spec = importlib.util.spec_from_file_location("smoke", path)
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
-    c = smoke.get_config()
-    train.validate(c)
-    c.cpu_onednn_dots = "yes"
-    with pytest.raises(ValueError, match="config.cpu_onednn_dots='yes'"):
-        train.validate(c)
+
+def _two_steps(options, name="ViT-Tiny-test"):
+    r = tiny_run(model=name, compiler_options=options)
+    state, model = r.state, r.model
+    compiled = xla_cpu.keep_alive(r.step_fn.lower(state, batch(16, model.config.vision.image_size)).compile(), options)
+    losses = []
+    for i in range(2):
+        state, metrics = compiled(state, batch(16, model.config.vision.image_size, i))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree_util.tree_map(np.asarray, state.params), compiled.as_text()
 
 
 @pytest.mark.skipif(not xla_cpu.has_onednn() or jax.default_backend() != "cpu", reason="XLA:CPU has oneDNN on x86 only")
@@ -112,6 +109,7 @@ def test_keep_alive_holds_onednn_programs_only():
     assert xla_cpu.keep_alive(None, None) is None and not xla_cpu.is_onednn(None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not xla_cpu.has_onednn() or jax.default_backend() != "cpu", reason="XLA:CPU has oneDNN on x86 only")
 def test_onednn_programs_are_never_destroyed(tmp_path):
     """XLA:CPU aborts when a oneDNN program is destroyed right after a run on a busy CPU
@@ -123,15 +121,10 @@ def test_onednn_programs_are_never_destroyed(tmp_path):
     import subprocess
     import sys
 
-    from clip_jax import benchmark
+    from clip_jax.benchmark import bench as benchmark
 
-    model = create_model("ViT-Tiny-test", scan=True)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    variables = init_variables(model, jax.random.key(0))
-    optimizer = make_optimizer(OPTIM, variables["params"], total_steps=10)
-    step = jit_train_step(model, optimizer, make_loss("softmax", mesh, ("data", "fsdp")),
-                          create_state(variables, optimizer), batch_sharding(mesh),
-                          compiler_options=dict(xla_cpu.ONEDNN_DOTS))
+    step = tiny_run(compiler_options=dict(xla_cpu.ONEDNN_DOTS)).step_fn
+    xla_cpu.keep_alive(step, xla_cpu.ONEDNN_DOTS)  # as the train CLI's retain hook does
     assert any(p is step for p in xla_cpu._KEPT)
     before = len(xla_cpu._KEPT)
     benchmark.measure_matmul_peak("float32", 256, 0.01, dict(xla_cpu.ONEDNN_DOTS))
@@ -140,7 +133,7 @@ def test_onednn_programs_are_never_destroyed(tmp_path):
 
     script = tmp_path / "drop.py"
     script.write_text(
-        "import gc\nimport jax, jax.numpy as jnp\nfrom clip_jax import xla_cpu\n"
+        "import gc\nimport jax, jax.numpy as jnp\nfrom clip_jax.cpu import onednn as xla_cpu\n"
         "x = jnp.ones((512, 512), jnp.float32)\n"
         "for i in range(40):\n"
         "    f = jax.jit(lambda x, i=i: x @ x + i).lower(x).compile(compiler_options=dict(xla_cpu.ONEDNN_DOTS))\n"

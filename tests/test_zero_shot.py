@@ -9,7 +9,7 @@ import pytest
 
 import clip_jax
 from clip_jax import convert
-from clip_jax.zero_shot import classifier_weights, load_metadata, per_class_accuracy, topk_accuracy
+from clip_jax.evaluate.zero_shot import classifier_weights, load_metadata, per_class_accuracy, topk_accuracy
 from random_weights import random_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

@@ -28,9 +28,11 @@ def create_model(
     remat: str = "none",
     scan: bool = False,
     attn_impl: Optional[str] = None,
+    overrides: Optional[dict] = None,
 ) -> CLIP:
-    """A CLIP module for a preset name (see ``list_models()``), an open_clip-style dict or JSON path."""
-    config = get_model_config(name_or_config)
+    """A CLIP module for a preset name (see ``list_models()``), an open_clip-style dict or JSON path,
+    with `overrides` (open_clip JSON keys) merged over its architecture."""
+    config = get_model_config(name_or_config, overrides)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(DTYPES)}")
@@ -75,6 +77,7 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "create_model",
+    "dummy_inputs",
     "get_model_config",
     "init_variables",
     "l2_normalize",

@@ -121,8 +121,27 @@ def list_models() -> list[str]:
     return sorted(names)
 
 
-def get_model_config(name_or_config: Union[str, dict, CLIPConfig]) -> CLIPConfig:
-    """A preset name, an open_clip-style dict, a path to such a JSON file, or a CLIPConfig."""
+def _deep_merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def get_model_config(name_or_config: Union[str, dict, CLIPConfig], overrides: Optional[dict] = None) -> CLIPConfig:
+    """A preset name, an open_clip-style dict, a path to such a JSON file, or a CLIPConfig; with
+    `overrides` (open_clip JSON keys, nested: {"text_cfg": {"width": 256}}) merged over it."""
+    config = _config_of(name_or_config)
+    if overrides:
+        plain = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+        config = CLIPConfig.from_dict(_deep_merge(config.to_dict(), plain))
+    return config
+
+
+def _config_of(name_or_config) -> CLIPConfig:
     if isinstance(name_or_config, CLIPConfig):
         return name_or_config
     if isinstance(name_or_config, dict):

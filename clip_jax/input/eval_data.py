@@ -19,8 +19,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from clip_jax import records
-from clip_jax.input_pipeline import Source, _get_path, _nested, _plain, decode_and_crop, list_files, parse_spec, shapes_files
+from clip_jax.input import records
+from clip_jax.input.settings import data_settings
+from clip_jax.input.pipeline import Source, _get_path, _nested, _plain, decode_and_crop, list_files, parse_spec, shapes_files
 
 # The embedded dataset's label features and the zero-shot task each one labels.
 SHAPES_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}
@@ -90,19 +91,20 @@ def _feature_at(features, path: str):
 
 def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions: bool = False) -> SplitInfo:
     """Resolve and check an evaluation source without reading its images."""
+    config = data_settings(config)
     source = parse_spec(spec)
     name = metric_name(source)
     if source.kind == "shapes":
         files = shapes_files(source.split, config)
-        from clip_jax import shapes
+        from clip_jax.input import shapes
 
         names = {key: shapes.class_names(task) for key, task in SHAPES_TASKS.items()}
-        sizes = dict(config.get("shapes_sizes", {"train": 20000, "validation": 1000, "test": 1000}))
+        sizes = dict(config["shapes_sizes"])
         return SplitInfo(spec, source, name, int(sizes[source.split]), names, records.CAPTION, files)
     if source.kind == "tfrecord":
         # Keys are checked while reading: a missing label reads as -1 and is reported then.
         return SplitInfo(spec, source, name, None, {}, records.CAPTION, list_files(source.name))
-    builder = _builder(source, config.get("data_dir") or None)
+    builder = _builder(source, config["data_dir"] or None)
     n = _check_split(builder, source)
     features = builder.info.features
     label_names = {}
@@ -113,12 +115,12 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
                              f"{sorted(features.keys())}: pass label_key=...")
         if getattr(feature, "names", None):
             label_names[key] = list(feature.names)
-    image_key = config.get("image_key", "image")
+    image_key = config["image_key"]
     if _feature_at(features, image_key) is None:
         raise ValueError(f"tfds dataset {source.name!r} has no image feature {image_key!r}; its features: "
                          f"{sorted(features.keys())}: set data.image_key")
     caption_key = None
-    wanted = config.get("caption_key", "") or ""
+    wanted = config["caption_key"] or ""
     for key in ([wanted] if wanted else ["caption", "captions/text", "captions", "text"]):
         if _feature_at(features, key) is not None:
             caption_key = key
@@ -135,6 +137,7 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
                  process_count: int = 1, tokenizer=None, limit: int = 0) -> Iterator[dict[str, Any]]:
     """Host batches of this process: image [b,S,S,3], labels [b,K] int64 (-1 = absent),
     tokens [b,M,ctx] and caption_mask [b,M] (M = max_captions > 0), mask [b] (real rows)."""
+    config = data_settings(config)
     import tensorflow as tf
 
     if max_captions and tokenizer is None:
@@ -200,9 +203,9 @@ def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_
     if source.kind == "tfds":
         import tensorflow_datasets as tfds
 
-        builder = _builder(source, config.get("data_dir") or None)
+        builder = _builder(source, config["data_dir"] or None)
         split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
-        image_key = config.get("image_key", "image")
+        image_key = config["image_key"]
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_nested({image_key: tfds.decode.SkipDecoding()}))
         read_options = tf.data.Options()
         read_options.deterministic = True

@@ -22,7 +22,7 @@ def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], em
     """[C, d] unit vectors from prompts [class][k].
 
     embed_texts: tokens -> unit embeddings (default clip_jax.encode_text on one device;
-    evaluation passes clip_jax.features.Encoder.embed_texts, sharded over the mesh)."""
+    evaluation passes clip_jax.evaluate.features.Encoder.embed_texts, sharded over the mesh)."""
     ctx = model.config.text.context_length
     flat = [p for prompts in class_prompts for p in prompts]
     tokens = clip_jax.tokenize(flat, ctx)

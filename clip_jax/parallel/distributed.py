@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from clip_jax import xla_cpu
+from clip_jax.cpu import onednn as xla_cpu
 
 
 def plan(environ: Mapping[str, str]) -> Optional[dict]:
@@ -83,7 +83,7 @@ def compile_together(jitted, name: str, compiler_options: dict | None = None):
     """`jitted` (a jax.jit function) that, with several processes, compiles each new input signature
     ahead of time and waits for every process to have compiled it before the first run, so that no
     process reaches a collective while another still compiles. `compiler_options`: those `jitted`
-    was made with, so that a oneDNN program is kept alive (clip_jax.xla_cpu.keep_alive)."""
+    was made with, so that a oneDNN program is kept alive (clip_jax.cpu.onednn.keep_alive)."""
     if jax.process_count() == 1:
         return jitted
     compiled = {}

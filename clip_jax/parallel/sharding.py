@@ -98,12 +98,12 @@ def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
     return P(*out)
 
 
-def variable_shardings(model, mesh: Mesh, rules=None):
-    """NamedSharding for every variable of `model` (params, batch_stats), by the rules."""
-    from clip_jax.models import logical_axes, variable_shapes
+def init_shardings(init_fn, mesh: Mesh, rules=None):
+    """NamedSharding for every variable `init_fn(rng)` makes (boxed with logical axes), by the rules."""
+    import flax.linen as nn
 
-    shapes = variable_shapes(model)
-    specs = logical_axes(model)
+    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    shapes, specs = nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
     def one(spec, shape):
         logical = tuple(spec) if spec is not None else (None,) * len(shape.shape)
@@ -112,11 +112,30 @@ def variable_shardings(model, mesh: Mesh, rules=None):
     return jax.tree_util.tree_map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def sharded_init(model, mesh: Mesh, rng, rules=None):
-    """Initialize the variables directly in their shardings: the full state never sits on one device."""
-    from clip_jax.models import dummy_inputs
+def sharded_init_fn(init_fn, mesh: Mesh, rng, rules=None):
+    """(variables, shardings): `init_fn(rng)` run directly in its shardings, so the full state
+    never sits on one device."""
     import flax.linen as nn
 
-    shardings = variable_shardings(model, mesh, rules)
-    init = jax.jit(lambda r: nn.meta.unbox(model.init(r, *dummy_inputs(model))), out_shardings=shardings)
-    return init(rng), shardings
+    shardings = init_shardings(init_fn, mesh, rules)
+    return jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng), shardings
+
+
+def variable_shardings(model, mesh: Mesh, rules=None):
+    """NamedSharding for every variable of a CLIP `model` (params, batch_stats), by the rules."""
+    from clip_jax.models import dummy_inputs
+
+    return init_shardings(lambda r: model.init(r, *dummy_inputs(model)), mesh, rules)
+
+
+def sharded_init(model, mesh: Mesh, rng, rules=None):
+    """A CLIP `model`'s variables initialized directly in their shardings."""
+    from clip_jax.models import dummy_inputs
+
+    return sharded_init_fn(lambda r: model.init(r, *dummy_inputs(model)), mesh, rng, rules)
+
+
+def slow_all_gather(mesh: Mesh) -> bool:
+    """Whether an all-gather should go as a psum on this mesh: XLA:CPU across processes, whose
+    gloo all-gather is pathologically slow (clip_jax.methods.losses: gather_by_sum)."""
+    return mesh.devices.flat[0].platform == "cpu" and jax.process_count() > 1

@@ -139,6 +139,6 @@ def keep_freed_memory_on_cpu() -> bool:
     return keep_freed_memory()
 
 
-if __name__ == "__main__":  # python -m clip_jax.host_memory: the allocator the entry points end up with
-    prefer_tcmalloc("clip_jax.host_memory")
+if __name__ == "__main__":  # python -m clip_jax.cpu.allocator: the allocator the entry points end up with
+    prefer_tcmalloc("clip_jax.cpu.allocator")
     print(f"allocator: {allocator()}")

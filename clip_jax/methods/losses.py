@@ -51,8 +51,7 @@ def _gather_by_sum(x, axes, n_dev):
     """all_gather(x, tiled) as a psum: each device puts its rows in a zero buffer, then sum.
 
     Twice the bytes of an all_gather, so only for XLA:CPU across processes, whose gloo
-    all-gather is pathologically slow (2 processes x 4 devices: 15 s to gather 4 MB, against
-    24 ms to all-reduce them; the smoke step went from 6.2 s to 0.8 s).
+    all-gather is far slower than its all-reduce (figures in docs/performance.md).
     """
     buf = jnp.zeros((n_dev,) + x.shape, x.dtype).at[jax.lax.axis_index(axes)].set(x)
     return jax.lax.psum(buf, axes).reshape((n_dev * x.shape[0],) + x.shape[1:])
@@ -100,8 +99,6 @@ def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
 
 
 def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
-    me = jax.lax.axis_index(axes)
-
     @partial(jax.checkpoint, prevent_cse=False)
     def step(carry, hop):
         total, visiting_txt = carry
@@ -111,20 +108,17 @@ def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
         total = total + jnp.sum(jax.nn.log_sigmoid(z * logits))
         return (total, jax.lax.ppermute(visiting_txt, axes, _ring_perm(n_dev))), None
 
-    del me
     (total, _), _ = jax.lax.scan(step, (jnp.zeros((), jnp.float32), txt), jnp.arange(n_dev))
     return -jax.lax.psum(total, axes) / n_total
 
 
-def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool | None = None) -> Callable:
+def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool = False) -> Callable:
     """loss(img [N, d], txt [N, d], scale, bias) -> scalar, for arrays sharded on `data_axes`.
 
     Call it inside jit. N must divide over the devices of `data_axes` (checked on trace).
-    gather_by_sum: the all_gather of 'softmax' as a psum; default (None): on CPU meshes
-    spanning several processes only (see _gather_by_sum).
+    gather_by_sum: the all_gather of 'softmax' as a psum, chosen by whoever builds the mesh
+    (clip_jax.parallel.sharding.slow_all_gather; see _gather_by_sum).
     """
-    if gather_by_sum is None:
-        gather_by_sum = mesh.devices.flat[0].platform == "cpu" and jax.process_count() > 1
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}: choose one of {LOSSES}")
     axes = tuple(data_axes)

@@ -32,8 +32,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from clip_jax import eval_data, zero_shot
-from clip_jax.retrieval import recall_at_k
+from clip_jax.input import eval_data
+from clip_jax.evaluate import zero_shot
+from clip_jax.evaluate.retrieval import recall_at_k
 
 TASKS = ("zero_shot", "retrieval", "linear_probe")
 _COMMON = {"label_key", "limit"}
@@ -248,7 +249,7 @@ class Evaluator:
     def _extract(self, encoder, info, config, global_batch, label_keys, max_captions, limit):
         import jax
 
-        from clip_jax.features import extract
+        from clip_jax.evaluate.features import extract
 
         batches = eval_data.eval_batches(
             info, config, batch_size=global_batch // jax.process_count(), image_size=self.image_size,
@@ -264,7 +265,7 @@ class Evaluator:
         for key in self._keys[spec]:
             labels = feats["labels"][:, group.label_keys.index(key)]
             if spec not in self._class_meta:  # shapes' own prompts, per label task
-                from clip_jax import shapes
+                from clip_jax.input import shapes
 
                 task = _SHAPES_TASKS[key]
                 prompts, names, prefix = shapes.prompts(task), shapes.class_names(task), f"{task}/"
@@ -304,7 +305,7 @@ class Evaluator:
         return metrics, details
 
     def _linear_probe(self, encoder, spec, splits, global_batch):
-        from clip_jax.linear_probe import linear_probe
+        from clip_jax.evaluate.linear_probe import linear_probe
 
         limit = int(spec.get("limit", 0))
         key = spec.get("label_key") or "label"
@@ -429,12 +430,12 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON results (default: WORKDIR/eval_step{N}.json with --workdir)")
     args = parser.parse_args(argv)
 
-    from clip_jax import distributed
+    from clip_jax.parallel import distributed
 
     distributed.initialize()
     import jax
 
-    from clip_jax import host_memory
+    from clip_jax.cpu import allocator as host_memory
 
     host_memory.keep_freed_memory_on_cpu()
 
@@ -456,8 +457,8 @@ def main(argv=None):
         parser.error("no evaluation: pass --eval=TASK=DATA (e.g. --eval=zero_shot=shapes:test)")
     evaluator = Evaluator(specs, data_config, image_size=model.config.vision.image_size,
                           context_length=model.config.text.context_length, log=log)
-    from clip_jax import sharding
-    from clip_jax.features import Encoder
+    from clip_jax.parallel import sharding
+    from clip_jax.evaluate.features import Encoder
 
     mesh = sharding.make_mesh({"data": -1})
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -474,10 +475,3 @@ def main(argv=None):
                                                "details": details, "seconds": time.perf_counter() - start}, indent=2))
         log(f"wrote {out}")
     return metrics
-
-
-if __name__ == "__main__":
-    from clip_jax import host_memory
-
-    host_memory.prefer_tcmalloc("clip_jax.evaluate")  # on the CPU, where installed: restarts this command
-    sys.exit(0 if main() is not None else 1)

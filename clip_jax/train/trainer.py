@@ -1,4 +1,4 @@
-"""Training entry point: python -m clip_jax.train --config=configs/smoke.py --workdir=DIR [--config.x=...]
+"""The one trainer: any method of clip_jax.methods, from a config, on a mesh of every device.
 
 A second run on the same workdir resumes from its latest checkpoint (params, optimizer
 state, step, and every data stream's position), so it continues the same stream.
@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any, Callable
 
 import jax
 from etils import epath
 
-from clip_jax import checkpoint, distributed, host_memory, sharding, xla_cpu
-from clip_jax.features import Encoder
-from clip_jax.input_pipeline import DevicePrefetch, InputPipeline, stream_count
-from clip_jax.losses import LOSSES, make_loss
-from clip_jax.models import create_model
-from clip_jax.optim import make_optimizer, make_schedule
-from clip_jax.train_step import create_state, jit_train_step, params_are_finite
+from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, stream_count
+from clip_jax.methods import METHODS
+from clip_jax.methods.losses import LOSSES
+from clip_jax.parallel import distributed, sharding
+from clip_jax.train import checkpoint
+from clip_jax.train.build import build
+from clip_jax.train.step import params_are_finite
 
 
 def _data_config(config) -> dict:
@@ -32,13 +33,13 @@ def validate(config) -> None:
                 "max_nonfinite_steps"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-    from clip_jax.evaluate import parse_evals
+    from clip_jax.evaluate.evaluator import parse_evals
 
-    parse_evals(config.data.get("eval", ""))  # syntax only; make_evaluator checks the datasets
+    parse_evals(config.data.eval)  # syntax only; make_evaluator checks the datasets
+    METHODS.get(config.method)  # an unknown name lists the known ones
     if config.loss not in LOSSES:
         raise ValueError(f"config.loss {config.loss!r} not in {', '.join(LOSSES)}")
-    xla_cpu.check_choice(config.get("cpu_onednn_dots", "auto"), "config.cpu_onednn_dots")
-    if not config.data.get("train"):
+    if not config.data.train:
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
     streams = stream_count(config.data, config.batch_size, jax.process_count())
     if config.batch_size % (config.accum_steps * streams):
@@ -46,24 +47,25 @@ def validate(config) -> None:
                          f"microbatches: use a multiple of {config.accum_steps * streams}")
 
 
-def make_evaluator(config, model):
+def make_evaluator(config):
     """The evaluations of config.data.eval, checked now (datasets, splits, class names), or None."""
-    from clip_jax.evaluate import Evaluator
+    from clip_jax.evaluate.evaluator import Evaluator
+    from clip_jax.models import get_model_config
 
-    if not config.eval_every_steps or not config.data.get("eval", ""):
+    if not config.eval_every_steps or not config.data.eval:
         return None
-    return Evaluator(config.data.eval, _data_config(config), image_size=model.config.vision.image_size,
-                     context_length=model.config.text.context_length, log=log)
+    model_config = get_model_config(config.model, config.model_overrides)
+    return Evaluator(config.data.eval, _data_config(config), image_size=model_config.vision.image_size,
+                     context_length=model_config.text.context_length, log=log)
 
 
-def _evaluate(evaluator, encoder, state, config, workdir: str, step: int) -> dict:
+def _evaluate(evaluator, encoder, method, state, config, workdir: str, step: int) -> dict:
     """Run every evaluation on the current params; per-class details go to workdir/eval/step_N.json."""
-    from clip_jax.evaluate import format_table
+    from clip_jax.evaluate.evaluator import format_table
 
-    encoder.variables = {"params": state.params, "batch_stats": state.batch_stats} if state.batch_stats \
-        else {"params": state.params}
+    encoder.variables = method.model_variables(state.params, state.model_state)
     start = time.perf_counter()
-    metrics, details = evaluator.run(encoder, config.get("eval_batch_size", 256))
+    metrics, details = evaluator.run(encoder, config.eval_batch_size)
     if jax.process_index() == 0:
         out = epath.Path(workdir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
@@ -141,25 +143,6 @@ def _trim_metrics(path: epath.Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def _initial_weights(config, model, variables, shardings):
-    """config.init_from (a .safetensors / .pt / .msgpack file) in place of the random init.
-
-    Only where the run starts from step 0: a resumed run restores its checkpoint instead.
-    """
-    from clip_jax.interop import load
-
-    path = config.init_from
-    if not os.path.exists(path) and "://" not in path:
-        raise FileNotFoundError(f"config.init_from={path!r} does not exist")
-    _, loaded = load(config.model, path, scan=config.scan)
-    want = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), variables)
-    got = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), dict(loaded))
-    if want != got:
-        raise ValueError(f"config.init_from={path!r} does not hold {config.model!r} weights of the expected shapes")
-    log(f"initialized from {path}")
-    return jax.device_put(dict(loaded), shardings)
-
-
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -177,20 +160,20 @@ def write_run_config(workdir: str, config) -> None:
         (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
 
 
-def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict:
-    """Train to config.total_steps (or stop, checkpointed, at step `stop_at`, as a preemption would)."""
+def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compiler_options: dict | None = None,
+                       retain: Callable[[Callable], Any] = lambda step_fn: step_fn) -> dict:
+    """Train to config.total_steps (or stop, checkpointed, at step `stop_at`, as a preemption would).
+
+    compiler_options: XLA options for the train step (a CPU entry point's oneDNN choice);
+    retain: called with the compiled step, for an entry point that must keep it past the run.
+    """
     validate(config)
     write_run_config(workdir, config)
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
-    model = create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan,
-                         attn_impl=config.get("attn_impl", "auto"))
-    evaluator = make_evaluator(config, model)  # a missing eval dataset fails here, before any compile
-    variables, shardings = sharding.sharded_init(model, mesh, jax.random.key(config.seed))
-    if config.get("init_from"):
-        variables = _initial_weights(config, model, variables, shardings)
-    optimizer = make_optimizer(config.optim, variables["params"], config.total_steps)
-    state = create_state(variables, optimizer)
+    evaluator = make_evaluator(config)  # a missing eval dataset fails here, before any compile
+    run = build(config, mesh, compiler_options=compiler_options, gather_by_sum=sharding.slow_all_gather(mesh), log=log)
+    state, model = run.state, run.model
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
                                       config.checkpoint_every_steps)
     input_states = None
@@ -208,17 +191,13 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
                          image_size=model.config.vision.image_size, train=True, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          context_length=model.config.text.context_length, state=input_states)
-    batch_sharding = sharding.batch_sharding(mesh)
-    step_options = xla_cpu.step_compiler_options(config.get("cpu_onednn_dots", "auto"), list(mesh.devices.flat),
-                                                 config.dtype)
-    if step_options:
-        log("train step: XLA:CPU matmuls through oneDNN (config.cpu_onednn_dots; clip_jax.xla_cpu)")
-    step_fn = jit_train_step(model, optimizer, make_loss(config.loss, mesh, sharding.BATCH_AXES), state,
-                             batch_sharding, config.accum_steps, step_options)
-    step_fn = distributed.compile_together(step_fn, "train_step", step_options)
-    batches = DevicePrefetch(pipe, batch_sharding, config.get("prefetch_batches", 2))
-    schedule = make_schedule(config.optim, config.total_steps)
-    encoder = Encoder(model, None, mesh) if evaluator else None
+    step_fn = retain(distributed.compile_together(run.step_fn, "train_step"))
+    batches = DevicePrefetch(pipe, run.batch_sharding, config.prefetch_batches, keys=run.method.batch_keys)
+    encoder = None
+    if evaluator:
+        from clip_jax.evaluate.features import Encoder
+
+        encoder = Encoder(model, None, mesh)
     metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
     writer = _summary_writer(workdir)
     step = int(state.step)
@@ -237,15 +216,13 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
-                row = {"step": step, "loss": float(metrics["loss"]), "learning_rate": float(schedule(step - 1)),
-                       "logit_scale": float(metrics["logit_scale"]), "grad_norm": float(metrics["grad_norm"]),
-                       "images_per_sec": window_images / elapsed, "skipped_steps": int(metrics["skipped_steps"]),
-                       "skipped_records": sum(pipe.bad_records().values())}
+                row = _log_row(step, metrics, float(run.schedule(step - 1)), window_images / elapsed,
+                               sum(pipe.bad_records().values()))
                 eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                     + f" eta={_duration(eta)}")
                 if evaluator and (step % config.eval_every_steps == 0 or step == config.total_steps):
-                    row.update(_evaluate(evaluator, encoder, state, config, workdir, step))
+                    row.update(_evaluate(evaluator, encoder, run.method, state, config, workdir, step))
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
@@ -273,6 +250,17 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None) -> dict
         if metrics_file:
             metrics_file.close()
     return last
+
+
+def _log_row(step: int, metrics: dict, learning_rate: float, images_per_sec: float, skipped_records: int) -> dict:
+    """A metrics.jsonl row: the step, the loss, every metric the method returned, then the trainer's."""
+    row = {"step": step, "loss": float(metrics["loss"]), "learning_rate": learning_rate}
+    for key, value in metrics.items():
+        if key not in ("loss", "skipped_steps", "skipped_in_a_row"):
+            row[key] = float(value)
+    row.update(images_per_sec=images_per_sec, skipped_steps=int(metrics["skipped_steps"]),
+               skipped_records=skipped_records)
+    return row
 
 
 def _summary_writer(workdir: str):
@@ -303,31 +291,3 @@ def _write_summaries(writer, step: int, row: dict) -> None:
 def log(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
-
-
-def main(argv):
-    del argv
-    from absl import flags, logging
-
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    distributed.initialize()  # before anything touches the devices
-    kept = host_memory.keep_freed_memory_on_cpu()  # before the first big allocation
-    if host_memory.cpu_backend_expected():  # tcmalloc where installed (prefer_tcmalloc), else glibc's settings
-        log(f"host allocator: {host_memory.allocator()}" + (" (freed memory kept)" if kept else ""))
-    config = flags.FLAGS.config
-    cache = config.get("compilation_cache_dir", "")
-    if cache != "none":  # compiled steps persist: a restart (after a crash or preemption) skips the compile
-        jax.config.update("jax_compilation_cache_dir", cache or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax", "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    train_and_evaluate(config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-    host_memory.prefer_tcmalloc("clip_jax.train")  # on the CPU, where installed: restarts this command
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "an ml_collections config file, e.g. configs/smoke.py")
-    flags.DEFINE_string("workdir", None, "where checkpoints and metrics.jsonl go; a second run resumes there")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clip_jax.zero_shot import per_class_accuracy, topk_accuracy
+from clip_jax.evaluate.zero_shot import per_class_accuracy, topk_accuracy
 
 # Iterations in a row without progress (see _lbfgs) after which the solver stops: in float32
 # the gradient may not reach a tight tol, and a failed linesearch in optax still takes a

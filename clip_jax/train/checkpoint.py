@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from clip_jax.input_pipeline import InputState
+from clip_jax.input.pipeline import InputState
 
 
 # Replica-parallel saving splits each replicated array over its replicas, so each writes a

@@ -68,7 +68,7 @@ def write_jpeg_shards(directory: str, n: int = 2000, shards: int = 8, seed: int 
 
     from PIL import Image
 
-    from clip_jax import records
+    from clip_jax.input import records
 
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -91,7 +91,7 @@ def bench_input(args) -> None:
     import os
     import tempfile
 
-    from clip_jax.input_pipeline import InputPipeline
+    from clip_jax.input.pipeline import InputPipeline
 
     spec = args.data
     if not spec:
@@ -132,7 +132,7 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 
     import jax
     import jax.numpy as jnp
 
-    from clip_jax import xla_cpu
+    from clip_jax.cpu import onednn as xla_cpu
 
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x).lower(a).compile(compiler_options=compiler_options or None)
@@ -149,8 +149,8 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 
 
 def cpu_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0) -> float:
     """The CPU's peak for MFU: the faster of XLA:CPU's matmul libraries on a square matmul
-    (YNNPACK, XLA's default, and oneDNN on x86, which the step may use: clip_jax.xla_cpu)."""
-    from clip_jax import xla_cpu
+    (YNNPACK, XLA's default, and oneDNN on x86, which the step may use: clip_jax.cpu.onednn)."""
+    from clip_jax.cpu import onednn as xla_cpu
 
     libraries = xla_cpu.matmul_libraries()
     return max(measure_matmul_peak(dtype, n, seconds / len(libraries), options) for options in libraries.values())
@@ -192,40 +192,40 @@ def _host_usage() -> dict:
     return {"user_s": r.ru_utime, "sys_s": r.ru_stime, "page_faults": float(r.ru_minflt)}
 
 
-class _Step:
-    """One compiled training step with its own state and batch, as clip_jax.train builds them."""
+def step_config(args):
+    """The run config of a benchmark step: the base config with the step's settings (the paper's
+    ViT optimizer; its schedule does not change the speed)."""
+    from clip_jax.config import base_config
+
+    c = base_config()
+    c.model, c.dtype, c.remat, c.scan, c.loss = args.model, args.dtype, args.remat, args.scan, args.loss
+    c.attn_impl = args.attn
+    c.batch_size, c.accum_steps = args.batch, args.accum_steps
+    c.optim.warmup_steps = 10
+    return c
+
+
+class BenchStep:
+    """One compiled training step with its own state and batch, built as the trainer builds it."""
 
     def __init__(self, args, compiler_options: dict | None = None, compile: bool = True):
         import jax
 
-        from clip_jax import sharding
-        from clip_jax.losses import make_loss
-        from clip_jax.models import create_model
-        from clip_jax.optim import make_optimizer
-        from clip_jax.train_step import create_state, jit_train_step
-        from clip_jax.xla_cpu import keep_alive, step_compiler_options
+        from clip_jax.cpu.onednn import keep_alive, step_compiler_options
+        from clip_jax.parallel import sharding
+        from clip_jax.train.build import build
 
         self.devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         mesh_shape = dict(kv.split("=") for kv in args.mesh.split(",")) if args.mesh else {"data": -1}
         mesh = sharding.make_mesh({k: int(v) for k, v in mesh_shape.items()}, self.devices)
         self.mesh = mesh
         sharding.check_batch(args.batch // args.accum_steps, mesh)
-        attn = None if args.attn == "auto" else args.attn
-        model = create_model(args.model, dtype=args.dtype, remat=args.remat, scan=args.scan, attn_impl=attn)
-        variables, _ = sharding.sharded_init(model, mesh, jax.random.key(0))
-        # The paper's ViT optimizer; the schedule is irrelevant to speed.
-        optimizer = make_optimizer({"learning_rate": 5e-4, "warmup_steps": 10, "b2": 0.98, "eps": 1e-6,
-                                    "weight_decay": 0.2}, variables["params"], 1000)
-        self.state = create_state(variables, optimizer)
-        del variables
-        batch_sharding = sharding.batch_sharding(mesh)
-        self.model, self.loss_fn = model, make_loss(args.loss, mesh, sharding.BATCH_AXES)
-        # The same per-host XLA options as clip_jax.train's step (oneDNN matmuls for float32 on Intel CPUs).
+        # The same per-host XLA options as the train CLI's step (oneDNN matmuls for float32 on Intel CPUs).
         self.step_options = step_compiler_options(args.onednn_dots, self.devices, args.dtype)
-        self.step = jit_train_step(model, optimizer, self.loss_fn, self.state, batch_sharding, args.accum_steps,
-                                   self.step_options)
-        self.batch_sharding = batch_sharding
-        self.batch = _synthetic_batch(model, args.batch, batch_sharding)
+        self.run_ = build(step_config(args), mesh, compiler_options=self.step_options)
+        self.state, self.step, self.model = self.run_.state, self.run_.step_fn, self.run_.model
+        self.batch_sharding = self.run_.batch_sharding
+        self.batch = _synthetic_batch(self.model, args.batch, self.batch_sharding)
         self.metrics = None
         if not compile:  # traced only (bench_dots)
             return
@@ -257,10 +257,11 @@ class _Step:
 def bench_train(args) -> dict:
     import jax
 
-    from clip_jax import flops, host_memory
+    from clip_jax.train import flops
+    from clip_jax.cpu import allocator as host_memory
 
     keep_freed = host_memory.keep_freed_memory_on_cpu() if args.keep_freed_memory else False
-    train = _Step(args)
+    train = BenchStep(args)
     compiled, devices, mesh, compile_s = train.compiled, train.devices, train.mesh, train.compile_s
     if args.warmup:
         train.run(args.warmup)
@@ -380,7 +381,7 @@ def check_compiler_options(name: str, options: dict) -> None:
     if not options:
         return
     import jax
-    from clip_jax import xla_cpu
+    from clip_jax.cpu import onednn as xla_cpu
 
     try:
         probe = jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=options)
@@ -395,7 +396,7 @@ def check_compiler_options(name: str, options: dict) -> None:
 def _total_peak(devices, dtype: str) -> float:
     """FLOP/s of all `devices`: the table's peak per device, or on the CPU (devices sharing the
     host's cores) one matmul measurement of the host."""
-    from clip_jax import flops
+    from clip_jax.train import flops
 
     peak = flops.peak_flops(devices[0])
     return peak * len(devices) if peak else cpu_matmul_peak(dtype, seconds=1.0)
@@ -410,7 +411,8 @@ def bench_ab(args) -> dict:
     always follows the other. Each variant holds its own state (params and moments), so N
     variants need N times the step's memory. MFU divides by the peak of --dtype.
     """
-    from clip_jax import flops, host_memory
+    from clip_jax.train import flops
+    from clip_jax.cpu import allocator as host_memory
 
     variants = [parse_variant(spec) for spec in args.variant]  # every spec checked before any compile
     names = [name for name, _, _ in variants]
@@ -423,7 +425,7 @@ def bench_ab(args) -> dict:
         host_memory.keep_freed_memory_on_cpu()
     steps = {}
     for name, settings, options in variants:
-        steps[name] = _Step(argparse.Namespace(**{**vars(args), **settings}), options)
+        steps[name] = BenchStep(argparse.Namespace(**{**vars(args), **settings}), options)
         if args.warmup:
             steps[name].run(args.warmup)
     times = {name: [] for name in names}
@@ -465,20 +467,19 @@ def bench_parts(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from clip_jax import flops, host_memory, xla_cpu
-    from clip_jax.preprocessing import normalize_images
-    from clip_jax.train_step import _forward_loss
+    from clip_jax.train import flops
+    from clip_jax.cpu import allocator as host_memory
+    from clip_jax.cpu import onednn as xla_cpu
 
     if args.keep_freed_memory:
         host_memory.keep_freed_memory_on_cpu()
-    train = _Step(args)
+    train = BenchStep(args)
     # Own copies: the step donates (and so deletes) the state it is given.
-    params, batch_stats = jax.tree_util.tree_map(jnp.copy, (train.state.params, train.state.batch_stats))
+    params, model_state = jax.tree_util.tree_map(jnp.copy, (train.state.params, train.state.model_state))
+    rng = jax.random.key(0)
 
-    def loss(p, batch):
-        images = batch["image"]
-        images = normalize_images(images) if images.dtype == jnp.uint8 else images
-        return _forward_loss(train.model, train.loss_fn, p, batch_stats, images, batch["tokens"])[0]
+    def loss(p, batch):  # the method's loss, as the step computes it
+        return train.run_.method.loss(p, model_state, batch, rng)[0]
 
     options = train.step_options or None  # the step's own XLA options, so the parts compare
     forward, gradients = jax.jit(loss, compiler_options=options), jax.jit(jax.grad(loss), compiler_options=options)
@@ -535,13 +536,14 @@ def bench_dots(args) -> dict:
     fused attention (on a GPU) is a custom call, not a matmul of the jaxpr, so it is left out."""
     import jax
 
-    from clip_jax import flops, xla_cpu
+    from clip_jax.train import flops
+    from clip_jax.cpu import onednn as xla_cpu
 
     n = args.devices or jax.device_count()
     if n != 1:  # the traced step's shapes are global: per device they would be 1/n of them
         raise ValueError(f"dots times the matmuls of a one-device step, and this one has {n} devices: "
                          "pass --devices=1 (and the per-device batch as --batch)")
-    step = _Step(args, compile=False)
+    step = BenchStep(args, compile=False)
     jaxpr = jax.make_jaxpr(step.step)(step.state, step.batch).jaxpr
     distinct = {}  # the step's order, first occurrence
     for eqn, times in flops.matmul_eqns(jaxpr):
@@ -637,7 +639,7 @@ def bench_max_batch(args) -> dict:
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     capacity = _capacity_gib(devices[0], args.memory_gib)  # before any compile
     n = len(devices)
-    train = _Step(argparse.Namespace(**{**vars(args), "batch": args.start * n}))
+    train = BenchStep(argparse.Namespace(**{**vars(args), "batch": args.start * n}))
     probes = {}
 
     def fits(per_device: int) -> bool:
@@ -660,7 +662,7 @@ def bench_max_batch(args) -> dict:
         train = step = None
         while True:
             try:
-                step = _Step(argparse.Namespace(**{**vars(args), "batch": low * n}))
+                step = BenchStep(argparse.Namespace(**{**vars(args), "batch": low * n}))
                 step.run(1)
                 out["ran_step_s"] = step.run(1)
                 break
@@ -678,7 +680,7 @@ def bench_max_batch(args) -> dict:
 
 
 def bench_matmul(args) -> None:
-    from clip_jax import xla_cpu
+    from clip_jax.cpu import onednn as xla_cpu
 
     print(f"matmul: {args.n}^3 {args.dtype}")
     peaks = {name: measure_matmul_peak(args.dtype, args.n, compiler_options=options)
@@ -700,9 +702,9 @@ def _step_options(p) -> None:
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
     p.add_argument("--onednn_dots", default="auto", choices=["auto", "on", "off"],
-                   help="XLA:CPU matmuls through oneDNN (auto: float32 steps on one Intel CPU device; clip_jax.xla_cpu)")
+                   help="XLA:CPU matmuls through oneDNN (auto: float32 steps on one Intel CPU device; clip_jax.cpu.onednn)")
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
-                   help="on the CPU under glibc, reuse freed host memory across steps (clip_jax.host_memory)")
+                   help="on the CPU under glibc, reuse freed host memory across steps (clip_jax.cpu.allocator)")
 
 
 def main(argv=None):
@@ -766,10 +768,3 @@ def main(argv=None):
     p.set_defaults(fn=bench_input)
     args = parser.parse_args(argv)
     return args.fn(args)
-
-
-if __name__ == "__main__":
-    from clip_jax import host_memory
-
-    host_memory.prefer_tcmalloc("clip_jax.benchmark")  # on the CPU, where installed (CLIP_JAX_TCMALLOC=0: glibc)
-    main()

@@ -36,7 +36,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from clip_jax import records
+from clip_jax.input import records
+from clip_jax.input.settings import data_settings
 from clip_jax.preprocessing import MEAN, STD
 
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard")
@@ -84,14 +85,16 @@ def list_files(patterns: str) -> list[str]:
 
 
 def shapes_files(split: str, config) -> list[str]:
-    from clip_jax import shapes
+    from clip_jax.input import shapes
+
+    config = data_settings(config)
 
     paths = shapes.ensure_shapes_dataset(
-        cache_dir=config.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax"),
-        seed=config.get("shapes_seed", 0),
-        image_size=config.get("shapes_image_size", 64),
-        sizes=dict(config.get("shapes_sizes", {"train": 20000, "validation": 1000, "test": 1000})),
-        num_shards=dict(config.get("shapes_shards", {})) or None,
+        cache_dir=config["cache_dir"] or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax"),
+        seed=config["shapes_seed"],
+        image_size=config["shapes_image_size"],
+        sizes=dict(config["shapes_sizes"]),
+        num_shards=dict(config["shapes_shards"]) or None,
     )
     return list(paths[split])
 
@@ -121,7 +124,8 @@ def _mix(*ints: int) -> int:
 
 def stream_count(config, global_batch_size: int, process_count: int) -> int:
     """The job's number of data streams (config 'streams'; 0 = one per process), checked."""
-    streams = int(config.get("streams", 0) or process_count)
+    config = data_settings(config)
+    streams = int(config["streams"] or process_count)
     if streams % process_count:
         raise ValueError(
             f"data.streams={streams} does not divide over {process_count} processes: "
@@ -222,10 +226,10 @@ class _Stream:
         import tensorflow as tf
         import tensorflow_datasets as tfds
 
-        builder = tfds.builder(self.source.name, data_dir=self.config.get("data_dir") or None)
+        builder = tfds.builder(self.source.name, data_dir=self.config["data_dir"] or None)
         split = tfds.even_splits(self.source.split, n=self.count, drop_remainder=False)[self.index]
-        image_key = self.config.get("image_key", "image")
-        caption_key = self.config.get("caption_key", "caption")
+        image_key = self.config["image_key"]
+        caption_key = self.config["caption_key"] or "caption"
         decoders = _nested({image_key: tfds.decode.SkipDecoding()})
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
@@ -246,7 +250,7 @@ class _Stream:
         ds = self._tfds_epoch(epoch) if self.source.kind == "tfds" else self._tfrecord_epoch(epoch)
         if self.train:
             seed = tf.constant(_mix(self.seed, self.index, 2), tf.int64) + epoch * 1_000_003
-            ds = ds.shuffle(self.config.get("shuffle_buffer", 10_000), seed=seed, reshuffle_each_iteration=False)
+            ds = ds.shuffle(self.config["shuffle_buffer"], seed=seed, reshuffle_each_iteration=False)
         ds = ds.enumerate().map(_plain(lambda pos, x: (epoch, pos) + tuple(x)))
         return ds.skip(skip) if skip else ds
 
@@ -268,13 +272,13 @@ class _Stream:
         ds = ds.map(_plain(self._tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
-        if self.config.get("threads", 0):
-            options.threading.private_threadpool_size = int(self.config.get("threads"))
-        return ds.with_options(options).prefetch(self.config.get("prefetch", 2))
+        if self.config["threads"]:
+            options.threading.private_threadpool_size = int(self.config["threads"])
+        return ds.with_options(options).prefetch(self.config["prefetch"])
 
     def _label_keys(self) -> list[str]:
         """Integer features passed through as batch['labels'] [b, K] (-1 where absent), e.g. for zero-shot eval."""
-        return list(self.config.get("label_keys", ()))
+        return list(self.config["label_keys"])
 
     def _check(self, epoch, position, image, captions, labels, sentinel, short):
         """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
@@ -303,7 +307,7 @@ class _Stream:
 
         seed = self._example_seed(3, ex["epoch"], ex["position"])
         image = decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config)
-        dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config.get("image_dtype", "float32")]
+        dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config["image_dtype"]]
         out = {k: v for k, v in ex.items() if k != "status"}  # every record passing here has status 0
         out["image"] = tf.cast(image, dtype)
         return out
@@ -367,6 +371,7 @@ class InputPipeline:
         state: Optional[Sequence[InputState]] = None,
         num_epochs: Optional[int] = None,
     ):
+        config = data_settings(config)
         streams = stream_count(config, global_batch_size, process_count)
         self.source = parse_spec(spec)
         self.streams = streams
@@ -499,18 +504,19 @@ def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
     aspect ratio 3/4..4/3) or, with crop='random', a random square crop of the resized
     image. JPEGs decode only the crop window. Eval: resize the shorter side, center crop.
     """
+    config = data_settings(config)
     import tensorflow as tf
 
-    method = config.get("resize_method", "bicubic")
-    antialias = bool(config.get("antialias", False))
+    method = config["resize_method"]
+    antialias = bool(config["antialias"])
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")
-    if train and config.get("crop", "random_resized") == "random_resized":
+    if train and config["crop"] == "random_resized":
         shape = tf.cond(
             is_jpeg,
             lambda: tf.io.extract_jpeg_shape(image_bytes),
             lambda: tf.shape(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)),
         )
-        scale = tuple(config.get("crop_scale", (0.9, 1.0)))
+        scale = tuple(config["crop_scale"])
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
             aspect_ratio_range=(3 / 4, 4 / 3), area_range=scale, max_attempts=10, use_image_if_no_bounding_boxes=True,
@@ -542,7 +548,7 @@ def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
             left = (new_w - image_size + 1) // 2
             image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
     image = tf.clip_by_value(image, 0.0, 255.0)  # bicubic overshoot, clipped as PIL does
-    if config.get("image_dtype", "float32") == "uint8":
+    if config["image_dtype"] == "uint8":
         # Normalize on the accelerator instead (clip_jax.preprocessing.normalize_images):
         # a quarter of the host work and of the host-to-device bytes.
         return tf.ensure_shape(tf.cast(tf.round(image), tf.uint8), [image_size, image_size, 3])
@@ -581,10 +587,10 @@ class DevicePrefetch:
     prefetcher) have got to, which is what a checkpoint must save.
     """
 
-    def __init__(self, pipe: "InputPipeline", sharding, size: int = 2):
+    def __init__(self, pipe: "InputPipeline", sharding, size: int = 2, keys: Sequence[str] = MODEL_INPUTS):
         if size < 1:
             raise ValueError(f"device prefetch size must be >= 1, got {size}")
-        self.pipe, self.sharding, self.size = pipe, sharding, size
+        self.pipe, self.sharding, self.size, self.keys = pipe, sharding, size, tuple(keys)
         self._queue: collections.deque = collections.deque()
         self._state = pipe.state()
 
@@ -593,7 +599,12 @@ class DevicePrefetch:
 
     def __next__(self) -> dict:
         while len(self._queue) < self.size:
-            batch = to_global_arrays(next(self.pipe), self.sharding)  # dispatched, not waited on
+            host = next(self.pipe)
+            missing = [k for k in self.keys if k not in host]
+            if missing:
+                raise KeyError(f"the training method needs batch keys {missing} that the input pipeline does not "
+                               f"produce (it gives {sorted(host)}); for labels set config.data.label_keys")
+            batch = to_global_arrays(host, self.sharding, self.keys)  # dispatched, not waited on
             self._queue.append((batch, self.pipe.state()))
         batch, self._state = self._queue.popleft()
         return batch

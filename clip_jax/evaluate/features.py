@@ -1,6 +1,6 @@
 """Image and text embeddings for evaluation, sharded over the device mesh like training.
 
-Each process feeds its own rows (clip_jax.eval_data); the batch axis is split over the
+Each process feeds its own rows (clip_jax.input.eval_data); the batch axis is split over the
 mesh's ('data', 'fsdp') axes and the parameters stay as they are (sharded in training,
 replicated when loaded for evaluation). Every process ends with all embeddings on the host.
 """
@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import distributed, sharding
-from clip_jax.eval_data import empty_batch
+from clip_jax.parallel import distributed
+from clip_jax.parallel import sharding
+from clip_jax.input.eval_data import empty_batch
 
 
 def host_copy(tree):

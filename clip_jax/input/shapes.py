@@ -19,7 +19,7 @@ records are byte-identical for a seed whatever the sharding or the number of pro
     paths = ensure_shapes_dataset("~/.cache/clip_jax")   # {"train": [...], ...}
     prompts("combo")  # 36 lists of texts: [["a red circle.", "a red circle shape.", ...], ...]
 
-CLI: ``python -m clip_jax.shapes --out=DIR [--seed=0] [--preview=preview.png]``.
+CLI: ``python -m clip_jax.input.shapes --out=DIR [--seed=0] [--preview=preview.png]``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clip_jax import records
+from clip_jax.input import records
 
 VERSION = 1
 SPLITS = ("train", "validation", "test")

@@ -1,0 +1,3 @@
+from clip_jax.benchmark.bench import main
+
+main()

@@ -1,0 +1,44 @@
+"""Every data setting and its default, in one place: the base config's `data` section is built
+from these, and the readers take a run's settings through `data_settings`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+SHAPES_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
+
+DEFAULTS: dict[str, Any] = {
+    "train": "",  # 'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB[,GLOB...]'
+    "eval": "",  # TASK=DATA[|key=value...], comma-separated (clip_jax/evaluate/evaluator.py)
+    "streams": 0,  # data streams of the job; 0 = one per process
+    "image_key": "image",
+    "caption_key": "",  # '' = 'caption' for training, auto-detected for evaluation
+    "label_keys": (),  # integer features carried into the batches
+    "image_dtype": "float32",  # 'uint8' normalizes on the device
+    "crop": "random_resized",  # or 'random' (resize the shorter side, random square crop)
+    "crop_scale": (0.9, 1.0),
+    "resize_method": "bicubic",
+    "antialias": False,
+    "shuffle_buffer": 10_000,
+    "threads": 0,  # tf.data's private thread pool; 0 = shared
+    "prefetch": 2,  # host batches tf.data prepares ahead
+    "data_dir": "",  # tfds data_dir
+    "cache_dir": "",  # the shapes dataset's cache; '' = ~/.cache/clip_jax
+    "shapes_seed": 0,
+    "shapes_image_size": 64,
+    "shapes_sizes": dict(SHAPES_SIZES),
+    "shapes_shards": {},
+}
+
+
+def data_settings(config: Optional[Mapping] = None) -> dict:
+    """The defaults overlaid with `config` (a dict or ConfigDict); an unknown key is an error."""
+    given = {} if config is None else dict(config.items())
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown data settings {unknown}: known are {', '.join(DEFAULTS)}")
+    out = dict(DEFAULTS)
+    out.update(given)
+    for key in ("shapes_sizes", "shapes_shards"):
+        out[key] = dict(out[key].items()) if out[key] else {}
+    return out

@@ -1,0 +1,55 @@
+"""The method interface: what the one trainer needs from anything it trains.
+
+A method declares the batch keys its step reads (each sharded on the batch axes and split
+for gradient accumulation by the trainer), builds its variables, returns the loss and named
+metrics from params + model state + batch + rng, names its default parameter groups, and may
+fix params after each update. The trainer owns everything else: the optimizer and its
+parameter groups, sharding, accumulation, the non-finite guard, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+
+Metrics = dict[str, jax.Array]
+
+
+class Method:
+    """Base class of the training methods (register a subclass in clip_jax.methods.METHODS).
+
+    Constructed by clip_jax.train.build with (config, model, mesh): the run's config, the
+    model built from config.model, and the device mesh; `gather_by_sum` is the mesh builder's
+    choice for all-gathers in the loss (clip_jax.parallel.sharding.slow_all_gather).
+    """
+
+    # The keys of the global batch the step receives: every one has a leading batch axis.
+    batch_keys: tuple[str, ...] = ()
+
+    def __init__(self, config, model, mesh, *, gather_by_sum: bool = False):
+        self.config, self.model, self.mesh = config, model, mesh
+        self.gather_by_sum = gather_by_sum
+
+    def init(self, rng: jax.Array) -> Mapping[str, Any]:
+        """Variables {'params': ..., other collections...}, boxed with logical axes where the
+        modules declare them (the trainer resolves them to shardings)."""
+        raise NotImplementedError
+
+    def loss(self, params, model_state: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
+             train: bool = True) -> tuple[jax.Array, Metrics, Mapping[str, Any]]:
+        """(scalar loss, named scalar metrics, new model state) on one (micro)batch."""
+        raise NotImplementedError
+
+    def param_groups(self) -> tuple[tuple[str, dict], ...]:
+        """The method's own parameter groups, ((REGEX, {frozen, lr_mult, weight_decay}), ...),
+        tried after the config's optim.param_groups."""
+        return ()
+
+    def post_update(self, params):
+        """Params after each applied update (a clamp, a projection); the identity by default."""
+        return params
+
+    def model_variables(self, params, model_state: Mapping[str, Any]) -> dict:
+        """The model's variables for evaluation and export, from the method's params and state."""
+        return {"params": params, **model_state}

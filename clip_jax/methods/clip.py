@@ -1,0 +1,52 @@
+"""CLIP's contrastive pretraining (Radford et al. 2021) as a method of the one trainer."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from clip_jax.methods import METHODS
+from clip_jax.methods.base import Method
+from clip_jax.methods.losses import make_loss
+from clip_jax.models import MAX_LOGIT_SCALE, dummy_inputs
+from clip_jax.parallel.sharding import BATCH_AXES
+from clip_jax.preprocessing import normalize_images
+
+
+@METHODS.register("clip")
+class Clip(Method):
+    """Image-text contrastive loss (config.loss: softmax, softmax_ring or sigmoid) over the
+    global batch {'image': [N, S, S, 3] float or uint8, 'tokens': [N, T] int32}."""
+
+    batch_keys = ("image", "tokens")
+
+    def __init__(self, config, model, mesh, **options):
+        super().__init__(config, model, mesh, **options)
+        self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum)
+
+    def init(self, rng):
+        return self.model.init(rng, *dummy_inputs(self.model))
+
+    def embed(self, params, model_state, batch, train: bool = True):
+        """(model outputs: image_embeds, text_embeds, logit_scale[, logit_bias]; new model state)."""
+        images = batch["image"]
+        if images.dtype == jnp.uint8:  # the input pipeline's image_dtype='uint8': normalized here
+            images = normalize_images(images)
+        variables = {"params": params, **model_state}
+        if train and model_state:  # BatchNorm statistics (ResNets) update in training
+            out, new_state = self.model.apply(variables, images, batch["tokens"], train=True,
+                                              mutable=list(model_state))
+            return out, dict(new_state)
+        return self.model.apply(variables, images, batch["tokens"], train=train), model_state
+
+    def loss(self, params, model_state, batch, rng, train: bool = True):
+        del rng  # CLIP's towers are deterministic
+        out, model_state = self.embed(params, model_state, batch, train)
+        loss = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("logit_bias"))
+        metrics = {"logit_scale": out["logit_scale"]}
+        if "logit_bias" in out:
+            metrics["logit_bias"] = out["logit_bias"]
+        return loss, metrics, model_state
+
+    def post_update(self, params):
+        # CLIP clamps the learned temperature on the parameter after each step, as open_clip does.
+        return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))

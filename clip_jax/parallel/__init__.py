@@ -1,0 +1,1 @@
+"""The device mesh, the sharding rules, and the multi-process runtime."""

@@ -1,0 +1,108 @@
+"""One assembly: model, method, parameter groups, optimizer, state and the jitted step from a
+config and a mesh. The trainer, the benchmark and the tests all build through here, so what
+they measure and test is what the trainer runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable, Optional
+
+import jax
+import optax
+from flax import traverse_util
+
+from clip_jax.methods import METHODS
+from clip_jax.methods.base import Method
+from clip_jax.models import CLIP, create_model
+from clip_jax.parallel import sharding
+from clip_jax.train.optim import ParamGroups, make_optimizer, make_schedule, path_name, resolve_param_groups
+from clip_jax.train.step import TrainState, create_state, jit_train_step
+
+
+@dataclasses.dataclass
+class Run:
+    config: Any
+    mesh: jax.sharding.Mesh
+    model: CLIP
+    method: Method
+    groups: ParamGroups
+    schedule: optax.Schedule  # built once: the optimizer's, and the one the trainer logs
+    optimizer: optax.GradientTransformation
+    state: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    step_fn: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated
+
+
+def model_from_config(config) -> CLIP:
+    """The model of config.model with config.model_overrides and the runtime settings."""
+    return create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan,
+                        attn_impl=config.attn_impl, overrides=config.model_overrides)
+
+
+def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] = None,
+          gather_by_sum: bool = False, log: Callable[[str], None] = lambda message: None) -> Run:
+    """Everything a run needs, with the params initialized in their shardings (and taken from
+    config.init_from where set). Config errors are raised before anything compiles."""
+    model = model_from_config(config)
+    method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
+    shapes = jax.eval_shape(lambda r: _unbox(method.init(r)), jax.random.key(0))
+    groups = resolve_param_groups(shapes["params"], config.optim, method.param_groups())
+    variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed))
+    if config.init_from:
+        variables = initial_weights(config, model, variables, shardings, log)
+    trained, frozen = groups.count()
+    if frozen:
+        log(f"parameter groups: {trained} param tensors trained, {frozen} frozen")
+    schedule = make_schedule(config.optim, config.total_steps)
+    optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
+    state = create_state(variables, optimizer, groups)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = jit_train_step(method, optimizer, state, batch_sharding, groups=groups, accum_steps=config.accum_steps,
+                             seed=config.seed, compiler_options=compiler_options)
+    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, step_fn)
+
+
+def _unbox(variables):
+    import flax.linen as nn
+
+    return nn.meta.unbox(variables)
+
+
+def initial_weights(config, model: CLIP, variables: dict, shardings, log=print) -> dict:
+    """config.init_from's params (those whose path matches config.init_params) in place of the
+    fresh init; the rest keep it. A missing or misshapen param of the taken set is an error that
+    names its path. Only where a run starts from step 0: a resumed run restores its checkpoint."""
+    from clip_jax.api import load
+
+    path = config.init_from
+    if not os.path.exists(path) and "://" not in path:
+        raise FileNotFoundError(f"config.init_from={path!r} does not exist")
+    try:
+        take = re.compile(config.init_params)
+    except re.error as e:
+        raise ValueError(f"config.init_params={config.init_params!r} is not a valid regex ({e})") from None
+    _, loaded = load(model.config, path, scan=config.scan)
+    fresh = traverse_util.flatten_dict(variables)
+    got = traverse_util.flatten_dict(dict(loaded))
+    out, taken = dict(fresh), 0
+    for key, value in fresh.items():
+        collection, name = key[0], path_name(key[1:])
+        if not take.fullmatch(name):
+            continue
+        if key not in got:
+            raise ValueError(f"config.init_from={path!r} has no {collection} {name!r} (config.init_params="
+                             f"{config.init_params!r} takes it): narrow init_params or check config.model")
+        if tuple(got[key].shape) != tuple(value.shape):
+            raise ValueError(f"config.init_from={path!r}: {collection} {name!r} has shape {tuple(got[key].shape)}, "
+                             f"the model's is {tuple(value.shape)}: check config.model / model_overrides")
+        out[key] = got[key]
+        taken += 1
+    if not taken:
+        raise ValueError(f"config.init_params={config.init_params!r} matches no parameter of {config.model!r} "
+                         f"(it must match a whole path, e.g. 'visual/.*')")
+    log(f"initialized {taken} of {len(fresh)} variables from {path}")
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    placed = {k: jax.device_put(v, flat_shardings[k]) if k in got and out[k] is got[k] else v for k, v in out.items()}
+    return traverse_util.unflatten_dict(placed)
