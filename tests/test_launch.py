@@ -80,6 +80,7 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
     from etils.epath.testing import mock_epath
 
     from clip_jax import export, train
+    from clip_jax.train import trainer
     from configs import smoke
 
     local = lambda p: str(p).replace("gs://", f"{tmp_path}/gcs/")
@@ -95,7 +96,7 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
         metrics = epath.Path("gs://bucket/runs/a/metrics.jsonl")
         with metrics.open("a") as f:  # as the trainer appends rows
             f.write("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-        train._trim_metrics(metrics, 3)  # a resume from step 3 drops rows 4, 5 and the line cut short
+        trainer._trim_metrics(metrics, 3)  # a resume from step 3 drops rows 4, 5 and the line cut short
         rows = (tmp_path / "gcs/bucket/runs/a/metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
         try:

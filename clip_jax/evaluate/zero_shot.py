@@ -35,7 +35,7 @@ def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], em
     return np.stack(out)
 
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "zero_shot")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "zero_shot")
 
 
 def available_metadata() -> list[str]:
