@@ -24,6 +24,7 @@ def load(
     dtype: str = "float32",
     scan: bool = False,
     remat: str = "none",
+    only=None,
 ):
     """(model, params) from an OpenAI/open_clip checkpoint or a clip_jax export.
 
@@ -31,12 +32,14 @@ def load(
     weights), an open_clip-style config dict, or the path of such a JSON.
     path: ``.safetensors`` (no torch needed), ``.pt``/``.bin``/``.pth`` (needs torch),
     or a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``.
+    only: a predicate on variable paths (('params', 'visual', ...)): read only those (partial
+    initialization); a missing or mis-shaped one of them is an error naming it.
     """
     model = create_model(name, dtype=dtype, scan=scan, remat=remat)  # unknown name fails here, first
     if path.endswith(".msgpack"):
-        return model, read_flax_params(model, path)
+        return model, read_flax_params(model, path, only)
     state_dict = convert.read_state_dict(path)
-    variables = convert.state_dict_to_variables(model, state_dict)
+    variables = convert.state_dict_to_variables(model, state_dict, only)
     return model, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
@@ -72,14 +75,27 @@ def write_flax_params(params, path: str):
         f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, jax.device_get(params))))
 
 
-def read_flax_params(model: CLIP, path: str):
-    from flax import serialization
+def read_flax_params(model: CLIP, path: str, only=None):
+    from flax import serialization, traverse_util
 
     from clip_jax.models import variable_shapes
 
     with open(path, "rb") as f:
         raw = serialization.msgpack_restore(f.read())
     shapes = variable_shapes(model)
+    if only is not None:  # the selected variables only, each checked by path
+        got, out = traverse_util.flatten_dict(raw), {}
+        for key, want in traverse_util.flatten_dict(shapes).items():
+            if not only(key):
+                continue
+            name = "/".join(str(p) for p in key[1:])
+            if key not in got:
+                raise ValueError(f"the weights have no {key[0]} {name!r}")
+            if tuple(np.shape(got[key])) != tuple(want.shape):
+                raise ValueError(f"{key[0]} {name!r} has shape {tuple(np.shape(got[key]))} in the weights, "
+                                 f"the model's is {tuple(want.shape)}")
+            out[key] = jnp.asarray(got[key])
+        return traverse_util.unflatten_dict(out)
     got = jax.tree_util.tree_map(np.shape, raw)
     want = jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)
     if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want) or got != want:

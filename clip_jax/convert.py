@@ -221,15 +221,27 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def state_dict_to_variables(model, state_dict: Mapping[str, Any]) -> dict:
+def state_dict_to_variables(model, state_dict: Mapping[str, Any], only=None) -> dict:
     """open_clip/OpenAI state dict (numpy arrays) -> clip_jax variables (numpy, float32 params).
 
-    Raises ValueError naming every missing, unexpected and mis-shaped key.
+    Raises ValueError naming every missing, unexpected and mis-shaped key. With `only` (a
+    predicate on variable paths, ('params', 'visual', ...)), only those variables are read: the
+    first of them missing or mis-shaped is the error, and other keys are ignored.
     """
     from clip_jax.models import variable_shapes
 
     state_dict = _split_pool_qkv(clean_state_dict(state_dict))
     expected = _expected(variable_shapes(model))
+    if only is not None:
+        expected = {k: v for k, v in expected.items() if only(v[0])}
+        for k, (path, shape, _) in sorted(expected.items(), key=lambda kv: kv[1][0]):
+            name = "/".join(str(p) for p in path[1:])
+            if k not in state_dict:
+                raise ValueError(f"the weights have no {path[0]} {name!r} (key {k!r})")
+            if tuple(np.shape(state_dict[k])) != torch_shape(path, shape):
+                raise ValueError(f"{path[0]} {name!r} has shape {tuple(np.shape(state_dict[k]))} in the weights "
+                                 f"(key {k!r}), the model's is {torch_shape(path, shape)}")
+        state_dict = {k: state_dict[k] for k in expected}
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
     wrong = []

@@ -169,8 +169,9 @@ class ClipTokenizer:
         Undecodable bytes become U+FFFD; the input pipeline drops such captions before
         they get here (and counts them).
         """
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         ctx = context_length or self.context_length
 
         def _run(batch: np.ndarray) -> np.ndarray:
@@ -200,7 +201,9 @@ class SentencePieceTokenizer:
         lowercase: bool = False,
         pad_id: int = 0,
     ):
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
         import tensorflow_text as tf_text
 
         with tf.io.gfile.GFile(model_path, "rb") as f:
@@ -215,8 +218,9 @@ class SentencePieceTokenizer:
 
     def tf_tokenize(self, texts, context_length: int | None = None):
         """String tensor [N] -> int32 tensor [N, context_length], in-graph."""
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         ctx = context_length or self.context_length
         texts = tf.convert_to_tensor(texts, tf.string)
         squeeze = texts.shape.rank == 0

@@ -45,8 +45,10 @@ def bench_tokenizer(args) -> None:
         n_tokens = int((ids != 0).sum())
         print(f"python {label}: {args.captions / seconds:,.0f} captions/s ({n_tokens / seconds:,.0f} tokens/s)")
 
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+
+    tf = import_tensorflow()
     tf.config.threading.set_inter_op_parallelism_threads(args.threads or 0)
     # Steady state of a long pipeline: the tokenizer's word cache is warm.
     ds = tf.data.Dataset.from_tensor_slices(captions).batch(args.batch).map(

@@ -138,8 +138,9 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
     """Host batches of this process: image [b,S,S,3], labels [b,K] int64 (-1 = absent),
     tokens [b,M,ctx] and caption_mask [b,M] (M = max_captions > 0), mask [b] (real rows)."""
     config = data_settings(config)
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     if max_captions and tokenizer is None:
         from clip_jax.tokenizers import get_tokenizer
 
@@ -197,8 +198,9 @@ def empty_batch(like: dict) -> dict:
 
 def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_count: int):
     """(image bytes, captions [n] string, labels [K] int64) of this process's share, in order."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     source = info.source
     if source.kind == "tfds":
         import tensorflow_datasets as tfds

@@ -73,8 +73,9 @@ def parse_spec(spec: str) -> Source:
 
 
 def list_files(patterns: str) -> list[str]:
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     files = []
     for pattern in patterns.split(","):
         matched = sorted(tf.io.gfile.glob(pattern.strip()))
@@ -162,20 +163,23 @@ class _Stream:
 
     # -- the raw stream of one epoch (built in-graph: `epoch` is a tensor) --------------
     def _seed(self, salt: int, epoch):
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         return tf.stack([tf.constant(_mix(self.seed, self.index, salt), tf.int64), tf.cast(epoch, tf.int64)])
 
     def _example_seed(self, salt: int, epoch, position):
         """Stateless seed of one example: from (seed, stream, salt), its epoch and its raw position."""
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         return tf.stack([tf.constant(_mix(self.seed, self.index, salt), tf.int64) + epoch, position])
 
     def _tfrecord_epoch(self, epoch):
         """(image bytes, captions [n], is_sentinel, shard_read_short) of this stream's files."""
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         files = tf.constant(self._files)
         n = len(self._files)
         order = tf.range(n, dtype=tf.int64)
@@ -223,7 +227,9 @@ class _Stream:
         return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
     def _tfds_epoch(self, epoch):
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
         import tensorflow_datasets as tfds
 
         builder = tfds.builder(self.source.name, data_dir=self.config["data_dir"] or None)
@@ -244,8 +250,9 @@ class _Stream:
 
     def _epoch(self, epoch, skip: int = 0):
         """One epoch as (epoch, position, image, captions, sentinel, short), skipping `skip` raw records."""
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         epoch = tf.cast(epoch, tf.int64)
         ds = self._tfds_epoch(epoch) if self.source.kind == "tfds" else self._tfrecord_epoch(epoch)
         if self.train:
@@ -256,8 +263,9 @@ class _Stream:
 
     # -- the whole stream ---------------------------------------------------------------
     def _build(self):
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         start = self._state
         # Later epochs: a tensor epoch through flat_map, so one pipeline runs across epochs.
         last = start.epoch + self.num_epochs if self.num_epochs else 2**62
@@ -282,8 +290,9 @@ class _Stream:
 
     def _check(self, epoch, position, image, captions, labels, sentinel, short):
         """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         seed = self._example_seed(4, epoch, position)
         n = tf.shape(captions, out_type=tf.int64)[0]
         pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int64) if self.train else tf.constant(0, tf.int64)
@@ -303,8 +312,9 @@ class _Stream:
                 "status": status}
 
     def _decode(self, ex):
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         seed = self._example_seed(3, ex["epoch"], ex["position"])
         image = decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config)
         dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config["image_dtype"]]
@@ -440,22 +450,25 @@ class InputPipeline:
 def _plain(fn):
     """A tf.data function traced as written: no autograph rewrite (the control flow here is
     explicit tf.cond / tf.case), which takes seconds per pipeline build otherwise."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     return tf.autograph.experimental.do_not_convert(fn)
 
 
 def _report_short(path, read, size):
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     tf.print("clip_jax input: unreadable shard", path, "- read", read, "of", size,
              "bytes; the records after the damage are skipped", output_stream=sys.stderr)
     return tf.no_op()
 
 
 def _valid_utf8(s):
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     # Transcoding replaces each invalid byte sequence with U+FFFD: valid text comes back unchanged.
     replaced = tf.strings.unicode_transcode(s, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
     return tf.equal(replaced, s)
@@ -463,8 +476,9 @@ def _valid_utf8(s):
 
 def _count(counts, ex):
     """counts[:4]: BAD_KINDS so far; counts[4]: raw records seen (sentinels excluded)."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     status = ex["status"]
     bad = tf.one_hot(status - 1, len(BAD_KINDS), dtype=tf.int64)  # status 0 / -1 -> zeros
     seen = tf.cast(status != -1, tf.int64)
@@ -475,8 +489,9 @@ def _count(counts, ex):
 
 def _stack_labels(values):
     """Integer label features -> int64 [K] (an empty vector when no label_keys are configured)."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     return tf.stack([tf.cast(v, tf.int64) for v in values]) if values else tf.zeros([0], tf.int64)
 
 
@@ -505,8 +520,9 @@ def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
     image. JPEGs decode only the crop window. Eval: resize the shorter side, center crop.
     """
     config = data_settings(config)
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     method = config["resize_method"]
     antialias = bool(config["antialias"])
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")

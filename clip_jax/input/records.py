@@ -29,8 +29,9 @@ def shard_name(prefix: str, index: int, count: int, compressed: bool = False) ->
 
 def serialize_example(image: bytes, caption: Union[str, Sequence[str]], key: str = "", label: Optional[int] = None) -> bytes:
     """Encode one image and its caption (or captions) as a serialized tf.train.Example."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     captions = [caption] if isinstance(caption, str) else list(caption)
 
     feature = {
@@ -48,8 +49,9 @@ class ShardWriter:
     """Writes examples round the shards of one output, ``count`` files in all."""
 
     def __init__(self, prefix: str, count: int = 1, compressed: bool = False):
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         options = tf.io.TFRecordOptions(compression_type="GZIP" if compressed else "")
         self.paths = [shard_name(prefix, i, count, compressed) for i in range(count)]
         self._writers = [tf.io.TFRecordWriter(p, options) for p in self.paths]

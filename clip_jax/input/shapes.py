@@ -284,8 +284,9 @@ def _example(seed: int, split: str, index: int, image_size: int):
 
 def serialize(png: bytes, caption: str, key: str, color: int, shape: int) -> bytes:
     """records' schema plus int64 ``label_color`` and ``label_shape`` (``label`` = combo)."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     def ints(v: int):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
 
@@ -416,8 +417,9 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
 
 def parse(serialized: bytes) -> dict:
     """A record back as dict(image=uint8 [H, W, 3], caption, key, label, label_color, label_shape)."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     f = tf.train.Example.FromString(serialized).features.feature
     out = dict(
         image=np.asarray(Image.open(io.BytesIO(f[records.IMAGE].bytes_list.value[0])).convert("RGB")),
@@ -431,8 +433,9 @@ def parse(serialized: bytes) -> dict:
 
 def read_split(paths: Sequence[str]) -> List[dict]:
     """All records of some shards, parsed (small splits only: for tests and previews)."""
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
 
+    tf = import_tensorflow()
     return [parse(r.numpy()) for p in paths for r in tf.data.TFRecordDataset(p)]
 
 
@@ -472,8 +475,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     paths = ensure_shapes_dataset(args.out, args.seed, args.image_size, sizes, workers=args.workers)
     print(f"{os.path.dirname(paths['train'][0])} ready in {time.time() - t:.1f}s")
     if args.preview:
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
 
+        tf = import_tensorflow()
         examples = [parse(r.numpy()) for s in ("train", "test") for r in tf.data.TFRecordDataset(paths[s][:1]).take(8)]
         preview(examples, args.preview)
         print(f"preview: {args.preview}")

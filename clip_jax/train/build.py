@@ -71,9 +71,10 @@ def _unbox(variables):
 
 
 def initial_weights(config, model: CLIP, variables: dict, shardings, log=print) -> dict:
-    """config.init_from's params (those whose path matches config.init_params) in place of the
-    fresh init; the rest keep it. A missing or misshapen param of the taken set is an error that
-    names its path. Only where a run starts from step 0: a resumed run restores its checkpoint."""
+    """config.init_from's variables (those whose path matches config.init_params, BatchNorm
+    statistics too) in place of the fresh init; the rest keep it. A missing or mis-shaped one of
+    the taken set is an error that names its path. Only where a run starts from step 0: a resumed
+    run restores its checkpoint."""
     from clip_jax.api import load
 
     path = config.init_from
@@ -83,26 +84,19 @@ def initial_weights(config, model: CLIP, variables: dict, shardings, log=print) 
         take = re.compile(config.init_params)
     except re.error as e:
         raise ValueError(f"config.init_params={config.init_params!r} is not a valid regex ({e})") from None
-    _, loaded = load(model.config, path, scan=config.scan)
+    wanted = lambda key: bool(take.fullmatch(path_name(key[1:])))  # noqa: E731  (key: (collection, ...))
+    try:
+        _, loaded = load(model.config, path, scan=config.scan, only=wanted)
+    except ValueError as e:
+        raise ValueError(f"config.init_from={path!r} (config.init_params={config.init_params!r}): {e}") from None
     fresh = traverse_util.flatten_dict(variables)
     got = traverse_util.flatten_dict(dict(loaded))
-    out, taken = dict(fresh), 0
-    for key, value in fresh.items():
-        collection, name = key[0], path_name(key[1:])
-        if not take.fullmatch(name):
-            continue
-        if key not in got:
-            raise ValueError(f"config.init_from={path!r} has no {collection} {name!r} (config.init_params="
-                             f"{config.init_params!r} takes it): narrow init_params or check config.model")
-        if tuple(got[key].shape) != tuple(value.shape):
-            raise ValueError(f"config.init_from={path!r}: {collection} {name!r} has shape {tuple(got[key].shape)}, "
-                             f"the model's is {tuple(value.shape)}: check config.model / model_overrides")
-        out[key] = got[key]
-        taken += 1
+    taken = sum(1 for key in fresh if key in got)
     if not taken:
         raise ValueError(f"config.init_params={config.init_params!r} matches no parameter of {config.model!r} "
                          f"(it must match a whole path, e.g. 'visual/.*')")
+    out = {key: got.get(key, value) for key, value in fresh.items()}
     log(f"initialized {taken} of {len(fresh)} variables from {path}")
     flat_shardings = traverse_util.flatten_dict(shardings)
-    placed = {k: jax.device_put(v, flat_shardings[k]) if k in got and out[k] is got[k] else v for k, v in out.items()}
+    placed = {k: jax.device_put(v, flat_shardings[k]) if k in got else v for k, v in out.items()}
     return traverse_util.unflatten_dict(placed)

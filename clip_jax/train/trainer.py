@@ -268,7 +268,9 @@ def _summary_writer(workdir: str):
     if jax.process_index() != 0:
         return None
     try:
-        import tensorflow as tf
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
     except ImportError:
         return None
     return tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -277,7 +279,9 @@ def _summary_writer(workdir: str):
 def _write_summaries(writer, step: int, row: dict) -> None:
     # tf.summary.write with TensorBoard's scalar-plugin metadata: the same events
     # tf.summary.scalar writes, without needing the tensorboard package installed.
-    import tensorflow as tf
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
     from tensorflow.core.framework import summary_pb2
 
     metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
