@@ -34,3 +34,27 @@ TPU_PERF_LIBTPU_ARGS="--xla_tpu_enable_data_parallel_all_reduce_opt=true \
 --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
 --xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true \
 --xla_enable_async_all_gather=true"
+
+# The host allocator of a CPU training process, as NAME=VALUE lines for `env`: tcmalloc preloaded
+# where installed (CLIP_JAX_TCMALLOC=PATH picks one, =0 keeps glibc's malloc), else glibc's malloc
+# told to keep freed memory (never mmap, never trim, one arena), so that a step reuses the memory
+# of the step before instead of faulting it in again (clip_jax/cpu/allocator.py).
+TCMALLOC_GLOBS="/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/*-linux-gnu/libtcmalloc.so.4 \
+/usr/lib64/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc.so.4"
+cpu_allocator_env() {
+  local lib=${CLIP_JAX_TCMALLOC:-} p
+  if [[ -n $lib && $lib != 0 && ! -f $lib ]]; then
+    echo "CLIP_JAX_TCMALLOC=$lib is not a file: point it at libtcmalloc*.so, or set it to 0 for glibc's malloc" >&2
+    return 2
+  fi
+  if [[ -z $lib ]]; then
+    for p in $TCMALLOC_GLOBS; do
+      if [[ -f $p ]]; then lib=$p; break; fi
+    done
+  fi
+  if [[ -n $lib && $lib != 0 ]]; then
+    printf '%s\n' "LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  else
+    printf '%s\n' MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4611686018427387904 MALLOC_ARENA_MAX=1
+  fi
+}

@@ -6,9 +6,10 @@
 #   launch/local_cpu.sh --devices=8 --workdir=/tmp/mesh8 # the same on an 8-device mesh
 #
 # Without --config, configs/smoke.py; without --workdir, /tmp/clip_smoke. Other XLA flags of
-# the caller are kept. On Intel CPUs the train step's matmuls go through oneDNN per compiled
-# step, not through XLA_FLAGS (--config.cpu_onednn_dots=auto|on|off; clip_jax/cpu/onednn.py).
-# Env: PYTHON (default: python3).
+# the caller are kept. The allocator: tcmalloc where installed, else glibc's malloc set to keep
+# freed memory (cpu_allocator_env in launch/lib.sh). On Intel CPUs the train step's matmuls go
+# through oneDNN (--onednn_dots=auto|on|off, a flag of the train CLI; clip_jax/cpu/onednn.py).
+# Env: PYTHON (default: python3), CLIP_JAX_TCMALLOC (a library path, or 0 for glibc's malloc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=1
@@ -29,7 +30,10 @@ fi
 [[ " ${ARGS[*]} " == *" --workdir="* ]] || ARGS+=(--workdir=/tmp/clip_smoke)
 source launch/lib.sh
 FLAGS=$(host_xla_flags "$D")
-CMD=(env "XLA_FLAGS=$FLAGS" JAX_PLATFORMS=cpu CLIP_JAX_DISTRIBUTED=0 "${PYTHON:-python3}" -m clip_jax.train "${ARGS[@]}")
+ALLOCATOR=$(cpu_allocator_env) || exit 2
+mapfile -t ALLOCATOR <<< "$ALLOCATOR"
+CMD=(env "XLA_FLAGS=$FLAGS" JAX_PLATFORMS=cpu CLIP_JAX_DISTRIBUTED=0 "${ALLOCATOR[@]}" "${PYTHON:-python3}" -m clip_jax.train
+     "${ARGS[@]}")
 if [[ $DRY_RUN == 1 ]]; then
   printf '%q ' "${CMD[@]}" | sed 's/ $//'
   printf '\n'

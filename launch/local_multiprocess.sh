@@ -28,6 +28,7 @@ PORT=${CLIP_JAX_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind
 
 source "$(dirname "$0")/lib.sh"
 FLAGS=$(host_xla_flags "$D")  # the caller's other XLA flags are kept
+ALLOCATOR=$(cpu_allocator_env) || exit 2  # tcmalloc where installed, else glibc's malloc keeping freed memory
 
 command_for() {  # the command of process $1 (train args follow), as one printable line
   local i=$1
@@ -53,6 +54,7 @@ for ((i = 0; i < P; i++)); do
   (
     export XLA_FLAGS=$FLAGS
     export CLIP_JAX_COORDINATOR=127.0.0.1:$PORT CLIP_JAX_NUM_PROCESSES=$P CLIP_JAX_PROCESS_ID=$i
+    while read -r kv; do export "${kv?}"; done <<< "$ALLOCATOR"
     exec "$PYTHON" -m "$MODULE" "$@" > >(sed -u "s/^/[p$i] /") 2>&1
   ) &
   pids+=($!)

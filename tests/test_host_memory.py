@@ -1,7 +1,7 @@
-"""host_memory.keep_freed_memory: a freed large block is reused, not mapped (and faulted in) again.
+"""The CPU launchers' allocator settings keep freed host memory in the process: a freed large block
+is reused, not mapped (and faulted in) again. Run in subprocesses: the settings are process-wide."""
 
-Run in subprocesses: the setting is process-wide and must not leak into the test session."""
-
+import os
 import subprocess
 import sys
 
@@ -9,6 +9,7 @@ import pytest
 
 from clip_jax.cpu import allocator as host_memory
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = """
 import resource, sys, numpy as np
 from clip_jax.cpu import allocator as host_memory
@@ -23,60 +24,49 @@ step()
 before = faults()
 for _ in range(3):
     step()
-print(faults() - before)
+print(host_memory.allocator(), faults() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_memory_is_reused_without_page_faults():
-    def faults(keep):
-        out = subprocess.run([sys.executable, "-c", PROGRAM, keep], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    default, kept = faults("0"), faults("1")
-    assert default > 1000  # each block is mapped afresh (even with 2 MiB huge pages: 1100 faults)
-    assert kept < 10
+def launcher_env(**env) -> dict:
+    """The environment launch/lib.sh's cpu_allocator_env gives a CPU training process."""
+    out = subprocess.run(["bash", "-c", "source launch/lib.sh && cpu_allocator_env"], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**os.environ, **env})
+    return dict(line.split("=", 1) for line in out.stdout.split())
 
 
-def test_off_switch_and_other_backends(monkeypatch):
+def run(*args, env=None):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "CLIP_JAX_TCMALLOC")) and
+               k != "LD_PRELOAD"}
+    environ.update(env or {})
+    environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    allocator, faults = out.stdout.split()[-2:]
+    return allocator, int(faults)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_launchers_glibc_settings_and_mallopt_reuse_freed_memory():
+    allocator, default = run("-c", PROGRAM, "0")
+    assert allocator == "glibc" and default > 1000  # each block is mapped afresh
+    assert run("-c", PROGRAM, "1")[1] < 10  # mallopt, the benchmark's --keep_freed_memory
+    glibc = launcher_env(CLIP_JAX_TCMALLOC="0")
+    assert set(glibc) == {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"}
+    assert run("-c", PROGRAM, "0", env=glibc)[1] < 10
+
+
+def test_off_switch(monkeypatch):
     monkeypatch.setenv("CLIP_JAX_KEEP_FREED_MEMORY", "0")
     assert host_memory.keep_freed_memory_on_cpu() is False
 
 
-def _run(*args, env=None):
-    import os
-
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_JAX_TCMALLOC") and k != "LD_PRELOAD"}
-    environ.update(env or {})
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environ)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+TCMALLOC = launcher_env().get("LD_PRELOAD") if sys.platform.startswith("linux") else None
 
 
-needs_tcmalloc = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or host_memory.find_tcmalloc() is None,
-    reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
-
-
-@needs_tcmalloc
-def test_entry_points_restart_once_with_tcmalloc_unless_told_not_to():
-    env = {"JAX_PLATFORMS": "cpu"}
-    assert _run("-m", "clip_jax.cpu.allocator", env=env).split() == ["allocator:", "tcmalloc"]
-    assert _run("-m", "clip_jax.cpu.allocator", env={**env, "CLIP_JAX_TCMALLOC": "0"}).split() == ["allocator:", "glibc"]
-    # Not on an accelerator backend: there the host's allocator is not the devices'.
-    assert _run("-m", "clip_jax.cpu.allocator", env={"JAX_PLATFORMS": "tpu"}).split() == ["allocator:", "glibc"]
-    # The benchmark reports what it ran with, and the arguments survive the restart.
-    out = _run("-m", "clip_jax.benchmark", "matmul", "--n=64", env=env)
-    assert "matmul: 64^3 float32" in out
-
-
-def test_a_bad_tcmalloc_path_is_named(monkeypatch):
-    monkeypatch.setenv("CLIP_JAX_TCMALLOC", "/nonexistent/libtcmalloc.so")
-    with pytest.raises(FileNotFoundError, match="CLIP_JAX_TCMALLOC='/nonexistent/libtcmalloc.so' is not a file"):
-        host_memory.find_tcmalloc()
-
-
-@needs_tcmalloc
-def test_tcmalloc_reuses_freed_memory_without_page_faults():
-    faults = int(_run("-c", PROGRAM, "0", env={"LD_PRELOAD": host_memory.find_tcmalloc()}).split()[-1])
-    assert faults < 10
+@pytest.mark.slow
+@pytest.mark.skipif(not TCMALLOC, reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+def test_the_launcher_preloads_tcmalloc_which_reuses_freed_memory():
+    allocator, faults = run("-c", PROGRAM, "0", env={"LD_PRELOAD": TCMALLOC})
+    assert allocator == "tcmalloc" and faults < 10

@@ -196,18 +196,25 @@ def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path
 
 
 def test_local_cpu_launcher_dry_run():
-    run = lambda *args: subprocess.run(["bash", f"{ROOT}/launch/local_cpu.sh", *args],
-                                       env=dict(os.environ, PYTHON="python3", XLA_FLAGS="--xla_foo=1"),
-                                       capture_output=True, text=True)
+    run = lambda *args, **env: subprocess.run(["bash", f"{ROOT}/launch/local_cpu.sh", *args],  # noqa: E731
+                                              env={**os.environ, "PYTHON": "python3", "XLA_FLAGS": "--xla_foo=1",
+                                                   "CLIP_JAX_TCMALLOC": "0", **env},
+                                              capture_output=True, text=True)
+    glibc = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4611686018427387904 MALLOC_ARENA_MAX=1"
     assert run("--dry-run").stdout.splitlines() == [
         r"env XLA_FLAGS=--xla_force_host_platform_device_count=1\ --xla_foo=1 JAX_PLATFORMS=cpu "
-        "CLIP_JAX_DISTRIBUTED=0 python3 -m clip_jax.train --config=configs/smoke.py --workdir=/tmp/clip_smoke"]
+        f"CLIP_JAX_DISTRIBUTED=0 {glibc} python3 -m clip_jax.train --config=configs/smoke.py --workdir=/tmp/clip_smoke"]
     import shlex
 
     out = run("--devices=8", "--dry-run", "--config=configs/clip_paper.py:ViT-B-32", "--workdir=/w").stdout
     assert shlex.split(out)[1:] == [
         "XLA_FLAGS=--xla_force_host_platform_device_count=8 --xla_foo=1", "JAX_PLATFORMS=cpu",
-        "CLIP_JAX_DISTRIBUTED=0", "python3", "-m", "clip_jax.train", "--config=configs/clip_paper.py:ViT-B-32",
-        "--workdir=/w"]
+        "CLIP_JAX_DISTRIBUTED=0", *glibc.split(), "python3", "-m", "clip_jax.train",
+        "--config=configs/clip_paper.py:ViT-B-32", "--workdir=/w"]
+    lib = os.path.join(str(ROOT), "tests", "conftest.py")  # any file stands in for the library here
+    out = run("--dry-run", CLIP_JAX_TCMALLOC=lib, LD_PRELOAD="").stdout
+    assert f"LD_PRELOAD={lib} python3" in out and "MALLOC_" not in out
+    missing = run("--dry-run", CLIP_JAX_TCMALLOC="/nonexistent/libtcmalloc.so")
+    assert missing.returncode == 2 and "CLIP_JAX_TCMALLOC=/nonexistent/libtcmalloc.so is not a file" in missing.stderr
     bad = run("--devices=x", "--dry-run")
     assert bad.returncode == 2 and "--devices must be a positive integer" in bad.stderr

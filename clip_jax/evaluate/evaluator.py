@@ -435,10 +435,6 @@ def main(argv=None):
     distributed.initialize()
     import jax
 
-    from clip_jax.cpu import allocator as host_memory
-
-    host_memory.keep_freed_memory_on_cpu()
-
     log = print if jax.process_index() == 0 else (lambda *_: None)
     model, variables, what, run_config, step = load_model(args.workdir, args.weights, args.model, args.step)
     data_config = {k: v for k, v in (run_config.data.to_dict() if run_config else {}).items() if k not in ("train", "eval")}

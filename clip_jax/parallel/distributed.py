@@ -21,7 +21,6 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from clip_jax.cpu import onednn as xla_cpu
 
 
 def plan(environ: Mapping[str, str]) -> Optional[dict]:
@@ -79,11 +78,11 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     multihost.get_jax_distributed_client().wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
-def compile_together(jitted, name: str, compiler_options: dict | None = None):
+def compile_together(jitted, name: str):
     """`jitted` (a jax.jit function) that, with several processes, compiles each new input signature
     ahead of time and waits for every process to have compiled it before the first run, so that no
-    process reaches a collective while another still compiles. `compiler_options`: those `jitted`
-    was made with, so that a oneDNN program is kept alive (clip_jax.cpu.onednn.keep_alive)."""
+    process reaches a collective while another still compiles. The compiled programs live as long
+    as the returned function."""
     if jax.process_count() == 1:
         return jitted
     compiled = {}
@@ -93,7 +92,7 @@ def compile_together(jitted, name: str, compiler_options: dict | None = None):
         key = (treedef,) + tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None))
                                  for x in leaves)
         if key not in compiled:
-            compiled[key] = xla_cpu.keep_alive(jitted.lower(*args).compile(), compiler_options)
+            compiled[key] = jitted.lower(*args).compile()
             barrier(f"{name}/compiled/{next(_barriers)}")
         return compiled[key](*args)
 
