@@ -65,3 +65,27 @@ def optim_settings(config=None) -> dict:
     if unknown:
         raise ValueError(f"unknown optim settings {unknown}: known are {', '.join(OPTIM_DEFAULTS)}")
     return {**OPTIM_DEFAULTS, **given}
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A run's config from its config.json: the base config with the saved values, so a workdir
+    written before a key existed reads with that key's default (keys no longer known are dropped)."""
+    config = base_config()
+    _overlay(config, saved)
+    return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if key not in config:
+            continue
+        current = config[key]
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+            if len(current) and key not in ("shapes_sizes", "shapes_shards", "mesh"):
+                _overlay(current, value)
+            else:  # free-form mappings: the saved one whole
+                config[key] = ml_collections.ConfigDict(value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            config[key] = value

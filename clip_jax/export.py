@@ -17,17 +17,17 @@ from typing import Optional
 
 
 def read_run_config(workdir: str):
-    """The ml_collections config a run was started with (train.py writes DIR/config.json)."""
-    import ml_collections
-
+    """The config a run was started with (the trainer writes DIR/config.json), over the base config."""
     from etils import epath
+
+    from clip_jax.config import from_saved
 
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {workdir!r} is not a clip_jax training workdir (or was made before config.json existed)"
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return from_saved(json.loads(path.read_text()))
 
 
 def load_run(workdir: str, step: Optional[int] = None):
@@ -37,6 +37,7 @@ def load_run(workdir: str, step: Optional[int] = None):
     from clip_jax import convert
     from clip_jax.train import checkpoint
     from clip_jax.models import create_model
+    from clip_jax.train.build import model_from_config
 
     config = read_run_config(workdir)
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"))
@@ -49,7 +50,7 @@ def load_run(workdir: str, step: Optional[int] = None):
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     trained = {"params": state["params"], **(state.get("model_state") or {})}
     # Through open_clip's state dict: the same tested conversion unstacks scanned layers.
-    model = create_model(config.model, overrides=config.get("model_overrides"))
+    model = create_model(model_from_config(config).config)
     variables = convert.state_dict_to_variables(model, convert.variables_to_state_dict(trained))
     return model, variables, step
 

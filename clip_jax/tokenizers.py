@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from clip_jax.registry import Registry
+
 VOCAB_PATH = os.path.join(os.path.dirname(__file__), "assets", "bpe_simple_vocab_16e6.txt.gz")
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -189,8 +191,8 @@ class SentencePieceTokenizer:
     """A SentencePiece model run in-graph by tensorflow-text, for models with their own vocab.
 
     Output: ids (optionally + EOS), truncated to context_length keeping EOS last, padded
-    with pad_id. Use a text tower with ``pool_type='last_token'``-style pooling suited to
-    the vocabulary (see ``TextTransformer.pool_type``).
+    with pad_id. Its model's text tower needs a pooling that suits the vocabulary: 'first'
+    with text_cfg no_causal_mask=True (bidirectional), or 'last' (see ``TextTransformer``).
     """
 
     def __init__(
@@ -249,6 +251,34 @@ def get_tokenizer(context_length: int = 77) -> ClipTokenizer:
     return ClipTokenizer(context_length=context_length)
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77) -> np.ndarray:
-    """CLIP tokens of ``texts``: int32 [N, context_length], exactly OpenAI's ids."""
-    return get_tokenizer()(texts, context_length)
+# A text config's `tokenizer` is NAME or NAME:ARGUMENT; each entry builds one from (argument, text config).
+TOKENIZERS: Registry = Registry("tokenizer")
+TOKENIZERS.register("clip_bpe")(lambda argument, text: get_tokenizer())
+TOKENIZERS.register("sentencepiece")(
+    lambda argument, text: SentencePieceTokenizer(argument, context_length=text.context_length, pad_id=text.pad_id))
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_for(text_config):
+    """The tokenizer a model's text tower was built for (its config's `tokenizer`), checked
+    against the tower's vocabulary: ids past the embedding table would be clamped silently."""
+    name, _, argument = text_config.tokenizer.partition(":")
+    if name == "sentencepiece" and not argument:
+        raise ValueError("text_cfg tokenizer 'sentencepiece' needs the model file: 'sentencepiece:PATH'")
+    tokenizer = TOKENIZERS.get(name)(argument, text_config)
+    if tokenizer.vocab_size != text_config.vocab_size:
+        raise ValueError(f"the tokenizer {text_config.tokenizer!r} has {tokenizer.vocab_size} ids but the text tower "
+                         f"embeds {text_config.vocab_size} (text_cfg vocab_size): make them equal")
+    return tokenizer
+
+
+def tokenize(texts: str | Sequence[str], context_length: int | None = None, model=None) -> np.ndarray:
+    """Tokens of ``texts``: int32 [N, context_length]. By default CLIP's BPE (exactly OpenAI's
+    ids) in 77 tokens; with `model` (a preset name or model config) that model's own tokenizer
+    and context length."""
+    if model is None:
+        return get_tokenizer()(texts, context_length or 77)
+    from clip_jax.models.config import get_model_config
+
+    text = get_model_config(model).text
+    return tokenizer_for(text)(texts, context_length or text.context_length)

@@ -250,11 +250,13 @@ class Evaluator:
         import jax
 
         from clip_jax.evaluate.features import extract
+        from clip_jax.tokenizers import tokenizer_for
 
         batches = eval_data.eval_batches(
             info, config, batch_size=global_batch // jax.process_count(), image_size=self.image_size,
             context_length=self.context_length, label_keys=label_keys, max_captions=max_captions,
-            process_index=jax.process_index(), process_count=jax.process_count(), limit=limit)
+            process_index=jax.process_index(), process_count=jax.process_count(), limit=limit,
+            tokenizer=tokenizer_for(encoder.model.config.text) if max_captions else None)
         total = min(info.num_examples, limit) if info.num_examples and limit else (info.num_examples or limit or None)
         return extract(encoder, batches, texts=max_captions > 0, desc=f"embedding {info.name}", total=total,
                        log=self.log)

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 import clip_jax
+from clip_jax.tokenizers import tokenizer_for
 
 
 def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], embed_texts=None) -> np.ndarray:
@@ -25,7 +26,7 @@ def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], em
     evaluation passes clip_jax.evaluate.features.Encoder.embed_texts, sharded over the mesh)."""
     ctx = model.config.text.context_length
     flat = [p for prompts in class_prompts for p in prompts]
-    tokens = clip_jax.tokenize(flat, ctx)
+    tokens = tokenizer_for(model.config.text)(flat, ctx)
     emb = embed_texts(tokens) if embed_texts else clip_jax.encode_text(model, params, tokens)
     out, start = [], 0
     for prompts in class_prompts:

@@ -16,9 +16,11 @@ def has_nvidia_driver() -> bool:
 
 
 def quiet_cuda_probe() -> None:
-    """Before TensorFlow is imported: no CUDA error lines where no NVIDIA driver exists."""
+    """Before TensorFlow is imported: no CUDA error lines where no NVIDIA driver exists (its C++
+    log's errors off, unless TF_CPP_MIN_LOG_LEVEL asks for more, at 0 or 1, to debug)."""
     if "tensorflow" not in sys.modules and not has_nvidia_driver():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "") not in ("0", "1"):
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 
 def import_tensorflow():

@@ -21,6 +21,9 @@ class Clip(Method):
 
     def __init__(self, config, model, mesh, **options):
         super().__init__(config, model, mesh, **options)
+        if config.loss == "sigmoid" and model.config.init_logit_bias is None:
+            raise ValueError("config.loss='sigmoid' needs a model with a logit bias (init_logit_bias, SigLIP: -10): "
+                             "build it through clip_jax.train.build.model_from_config, which adds SigLIP's init")
         self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum)
 
     def init(self, rng):

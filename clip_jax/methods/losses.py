@@ -133,6 +133,9 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
         if n_total % n_dev:
             raise ValueError(f"global batch {n_total} does not divide over {n_dev} devices of mesh axes {axes}")
         if bias is None:
+            if kind == "sigmoid":
+                raise ValueError("the sigmoid loss needs the model's logit bias: build the model with init_logit_bias "
+                                 "(SigLIP: -10, with init_logit_scale log 10; config.loss='sigmoid' sets both)")
             bias = jnp.zeros((), jnp.float32)
         body = {
             "softmax": partial(_softmax_all_gather, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum),

@@ -86,6 +86,8 @@ class CLIP(nn.Module):
             mlp_ratio=t.mlp_ratio,
             output_dim=cfg.embed_dim,
             pool_type=t.pool_type,
+            no_causal_mask=t.no_causal_mask,
+            pad_id=t.pad_id,
             quick_gelu=cfg.quick_gelu,
             dtype=self.dtype,
             attn_impl=self.attn_impl,
@@ -106,13 +108,11 @@ class CLIP(nn.Module):
 
     def encode_image(self, images, train: bool = False):
         """images NHWC [N, S, S, 3], normalized -> unit-norm float32 [N, embed_dim]."""
-        if self.is_resnet:
-            return l2_normalize(self.visual(images, train=train))
-        return l2_normalize(self.visual(images))
+        return l2_normalize(self.visual(images, train=train))
 
-    def encode_text(self, tokens):
+    def encode_text(self, tokens, train: bool = False):
         """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]."""
-        return l2_normalize(self.text(tokens))
+        return l2_normalize(self.text(tokens, train=train))
 
     def temperature(self):
         """(exp(logit_scale) clamped at 100, logit_bias or None), in float32."""
@@ -122,7 +122,7 @@ class CLIP(nn.Module):
 
     def __call__(self, images, tokens, train: bool = False):
         """-> dict(image_embeds, text_embeds, logit_scale[, logit_bias])."""
-        out = dict(image_embeds=self.encode_image(images, train), text_embeds=self.encode_text(tokens))
+        out = dict(image_embeds=self.encode_image(images, train), text_embeds=self.encode_text(tokens, train))
         out["logit_scale"], bias = self.temperature()
         if bias is not None:
             out["logit_bias"] = bias

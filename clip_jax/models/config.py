@@ -49,6 +49,13 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     pool_type: str = "argmax"
+    no_causal_mask: bool = False  # bidirectional attention with a padding mask (open_clip's key)
+    pad_id: int = 0
+    tokenizer: str = "clip_bpe"  # clip_jax.tokenizers.TOKENIZERS: 'clip_bpe' or 'sentencepiece:PATH'
+
+
+# TextConfig fields written to open_clip's JSON only when they differ from these defaults.
+_TEXT_OPTIONAL = {"no_causal_mask": False, "pad_id": 0, "tokenizer": "clip_bpe"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +104,8 @@ class CLIPConfig:
         if self.init_logit_bias is not None:
             out["init_logit_bias"] = self.init_logit_bias
         out["vision_cfg"] = vision
-        out["text_cfg"] = dataclasses.asdict(self.text)
+        text = dataclasses.asdict(self.text)
+        out["text_cfg"] = {k: v for k, v in text.items() if k not in _TEXT_OPTIONAL or v != _TEXT_OPTIONAL[k]}
         return out
 
 

@@ -212,7 +212,8 @@ def attention_impl(requested: Optional[str], q) -> str:
     return "xla"
 
 
-def padded_attention(q, k, v, causal: bool, implementation: str, multiple: int = CUDNN_SEQ_MULTIPLE):
+def padded_attention(q, k, v, causal: bool, implementation: str, multiple: int = CUDNN_SEQ_MULTIPLE,
+                     kv_lengths=None):
     """Attention over [batch, length, heads, head_dim] with the length padded up to `multiple`.
 
     Padded keys are masked out by ``key_value_seq_lengths`` (or, causally, are never seen
@@ -221,10 +222,11 @@ def padded_attention(q, k, v, causal: bool, implementation: str, multiple: int =
     length = q.shape[1]
     pad = -length % multiple
     if not pad:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths,
+                                            implementation=implementation)
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    lengths = None if causal else jnp.full((q.shape[0],), length, jnp.int32)
+    lengths = kv_lengths if kv_lengths is not None else (None if causal else jnp.full((q.shape[0],), length, jnp.int32))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
                                        implementation=implementation)
     return out[:, :length]
@@ -235,20 +237,22 @@ def take_rows(x, index):
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 1)), axis=1)
 
 
-def attention(q, k, v, causal: bool, implementation: Optional[str] = None):
+def attention(q, k, v, causal: bool, implementation: Optional[str] = None, kv_lengths=None):
     """Scaled dot-product attention over [batch, length, heads, head_dim] by the chosen (or
     automatic) implementation: cuDNN's fused kernel, or XLA's (``heads_major_attention``, so
-    its bf16 backward takes bf16 dots as the layers' own XLA path does)."""
+    its bf16 backward takes bf16 dots as the layers' own XLA path does). ``kv_lengths`` [batch]:
+    only keys before it are seen (a padding mask)."""
     if attention_impl(implementation, q) == "cudnn":
         try:
-            return padded_attention(q, k, v, causal, "cudnn")
+            return padded_attention(q, k, v, causal, "cudnn", kv_lengths=kv_lengths)
         except (RuntimeError, ValueError, NotImplementedError) as e:
             if implementation == "cudnn":  # asked for by name: no silent fallback
                 raise
             # chosen automatically: an old cuDNN or an unsupported shape falls back to XLA
             warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's")
     swap = (0, 2, 1, 3)  # [batch, length, heads, head_dim] <-> heads_major_attention's layout
-    return heads_major_attention(q.transpose(swap), k.transpose(swap), v.transpose(swap), causal).transpose(swap)
+    return heads_major_attention(q.transpose(swap), k.transpose(swap), v.transpose(swap), causal,
+                                 kv_lengths).transpose(swap)
 
 
 @jax.custom_vjp
@@ -350,9 +354,10 @@ class MultiHeadAttention(nn.Module):
     out_init_std: Optional[float] = None
 
     @nn.compact
-    def __call__(self, x, query_index=None):
+    def __call__(self, x, query_index=None, kv_lengths=None):
         """x [batch, length, width] -> the same; with ``query_index`` [batch], only that row's output
-        [batch, 1, width] (what a pooled last layer needs: ~1/length of the query-side work)."""
+        [batch, 1, width] (what a pooled last layer needs: ~1/length of the query-side work).
+        ``kv_lengths`` [batch]: keys at and after it are padding, never attended to."""
         width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
@@ -382,17 +387,17 @@ class MultiHeadAttention(nn.Module):
             kv = jnp.einsum("btd,dchk->cbhtk", x, kernel[:, 1:]) + bias[1:, None, :, None]
             q = jnp.einsum("btd,dhk->bhtk", take_rows(x, query_index), kernel[:, 0]) + bias[0, :, None]
             # causally, the query at position i sees the keys 0..i
-            lengths = query_index.astype(jnp.int32) + 1 if self.causal else None
+            lengths = query_index.astype(jnp.int32) + 1 if self.causal else kv_lengths
             out = heads_major_attention(q, kv[0], kv[1], False, lengths).transpose(0, 2, 1, 3)
         elif attention_impl(self.attn_impl, per_head) == "xla":
             q, k, v = heads_major_qkv(x, kernel, bias)
             q = nn.with_logical_constraint(q, ("batch", "heads", "length", "kv"))
-            out = heads_major_attention(q, k, v, self.causal).transpose(0, 2, 1, 3)
+            out = heads_major_attention(q, k, v, self.causal, kv_lengths).transpose(0, 2, 1, 3)
         else:
             qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
             q, k, v = qkv[0], qkv[1], qkv[2]
             q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-            out = attention(q, k, v, self.causal, self.attn_impl)
+            out = attention(q, k, v, self.causal, self.attn_impl, kv_lengths)
         out = checkpoint_name(out, "attention")  # [batch, length, heads, head_dim]
         # heads and head_dim are adjacent: the projection is one [rows, width] x [width, width] matmul
         out = linear(out.reshape(out.shape[:2] + (width,)), out_kernel.reshape(width, width).astype(self.dtype))
@@ -442,9 +447,10 @@ class ResidualAttentionBlock(nn.Module):
     depth: int = 12  # of the whole stack: scales the init of the residual projections
 
     @nn.compact
-    def __call__(self, x, query_index=None):
+    def __call__(self, x, query_index=None, kv_lengths=None):
         """[batch, length, width] -> the same; with ``query_index`` [batch] only that row's
-        output, [batch, 1, width]: a last layer whose other rows nobody reads."""
+        output, [batch, 1, width]: a last layer whose other rows nobody reads. ``kv_lengths``
+        [batch]: a padding mask (keys from it on are not attended to)."""
         width = x.shape[-1]
         proj_std = width**-0.5 * (2 * self.depth) ** -0.5
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -453,7 +459,7 @@ class ResidualAttentionBlock(nn.Module):
             x = take_rows(x, query_index)
         x = x + MultiHeadAttention(
             self.heads, self.causal, self.dtype, self.attn_impl, out_init_std=proj_std, name="attn"
-        )(y, query_index)
+        )(y, query_index, kv_lengths)
         y = LayerNorm(self.dtype, name="ln_2")(x)
         return x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
 
@@ -488,19 +494,20 @@ class Transformer(nn.Module):
                     dtype=self.dtype, attn_impl=self.attn_impl, depth=self.layers)
 
     @nn.compact
-    def __call__(self, x, pool_index=None):
+    def __call__(self, x, pool_index=None, kv_lengths=None):
+        """``kv_lengths`` [batch]: a padding mask for bidirectional stacks (None: every key seen)."""
         if self.scan:
-            x = self._scanned(x, pool_index)
+            x = self._scanned(x, pool_index, kv_lengths)
         else:
             block = ResidualAttentionBlock
             if self.remat != "none":
                 block = nn.remat(block, policy=remat_policy(self.remat))
             for i in range(self.layers):
                 query_index = pool_index if i == self.layers - 1 else None
-                x = block(**self._block_kwargs(), name=f"resblocks_{i}")(x, query_index)
+                x = block(**self._block_kwargs(), name=f"resblocks_{i}")(x, query_index, kv_lengths)
         return x if pool_index is None else x[:, 0]
 
-    def _scanned(self, x, pool_index):
+    def _scanned(self, x, pool_index, kv_lengths=None):
         # One unbound block applied to each layer's slice of the stacked params: the same
         # params tree as flax's nn.scan, and the last layer may differ (pooled) from the rest.
         block = ResidualAttentionBlock(**self._block_kwargs(), parent=None)
@@ -512,7 +519,7 @@ class Transformer(nn.Module):
                                 is_leaf=lambda p: isinstance(p, nn.meta.AxisMetadata))
 
         params = self.param("resblocks", init_stack)
-        apply = lambda h, p, query_index=None: block.apply({"params": p}, h, query_index)  # noqa: E731
+        apply = lambda h, p, query_index=None: block.apply({"params": p}, h, query_index, kv_lengths)  # noqa: E731
         if self.remat != "none":
             apply = jax.checkpoint(apply, policy=remat_policy(self.remat), prevent_cse=False)
         if pool_index is None:

@@ -1,4 +1,5 @@
-"""Causal text Transformer (CLIP's text tower): learned positions, pre-LN blocks, EOT pooling."""
+"""CLIP's text tower: learned positions, pre-LN blocks, a causal (or bidirectional, padding-masked)
+stack, EOT (or first / last token) pooling."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class TextTransformer(nn.Module):
 
     pool_type: 'argmax' takes the position of the largest id, which is EOT (49407) for the
     CLIP vocabulary; 'first' / 'last' take position 0 / T-1 (for other vocabularies).
+    no_causal_mask: a bidirectional stack whose keys stop at the last non-`pad_id` token
+    (right padding); CLIP's own is causal. 'first' needs it: causally, token 0 sees only itself.
     """
 
     context_length: int = 77
@@ -27,6 +30,8 @@ class TextTransformer(nn.Module):
     mlp_ratio: float = 4.0
     output_dim: int = 512
     pool_type: str = "argmax"
+    no_causal_mask: bool = False
+    pad_id: int = 0
     quick_gelu: bool = False
     dtype: Dtype = jnp.float32
     attn_impl: Optional[str] = None
@@ -34,7 +39,8 @@ class TextTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, train: bool = False):
+        del train  # no dropout in CLIP's tower; the flag is the towers' common signature
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
         if tokens.shape[1] > self.context_length:
@@ -46,6 +52,9 @@ class TextTransformer(nn.Module):
             raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
         if self.pool_type not in TEXT_POOL_TYPES:
             raise ValueError(f"text pool_type {self.pool_type!r} not in {TEXT_POOL_TYPES}")
+        if self.pool_type == "first" and not self.no_causal_mask:
+            raise ValueError("text pool_type 'first' under the causal mask pools a token that sees only itself: "
+                             "set text_cfg no_causal_mask=True (bidirectional) or use 'argmax' / 'last'")
         length = tokens.shape[1]
         embed = nn.Embed(
             self.vocab_size,
@@ -65,8 +74,12 @@ class TextTransformer(nn.Module):
             index = jnp.zeros(tokens.shape[:1], jnp.int32)
         else:
             index = jnp.full(tokens.shape[:1], length - 1, jnp.int32)
+        kv_lengths = None
+        if self.no_causal_mask:  # right padding: keys stop after the last real token
+            positions = jnp.arange(1, length + 1, dtype=jnp.int32)
+            kv_lengths = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=-1)
         # The last layer computes only the pooled token's row ([batch, width] out).
-        x = Transformer.of_tower(self, causal=True)(x, index)
+        x = Transformer.of_tower(self, causal=not self.no_causal_mask)(x, index, kv_lengths)
         pooled = LayerNorm(self.dtype, name="ln_final")(x)
         proj = self.param(
             "text_projection", param_with_axes(normal(self.width**-0.5), ("embed", None)), (self.width, self.output_dim)

@@ -121,7 +121,8 @@ class VisionTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, train: bool = False):
+        del train  # no dropout here yet; the flag is the towers' common signature
         check_images(images, self.image_size)
         if self.pool_type not in VISION_POOL_TYPES:
             raise ValueError(f"vision pool_type {self.pool_type!r} not in {VISION_POOL_TYPES}")

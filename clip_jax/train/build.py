@@ -5,6 +5,7 @@ they measure and test is what the trainer runs."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import Any, Callable, Optional
@@ -35,10 +36,19 @@ class Run:
     step_fn: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated
 
 
+# SigLIP's temperature and bias init (t = exp(t'), t' = log 10; b = -10) come with its loss.
+SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
+
+
 def model_from_config(config) -> CLIP:
-    """The model of config.model with config.model_overrides and the runtime settings."""
+    """The model of config.model with config.model_overrides and the runtime settings; the sigmoid
+    loss brings SigLIP's temperature and bias init unless the overrides set them."""
+    overrides = config.model_overrides.to_dict() if hasattr(config.model_overrides, "to_dict") \
+        else dict(config.model_overrides or {})
+    if config.loss == "sigmoid":
+        overrides = {**SIGLIP_INIT, **overrides}
     return create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan,
-                        attn_impl=config.attn_impl, overrides=config.model_overrides)
+                        attn_impl=config.attn_impl, overrides=overrides)
 
 
 def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] = None,

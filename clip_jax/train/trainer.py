@@ -19,7 +19,8 @@ from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
 from clip_jax.train import checkpoint
-from clip_jax.train.build import build
+from clip_jax.train.build import build, model_from_config
+from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train.step import params_are_finite
 
 
@@ -50,11 +51,10 @@ def validate(config) -> None:
 def make_evaluator(config):
     """The evaluations of config.data.eval, checked now (datasets, splits, class names), or None."""
     from clip_jax.evaluate.evaluator import Evaluator
-    from clip_jax.models import get_model_config
 
     if not config.eval_every_steps or not config.data.eval:
         return None
-    model_config = get_model_config(config.model, config.model_overrides)
+    model_config = model_from_config(config).config
     return Evaluator(config.data.eval, _data_config(config), image_size=model_config.vision.image_size,
                      context_length=model_config.text.context_length, log=log)
 
@@ -190,7 +190,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     pipe = InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
                          image_size=model.config.vision.image_size, train=True, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         context_length=model.config.text.context_length, state=input_states)
+                         context_length=model.config.text.context_length, state=input_states,
+                         tokenizer=tokenizer_for(model.config.text))
     step_fn = retain(distributed.compile_together(run.step_fn, "train_step"))
     batches = DevicePrefetch(pipe, run.batch_sharding, config.prefetch_batches, keys=run.method.batch_keys)
     encoder = None
