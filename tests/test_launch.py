@@ -92,7 +92,7 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
         config = smoke.get_config()
         train.write_run_config("gs://bucket/runs/a", config)
         assert (tmp_path / "gcs/bucket/runs/a/config.json").exists()
-        assert export.read_run_config("gs://bucket/runs/a").to_dict() == json.loads(config.to_json())
+        assert json.loads(export.read_run_config("gs://bucket/runs/a").to_json()) == json.loads(config.to_json())
         metrics = epath.Path("gs://bucket/runs/a/metrics.jsonl")
         with metrics.open("a") as f:  # as the trainer appends rows
             f.write("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
