@@ -35,8 +35,8 @@ def load_run(workdir: str, step: Optional[int] = None):
     import orbax.checkpoint as ocp
 
     from clip_jax import convert
-    from clip_jax.train import checkpoint
     from clip_jax.models import create_model
+    from clip_jax.train import checkpoint
     from clip_jax.train.build import model_from_config
 
     config = read_run_config(workdir)

@@ -35,6 +35,7 @@ def test_train_benchmark_prints_every_figure(capsys):
     assert out["host_user_s_per_step"] + out["host_sys_s_per_step"] > 0
 
 
+@pytest.mark.slow
 def test_memory_per_device_stays_flat_as_the_global_batch_grows_8x(capsys):
     """A fixed per-device batch of 64: 1 device (global 64) vs 8 devices (global 512).
 
@@ -84,6 +85,7 @@ def test_ab_refuses_xla_options_that_xla_does_not_take_before_compiling_a_step(m
     benchmark.check_compiler_options("fine", {"xla_cpu_enable_fast_min_max": True})  # a real option passes
 
 
+@pytest.mark.slow
 def test_ab_compiles_each_variant_with_its_settings_and_pairs_the_rounds(capsys):
     """Two variants that must differ in compiled memory (4 microbatches hold a quarter of the
     activations at a time) run alternately; the baseline's paired speedup against itself is 1."""
@@ -101,6 +103,7 @@ def test_ab_compiles_each_variant_with_its_settings_and_pairs_the_rounds(capsys)
     assert printed["fastest"].split()[0] in ("whole", "micro")
 
 
+@pytest.mark.slow
 def test_parts_prints_where_the_step_time_goes(capsys):
     out = main(["parts", "--model=ViT-Tiny-test", "--batch=16", "--devices=1", "--rounds=2", "--warmup=1",
                 "--keep_freed_memory=0"])
@@ -113,6 +116,7 @@ def test_parts_prints_where_the_step_time_goes(capsys):
     assert out["forward_mfu"] == pytest.approx(out["step_mfu"] * out["step_s"] / out["forward_s"] / 3)
 
 
+@pytest.mark.slow
 def test_dots_times_every_matmul_of_the_step(capsys):
     """The step's matmuls are the forward's and the backward's: at most two backward dots per
     forward dot (dX and dW; the pixels' dX is never taken), so between 1x and 1.5x of the
@@ -131,6 +135,7 @@ def test_dots_times_every_matmul_of_the_step(capsys):
         main(["dots", "--model=ViT-Tiny-test", "--batch=16", "--devices=8"])
 
 
+@pytest.mark.slow
 def test_max_batch_finds_the_largest_batch_that_fits(capsys):
     """With a memory budget between two batches' compiled footprints, the search lands on the
     larger batch that fits; the footprints are cross-checked against the train benchmark's

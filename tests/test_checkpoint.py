@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from clip_jax.train import checkpoint
-from clip_jax.input.pipeline import InputPipeline
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_input_pipeline import captions, write_shards
+
+from clip_jax.input.pipeline import InputPipeline
+from clip_jax.train import checkpoint
 
 
 def test_input_position_saved_with_checkpoint_resumes_exactly(tmp_path):

@@ -11,12 +11,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
+from random_weights import random_images, random_state_dict
 
 import clip_jax
 from clip_jax import convert
 from clip_jax.models import create_model, list_models
-from conftest import FIXTURES
-from random_weights import random_images, random_state_dict
 
 CASES = sorted(os.path.basename(p)[len("embeddings_") : -4] for p in glob.glob(f"{FIXTURES}/embeddings_*.npz"))
 TOL = 1e-4  # max abs difference on unit-norm float32 embeddings
@@ -32,6 +32,7 @@ def test_fixture_cases_cover_vit_and_resnet_presets_with_both_activations():
     assert {"vit_b32", "vit_b32_quickgelu", "rn50", "rn50_quickgelu"} <= set(CASES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_embeddings_match_open_clip(case):
     fx, name, model = fixture_model(case)

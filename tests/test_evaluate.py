@@ -10,11 +10,10 @@ import pytest
 
 import clip_jax
 from clip_jax import evaluate
-from clip_jax.input import eval_data
-from clip_jax.evaluate import features
-from clip_jax.parallel import sharding
-from clip_jax.evaluate import zero_shot
+from clip_jax.evaluate import features, zero_shot
 from clip_jax.evaluate.retrieval import recall_at_k
+from clip_jax.input import eval_data
+from clip_jax.parallel import sharding
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -218,8 +217,9 @@ def test_tfrecord_labels_outside_the_class_list_are_an_error(tmp_path, tiny_mode
 def test_training_evaluates_and_the_cli_agrees_on_workdir_and_export(tmp_path, capsys):
     """Evaluations in training (params sharded, layers scanned) = the CLI on the workdir's checkpoint
     = the CLI on the exported .safetensors; metrics.jsonl, eval/step_N.json and TensorBoard hold them."""
-    from clip_jax import export, train
     from test_train import read_metrics, smoke_config
+
+    from clip_jax import export, train
 
     c = smoke_config(tmp_path, 2)
     c.eval_every_steps = 2

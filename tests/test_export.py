@@ -4,10 +4,10 @@ which clip_jax.load reads back bit for bit; clear errors for a workdir it cannot
 import jax
 import numpy as np
 import pytest
+from test_train import smoke_config
 
 import clip_jax
 from clip_jax import export, train
-from test_train import smoke_config
 
 
 def test_export_of_a_trained_run_loads_back(tmp_path, capsys):

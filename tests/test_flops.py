@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax.train.flops import clip_forward_flops, count_flops, peak_flops
 from clip_jax.models import get_model_config
+from clip_jax.train.flops import clip_forward_flops, count_flops, peak_flops
 
 
 def vit_clip_closed_form(name: str, batch: int) -> dict:

@@ -4,10 +4,10 @@ causal mask, and a tokenizer that does not fit the model's vocabulary."""
 import jax
 import numpy as np
 import pytest
+from tiny import text_batch, tiny_config, tiny_run
 
 import clip_jax
 from clip_jax.models import create_model, get_model_config, init_variables
-from tiny import text_batch, tiny_config, tiny_run
 
 
 # -- SigLIP: the sigmoid loss brings its temperature and bias ------------------------------

@@ -4,6 +4,8 @@ import os
 import shlex
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -292,6 +294,7 @@ while :; do sleep 0.05; done
     assert "is not running" in worker("stop").stdout
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_every_clip_model_and_tabulates_them(tmp_path):
     """launch/gpu_bench.sh's smoke mode on the CPU: the same commands as on the GPU, tiny models."""
     import json

@@ -10,12 +10,12 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from tiny import smoke_config, text_batch, tiny_config, tiny_run
 
 from clip_jax.methods import METHODS
 from clip_jax.methods.clip import Clip
 from clip_jax.models import create_model, variable_shapes
 from clip_jax.train.optim import make_optimizer, resolve_param_groups
-from tiny import smoke_config, text_batch, tiny_config, tiny_run
 
 
 def _flat(tree):

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from random_weights import random_images, random_state_dict
 
 import clip_jax
 from clip_jax import convert
 from clip_jax.models import MAX_LOGIT_SCALE, create_model, init_variables, logical_axes, variable_shapes
-from random_weights import random_images, random_state_dict
 
 TINY = ["ViT-Tiny-test", "RN-Tiny-test-quickgelu"]
 

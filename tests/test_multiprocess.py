@@ -54,6 +54,7 @@ SIZES = {"train": 2560, "validation": 100, "test": 100}
 SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
 
 
+@pytest.mark.slow
 def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache):
     common = dict(total_steps=20, checkpoint_every_steps=20, **SIZE_ARGS)
     runs = {}
@@ -87,14 +88,16 @@ def test_multiprocess_launcher_dry_run():
 
 
 def final_params(workdir):
-    from clip_jax.train import checkpoint
     import orbax.checkpoint as ocp
+
+    from clip_jax.train import checkpoint
 
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"))
     state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     return manager.latest_step(), state
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_path, cache):
     args = dict(total_steps=12, checkpoint_every_steps=2, batch_size=32, **SIZE_ARGS)
     cmd = lambda w: [sys.executable, "-m", "clip_jax.train"] + smoke_args(w, cache, **args)
@@ -130,6 +133,7 @@ def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_p
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_evaluation_on_2_processes_equals_1_process(tmp_path, cache):
     """clip_jax.evaluate over 2 processes x 4 devices (uneven shares: one process feeds padding at
     the end) gives the figures of 1 process x 8 devices."""
@@ -169,6 +173,7 @@ def _sigterm_after(cmd, env, step_line: str, target=None):
     return proc.returncode, "".join(lines) + rest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["1x1", "2x4"])
 def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path, cache, layout):
     import re

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from PIL import Image
 
 import clip_jax
-from conftest import FIXTURES
 
 
 @pytest.mark.parametrize("key", ["wide", "tall", "small", "gray"])

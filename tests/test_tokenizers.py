@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import clip_jax
 from clip_jax.tokenizers import ClipTokenizer, SentencePieceTokenizer, get_tokenizer
-from conftest import FIXTURES
 
 SOT, EOT = 49406, 49407
 

@@ -1,13 +1,13 @@
 """End to end: the trainer on the embedded dataset, and a restart that continues exactly."""
 
+import importlib.util
 import json
+import os
 
 import jax
 import numpy as np
 
 from clip_jax import train
-import importlib.util
-import os
 
 
 def smoke_config(tmp_path, total_steps):
@@ -66,13 +66,11 @@ def test_restart_continues_exactly_past_a_corrupt_checkpoint(tmp_path, capsys):
 
 
 def test_non_finite_steps_stop_the_run_and_are_never_checkpointed(tmp_path, monkeypatch):
+    import jax.numpy as jnp
     import pytest
 
-    from clip_jax.train import checkpoint
-
-    import jax.numpy as jnp
-
     from clip_jax.methods import clip as clip_method
+    from clip_jax.train import checkpoint
 
     # Every image becomes NaN inside the step, so every loss and gradient is NaN.
     monkeypatch.setattr(clip_method, "normalize_images", lambda x: jnp.full(x.shape, jnp.nan, jnp.float32))
@@ -101,8 +99,9 @@ def test_init_from_weights_file(tmp_path):
     c.init_from = str(tmp_path / "w.msgpack")
     c.optim.learning_rate = 0.0  # the saved step-1 params are the loaded ones
     train.train_and_evaluate(c, str(tmp_path / "run"))
-    from clip_jax.train import checkpoint
     import orbax.checkpoint as ocp
+
+    from clip_jax.train import checkpoint
 
     manager = checkpoint.make_manager(str(tmp_path / "run" / "checkpoints"))
     saved = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import OPTIM, tiny_config, tiny_run
+from tiny import text_batch as batch
 
 from clip_jax.models import init_variables
 from clip_jax.train.optim import make_optimizer
-from tiny import OPTIM, text_batch as batch, tiny_config, tiny_run
 
 
 def run(name, mesh_shape, devices, steps=2, accum=1, n=16, loss="softmax"):

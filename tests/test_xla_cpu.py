@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import text_batch as batch
+from tiny import tiny_run
 
 from clip_jax.cpu import onednn as xla_cpu
-from tiny import text_batch as batch, tiny_run
-
 
 
 def test_choice_is_checked():

@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 import pytest
+from random_weights import random_state_dict
 
 import clip_jax
 from clip_jax import convert
 from clip_jax.evaluate.zero_shot import classifier_weights, load_metadata, per_class_accuracy, topk_accuracy
-from random_weights import random_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "clip_jax", "assets", "zero_shot")

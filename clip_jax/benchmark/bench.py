@@ -259,8 +259,8 @@ class BenchStep:
 def bench_train(args) -> dict:
     import jax
 
-    from clip_jax.train import flops
     from clip_jax.cpu import allocator as host_memory
+    from clip_jax.train import flops
 
     keep_freed = host_memory.keep_freed_memory_on_cpu() if args.keep_freed_memory else False
     train = BenchStep(args)
@@ -383,6 +383,7 @@ def check_compiler_options(name: str, options: dict) -> None:
     if not options:
         return
     import jax
+
     from clip_jax.cpu import onednn as xla_cpu
 
     try:
@@ -413,8 +414,8 @@ def bench_ab(args) -> dict:
     always follows the other. Each variant holds its own state (params and moments), so N
     variants need N times the step's memory. MFU divides by the peak of --dtype.
     """
-    from clip_jax.train import flops
     from clip_jax.cpu import allocator as host_memory
+    from clip_jax.train import flops
 
     variants = [parse_variant(spec) for spec in args.variant]  # every spec checked before any compile
     names = [name for name, _, _ in variants]
@@ -469,9 +470,9 @@ def bench_parts(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from clip_jax.train import flops
     from clip_jax.cpu import allocator as host_memory
     from clip_jax.cpu import onednn as xla_cpu
+    from clip_jax.train import flops
 
     if args.keep_freed_memory:
         host_memory.keep_freed_memory_on_cpu()
@@ -538,8 +539,8 @@ def bench_dots(args) -> dict:
     fused attention (on a GPU) is a custom call, not a matmul of the jaxpr, so it is left out."""
     import jax
 
-    from clip_jax.train import flops
     from clip_jax.cpu import onednn as xla_cpu
+    from clip_jax.train import flops
 
     n = args.devices or jax.device_count()
     if n != 1:  # the traced step's shapes are global: per device they would be 1/n of them

@@ -26,15 +26,14 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
-from clip_jax.input import eval_data
 from clip_jax.evaluate import zero_shot
 from clip_jax.evaluate.retrieval import recall_at_k
+from clip_jax.input import eval_data
 
 TASKS = ("zero_shot", "retrieval", "linear_probe")
 _COMMON = {"label_key", "limit"}
@@ -455,8 +454,8 @@ def main(argv=None):
         parser.error("no evaluation: pass --eval=TASK=DATA (e.g. --eval=zero_shot=shapes:test)")
     evaluator = Evaluator(specs, data_config, image_size=model.config.vision.image_size,
                           context_length=model.config.text.context_length, log=log)
-    from clip_jax.parallel import sharding
     from clip_jax.evaluate.features import Encoder
+    from clip_jax.parallel import sharding
 
     mesh = sharding.make_mesh({"data": -1})
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.parallel import distributed
-from clip_jax.parallel import sharding
 from clip_jax.input.eval_data import empty_batch
+from clip_jax.parallel import distributed, sharding
 
 
 def host_copy(tree):

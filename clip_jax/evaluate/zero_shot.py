@@ -8,10 +8,9 @@ their own file of the same form: {"classnames": [...], "templates": ["a photo of
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import json
 import os
+from typing import Sequence
 
 import numpy as np
 

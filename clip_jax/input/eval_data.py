@@ -20,8 +20,17 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from clip_jax.input import records
+from clip_jax.input.pipeline import (
+    Source,
+    _get_path,
+    _nested,
+    _plain,
+    decode_and_crop,
+    list_files,
+    parse_spec,
+    shapes_files,
+)
 from clip_jax.input.settings import data_settings
-from clip_jax.input.pipeline import Source, _get_path, _nested, _plain, decode_and_crop, list_files, parse_spec, shapes_files
 
 # The embedded dataset's label features and the zero-shot task each one labels.
 SHAPES_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 LOSSES = ("softmax", "softmax_ring", "sigmoid")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE, l2_normalize
 from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig, get_model_config, list_models

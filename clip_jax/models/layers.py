@@ -18,9 +18,9 @@ import functools
 import warnings
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any

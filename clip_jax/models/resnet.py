@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from clip_jax.models.layers import Dtype, heads_major_attention, normal, param_with_axes
 from clip_jax.models.vit import check_images

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from clip_jax.models.layers import Dtype, LayerNorm, Transformer, normal, param_with_axes
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from clip_jax.models.layers import Dtype, LayerNorm, Transformer, heads_major_attention, normal, param_with_axes
 

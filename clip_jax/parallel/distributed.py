@@ -22,7 +22,6 @@ import jax
 import numpy as np
 
 
-
 def plan(environ: Mapping[str, str]) -> Optional[dict]:
     """The keyword arguments for jax.distributed.initialize, or None for a single process."""
     coordinator = environ.get("CLIP_JAX_COORDINATOR")

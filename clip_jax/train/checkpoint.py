@@ -19,7 +19,6 @@ from etils import epath
 
 from clip_jax.input.pipeline import InputState
 
-
 # Replica-parallel saving splits each replicated array over its replicas, so each writes a
 # part: worth it for large arrays on many hosts, but for small ones the slicing (a jax op
 # per array per device) costs far more than the write (6 s per save of the smoke model on 8

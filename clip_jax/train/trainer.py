@@ -18,9 +18,9 @@ from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
+from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train import checkpoint
 from clip_jax.train.build import build, model_from_config
-from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train.step import params_are_finite
 
 
