@@ -25,8 +25,9 @@ DATA = [
     "tensorflow-datasets>=4.9",
 ]
 # scikit-learn: the reference the linear probe is tested against; importlib_resources: tfds needs
-# it to write the small test datasets the evaluation tests build.
-TEST = DATA + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3", "importlib_resources>=5"]
+# it to write the small test datasets the evaluation tests build; ruff: the linter CI runs.
+TEST = DATA + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3", "importlib_resources>=5",
+               "ruff>=0.6"]
 
 setup(
     name="clip_jax",

@@ -28,7 +28,8 @@ def test_train_benchmark_prints_every_figure(capsys):
     # The compiled step's arguments hold at least params + two Adam moments in float32.
     from clip_jax.models import create_model, variable_shapes
 
-    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(variable_shapes(create_model("ViT-Tiny-test"))))
+    shapes = variable_shapes(create_model("ViT-Tiny-test"))
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
     assert out["arguments_gib"] * 2**30 >= 3 * 4 * n_params
     assert out["memory_gib"] >= out["arguments_gib"]
     assert out["keep_freed_memory"] is False and out["host_page_faults_per_step"] >= 0
@@ -130,7 +131,9 @@ def test_dots_times_every_matmul_of_the_step(capsys):
     assert out["dense_tflop_per_step"] + out["batched_tflop_per_step"] == pytest.approx(out["all_tflop_per_step"])
     assert out["batched_tflop_per_step"] > 0  # the per-head attention dots
     assert out["all_s_per_step"] == pytest.approx(out["dense_s_per_step"] + out["batched_s_per_step"])
-    assert out["mfu_ceiling"] == pytest.approx(out["model_tflop_per_step"] / out["all_s_per_step"] / out["peak_tflop/s"])
+    assert out["mfu_ceiling"] == pytest.approx(
+        out["model_tflop_per_step"] / out["all_s_per_step"] / out["peak_tflop/s"]
+    )
     with pytest.raises(ValueError, match="--devices=1"):  # the traced shapes would be global ones
         main(["dots", "--model=ViT-Tiny-test", "--batch=16", "--devices=8"])
 

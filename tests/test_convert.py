@@ -226,7 +226,8 @@ def test_read_torch_checkpoint(tmp_path):
         def __init__(self):
             super().__init__()
             for k, v in sd.items():
-                self.register_buffer(k.replace(".", "__"), torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v))
+                tensor = torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v)
+                self.register_buffer(k.replace(".", "__"), tensor)
 
         def forward(self, x):
             return x

@@ -44,7 +44,8 @@ def tfds_dir(tmp_path_factory):
         return rows
 
     tfds.dataset_builders.store_as_tfds_dataset(
-        "cliptiny", "1.0.0", features_, {"train": split("tr", 30), "validation": split("va", 12), "test": split("te", 21)},
+        "cliptiny", "1.0.0", features_,
+        {"train": split("tr", 30), "validation": split("va", 12), "test": split("te", 21)},
         data_dir=data_dir, disable_shuffling=True)
     return data_dir
 
@@ -80,7 +81,8 @@ def _plain(model, variables, info, config, max_captions=5):
 def _encoder(model, variables):
     mesh = sharding.make_mesh({"data": -1})  # the 8 host devices of conftest
     assert mesh.devices.size == 8
-    return features.Encoder(model, jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return features.Encoder(model, jax.device_put(variables, replicated), mesh)
 
 
 def test_extract_on_8_devices_with_padding_equals_one_device(tfds_dir, tiny_model):
@@ -105,7 +107,8 @@ def test_zero_shot_and_retrieval_equal_a_plain_computation(tfds_dir, tiny_model,
     model, variables = tiny_model
     config = {"data_dir": tfds_dir}
     classes = _classes_file(tmp_path)
-    ev = evaluate.Evaluator(f"zero_shot=tfds:cliptiny:test|classes={classes},retrieval=tfds:cliptiny:test|max_captions=2",
+    ev = evaluate.Evaluator(f"zero_shot=tfds:cliptiny:test|classes={classes},"
+                            "retrieval=tfds:cliptiny:test|max_captions=2",
                             config, image_size=32, context_length=77, log=lambda *_: None)
     assert len(ev.groups) == 1  # one pass over the split serves both
     metrics, details = ev.run(_encoder(model, variables), batch_size=8)
@@ -243,7 +246,8 @@ def test_training_evaluates_and_the_cli_agrees_on_workdir_and_export(tmp_path, c
                               f"--data=shapes_sizes={json.dumps(dict(c.data.shapes_sizes))}",
                               # the run's preprocessing (a bare export gets CLIP's: float images), so
                               # that near-tied retrieval ranks of this 2-step model resolve alike
-                              f"--data=resize_method={c.data.resize_method}", f"--data=image_dtype={c.data.image_dtype}"])
+                              f"--data=resize_method={c.data.resize_method}",
+                              f"--data=image_dtype={c.data.image_dtype}"])
     assert exported == pytest.approx(in_training, abs=1e-6)
     out = capsys.readouterr().out
     assert "zero_shot     shapes.test/color" in out and "image_to_text_R1=" in out

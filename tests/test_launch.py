@@ -20,7 +20,8 @@ def test_slurm_two_nodes_dry_run():
               "--config.data.train=tfrecord:/shared/laion/*.tfrecord")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    directives = {l.split("=", 1)[0][len("#SBATCH "):]: l.split("=", 1)[1] for l in lines if l.startswith("#SBATCH --") and "=" in l}
+    directives = {line.split("=", 1)[0][len("#SBATCH "):]: line.split("=", 1)[1]
+                  for line in lines if line.startswith("#SBATCH --") and "=" in line}
     assert directives == {
         "--job-name": "clip_jax", "--nodes": "2", "--ntasks-per-node": "1", "--gpus-per-node": "8",
         "--time": "48:00:00", "--signal": "TERM@600", "--output": "/shared/runs/b16/slurm-%j.out",
@@ -28,7 +29,7 @@ def test_slurm_two_nodes_dry_run():
     }
     assert "#SBATCH --exclusive" in lines and "#SBATCH --requeue" in lines and lines[0] == "#!/bin/bash"
     assert f"cd {ROOT}" in lines
-    (srun,) = [l for l in lines if l.startswith("srun ")]
+    (srun,) = [line for line in lines if line.startswith("srun ")]
     assert shlex.split(srun) == ["srun", "--kill-on-bad-exit=1", "python3", "-m", "clip_jax.train",
                                  "--config=configs/clip_paper.py:ViT-B-16", "--workdir=/shared/runs/b16",
                                  "--config.data.train=tfrecord:/shared/laion/*.tfrecord"]
@@ -56,12 +57,13 @@ def test_perf_flags_reach_the_job_environment():
     assert "--xla_tpu_enable_async_collective_fusion=true" in tpu and len(tpu) == 7
     train = ["--", "--config=c", "--workdir=/w"]
     lines = run("slurm.sh", "--nodes=2", "--perf-flags", "--dry-run", *train).stdout.splitlines()
-    (export,) = [l for l in lines if l.startswith("export XLA_FLAGS=")]
-    assert lines.index(export) < lines.index(next(l for l in lines if l.startswith("srun ")))
+    (export,) = [line for line in lines if line.startswith("export XLA_FLAGS=")]
+    assert lines.index(export) < lines.index(next(line for line in lines if line.startswith("srun ")))
     env = subprocess.run(["bash", "-c", export + '; printf "%s" "$XLA_FLAGS"'], capture_output=True, text=True,
                          env=dict(os.environ, XLA_FLAGS="--mine=1")).stdout.split()
     assert env == gpu + ["--mine=1"]
-    assert not any("XLA_FLAGS" in l for l in run("slurm.sh", "--nodes=2", "--dry-run", *train).stdout.splitlines())
+    plain_lines = run("slurm.sh", "--nodes=2", "--dry-run", *train).stdout.splitlines()
+    assert not any("XLA_FLAGS" in line for line in plain_lines)
 
     tpu_train = ["train", "--name=p", "--zone=z", "--dry-run", "--", "--config=c", "--workdir=gs://b/w"]
     (ssh,) = commands(run("tpu_pod.sh", *tpu_train[:4], "--perf-flags", *tpu_train[4:]).stdout)

@@ -65,7 +65,8 @@ def test_frozen_params_get_no_gradient_no_state_and_never_change():
     trained_count, frozen_count = r.groups.count()
     assert frozen_count == len([k for k in _flat(r.state.params) if k.startswith("visual/")]) and trained_count > 0
     # No optimizer state for frozen params: Adam's moments cover the text tower and the temperature only.
-    moments = [s for s in jax.tree_util.tree_leaves(r.state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    moments = [s for s in jax.tree_util.tree_leaves(r.state.opt_state,
+                                                    is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
                if isinstance(s, optax.ScaleByAdamState)][0]
     assert set(_flat(moments.mu)) == {k for k in _flat(r.state.params) if not k.startswith("visual/")}
     # No gradient computed: the compiled step does no backward pass through the image tower.

@@ -46,7 +46,8 @@ def test_scan_and_remat_match_plain_outputs_and_gradients(name):
     images, tokens = inputs(plain)
     ref_out = jax.jit(plain.apply)(variables, images, tokens)
     # Everything passed as arguments: closed-over arrays would become HLO constants (slow compiles).
-    ref_grad = jax.jit(jax.grad(loss_fn, argnums=1), static_argnums=0)(plain, variables["params"], variables, images, tokens)
+    grad_fn = jax.jit(jax.grad(loss_fn, argnums=1), static_argnums=0)
+    ref_grad = grad_fn(plain, variables["params"], variables, images, tokens)
     # XLA:CPU compiles of gradients take seconds: cover each option once, not every product.
     for scan, remat in ((True, "none"), (False, "full"), (True, "dots_with_no_batch_dims_saveable")):
         model = create_model(name, remat=remat, scan=scan)
@@ -164,7 +165,8 @@ def test_resnet_train_mode_uses_batch_statistics():
     assert int(stem[("visual", "bn1", "num_batches_tracked")]) == int(old[("visual", "bn1", "num_batches_tracked")]) + 1
     # Reference for the first BatchNorm: the stem conv output's batch statistics.
     kernel = variables["params"]["visual"]["conv1"]["kernel"]
-    x = jax.lax.conv_general_dilated(images, kernel, (2, 2), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.lax.conv_general_dilated(images, kernel, (2, 2), [(1, 1), (1, 1)],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     mean = x.mean(axis=(0, 1, 2))
     np.testing.assert_allclose(
         stem[("visual", "bn1", "bn", "mean")], 0.9 * old[("visual", "bn1", "bn", "mean")] + 0.1 * mean, atol=1e-5

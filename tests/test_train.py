@@ -11,7 +11,9 @@ from clip_jax import train
 
 
 def smoke_config(tmp_path, total_steps):
-    spec = importlib.util.spec_from_file_location("smoke", os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py"))
+    spec = importlib.util.spec_from_file_location(
+        "smoke", os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -117,7 +119,9 @@ def test_init_from_weights_file(tmp_path):
 def test_paper_configs_for_every_preset():
     import pytest
 
-    spec = importlib.util.spec_from_file_location("paper", os.path.join(os.path.dirname(__file__), "..", "configs", "clip_paper.py"))
+    spec = importlib.util.spec_from_file_location(
+        "paper", os.path.join(os.path.dirname(__file__), "..", "configs", "clip_paper.py")
+    )
     paper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper)
     from clip_jax.models import create_model, list_models

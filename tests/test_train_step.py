@@ -32,7 +32,8 @@ def test_eight_devices_equal_one(name, loss):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     assert int(many_state.step) == 2
     if name.startswith("RN"):  # BatchNorm statistics of the global batch, equal too
-        for a, b in zip(jax.tree_util.tree_leaves(many_state.model_state), jax.tree_util.tree_leaves(one_state.model_state)):
+        for a, b in zip(jax.tree_util.tree_leaves(many_state.model_state),
+                        jax.tree_util.tree_leaves(one_state.model_state)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 

@@ -102,7 +102,8 @@ def test_keep_alive_holds_onednn_programs_only():
         pass
 
     kept, dropped = Program(), Program()
-    refs = weakref.ref(xla_cpu.keep_alive(kept, dict(xla_cpu.ONEDNN_DOTS))), weakref.ref(xla_cpu.keep_alive(dropped, {}))
+    refs = (weakref.ref(xla_cpu.keep_alive(kept, dict(xla_cpu.ONEDNN_DOTS))),
+            weakref.ref(xla_cpu.keep_alive(dropped, {})))
     del kept, dropped
     gc.collect()
     assert refs[0]() is not None and refs[1]() is None

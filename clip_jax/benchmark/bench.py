@@ -487,7 +487,8 @@ def bench_parts(args) -> dict:
     options = train.step_options or None  # the step's own XLA options, so the parts compare
     forward, gradients = jax.jit(loss, compiler_options=options), jax.jit(jax.grad(loss), compiler_options=options)
     xla_cpu.keep_alive((forward, gradients), options)
-    parts = {"forward": lambda: forward(params, train.batch), "forward_backward": lambda: gradients(params, train.batch),
+    parts = {"forward": lambda: forward(params, train.batch),
+             "forward_backward": lambda: gradients(params, train.batch),
              "step": lambda: train.run(1)}
     for run in parts.values():  # compile and warm up
         for _ in range(max(args.warmup, 1)):
@@ -568,7 +569,8 @@ def bench_dots(args) -> dict:
         seconds = _time_alone(fn, operands)
         batched = eqn.primitive.name == "dot_general" and bool(eqn.params["dimension_numbers"][1][0])
         rows.append({"count": entry["count"], "flops": flops.eqn_flops(eqn), "s": seconds, "batched": batched,
-                     "what": f"{eqn.primitive.name} " + " x ".join(f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars)})
+                     "what": f"{eqn.primitive.name} "
+                     + " x ".join(f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars)})
     peak = _total_peak(step.devices, args.dtype)
     model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
     rows.sort(key=lambda r: -r["count"] * r["s"])
@@ -576,7 +578,8 @@ def bench_dots(args) -> dict:
         print(f"matmul_{i}: {r['count']}x {r['what']}: {r['s'] * 1e3:.3f} ms, {r['flops'] / r['s'] / 1e9:.1f} GFLOP/s")
     out = {"model": args.model, "batch": args.batch, "devices": len(step.devices), "distinct_matmuls": len(rows),
            "peak_tflop/s": peak / 1e12}
-    for label, chosen in (("dense", [r for r in rows if not r["batched"]]), ("batched", [r for r in rows if r["batched"]]),
+    for label, chosen in (("dense", [r for r in rows if not r["batched"]]),
+                          ("batched", [r for r in rows if r["batched"]]),
                           ("all", rows)):
         seconds = sum(r["count"] * r["s"] for r in chosen)
         work = sum(r["count"] * r["flops"] for r in chosen)
@@ -701,11 +704,13 @@ def _step_options(p) -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"],
-                   help="attention kernel (auto: cuDNN fused on NVIDIA GPUs in bf16, lengths padded to x8; XLA elsewhere)")
+                   help="attention kernel "
+                   "(auto: cuDNN fused on NVIDIA GPUs in bf16, lengths padded to x8; XLA elsewhere)")
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
     p.add_argument("--onednn_dots", default="auto", choices=["auto", "on", "off"],
-                   help="XLA:CPU matmuls through oneDNN (auto: float32 steps on one Intel CPU device; clip_jax.cpu.onednn)")
+                   help="XLA:CPU matmuls through oneDNN "
+                   "(auto: float32 steps on one Intel CPU device; clip_jax.cpu.onednn)")
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],
                    help="on the CPU under glibc, reuse freed host memory across steps (clip_jax.cpu.allocator)")
 

@@ -317,7 +317,7 @@ class Evaluator:
             _check_labels(spec, info, key, labels, len(info.label_names.get(key) or []) or None)
             feats[role] = (f["image_embeds"], labels)
         declared = [len(i.label_names.get(key) or []) for i in splits.values()]
-        num_classes = max(declared) or int(max(int(l.max()) for _, l in feats.values()) + 1)
+        num_classes = max(declared) or int(max(int(role_labels.max()) for _, role_labels in feats.values()) + 1)
         val = feats.get("val", (None, None))
         start = time.perf_counter()
         result = linear_probe(*feats["train"], *feats["test"], num_classes, val_features=val[0], val_labels=val[1],
@@ -438,7 +438,8 @@ def main(argv=None):
 
     log = print if jax.process_index() == 0 else (lambda *_: None)
     model, variables, what, run_config, step = load_model(args.workdir, args.weights, args.model, args.step)
-    data_config = {k: v for k, v in (run_config.data.to_dict() if run_config else {}).items() if k not in ("train", "eval")}
+    run_data = run_config.data.to_dict() if run_config else {}
+    data_config = {k: v for k, v in run_data.items() if k not in ("train", "eval")}
     for item in args.data:
         key, sep, value = item.partition("=")
         if not sep:

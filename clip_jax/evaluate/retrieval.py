@@ -30,7 +30,9 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image
     out = {}
     # text->image: the rank of the caption's own image among all images.
     own = sims[text_to_image, np.arange(n_texts)]
-    t2i_rank = (sims > own[None, :]).sum(0) + ((sims == own[None, :]) & (np.arange(n_images)[:, None] < text_to_image[None, :])).sum(0)
+    t2i_rank = (sims > own[None, :]).sum(0) + (
+        (sims == own[None, :]) & (np.arange(n_images)[:, None] < text_to_image[None, :])
+    ).sum(0)
     # image->text: the best rank over the image's captions.
     order = np.argsort(-sims, axis=1, kind="stable")  # [I, T] texts by score
     is_own = text_to_image[order] == np.arange(n_images)[:, None]

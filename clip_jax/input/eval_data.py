@@ -50,7 +50,8 @@ class SplitInfo:
 def metric_name(source: Source) -> str:
     """'cifar10.test', 'coco_captions.val', 'shapes.test', 'mydata-00000.test' (tag-safe)."""
     if source.kind == "tfrecord":
-        name = source.name.split(",")[0].rsplit("/", 1)[-1].split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
+        base = source.name.split(",")[0].rsplit("/", 1)[-1]
+        name = base.split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
     else:
         name = f"{source.name or source.kind}.{source.split}"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
@@ -59,7 +60,8 @@ def metric_name(source: Source) -> str:
 def _builder(source: Source, data_dir: Optional[str]):
     import tensorflow_datasets as tfds
 
-    where = f"data_dir={data_dir!r}" if data_dir else "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    where = (f"data_dir={data_dir!r}" if data_dir
+             else "the default tfds data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)")
     try:
         builder = tfds.builder(source.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -169,7 +171,8 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
 
     # An image that does not decode is skipped with a warning in the log (ignore_errors):
     # the report counts the examples actually evaluated.
-    ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
+    ds = ds.map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(batch_size)
     if max_captions:
         def tokenize(batch):
@@ -217,17 +220,20 @@ def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_
         builder = _builder(source, config["data_dir"] or None)
         split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
         image_key = config["image_key"]
-        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_nested({image_key: tfds.decode.SkipDecoding()}))
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders=_nested({image_key: tfds.decode.SkipDecoding()}))
         read_options = tf.data.Options()
         read_options.deterministic = True
 
         def select(ex):
-            captions = tf.reshape(_get_path(ex, info.caption_key), [-1]) if info.caption_key else tf.zeros([0], tf.string)
+            captions = (tf.reshape(_get_path(ex, info.caption_key), [-1]) if info.caption_key
+                        else tf.zeros([0], tf.string))
             labels = tf.stack([tf.cast(tf.reshape(_get_path(ex, k), []), tf.int64) for k in label_keys]) if label_keys \
                 else tf.zeros([0], tf.int64)
             return _get_path(ex, image_key), captions, labels
 
-        return ds.with_options(read_options).map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.with_options(read_options).map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE,
+                                                 deterministic=True)
 
     files = list(info.files)
     shard_records = len(files) < process_count

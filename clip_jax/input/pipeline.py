@@ -69,7 +69,8 @@ def parse_spec(spec: str) -> Source:
         return Source("tfds", name, split or "train")
     if spec.startswith("tfrecord:"):
         return Source("tfrecord", spec[len("tfrecord:") :])
-    raise ValueError(f"unknown data spec {spec!r}: use 'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB'")
+    raise ValueError(f"unknown data spec {spec!r}: "
+                     "use 'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB'")
 
 
 def list_files(patterns: str) -> list[str]:
@@ -195,18 +196,21 @@ class _Stream:
             return body.concatenate(tf.data.Dataset.from_tensors((i, tf.constant(b""), True)))
 
         ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-            _plain(read), cycle_length=min(16, n), block_length=1, deterministic=True, num_parallel_calls=tf.data.AUTOTUNE
+            _plain(read), cycle_length=min(16, n), block_length=1, deterministic=True,
+            num_parallel_calls=tf.data.AUTOTUNE
         )
 
         def account(read_bytes, element):
             i, record, sentinel = element
             # TFRecord framing: 8-byte length, 4-byte CRC, data, 4-byte CRC.
-            read_bytes = tf.tensor_scatter_nd_add(read_bytes, [[i]], [tf.cast(tf.strings.length(record), tf.int64) + 16])
+            read_bytes = tf.tensor_scatter_nd_add(read_bytes, [[i]],
+                                                  [tf.cast(tf.strings.length(record), tf.int64) + 16])
             short = tf.logical_and(sentinel, tf.gather(read_bytes, i) - 16 < tf.gather(sizes, i))
             if compressed:  # sizes are of the compressed files: no byte accounting
                 short = tf.constant(False)
             else:
-                tf.cond(short, lambda: _report_short(tf.gather(files, i), tf.gather(read_bytes, i) - 16, tf.gather(sizes, i)),
+                tf.cond(short,
+                        lambda: _report_short(tf.gather(files, i), tf.gather(read_bytes, i) - 16, tf.gather(sizes, i)),
                         tf.no_op)
             return read_bytes, (record, sentinel, short)
 
@@ -295,8 +299,11 @@ class _Stream:
         tf = import_tensorflow()
         seed = self._example_seed(4, epoch, position)
         n = tf.shape(captions, out_type=tf.int64)[0]
-        pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int64) if self.train else tf.constant(0, tf.int64)
-        caption = tf.strings.strip(tf.cond(n > 0, lambda: tf.gather(captions, tf.minimum(pick, n - 1)), lambda: tf.constant("")))
+        pick = (tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int64) if self.train
+                else tf.constant(0, tf.int64))
+        caption = tf.strings.strip(
+            tf.cond(n > 0, lambda: tf.gather(captions, tf.minimum(pick, n - 1)), lambda: tf.constant(""))
+        )
         status = tf.case(
             [
                 (short, lambda: tf.constant(4, tf.int64)),

@@ -5,7 +5,7 @@ One ``tf.train.Example`` per image-text pair:
 | feature   | type          | required | what |
 | --------- | ------------- | -------- | ---- |
 | `image`   | bytes         | yes      | the encoded image file (JPEG or PNG), as stored |
-| `caption` | bytes (1+)    | yes      | UTF-8 caption; several for COCO-style data (training draws one, retrieval uses all) |
+| `caption` | bytes (1+)    | yes      | UTF-8 caption; several for COCO-style data (training: one, retrieval: all) |
 | `key`     | bytes         | no       | an id of the pair (e.g. img2dataset's key), for tracing |
 | `label`   | int64         | no       | a class index, for datasets that also serve zero-shot eval |
 
@@ -27,7 +27,9 @@ def shard_name(prefix: str, index: int, count: int, compressed: bool = False) ->
     return f"{prefix}-{index:05d}-of-{count:05d}.tfrecord" + (".gz" if compressed else "")
 
 
-def serialize_example(image: bytes, caption: Union[str, Sequence[str]], key: str = "", label: Optional[int] = None) -> bytes:
+def serialize_example(
+    image: bytes, caption: Union[str, Sequence[str]], key: str = "", label: Optional[int] = None
+) -> bytes:
     """Encode one image and its caption (or captions) as a serialized tf.train.Example."""
     from clip_jax.input.tf_runtime import import_tensorflow
 

@@ -44,7 +44,9 @@ def sigmoid_loss_reference(img, txt, scale, bias):
     return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / logits.shape[0]
 
 
-REFERENCES = {"softmax": softmax_loss_reference, "softmax_ring": softmax_loss_reference, "sigmoid": sigmoid_loss_reference}
+REFERENCES = {
+    "softmax": softmax_loss_reference, "softmax_ring": softmax_loss_reference, "sigmoid": sigmoid_loss_reference
+}
 
 
 # -- sharded forms: bodies run per device under shard_map --------------------------------
@@ -139,7 +141,8 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
                                  "(SigLIP: -10, with init_logit_scale log 10; config.loss='sigmoid' sets both)")
             bias = jnp.zeros((), jnp.float32)
         body = {
-            "softmax": partial(_softmax_all_gather, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum),
+            "softmax": partial(_softmax_all_gather, axes=axes, n_total=n_total, n_dev=n_dev,
+                               gather_by_sum=gather_by_sum),
             "softmax_ring": partial(_softmax_ring, axes=axes, n_total=n_total, n_dev=n_dev),
             "sigmoid": partial(_sigmoid_ring, axes=axes, n_total=n_total, n_dev=n_dev),
         }[kind]

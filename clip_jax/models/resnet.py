@@ -38,7 +38,9 @@ class BatchNorm(nn.Module):
             epsilon=1e-5,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            scale_init=param_with_axes(nn.initializers.zeros if self.zero_init else nn.initializers.ones, ("conv_out",)),
+            scale_init=param_with_axes(
+                nn.initializers.zeros if self.zero_init else nn.initializers.ones, ("conv_out",)
+            ),
             bias_init=param_with_axes(nn.initializers.zeros, ("conv_out",)),
             name="bn",
         )(x)
@@ -73,7 +75,9 @@ class Bottleneck(nn.Module):
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(conv(self.planes, 1, self.dtype, "conv1")(x), train))
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(conv(self.planes, 3, self.dtype, "conv2")(out), train))
         out = avg_pool(out, self.stride)
-        out = BatchNorm(zero_init=True, dtype=self.dtype, name="bn3")(conv(out_planes, 1, self.dtype, "conv3")(out), train)
+        out = BatchNorm(zero_init=True, dtype=self.dtype, name="bn3")(
+            conv(out_planes, 1, self.dtype, "conv3")(out), train
+        )
         identity = x
         if self.stride > 1 or x.shape[-1] != out_planes:
             identity = conv(out_planes, 1, self.dtype, "downsample_conv")(avg_pool(x, self.stride))
@@ -104,7 +108,9 @@ class AttentionPool2d(nn.Module):
             kernel = self.param(
                 f"{name}_kernel", param_with_axes(normal(std), ("embed", "heads", "kv")), (c, self.heads, head_dim)
             )
-            bias = self.param(f"{name}_bias", param_with_axes(nn.initializers.zeros, ("heads", "kv")), (self.heads, head_dim))
+            bias = self.param(
+                f"{name}_bias", param_with_axes(nn.initializers.zeros, ("heads", "kv")), (self.heads, head_dim)
+            )
             return kernel.astype(self.dtype), bias.astype(self.dtype)
 
         qk, qb = proj("q_proj")
@@ -116,7 +122,8 @@ class AttentionPool2d(nn.Module):
         v = jnp.einsum("btc,chk->bhtk", x, vk) + vb[:, None]
         out = heads_major_attention(q, k, v, causal=False)[:, :, 0]
         out_kernel = self.param(
-            "c_proj_kernel", param_with_axes(normal(std), ("heads", "kv", None)), (self.heads, head_dim, self.output_dim)
+            "c_proj_kernel", param_with_axes(normal(std), ("heads", "kv", None)),
+            (self.heads, head_dim, self.output_dim)
         )
         out_bias = self.param("c_proj_bias", param_with_axes(nn.initializers.zeros, (None,)), (self.output_dim,))
         return jnp.einsum("bhk,hko->bo", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)

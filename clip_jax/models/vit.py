@@ -142,7 +142,8 @@ class VisionTransformer(nn.Module):
         pool_dim = self.width
         if self.pool_type == "map":
             pool_dim = self.output_dim
-            x = AttentionalPooler(self.output_dim, self.attn_pooler_heads, 1, self.dtype, name="attn_pool")(transformer(x))
+            pooler = AttentionalPooler(self.output_dim, self.attn_pooler_heads, 1, self.dtype, name="attn_pool")
+            x = pooler(transformer(x))
             pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 0]
         elif self.pool_type == "avg":
             pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x))[:, 1:].mean(axis=1)

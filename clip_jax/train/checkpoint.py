@@ -65,7 +65,8 @@ def save(manager: ocp.CheckpointManager, step: int, train_state: Any,
     """Save (asynchronously) if the manager's interval says so, or `force`. Returns whether it saved."""
     if not force and not manager.should_save(step):
         return False  # before the gather: on a pod it is a collective, not to run every step
-    items = {"state": ocp.args.StandardSave(train_state), "input": ocp.args.JsonSave(_gather_input_states(input_states))}
+    items = {"state": ocp.args.StandardSave(train_state),
+             "input": ocp.args.JsonSave(_gather_input_states(input_states))}
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 

@@ -194,7 +194,8 @@ def scale_per_leaf(factors) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map(lambda g, f: g if f == 1.0 else g * jnp.asarray(f, g.dtype), updates, factors), state
+        scaled = jax.tree_util.tree_map(lambda g, f: g if f == 1.0 else g * jnp.asarray(f, g.dtype), updates, factors)
+        return scaled, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

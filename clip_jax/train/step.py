@@ -49,7 +49,9 @@ def create_state(variables, optimizer: optax.GradientTransformation, groups: Par
     devices = set(sharding.mesh.devices.flat)
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     # Leaves that do not depend on the params (step, Adam's count) land on one device otherwise.
-    return jax.tree_util.tree_map(lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated), state)
+    return jax.tree_util.tree_map(
+        lambda x: x if x.sharding.device_set == devices else jax.device_put(x, replicated), state
+    )
 
 
 def step_rng(seed: int, step) -> jax.Array:
@@ -62,7 +64,8 @@ def train_step(state: TrainState, batch: dict, *, method: Method, optimizer, gro
     """One optimizer step on a global batch holding the method's batch_keys."""
     missing = [k for k in method.batch_keys if k not in batch]
     if missing:
-        raise ValueError(f"the batch lacks {missing} (the method needs {list(method.batch_keys)}; it has {sorted(batch)})")
+        raise ValueError(f"the batch lacks {missing} "
+                         f"(the method needs {list(method.batch_keys)}; it has {sorted(batch)})")
     batch = {k: batch[k] for k in method.batch_keys}
     if groups is None:
         trained, frozen = state.params, {}
@@ -86,9 +89,9 @@ def train_step(state: TrainState, batch: dict, *, method: Method, optimizer, gro
         def body(carry, xs):
             grads, loss, metrics, model_state = carry
             i, mb = xs
-            (l, (m, model_state)), g = grad_fn(trained, model_state, mb, jax.random.fold_in(rng, i))
+            (micro_loss, (m, model_state)), g = grad_fn(trained, model_state, mb, jax.random.fold_in(rng, i))
             add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
-            return (add(grads, g), loss + l, add(metrics, m), model_state), None
+            return (add(grads, g), loss + micro_loss, add(metrics, m), model_state), None
 
         micro_batches = {k: micro(v) for k, v in batch.items()}
         first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
