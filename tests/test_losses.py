@@ -22,7 +22,7 @@ def inputs(n=16, d=8, seed=0):
     return jnp.asarray(img), jnp.asarray(txt), jnp.float32(10.0), jnp.float32(-3.0)
 
 
-@pytest.mark.parametrize("kind", LOSSES + ("softmax_gather_by_sum",))
+@pytest.mark.parametrize("kind", LOSSES.names() + ("softmax_gather_by_sum",))
 @pytest.mark.parametrize("shape,names", MESHES, ids=[str(m[0]) for m in MESHES])
 def test_loss_and_grads_equal_single_device(kind, shape, names):
     if np.prod(shape) > len(jax.devices()):

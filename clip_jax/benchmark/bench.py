@@ -13,6 +13,11 @@ import time
 
 import numpy as np
 
+from clip_jax.cpu import onednn
+from clip_jax.methods.losses import LOSSES
+from clip_jax.models import DTYPES
+from clip_jax.models.layers import ATTN_IMPLS
+
 
 def synthetic_captions(n: int, seed: int = 0) -> list[str]:
     """Alt-text-like captions: Zipf-distributed words of the CLIP vocab, digits, punctuation, casing."""
@@ -317,13 +322,19 @@ def bench_train(args) -> dict:
 
 
 # What an `ab` variant may set: the train benchmark's options, and XLA compiler options (xla_*).
+# The step's choices, read from the library (never re-typed here).
+DTYPE_CHOICES = tuple(DTYPES)
+LOSS_CHOICES = LOSSES.names()
+ATTN_CHOICES = tuple(a for a in ATTN_IMPLS if a)
+ONEDNN_CHOICES = onednn.CHOICES
+
 VARIANT_SETTINGS = {
-    "dtype": ("float32", "bfloat16"),
+    "dtype": DTYPE_CHOICES,
     "remat": str,  # 'none', 'full' or a jax.checkpoint_policies name (checked when the model is built)
     "scan": bool,
-    "loss": ("softmax", "softmax_ring", "sigmoid"),
-    "attn": ("auto", "xla", "cudnn"),
-    "onednn_dots": ("auto", "on", "off"),
+    "loss": LOSS_CHOICES,
+    "attn": ATTN_CHOICES,
+    "onednn_dots": ONEDNN_CHOICES,
     "accum_steps": int,
 }
 
@@ -699,16 +710,16 @@ def _step_options(p) -> None:
     """The options of the training step that train, ab and parts build (as clip_jax.train builds it)."""
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch", type=int, default=32, help="global batch")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--loss", default="softmax", choices=["softmax", "softmax_ring", "sigmoid"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype")
+    p.add_argument("--loss", default="softmax", choices=LOSS_CHOICES)
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
-    p.add_argument("--attn", default="auto", choices=["auto", "xla", "cudnn"],
+    p.add_argument("--attn", default="auto", choices=ATTN_CHOICES,
                    help="attention kernel "
                    "(auto: cuDNN fused on NVIDIA GPUs in bf16, lengths padded to x8; XLA elsewhere)")
     p.add_argument("--mesh", default="", help="e.g. data=-1,fsdp=1,tensor=1 (default: data over all devices)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
-    p.add_argument("--onednn_dots", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--onednn_dots", default="auto", choices=ONEDNN_CHOICES,
                    help="XLA:CPU matmuls through oneDNN "
                    "(auto: float32 steps on one Intel CPU device; clip_jax.cpu.onednn)")
     p.add_argument("--keep_freed_memory", type=int, default=1, choices=[0, 1],

@@ -34,14 +34,15 @@ import numpy as np
 from clip_jax.evaluate import zero_shot
 from clip_jax.evaluate.retrieval import recall_at_k
 from clip_jax.input import eval_data
+from clip_jax.input.pipeline import SOURCES
+from clip_jax.registry import Registry
 
-TASKS = ("zero_shot", "retrieval", "linear_probe")
-_COMMON = {"label_key", "limit"}
-OPTIONS = {
-    "zero_shot": _COMMON | {"classes"},
-    "retrieval": {"caption_key", "max_captions", "limit"},
-    "linear_probe": _COMMON | {"train", "val", "test", "val_fraction"},
-}
+# Evaluation tasks by name, each with the options its spec takes (TASK=DATA|key=value...).
+TASKS: Registry = Registry("evaluation task")
+_COMMON = frozenset({"label_key", "limit"})
+TASKS.register("zero_shot")(_COMMON | {"classes"})
+TASKS.register("retrieval")(frozenset({"caption_key", "max_captions", "limit"}))
+TASKS.register("linear_probe")(_COMMON | {"train", "val", "test", "val_fraction"})
 _SHAPES_TASKS = eval_data.SHAPES_TASKS
 
 
@@ -64,23 +65,23 @@ def parse_evals(text) -> list[EvalSpec]:
     A bare data spec means zero_shot. Commas inside a TFRecord glob list stay with it."""
     if isinstance(text, (list, tuple)):
         return [s for item in text for s in parse_evals(item)]
-    starts = "|".join([f"{t}=" for t in TASKS] + ["shapes", "tfds:", "tfrecord:"])
+    starts = "|".join([f"{t}=" for t in TASKS] + [f"{kind}(?::|$)" for kind in SOURCES])
     items = [s.strip() for s in re.split(rf",(?=\s*(?:{starts}))", text or "") if s.strip()]
     specs = []
     for item in items:
         task, sep, rest = item.partition("=")
         if not sep or task not in TASKS:
-            if task.split(":")[0] not in ("shapes", "tfds", "tfrecord"):
-                raise ValueError(f"evaluation {item!r}: expected TASK=DATA with TASK in {TASKS}, "
+            if task.split(":")[0] not in SOURCES:
+                raise ValueError(f"evaluation {item!r}: expected TASK=DATA with TASK one of {', '.join(TASKS)}, "
                                  f"e.g. zero_shot=tfds:cifar10:test")
             task, rest = "zero_shot", item
         data, *pairs = rest.split("|")
         options = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
-            if not sep or key not in OPTIONS[task]:
+            if not sep or key not in TASKS.get(task):
                 raise ValueError(f"evaluation {item!r}: unknown option {pair!r} for {task}; "
-                                 f"options: {sorted(OPTIONS[task])}")
+                                 f"options: {sorted(TASKS.get(task))}")
             options[key] = value
         eval_data.parse_spec(_with_split(data, task))  # a bad data spec fails here
         specs.append(EvalSpec(task, data.strip(), tuple(sorted(options.items()))))

@@ -39,6 +39,7 @@ import numpy as np
 from clip_jax.input import records
 from clip_jax.input.settings import data_settings
 from clip_jax.preprocessing import MEAN, STD
+from clip_jax.registry import Registry
 
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard")
 _MASK31 = (1 << 31) - 1
@@ -52,25 +53,42 @@ class Source:
     split: str = "train"
 
 
+# Data source kinds: 'KIND[:REST]' -> Source, by the parser registered for KIND.
+SOURCES: Registry = Registry("data source")
+_SPEC_FORMS = "'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB[,GLOB...]'"
+
+
+@SOURCES.register("shapes")
+def _shapes_source(rest: str) -> Source:
+    split = rest or "train"
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"shapes split {split!r} not in train, validation, test")
+    return Source("shapes", split=split)
+
+
+@SOURCES.register("tfds")
+def _tfds_source(rest: str) -> Source:
+    name, _, split = rest.partition(":")  # the split may hold ':' itself (train[:10%])
+    if not name:
+        raise ValueError(f"no dataset name in 'tfds:{rest}': expected tfds:NAME[/CONFIG][:SPLIT]")
+    return Source("tfds", name, split or "train")
+
+
+@SOURCES.register("tfrecord")
+def _tfrecord_source(rest: str) -> Source:
+    if not rest:
+        raise ValueError("no files in 'tfrecord:': expected tfrecord:GLOB[,GLOB...]")
+    return Source("tfrecord", rest)
+
+
 def parse_spec(spec: str) -> Source:
     """'tfds:NAME[/CONFIG][:SPLIT]', 'tfrecord:GLOB[,GLOB...]', 'shapes[:SPLIT]'."""
     if not spec or not isinstance(spec, str):
-        raise ValueError(f"empty data spec {spec!r}: use 'shapes', 'tfds:NAME[:SPLIT]' or 'tfrecord:GLOB'")
-    if spec == "shapes" or spec.startswith("shapes:"):
-        split = spec.split(":", 1)[1] if ":" in spec else "train"
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"shapes split {split!r} not in train, validation, test")
-        return Source("shapes", split=split)
-    if spec.startswith("tfds:"):
-        rest = spec[len("tfds:") :]
-        name, _, split = rest.partition(":")  # the split may hold ':' itself (train[:10%])
-        if not name:
-            raise ValueError(f"no dataset name in {spec!r}: expected tfds:NAME[/CONFIG][:SPLIT]")
-        return Source("tfds", name, split or "train")
-    if spec.startswith("tfrecord:"):
-        return Source("tfrecord", spec[len("tfrecord:") :])
-    raise ValueError(f"unknown data spec {spec!r}: "
-                     "use 'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB'")
+        raise ValueError(f"empty data spec {spec!r}: use {_SPEC_FORMS}")
+    kind, _, rest = spec.partition(":")
+    if kind not in SOURCES:
+        raise ValueError(f"unknown data spec {spec!r}: use {_SPEC_FORMS} (sources: {', '.join(SOURCES)})")
+    return SOURCES.get(kind)(rest)
 
 
 def list_files(patterns: str) -> list[str]:

@@ -26,7 +26,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-LOSSES = ("softmax", "softmax_ring", "sigmoid")
+from clip_jax.registry import Registry
+
+# name -> body(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum), run per device.
+LOSSES: Registry = Registry("loss")
 
 
 # -- plain references (one device, the whole batch) -------------------------------------
@@ -60,6 +63,7 @@ def _gather_by_sum(x, axes, n_dev):
     return jax.lax.psum(buf, axes).reshape((n_dev * x.shape[0],) + x.shape[1:])
 
 
+@LOSSES.register("softmax")
 def _softmax_all_gather(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False):
     del bias
     b = img.shape[0]
@@ -79,7 +83,8 @@ def _ring_perm(n: int):
     return [(i, (i + 1) % n) for i in range(n)]
 
 
-def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
+@LOSSES.register("softmax_ring")
+def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False):
     """Row lse of my images over all texts; column lse of the texts that visit me travels with them."""
     del bias
     pos = scale * jnp.sum(img * txt, axis=-1)  # the positives: my own pairs
@@ -101,7 +106,8 @@ def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
     return jax.lax.psum(local, axes) / (2 * n_total)
 
 
-def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev):
+@LOSSES.register("sigmoid")
+def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False):
     @partial(jax.checkpoint, prevent_cse=False)
     def step(carry, hop):
         total, visiting_txt = carry
@@ -122,8 +128,7 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
     gather_by_sum: the all_gather of 'softmax' as a psum, chosen by whoever builds the mesh
     (clip_jax.parallel.sharding.slow_all_gather; see _gather_by_sum).
     """
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}: choose one of {LOSSES}")
+    body = LOSSES.get(kind)
     axes = tuple(data_axes)
     n_dev = 1
     for a in axes:
@@ -140,13 +145,8 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
                 raise ValueError("the sigmoid loss needs the model's logit bias: build the model with init_logit_bias "
                                  "(SigLIP: -10, with init_logit_scale log 10; config.loss='sigmoid' sets both)")
             bias = jnp.zeros((), jnp.float32)
-        body = {
-            "softmax": partial(_softmax_all_gather, axes=axes, n_total=n_total, n_dev=n_dev,
-                               gather_by_sum=gather_by_sum),
-            "softmax_ring": partial(_softmax_ring, axes=axes, n_total=n_total, n_dev=n_dev),
-            "sigmoid": partial(_sigmoid_ring, axes=axes, n_total=n_total, n_dev=n_dev),
-        }[kind]
-        sharded = _shard_map(body, mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
+        per_device = partial(body, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum)
+        sharded = _shard_map(per_device, mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
         return sharded(img.astype(jnp.float32), txt.astype(jnp.float32), jnp.float32(scale), jnp.float32(bias))
 
     return loss

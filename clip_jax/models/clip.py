@@ -13,6 +13,7 @@ from clip_jax.models.layers import Dtype, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
+from clip_jax.registry import Registry
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -22,6 +23,31 @@ def l2_normalize(x, eps: float = 1e-12):
     x = x.astype(jnp.float32)
     norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
     return x / jnp.maximum(norm, eps)
+
+
+def _resnet(clip: "CLIP") -> nn.Module:
+    v = clip.config.vision
+    if len(v.layers) != 4:
+        raise ValueError(f"a ModifiedResNet needs 4 stage depths, got layers={v.layers}")
+    return ModifiedResNet(layers=v.layers, output_dim=clip.config.embed_dim, heads=v.heads, image_size=v.image_size,
+                          width=v.width, dtype=clip.dtype, remat="none" if clip.remat == "none" else "full")
+
+
+def _vit(clip: "CLIP") -> nn.Module:
+    v = clip.config.vision
+    if not v.patch_size:
+        raise ValueError("a ViT vision_cfg needs patch_size (or give 4 stage depths for a ResNet)")
+    return VisionTransformer(
+        image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers, heads=v.heads,
+        mlp_ratio=v.mlp_ratio, output_dim=clip.config.embed_dim, pool_type=v.pool_type,
+        attn_pooler_heads=v.attn_pooler_heads, quick_gelu=clip.config.quick_gelu, dtype=clip.dtype,
+        attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
+
+
+# Image towers by VisionConfig.kind: each builds the tower from the CLIP module's config and options.
+VISION_TOWERS: Registry = Registry("vision tower")
+VISION_TOWERS.register("resnet")(_resnet)
+VISION_TOWERS.register("vit")(_vit)
 
 
 class CLIP(nn.Module):
@@ -44,38 +70,7 @@ class CLIP(nn.Module):
         cfg = self.config
         if self.remat != "none":
             remat_policy(self.remat)  # fail early on a bad name
-        v = cfg.vision
-        if v.is_resnet:
-            if len(v.layers) != 4:
-                raise ValueError(f"a ModifiedResNet needs 4 stage depths, got layers={v.layers}")
-            self.visual = ModifiedResNet(
-                layers=v.layers,
-                output_dim=cfg.embed_dim,
-                heads=v.heads,
-                image_size=v.image_size,
-                width=v.width,
-                dtype=self.dtype,
-                remat="none" if self.remat == "none" else "full",
-            )
-        else:
-            if not v.patch_size:
-                raise ValueError("a ViT vision_cfg needs patch_size (or give 4 stage depths for a ResNet)")
-            self.visual = VisionTransformer(
-                image_size=v.image_size,
-                patch_size=v.patch_size,
-                width=v.width,
-                layers=v.layers,
-                heads=v.heads,
-                mlp_ratio=v.mlp_ratio,
-                output_dim=cfg.embed_dim,
-                pool_type=v.pool_type,
-                attn_pooler_heads=v.attn_pooler_heads,
-                quick_gelu=cfg.quick_gelu,
-                dtype=self.dtype,
-                attn_impl=self.attn_impl,
-                remat=self.remat,
-                scan=self.scan,
-            )
+        self.visual = VISION_TOWERS.get(cfg.vision.kind)(self)
         t = cfg.text
         self.text = TextTransformer(
             context_length=t.context_length,

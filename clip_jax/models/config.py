@@ -35,6 +35,11 @@ class VisionConfig:
         return isinstance(self.layers, tuple)
 
     @property
+    def kind(self) -> str:
+        """The tower (clip_jax.models.clip.VISION_TOWERS): 4 stage depths make a ModifiedResNet."""
+        return "resnet" if self.is_resnet else "vit"
+
+    @property
     def heads(self) -> int:
         # ModifiedResNet's attention pool works at width*32 channels.
         return (self.width * 32 if self.is_resnet else self.width) // self.head_width

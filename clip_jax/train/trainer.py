@@ -38,8 +38,7 @@ def validate(config) -> None:
 
     parse_evals(config.data.eval)  # syntax only; make_evaluator checks the datasets
     METHODS.get(config.method)  # an unknown name lists the known ones
-    if config.loss not in LOSSES:
-        raise ValueError(f"config.loss {config.loss!r} not in {', '.join(LOSSES)}")
+    LOSSES.get(config.loss)
     if not config.data.train:
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
     streams = stream_count(config.data, config.batch_size, jax.process_count())
