@@ -1,5 +1,6 @@
 """The package layout shows the layers, and the imports keep to them (read from the AST, function-
-local imports included): models import nothing outside models; input imports neither training nor
+local imports included): models import nothing outside models (but the leaf clip_jax.registry);
+input imports neither training nor
 evaluation; methods import neither training, evaluation nor input; CPU support is imported only by
 entry points (__main__ modules) and the benchmark."""
 
@@ -41,7 +42,7 @@ def test_import_directions():
     bad = []
     for module, targets in graph.items():
         for target in targets:
-            if target == "clip_jax":  # `from clip_jax import X` names X, also listed
+            if target == "clip_jax" or _in(target, "clip_jax.registry"):  # the package name; the leaf helper
                 continue
             rules = [
                 (_in(module, "clip_jax.models"), not _in(target, "clip_jax.models"), "models import only models"),

@@ -209,6 +209,7 @@ def step_config(args):
     c.attn_impl = args.attn
     c.batch_size, c.accum_steps = args.batch, args.accum_steps
     c.optim.warmup_steps = 10
+    c.optim.frozen = getattr(args, "frozen", "")
     return c
 
 
@@ -303,7 +304,8 @@ def bench_train(args) -> dict:
         mfu = float(np.median([model_flops / t / p for t, p in zip(times, cpu_peaks)]))
     out = {
         "model": args.model, "batch": args.batch, "devices": n, "mesh": dict(mesh.shape), "dtype": args.dtype,
-        "remat": args.remat, "scan": args.scan, "loss": args.loss, "attn": args.attn, "keep_freed_memory": keep_freed,
+        "remat": args.remat, "scan": args.scan, "loss": args.loss, "frozen": args.frozen, "attn": args.attn,
+        "keep_freed_memory": keep_freed,
         "host_allocator": host_memory.allocator(),
         "onednn_dots": "on" if train.step_options else "off",
         "compile_s": compile_s,
@@ -312,6 +314,9 @@ def bench_train(args) -> dict:
         "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": mfu,
         **_memory(compiled),
     }
+    if args.frozen:  # the model-FLOP count assumes every param is trained: no MFU for a partial step
+        for key in ("tflop/s", "mfu"):
+            out.pop(key)
     if n == 1 or device.platform == "cpu":  # the host's own work per step: page faults show up here
         out.update({f"host_{k}_per_step": v for k, v in usage.items()})
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -712,6 +717,7 @@ def _step_options(p) -> None:
     p.add_argument("--batch", type=int, default=32, help="global batch")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype")
     p.add_argument("--loss", default="softmax", choices=LOSS_CHOICES)
+    p.add_argument("--frozen", default="", help="params to freeze, a regex over param paths (config.optim.frozen)")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=ATTN_CHOICES,

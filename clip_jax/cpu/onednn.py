@@ -2,34 +2,20 @@
 
 XLA:CPU hands each matmul to a library. By default that is YNNPACK, which runs the dense
 projections near the host's matmul peak but the attention cores (hundreds of tiny batched
-matmuls, 77 x 64 x 77 per text head, 50 x 64 x 50 per ViT-B/32 head) at a quarter to a half
-of it: their fixed cost per matrix dominates. oneDNN's matmul (`xla_cpu_use_onednn` with the
-"individual dot" fusion) runs those at about twice YNNPACK's speed and the dense shapes about as
-fast. On an Intel Xeon (AVX-512) host, a ViT-B/32 batch-32 float32 step was 1.045-1.064 x
-faster with it (median of 6 paired rounds, `python -m clip_jax.benchmark ab`), the smoke
-run's ViT-Tiny-test 0.97 x (its matmuls are too small for either library to matter).
+matmuls) well below it: their fixed cost per matrix dominates. oneDNN's matmul
+(`xla_cpu_use_onednn` with the "individual dot" fusion) runs those about twice as fast and the
+dense shapes about as fast, so `onednn_dots="auto"` turns it on for float32 steps on one CPU
+device where the CPU is Intel's, and off elsewhere (AMD hosts measured no gain beyond the noise;
+bf16 and multi-device CPU steps were never measured). "on" forces it. Options are per compiled
+program (jax.jit's `compiler_options`), never process-wide XLA_FLAGS, so evaluation and embedding
+programs keep XLA's defaults. Figures and commands: docs/performance.md.
 
-So `onednn_dots="auto"` turns it on for float32 steps on one CPU device where the CPU is
-Intel's (oneDNN is Intel's library) and off elsewhere. bf16 steps on the CPU were never
-measured with it (a CPU run is a float32 run), so they keep XLA's default library; nor were
-steps over several simulated CPU devices (the test suite's 8-device meshes; a real CPU host is
-one device), so auto keeps those on XLA's default too. On AMD hosts oneDNN was not
-faster beyond the noise: a Zen 4 host (AVX-512) ran the ViT-B/32 batch-32 step 1.02 x faster
-with it, median of 6 paired rounds ranging 0.96-1.41 x. "on" forces it in every case. Options
-are per compiled program (jax.jit's `compiler_options`), never process-wide XLA_FLAGS, so
-evaluation and embedding programs keep XLA's defaults.
-
-One cost: XLA cannot serialize a oneDNN call into the persistent compilation cache ("ToProto
-is not implemented for thunk kind: onednn-fusion"), so such a step is compiled afresh on a
-restart (about 7 s for ViT-B/32 on 2 cores).
-
-One hazard, and its guard: XLA:CPU (jax 0.10.2) aborts the whole process when a program with
-oneDNN calls is destroyed soon after its last run on a loaded machine, even after
-block_until_ready: "object_pool.h:117 Check failed: available_.size() == num_created_" in
-~OneDnnFusionThunk (a oneDNN state it pooled is still out). That abort, not oneDNN itself, is
-what killed CI's test workers (a benchmark's matmul peak, compiled with oneDNN and dropped). So
-every program compiled with these options is kept alive until the process exits
-(`keep_alive`); a training run or a benchmark compiles only a few.
+XLA cannot serialize a oneDNN call into the persistent compilation cache, so such a step is
+compiled afresh on a restart. And XLA:CPU (jax 0.10.2) aborts the whole process when a program
+with oneDNN calls is destroyed soon after its last run on a loaded machine ("object_pool.h:117
+Check failed: available_.size() == num_created_" in ~OneDnnFusionThunk), so every program
+compiled with these options is kept alive until the process exits (`keep_alive`; the train CLI
+passes it as the trainer's `retain` hook).
 """
 
 from __future__ import annotations

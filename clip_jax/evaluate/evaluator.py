@@ -451,7 +451,7 @@ def main(argv=None):
             data_config[key] = value  # a plain string
     if args.data_dir:
         data_config["data_dir"] = args.data_dir
-    specs = parse_evals(args.eval or (run_config.data.get("eval", "") if run_config else ""))
+    specs = parse_evals(args.eval or (run_config.data.eval if run_config else ""))
     if not specs:
         parser.error("no evaluation: pass --eval=TASK=DATA (e.g. --eval=zero_shot=shapes:test)")
     evaluator = Evaluator(specs, data_config, image_size=model.config.vision.image_size,

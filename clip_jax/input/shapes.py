@@ -343,10 +343,10 @@ def ensure_shapes_dataset(
     directory, so different settings never collide. It is written as a temporary sibling
     then renamed, so a crash or a concurrent writer never leaves a partial dataset under
     the final name; the loser of a race just uses the winner's (identical) files.
-    workers: processes to draw with. Default 1: one core makes the default 22k images in
-    ~10 s (+ TF import), and 2 workers gained nothing on a loaded 2-core machine (spawned
-    workers pay ~2 s importing clip_jax/JAX). Use more for big datasets on big hosts; the
-    workers are spawned, so the calling script needs an ``if __name__ == "__main__"`` guard.
+    workers: processes to draw with. Default 1: one core makes the default dataset in seconds,
+    and spawned workers pay for importing clip_jax and JAX first. Use more for big datasets on
+    big hosts; the workers are spawned, so the calling script needs an
+    ``if __name__ == "__main__"`` guard.
     Local paths only (os.rename).
     """
     sizes = dict(DEFAULT_SIZES, **(sizes or {}))

@@ -21,8 +21,7 @@ from clip_jax.input.pipeline import InputState
 
 # Replica-parallel saving splits each replicated array over its replicas, so each writes a
 # part: worth it for large arrays on many hosts, but for small ones the slicing (a jax op
-# per array per device) costs far more than the write (6 s per save of the smoke model on 8
-# CPU devices). Only arrays above this size are split.
+# per array per device) costs far more than the write. Only arrays above this size are split.
 _MIN_BYTES_TO_SPLIT = 64 << 20
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_BYTES_TO_SPLIT), override=True

@@ -163,7 +163,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
     * the scale is one scalar multiplied into each leaf, which XLA fuses into the Adam moment
       updates that read it; optax's per-leaf divide made XLA write the clipped gradients out
-      and read them back (ViT-B/32: 14 -> 11 passes over 151M floats per step);
+      and read them back (three passes over the params per step saved; docs/performance.md);
     * ``grad_norm=`` (an extra arg of ``update``) passes the norm the step already took, so the
       gradients are not read once more for it.
     """
