@@ -9,10 +9,14 @@ The public API (TensorFlow is never imported here; the input pipeline imports it
     clip_jax.save_open_clip("ViT-B-32-quickgelu", params, "out.safetensors")
 """
 
-from clip_jax.api import encode_image, encode_text, load, save_open_clip
-from clip_jax.models import create_model, get_model_config, init_variables, list_models
-from clip_jax.preprocessing import MEAN, STD, preprocess
-from clip_jax.tokenizers import tokenize
+from clip_jax.input.tf_runtime import quiet_cuda_probe
+
+quiet_cuda_probe()  # first, before anything (etils, tfds, the input pipeline) imports TensorFlow
+
+from clip_jax.api import encode_image, encode_text, load, save_open_clip  # noqa: E402
+from clip_jax.models import create_model, get_model_config, init_variables, list_models  # noqa: E402
+from clip_jax.preprocessing import MEAN, STD, preprocess  # noqa: E402
+from clip_jax.tokenizers import tokenize  # noqa: E402
 
 __version__ = "0.1.0"
 
