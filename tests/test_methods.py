@@ -212,3 +212,20 @@ def test_lit_style_frozen_image_tower_from_weights_exports_it_bit_for_bit(tmp_pa
     frozen_bytes = sum(v.size * 4 for k, v in _flat(loaded).items() if k.startswith("visual/"))
     saved = size("full") - size("lit")
     assert 1.6 * frozen_bytes < saved < 2.4 * frozen_bytes, (saved, frozen_bytes)
+
+
+def test_init_params_from_an_open_clip_safetensors_file(tmp_path):
+    """The same partial initialization from open_clip's layout (the converter reads only the taken keys)."""
+    from clip_jax.api import save_open_clip
+
+    loaded, _ = _weights(tmp_path)
+    path = str(tmp_path / "w.safetensors")
+    save_open_clip("ViT-Tiny-test", {"params": loaded}, path)
+    c = tiny_config()
+    c.init_from, c.init_params = path, "text/.*|logit_scale"
+    got, want, fresh = _flat(tiny_run(c).state.params), _flat(loaded), _flat(tiny_run().state.params)
+    for k in got:
+        np.testing.assert_array_equal(got[k], fresh[k] if k.startswith("visual/") else want[k], err_msg=k)
+    c.model_overrides = {"text_cfg": {"width": 64, "heads": 2}}
+    with pytest.raises(ValueError, match=r"params 'text/[a-z_/]+' has shape \((\d+, )?32,?\) in the weights \(key"):
+        tiny_run(c)

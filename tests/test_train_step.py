@@ -109,9 +109,8 @@ def test_params_are_finite_checks_every_leaf():
 def test_bfloat16_step_takes_every_tower_matmul_in_bfloat16(name):
     """dtype=bfloat16: every matmul and convolution of the training step, forward and backward,
     takes bf16 operands, except the loss's [N, d] x [d, N] logits and their gradients (float32 on
-    purpose). Read off the lowered program; before attention_logits' backward, each attention
-    layer's dq and dk were float32 matmuls (autodiff met the float32 logits' gradient by
-    converting k and q), and the pooled last layer's and the attention pool's too."""
+    purpose). Read off the lowered program: autodiff of float32 attention logits would turn each
+    layer's dq and dk into float32 matmuls; attention_logits' own backward keeps them bf16."""
     import re
 
     n = 8
