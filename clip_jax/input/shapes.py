@@ -9,9 +9,16 @@ background, with a caption naming colour, shape and (often) size and position of
 
 The first object a caption mentions is the *main* one; ``label`` is its index in
 ``class_names("combo")`` ("red circle", ...), ``label_color`` / ``label_shape`` its colour
-and shape indices. One (colour, shape) combo per colour is held out (``HELD_OUT``): it
-appears nowhere in "train" or "validation", and is the main object of every "test" image,
-so zero-shot accuracy on "test" measures composition of colour and shape, not recall.
+and shape indices. Training images hold one or two objects; "validation" and "test" images
+hold exactly one, so their labels are what the image shows and a perfect model scores 100%
+on every zero-shot task. One (colour, shape) combo per colour is held out (``HELD_OUT``): it
+appears nowhere in "train" or "validation", and is the object of every "test" image, so
+zero-shot accuracy on "test" measures composition of colour and shape, not recall.
+
+Dense labels, for detection and segmentation: every record also holds each object's colour,
+shape and box (``objects/color``, ``objects/shape``, ``objects/bbox`` as [ymin, xmin, ymax,
+xmax] in [0, 1], tfds' convention) and ``segmentation``, a PNG of the object index of each
+pixel (0 = background, k = the k-th object, in caption order).
 
 Every example is drawn from its own ``np.random.default_rng([seed, split, index])``, so the
 records are byte-identical for a seed whatever the sharding or the number of processes.
@@ -42,7 +49,7 @@ from PIL import Image, ImageDraw
 
 from clip_jax.input import records
 
-VERSION = 1
+VERSION = 2  # 2: single-object evaluation splits, dense labels (older caches are rebuilt)
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
 
@@ -243,9 +250,10 @@ def _example(seed: int, split: str, index: int, image_size: int):
     grey = rng.uniform(20, 60) if dark else rng.uniform(195, 245)
     background = _jitter(rng, (grey, grey, grey), 8)  # a faint tint
 
-    # Test: the main object is a held-out combo, the other anything. Else seen combos only.
+    # Test: the object is a held-out combo. Else seen combos only. Evaluation images hold one
+    # object, so what they show is their label; training images one or two.
     main_pool, other_pool = (_HELD, _ALL) if split == "test" else (_SEEN, _SEEN)
-    n = 1 if rng.random() < 0.5 else 2
+    n = 1 if rng.random() < 0.5 or split != "train" else 2
     objs = []
     for i in range(n):
         while True:  # two objects of one combo would make an odd caption
@@ -282,13 +290,31 @@ def _example(seed: int, split: str, index: int, image_size: int):
     return image, caption, objs
 
 
-def serialize(png: bytes, caption: str, key: str, color: int, shape: int) -> bytes:
-    """records' schema plus int64 ``label_color`` and ``label_shape`` (``label`` = combo)."""
+def segmentation(objs: Sequence[dict], size: int) -> np.ndarray:
+    """uint8 [size, size]: 0 for background, k + 1 where object k was drawn (the same polygons)."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    for k, obj in enumerate(objs):
+        _draw(draw, SHAPE_NAMES[obj["shape"]], obj["x"], obj["y"], obj["r"], k + 1)
+    return np.asarray(mask)
+
+
+def boxes(objs: Sequence[dict], size: int) -> np.ndarray:
+    """float32 [n, 4]: each object's box as [ymin, xmin, ymax, xmax] in [0, 1]."""
+    return np.array([[(o["y"] - o["r"]) / size, (o["x"] - o["r"]) / size, (o["y"] + o["r"]) / size,
+                      (o["x"] + o["r"]) / size] for o in objs], np.float32).clip(0.0, 1.0)
+
+
+def serialize(png: bytes, caption: str, key: str, objs: Sequence[dict], mask_png: bytes, size: int) -> bytes:
+    """records' schema plus int64 ``label_color`` and ``label_shape`` (``label`` = combo) of the
+    main object, and the dense labels of every object (see the module docstring)."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
-    def ints(v: int):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+    color, shape = objs[0]["color"], objs[0]["shape"]
+
+    def ints(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in np.atleast_1d(v)]))
 
     def strs(v: bytes):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
@@ -300,23 +326,32 @@ def serialize(png: bytes, caption: str, key: str, color: int, shape: int) -> byt
         records.LABEL: ints(combo_index(color, shape)),
         "label_color": ints(color),
         "label_shape": ints(shape),
+        "objects/color": ints([o["color"] for o in objs]),
+        "objects/shape": ints([o["shape"] for o in objs]),
+        "objects/bbox": tf.train.Feature(float_list=tf.train.FloatList(value=boxes(objs, size).reshape(-1))),
+        "segmentation": strs(mask_png),
     }
     # deterministic: sorts the feature map; without it the byte order of map entries can
     # change from one process to the next (seen here), breaking byte-identical records.
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
+def _png(image: Image.Image) -> bytes:
+    # PNG: lossless (colours exact, as named), small for flat shapes, and as fast to decode as
+    # JPEG at this size.
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
 def _encoded_range(args) -> List[tuple]:
-    """Worker: (png bytes, caption, key, color, shape) for indices [start, stop) of a split."""
+    """Worker: the arguments of `serialize` for indices [start, stop) of a split."""
     seed, split, start, stop, image_size = args
     out = []
     for i in range(start, stop):
         image, caption, objs = _example(seed, split, i, image_size)
-        buf = io.BytesIO()
-        # PNG, lossless (colours exact, as named) and small here (~280 B at 64 px: flat
-        # shapes compress ~40x); it decodes as fast as JPEG at this size.
-        image.save(buf, format="PNG", compress_level=6)
-        out.append((buf.getvalue(), caption, f"{split}-{i:07d}", objs[0]["color"], objs[0]["shape"]))
+        mask = _png(Image.fromarray(segmentation(objs, image_size)))
+        out.append((_png(image), caption, f"{split}-{i:07d}", objs, mask, image_size))
     return out
 
 
@@ -402,6 +437,9 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
         num_shards=shards,
         files={s: [os.path.basename(p) for p in writers[s].paths] for s in SPLITS},
         features={"label": "combo", "label_color": "color", "label_shape": "shape"},
+        dense_features={"objects/color": "color of each object", "objects/shape": "shape of each object",
+                        "objects/bbox": "[ymin, xmin, ymax, xmax] in [0, 1] of each object",
+                        "segmentation": "PNG, 0 = background, k = the k-th object"},
         class_names={t: class_names(t) for t in ("color", "shape", "combo")},
         held_out=held_out_names(),
         held_out_labels=[int(k) for k in _HELD],
@@ -416,7 +454,8 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
 
 
 def parse(serialized: bytes) -> dict:
-    """A record back as dict(image=uint8 [H, W, 3], caption, key, label, label_color, label_shape)."""
+    """A record back as dict(image=uint8 [H, W, 3], caption, key, label, label_color, label_shape,
+    objects=[dict(color, shape, bbox)], segmentation=uint8 [H, W])."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
@@ -428,6 +467,10 @@ def parse(serialized: bytes) -> dict:
     )
     for name in (records.LABEL, "label_color", "label_shape"):
         out[name] = int(f[name].int64_list.value[0])
+    bbox = np.asarray(f["objects/bbox"].float_list.value, np.float32).reshape(-1, 4)
+    out["objects"] = [dict(color=int(c), shape=int(s), bbox=b) for c, s, b in
+                      zip(f["objects/color"].int64_list.value, f["objects/shape"].int64_list.value, bbox)]
+    out["segmentation"] = np.asarray(Image.open(io.BytesIO(f["segmentation"].bytes_list.value[0])))
     return out
 
 
