@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.compilation_cache_dir = ""  # "" = ~/.cache/clip_jax/xla; "none" = off
     c.max_nonfinite_steps = 10  # stop after this many steps in a row with a NaN/inf loss or gradient
+    c.summary_png = False  # at the end: WORKDIR/summary.png, curves and (on shapes) zero-shot predictions
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.optim = ml_collections.ConfigDict(OPTIM_DEFAULTS)
     c.data = ml_collections.ConfigDict(DATA_DEFAULTS)

@@ -57,10 +57,15 @@ def test_embeddings_match_open_clip(case):
 def test_state_dict_layout_equals_open_clip_for_every_preset():
     with gzip.open(f"{FIXTURES}/state_dict_shapes.json.gz", "rt") as f:
         reference = json.load(f)
-    names = [n for n in list_models() if not n.endswith("-quickgelu")]
+    # The CPU demo presets (ViT-Shapes-*) are ViTs like ViT-Tiny-test: the same keys, their own shapes.
+    demos = [n for n in list_models() if "-Shapes-" in n and not n.endswith("-quickgelu")]
+    for name in demos:
+        assert sorted(convert.expected_state_dict_shapes(create_model(name, scan=True))) == sorted(
+            reference["ViT-Tiny-test"]), name
+    names = [n for n in list_models() if not n.endswith("-quickgelu") and n not in demos]
     assert sorted(names) == sorted(reference)
     for name in list_models():
-        if name.endswith("-quickgelu"):  # same tensors as the base preset, other activation
+        if name in demos or name.endswith("-quickgelu"):  # same tensors as the base preset, other activation
             base = clip_jax.get_model_config(name[: -len("-quickgelu")])
             assert clip_jax.get_model_config(name) == dataclasses.replace(base, quick_gelu=True)
             continue

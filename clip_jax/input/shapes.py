@@ -217,7 +217,9 @@ def _pick_combo(rng: np.random.Generator, allowed: np.ndarray) -> Tuple[int, int
 
 def _phrase(rng: np.random.Generator, obj: dict) -> str:
     words = [COLOR_NAMES[obj["color"]], SHAPE_NAMES[obj["shape"]]]
-    if rng.random() < 0.75:  # size said most of the time, so "small"/"large" get learnt
+    # Size half the time: often enough that "small"/"large" get learnt, rarely enough that colour,
+    # size and position alone do not tell a batch's captions apart (shape must be seen too).
+    if rng.random() < 0.5:
         words.insert(0, _SIZE_WORDS[obj["size"]][rng.integers(2)])
     return _a(" ".join(words))
 
@@ -268,7 +270,7 @@ def _example(seed: int, split: str, index: int, image_size: int):
         where = _choice(rng, tuple(_WHERE))
         objs[0]["x"], objs[0]["y"] = _place_single(rng, where, objs[0]["r"], size)
         text = _phrase(rng, objs[0])
-        if rng.random() < 0.7:
+        if rng.random() < 0.3:  # the position, sometimes (see _phrase)
             text += " " + _choice(rng, _WHERE[where])
     else:
         relation = _choice(rng, tuple(_RELATIONS))

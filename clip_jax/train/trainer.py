@@ -166,6 +166,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     compiler_options: XLA options for the train step (a CPU entry point's oneDNN choice);
     retain: called with the compiled step, for an entry point that must keep it past the run.
     """
+    started = time.perf_counter()
     validate(config)
     write_run_config(workdir, config)
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -218,6 +219,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                 elapsed = time.perf_counter() - window_start
                 row = _log_row(step, metrics, float(run.schedule(step - 1)), window_images / elapsed,
                                sum(pipe.bad_records().values()))
+                row["elapsed_s"] = time.perf_counter() - started  # of this process, data and compiles included
                 eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                     + f" eta={_duration(eta)}")
@@ -244,12 +246,34 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                 return last
         if previous is not None:
             _check_streak(*previous, config)
+        if config.summary_png and jax.process_index() == 0:
+            manager.wait_until_finished()
+            _write_summary(run, state, config, workdir)
     finally:  # an error, too, lets a save in flight complete: no half-written checkpoint
         preemption.restore()
         manager.wait_until_finished()
         if metrics_file:
             metrics_file.close()
     return last
+
+
+def _write_summary(run, state, config, workdir: str) -> None:
+    """WORKDIR/summary.png: the run's curves, and on the shapes dataset a grid of zero-shot predictions."""
+    from clip_jax.evaluate import summary
+
+    path = os.path.join(workdir, "summary.png")
+    try:
+        examples = None
+        if jax.process_count() == 1 and config.data.train.startswith("shapes"):
+            variables = jax.device_get(run.method.model_variables(state.params, state.model_state))
+            examples = summary.shapes_predictions(run.model, variables, _data_config(config))
+        rows = summary.read_rows(os.path.join(workdir, "metrics.jsonl"))
+        title = f"{config.model} on {config.data.train}, step {rows[-1]['step']}"
+        summary.write_summary(path, rows, examples, title=title)
+    except Exception as e:  # the run's results are saved; a picture that fails must not fail it
+        log(f"{path} not written: {type(e).__name__}: {e}")
+        return
+    log(f"wrote {path}")
 
 
 def _log_row(step: int, metrics: dict, learning_rate: float, images_per_sec: float, skipped_records: int) -> dict:

@@ -1,0 +1,156 @@
+"""WORKDIR/summary.png: a run at a glance. Loss, learning rate and zero-shot top-1 against steps,
+and a grid of test images with the model's top-3 zero-shot labels. Drawn with PIL alone (no
+plotting library); TensorBoard stays for everything else."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127))
+PANEL = (330, 230)  # width, height of one chart in px
+
+
+def read_rows(metrics_path: str) -> list[dict]:
+    """The rows of a metrics.jsonl (a line cut short by a kill is skipped)."""
+    from etils import epath
+
+    rows = []
+    for line in epath.Path(metrics_path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def _chart(title: str, series: dict, percent: bool = False) -> Image.Image:
+    """One line chart: {name: [(step, value), ...]} in a PANEL-sized image."""
+    width, height = PANEL
+    left, right, top, bottom = 46, 10, 22, 30
+    image = Image.new("RGB", PANEL, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((left, 4), title, fill="black", font=font)
+    points = [p for line in series.values() for p in line]
+    if not points:
+        draw.text((left, height // 2), "no data", fill="gray", font=font)
+        return image
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = (0.0, 1.0) if percent else (min(p[1] for p in points), max(p[1] for p in points))
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
+    draw.rectangle([left, top, width - right, height - bottom], outline=(180, 180, 180))
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + frac * (y1 - y0)
+        label = f"{100 * y:.0f}%" if percent else _fmt(y)
+        draw.text((2, sy(y) - 5), label, fill="black", font=font)
+        draw.line([(left, sy(y)), (width - right, sy(y))], fill=(230, 230, 230))
+    draw.text((left, height - bottom + 4), str(int(x0)), fill="black", font=font)
+    draw.text((width - right - 40, height - bottom + 4), f"step {int(x1)}", fill="black", font=font)
+    for k, (name, line) in enumerate(series.items()):
+        color = PALETTE[k % len(PALETTE)]
+        xy = [(sx(x), sy(y)) for x, y in sorted(line)]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        if len(series) > 1:
+            draw.text((left + 4, top + 4 + 11 * k), f"{name} {_fmt(100 * line[-1][1]) + '%' if percent else ''}",
+                      fill=color, font=font)
+    return image
+
+
+def charts(rows: Sequence[dict]) -> list[Image.Image]:
+    """Loss, learning rate, and every zero-shot top-1 (one line per dataset/task)."""
+    line = lambda key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731
+    zero_shot = sorted({k for r in rows for k in r if k.startswith("zero_shot/") and k.endswith("/top1")})
+    accuracy = {k[len("zero_shot/"):-len("/top1")]: line(k) for k in zero_shot}
+    return [_chart("loss", {"loss": line("loss")}), _chart("learning rate", {"lr": line("learning_rate")}),
+            _chart("zero-shot top-1", accuracy, percent=True)]
+
+
+def prediction_grid(examples: Sequence[dict], columns: int = 8, scale: int = 2) -> Image.Image:
+    """Images with their true label and the top-3 predictions (green: top-1 right, red: wrong).
+    examples: dict(image=uint8 [S, S, 3], label=str, top3=[(name, probability), ...])."""
+    font = ImageFont.load_default()
+    side = examples[0]["image"].shape[0] * scale
+    cell_w, cell_h = max(side, 120) + 8, side + 4 * 12 + 8
+    rows = math.ceil(len(examples) / columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, ex in enumerate(examples):
+        x, y = (k % columns) * cell_w + 4, (k // columns) * cell_h + 2
+        grid.paste(Image.fromarray(ex["image"]).resize((side, side), Image.NEAREST), (x, y))
+        draw.text((x, y + side + 2), f"is: {ex['label']}", fill="black", font=font)
+        for j, (name, p) in enumerate(ex["top3"]):
+            right = name == ex["label"]
+            color = (0, 140, 0) if right else ((200, 0, 0) if j == 0 else (90, 90, 90))
+            draw.text((x, y + side + 14 + 12 * j), f"{j + 1}. {name} {100 * p:.0f}%", fill=color, font=font)
+    return grid
+
+
+def compose(panels: Sequence[Image.Image], grid: Optional[Image.Image], title: str) -> Image.Image:
+    font = ImageFont.load_default()
+    width = max(sum(p.width for p in panels), grid.width if grid is not None else 0)
+    height = 18 + max(p.height for p in panels) + (grid.height + 18 if grid is not None else 0)
+    out = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((6, 3), title, fill="black", font=font)
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 18))
+        x += p.width
+    if grid is not None:
+        y = 18 + max(p.height for p in panels)
+        draw.text((6, y + 3), "test images (held-out combinations): true label, top-3 zero-shot", fill="black",
+                  font=font)
+        out.paste(grid, (0, y + 18))
+    return out
+
+
+def shapes_predictions(model, variables, data_config, n: int = 16, split: str = "test") -> list[dict]:
+    """The first `n` images of the shapes split with the model's top-3 zero-shot combo labels (one
+    device: the model's full variables must be addressable here)."""
+    import jax
+
+    import clip_jax
+    from clip_jax.evaluate.zero_shot import classifier_weights
+    from clip_jax.input import shapes
+    from clip_jax.input.pipeline import shapes_files
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    records = [shapes.parse(r.numpy()) for r in tf.data.TFRecordDataset(shapes_files(split, data_config)).take(n)]
+    names = shapes.class_names("combo")
+    size = model.config.vision.image_size
+    images = clip_jax.preprocess([Image.fromarray(r["image"]) for r in records], image_size=size)
+    weights = classifier_weights(model, variables, shapes.prompts("combo"))
+    image_embeds = clip_jax.encode_image(model, variables, images)
+    scale = float(np.exp(min(float(jax.device_get(variables["params"]["logit_scale"])), math.log(100.0))))
+    logits = scale * image_embeds @ weights.T
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    out = []
+    for r, p in zip(records, probs):
+        top = np.argsort(-p)[:3]
+        out.append(dict(image=r["image"], label=names[r["label"]], top3=[(names[i], float(p[i])) for i in top]))
+    return out
+
+
+def write_summary(path: str, rows: Sequence[dict], examples: Optional[Sequence[dict]] = None, title: str = "") -> None:
+    from etils import epath
+
+    image = compose(charts(rows), prediction_grid(examples) if examples else None, title)
+    with epath.Path(path).open("wb") as f:
+        image.save(f, format="PNG")
