@@ -113,6 +113,7 @@ class ClipWithAlignment(Clip):
 
 def _smoke(tmp_path, steps, **changes):
     c = smoke_config()
+    c.model = "ViT-Tiny-test"
     c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 16, steps, 1, steps
     c.eval_every_steps, c.compilation_cache_dir = 0, "none"
     c.data.cache_dir = str(tmp_path / "cache")

@@ -36,7 +36,7 @@ def losses(workdir) -> dict:
 
 def smoke_args(workdir, cache, **overrides) -> list:
     args = [f"--config={ROOT}/configs/smoke.py", f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
-            "--config.eval_every_steps=0", "--config.log_every_steps=1"]
+            "--config.eval_every_steps=0", "--config.log_every_steps=1", "--config.model=ViT-Tiny-test"]
     return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 

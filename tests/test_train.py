@@ -17,6 +17,7 @@ def smoke_config(tmp_path, total_steps):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
+    c.model = "ViT-Tiny-test"  # the unit-test model: these tests are about the trainer, not the demo
     c.batch_size = 16
     c.total_steps = total_steps
     c.log_every_steps = 1
@@ -37,6 +38,13 @@ def read_metrics(workdir):
 def test_restart_continues_exactly_past_a_corrupt_checkpoint(tmp_path, capsys):
     straight = tmp_path / "straight"
     train.train_and_evaluate(smoke_config(tmp_path, 6), str(straight))
+    # The run's picture: the curves, and under them the grid of zero-shot predictions on test images.
+    from PIL import Image
+
+    from clip_jax.evaluate import summary
+
+    picture = Image.open(straight / "summary.png")
+    assert picture.height > summary.PANEL[1] + 100 and picture.width >= 3 * summary.PANEL[0]
     interrupted = tmp_path / "interrupted"
     train.train_and_evaluate(smoke_config(tmp_path, 6), str(interrupted), stop_at=4)  # stops after step 4 ...
     # ... its latest checkpoint (step 4) is damaged: the biggest array file cut in half ...

@@ -33,8 +33,8 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
 
 
-def _chart(title: str, series: dict, percent: bool = False) -> Image.Image:
-    """One line chart: {name: [(step, value), ...]} in a PANEL-sized image."""
+def chart(title: str, series: dict, percent: bool = False, x_label: str = "step") -> Image.Image:
+    """One line chart: {name: [(x, value), ...]} in a PANEL-sized image."""
     width, height = PANEL
     left, right, top, bottom = 46, 10, 22, 30
     image = Image.new("RGB", PANEL, "white")
@@ -57,7 +57,7 @@ def _chart(title: str, series: dict, percent: bool = False) -> Image.Image:
         draw.text((2, sy(y) - 5), label, fill="black", font=font)
         draw.line([(left, sy(y)), (width - right, sy(y))], fill=(230, 230, 230))
     draw.text((left, height - bottom + 4), str(int(x0)), fill="black", font=font)
-    draw.text((width - right - 40, height - bottom + 4), f"step {int(x1)}", fill="black", font=font)
+    draw.text((width - right - 60, height - bottom + 4), f"{x_label} {int(x1)}", fill="black", font=font)
     for k, (name, line) in enumerate(series.items()):
         color = PALETTE[k % len(PALETTE)]
         xy = [(sx(x), sy(y)) for x, y in sorted(line)]
@@ -76,8 +76,8 @@ def charts(rows: Sequence[dict]) -> list[Image.Image]:
     line = lambda key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731
     zero_shot = sorted({k for r in rows for k in r if k.startswith("zero_shot/") and k.endswith("/top1")})
     accuracy = {k[len("zero_shot/"):-len("/top1")]: line(k) for k in zero_shot}
-    return [_chart("loss", {"loss": line("loss")}), _chart("learning rate", {"lr": line("learning_rate")}),
-            _chart("zero-shot top-1", accuracy, percent=True)]
+    return [chart("loss", {"loss": line("loss")}), chart("learning rate", {"lr": line("learning_rate")}),
+            chart("zero-shot top-1", accuracy, percent=True)]
 
 
 def prediction_grid(examples: Sequence[dict], columns: int = 8, scale: int = 2) -> Image.Image:
