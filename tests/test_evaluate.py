@@ -238,7 +238,7 @@ def test_training_evaluates_and_the_cli_agrees_on_workdir_and_export(tmp_path, c
     assert "zero_shot/shapes.test/color/top1" in _tensorboard_tags(run / "tensorboard")
 
     workdir_metrics = evaluate.main([f"--workdir={run}", "--batch_size=8"])  # the run's data.eval
-    assert workdir_metrics == pytest.approx(in_training, abs=1e-6)
+    _agree(workdir_metrics, in_training)
     assert json.loads((run / "eval_step2.json").read_text())["metrics"] == pytest.approx(workdir_metrics)
     export.main([f"--workdir={run}", f"--out={tmp_path / 'exp' / 'tiny'}"])
     exported = evaluate.main([f"--weights={tmp_path / 'exp' / 'tiny.safetensors'}", f"--out={tmp_path / 'e.json'}",
@@ -248,9 +248,19 @@ def test_training_evaluates_and_the_cli_agrees_on_workdir_and_export(tmp_path, c
                               # that near-tied retrieval ranks of this 2-step model resolve alike
                               f"--data=resize_method={c.data.resize_method}",
                               f"--data=image_dtype={c.data.image_dtype}"])
-    assert exported == pytest.approx(in_training, abs=1e-6)
+    _agree(exported, in_training)
     out = capsys.readouterr().out
     assert "zero_shot     shapes.test/color" in out and "image_to_text_R1=" in out
+
+
+def _agree(got: dict, want: dict, queries: int = 20) -> None:
+    """Zero-shot figures equal; retrieval within one of `queries` hits: the test split's captions
+    repeat word for word, so a 2-step model's similarities tie up to rounding, which the sharded
+    and the one-device embeddings may break apart differently."""
+    assert set(got) == set(want)
+    for key, value in want.items():
+        tolerance = 1 / queries + 1e-6 if key.startswith("retrieval/") else 1e-6
+        assert got[key] == pytest.approx(value, abs=tolerance), key
 
 
 def _tensorboard_tags(logdir) -> set:
