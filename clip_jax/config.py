@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.scan = True
     c.attn_impl = "auto"  # cuDNN fused attention on NVIDIA GPUs in bf16 (lengths padded to x8), else XLA
     c.loss = "softmax"  # clip_jax.methods.losses.LOSSES
+    c.patch_dropout = 0.0  # FLIP: the share of a ViT's patch tokens dropped in training (sets vision_cfg)
+    c.unmasked_from_step = 0  # FLIP's unmasked tuning: from this step on, no patch dropout (0: never)
     c.seed = 0
     c.batch_size = 256  # global, over every process
     c.total_steps = 1000

@@ -188,8 +188,8 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="dtype 'float16' not supported"):
         create_model("ViT-Tiny-test", dtype="float16")
     cfg = clip_jax.get_model_config("ViT-Tiny-test").to_dict()
-    cfg["vision_cfg"]["patch_dropout"] = 0.5
-    with pytest.raises(ValueError, match="unsupported keys in vision_cfg: \\['patch_dropout'\\]"):
+    cfg["vision_cfg"]["patch_droput"] = 0.5  # a misspelt key
+    with pytest.raises(ValueError, match="unsupported keys in vision_cfg: \\['patch_droput'\\]"):
         create_model(cfg)
 
 

@@ -210,6 +210,7 @@ def step_config(args):
     c.batch_size, c.accum_steps = args.batch, args.accum_steps
     c.optim.warmup_steps = 10
     c.optim.frozen = getattr(args, "frozen", "")
+    c.patch_dropout = getattr(args, "patch_dropout", 0.0)
     return c
 
 
@@ -314,7 +315,8 @@ def bench_train(args) -> dict:
         "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": mfu,
         **_memory(compiled),
     }
-    if args.frozen:  # the model-FLOP count assumes every param is trained: no MFU for a partial step
+    out["patch_dropout"] = args.patch_dropout
+    if args.frozen or args.patch_dropout:  # the model-FLOP count assumes the whole step: no MFU for a partial one
         for key in ("tflop/s", "mfu"):
             out.pop(key)
     if n == 1 or device.platform == "cpu":  # the host's own work per step: page faults show up here
@@ -718,6 +720,7 @@ def _step_options(p) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="compute dtype")
     p.add_argument("--loss", default="softmax", choices=LOSS_CHOICES)
     p.add_argument("--frozen", default="", help="params to freeze, a regex over param paths (config.optim.frozen)")
+    p.add_argument("--patch_dropout", type=float, default=0.0, help="FLIP: share of patch tokens dropped (ViTs)")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=ATTN_CHOICES,

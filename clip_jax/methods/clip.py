@@ -18,6 +18,7 @@ class Clip(Method):
     global batch {'image': [N, S, S, 3] float or uint8, 'tokens': [N, T] int32}."""
 
     batch_keys = ("image", "tokens")
+    mask_patches = True  # False: a ViT's patch dropout off in training (FLIP's unmasked tuning)
 
     def __init__(self, config, model, mesh, **options):
         super().__init__(config, model, mesh, **options)
@@ -29,21 +30,24 @@ class Clip(Method):
     def init(self, rng):
         return self.model.init(rng, *dummy_inputs(self.model))
 
-    def embed(self, params, model_state, batch, train: bool = True):
-        """(model outputs: image_embeds, text_embeds, logit_scale[, logit_bias]; new model state)."""
+    def embed(self, params, model_state, batch, train: bool = True, rng=None):
+        """(model outputs: image_embeds, text_embeds, logit_scale[, logit_bias]; new model state).
+        `rng` feeds the towers' 'dropout' stream (a ViT's patch dropout) in training."""
         images = batch["image"]
         if images.dtype == jnp.uint8:  # the input pipeline's image_dtype='uint8': normalized here
             images = normalize_images(images)
         variables = {"params": params, **model_state}
+        rngs = {"dropout": rng} if train and rng is not None else None
         if train and model_state:  # BatchNorm statistics (ResNets) update in training
             out, new_state = self.model.apply(variables, images, batch["tokens"], train=True,
-                                              mutable=list(model_state))
+                                              mask_patches=self.mask_patches, mutable=list(model_state), rngs=rngs)
             return out, dict(new_state)
-        return self.model.apply(variables, images, batch["tokens"], train=train), model_state
+        out = self.model.apply(variables, images, batch["tokens"], train=train, mask_patches=self.mask_patches,
+                               rngs=rngs)
+        return out, model_state
 
     def loss(self, params, model_state, batch, rng, train: bool = True):
-        del rng  # CLIP's towers are deterministic
-        out, model_state = self.embed(params, model_state, batch, train)
+        out, model_state = self.embed(params, model_state, batch, train, rng)
         loss = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("logit_bias"))
         metrics = {"logit_scale": out["logit_scale"]}
         if "logit_bias" in out:

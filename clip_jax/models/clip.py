@@ -40,7 +40,8 @@ def _vit(clip: "CLIP") -> nn.Module:
     return VisionTransformer(
         image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers, heads=v.heads,
         mlp_ratio=v.mlp_ratio, output_dim=clip.config.embed_dim, pool_type=v.pool_type,
-        attn_pooler_heads=v.attn_pooler_heads, quick_gelu=clip.config.quick_gelu, dtype=clip.dtype,
+        attn_pooler_heads=v.attn_pooler_heads, patch_dropout=v.patch_dropout, quick_gelu=clip.config.quick_gelu,
+        dtype=clip.dtype,
         attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
 
 
@@ -101,9 +102,10 @@ class CLIP(nn.Module):
     def is_resnet(self) -> bool:
         return self.config.vision.is_resnet
 
-    def encode_image(self, images, train: bool = False):
-        """images NHWC [N, S, S, 3], normalized -> unit-norm float32 [N, embed_dim]."""
-        return l2_normalize(self.visual(images, train=train))
+    def encode_image(self, images, train: bool = False, mask_patches: bool = True):
+        """images NHWC [N, S, S, 3], normalized -> unit-norm float32 [N, embed_dim]. mask_patches=False:
+        a training pass without a ViT's patch dropout (FLIP's unmasked tuning)."""
+        return l2_normalize(self.visual(images, train=train if self.is_resnet else train and mask_patches))
 
     def encode_text(self, tokens, train: bool = False):
         """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]."""
@@ -115,9 +117,10 @@ class CLIP(nn.Module):
         bias = self.logit_bias if self.config.init_logit_bias is not None else None
         return scale, bias
 
-    def __call__(self, images, tokens, train: bool = False):
+    def __call__(self, images, tokens, train: bool = False, mask_patches: bool = True):
         """-> dict(image_embeds, text_embeds, logit_scale[, logit_bias])."""
-        out = dict(image_embeds=self.encode_image(images, train), text_embeds=self.encode_text(tokens, train))
+        out = dict(image_embeds=self.encode_image(images, train, mask_patches),
+                   text_embeds=self.encode_text(tokens, train))
         out["logit_scale"], bias = self.temperature()
         if bias is not None:
             out["logit_bias"] = bias

@@ -29,6 +29,7 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     pool_type: str = "tok"  # 'tok' | 'avg' | 'map' (attentional pooler, one query)
     attn_pooler_heads: int = 8
+    patch_dropout: float = 0.0  # FLIP: the share of patch tokens dropped in training (open_clip's key)
 
     @property
     def is_resnet(self) -> bool:
@@ -98,7 +99,10 @@ class CLIPConfig:
             vision.update(pool_type="tok", attentional_pool=True, attn_pooler_queries=1)
         else:
             vision.pop("attn_pooler_heads")
+        if not vision["patch_dropout"]:
+            vision.pop("patch_dropout")
         if self.vision.is_resnet:
+            vision.pop("patch_dropout", None)
             vision["layers"] = list(vision["layers"])
             vision["patch_size"] = None
             for k in ("mlp_ratio", "pool_type"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from clip_jax.models.layers import Dtype, LayerNorm, Transformer, heads_major_attention, normal, param_with_axes
@@ -97,6 +98,18 @@ class PatchEmbed(nn.Module):
         return x.reshape(batch, (height // p) * (width // p), self.width)
 
 
+def drop_patches(x, rate: float, rng):
+    """x [N, 1 + L, d] (class token first) -> [N, 1 + K, d], K = max(1, int(L * (1 - rate))): the
+    class token and K patch tokens per example, a uniform random subset (the top K of Gaussian
+    noise, as open_clip's PatchDropout), in their original order."""
+    length = x.shape[1] - 1
+    keep = max(1, int(length * (1 - rate)))
+    noise = jax.random.normal(rng, (x.shape[0], length))
+    index = jnp.sort(jax.lax.top_k(noise, keep)[1], axis=-1)
+    patches = jnp.take_along_axis(x[:, 1:], index[..., None], axis=1)
+    return jnp.concatenate([x[:, :1], patches], axis=1)
+
+
 class VisionTransformer(nn.Module):
     """images NHWC [N, S, S, 3] (normalized) -> image features [N, output_dim] (not normalized).
 
@@ -114,6 +127,7 @@ class VisionTransformer(nn.Module):
     output_dim: int = 512
     pool_type: str = "tok"
     attn_pooler_heads: int = 8
+    patch_dropout: float = 0.0
     quick_gelu: bool = False
     dtype: Dtype = jnp.float32
     attn_impl: Optional[str] = None
@@ -122,8 +136,12 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        del train  # no dropout here yet; the flag is the towers' common signature
+        """In training with patch_dropout r > 0 (FLIP), each image keeps a uniform random
+        max(1, int(L * (1 - r))) of its L patch tokens (and the class token), drawn from the
+        'dropout' rng; evaluation sees every token."""
         check_images(images, self.image_size)
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"vision patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.pool_type not in VISION_POOL_TYPES:
             raise ValueError(f"vision pool_type {self.pool_type!r} not in {VISION_POOL_TYPES}")
         if self.image_size % self.patch_size:
@@ -137,6 +155,8 @@ class VisionTransformer(nn.Module):
         )
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        if train and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))
         x = LayerNorm(self.dtype, name="ln_pre")(x)
         transformer = Transformer.of_tower(self, causal=False)
         pool_dim = self.width

@@ -4,6 +4,7 @@ they measure and test is what the trainer runs."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -34,6 +35,13 @@ class Run:
     state: TrainState
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated
+    # The same step without patch dropout, for FLIP's unmasked tuning (config.unmasked_from_step).
+    unmasked_step_fn: Optional[Callable] = None
+
+    def step_for(self, step: int) -> Callable:
+        """The step function that runs step `step` (0-based count of steps already taken)."""
+        unmasked = self.unmasked_step_fn is not None and step >= self.config.unmasked_from_step
+        return self.unmasked_step_fn if unmasked else self.step_fn
 
 
 # SigLIP's temperature and bias init (t = exp(t'), t' = log 10; b = -10) come with its loss.
@@ -47,6 +55,9 @@ def model_from_config(config) -> CLIP:
         else dict(config.model_overrides or {})
     if config.loss == "sigmoid":
         overrides = {**SIGLIP_INIT, **overrides}
+    if config.patch_dropout:
+        vision = {**overrides.get("vision_cfg", {}), "patch_dropout": config.patch_dropout}
+        overrides = {**overrides, "vision_cfg": vision}
     return create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan,
                         attn_impl=config.attn_impl, overrides=overrides)
 
@@ -69,9 +80,14 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
     state = create_state(variables, optimizer, groups)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = jit_train_step(method, optimizer, state, batch_sharding, groups=groups, accum_steps=config.accum_steps,
-                             seed=config.seed, compiler_options=compiler_options)
-    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, step_fn)
+    jit = lambda m: jit_train_step(m, optimizer, state, batch_sharding, groups=groups,  # noqa: E731
+                                   accum_steps=config.accum_steps, seed=config.seed, compiler_options=compiler_options)
+    unmasked = None
+    if config.patch_dropout and config.unmasked_from_step:
+        tuning = copy.copy(method)
+        tuning.mask_patches = False
+        unmasked = jit(tuning)
+    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, jit(method), unmasked)
 
 
 def _unbox(variables):

@@ -38,6 +38,10 @@ def validate(config) -> None:
 
     parse_evals(config.data.eval)  # syntax only; make_evaluator checks the datasets
     METHODS.get(config.method)  # an unknown name lists the known ones
+    if not 0.0 <= config.patch_dropout < 1.0:
+        raise ValueError(f"config.patch_dropout={config.patch_dropout}: use a share in [0, 1) (FLIP: 0.5)")
+    if config.unmasked_from_step < 0:
+        raise ValueError(f"config.unmasked_from_step={config.unmasked_from_step} must be >= 0 (0: never unmask)")
     LOSSES.get(config.loss)
     if not config.data.train:
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
@@ -192,7 +196,9 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          context_length=model.config.text.context_length, state=input_states,
                          tokenizer=tokenizer_for(model.config.text))
-    step_fn = retain(distributed.compile_together(run.step_fn, "train_step"))
+    masked = retain(distributed.compile_together(run.step_fn, "train_step"))
+    unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
+        if run.unmasked_step_fn is not None else None
     batches = DevicePrefetch(pipe, run.batch_sharding, config.prefetch_batches, keys=run.method.batch_keys)
     encoder = None
     if evaluator:
@@ -208,6 +214,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     preemption = PreemptionNotice()
     try:
         while step < end:
+            step_fn = unmasked if unmasked is not None and step >= config.unmasked_from_step else masked
             state, metrics = step_fn(state, next(batches))
             step += 1
             if previous is not None:  # one step behind, so the host never waits on the step it just started
