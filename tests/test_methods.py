@@ -230,3 +230,41 @@ def test_init_params_from_an_open_clip_safetensors_file(tmp_path):
     c.model_overrides = {"text_cfg": {"width": 64, "heads": 2}}
     with pytest.raises(ValueError, match=r"params 'text/[a-z_/]+' has shape \((\d+, )?32,?\) in the weights \(key"):
         tiny_run(c)
+
+
+def test_a_locked_resnet_image_tower_keeps_its_batchnorm_statistics():
+    """LiT with a ResNet: the frozen image tower runs in inference mode, so its BatchNorm statistics
+    stay bit-identical too; unfrozen, they move."""
+    locked, free = tiny_run(tiny_config("RN-Tiny-test", frozen="visual/.*")), tiny_run(tiny_config("RN-Tiny-test"))
+    assert locked.method.image_locked and not free.method.image_locked
+    for r, moves in ((locked, False), (free, True)):
+        before = _flat(r.state.model_state)
+        state = r.state
+        for i in range(2):
+            state, _ = r.step_fn(state, text_batch(8, 64, i))
+        after = _flat(state.model_state)
+        changed = [k for k in before if before[k].tobytes() != after[k].tobytes()]
+        assert bool(changed) == moves, changed[:3]
+
+
+def test_lit_config_locks_the_loaded_image_tower(tmp_path):
+    """configs/lit.py: visual/.* taken from init_from and frozen; without weights it refuses to start."""
+    import importlib.util
+
+    from clip_jax import train
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lit.py")
+    spec = importlib.util.spec_from_file_location("lit", path)
+    lit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lit)
+    c = lit.get_config("ViT-Tiny-test")
+    c.data.train = "shapes"
+    with pytest.raises(ValueError, match="locks weights that are never loaded: set --config.init_from"):
+        train.validate(c)
+    loaded, c.init_from = _weights(tmp_path)
+    c.batch_size, c.total_steps = 8, 10
+    r = tiny_run(c)
+    got, want = _flat(r.state.params), _flat(loaded)
+    assert all(np.array_equal(got[k], want[k]) for k in got if k.startswith("visual/"))
+    assert r.groups.count()[1] == sum(k.startswith("visual/") for k in got)
+    assert float(r.state.params["logit_scale"]) == pytest.approx(np.log(10.0))

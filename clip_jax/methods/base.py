@@ -46,6 +46,10 @@ class Method:
         tried after the config's optim.param_groups."""
         return ()
 
+    def lock(self, frozen: set, paths: list) -> None:
+        """Told, before the step is built, which of its params (`paths`, '/'-joined) are frozen: a
+        method may run a fully frozen part in inference mode (a locked tower's BatchNorm)."""
+
     def post_update(self, params):
         """Params after each applied update (a clamp, a projection); the identity by default."""
         return params

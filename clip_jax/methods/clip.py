@@ -19,6 +19,7 @@ class Clip(Method):
 
     batch_keys = ("image", "tokens")
     mask_patches = True  # False: a ViT's patch dropout off in training (FLIP's unmasked tuning)
+    image_locked = False  # every image-tower param frozen (LiT): the tower runs in inference mode
 
     def __init__(self, config, model, mesh, **options):
         super().__init__(config, model, mesh, **options)
@@ -26,6 +27,10 @@ class Clip(Method):
             raise ValueError("config.loss='sigmoid' needs a model with a logit bias (init_logit_bias, SigLIP: -10): "
                              "build it through clip_jax.train.build.model_from_config, which adds SigLIP's init")
         self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum)
+
+    def lock(self, frozen, paths):
+        visual = [p for p in paths if p.startswith("visual/")]
+        self.image_locked = bool(visual) and all(p in frozen for p in visual)
 
     def init(self, rng):
         return self.model.init(rng, *dummy_inputs(self.model))
@@ -40,10 +45,11 @@ class Clip(Method):
         rngs = {"dropout": rng} if train and rng is not None else None
         if train and model_state:  # BatchNorm statistics (ResNets) update in training
             out, new_state = self.model.apply(variables, images, batch["tokens"], train=True,
-                                              mask_patches=self.mask_patches, mutable=list(model_state), rngs=rngs)
+                                              mask_patches=self.mask_patches, image_train=not self.image_locked,
+                                              mutable=list(model_state), rngs=rngs)
             return out, dict(new_state)
         out = self.model.apply(variables, images, batch["tokens"], train=train, mask_patches=self.mask_patches,
-                               rngs=rngs)
+                               image_train=train and not self.image_locked, rngs=rngs)
         return out, model_state
 
     def loss(self, params, model_state, batch, rng, train: bool = True):

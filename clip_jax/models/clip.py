@@ -117,9 +117,10 @@ class CLIP(nn.Module):
         bias = self.logit_bias if self.config.init_logit_bias is not None else None
         return scale, bias
 
-    def __call__(self, images, tokens, train: bool = False, mask_patches: bool = True):
-        """-> dict(image_embeds, text_embeds, logit_scale[, logit_bias])."""
-        out = dict(image_embeds=self.encode_image(images, train, mask_patches),
+    def __call__(self, images, tokens, train: bool = False, mask_patches: bool = True, image_train=None):
+        """-> dict(image_embeds, text_embeds, logit_scale[, logit_bias]). image_train: the image tower's
+        own mode where it differs from `train` (False: a locked tower, BatchNorm in inference mode)."""
+        out = dict(image_embeds=self.encode_image(images, train if image_train is None else image_train, mask_patches),
                    text_embeds=self.encode_text(tokens, train))
         out["logit_scale"], bias = self.temperature()
         if bias is not None:

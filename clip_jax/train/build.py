@@ -70,6 +70,7 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
     shapes = jax.eval_shape(lambda r: _unbox(method.init(r)), jax.random.key(0))
     groups = resolve_param_groups(shapes["params"], config.optim, method.param_groups())
+    method.lock({path_name(p) for p, frozen in groups.frozen.items() if frozen}, [path_name(p) for p in groups.frozen])
     variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed))
     if config.init_from:
         variables = initial_weights(config, model, variables, shardings, log)

@@ -40,6 +40,9 @@ def validate(config) -> None:
     METHODS.get(config.method)  # an unknown name lists the known ones
     if not 0.0 <= config.patch_dropout < 1.0:
         raise ValueError(f"config.patch_dropout={config.patch_dropout}: use a share in [0, 1) (FLIP: 0.5)")
+    if config.optim.frozen and config.init_params != ".*" and not config.init_from:
+        raise ValueError(f"config.optim.frozen={config.optim.frozen!r} with init_params={config.init_params!r} "
+                         "locks weights that are never loaded: set --config.init_from=WEIGHTS")
     if config.unmasked_from_step < 0:
         raise ValueError(f"config.unmasked_from_step={config.unmasked_from_step} must be >= 0 (0: never unmask)")
     LOSSES.get(config.loss)
