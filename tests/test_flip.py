@@ -109,3 +109,10 @@ def test_flip_config_is_flips_recipe():
     c.patch_dropout = 1.0
     with pytest.raises(ValueError, match="config.patch_dropout=1.0"):
         train.validate(c)
+
+
+def test_patch_dropout_on_a_resnet_is_refused():
+    c = tiny_config("RN-Tiny-test")
+    c.patch_dropout = 0.5
+    with pytest.raises(ValueError, match="drops a ViT's patch tokens; this image tower is a ModifiedResNet"):
+        tiny_run(c)

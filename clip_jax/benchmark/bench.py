@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from clip_jax.cpu import onednn
+from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.models import DTYPES
 from clip_jax.models.layers import ATTN_IMPLS
@@ -211,6 +212,7 @@ def step_config(args):
     c.optim.warmup_steps = 10
     c.optim.frozen = getattr(args, "frozen", "")
     c.patch_dropout = getattr(args, "patch_dropout", 0.0)
+    c.method = getattr(args, "method", "clip")
     return c
 
 
@@ -315,7 +317,7 @@ def bench_train(args) -> dict:
         "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": mfu,
         **_memory(compiled),
     }
-    out["patch_dropout"] = args.patch_dropout
+    out["patch_dropout"], out["method"] = args.patch_dropout, args.method
     if args.frozen or args.patch_dropout:  # the model-FLOP count assumes the whole step: no MFU for a partial one
         for key in ("tflop/s", "mfu"):
             out.pop(key)
@@ -721,6 +723,7 @@ def _step_options(p) -> None:
     p.add_argument("--loss", default="softmax", choices=LOSS_CHOICES)
     p.add_argument("--frozen", default="", help="params to freeze, a regex over param paths (config.optim.frozen)")
     p.add_argument("--patch_dropout", type=float, default=0.0, help="FLIP: share of patch tokens dropped (ViTs)")
+    p.add_argument("--method", default="clip", choices=METHODS.names(), help="the training method (config.method)")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=ATTN_CHOICES,

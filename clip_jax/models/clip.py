@@ -29,6 +29,9 @@ def _resnet(clip: "CLIP") -> nn.Module:
     v = clip.config.vision
     if len(v.layers) != 4:
         raise ValueError(f"a ModifiedResNet needs 4 stage depths, got layers={v.layers}")
+    if v.patch_dropout:
+        raise ValueError(f"patch_dropout={v.patch_dropout} drops a ViT's patch tokens; this image tower is a "
+                         "ModifiedResNet: pick a ViT preset (e.g. --config.model=ViT-Shapes-M) or set it to 0")
     return ModifiedResNet(layers=v.layers, output_dim=clip.config.embed_dim, heads=v.heads, image_size=v.image_size,
                           width=v.width, dtype=clip.dtype, remat="none" if clip.remat == "none" else "full")
 
