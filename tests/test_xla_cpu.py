@@ -48,17 +48,6 @@ def test_cpu_vendor_reads_cpuinfo():
     assert (f": {vendor}" in text) if vendor else ("vendor_id" not in text)
 
 
-def _two_steps(options, name="ViT-Tiny-test"):
-    r = tiny_run(model=name, compiler_options=options)
-    state, model = r.state, r.model
-    compiled = xla_cpu.keep_alive(r.step_fn.lower(state, batch(16, model.config.vision.image_size)).compile(), options)
-    losses = []
-    for i in range(2):
-        state, metrics = compiled(state, batch(16, model.config.vision.image_size, i))
-        losses.append(float(metrics["loss"]))
-    return losses, jax.tree_util.tree_map(np.asarray, state.params), compiled.as_text()
-
-
 def test_no_experiment_config_names_a_cpu_library():
     """The oneDNN and allocator choices are runtime options of the CPU entry points, not config."""
     import glob

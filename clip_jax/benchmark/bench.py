@@ -210,9 +210,9 @@ def step_config(args):
     c.attn_impl = args.attn
     c.batch_size, c.accum_steps = args.batch, args.accum_steps
     c.optim.warmup_steps = 10
-    c.optim.frozen = getattr(args, "frozen", "")
-    c.patch_dropout = getattr(args, "patch_dropout", 0.0)
-    c.method = getattr(args, "method", "clip")
+    c.optim.frozen = args.frozen
+    c.patch_dropout = args.patch_dropout
+    c.method = args.method
     return c
 
 

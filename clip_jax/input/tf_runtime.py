@@ -24,8 +24,8 @@ def quiet_cuda_probe() -> None:
 
 
 def import_tensorflow():
-    """`tensorflow`, with its GPUs hidden (its ops run on the CPU; JAX owns the accelerators)."""
-    quiet_cuda_probe()
+    """`tensorflow`, with its GPUs hidden (its ops run on the CPU; JAX owns the accelerators).
+    clip_jax's own import has already quieted the CUDA probe (quiet_cuda_probe)."""
     import tensorflow as tf
 
     global _hidden

@@ -43,13 +43,12 @@ class Clip(Method):
             images = normalize_images(images)
         variables = {"params": params, **model_state}
         rngs = {"dropout": rng} if train and rng is not None else None
-        if train and model_state:  # BatchNorm statistics (ResNets) update in training
-            out, new_state = self.model.apply(variables, images, batch["tokens"], train=True,
-                                              mask_patches=self.mask_patches, image_train=not self.image_locked,
-                                              mutable=list(model_state), rngs=rngs)
-            return out, dict(new_state)
+        mutable = list(model_state) if train and model_state else False  # BatchNorm statistics update in training
         out = self.model.apply(variables, images, batch["tokens"], train=train, mask_patches=self.mask_patches,
-                               image_train=train and not self.image_locked, rngs=rngs)
+                               image_train=train and not self.image_locked, mutable=mutable, rngs=rngs)
+        if mutable:
+            out, new_state = out
+            return out, dict(new_state)
         return out, model_state
 
     def loss(self, params, model_state, batch, rng, train: bool = True):

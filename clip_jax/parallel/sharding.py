@@ -99,11 +99,13 @@ def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
     return P(*out)
 
 
-def init_shardings(init_fn, mesh: Mesh, rules=None):
-    """NamedSharding for every variable `init_fn(rng)` makes (boxed with logical axes), by the rules."""
+def init_shardings(init_fn, mesh: Mesh, rules=None, boxed=None):
+    """NamedSharding for every variable `init_fn(rng)` makes (boxed with logical axes), by the rules.
+    `boxed`: jax.eval_shape of init_fn where the caller traced it already."""
     import flax.linen as nn
 
-    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    if boxed is None:
+        boxed = jax.eval_shape(init_fn, jax.random.key(0))
     shapes, specs = nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
     def one(spec, shape):
@@ -113,12 +115,12 @@ def init_shardings(init_fn, mesh: Mesh, rules=None):
     return jax.tree_util.tree_map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def sharded_init_fn(init_fn, mesh: Mesh, rng, rules=None):
+def sharded_init_fn(init_fn, mesh: Mesh, rng, rules=None, boxed=None):
     """(variables, shardings): `init_fn(rng)` run directly in its shardings, so the full state
     never sits on one device."""
     import flax.linen as nn
 
-    shardings = init_shardings(init_fn, mesh, rules)
+    shardings = init_shardings(init_fn, mesh, rules, boxed)
     return jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng), shardings
 
 

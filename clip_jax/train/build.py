@@ -38,10 +38,13 @@ class Run:
     # The same step without patch dropout, for FLIP's unmasked tuning (config.unmasked_from_step).
     unmasked_step_fn: Optional[Callable] = None
 
+    def unmasked_at(self, step: int) -> bool:
+        """Whether step `step` (0-based count of steps already taken) runs unmasked_step_fn."""
+        return self.unmasked_step_fn is not None and step >= self.config.unmasked_from_step
+
     def step_for(self, step: int) -> Callable:
-        """The step function that runs step `step` (0-based count of steps already taken)."""
-        unmasked = self.unmasked_step_fn is not None and step >= self.config.unmasked_from_step
-        return self.unmasked_step_fn if unmasked else self.step_fn
+        """The step function that runs step `step`."""
+        return self.unmasked_step_fn if self.unmasked_at(step) else self.step_fn
 
 
 # SigLIP's temperature and bias init (t = exp(t'), t' = log 10; b = -10) come with its loss.
@@ -68,10 +71,10 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     config.init_from where set). Config errors are raised before anything compiles."""
     model = model_from_config(config)
     method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
-    shapes = jax.eval_shape(lambda r: _unbox(method.init(r)), jax.random.key(0))
-    groups = resolve_param_groups(shapes["params"], config.optim, method.param_groups())
+    boxed = jax.eval_shape(method.init, jax.random.key(0))
+    groups = resolve_param_groups(_unbox(boxed)["params"], config.optim, method.param_groups())
     method.lock({path_name(p) for p, frozen in groups.frozen.items() if frozen}, [path_name(p) for p in groups.frozen])
-    variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed))
+    variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed), boxed=boxed)
     if config.init_from:
         variables = initial_weights(config, model, variables, shardings, log)
     trained, frozen = groups.count()

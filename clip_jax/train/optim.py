@@ -207,7 +207,7 @@ def make_optimizer(config, params, total_steps: int, groups: Optional[ParamGroup
     s = optim_settings(config)
     groups = groups or resolve_param_groups(params, config)
     schedule = schedule or make_schedule(config, total_steps)
-    trainable = lambda flat: traverse_util.unflatten_dict({p: v for p, v in flat.items() if not groups.frozen[p]})  # noqa: E731
+    trainable = lambda flat: groups.trainable(traverse_util.unflatten_dict(flat))  # noqa: E731  (per-leaf floats)
     parts = []
     clip = float(s["grad_clip_norm"])
     if clip > 0:

@@ -217,7 +217,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     preemption = PreemptionNotice()
     try:
         while step < end:
-            step_fn = unmasked if unmasked is not None and step >= config.unmasked_from_step else masked
+            step_fn = unmasked if run.unmasked_at(step) else masked
             state, metrics = step_fn(state, next(batches))
             step += 1
             if previous is not None:  # one step behind, so the host never waits on the step it just started
