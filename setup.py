@@ -24,10 +24,13 @@ DATA = [
     "tensorflow-text>=2.18",
     "tensorflow-datasets>=4.9",
 ]
+# libtpu (with the jaxlib of the installed jax): clip_jax.compile_check describes Cloud TPU
+# topologies with it and compiles the step for them on any host.
+TPU = ["jax[tpu]"]
 # scikit-learn: the reference the linear probe is tested against; importlib_resources: tfds needs
 # it to write the small test datasets the evaluation tests build; ruff: the linter CI runs.
-TEST = DATA + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3", "importlib_resources>=5",
-               "ruff>=0.6"]
+TEST = DATA + TPU + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3",
+                     "importlib_resources>=5", "ruff>=0.6"]
 
 setup(
     name="clip_jax",
@@ -37,5 +40,5 @@ setup(
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
     package_data={"clip_jax": ["assets/*", "assets/zero_shot/*.json", "model_configs/*.json"]},
     install_requires=CORE,
-    extras_require={"data": DATA, "test": TEST},
+    extras_require={"data": DATA, "tpu": TPU, "test": TEST},
 )

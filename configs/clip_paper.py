@@ -3,7 +3,12 @@
     python -m clip_jax.train --config=configs/clip_paper.py:ViT-B-32 --workdir=gs://bucket/vit_b32 \
         --config.data.train='tfrecord:gs://bucket/pairs/train-*.tfrecord'
 
-The argument after ':' is a preset name (clip_jax.list_models(); '-quickgelu' names too).
+The argument after ':' is a preset name (clip_jax.list_models(); '-quickgelu' names too), and
+optionally ',TOPOLOGY' (v5e:16x16, v4:4x4x8, v5p:4x4x8): the mesh, remat policy and gradient
+accumulation chosen for that hardware by compiling the step for it (python -m
+clip_jax.compile_check; launch/compile_sweep.py plans; docs/scaling.md): the least
+recompute that fits, then the fewest collectives. Without a topology: v5e:16x16's plan
+(the least HBM per chip of the three).
 Common to all: global batch 32,768; 32 epochs of 400M pairs (390,625 steps); AdamW with
 decoupled weight decay 0.2 on weight matrices only; 2,000 warmup steps then cosine decay to
 zero; temperature initialized to 0.07 and clamped at 100; a random square crop of the resized
@@ -24,24 +29,41 @@ LEARNING_RATE = {
     "RN50": 5e-4, "RN101": 5e-4, "RN50x4": 5e-4, "RN50x16": 4e-4, "RN50x64": 3.6e-4,
     "ViT-B-32": 5e-4, "ViT-B-16": 5e-4, "ViT-L-14": 4e-4, "ViT-L-14-336": 2e-5, "ViT-H-14": 4e-4,
 }
-# Parameters and Adam moments fit on one accelerator for these; the larger ones use FSDP and remat.
-SMALL = {"RN50", "RN101", "RN50x4", "ViT-B-32", "ViT-B-16"}
+DEFAULT_TOPOLOGY = "v5e:16x16"
+FSDP = {"data": 1, "fsdp": -1, "tensor": 1}  # params and moments split over every chip
+DATA = {"data": -1, "fsdp": 1, "tensor": 1}  # params replicated: fewer collectives
+# (mesh, remat, accum_steps) per topology and preset at global batch 32,768: each the first
+# setting that compiled within the chip's HBM, cheapest first (launch/compile_sweep.py plans).
+PLANS = {
+    "v5e:16x16": {},
+    "v4:4x4x8": {},
+    "v5p:4x4x8": {},
+}
+# Where no plan was measured: split everything and recompute everything.
+FALLBACK = (FSDP, "full", 1)
 
 
-def get_config(model: str = "ViT-B-32"):
+def get_config(arg: str = "ViT-B-32"):
+    model, _, topology = arg.partition(",")
+    topology = topology or DEFAULT_TOPOLOGY
     base = model[: -len("-quickgelu")] if model.endswith("-quickgelu") else model
     if base not in LEARNING_RATE:
         raise ValueError(f"no paper recipe for {model!r}: use one of {sorted(LEARNING_RATE)} (or a -quickgelu name)")
+    if topology not in PLANS:
+        raise ValueError(f"no plans for topology {topology!r}: use one of {sorted(PLANS)}, or set config.mesh, "
+                         "config.remat and config.accum_steps yourself (python -m clip_jax.compile_check tells "
+                         "what fits)")
     vit = base.startswith("ViT")
+    mesh, remat, accum = PLANS[topology].get(base, FALLBACK)
     c = base_config()
     c.model = model
     c.dtype = "bfloat16"  # compute; params and optimizer state stay float32
-    c.remat = "none" if base in SMALL else "full"
+    c.remat = remat
+    c.accum_steps = accum
     c.batch_size = 32_768
     c.total_steps = PAPER_STEPS // 32 if base == "ViT-L-14-336" else PAPER_STEPS
     c.checkpoint_every_steps = 2_000
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1} if base in SMALL
-                                       else {"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict(mesh)
 
     c.optim.learning_rate = LEARNING_RATE[base]
     c.optim.warmup_steps = 2_000 if base != "ViT-L-14-336" else 0

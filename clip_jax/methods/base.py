@@ -31,6 +31,11 @@ class Method:
         self.config, self.model, self.mesh = config, model, mesh
         self.gather_by_sum = gather_by_sum
 
+    def batch_shapes(self, n: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shape and dtype of each batch key for a global batch of `n` (what the input pipeline
+        delivers): for compiling the step ahead of time and for synthetic batches."""
+        raise NotImplementedError
+
     def init(self, rng: jax.Array) -> Mapping[str, Any]:
         """Variables {'params': ..., other collections...}, boxed with logical axes where the
         modules declare them (the trainer resolves them to shardings)."""

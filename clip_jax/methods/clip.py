@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from clip_jax.methods import METHODS
@@ -31,6 +32,12 @@ class Clip(Method):
     def lock(self, frozen, paths):
         visual = [p for p in paths if p.startswith("visual/")]
         self.image_locked = bool(visual) and all(p in frozen for p in visual)
+
+    def batch_shapes(self, n):
+        size, context = self.model.config.vision.image_size, self.model.config.text.context_length
+        dtype = {"uint8": jnp.uint8, "bfloat16": jnp.bfloat16}.get(self.config.data.image_dtype, jnp.float32)
+        return {"image": jax.ShapeDtypeStruct((n, size, size, 3), dtype),
+                "tokens": jax.ShapeDtypeStruct((n, context), jnp.int32)}
 
     def init(self, rng):
         return self.model.init(rng, *dummy_inputs(self.model))

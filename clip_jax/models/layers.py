@@ -25,6 +25,21 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
+# Activations name their axes too, with names of their own (a weight's 'embed' is sharded over
+# 'fsdp'; an activation's embed dim never is): the trainer maps them to mesh axes
+# (clip_jax.parallel.sharding.ACTIVATION_RULES) while it traces the step. Without that context
+# (evaluation, export, tests) a constraint is a no-op.
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+HEADS, KV, MLP = "activation_heads", "activation_kv", "activation_mlp"
+
+
+def constrain(x, names):
+    """Pin an activation's layout by logical axis names (None: not sharded). Without it XLA's
+    propagation may take a weight's layout for an activation: under FSDP it then gathers the
+    batch to split the embed dim, and every chip holds and computes far more than its share."""
+    return nn.with_logical_constraint(x, names)
+
+
 # Remat policies by name: 'none' keeps every activation (no remat), 'full' saves nothing,
 # anything else is looked up in jax.checkpoint_policies (e.g. 'dots_with_no_batch_dims_saveable').
 def remat_policy(name: str):
@@ -386,17 +401,18 @@ class MultiHeadAttention(nn.Module):
             # XLA's kernel always: a single query row is a small share of the layer's work.
             kv = jnp.einsum("btd,dchk->cbhtk", x, kernel[:, 1:]) + bias[1:, None, :, None]
             q = jnp.einsum("btd,dhk->bhtk", take_rows(x, query_index), kernel[:, 0]) + bias[0, :, None]
+            kv, q = constrain(kv, (None, BATCH, HEADS, LENGTH, KV)), constrain(q, (BATCH, HEADS, LENGTH, KV))
             # causally, the query at position i sees the keys 0..i
             lengths = query_index.astype(jnp.int32) + 1 if self.causal else kv_lengths
             out = heads_major_attention(q, kv[0], kv[1], False, lengths).transpose(0, 2, 1, 3)
         elif attention_impl(self.attn_impl, per_head) == "xla":
             q, k, v = heads_major_qkv(x, kernel, bias)
-            q = nn.with_logical_constraint(q, ("batch", "heads", "length", "kv"))
+            q, k, v = (constrain(t, (BATCH, HEADS, LENGTH, KV)) for t in (q, k, v))
             out = heads_major_attention(q, k, v, self.causal, kv_lengths).transpose(0, 2, 1, 3)
         else:
             qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
             q, k, v = qkv[0], qkv[1], qkv[2]
-            q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+            q, k, v = (constrain(t, (BATCH, LENGTH, HEADS, KV)) for t in (q, k, v))
             out = attention(q, k, v, self.causal, self.attn_impl, kv_lengths)
         out = checkpoint_name(out, "attention")  # [batch, length, heads, head_dim]
         # heads and head_dim are adjacent: the projection is one [rows, width] x [width, width] matmul
@@ -424,7 +440,7 @@ class Mlp(nn.Module):
             name="c_fc",
         )(x)
         h = activation(self.quick_gelu)(h)
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = constrain(h, (BATCH, LENGTH, MLP))
         h = checkpoint_name(h, "mlp_hidden")
         return Dense(
             width,
@@ -453,15 +469,17 @@ class ResidualAttentionBlock(nn.Module):
         [batch]: a padding mask (keys from it on are not attended to)."""
         width = x.shape[-1]
         proj_std = width**-0.5 * (2 * self.depth) ** -0.5
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = constrain(x, (BATCH, LENGTH, EMBED))
         y = LayerNorm(self.dtype, name="ln_1")(x)
         if query_index is not None:
             x = take_rows(x, query_index)
         x = x + MultiHeadAttention(
             self.heads, self.causal, self.dtype, self.attn_impl, out_init_std=proj_std, name="attn"
         )(y, query_index, kv_lengths)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
         y = LayerNorm(self.dtype, name="ln_2")(x)
-        return x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
+        x = x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
+        return constrain(x, (BATCH, LENGTH, EMBED))
 
 
 class Transformer(nn.Module):

@@ -16,7 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, heads_major_attention, normal, param_with_axes
+from clip_jax.models.layers import BATCH, Dtype, constrain, heads_major_attention, normal, param_with_axes
 from clip_jax.models.vit import check_images
 
 
@@ -82,7 +82,7 @@ class Bottleneck(nn.Module):
         if self.stride > 1 or x.shape[-1] != out_planes:
             identity = conv(out_planes, 1, self.dtype, "downsample_conv")(avg_pool(x, self.stride))
             identity = BatchNorm(dtype=self.dtype, name="downsample_bn")(identity, train)
-        return nn.relu(out + identity)
+        return constrain(nn.relu(out + identity), (BATCH, None, None, None))
 
 
 class AttentionPool2d(nn.Module):
@@ -145,10 +145,10 @@ class ModifiedResNet(nn.Module):
         check_images(images, self.image_size)
         if self.image_size % 32:
             raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got {self.image_size}")
-        x = images.astype(self.dtype)
+        x = constrain(images.astype(self.dtype), (BATCH, None, None, None))
         for i, (features, stride) in enumerate([(self.width // 2, 2), (self.width // 2, 1), (self.width, 1)], 1):
             x = conv(features, 3, self.dtype, f"conv{i}", stride)(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train))
+            x = constrain(nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train)), (BATCH, None, None, None))
         x = avg_pool(x, 2)
         block = Bottleneck
         if self.remat != "none":

@@ -8,7 +8,17 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, LayerNorm, Transformer, normal, param_with_axes
+from clip_jax.models.layers import (
+    BATCH,
+    EMBED,
+    LENGTH,
+    Dtype,
+    LayerNorm,
+    Transformer,
+    constrain,
+    normal,
+    param_with_axes,
+)
 
 TEXT_POOL_TYPES = ("argmax", "first", "last")
 
@@ -67,7 +77,7 @@ class TextTransformer(nn.Module):
         pos = self.param(
             "positional_embedding", param_with_axes(normal(0.01), (None, "embed")), (self.context_length, self.width)
         )
-        x = embed(tokens) + pos[:length].astype(self.dtype)
+        x = constrain(embed(tokens) + pos[:length].astype(self.dtype), (BATCH, LENGTH, EMBED))
         if self.pool_type == "argmax":
             index = jnp.argmax(tokens, axis=-1)
         elif self.pool_type == "first":

@@ -8,7 +8,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, LayerNorm, Transformer, heads_major_attention, normal, param_with_axes
+from clip_jax.models.layers import (
+    BATCH,
+    EMBED,
+    LENGTH,
+    Dtype,
+    LayerNorm,
+    Transformer,
+    constrain,
+    heads_major_attention,
+    normal,
+    param_with_axes,
+)
 
 VISION_POOL_TYPES = ("tok", "avg", "map")
 
@@ -94,7 +105,7 @@ class PatchEmbed(nn.Module):
         kernel = self.param("kernel", param_with_axes(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                             (p, p, channels, self.width))
         patches = images.astype(self.dtype).reshape(batch, height // p, p, width // p, p, channels)
-        x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+        x = jnp.einsum("bhpwqc,pqcd->bhwd", constrain(patches, (BATCH,) + (None,) * 5), kernel.astype(self.dtype))
         return x.reshape(batch, (height // p) * (width // p), self.width)
 
 
@@ -154,7 +165,7 @@ class VisionTransformer(nn.Module):
             "positional_embedding", param_with_axes(normal(scale), (None, "embed")), (grid * grid + 1, self.width)
         )
         cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
-        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = constrain(jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype), (BATCH, LENGTH, EMBED))
         if train and self.patch_dropout > 0:
             x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))
         x = LayerNorm(self.dtype, name="ln_pre")(x)

@@ -10,6 +10,7 @@ whole (replicated) rather than failing: e.g. a 3-channel conv input on any mesh.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -31,6 +32,28 @@ RULES: dict[str, Optional[str]] = {
     "layers": None,
     "conv_in": None,
 }
+
+
+# Activations: the batch dim over every data axis, heads and MLP width over 'tensor', the rest
+# whole (clip_jax.models.layers.constrain). Their own names: a weight's 'embed' goes to 'fsdp'.
+ACTIVATION_RULES = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_kv", None),
+)
+
+
+@contextlib.contextmanager
+def activation_layouts(mesh: Mesh):
+    """While tracing a step: the models' activation constraints resolve on `mesh` by
+    ACTIVATION_RULES (outside it they are no-ops)."""
+    import flax.linen as nn
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+        yield
 
 
 def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence] = None) -> Mesh:

@@ -66,23 +66,35 @@ def model_from_config(config) -> CLIP:
 
 
 def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] = None,
-          gather_by_sum: bool = False, log: Callable[[str], None] = lambda message: None) -> Run:
+          gather_by_sum: bool = False, log: Callable[[str], None] = lambda message: None,
+          abstract: bool = False) -> Run:
     """Everything a run needs, with the params initialized in their shardings (and taken from
-    config.init_from where set). Config errors are raised before anything compiles."""
+    config.init_from where set). Config errors are raised before anything compiles.
+
+    `abstract`: nothing is allocated or run; the state is jax.ShapeDtypeStructs carrying their
+    shardings, so the step can be lowered and compiled ahead of time for devices this host does
+    not have (clip_jax.compile_check: a TPU topology)."""
     model = model_from_config(config)
     method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
     boxed = jax.eval_shape(method.init, jax.random.key(0))
     groups = resolve_param_groups(_unbox(boxed)["params"], config.optim, method.param_groups())
     method.lock({path_name(p) for p, frozen in groups.frozen.items() if frozen}, [path_name(p) for p in groups.frozen])
-    variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed), boxed=boxed)
-    if config.init_from:
-        variables = initial_weights(config, model, variables, shardings, log)
+    schedule = make_schedule(config.optim, config.total_steps)
+    if abstract:
+        shardings = sharding.init_shardings(method.init, mesh, boxed=boxed)
+        variables = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                           _unbox(boxed), shardings)
+        optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
+        state = abstract_state(variables, optimizer, groups, mesh)
+    else:
+        variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed), boxed=boxed)
+        if config.init_from:
+            variables = initial_weights(config, model, variables, shardings, log)
+        optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
+        state = create_state(variables, optimizer, groups)
     trained, frozen = groups.count()
     if frozen:
         log(f"parameter groups: {trained} param tensors trained, {frozen} frozen")
-    schedule = make_schedule(config.optim, config.total_steps)
-    optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
-    state = create_state(variables, optimizer, groups)
     batch_sharding = sharding.batch_sharding(mesh)
     jit = lambda m: jit_train_step(m, optimizer, state, batch_sharding, groups=groups,  # noqa: E731
                                    accum_steps=config.accum_steps, seed=config.seed, compiler_options=compiler_options)
@@ -92,6 +104,23 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
         tuning.mask_patches = False
         unmasked = jit(tuning)
     return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, jit(method), unmasked)
+
+
+def abstract_state(variables, optimizer: optax.GradientTransformation, groups: ParamGroups,
+                   mesh: jax.sharding.Mesh) -> TrainState:
+    """create_state's result as shapes with shardings: the optimizer's moments laid out as the
+    params they follow, its other leaves (counts) and the scalars replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = variables["params"]
+    trained = groups.trainable(params)
+    like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    opt_state = optax.tree_map_params(
+        optimizer, lambda x, p: like(x, p.sharding), jax.eval_shape(optimizer.init, trained), trained,
+        transform_non_params=lambda x: like(x, replicated),
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    scalar = jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=replicated)
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return TrainState(scalar, params, model_state, opt_state, scalar, scalar)
 
 
 def _unbox(variables):

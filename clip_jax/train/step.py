@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from clip_jax.methods.base import Method
+from clip_jax.parallel import sharding
 from clip_jax.train.optim import ParamGroups, merge
 
 
@@ -141,7 +142,9 @@ def jit_train_step(method: Method, optimizer, state: TrainState, batch_sharding,
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
     def fn(s, b):
-        return train_step(s, b, method=method, optimizer=optimizer, groups=groups, accum_steps=accum_steps, seed=seed)
+        with sharding.activation_layouts(batch_sharding.mesh):
+            return train_step(s, b, method=method, optimizer=optimizer, groups=groups, accum_steps=accum_steps,
+                              seed=seed)
 
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(

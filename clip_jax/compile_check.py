@@ -1,0 +1,223 @@
+"""Compile the trainer's own step for a Cloud TPU topology on this host, and report what it needs.
+
+    python -m clip_jax.compile_check --config=configs/clip_paper.py:ViT-L-14 --topology=v5e:16x16 \
+        [--config.mesh.fsdp=4 --config.remat=full ...] [--loss_only] [--json]
+
+Nothing runs and no accelerator is needed: libtpu (`pip install -e ".[tpu]"`) describes the
+topology's devices, the step is built as the trainer builds it (clip_jax.train.build, abstract)
+over a mesh of those devices, lowered and compiled ahead of time, and the TPU compiler's plan is
+printed one `key: value` a line: per-chip memory, whether it fits, the FLOPs and the collectives.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+import time
+import warnings
+from typing import Optional
+
+# Per-chip HBM (GiB) by device kind; the compiler's own limit (a little less) decides `fits`
+# when it refuses a program.
+HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v5p": 95.0, "TPU v6 lite": 32.0}
+INSTALL = 'libtpu is not installed: pip install -e ".[tpu]" (or pip install "jax[tpu]==<installed jax>")'
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology such as 'v5e:16x16' or 'v4:4x4x8' (v4 and v5p as megacore:
+    one device per chip, as jax sees them on the hardware)."""
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to read here
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise SystemExit(INSTALL) from None
+    from jax.experimental import topologies
+
+    kind = name.split(":")[0]
+    options = {"chip_config_name": "megacore"} if kind in ("v4", "v5p") else {}
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **options).devices)
+    except Exception as e:  # noqa: BLE001  (libtpu's errors are plain runtime errors)
+        raise ValueError(f"unknown TPU topology {name!r} ({str(e).splitlines()[0]}): use e.g. v5e:2x2, v5e:16x16, "
+                         "v4:4x4x8, v5p:4x4x8, v6e:8x8") from None
+
+
+def collectives(hlo_text: str) -> dict:
+    """{kind: (count, bytes)} of the compiled program's collectives; bytes are each op's largest
+    result array. Each op counts once where it sits in the program: an op in a loop body (the
+    scanned layers) counts once, not once per iteration."""
+    out: dict = collections.defaultdict(lambda: [0, 0])
+    pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    for line in hlo_text.splitlines():
+        m = pattern.search(line)
+        if not m:
+            continue
+        sizes = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+                 for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
+        out[m.group(2)][0] += 1
+        out[m.group(2)][1] += max(sizes, default=0)
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
+def _refusal(message: str) -> Optional[dict]:
+    """Figures from the TPU compiler's out-of-memory refusal, or None for another error."""
+    if "exceeds available" not in message and "Ran out of memory" not in message:
+        return None
+    gib = lambda text: float(text[:-1]) * {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 2**10}.get(text[-1], 2**-30)  # noqa: E731
+    out = {}
+    m = re.search(r"HLO temporaries \(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)", message)
+    if m:
+        out = {"temp_gib": gib(m.group(1)), "limit_gib": gib(m.group(2))}
+    m = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", message)
+    if m:
+        out = {"used_gib": gib(m.group(1)), "limit_gib": gib(m.group(2))}
+    return out
+
+
+def advice(config, report: dict) -> str:
+    """What to try when the step does not fit, cheapest recompute first."""
+    tips = []
+    if config.remat == "none":
+        tips.append("--config.remat=dots_with_no_batch_dims_saveable (or full)")
+    elif config.remat != "full":
+        tips.append("--config.remat=full")
+    if config.mesh.fsdp in (1,) and report.get("argument_gib", 0) > 0.25 * report["hbm_gib"]:
+        tips.append("shard the params and moments: --config.mesh.fsdp=<devices per data group>")
+    tips.append(f"a smaller batch per chip: --config.accum_steps={2 * config.accum_steps} (same global batch), "
+                "or a smaller --config.batch_size")
+    if config.loss == "softmax":
+        tips.append("--config.loss=softmax_ring (the loss's memory flat in the global batch)")
+    return "; ".join(tips)
+
+
+def compile_check(config, topology: str, devices: Optional[list] = None) -> dict:
+    """Build, lower and compile the step of `config` for `topology`; the report as a dict."""
+    import jax
+
+    from clip_jax.parallel import sharding
+    from clip_jax.train.build import build
+
+    devices = devices if devices is not None else topology_devices(topology)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    sharding.check_batch(config.batch_size // config.accum_steps, mesh)
+    if config.batch_size % config.accum_steps:
+        raise ValueError(f"config.batch_size={config.batch_size} does not split into config.accum_steps="
+                         f"{config.accum_steps} microbatches")
+    run = build(config, mesh, abstract=True)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=run.batch_sharding)
+             for k, v in run.method.batch_shapes(config.batch_size).items()}
+    kind = devices[0].device_kind
+    report = {
+        "topology": topology, "devices": len(devices), "device_kind": kind,
+        "mesh": " x ".join(f"{a}={n}" for a, n in mesh.shape.items()),
+        "global_batch": config.batch_size, "per_device_batch": config.batch_size // sharding.batch_devices(mesh),
+        "accum_steps": config.accum_steps, "model": config.model, "method": config.method, "loss": config.loss,
+        "remat": config.remat, "dtype": config.dtype, "hbm_gib": HBM_GIB.get(kind, float("nan")),
+    }
+    start = time.perf_counter()
+    lowered = run.step_fn.lower(run.state, batch)
+    try:
+        with warnings.catch_warnings():
+            # A persistent compilation cache (the trainer's) cannot load TPU executables on this host.
+            warnings.filterwarnings("ignore", message="Error reading persistent compilation cache")
+            compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001  (XLA raises its runtime error type)
+        refused = _refusal(str(e))
+        if refused is None:
+            raise
+        report.update(compile_s=time.perf_counter() - start, fits=False, **refused)
+        need = refused.get("temp_gib", refused.get("used_gib", float("nan")))
+        limit = refused.get("limit_gib", report["hbm_gib"])
+        report["over_gib"] = need - limit
+        report["advice"] = advice(config, report)
+        return report
+    report["compile_s"] = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    gib = 2.0**-30
+    report.update(argument_gib=m.argument_size_in_bytes * gib, temp_gib=m.temp_size_in_bytes * gib,
+                  output_gib=m.output_size_in_bytes * gib, alias_gib=m.alias_size_in_bytes * gib)
+    # donated state: outputs alias the arguments, so a chip holds arguments + temporaries + the
+    # outputs that are not aliased
+    total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + getattr(m, "generated_code_size_in_bytes", 0)) * gib
+    report["total_gib"] = total
+    report["fits"] = total <= report["hbm_gib"]
+    if not report["fits"]:
+        report["over_gib"] = total - report["hbm_gib"]
+        report["advice"] = advice(config, report)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report["flops_per_step"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    report["collectives"] = collectives(compiled.as_text())
+    return report
+
+
+def compile_loss(config, topology: str, devices: Optional[list] = None) -> dict:
+    """The contrastive loss alone (value and gradient in the embeddings) of config.loss over
+    config.batch_size embeddings of the model's width, compiled for `topology`: the loss's own
+    share of a step's memory, measured apart from the towers."""
+    import jax
+    import jax.numpy as jnp
+
+    from clip_jax.methods.losses import make_loss
+    from clip_jax.parallel import sharding
+    from clip_jax.train.build import model_from_config
+
+    devices = devices if devices is not None else topology_devices(topology)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    sharding.check_batch(config.batch_size, mesh)
+    loss = make_loss(config.loss, mesh, sharding.BATCH_AXES)
+    dim = model_from_config(config).config.embed_dim
+    embeds = jax.ShapeDtypeStruct((config.batch_size, dim), jnp.float32, sharding=sharding.batch_sharding(mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    start = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(embeds, embeds, scalar, scalar).compile()
+    m, gib = compiled.memory_analysis(), 2.0**-30
+    return {"topology": topology, "devices": len(devices), "loss": config.loss, "global_batch": config.batch_size,
+            "embed_dim": dim, "compile_s": time.perf_counter() - start, "argument_gib": m.argument_size_in_bytes * gib,
+            "temp_gib": m.temp_size_in_bytes * gib, "output_gib": m.output_size_in_bytes * gib,
+            "collectives": collectives(compiled.as_text())}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for key, value in report.items():
+        if key == "collectives":
+            for kind, (count, size) in value.items():
+                lines.append(f"collective {kind}: {count} ops, {size / 2**20:.1f} MiB")
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, float):
+            value = f"{value:.4g}" if key == "flops_per_step" else f"{value:.2f}"
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    import json
+
+    from absl import flags
+
+    check = compile_loss if flags.FLAGS.loss_only else compile_check
+    report = check(flags.FLAGS.config, flags.FLAGS.topology)
+    print(json.dumps(report) if flags.FLAGS.json else format_report(report), flush=True)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/clip_paper.py:ViT-L-14,v5e:16x16")
+    flags.DEFINE_string("topology", None, "a Cloud TPU topology: v5e:2x2, v5e:16x16, v4:4x4x8, v5p:4x4x8, v6e:8x8")
+    flags.DEFINE_bool("loss_only", False, "compile the contrastive loss alone (value and gradient) at the batch")
+    flags.DEFINE_bool("json", False, "print the report as one JSON object instead of key: value lines")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)

@@ -1,0 +1,76 @@
+"""clip_jax.compile_check: the trainer's step compiled ahead of time for a TPU topology on this CPU
+host (libtpu describes the chips; nothing runs). Skips where libtpu is not installed."""
+
+import importlib.util
+
+import pytest
+from tiny import tiny_config
+
+from clip_jax import compile_check as cc
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu is not installed (pip install -e ".[tpu]"): TPU topologies cannot be described here')
+
+
+def test_collectives_are_read_from_the_program_text():
+    hlo = "\n".join([
+        "  %all-gather.1 = bf16[64,512]{1,0} all-gather(bf16[16,512]{1,0} %p), replica_groups=[1,4]<=[4]",
+        "  %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %x), to_apply=%add",
+        "  %cp = f32[2,3]{1,0} collective-permute(f32[2,3]{1,0} %y), source_target_pairs={{0,1}}",
+        "  %ard = f32[8]{0} all-reduce-done((f32[8]{0}, f32[8]{0}) %ars)",  # the done half is not a second op
+        "  %dot = f32[4,4]{1,0} dot(f32[4,4]{1,0} %a, f32[4,4]{1,0} %b)",
+    ])
+    assert cc.collectives(hlo) == {"all-gather": (1, 64 * 512 * 2), "all-reduce": (1, 32),
+                                   "collective-permute": (1, 24)}
+
+
+def test_an_out_of_memory_refusal_is_read_as_figures():
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "the total memory required for HLO temporaries (41.04G) exceeds available HBM (15.75G)")
+    got = cc._refusal(message)
+    assert got == {"temp_gib": pytest.approx(41.04), "limit_gib": pytest.approx(15.75)}
+    assert cc._refusal("INVALID_ARGUMENT: something else") is None
+
+
+def test_an_unknown_topology_is_named():
+    if importlib.util.find_spec("libtpu") is None:
+        with pytest.raises(SystemExit, match="libtpu is not installed"):
+            cc.topology_devices("v5e:2x2")
+        return
+    with pytest.raises(ValueError, match="unknown TPU topology 'v9x:3x3'"):
+        cc.topology_devices("v9x:3x3")
+
+
+def _check(loss="softmax", data=4, fsdp=1):
+    c = tiny_config(loss=loss)
+    c.batch_size = 256  # 64 per chip
+    c.mesh.data, c.mesh.fsdp = data, fsdp
+    return cc.compile_check(c, "v5e:2x2")
+
+
+@needs_libtpu
+def test_the_step_compiles_for_a_tpu_topology_with_the_losses_collectives():
+    softmax = _check("softmax")
+    assert softmax["devices"] == 4 and softmax["device_kind"] == "TPU v5 lite" and softmax["fits"] is True
+    for key in ("argument_gib", "temp_gib", "output_gib"):
+        assert softmax[key] > 0
+    assert softmax["flops_per_step"] > 0
+    # Params are replicated on a data-only mesh: the all-gathers are the loss's (embeddings), the
+    # all-reduce the gradients'.
+    assert softmax["collectives"]["all-gather"][0] >= 2
+    assert softmax["collectives"]["all-reduce"][0] >= 1
+    assert "collective-permute" not in softmax["collectives"]
+    ring = _check("sigmoid")  # the chunked sigmoid loss passes text chunks round the ring
+    assert "collective-permute" in ring["collectives"] and "all-gather" not in ring["collectives"]
+    text = cc.format_report(softmax)
+    assert "fits: true" in text and "collective all-gather:" in text and "temp_gib:" in text
+
+
+@needs_libtpu
+def test_fsdp_keeps_the_activations_batch_sharded():
+    """Under FSDP each chip computes its own share of the batch, as on a data-only mesh (without the
+    models' activation constraints XLA splits the embed dim instead and each chip does far more)."""
+    data, fsdp = _check(data=4, fsdp=1), _check(data=1, fsdp=4)
+    assert fsdp["argument_gib"] < 0.5 * data["argument_gib"]  # params and moments are split
+    assert fsdp["flops_per_step"] < 1.1 * data["flops_per_step"]
