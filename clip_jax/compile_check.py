@@ -32,6 +32,7 @@ def topology_devices(name: str) -> list:
     """The devices of a TPU topology such as 'v5e:16x16' or 'v4:4x4x8' (v4 and v5p as megacore:
     one device per chip, as jax sees them on the hardware)."""
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to read here
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several checks at once: no chip is claimed
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -43,8 +44,8 @@ def topology_devices(name: str) -> list:
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **options).devices)
     except Exception as e:  # noqa: BLE001  (libtpu's errors are plain runtime errors)
-        raise ValueError(f"unknown TPU topology {name!r} ({str(e).splitlines()[0]}): use e.g. v5e:2x2, v5e:16x16, "
-                         "v4:4x4x8, v5p:4x4x8, v6e:8x8") from None
+        raise ValueError(f"libtpu cannot describe TPU topology {name!r} ({str(e).splitlines()[0]}): names are "
+                         "GENERATION:CHIPS, e.g. v5e:2x2, v5e:16x16, v4:4x4x8, v5p:4x4x8, v6e:8x8") from None
 
 
 def collectives(hlo_text: str) -> dict:
@@ -79,19 +80,20 @@ def _refusal(message: str) -> Optional[dict]:
     return out
 
 
-def advice(config, report: dict) -> str:
+def advice(config) -> str:
     """What to try when the step does not fit, cheapest recompute first."""
     tips = []
     if config.remat == "none":
         tips.append("--config.remat=dots_with_no_batch_dims_saveable (or full)")
     elif config.remat != "full":
         tips.append("--config.remat=full")
-    if config.mesh.fsdp in (1,) and report.get("argument_gib", 0) > 0.25 * report["hbm_gib"]:
-        tips.append("shard the params and moments: --config.mesh.fsdp=<devices per data group>")
+    if config.mesh.fsdp == 1:
+        tips.append("split the params and moments over the chips: --config.mesh.data=1 --config.mesh.fsdp=-1")
     tips.append(f"a smaller batch per chip: --config.accum_steps={2 * config.accum_steps} (same global batch), "
                 "or a smaller --config.batch_size")
-    if config.loss == "softmax":
-        tips.append("--config.loss=softmax_ring (the loss's memory flat in the global batch)")
+    if config.loss == "softmax" and config.batch_size >= 65_536:
+        tips.append("--config.loss=softmax_ring (the gathered loss's memory grows with the global batch; the ring's "
+                    "does not)")
     return "; ".join(tips)
 
 
@@ -100,6 +102,7 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
     import jax
 
     from clip_jax.parallel import sharding
+    from clip_jax.train import flops
     from clip_jax.train.build import build
 
     devices = devices if devices is not None else topology_devices(topology)
@@ -119,8 +122,25 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
         "accum_steps": config.accum_steps, "model": config.model, "method": config.method, "loss": config.loss,
         "remat": config.remat, "dtype": config.dtype, "hbm_gib": HBM_GIB.get(kind, float("nan")),
     }
+    report.update(_compile(run.step_fn, run.state, batch, report["hbm_gib"]))
+    if run.unmasked_step_fn is not None:  # FLIP's unmasked tuning: a second program, every token kept
+        tuning = _compile(run.unmasked_step_fn, run.state, batch, report["hbm_gib"])
+        report.update({f"unmasked_{k}": tuning[k] for k in ("temp_gib", "fits", "compile_s") if k in tuning})
+        report["fits"] = report["fits"] and tuning["fits"]
+    if not report["fits"]:
+        report["advice"] = advice(config)
+    if "argument_gib" in report:
+        # The compiled count sees each loop body once (scanned layers, accumulation); the model's own
+        # matmul FLOPs per chip (3 x forward, no remat) compare across settings.
+        train_step = flops.clip_forward_flops(run.model, config.batch_size)["train_step"]
+        report["model_flops_per_chip"] = train_step / len(devices)
+    return report
+
+
+def _compile(step_fn, state, batch, hbm_gib: float) -> dict:
+    """Memory, fit, FLOPs and collectives of one step program, or the compiler's refusal."""
     start = time.perf_counter()
-    lowered = run.step_fn.lower(run.state, batch)
+    lowered = step_fn.lower(state, batch)
     try:
         with warnings.catch_warnings():
             # A persistent compilation cache (the trainer's) cannot load TPU executables on this host.
@@ -130,31 +150,25 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
         refused = _refusal(str(e))
         if refused is None:
             raise
-        report.update(compile_s=time.perf_counter() - start, fits=False, **refused)
         need = refused.get("temp_gib", refused.get("used_gib", float("nan")))
-        limit = refused.get("limit_gib", report["hbm_gib"])
-        report["over_gib"] = need - limit
-        report["advice"] = advice(config, report)
-        return report
-    report["compile_s"] = time.perf_counter() - start
-    m = compiled.memory_analysis()
+        return {"compile_s": time.perf_counter() - start, "fits": False, **refused,
+                "over_gib": need - refused.get("limit_gib", hbm_gib)}
     gib = 2.0**-30
-    report.update(argument_gib=m.argument_size_in_bytes * gib, temp_gib=m.temp_size_in_bytes * gib,
-                  output_gib=m.output_size_in_bytes * gib, alias_gib=m.alias_size_in_bytes * gib)
-    # donated state: outputs alias the arguments, so a chip holds arguments + temporaries + the
-    # outputs that are not aliased
+    m = compiled.memory_analysis()
+    # The state is donated: outputs alias the arguments, so a chip holds the arguments, the
+    # temporaries and the outputs that are not aliased.
     total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + getattr(m, "generated_code_size_in_bytes", 0)) * gib
-    report["total_gib"] = total
-    report["fits"] = total <= report["hbm_gib"]
-    if not report["fits"]:
-        report["over_gib"] = total - report["hbm_gib"]
-        report["advice"] = advice(config, report)
+    out = {"compile_s": time.perf_counter() - start, "argument_gib": m.argument_size_in_bytes * gib,
+           "temp_gib": m.temp_size_in_bytes * gib, "output_gib": m.output_size_in_bytes * gib,
+           "alias_gib": m.alias_size_in_bytes * gib, "total_gib": total, "fits": total <= hbm_gib}
+    if not out["fits"]:
+        out["over_gib"] = total - hbm_gib
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    report["flops_per_step"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    report["collectives"] = collectives(compiled.as_text())
-    return report
+    out["flops_per_step"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    out["collectives"] = collectives(compiled.as_text())
+    return out
 
 
 def compile_loss(config, topology: str, devices: Optional[list] = None) -> dict:
@@ -195,7 +209,7 @@ def format_report(report: dict) -> str:
         if isinstance(value, bool):
             value = "true" if value else "false"
         elif isinstance(value, float):
-            value = f"{value:.4g}" if key == "flops_per_step" else f"{value:.2f}"
+            value = f"{value:.4g}" if "flops" in key else f"{value:.2f}"
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
 

@@ -34,10 +34,17 @@ FSDP = {"data": 1, "fsdp": -1, "tensor": 1}  # params and moments split over eve
 DATA = {"data": -1, "fsdp": 1, "tensor": 1}  # params replicated: fewer collectives
 # (mesh, remat, accum_steps) per topology and preset at global batch 32,768: each the first
 # setting that compiled within the chip's HBM, cheapest first (launch/compile_sweep.py plans).
+SAVE_DOTS = "dots_with_no_batch_dims_saveable"  # keeps the weight matmuls' outputs, recomputes the rest
 PLANS = {
-    "v5e:16x16": {},
+    "v5e:16x16": {
+        "ViT-B-16": (DATA, SAVE_DOTS, 1),
+        "ViT-L-14": (DATA, "full", 1),
+    },
     "v4:4x4x8": {},
-    "v5p:4x4x8": {},
+    "v5p:4x4x8": {
+        "ViT-B-16": (DATA, "none", 1),
+        "ViT-L-14": (DATA, SAVE_DOTS, 1),
+    },
 }
 # Where no plan was measured: split everything and recompute everything.
 FALLBACK = (FSDP, "full", 1)

@@ -3,6 +3,7 @@ row of docs/scaling.md comes from here, and each result keeps the command that m
 
     python launch/compile_sweep.py plans --out docs/scaling_results.jsonl [--models ViT-L-14 ...]
     python launch/compile_sweep.py losses --out docs/scaling_results.jsonl
+    python launch/compile_sweep.py recipes --out docs/scaling_results.jsonl   # LiT, FLIP
     python launch/compile_sweep.py max_batch --out docs/scaling_results.jsonl --models ViT-B-16 ViT-L-14
     python launch/compile_sweep.py table --out docs/scaling_results.jsonl   # the markdown tables
 
@@ -46,9 +47,9 @@ def _host() -> str:
 
 def check(model: str, topology: str, mesh: dict | None = None, remat: str | None = None, accum: int | None = None,
           batch: int | None = None, loss: str | None = None, loss_only: bool = False, config_arg: str | None = None,
-          out: str | None = None) -> dict:
+          out: str | None = None, config_file: str = "configs/clip_paper.py") -> dict:
     """One compile_check run in a subprocess; the parsed report with its command, date and host."""
-    args = ["python", "-m", "clip_jax.compile_check", f"--config=configs/clip_paper.py:{config_arg or model}",
+    args = ["python", "-m", "clip_jax.compile_check", f"--config={config_file}:{config_arg or model}",
             f"--topology={topology}", "--json"]
     for axis, size in (mesh or {}).items():
         args.append(f"--config.mesh.{axis}={size}")
@@ -123,41 +124,117 @@ def losses(out: str, topology: str = "v5e:16x16") -> None:
         check("ViT-B-16", topology, loss=loss, config_arg=f"ViT-B-16,{topology}", out=out)
 
 
+# (preset, config file, global batch or None for the config's own)
+RECIPES = (
+    ("ViT-B-16", "configs/lit.py", None),
+    ("ViT-B-16", "configs/lit.py", 32_768),
+    ("ViT-L-14", "configs/flip.py", None),
+    ("ViT-B-16", "configs/flip.py", None),
+    ("ViT-B-16", "configs/siglip.py", None),
+    ("ViT-L-14", "configs/siglip.py", None),
+)
+
+
+def recipes(out: str, topology: str = "v5e:16x16", only: str = "") -> None:
+    """The method recipes of configs/ as configured (LiT also at the paper's batch); `only`: those
+    whose config file contains it."""
+    for model, config_file, batch in RECIPES:
+        if only in config_file:
+            check(model, topology, batch=batch, config_file=config_file, out=out)
+
+
 def _read(out: str) -> list[dict]:
     with open(out) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _kind(r: dict) -> str:
+    c = r["command"]
+    if "--loss_only" in c:
+        return "loss"
+    if "clip_paper.py" not in c:
+        return "recipe"
+    if "--config.mesh." in c:
+        return "plan"
+    if "--config.loss=" in c:
+        return "loss_step"
+    return "max_batch"
+
+
+def chosen(rows: list[dict]) -> dict:
+    """{(model, topology): the plan row plan() settles on}, by the same preference order."""
+    out = {}
+    for (model, topology) in dict.fromkeys((r["model"], r["topology"]) for r in rows if _kind(r) == "plan"):
+        tried = [r for r in rows if _kind(r) == "plan" and (r["model"], r["topology"]) == (model, topology)]
+        levels = VIT_REMAT if model.startswith("ViT") else RESNET_REMAT
+        rank = lambda r: (r.get("accum_steps", 1), levels.index(r["remat"]), r["mesh"].startswith("data=1 "))  # noqa: E731
+        fits = [r for r in tried if r.get("fits") and "remat" in r]
+        if fits:
+            out[(model, topology)] = min(fits, key=rank)
+    return out
+
+
+def _gib(r, key):
+    return f"{r[key]:.2f}" if key in r else "-"
+
+
+def _plan_row(r: dict) -> str:
+    args = r["command"].replace("python -m clip_jax.compile_check ", "")
+    per_chip = r.get("model_flops_per_chip")
+    return (f"| {r['model']} | {r['topology']} | {r.get('mesh', '-').replace(' x tensor=1', '')} | "
+            f"{r.get('remat', '-')} | {r.get('accum_steps', '-')} | {r.get('per_device_batch', '-')} | "
+            f"{_gib(r, 'argument_gib')} | {_gib(r, 'temp_gib')} | {_gib(r, 'total_gib')} | "
+            f"{'yes' if r.get('fits') else 'no'} | {f'{per_chip / 1e12:.1f}' if per_chip else '-'} | "
+            f"{r.get('compile_s', float('nan')):.0f} | `{args}` |")
+
+
+PLAN_HEAD = ["| model | topology | mesh | remat | accum | per chip | arguments GiB | temporaries GiB | total GiB | "
+             "fits | model TFLOP per chip | compile s | arguments of compile_check |", "|" + " --- |" * 13]
+
+
 def table(out: str) -> str:
-    rows = _read(out)
-    lines = ["| model | topology | mesh | remat | accum | per chip | arguments GiB | temporaries GiB | fits | "
-             "compile s | command |", "|" + " --- |" * 11]
+    rows = [r for r in _read(out) if "error" not in r]
+    picked = chosen(rows)
+    lines = ["### The chosen plans (configs/clip_paper.py PLANS)", ""] + PLAN_HEAD
+    lines += [_plan_row(r) for r in sorted(picked.values(), key=lambda r: (r["topology"], r["model"]))]
+    lines += ["", "### Every setting tried", ""] + PLAN_HEAD + [_plan_row(r) for r in rows if _kind(r) == "plan"]
+    lines += ["", "### The losses", "", "| loss | global batch | loss alone: temporaries GiB | command |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {r['loss']} | {r['global_batch']} | {r['temp_gib']:.3f} | `{r['command']}` |"
+              for r in rows if _kind(r) == "loss"]
+    lines += ["", "| loss | whole step: temporaries GiB | total GiB | command |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['loss']} | {_gib(r, 'temp_gib')} | {_gib(r, 'total_gib')} | `{r['command']}` |"
+              for r in rows if _kind(r) == "loss_step"]
+    lines += ["", "### Method recipes", ""] + PLAN_HEAD
     for r in rows:
-        if "--loss_only" in r["command"] or "error" in r:
-            continue
-        lines.append(f"| {r['model']} | {r['topology']} | {r.get('mesh', '')} | {r.get('remat', '')} | "
-                     f"{r.get('accum_steps', '')} | {r.get('per_device_batch', '')} | "
-                     f"{r.get('argument_gib', float('nan')):.2f} | {r.get('temp_gib', float('nan')):.2f} | "
-                     f"{'yes' if r.get('fits') else 'no'} | {r.get('compile_s', float('nan')):.0f} | "
-                     f"`{r['command'].replace('python -m clip_jax.compile_check ', '')}` |")
-    lines += ["", "| loss | global batch | loss temporaries GiB | command |", "| --- | --- | --- | --- |"]
-    for r in rows:
-        if "--loss_only" in r["command"] and "error" not in r:
-            lines.append(f"| {r['loss']} | {r['global_batch']} | {r['temp_gib']:.3f} | `{r['command']}` |")
+        if _kind(r) == "recipe":
+            line = _plan_row(r)
+            if "unmasked_temp_gib" in r:
+                line += f" unmasked tuning step: {r['unmasked_temp_gib']:.2f} GiB temporaries"
+            lines.append(line)
+    lines += ["", "### Largest global batch", "",
+              "| model | topology | global batch | per chip | fits | temporaries GiB | command |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['topology']} | {r.get('global_batch', '-')} | {r.get('per_device_batch', '-')} | "
+              f"{'yes' if r.get('fits') else 'no'} | {_gib(r, 'temp_gib')} | `{r['command']}` |"
+              for r in rows if _kind(r) == "max_batch"]
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["plans", "losses", "max_batch", "table"])
+    p.add_argument("what", choices=["plans", "losses", "recipes", "max_batch", "table"])
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "scaling_results.jsonl"))
     p.add_argument("--models", nargs="*", default=list(VITS + RESNETS))
     p.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
+    p.add_argument("--only", default="", help="recipes: only the config files containing this")
     a = p.parse_args()
     if a.what == "table":
         print(table(a.out))
     elif a.what == "losses":
         losses(a.out)
+    elif a.what == "recipes":
+        recipes(a.out, only=a.only)
     else:
         for topology in a.topologies:
             for model in a.models:

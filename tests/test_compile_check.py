@@ -38,7 +38,7 @@ def test_an_unknown_topology_is_named():
         with pytest.raises(SystemExit, match="libtpu is not installed"):
             cc.topology_devices("v5e:2x2")
         return
-    with pytest.raises(ValueError, match="unknown TPU topology 'v9x:3x3'"):
+    with pytest.raises(ValueError, match="cannot describe TPU topology 'v9x:3x3'"):
         cc.topology_devices("v9x:3x3")
 
 
@@ -74,3 +74,12 @@ def test_fsdp_keeps_the_activations_batch_sharded():
     data, fsdp = _check(data=4, fsdp=1), _check(data=1, fsdp=4)
     assert fsdp["argument_gib"] < 0.5 * data["argument_gib"]  # params and moments are split
     assert fsdp["flops_per_step"] < 1.1 * data["flops_per_step"]
+
+
+@needs_libtpu
+def test_flips_unmasked_tuning_step_is_checked_too():
+    c = tiny_config()
+    c.batch_size, c.patch_dropout, c.unmasked_from_step = 64, 0.5, 5
+    report = cc.compile_check(c, "v5e:2x2")
+    # the tuning step keeps every token: more activations than the masked step
+    assert report["unmasked_fits"] is True and report["unmasked_temp_gib"] > report["temp_gib"]

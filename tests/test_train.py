@@ -149,3 +149,34 @@ def test_paper_configs_for_every_preset():
     assert paper.get_config("RN50x64").optim.learning_rate == 3.6e-4
     with pytest.raises(ValueError, match="no paper recipe"):
         paper.get_config("ViT-Tiny-test")
+    # Per-hardware plans: 'MODEL,TOPOLOGY' takes the measured one; no topology means v5e:16x16's.
+    for topology, plans in paper.PLANS.items():
+        for name, (mesh, remat, accum) in plans.items():
+            c = paper.get_config(f"{name},{topology}")
+            assert (c.mesh.to_dict(), c.remat, c.accum_steps) == (mesh, remat, accum)
+            assert c.batch_size % accum == 0
+    assert paper.get_config("ViT-L-14").mesh.to_dict() == paper.get_config("ViT-L-14,v5e:16x16").mesh.to_dict()
+    with pytest.raises(ValueError, match="no plans for topology 'v3:8x8'"):
+        paper.get_config("ViT-L-14,v3:8x8")
+
+
+def test_siglip_config_is_the_paper_recipe_with_the_sigmoid_loss_and_siglip_text_tower():
+    import math
+
+    import pytest
+
+    from clip_jax.train.build import model_from_config
+
+    spec = importlib.util.spec_from_file_location(
+        "siglip", os.path.join(os.path.dirname(__file__), "..", "configs", "siglip.py"))
+    siglip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(siglip)
+    c = siglip.get_config("ViT-B-16,v5p:4x4x8")
+    assert c.loss == "sigmoid" and c.batch_size == 32768
+    model = model_from_config(c)
+    assert model.config.init_logit_bias == -10.0 and model.config.init_logit_scale == pytest.approx(math.log(10))
+    text = model.config.text
+    assert (text.context_length, text.no_causal_mask, text.pool_type) == (64, True, "last")
+    assert model.config.vision.pool_type == "map"
+    with pytest.raises(ValueError, match="takes a ViT preset"):
+        siglip.get_config("RN50")

@@ -100,14 +100,15 @@ def count_flops(fn, *args, **kwargs) -> int:
     return jaxpr_flops(jax.make_jaxpr(fn, **kwargs)(*args).jaxpr)
 
 
-def clip_forward_flops(model_name: str, batch: int) -> dict:
-    """Forward FLOPs of a CLIP model on `batch` pairs: image tower, text tower, the N x N logits.
+def clip_forward_flops(model_name, batch: int) -> dict:
+    """Forward FLOPs of a CLIP model (a preset name or a CLIP module) on `batch` pairs: image
+    tower, text tower, the N x N logits; a ViT unmasked (no patch dropout).
 
     Returns {'image', 'text', 'logits', 'forward', 'train_step'} (train_step = 3 x forward).
     """
     from clip_jax.models import create_model, variable_shapes
 
-    model = create_model(model_name, attn_impl="xla")
+    model = create_model(model_name, attn_impl="xla") if isinstance(model_name, str) else model_name
     size = model.config.vision.image_size
     images = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
     tokens = jax.ShapeDtypeStruct((batch, model.config.text.context_length), np.int32)
