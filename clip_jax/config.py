@@ -26,6 +26,18 @@ OPTIM_DEFAULTS = {
 }
 
 
+# SLIP (config.method='slip'): the SimCLR branch beside CLIP's loss (facts: SLIP's main.py).
+SLIP_DEFAULTS = {
+    "ssl_scale": 1.0,  # total loss = clip + ssl_scale * ssl
+    "ssl_temp": 0.1,  # NT-Xent temperature
+    "mlp_dim": 4096,  # the head: Linear-BN-ReLU, Linear-BN-ReLU to mlp_dim, then Linear to emb_dim
+    "emb_dim": 256,
+    # True: no gradient through the gathered embeddings of the CLIP loss, as SLIP's reference on more
+    # than one GPU (each term trains one tower); False: the full-gradient global-batch loss.
+    "detach_clip_gather": False,
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "clip"  # clip_jax.methods: what the trainer optimizes
@@ -57,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.summary_png = False  # at the end: WORKDIR/summary.png, curves and (on shapes) zero-shot predictions
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.optim = ml_collections.ConfigDict(OPTIM_DEFAULTS)
+    c.slip = ml_collections.ConfigDict(SLIP_DEFAULTS)
     c.data = ml_collections.ConfigDict(DATA_DEFAULTS)
     return c
 

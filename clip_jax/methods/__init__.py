@@ -8,6 +8,6 @@ from clip_jax.registry import Registry
 
 METHODS: Registry[type] = Registry("method")
 
-from clip_jax.methods import clip  # noqa: E402,F401  (registers 'clip')
+from clip_jax.methods import clip, slip  # noqa: E402,F401  (registers 'clip', 'slip')
 
 __all__ = ["METHODS", "Method"]

@@ -63,19 +63,28 @@ def _gather_by_sum(x, axes, n_dev):
     return jax.lax.psum(buf, axes).reshape((n_dev * x.shape[0],) + x.shape[1:])
 
 
+def _gather(axes, n_dev, gather_by_sum):
+    return partial(_gather_by_sum, axes=axes, n_dev=n_dev) if gather_by_sum else partial(
+        jax.lax.all_gather, axis_name=axes, tiled=True)
+
+
 @LOSSES.register("softmax")
-def _softmax_all_gather(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False):
+def _softmax_all_gather(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False, detach=False):
+    """detach: the gathered embeddings carry no gradient (SLIP's multi-GPU CLIP loss): the
+    image-to-text term trains only the image tower, the text-to-image term only the text tower."""
     del bias
     b = img.shape[0]
-    gather = partial(_gather_by_sum, axes=axes, n_dev=n_dev) if gather_by_sum else partial(
-        jax.lax.all_gather, axis_name=axes, tiled=True)
+    gather = _gather(axes, n_dev, gather_by_sum)
     all_img = gather(img)
     all_txt = gather(txt)
+    if detach:
+        all_img, all_txt = jax.lax.stop_gradient(all_img), jax.lax.stop_gradient(all_txt)
     labels = jax.lax.axis_index(axes) * b + jnp.arange(b)  # this device's rows, offset by rank
     i2t = scale * img @ all_txt.T  # [b, N]: my images against every text
     t2i = scale * txt @ all_img.T  # [b, N]: my texts against every image
-    pos = jnp.take_along_axis(i2t, labels[:, None], axis=1)[:, 0]
-    local = jnp.sum(jax.nn.logsumexp(i2t, axis=1) - pos) + jnp.sum(jax.nn.logsumexp(t2i, axis=1) - pos)
+    pos_i = jnp.take_along_axis(i2t, labels[:, None], axis=1)[:, 0]
+    pos_t = jnp.take_along_axis(t2i, labels[:, None], axis=1)[:, 0] if detach else pos_i
+    local = jnp.sum(jax.nn.logsumexp(i2t, axis=1) - pos_i) + jnp.sum(jax.nn.logsumexp(t2i, axis=1) - pos_t)
     return jax.lax.psum(local, axes) / (2 * n_total)
 
 
@@ -121,14 +130,20 @@ def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=
     return -jax.lax.psum(total, axes) / n_total
 
 
-def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool = False) -> Callable:
+def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool = False,
+              detach: bool = False) -> Callable:
     """loss(img [N, d], txt [N, d], scale, bias) -> scalar, for arrays sharded on `data_axes`.
 
     Call it inside jit. N must divide over the devices of `data_axes` (checked on trace).
     gather_by_sum: the all_gather of 'softmax' as a psum, chosen by whoever builds the mesh
-    (clip_jax.parallel.sharding.slow_all_gather; see _gather_by_sum).
+    (clip_jax.parallel.sharding.slow_all_gather; see _gather_by_sum). detach: 'softmax' with
+    no gradient through the gathered embeddings (SLIP's reference on more than one GPU).
     """
     body = LOSSES.get(kind)
+    if detach:
+        if kind != "softmax":
+            raise ValueError(f"a detached gather is a form of the 'softmax' loss only, not of {kind!r}")
+        body = partial(body, detach=True)
     axes = tuple(data_axes)
     n_dev = 1
     for a in axes:
@@ -148,6 +163,62 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
         per_device = partial(body, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum)
         sharded = _shard_map(per_device, mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
         return sharded(img.astype(jnp.float32), txt.astype(jnp.float32), jnp.float32(scale), jnp.float32(bias))
+
+    return loss
+
+
+# -- SimCLR's NT-Xent over the global batch (SLIP's self-supervised branch) ------------------
+def nt_xent_reference(qa, qb, temperature: float = 0.1):
+    """(loss, accuracy of view a) on one device: every image's other view is its positive among
+    2N - 2 negatives (the other images' two views); its own view is masked out."""
+    qa, qb = qa.astype(jnp.float32), qb.astype(jnp.float32)
+    n = qa.shape[0]
+    mask = 1e9 * jnp.eye(n)
+    aa, bb = qa @ qa.T / temperature - mask, qb @ qb.T / temperature - mask
+    ab, ba = qa @ qb.T / temperature, qb @ qa.T / temperature
+    labels = jnp.arange(n)
+    ce = lambda logits: jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[labels, labels])  # noqa: E731
+    first = jnp.concatenate([ab, aa], axis=1)
+    loss = (ce(first) + ce(jnp.concatenate([ba, bb], axis=1))) / 2
+    return loss, jnp.mean(jnp.argmax(first, axis=1) == labels)
+
+
+def _nt_xent(qa, qb, temperature, *, axes, n_total, n_dev, gather_by_sum=False):
+    b = qa.shape[0]
+    gather = _gather(axes, n_dev, gather_by_sum)
+    ka, kb = gather(qa), gather(qb)  # with gradient: every device's rows are trained through every logit
+    labels = jax.lax.axis_index(axes) * b + jnp.arange(b)
+    mask = 1e9 * jax.nn.one_hot(labels, n_total, dtype=qa.dtype)
+
+    def ce(logits):  # logits [b, 2N]: the positive at `labels` (the first block)
+        pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+        return jnp.sum(jax.nn.logsumexp(logits, axis=1) - pos)
+
+    first = jnp.concatenate([qa @ kb.T / temperature, qa @ ka.T / temperature - mask], axis=1)
+    second = jnp.concatenate([qb @ ka.T / temperature, qb @ kb.T / temperature - mask], axis=1)
+    correct = jnp.sum(jnp.argmax(first, axis=1) == labels)
+    loss = jax.lax.psum(ce(first) + ce(second), axes) / (2 * n_total)
+    return loss, jax.lax.psum(correct, axes) / n_total
+
+
+def make_nt_xent(mesh: Mesh, data_axes: Sequence[str], temperature: float = 0.1,
+                 gather_by_sum: bool = False) -> Callable:
+    """nt_xent(qa [N, d], qb [N, d]) -> (loss, accuracy of view a), the two views' unit-norm
+    embeddings sharded on `data_axes`; equals nt_xent_reference of the global batch. Each device
+    holds [b_local, 2N] logits."""
+    axes = tuple(data_axes)
+    n_dev = 1
+    for a in axes:
+        n_dev *= mesh.shape[a]
+
+    def loss(qa, qb):
+        n_total = qa.shape[0]
+        if n_total % n_dev:
+            raise ValueError(f"global batch {n_total} does not divide over {n_dev} devices of mesh axes {axes}")
+        body = partial(_nt_xent, temperature=temperature, axes=axes, n_total=n_total, n_dev=n_dev,
+                       gather_by_sum=gather_by_sum)
+        sharded = _shard_map(body, mesh, in_specs=(P(axes), P(axes)), out_specs=(P(), P()))
+        return sharded(qa.astype(jnp.float32), qb.astype(jnp.float32))
 
     return loss
 

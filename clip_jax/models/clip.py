@@ -110,6 +110,15 @@ class CLIP(nn.Module):
         a training pass without a ViT's patch dropout (FLIP's unmasked tuning)."""
         return l2_normalize(self.visual(images, train=train if self.is_resnet else train and mask_patches))
 
+    def image_features(self, images, train: bool = False, mask_patches: bool = True):
+        """(the image tower's pooled features before its projection, float32 [N, width]; the unit-norm
+        embedding [N, embed_dim]). A ViT only: a ModifiedResNet's projection sits inside its
+        attention pool."""
+        if self.is_resnet:
+            raise ValueError("pre-projection image features need a ViT image tower; this model's is a ModifiedResNet")
+        pooled, features = self.visual(images, train=train and mask_patches, pooled_too=True)
+        return pooled.astype(jnp.float32), l2_normalize(features)
+
     def encode_text(self, tokens, train: bool = False):
         """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]."""
         return l2_normalize(self.text(tokens, train=train))

@@ -146,10 +146,11 @@ class VisionTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, pooled_too: bool = False):
         """In training with patch_dropout r > 0 (FLIP), each image keeps a uniform random
         max(1, int(L * (1 - r))) of its L patch tokens (and the class token), drawn from the
-        'dropout' rng; evaluation sees every token."""
+        'dropout' rng; evaluation sees every token. pooled_too: (pooled features before the
+        projection [N, width], features) (SLIP's SimCLR head reads the former)."""
         check_images(images, self.image_size)
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"vision patch_dropout must be in [0, 1), got {self.patch_dropout}")
@@ -181,5 +182,6 @@ class VisionTransformer(nn.Module):
         else:  # the class token: the last layer computes only its row
             pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x, jnp.zeros(x.shape[:1], jnp.int32)))
         proj = self.param("proj", param_with_axes(normal(scale), ("embed", None)), (pool_dim, self.output_dim))
-        return pooled @ proj.astype(self.dtype)
+        features = pooled @ proj.astype(self.dtype)
+        return (pooled, features) if pooled_too else features
 

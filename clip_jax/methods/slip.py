@@ -1,0 +1,117 @@
+"""SLIP (Mu et al. 2022, "SLIP: Self-supervision meets Language-Image Pre-training") as a method of
+the one trainer: CLIP's loss plus SimCLR's on two more augmented views of each image.
+
+The image tower runs three times per step: on the CLIP view and on the two SimCLR views (the
+input pipeline makes them: clip_jax.input.pipeline, `image_views`). The SimCLR views' pooled
+features before the CLIP projection go through a 3-layer MLP head with BatchNorm over the
+global batch (SyncBN in the reference), are L2-normalized, and NT-Xent at temperature 0.1 pairs
+each view with its image's other view against the 2N - 2 views of the other images, over the
+global batch with gradients through every device's rows. Total: clip + ssl_scale * ssl.
+Settings: config.slip (clip_jax.config.SLIP_DEFAULTS).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.methods import METHODS
+from clip_jax.methods.clip import Clip
+from clip_jax.methods.losses import make_loss, make_nt_xent
+from clip_jax.models import dummy_inputs, l2_normalize
+from clip_jax.models.layers import param_with_axes
+from clip_jax.parallel.sharding import BATCH_AXES
+from clip_jax.preprocessing import normalize_images
+
+HEAD = "ssl_head"  # the head's params and BatchNorm statistics sit under this top-level name
+
+
+class SSLHead(nn.Module):
+    """SLIP's image SSL head: (Linear -> BatchNorm -> ReLU) x 2 -> Linear. BatchNorm normalizes with
+    the statistics of the whole global batch (a mean over a batch axis sharded under jit is global)."""
+
+    mlp_dim: int = 4096
+    emb_dim: int = 256
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(jnp.float32)
+        for i, axes in ((1, ("embed", "mlp")), (2, ("mlp", "mlp_out"))):
+            x = nn.Dense(self.mlp_dim, kernel_init=param_with_axes(nn.initializers.lecun_normal(), axes),
+                         bias_init=param_with_axes(nn.initializers.zeros, (axes[1],)), name=f"linear{i}")(x)
+            # PyTorch's BatchNorm1d defaults: momentum 0.1 (flax's 0.9), eps 1e-5
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f"bn{i}")(x))
+        return nn.Dense(self.emb_dim, kernel_init=param_with_axes(nn.initializers.lecun_normal(), ("mlp", None)),
+                        name="linear3")(x)
+
+
+@METHODS.register("slip")
+class Slip(Clip):
+    """CLIP + SimCLR over the global batch {'image', 'tokens', 'image_views': [N, 2, S, S, 3]}."""
+
+    batch_keys = ("image", "tokens", "image_views")
+
+    def __init__(self, config, model, mesh, **options):
+        if model.is_resnet:
+            raise ValueError("config.method='slip' puts its SimCLR head on the image tower's pooled features before "
+                             "the CLIP projection, which a ModifiedResNet does not expose (its projection is inside "
+                             "its attention pool): pick a ViT preset, e.g. --config.model=ViT-Shapes-M")
+        s = config.slip
+        if s.detach_clip_gather and config.loss != "softmax":
+            raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.loss="
+                             f"{config.loss!r} has no such form: set config.loss='softmax' or the flag False")
+        super().__init__(config, model, mesh, **options)
+        self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum,
+                                 detach=bool(s.detach_clip_gather))
+        self.nt_xent = make_nt_xent(mesh, BATCH_AXES, float(s.ssl_temp), gather_by_sum=self.gather_by_sum)
+        self.head = SSLHead(int(s.mlp_dim), int(s.emb_dim))
+        self.ssl_scale = float(s.ssl_scale)
+        v = model.config.vision
+        self.pooled_dim = model.config.embed_dim if v.pool_type == "map" else v.width
+
+    def batch_shapes(self, n):
+        shapes = super().batch_shapes(n)
+        image = shapes["image"]
+        shapes["image_views"] = jax.ShapeDtypeStruct((n, 2) + image.shape[1:], image.dtype)
+        return shapes
+
+    def init(self, rng):
+        model_rng, head_rng = jax.random.split(rng)
+        variables = dict(self.model.init(model_rng, *dummy_inputs(self.model)))
+        head = self.head.init(head_rng, jnp.zeros((2, self.pooled_dim), jnp.float32), train=False)
+        variables["params"] = {**variables["params"], HEAD: head["params"]}
+        variables["batch_stats"] = {**variables.get("batch_stats", {}), HEAD: head["batch_stats"]}
+        return variables
+
+    def model_variables(self, params, model_state):
+        params = {k: v for k, v in params.items() if k != HEAD}
+        stats = {k: v for k, v in model_state.get("batch_stats", {}).items() if k != HEAD}
+        return {"params": params, **({"batch_stats": stats} if stats else {})}
+
+    def loss(self, params, model_state, batch, rng, train: bool = True):
+        model_vars = self.model_variables(params, model_state)
+        clip_params = model_vars.pop("params")
+        model_state_clip = model_vars  # a ViT's: none
+        out, _ = self.embed(clip_params, model_state_clip, batch, train, rng)
+        clip_loss = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("logit_bias"))
+
+        views = batch["image_views"]
+        if views.dtype == jnp.uint8:
+            views = normalize_images(views)
+        head_vars = {"params": params[HEAD], "batch_stats": model_state["batch_stats"][HEAD]}
+        embeddings = []
+        for i in range(2):  # each view through the tower and the head on its own, as the reference
+            rngs = {"dropout": jax.random.fold_in(rng, i + 1)} if train and rng is not None else None
+            pooled, _ = self.model.apply({"params": clip_params, **model_state_clip}, views[:, i], train,
+                                         self.mask_patches, method="image_features", rngs=rngs)
+            z = self.head.apply(head_vars, pooled, train, mutable=["batch_stats"] if train else False)
+            if train:
+                z, updated = z
+                head_vars = {**head_vars, "batch_stats": updated["batch_stats"]}
+            embeddings.append(l2_normalize(z))
+        ssl_loss, ssl_acc = self.nt_xent(*embeddings)
+        loss = clip_loss + self.ssl_scale * ssl_loss
+        metrics = {"clip_loss": clip_loss, "ssl_loss": ssl_loss, "ssl_acc": ssl_acc, "logit_scale": out["logit_scale"]}
+        new_state = {**model_state, "batch_stats": {**model_state["batch_stats"], HEAD: head_vars["batch_stats"]}}
+        return loss, metrics, new_state
