@@ -137,12 +137,42 @@ def test_slip_steps_report_its_metrics_and_equal_on_1_and_8_devices():
     np.testing.assert_allclose(losses[8], losses[1], rtol=1e-3)
 
 
-def test_slip_refuses_what_it_cannot_do_before_compiling():
+def test_slip_on_a_resnet_reads_the_attention_pools_output_before_its_projection():
     c = _slip_config()
     c.model = "RN-Tiny-test"
-    with pytest.raises(ValueError, match="ModifiedResNet.*pick a ViT preset"):
-        tiny_run(c)
+    run = tiny_run(c)
+    width = run.model.config.vision.width * 32
+    assert run.state.params[HEAD]["linear1"]["kernel"].shape == (width, 64)
+    state, metrics = run.step_fn(run.state, jax.device_put(_views_batch(run), run.batch_sharding))
+    assert np.isfinite(float(metrics["ssl_loss"]))
+    # the tower's BatchNorm statistics and the head's both update
+    assert set(state.model_state["batch_stats"]) == {"visual", HEAD}
+
+
+def test_slip_refuses_what_it_cannot_do_before_compiling():
     with pytest.raises(ValueError, match="detach_clip_gather.*config.loss='sigmoid'"):
         c = _slip_config(detach_clip_gather=True)
         c.loss = "sigmoid"
         tiny_run(c)
+
+
+def test_the_pipeline_makes_two_simclr_views_per_image_and_resumes_them_exactly(tmp_path):
+    from clip_jax.input.pipeline import InputPipeline
+
+    config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 40, "validation": 8, "test": 8},
+              "shapes_shards": {"train": 2, "validation": 1, "test": 1}, "shuffle_buffer": 16}
+    make = lambda state=None: InputPipeline("shapes", config, global_batch_size=8, image_size=32, train=True,  # noqa: E731
+                                            views=2, state=state)
+    pipe = make()
+    first = next(pipe)
+    state = pipe.state()
+    second = next(pipe)
+    views = first["image_views"]
+    assert views.shape == (8, 2, 32, 32, 3) and views.dtype == first["image"].dtype
+    assert np.isfinite(views).all()
+    # two different augmentations of each image, and neither is the CLIP view
+    assert not np.allclose(views[:, 0], views[:, 1]) and not np.allclose(views[:, 0], first["image"])
+    again = next(make(state))
+    for key in ("image", "image_views", "tokens"):
+        np.testing.assert_array_equal(again[key], second[key])
+    assert "image_views" not in next(InputPipeline("shapes", config, global_batch_size=8, image_size=32, train=True))

@@ -164,8 +164,9 @@ class _Stream:
 
     def __init__(self, source: Source, files: Optional[list[str]], config, *, batch_size: int, image_size: int,
                  train: bool, seed: int, index: int, count: int, context_length: int, tokenizer,
-                 state: Optional[InputState], num_epochs: Optional[int]):
+                 state: Optional[InputState], num_epochs: Optional[int], views: int = 0):
         self.source = source
+        self.views = views
         self.config = config
         self.batch_size = batch_size
         self.image_size = image_size
@@ -345,6 +346,10 @@ class _Stream:
         dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config["image_dtype"]]
         out = {k: v for k, v in ex.items() if k != "status"}  # every record passing here has status 0
         out["image"] = tf.cast(image, dtype)
+        if self.views:  # SLIP's SimCLR views, each from its own stateless seed: resumable as the rest
+            views = [simclr_view(ex["image"], self.image_size, self._example_seed(4 + v, ex["epoch"], ex["position"]),
+                                 self.config) for v in range(self.views)]
+            out["image_views"] = tf.cast(tf.stack(views), dtype)
         return out
 
     def _tokenize(self, batch):
@@ -405,7 +410,9 @@ class InputPipeline:
         tokenizer=None,
         state: Optional[Sequence[InputState]] = None,
         num_epochs: Optional[int] = None,
+        views: int = 0,
     ):
+        """views: SimCLR views per image beside the CLIP view (SLIP: 2), as 'image_views' [b, views, S, S, 3]."""
         config = data_settings(config)
         streams = stream_count(config, global_batch_size, process_count)
         self.source = parse_spec(spec)
@@ -433,7 +440,7 @@ class InputPipeline:
             _Stream(self.source, all_files[s::streams] if all_files is not None else None, config,
                     batch_size=global_batch_size // streams, image_size=image_size, train=train, seed=seed,
                     index=s, count=streams, context_length=context_length, tokenizer=tokenizer,
-                    state=state[k] if state is not None else None, num_epochs=num_epochs)
+                    state=state[k] if state is not None else None, num_epochs=num_epochs, views=views)
             for k, s in enumerate(self.stream_ids)
         ]
 
@@ -545,6 +552,11 @@ def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
     image. JPEGs decode only the crop window. Eval: resize the shorter side, center crop.
     """
     config = data_settings(config)
+    return _finish(_crop_pixels(image_bytes, image_size, train, seed, config), image_size, config)
+
+
+def _crop_pixels(image_bytes, image_size: int, train: bool, seed, config):
+    """decode_and_crop's crop, as float32 pixels in [0, 255]."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
@@ -588,7 +600,14 @@ def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
             top = (new_h - image_size + 1) // 2
             left = (new_w - image_size + 1) // 2
             image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
-    image = tf.clip_by_value(image, 0.0, 255.0)  # bicubic overshoot, clipped as PIL does
+    return tf.clip_by_value(image, 0.0, 255.0)  # bicubic overshoot, clipped as PIL does
+
+
+def _finish(image, image_size: int, config):
+    """Pixels in [0, 255] -> the model's input: uint8, or normalized with CLIP's mean and std."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
     if config["image_dtype"] == "uint8":
         # Normalize on the accelerator instead (clip_jax.preprocessing.normalize_images):
         # a quarter of the host work and of the host-to-device bytes.
@@ -597,6 +616,61 @@ def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
     scale = tf.constant([1.0 / (255.0 * s) for s in STD])
     offset = tf.constant([-m / s for m, s in zip(MEAN, STD)])
     return tf.ensure_shape(image * scale + offset, [image_size, image_size, 3])
+
+
+# SimCLR's augmentation as SLIP uses it (its datasets.py): random resized crop of area 0.08-1,
+# colour jitter (brightness, contrast, saturation 0.4, hue 0.1) with p 0.8, grayscale p 0.2,
+# Gaussian blur (sigma 0.1-2) p 0.5, horizontal flip p 0.5.
+SIMCLR = {"crop_scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "p_jitter": 0.8, "p_gray": 0.2,
+          "blur_sigma": (0.1, 2.0), "p_blur": 0.5}
+
+
+def simclr_view(image_bytes, image_size: int, seed, config):
+    """One SimCLR view of an encoded image, deterministic in `seed` (stateless ops only). The
+    jitter's four parts run in a fixed order (torchvision draws one per call) and the blur is a
+    true Gaussian (PIL's is a box approximation)."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    config = {**data_settings(config), "crop": "random_resized", "crop_scale": SIMCLR["crop_scale"]}
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 10)
+    x = _crop_pixels(image_bytes, image_size, True, seeds[0], config) / 255.0
+    uniform = lambda i, low=0.0, high=1.0: tf.random.stateless_uniform([], seeds[i], low, high)  # noqa: E731
+    b, c, s, h = SIMCLR["jitter"]
+
+    def gray(img):
+        return tf.image.rgb_to_grayscale(img)  # [S, S, 1], ITU-R 601 weights as torchvision
+
+    def jitter(img):
+        img = tf.clip_by_value(img * uniform(2, 1 - b, 1 + b), 0.0, 1.0)
+        mean = tf.reduce_mean(gray(img))
+        img = tf.clip_by_value((img - mean) * uniform(3, 1 - c, 1 + c) + mean, 0.0, 1.0)
+        g = gray(img)
+        img = tf.clip_by_value((img - g) * uniform(4, 1 - s, 1 + s) + g, 0.0, 1.0)
+        return tf.image.adjust_hue(img, uniform(5, -h, h))
+
+    x = tf.cond(uniform(1) < SIMCLR["p_jitter"], lambda: jitter(x), lambda: x)
+    x = tf.cond(uniform(6) < SIMCLR["p_gray"], lambda: tf.tile(gray(x), [1, 1, 3]), lambda: x)
+    x = tf.cond(uniform(7) < SIMCLR["p_blur"], lambda: _gaussian_blur(x, uniform(8, *SIMCLR["blur_sigma"])),
+                lambda: x)
+    x = tf.image.stateless_random_flip_left_right(x, seeds[9])
+    return _finish(tf.clip_by_value(x * 255.0, 0.0, 255.0), image_size, config)
+
+
+def _gaussian_blur(image, sigma, radius: int = 6):
+    """A separable Gaussian blur of an [S, S, 3] image (edges reflected); radius covers 3 sigma at
+    the largest sigma."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(taps / sigma))
+    kernel = kernel / tf.reduce_sum(kernel)
+    x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
+    cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])
+    x = tf.nn.depthwise_conv2d(x, rows, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(x, cols, [1, 1, 1, 1], "VALID")[0]
 
 
 # -- host batch -> global jax.Array ------------------------------------------------------

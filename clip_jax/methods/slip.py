@@ -53,10 +53,6 @@ class Slip(Clip):
     batch_keys = ("image", "tokens", "image_views")
 
     def __init__(self, config, model, mesh, **options):
-        if model.is_resnet:
-            raise ValueError("config.method='slip' puts its SimCLR head on the image tower's pooled features before "
-                             "the CLIP projection, which a ModifiedResNet does not expose (its projection is inside "
-                             "its attention pool): pick a ViT preset, e.g. --config.model=ViT-Shapes-M")
         s = config.slip
         if s.detach_clip_gather and config.loss != "softmax":
             raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.loss="
@@ -67,8 +63,14 @@ class Slip(Clip):
         self.nt_xent = make_nt_xent(mesh, BATCH_AXES, float(s.ssl_temp), gather_by_sum=self.gather_by_sum)
         self.head = SSLHead(int(s.mlp_dim), int(s.emb_dim))
         self.ssl_scale = float(s.ssl_scale)
-        v = model.config.vision
-        self.pooled_dim = model.config.embed_dim if v.pool_type == "map" else v.width
+        images, _ = dummy_inputs(model)
+        try:
+            pooled = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), images,
+                                                                   method="image_features")[0][0])
+        except TypeError:  # a tower without pooled_too
+            raise ValueError(f"config.method='slip' puts its SimCLR head on the image tower's features before its "
+                             f"projection; {model.config.vision.kind!r} towers do not expose them") from None
+        self.pooled_dim = pooled.shape[-1]
 
     def batch_shapes(self, n):
         shapes = super().batch_shapes(n)
@@ -90,22 +92,26 @@ class Slip(Clip):
         return {"params": params, **({"batch_stats": stats} if stats else {})}
 
     def loss(self, params, model_state, batch, rng, train: bool = True):
-        model_vars = self.model_variables(params, model_state)
-        clip_params = model_vars.pop("params")
-        model_state_clip = model_vars  # a ViT's: none
-        out, _ = self.embed(clip_params, model_state_clip, batch, train, rng)
+        tower = self.model_variables(params, model_state)
+        clip_params = tower.pop("params")
+        out, tower = self.embed(clip_params, tower, batch, train, rng)  # a ResNet's statistics updated
         clip_loss = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("logit_bias"))
 
         views = batch["image_views"]
         if views.dtype == jnp.uint8:
             views = normalize_images(views)
         head_vars = {"params": params[HEAD], "batch_stats": model_state["batch_stats"][HEAD]}
+        image_train = train and not self.image_locked
         embeddings = []
         for i in range(2):  # each view through the tower and the head on its own, as the reference
             rngs = {"dropout": jax.random.fold_in(rng, i + 1)} if train and rng is not None else None
-            pooled, _ = self.model.apply({"params": clip_params, **model_state_clip}, views[:, i], train,
-                                         self.mask_patches, method="image_features", rngs=rngs)
-            z = self.head.apply(head_vars, pooled, train, mutable=["batch_stats"] if train else False)
+            mutable = list(tower) if image_train and tower else False
+            pooled = self.model.apply({"params": clip_params, **tower}, views[:, i], image_train, self.mask_patches,
+                                      method="image_features", rngs=rngs, mutable=mutable)
+            if mutable:
+                pooled, tower = pooled
+                tower = dict(tower)
+            z = self.head.apply(head_vars, pooled[0], train, mutable=["batch_stats"] if train else False)
             if train:
                 z, updated = z
                 head_vars = {**head_vars, "batch_stats": updated["batch_stats"]}
@@ -113,5 +119,5 @@ class Slip(Clip):
         ssl_loss, ssl_acc = self.nt_xent(*embeddings)
         loss = clip_loss + self.ssl_scale * ssl_loss
         metrics = {"clip_loss": clip_loss, "ssl_loss": ssl_loss, "ssl_acc": ssl_acc, "logit_scale": out["logit_scale"]}
-        new_state = {**model_state, "batch_stats": {**model_state["batch_stats"], HEAD: head_vars["batch_stats"]}}
-        return loss, metrics, new_state
+        stats = {**tower.get("batch_stats", {}), HEAD: head_vars["batch_stats"]}
+        return loss, metrics, {**model_state, **tower, "batch_stats": stats}

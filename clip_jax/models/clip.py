@@ -111,12 +111,10 @@ class CLIP(nn.Module):
         return l2_normalize(self.visual(images, train=train if self.is_resnet else train and mask_patches))
 
     def image_features(self, images, train: bool = False, mask_patches: bool = True):
-        """(the image tower's pooled features before its projection, float32 [N, width]; the unit-norm
-        embedding [N, embed_dim]). A ViT only: a ModifiedResNet's projection sits inside its
-        attention pool."""
-        if self.is_resnet:
-            raise ValueError("pre-projection image features need a ViT image tower; this model's is a ModifiedResNet")
-        pooled, features = self.visual(images, train=train and mask_patches, pooled_too=True)
+        """(the image tower's pooled features before its projection, float32 [N, width]: a ViT's pooled
+        token, a ModifiedResNet's attention-pool output before c_proj; the unit-norm embedding)."""
+        pooled, features = self.visual(images, train=train if self.is_resnet else train and mask_patches,
+                                       pooled_too=True)
         return pooled.astype(jnp.float32), l2_normalize(features)
 
     def encode_text(self, tokens, train: bool = False):

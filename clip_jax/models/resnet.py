@@ -93,7 +93,8 @@ class AttentionPool2d(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, pooled_too: bool = False):
+        """pooled_too: (the attention output before c_proj [N, C], the projected features)."""
         n, h, w, c = x.shape
         if c % self.heads:
             raise ValueError(f"attention-pool width {c} is not divisible by heads {self.heads}")
@@ -126,7 +127,8 @@ class AttentionPool2d(nn.Module):
             (self.heads, head_dim, self.output_dim)
         )
         out_bias = self.param("c_proj_bias", param_with_axes(nn.initializers.zeros, (None,)), (self.output_dim,))
-        return jnp.einsum("bhk,hko->bo", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        projected = jnp.einsum("bhk,hko->bo", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        return (out.reshape(n, c), projected) if pooled_too else projected
 
 
 class ModifiedResNet(nn.Module):
@@ -141,7 +143,8 @@ class ModifiedResNet(nn.Module):
     remat: str = "none"  # 'none' or 'full': rematerialize each bottleneck in the backward pass
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, pooled_too: bool = False):
+        """pooled_too: (the attention pool's output before its projection [N, width * 32], features)."""
         check_images(images, self.image_size)
         if self.image_size % 32:
             raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got {self.image_size}")
@@ -159,4 +162,4 @@ class ModifiedResNet(nn.Module):
             for b in range(blocks):
                 stride = 2 if (stage > 0 and b == 0) else 1
                 x = block(planes, stride, self.dtype, name=f"layer{stage + 1}_{b}")(x, train)
-        return AttentionPool2d(self.heads, self.output_dim, self.dtype, name="attnpool")(x)
+        return AttentionPool2d(self.heads, self.output_dim, self.dtype, name="attnpool")(x, pooled_too)

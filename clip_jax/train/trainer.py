@@ -198,7 +198,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                          image_size=model.config.vision.image_size, train=True, seed=config.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          context_length=model.config.text.context_length, state=input_states,
-                         tokenizer=tokenizer_for(model.config.text))
+                         tokenizer=tokenizer_for(model.config.text),
+                         views=2 if "image_views" in run.method.batch_keys else 0)
     masked = retain(distributed.compile_together(run.step_fn, "train_step"))
     unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
         if run.unmasked_step_fn is not None else None
