@@ -164,8 +164,9 @@ def cpu_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0)
     return max(measure_matmul_peak(dtype, n, seconds / len(libraries), options) for options in libraries.values())
 
 
-def _synthetic_batch(model, batch: int, sharding, seed: int = 0) -> dict:
-    """uint8 images (as the input pipeline feeds them) and tokens with an EOT, placed on the devices."""
+def _synthetic_batch(model, batch: int, sharding, seed: int = 0, method=None) -> dict:
+    """uint8 images (as the input pipeline feeds them) and tokens with an EOT, placed on the devices;
+    `method`: also its other batch keys (SLIP's image_views), uint8 as images."""
     import jax
 
     cfg = model.config
@@ -176,7 +177,11 @@ def _synthetic_batch(model, batch: int, sharding, seed: int = 0) -> dict:
     lengths = rng.integers(5, cfg.text.context_length, batch)
     tokens[np.arange(batch), lengths] = cfg.text.vocab_size - 1  # EOT: the argmax the text tower pools
     tokens[np.arange(cfg.text.context_length)[None, :] > lengths[:, None]] = 0
-    return {"image": jax.device_put(images, sharding), "tokens": jax.device_put(tokens, sharding)}
+    out = {"image": jax.device_put(images, sharding), "tokens": jax.device_put(tokens, sharding)}
+    for key, shape in (method.batch_shapes(batch).items() if method is not None else ()):
+        if key not in out:
+            out[key] = jax.device_put(rng.integers(0, 256, shape.shape, dtype=np.uint8), sharding)
+    return out
 
 
 def _memory(compiled) -> dict:
@@ -236,7 +241,7 @@ class BenchStep:
         self.run_ = build(step_config(args), mesh, compiler_options=self.step_options)
         self.state, self.step, self.model = self.run_.state, self.run_.step_fn, self.run_.model
         self.batch_sharding = self.run_.batch_sharding
-        self.batch = _synthetic_batch(self.model, args.batch, self.batch_sharding)
+        self.batch = _synthetic_batch(self.model, args.batch, self.batch_sharding, method=self.run_.method)
         self.metrics = None
         if not compile:  # traced only (bench_dots)
             return
@@ -295,7 +300,7 @@ def bench_train(args) -> dict:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
             train.run(3)
     step_s = float(np.median(times))
-    model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
+    model_flops = flops.method_train_flops(args.model, args.batch, args.method)
     if peak is not None:
         peak_total, peak_note = peak * n, f"{peak / 1e12:.0f} TFLOP/s per device ({device.device_kind}, bf16 table)"
         mfu = model_flops / step_s / peak_total

@@ -714,7 +714,12 @@ class DevicePrefetch:
 
     def __next__(self) -> dict:
         while len(self._queue) < self.size:
-            host = next(self.pipe)
+            try:
+                host = next(self.pipe)
+            except StopIteration:  # a finite source (an embedding cache): serve what is queued
+                if not self._queue:
+                    raise
+                break
             missing = [k for k in self.keys if k not in host]
             if missing:
                 raise KeyError(f"the training method needs batch keys {missing} that the input pipeline does not "

@@ -24,6 +24,9 @@ class Clip(Method):
 
     def __init__(self, config, model, mesh, **options):
         super().__init__(config, model, mesh, **options)
+        self.cached_images = bool(config.image_embeddings)
+        if self.cached_images:  # LiT from precomputed image embeddings: no images, no image tower run
+            self.batch_keys = ("image_embeds", "tokens")
         if config.loss == "sigmoid" and model.config.init_logit_bias is None:
             raise ValueError("config.loss='sigmoid' needs a model with a logit bias (init_logit_bias, SigLIP: -10): "
                              "build it through clip_jax.train.build.model_from_config, which adds SigLIP's init")
@@ -32,8 +35,14 @@ class Clip(Method):
     def lock(self, frozen, paths):
         visual = [p for p in paths if p.startswith("visual/")]
         self.image_locked = bool(visual) and all(p in frozen for p in visual)
+        if self.cached_images and not self.image_locked:
+            raise ValueError(f"config.image_embeddings={self.config.image_embeddings!r} trains against precomputed "
+                             "image embeddings, so the image tower must be locked: --config.optim.frozen='visual/.*'")
 
     def batch_shapes(self, n):
+        if self.cached_images:
+            return {"image_embeds": jax.ShapeDtypeStruct((n, self.model.config.embed_dim), jnp.float32),
+                    "tokens": jax.ShapeDtypeStruct((n, self.model.config.text.context_length), jnp.int32)}
         size, context = self.model.config.vision.image_size, self.model.config.text.context_length
         dtype = {"uint8": jnp.uint8, "bfloat16": jnp.bfloat16}.get(self.config.data.image_dtype, jnp.float32)
         return {"image": jax.ShapeDtypeStruct((n, size, size, 3), dtype),
@@ -45,6 +54,14 @@ class Clip(Method):
     def embed(self, params, model_state, batch, train: bool = True, rng=None):
         """(model outputs: image_embeds, text_embeds, logit_scale[, logit_bias]; new model state).
         `rng` feeds the towers' 'dropout' stream (a ViT's patch dropout) in training."""
+        if "image_embeds" in batch:  # precomputed by the locked tower: only the text tower runs
+            variables = {"params": params, **model_state}
+            out = {"image_embeds": batch["image_embeds"].astype(jnp.float32),
+                   "text_embeds": self.model.apply(variables, batch["tokens"], train=train, method="encode_text")}
+            out["logit_scale"], bias = self.model.apply(variables, method="temperature")
+            if bias is not None:
+                out["logit_bias"] = bias
+            return out, model_state
         images = batch["image"]
         if images.dtype == jnp.uint8:  # the input pipeline's image_dtype='uint8': normalized here
             images = normalize_images(images)

@@ -119,3 +119,11 @@ def clip_forward_flops(model_name, batch: int) -> dict:
     forward = image + text + logits
     return {"image": image, "text": text, "logits": logits, "forward": forward, "train_step": 3 * forward}
 
+
+
+def method_train_flops(model, batch: int, method: str = "clip") -> float:
+    """Model FLOPs of one training step of `method` on `batch` pairs: CLIP's (3 x forward), plus, for
+    SLIP, its two SimCLR views' image passes (3 x the image forward each; the small head not counted)."""
+    f = clip_forward_flops(model, batch)
+    extra_image_passes = {"slip": 2}.get(method, 0)
+    return f["train_step"] + extra_image_passes * 3 * f["image"]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 from etils import epath
 
+from clip_jax.input.embedding_cache import EmbeddingCache, settings_of
 from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, stream_count
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
@@ -194,12 +195,17 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
             log(f"resumed from step {step} in {workdir}")
     metrics_path = epath.Path(workdir) / "metrics.jsonl"
     _trim_metrics(metrics_path, int(state.step))
-    pipe = InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
-                         image_size=model.config.vision.image_size, train=True, seed=config.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         context_length=model.config.text.context_length, state=input_states,
-                         tokenizer=tokenizer_for(model.config.text),
-                         views=2 if "image_views" in run.method.batch_keys else 0)
+    if config.image_embeddings:
+        settings = settings_of(config, model.config.vision.image_size, model.config.text.context_length)
+        pipe = EmbeddingCache(config.image_embeddings, settings, total_steps=config.total_steps,
+                              process_index=jax.process_index(), process_count=jax.process_count(), state=input_states)
+    else:
+        pipe = InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
+                             image_size=model.config.vision.image_size, train=True, seed=config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             context_length=model.config.text.context_length, state=input_states,
+                             tokenizer=tokenizer_for(model.config.text),
+                             views=2 if "image_views" in run.method.batch_keys else 0)
     masked = retain(distributed.compile_together(run.step_fn, "train_step"))
     unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
         if run.unmasked_step_fn is not None else None
