@@ -57,3 +57,18 @@ def test_bad_batch_and_axes():
         img, txt, scale, _ = inputs(n=len(jax.devices()) + 1)
         with pytest.raises(ValueError, match="does not divide over"):
             make_loss("softmax", mesh)(img, txt, scale)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sigmoid_loss_equals_siglips_formula_in_numpy(devices):
+    """-sum_ij log sigmoid(z_ij (t x_i.y_j + b)) / N, z = +1 on the diagonal, -1 elsewhere, in float64."""
+    img, txt, scale, bias = inputs(seed=3)
+    x, y = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+    logits = float(scale) * x @ y.T + float(bias)
+    z = 2 * np.eye(len(x)) - 1
+    want = np.sum(np.logaddexp(0.0, -z * logits)) / len(x)  # -log sigmoid(u) = log(1 + e^-u)
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch = NamedSharding(mesh, P("data"))
+    got = jax.jit(make_loss("sigmoid", mesh, ("data",)))(jax.device_put(img, batch), jax.device_put(txt, batch),
+                                                         scale, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -166,22 +166,30 @@ def cpu_matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 2.0)
 
 def _synthetic_batch(model, batch: int, sharding, seed: int = 0, method=None) -> dict:
     """uint8 images (as the input pipeline feeds them) and tokens with an EOT, placed on the devices;
-    `method`: also its other batch keys (SLIP's image_views), uint8 as images."""
+    with `method`, exactly its batch keys (SLIP's image_views uint8 as images, cached image
+    embeddings unit-norm floats)."""
     import jax
 
     cfg = model.config
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch, cfg.vision.image_size, cfg.vision.image_size, 3), dtype=np.uint8)
     tokens = rng.integers(1, cfg.text.vocab_size - 2, (batch, cfg.text.context_length), dtype=np.int32)
     tokens[:, 0] = cfg.text.vocab_size - 2  # SOT
     lengths = rng.integers(5, cfg.text.context_length, batch)
     tokens[np.arange(batch), lengths] = cfg.text.vocab_size - 1  # EOT: the argmax the text tower pools
     tokens[np.arange(cfg.text.context_length)[None, :] > lengths[:, None]] = 0
-    out = {"image": jax.device_put(images, sharding), "tokens": jax.device_put(tokens, sharding)}
-    for key, shape in (method.batch_shapes(batch).items() if method is not None else ()):
-        if key not in out:
-            out[key] = jax.device_put(rng.integers(0, 256, shape.shape, dtype=np.uint8), sharding)
-    return out
+    size = cfg.vision.image_size
+    shapes = method.batch_shapes(batch) if method is not None else {
+        "image": jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8), "tokens": None}
+    out = {}
+    for key, shape in shapes.items():
+        if key == "tokens":
+            out[key] = tokens
+        elif key in ("image", "image_views"):
+            out[key] = rng.integers(0, 256, shape.shape[:-3] + (size, size, 3), dtype=np.uint8)
+        else:
+            x = rng.normal(size=shape.shape).astype(np.float32)
+            out[key] = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
 
 def _memory(compiled) -> dict:
@@ -218,6 +226,8 @@ def step_config(args):
     c.optim.frozen = args.frozen
     c.patch_dropout = args.patch_dropout
     c.method = args.method
+    if args.cached_images:  # LiT from precomputed image embeddings (the batch carries them)
+        c.image_embeddings = "synthetic"
     return c
 
 
@@ -323,7 +333,9 @@ def bench_train(args) -> dict:
         **_memory(compiled),
     }
     out["patch_dropout"], out["method"] = args.patch_dropout, args.method
-    if args.frozen or args.patch_dropout:  # the model-FLOP count assumes the whole step: no MFU for a partial one
+    out["cached_images"] = args.cached_images
+    # the model-FLOP count assumes the whole step: no MFU for a partial one
+    if args.frozen or args.patch_dropout or args.cached_images:
         for key in ("tflop/s", "mfu"):
             out.pop(key)
     if n == 1 or device.platform == "cpu":  # the host's own work per step: page faults show up here
@@ -350,6 +362,10 @@ VARIANT_SETTINGS = {
     "attn": ATTN_CHOICES,
     "onednn_dots": ONEDNN_CHOICES,
     "accum_steps": int,
+    "frozen": str,  # a regex over param paths (config.optim.frozen)
+    "patch_dropout": float,
+    "method": str,  # checked when the step is built
+    "cached_images": bool,
 }
 
 
@@ -397,6 +413,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"variant {name!r}: {key}={value!r} is not a positive integer")
             value = int(value)
+        elif kind is float:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"variant {name!r}: {key}={value!r} is not a number") from None
         settings[key] = value
     return name.strip(), settings, options
 
@@ -467,9 +488,12 @@ def bench_ab(args) -> dict:
            "host_allocator": host_memory.allocator()}
     _print_figures(out)
     results = {}
-    model_flops = flops.clip_forward_flops(args.model, args.batch)["train_step"]
     for name, settings, options in variants:
         t = np.array(times[name])
+        # a variant that skips part of the model (frozen, cached, masked) has no MFU by the full count
+        partial = any(settings.get(k) for k in ("frozen", "patch_dropout", "cached_images"))
+        model_flops = float("nan") if partial else flops.method_train_flops(
+            args.model, args.batch, settings.get("method", args.method))
         paired = base / t  # > 1: faster than the first variant in the same round
         results[name] = {
             "settings": {**settings, **options}, "step_s": float(np.median(t)), "step_s_min": float(t.min()),
@@ -729,6 +753,8 @@ def _step_options(p) -> None:
     p.add_argument("--frozen", default="", help="params to freeze, a regex over param paths (config.optim.frozen)")
     p.add_argument("--patch_dropout", type=float, default=0.0, help="FLIP: share of patch tokens dropped (ViTs)")
     p.add_argument("--method", default="clip", choices=METHODS.names(), help="the training method (config.method)")
+    p.add_argument("--cached_images", action="store_true",
+                   help="LiT from precomputed image embeddings (config.image_embeddings; needs --frozen='visual/.*')")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=ATTN_CHOICES,
