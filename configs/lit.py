@@ -10,8 +10,11 @@ is computed for it, the optimizer holds no state for it, and a ResNet's BatchNor
 inference mode. The text tower starts from scratch; to start it from the same file too, set
 --config.init_params='.*'. Defaults from big_vision's LiT demo (configs/proj/image_text/
 siglip_lit_coco.py): batch 512, 5,000 steps, AdamW lr 1e-3 with warmup, weight decay 0.01,
-gradient clipping at 1.0, temperature initialized at 10. Not reproduced: its BERT text tower
-(CLIP's text tower here), its 16-token texts and RandAugment.
+gradient clipping at 1.0, temperature initialized at 10, 16-token texts (to start the text tower
+from a 77-token checkpoint too, add --config.model_overrides.text_cfg.context_length=77). Not
+reproduced: its BERT text tower (CLIP's text tower here) and RandAugment. To train against
+image embeddings computed once instead of running the tower every step: python -m
+clip_jax.embed, then --config.image_embeddings=DIR (docs/methods.md).
 """
 
 import math
@@ -22,7 +25,7 @@ from clip_jax.config import base_config
 def get_config(model: str = "ViT-B-16"):
     c = base_config()
     c.model = model
-    c.model_overrides = {"init_logit_scale": math.log(10.0)}
+    c.model_overrides = {"init_logit_scale": math.log(10.0), "text_cfg": {"context_length": 16}}
     c.init_params = "visual/.*"
     c.optim.frozen = "visual/.*"
     c.batch_size = 512

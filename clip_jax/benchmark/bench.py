@@ -228,6 +228,8 @@ def step_config(args):
     c.method = args.method
     if args.cached_images:  # LiT from precomputed image embeddings (the batch carries them)
         c.image_embeddings = "synthetic"
+    if args.text_context:
+        c.model_overrides = {"text_cfg": {"context_length": args.text_context}}
     return c
 
 
@@ -366,6 +368,7 @@ VARIANT_SETTINGS = {
     "patch_dropout": float,
     "method": str,  # checked when the step is built
     "cached_images": bool,
+    "text_context": int,
 }
 
 
@@ -752,6 +755,8 @@ def _step_options(p) -> None:
     p.add_argument("--loss", default="softmax", choices=LOSS_CHOICES)
     p.add_argument("--frozen", default="", help="params to freeze, a regex over param paths (config.optim.frozen)")
     p.add_argument("--patch_dropout", type=float, default=0.0, help="FLIP: share of patch tokens dropped (ViTs)")
+    p.add_argument("--text_context", type=int, default=0,
+                   help="the text tower's context length over the preset's (LiT's texts: 16); 0 keeps it")
     p.add_argument("--method", default="clip", choices=METHODS.names(), help="the training method (config.method)")
     p.add_argument("--cached_images", action="store_true",
                    help="LiT from precomputed image embeddings (config.image_embeddings; needs --frozen='visual/.*')")
