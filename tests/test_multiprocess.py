@@ -52,11 +52,39 @@ def cache(tmp_path_factory):
 
 SIZES = {"train": 2560, "validation": 100, "test": 100}
 SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
+# Each method of docs/methods.md by its override of the smoke config (LiT's weights: the fixture's).
+METHODS = {
+    "clip": {},
+    "siglip": {"loss": "sigmoid"},
+    "flip": {"patch_dropout": 0.5, "unmasked_from_step": 6},  # the unmasked step from step 6
+    "slip": {"method": "slip", "slip.mlp_dim": 64, "slip.emb_dim": 16},
+    "lit": {"init_params": "visual/.*", "optim.frozen": "visual/.*"},
+}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A ViT-Tiny-test weights file for LiT to lock its image tower from."""
+    import jax
+
+    from clip_jax.api import write_flax_params
+    from clip_jax.models import create_model, init_variables
+
+    path = str(tmp_path_factory.mktemp("weights") / "tiny.msgpack")
+    variables = init_variables(create_model("ViT-Tiny-test", scan=True), jax.random.key(7))
+    write_flax_params({"params": variables["params"]}, path)
+    return path
+
+
+def method_args(method: str, weights: str) -> dict:
+    return {**METHODS[method], **({"init_from": weights} if method == "lit" else {})}
 
 
 @pytest.mark.slow
-def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache):
-    common = dict(total_steps=20, checkpoint_every_steps=20, **SIZE_ARGS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache, weights, method):
+    steps = 20 if method == "clip" else 10
+    common = dict(total_steps=steps, checkpoint_every_steps=steps, **SIZE_ARGS, **method_args(method, weights))
     runs = {}
     for name, devices in (("1x1", 1), ("1x8", 8)):
         cmd = [sys.executable, "-m", "clip_jax.train"] + smoke_args(tmp_path / name, cache, **common)
@@ -68,11 +96,11 @@ def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache):
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs["2x4"] = losses(tmp_path / "2x4")
-    assert sorted(runs["1x1"]) == list(range(1, 21))
-    want = np.array([runs["1x1"][s] for s in range(1, 21)])
+    assert sorted(runs["1x1"]) == list(range(1, steps + 1))
+    want = np.array([runs["1x1"][s] for s in range(1, steps + 1)])
     assert want[-1] < want[0]  # it trains
     for name in ("1x8", "2x4"):
-        got = np.array([runs[name][s] for s in range(1, 21)])
+        got = np.array([runs[name][s] for s in range(1, steps + 1)])
         np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=name)
 
 
@@ -98,14 +126,19 @@ def final_params(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_path, cache):
-    args = dict(total_steps=12, checkpoint_every_steps=2, batch_size=32, **SIZE_ARGS)
-    cmd = lambda w: [sys.executable, "-m", "clip_jax.train"] + smoke_args(w, cache, **args)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_path, cache, weights, method):
+    steps = 12 if method == "clip" else 8
+    args = dict(total_steps=steps, checkpoint_every_steps=2, batch_size=32, **SIZE_ARGS,
+                **method_args(method, weights))
+    cmd = lambda w: [sys.executable, "-m", "clip_jax.train"] + smoke_args(w, cache, **args)  # noqa: E731
     env = env_with(8)
     subprocess.run(cmd(tmp_path / "straight"), env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
     # Kill points: during start-up (imports, dataset, compile), right after a step's log line
-    # (the step may be mid-save: saves are async), and twice in a row at the same step.
-    plan = [("seconds", 3.0), ("step", 3), ("step", 6), ("step", 6)]
+    # (the step may be mid-save: saves are async), and twice in a row at the same step. The
+    # other methods: two kills, one on each side of FLIP's switch to the unmasked step.
+    plan = [("seconds", 3.0), ("step", 3), ("step", 6), ("step", 6)] if method == "clip" else [
+        ("step", 3), ("step", 6)]
     interrupted = tmp_path / "interrupted"
     for kind, when in plan:
         proc = subprocess.Popen(cmd(interrupted), env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -123,10 +156,10 @@ def test_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(tmp_p
         assert time.monotonic() - start < 600
     subprocess.run(cmd(interrupted), env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
     want, got = losses(tmp_path / "straight"), losses(interrupted)
-    assert sorted(got) == sorted(want) == list(range(1, 13))
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-6)
     (step_a, a), (step_b, b) = final_params(tmp_path / "straight"), final_params(interrupted)
-    assert step_a == step_b == 12
+    assert step_a == step_b == steps
     import jax
 
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
