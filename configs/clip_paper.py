@@ -37,16 +37,31 @@ DATA = {"data": -1, "fsdp": 1, "tensor": 1}  # params replicated: fewer collecti
 SAVE_DOTS = "dots_with_no_batch_dims_saveable"  # keeps the weight matmuls' outputs, recomputes the rest
 PLANS = {
     "v5e:16x16": {
+        "ViT-B-32": (DATA, "none", 1),
         "ViT-B-16": (DATA, SAVE_DOTS, 1),
         "ViT-L-14": (DATA, "full", 1),
+        "ViT-L-14-336": (FSDP, "full", 2),
+        "ViT-H-14": (FSDP, "full", 1),
+        "RN50": (DATA, "none", 1),
     },
-    "v4:4x4x8": {},
+    "v4:4x4x8": {
+        "ViT-B-32": (DATA, "none", 1),
+        "ViT-B-16": (DATA, SAVE_DOTS, 1),
+        "ViT-L-14": (DATA, "full", 1),
+        "ViT-L-14-336": (FSDP, "full", 2),
+        "ViT-H-14": (FSDP, "full", 1),
+    },
     "v5p:4x4x8": {
+        "ViT-B-32": (DATA, "none", 1),
         "ViT-B-16": (DATA, "none", 1),
         "ViT-L-14": (DATA, SAVE_DOTS, 1),
+        "ViT-L-14-336": (DATA, "full", 1),
+        "ViT-H-14": (DATA, SAVE_DOTS, 1),
+        "RN50": (DATA, "none", 1),
     },
 }
-# Where no plan was measured: split everything and recompute everything.
+# Where no plan was measured yet (the larger ResNets; docs/scaling.md): split everything and
+# recompute everything.
 FALLBACK = (FSDP, "full", 1)
 
 

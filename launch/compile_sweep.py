@@ -132,6 +132,8 @@ RECIPES = (
     ("ViT-B-16", "configs/flip.py", None),
     ("ViT-B-16", "configs/siglip.py", None),
     ("ViT-L-14", "configs/siglip.py", None),
+    ("ViT-B-16", "configs/slip.py", None),
+    ("ViT-B-16", "configs/slip.py", 32_768),
 )
 
 
