@@ -137,6 +137,23 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
     return report
 
 
+def memory_gib(compiled) -> dict:
+    """Per-device GiB of a compiled program (XLA's memory analysis): arguments, temporaries, outputs,
+    the outputs aliased to donated arguments, and the total a device must hold ({} where XLA gives
+    no analysis)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    gib = 2.0**-30
+    # Donated arguments: the aliased outputs reuse their buffers, so a device holds the arguments,
+    # the temporaries and the outputs that are not aliased.
+    total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + getattr(m, "generated_code_size_in_bytes", 0))
+    return {"argument_gib": m.argument_size_in_bytes * gib, "temp_gib": m.temp_size_in_bytes * gib,
+            "output_gib": m.output_size_in_bytes * gib, "alias_gib": m.alias_size_in_bytes * gib,
+            "total_gib": total * gib}
+
+
 def _compile(step_fn, state, batch, hbm_gib: float) -> dict:
     """Memory, fit, FLOPs and collectives of one step program, or the compiler's refusal."""
     start = time.perf_counter()
@@ -153,17 +170,10 @@ def _compile(step_fn, state, batch, hbm_gib: float) -> dict:
         need = refused.get("temp_gib", refused.get("used_gib", float("nan")))
         return {"compile_s": time.perf_counter() - start, "fits": False, **refused,
                 "over_gib": need - refused.get("limit_gib", hbm_gib)}
-    gib = 2.0**-30
-    m = compiled.memory_analysis()
-    # The state is donated: outputs alias the arguments, so a chip holds the arguments, the
-    # temporaries and the outputs that are not aliased.
-    total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-             + getattr(m, "generated_code_size_in_bytes", 0)) * gib
-    out = {"compile_s": time.perf_counter() - start, "argument_gib": m.argument_size_in_bytes * gib,
-           "temp_gib": m.temp_size_in_bytes * gib, "output_gib": m.output_size_in_bytes * gib,
-           "alias_gib": m.alias_size_in_bytes * gib, "total_gib": total, "fits": total <= hbm_gib}
+    out = {"compile_s": time.perf_counter() - start, **memory_gib(compiled)}
+    out["fits"] = out["total_gib"] <= hbm_gib
     if not out["fits"]:
-        out["over_gib"] = total - hbm_gib
+        out["over_gib"] = out["total_gib"] - hbm_gib
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["flops_per_step"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -192,10 +202,9 @@ def compile_loss(config, topology: str, devices: Optional[list] = None) -> dict:
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     start = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(embeds, embeds, scalar, scalar).compile()
-    m, gib = compiled.memory_analysis(), 2.0**-30
+    memory = {k: v for k, v in memory_gib(compiled).items() if k in ("argument_gib", "temp_gib", "output_gib")}
     return {"topology": topology, "devices": len(devices), "loss": config.loss, "global_batch": config.batch_size,
-            "embed_dim": dim, "compile_s": time.perf_counter() - start, "argument_gib": m.argument_size_in_bytes * gib,
-            "temp_gib": m.temp_size_in_bytes * gib, "output_gib": m.output_size_in_bytes * gib,
+            "embed_dim": dim, "compile_s": time.perf_counter() - start, **memory,
             "collectives": collectives(compiled.as_text())}
 
 

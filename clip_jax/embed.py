@@ -30,12 +30,11 @@ def embed(config, out: str, steps: int = 0, chunk_steps: int = 100, log=print) -
     import jax
     import numpy as np
 
+    from clip_jax.evaluate.features import Encoder
     from clip_jax.input.embedding_cache import EmbeddingWriter, read_manifest, settings_of
-    from clip_jax.input.pipeline import InputPipeline
     from clip_jax.parallel import sharding
-    from clip_jax.preprocessing import normalize_images
-    from clip_jax.tokenizers import tokenizer_for
     from clip_jax.train.build import build
+    from clip_jax.train.trainer import training_input
 
     if jax.process_count() != 1:
         raise ValueError("python -m clip_jax.embed runs as one process (it writes global batches)")
@@ -47,25 +46,15 @@ def embed(config, out: str, steps: int = 0, chunk_steps: int = 100, log=print) -
     mesh = sharding.make_mesh({"data": -1})
     run = build(config, mesh, log=log)
     model = run.model
-    variables = run.method.model_variables(run.state.params, run.state.model_state)
-
-    @jax.jit
-    def encode(variables, images):
-        if images.dtype == np.uint8:
-            images = normalize_images(images)
-        return model.apply(variables, images, train=False, method="encode_image")
-
-    data = {k: v for k, v in config.data.items() if k not in ("train", "eval")}
-    pipe = InputPipeline(config.data.train, data, global_batch_size=config.batch_size,
-                         image_size=model.config.vision.image_size, train=True, seed=config.seed,
-                         context_length=model.config.text.context_length, tokenizer=tokenizer_for(model.config.text))
-    settings = settings_of(config, model.config.vision.image_size, model.config.text.context_length)
-    writer = EmbeddingWriter(out, settings, chunk_steps)
+    # the image tower in inference mode, as a locked tower runs in training
+    encoder = Encoder(model, run.method.model_variables(run.state.params, run.state.model_state), mesh)
+    pipe = training_input(config, model, run.method)
+    writer = EmbeddingWriter(out, settings_of(config, model.config.vision.image_size, model.config.text.context_length),
+                             chunk_steps)
     start = time.perf_counter()
     for step in range(steps):
         batch = next(pipe)
-        images = jax.device_put(batch["image"], run.batch_sharding)
-        writer.add(np.asarray(encode(variables, images)), batch["tokens"])
+        writer.add(np.asarray(encoder.images(batch["image"])), batch["tokens"])
         if (step + 1) % 100 == 0 or step + 1 == steps:
             rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
             log(f"embedded {step + 1}/{steps} steps ({rate:.1f} images/s)")

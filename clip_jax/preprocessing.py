@@ -60,6 +60,14 @@ def preprocess(images: Union[object, Sequence[object]], image_size: int = 224, m
     return preprocess_one(images, image_size, mean, std)
 
 
+def model_images(images):
+    """A batch of images as the towers take them: uint8 ones (image_dtype='uint8') normalized on the
+    device, float ones (normalized by the input pipeline) as they are."""
+    import jax.numpy as jnp
+
+    return normalize_images(images) if images.dtype == jnp.uint8 else images
+
+
 def normalize_images(images):
     """uint8 NHWC from the input pipeline (image_dtype='uint8') -> float32 normalized, in jnp.
 

@@ -83,7 +83,7 @@ def test_non_finite_steps_stop_the_run_and_are_never_checkpointed(tmp_path, monk
     from clip_jax.train import checkpoint
 
     # Every image becomes NaN inside the step, so every loss and gradient is NaN.
-    monkeypatch.setattr(clip_method, "normalize_images", lambda x: jnp.full(x.shape, jnp.nan, jnp.float32))
+    monkeypatch.setattr(clip_method, "model_images", lambda x: jnp.full(x.shape, jnp.nan, jnp.float32))
     c = smoke_config(tmp_path, 10)
     c.max_nonfinite_steps = 3
     with pytest.raises(train.NonFiniteError, match="3 steps in a row had a non-finite"):

@@ -193,14 +193,11 @@ def _synthetic_batch(model, batch: int, sharding, seed: int = 0, method=None) ->
 
 
 def _memory(compiled) -> dict:
-    """Per-device bytes of the compiled step (XLA's memory analysis): what must fit."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-             + getattr(m, "generated_code_size_in_bytes", 0))
-    return {"memory_gib": total / 2**30, "temp_gib": m.temp_size_in_bytes / 2**30,
-            "arguments_gib": m.argument_size_in_bytes / 2**30}
+    """Per-device GiB of the compiled step (clip_jax.compile_check.memory_gib): what must fit."""
+    from clip_jax.compile_check import memory_gib
+
+    m = memory_gib(compiled)
+    return {"memory_gib": m["total_gib"], "temp_gib": m["temp_gib"], "arguments_gib": m["argument_gib"]} if m else {}
 
 
 def _host_usage() -> dict:

@@ -11,11 +11,11 @@ import time
 from typing import Callable, Iterable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.input.eval_data import empty_batch
 from clip_jax.parallel import distributed, sharding
+from clip_jax.preprocessing import model_images
 
 
 def host_copy(tree):
@@ -45,12 +45,8 @@ class Encoder:
         self.sharding = sharding.batch_sharding(mesh)
         self.devices = sharding.batch_devices(mesh)
 
-        def images(v, x):
-            if x.dtype == jnp.uint8:  # eval batches may come as uint8: normalize on the device
-                from clip_jax.preprocessing import normalize_images
-
-                x = normalize_images(x)
-            return model.apply(v, x, method="encode_image")
+        def images(v, x):  # eval batches may come as uint8: normalized on the device
+            return model.apply(v, model_images(x), method="encode_image")
 
         self._images = distributed.compile_together(jax.jit(images, out_shardings=self.sharding), "encode_image")
         self._texts = distributed.compile_together(

@@ -10,7 +10,7 @@ from clip_jax.methods.base import Method
 from clip_jax.methods.losses import make_loss
 from clip_jax.models import MAX_LOGIT_SCALE, dummy_inputs
 from clip_jax.parallel.sharding import BATCH_AXES
-from clip_jax.preprocessing import normalize_images
+from clip_jax.preprocessing import model_images
 
 
 @METHODS.register("clip")
@@ -62,9 +62,7 @@ class Clip(Method):
             if bias is not None:
                 out["logit_bias"] = bias
             return out, model_state
-        images = batch["image"]
-        if images.dtype == jnp.uint8:  # the input pipeline's image_dtype='uint8': normalized here
-            images = normalize_images(images)
+        images = model_images(batch["image"])  # the input pipeline's image_dtype='uint8': normalized here
         variables = {"params": params, **model_state}
         rngs = {"dropout": rng} if train and rng is not None else None
         mutable = list(model_state) if train and model_state else False  # BatchNorm statistics update in training

@@ -144,17 +144,10 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
         if kind != "softmax":
             raise ValueError(f"a detached gather is a form of the 'softmax' loss only, not of {kind!r}")
         body = partial(body, detach=True)
-    axes = tuple(data_axes)
-    n_dev = 1
-    for a in axes:
-        if a not in mesh.shape:
-            raise ValueError(f"data axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
-        n_dev *= mesh.shape[a]
+    axes, n_dev = _data_devices(mesh, data_axes)
 
     def loss(img, txt, scale, bias=None):
-        n_total = img.shape[0]
-        if n_total % n_dev:
-            raise ValueError(f"global batch {n_total} does not divide over {n_dev} devices of mesh axes {axes}")
+        n_total = _global_batch(img, n_dev, axes)
         if bias is None:
             if kind == "sigmoid":
                 raise ValueError("the sigmoid loss needs the model's logit bias: build the model with init_logit_bias "
@@ -206,21 +199,34 @@ def make_nt_xent(mesh: Mesh, data_axes: Sequence[str], temperature: float = 0.1,
     """nt_xent(qa [N, d], qb [N, d]) -> (loss, accuracy of view a), the two views' unit-norm
     embeddings sharded on `data_axes`; equals nt_xent_reference of the global batch. Each device
     holds [b_local, 2N] logits."""
-    axes = tuple(data_axes)
-    n_dev = 1
-    for a in axes:
-        n_dev *= mesh.shape[a]
+    axes, n_dev = _data_devices(mesh, data_axes)
 
     def loss(qa, qb):
-        n_total = qa.shape[0]
-        if n_total % n_dev:
-            raise ValueError(f"global batch {n_total} does not divide over {n_dev} devices of mesh axes {axes}")
+        n_total = _global_batch(qa, n_dev, axes)
         body = partial(_nt_xent, temperature=temperature, axes=axes, n_total=n_total, n_dev=n_dev,
                        gather_by_sum=gather_by_sum)
         sharded = _shard_map(body, mesh, in_specs=(P(axes), P(axes)), out_specs=(P(), P()))
         return sharded(qa.astype(jnp.float32), qb.astype(jnp.float32))
 
     return loss
+
+
+def _data_devices(mesh: Mesh, data_axes: Sequence[str]) -> tuple[tuple[str, ...], int]:
+    """(the data axes as a tuple, the number of devices over them); an axis not in the mesh is an error."""
+    axes = tuple(data_axes)
+    n_dev = 1
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"data axis {a!r} is not a mesh axis {tuple(mesh.shape)}")
+        n_dev *= mesh.shape[a]
+    return axes, n_dev
+
+
+def _global_batch(x, n_dev: int, axes) -> int:
+    """The global batch of `x`, checked to divide over the data devices (on trace)."""
+    if x.shape[0] % n_dev:
+        raise ValueError(f"global batch {x.shape[0]} does not divide over {n_dev} devices of mesh axes {axes}")
+    return x.shape[0]
 
 
 def _shard_map(f, mesh, in_specs, out_specs):

@@ -22,7 +22,7 @@ from clip_jax.methods.losses import make_loss, make_nt_xent
 from clip_jax.models import dummy_inputs, l2_normalize
 from clip_jax.models.layers import param_with_axes
 from clip_jax.parallel.sharding import BATCH_AXES
-from clip_jax.preprocessing import normalize_images
+from clip_jax.preprocessing import model_images
 
 HEAD = "ssl_head"  # the head's params and BatchNorm statistics sit under this top-level name
 
@@ -97,9 +97,7 @@ class Slip(Clip):
         out, tower = self.embed(clip_params, tower, batch, train, rng)  # a ResNet's statistics updated
         clip_loss = self.loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out.get("logit_bias"))
 
-        views = batch["image_views"]
-        if views.dtype == jnp.uint8:
-            views = normalize_images(views)
+        views = model_images(batch["image_views"])
         head_vars = {"params": params[HEAD], "batch_stats": model_state["batch_stats"][HEAD]}
         image_train = train and not self.image_locked
         embeddings = []

@@ -77,20 +77,20 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     model = model_from_config(config)
     method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
     boxed = jax.eval_shape(method.init, jax.random.key(0))
-    groups = resolve_param_groups(_unbox(boxed)["params"], config.optim, method.param_groups())
+    shapes = _unbox(boxed)
+    groups = resolve_param_groups(shapes["params"], config.optim, method.param_groups())
     method.lock({path_name(p) for p, frozen in groups.frozen.items() if frozen}, [path_name(p) for p in groups.frozen])
     schedule = make_schedule(config.optim, config.total_steps)
+    optimizer = make_optimizer(config.optim, shapes["params"], config.total_steps, groups, schedule)
     if abstract:
         shardings = sharding.init_shardings(method.init, mesh, boxed=boxed)
         variables = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                           _unbox(boxed), shardings)
-        optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
+                                           shapes, shardings)
         state = abstract_state(variables, optimizer, groups, mesh)
     else:
         variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed), boxed=boxed)
         if config.init_from:
             variables = initial_weights(config, model, variables, shardings, log)
-        optimizer = make_optimizer(config.optim, variables["params"], config.total_steps, groups, schedule)
         state = create_state(variables, optimizer, groups)
     trained, frozen = groups.count()
     if frozen:

@@ -120,7 +120,6 @@ def clip_forward_flops(model_name, batch: int) -> dict:
     return {"image": image, "text": text, "logits": logits, "forward": forward, "train_step": 3 * forward}
 
 
-
 def method_train_flops(model, batch: int, method: str = "clip") -> float:
     """Model FLOPs of one training step of `method` on `batch` pairs: CLIP's (3 x forward), plus, for
     SLIP, its two SimCLR views' image passes (3 x the image forward each; the small head not counted)."""

@@ -167,6 +167,22 @@ def write_run_config(workdir: str, config) -> None:
         (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
 
 
+def training_input(config, model, method, input_states=None):
+    """This process's training batches of `config`, as the trainer reads them: its cache of image
+    embeddings where config.image_embeddings is set, else the input pipeline (with SimCLR views
+    where the method reads them), from `input_states` (a checkpoint's) or the start."""
+    if config.image_embeddings:
+        settings = settings_of(config, model.config.vision.image_size, model.config.text.context_length)
+        return EmbeddingCache(config.image_embeddings, settings, total_steps=config.total_steps,
+                              process_index=jax.process_index(), process_count=jax.process_count(), state=input_states)
+    return InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
+                         image_size=model.config.vision.image_size, train=True, seed=config.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         context_length=model.config.text.context_length, state=input_states,
+                         tokenizer=tokenizer_for(model.config.text),
+                         views=2 if "image_views" in method.batch_keys else 0)
+
+
 def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compiler_options: dict | None = None,
                        retain: Callable[[Callable], Any] = lambda step_fn: step_fn) -> dict:
     """Train to config.total_steps (or stop, checkpointed, at step `stop_at`, as a preemption would).
@@ -195,17 +211,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
             log(f"resumed from step {step} in {workdir}")
     metrics_path = epath.Path(workdir) / "metrics.jsonl"
     _trim_metrics(metrics_path, int(state.step))
-    if config.image_embeddings:
-        settings = settings_of(config, model.config.vision.image_size, model.config.text.context_length)
-        pipe = EmbeddingCache(config.image_embeddings, settings, total_steps=config.total_steps,
-                              process_index=jax.process_index(), process_count=jax.process_count(), state=input_states)
-    else:
-        pipe = InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
-                             image_size=model.config.vision.image_size, train=True, seed=config.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             context_length=model.config.text.context_length, state=input_states,
-                             tokenizer=tokenizer_for(model.config.text),
-                             views=2 if "image_views" in run.method.batch_keys else 0)
+    pipe = training_input(config, model, run.method, input_states)
     masked = retain(distributed.compile_together(run.step_fn, "train_step"))
     unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
         if run.unmasked_step_fn is not None else None
