@@ -53,13 +53,11 @@ def cache(tmp_path_factory):
 SIZES = {"train": 2560, "validation": 100, "test": 100}
 SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
 # Each method of docs/methods.md by its override of the smoke config (LiT's weights: the fixture's).
-# SigLIP's ring loss is not here: in the trainer on several simulated CPU devices it intermittently
-# stalls in XLA:CPU's collectives (aborted after 40 s: "only 1 of 8 threads arrived"); open, see
-# docs/methods.md. Its value and gradient on 1 and 8 devices are tested in tests/test_losses.py.
 METHODS = {
     "clip": {},
     "flip": {"patch_dropout": 0.5, "unmasked_from_step": 6},  # the unmasked step from step 6
     "slip": {"method": "slip", "slip.mlp_dim": 64, "slip.emb_dim": 16},
+    "siglip": {"loss": "sigmoid"},
     "lit": {"init_params": "visual/.*", "optim.frozen": "visual/.*"},
 }
 

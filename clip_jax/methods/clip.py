@@ -21,6 +21,7 @@ class Clip(Method):
     batch_keys = ("image", "tokens")
     mask_patches = True  # False: a ViT's patch dropout off in training (FLIP's unmasked tuning)
     image_locked = False  # every image-tower param frozen (LiT): the tower runs in inference mode
+    detach_gather = False  # the softmax loss without gradient through the gathered rows (SLIP's reference)
 
     def __init__(self, config, model, mesh, **options):
         super().__init__(config, model, mesh, **options)
@@ -30,7 +31,8 @@ class Clip(Method):
         if config.loss == "sigmoid" and model.config.init_logit_bias is None:
             raise ValueError("config.loss='sigmoid' needs a model with a logit bias (init_logit_bias, SigLIP: -10): "
                              "build it through clip_jax.train.build.model_from_config, which adds SigLIP's init")
-        self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum)
+        self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum,
+                                 detach=self.detach_gather)
 
     def lock(self, frozen, paths):
         visual = [p for p in paths if p.startswith("visual/")]

@@ -93,7 +93,7 @@ def _ring_perm(n: int):
 
 
 @LOSSES.register("softmax_ring")
-def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False):
+def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False, unroll=False):
     """Row lse of my images over all texts; column lse of the texts that visit me travels with them."""
     del bias
     pos = scale * jnp.sum(img * txt, axis=-1)  # the positives: my own pairs
@@ -109,14 +109,14 @@ def _softmax_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=
         visiting_txt, visiting_col = jax.lax.ppermute((visiting_txt, visiting_col), axes, _ring_perm(n_dev))
         return (row_lse, visiting_txt, visiting_col), None
 
-    (row_lse, txt_back, col_lse), _ = jax.lax.scan(step, (row_lse, txt, col_lse), None, length=n_dev)
+    (row_lse, txt_back, col_lse), _ = jax.lax.scan(step, (row_lse, txt, col_lse), None, length=n_dev, unroll=unroll)
     del txt_back  # after n_dev hops every text chunk is home, with its complete column lse
     local = jnp.sum(row_lse - pos) + jnp.sum(col_lse - pos)
     return jax.lax.psum(local, axes) / (2 * n_total)
 
 
 @LOSSES.register("sigmoid")
-def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False):
+def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=False, unroll=False):
     @partial(jax.checkpoint, prevent_cse=False)
     def step(carry, hop):
         total, visiting_txt = carry
@@ -126,8 +126,18 @@ def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=
         total = total + jnp.sum(jax.nn.log_sigmoid(z * logits))
         return (total, jax.lax.ppermute(visiting_txt, axes, _ring_perm(n_dev))), None
 
-    (total, _), _ = jax.lax.scan(step, (jnp.zeros((), jnp.float32), txt), jnp.arange(n_dev))
+    (total, _), _ = jax.lax.scan(step, (jnp.zeros((), jnp.float32), txt), jnp.arange(n_dev), unroll=unroll)
     return -jax.lax.psum(total, axes) / n_total
+
+
+RINGS = ("softmax_ring", "sigmoid")
+
+
+def ring_unrolled(mesh: Mesh) -> bool:
+    """Whether the ring's hops are unrolled rather than looped: on XLA:CPU, whose runtime can run a
+    loop holding collectives beside an independent collective in a different order on each
+    device, and each waits for the other for ever (tests/test_multiprocess.py's SigLIP runs)."""
+    return mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
 
 
 def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool = False,
@@ -154,6 +164,8 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
                                  "(SigLIP: -10, with init_logit_scale log 10; config.loss='sigmoid' sets both)")
             bias = jnp.zeros((), jnp.float32)
         per_device = partial(body, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum)
+        if kind in RINGS and ring_unrolled(mesh):
+            per_device = partial(per_device, unroll=True)
         sharded = _shard_map(per_device, mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
         return sharded(img.astype(jnp.float32), txt.astype(jnp.float32), jnp.float32(scale), jnp.float32(bias))
 

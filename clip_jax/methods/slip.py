@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from clip_jax.methods import METHODS
 from clip_jax.methods.clip import Clip
-from clip_jax.methods.losses import make_loss, make_nt_xent
+from clip_jax.methods.losses import make_nt_xent
 from clip_jax.models import dummy_inputs, l2_normalize
 from clip_jax.models.layers import param_with_axes
 from clip_jax.parallel.sharding import BATCH_AXES
@@ -57,9 +57,8 @@ class Slip(Clip):
         if s.detach_clip_gather and config.loss != "softmax":
             raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.loss="
                              f"{config.loss!r} has no such form: set config.loss='softmax' or the flag False")
+        self.detach_gather = bool(s.detach_clip_gather)
         super().__init__(config, model, mesh, **options)
-        self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum,
-                                 detach=bool(s.detach_clip_gather))
         self.nt_xent = make_nt_xent(mesh, BATCH_AXES, float(s.ssl_temp), gather_by_sum=self.gather_by_sum)
         self.head = SSLHead(int(s.mlp_dim), int(s.emb_dim))
         self.ssl_scale = float(s.ssl_scale)
