@@ -15,6 +15,7 @@ import numpy as np
 
 from clip_jax import convert
 from clip_jax.models import CLIP, CLIPConfig, create_model, get_model_config
+from clip_jax.models.config import to_chinese_clip
 from clip_jax.models.vit import check_images
 
 
@@ -49,6 +50,10 @@ def save_open_clip(name: Union[str, dict, CLIPConfig], params, path: str, config
     ``open_clip.create_model(name, pretrained=path)`` loads it with strict key matching.
     For configs that are no open_clip preset, also write their JSON (``config_path``,
     default: path with '.json') for ``open_clip.add_model_config``.
+
+    A model with a BERT text tower (the cn-* presets) is written in Chinese-CLIP's layout, and its
+    JSON (always written) holds the keyword arguments of Chinese-CLIP's ``CLIP``: the reference
+    builds ``CLIP(**json)`` and loads the file with strict keys.
     """
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_open_clip writes .safetensors; got path {path!r}")
@@ -61,10 +66,11 @@ def save_open_clip(name: Union[str, dict, CLIPConfig], params, path: str, config
         bad = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         raise ValueError(f"params do not match model {name!r}: first differing keys {bad[:8]}")
     convert.write_safetensors(state_dict, path, metadata={"clip_jax_config": json.dumps(config.to_dict())})
-    if config_path or not isinstance(name, str) or name.endswith(".json"):
+    chinese = config.text.kind == "bert"
+    if config_path or chinese or not isinstance(name, str) or name.endswith(".json"):
         config_path = config_path or path[: -len(".safetensors")] + ".json"
         with open(config_path, "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+            json.dump(to_chinese_clip(config) if chinese else config.to_dict(), f, indent=2)
     return path
 
 

@@ -29,7 +29,34 @@ _IN_DIMS = {
     "v_proj_kernel": 1,
     "out_proj_kernel": 2,  # [heads, head_dim, embed] <-> out_proj.weight [embed, embed]
     "c_proj_kernel": 2,  # attention-pool output [heads, head_dim, out]
+    "query_kernel": 1,  # BERT's q/k/v [embed, heads, head_dim] <-> query.weight [embed, embed]
+    "key_kernel": 1,
+    "value_kernel": 1,
+    "attention_output_kernel": 2,  # BERT's [heads, head_dim, embed] <-> attention.output.dense.weight
 }
+
+# The BERT text tower (clip_jax.models.bert) in Chinese-CLIP's keys, which are Hugging Face's
+# BertModel keys under 'bert.': our name -> theirs, per layer and for the embeddings.
+BERT_LAYER_KEYS = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attention_output": "attention.output.dense", "attention_norm": "attention.output.LayerNorm",
+    "intermediate": "intermediate.dense", "output": "output.dense", "output_norm": "output.LayerNorm",
+}
+BERT_EMBEDDING_KEYS = {
+    "word_embeddings": "word_embeddings", "position_embeddings": "position_embeddings",
+    "token_type_embeddings": "token_type_embeddings", "embeddings_norm": "LayerNorm",
+}
+# Keys of BERT checkpoints that are not part of the tower (pooler and pretraining heads, buffers).
+_BERT_EXTRA = re.compile(r"^(bert\.pooler\.|cls\.|bert\.embeddings\.position_ids$)")
+
+
+def _bert_key(key: str) -> str:
+    """Our generic key of a BERT tower leaf (e.g. 'encoder.resblocks.3.query.weight') -> Chinese-CLIP's."""
+    m = re.fullmatch(r"encoder\.resblocks\.(\d+)\.(\w+)\.(weight|bias)", key)
+    if m:
+        return f"bert.encoder.layer.{m.group(1)}.{BERT_LAYER_KEYS[m.group(2)]}.{m.group(3)}"
+    name, leaf = key.rsplit(".", 1)
+    return f"bert.embeddings.{BERT_EMBEDDING_KEYS[name]}.{leaf}"
 
 
 # -- scan <-> per-layer ----------------------------------------------------------------
@@ -66,8 +93,10 @@ def stack_layers(flat: dict[tuple, Any]) -> dict[tuple, Any]:
 def torch_key(path: tuple) -> str:
     """The open_clip state-dict key of a clip_jax variable path (unstacked form)."""
     collection, *rest = path
+    bert = False
     if rest[0] == "text":  # open_clip's CLIP keeps the text tower at the top level
         rest = rest[1:]
+        bert = rest[0] == "encoder" or rest[0] in BERT_EMBEDDING_KEYS
     parts = []
     for p in rest:
         m = re.fullmatch(r"resblocks_(\d+)", p)
@@ -102,7 +131,8 @@ def torch_key(path: tuple) -> str:
         leaf = leaf[: -len("_kernel")] + ".weight"
     elif leaf.endswith("_bias"):
         leaf = leaf[: -len("_bias")] + ".bias"
-    return ".".join(parent + [leaf])
+    key = ".".join(parent + [leaf])
+    return _bert_key(key) if bert else key
 
 
 def _in_dims(path: tuple) -> int | None:
@@ -208,14 +238,19 @@ def expected_state_dict_shapes(model) -> dict[str, tuple[int, ...]]:
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Unwrap training checkpoints ({'state_dict': ...}, 'module.' prefixes); drop OpenAI metadata."""
+    """Unwrap training checkpoints ({'state_dict': ...}, 'module.' prefixes: Chinese-CLIP's too);
+    drop OpenAI metadata and BERT's pooler, pretraining heads and buffers; a bare Hugging Face
+    BertModel state dict ('embeddings.*', 'encoder.*') gets Chinese-CLIP's 'bert.' prefix."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
+    bare_bert = any(k.startswith("embeddings.word_embeddings.") for k in state_dict)
     out = {}
     for k, v in state_dict.items():
         if k.startswith("module."):
             k = k[len("module.") :]
-        if k in OPENAI_METADATA_KEYS:
+        if bare_bert and k.startswith(("embeddings.", "encoder.", "pooler.")):
+            k = "bert." + k
+        if k in OPENAI_METADATA_KEYS or _BERT_EXTRA.match(k):
             continue
         out[k] = v
     return out
@@ -258,7 +293,16 @@ def state_dict_to_variables(model, state_dict: Mapping[str, Any], only=None) -> 
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 lines.append(f"  {title}: {shown}")
-        lines.append("  (is it the right model name? '-quickgelu' only changes the activation, not the keys)")
+        bert_weights = any(k.startswith("bert.") for k in state_dict)
+        bert_model = any(k.startswith("bert.") for k in expected)
+        if bert_weights and not bert_model:
+            lines.append("  these are Chinese-CLIP weights (a BERT text tower): load them with a cn-* model "
+                         "(e.g. 'cn-ViT-B-16') or Chinese-CLIP's JSON")
+        elif bert_model and not bert_weights:
+            lines.append("  this model has a BERT text tower (Chinese-CLIP) but the weights do not: use the "
+                         "matching CLIP model name (e.g. 'ViT-B-16')")
+        else:
+            lines.append("  (is it the right model name? '-quickgelu' only changes the activation, not the keys)")
         raise ValueError("\n".join(lines))
     flat = {}
     for k, (path, shape, dtype) in expected.items():

@@ -8,6 +8,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import Dtype, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
@@ -54,6 +55,33 @@ VISION_TOWERS.register("resnet")(_resnet)
 VISION_TOWERS.register("vit")(_vit)
 
 
+def _clip_text(clip: "CLIP") -> nn.Module:
+    t = clip.config.text
+    return TextTransformer(
+        context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
+        mlp_ratio=t.mlp_ratio, output_dim=clip.config.embed_dim, pool_type=t.pool_type,
+        no_causal_mask=t.no_causal_mask, pad_id=t.pad_id, quick_gelu=clip.config.quick_gelu, dtype=clip.dtype,
+        attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
+
+
+def _bert_text(clip: "CLIP") -> nn.Module:
+    t = clip.config.text
+    if t.context_length > t.max_positions:
+        raise ValueError(f"text context_length {t.context_length} is above the position table (max_positions "
+                         f"{t.max_positions}): tokenize to at most {t.max_positions} tokens (Chinese-CLIP: 52)")
+    return BertTextTower(
+        context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
+        mlp_ratio=t.mlp_ratio, output_dim=clip.config.embed_dim, max_positions=t.max_positions,
+        type_vocab_size=t.type_vocab_size, dropout=t.dropout, attn_dropout=t.attn_dropout, pad_id=t.pad_id,
+        dtype=clip.dtype, attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
+
+
+# Text towers by TextConfig.kind.
+TEXT_TOWERS: Registry = Registry("text tower")
+TEXT_TOWERS.register("clip")(_clip_text)
+TEXT_TOWERS.register("bert")(_bert_text)
+
+
 class CLIP(nn.Module):
     """CLIP with param tree {'visual': ..., 'text': ..., 'logit_scale': ()[, 'logit_bias': ()]}.
 
@@ -75,24 +103,7 @@ class CLIP(nn.Module):
         if self.remat != "none":
             remat_policy(self.remat)  # fail early on a bad name
         self.visual = VISION_TOWERS.get(cfg.vision.kind)(self)
-        t = cfg.text
-        self.text = TextTransformer(
-            context_length=t.context_length,
-            vocab_size=t.vocab_size,
-            width=t.width,
-            heads=t.heads,
-            layers=t.layers,
-            mlp_ratio=t.mlp_ratio,
-            output_dim=cfg.embed_dim,
-            pool_type=t.pool_type,
-            no_causal_mask=t.no_causal_mask,
-            pad_id=t.pad_id,
-            quick_gelu=cfg.quick_gelu,
-            dtype=self.dtype,
-            attn_impl=self.attn_impl,
-            remat=self.remat,
-            scan=self.scan,
-        )
+        self.text = TEXT_TOWERS.get(cfg.text.kind)(self)
         self.logit_scale = self.param(
             "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(cfg.init_logit_scale), ()), ()
         )

@@ -57,11 +57,19 @@ class TextConfig:
     pool_type: str = "argmax"
     no_causal_mask: bool = False  # bidirectional attention with a padding mask (open_clip's key)
     pad_id: int = 0
-    tokenizer: str = "clip_bpe"  # clip_jax.tokenizers.TOKENIZERS: 'clip_bpe' or 'sentencepiece:PATH'
+    tokenizer: str = "clip_bpe"  # clip_jax.tokenizers.TOKENIZERS: 'clip_bpe', 'wordpiece[:PATH]', 'sentencepiece:PATH'
+    # The tower (clip_jax.models.clip.TEXT_TOWERS): 'clip' (causal, pre-LN) or 'bert' (Chinese-CLIP's:
+    # post-LN, bidirectional over the non-padding tokens, [CLS] pooled; pool_type/no_causal_mask unused).
+    kind: str = "clip"
+    max_positions: int = 512  # 'bert': rows of the position table (context_length may not exceed it)
+    type_vocab_size: int = 2  # 'bert': token types (all 0 in CLIP-style use)
+    dropout: float = 0.0  # 'bert': hidden-state dropout in training (RoBERTa-wwm: 0.1)
+    attn_dropout: float = 0.0  # 'bert': attention-probability dropout in training (RoBERTa-wwm: 0.1)
 
 
 # TextConfig fields written to open_clip's JSON only when they differ from these defaults.
-_TEXT_OPTIONAL = {"no_causal_mask": False, "pad_id": 0, "tokenizer": "clip_bpe"}
+_TEXT_OPTIONAL = {"no_causal_mask": False, "pad_id": 0, "tokenizer": "clip_bpe", "kind": "clip",
+                  "max_positions": 512, "type_vocab_size": 2, "dropout": 0.0, "attn_dropout": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +170,13 @@ def _config_of(name_or_config) -> CLIPConfig:
     if isinstance(name_or_config, CLIPConfig):
         return name_or_config
     if isinstance(name_or_config, dict):
-        return CLIPConfig.from_dict(name_or_config)
+        d = name_or_config
+        return from_chinese_clip(d) if is_chinese_clip_dict(d) else CLIPConfig.from_dict(d)
     name = name_or_config
     if name.endswith(".json") and os.path.exists(name):
         with open(name) as f:
-            return CLIPConfig.from_dict(json.load(f))
+            d = json.load(f)
+        return from_chinese_clip(d) if is_chinese_clip_dict(d) else CLIPConfig.from_dict(d)
     files = _preset_files()
     base, quick = name, False
     if name.endswith(QUICKGELU_SUFFIX):
@@ -180,3 +190,65 @@ def _config_of(name_or_config) -> CLIPConfig:
     if quick:
         d["quick_gelu"] = True
     return CLIPConfig.from_dict(d)
+
+
+# -- Chinese-CLIP's model JSON (the keyword arguments of its CLIP constructor) -----------------
+CHINESE_CLIP_CONTEXT = 52  # its tokenizer's default; the constructor takes no context length
+
+
+def is_chinese_clip_dict(d: dict) -> bool:
+    return "vision_layers" in d and "text_hidden_size" in d
+
+
+def to_chinese_clip(config: CLIPConfig) -> dict[str, Any]:
+    """Chinese-CLIP's ``CLIP(**kwargs)`` for a model with a BERT text tower (cn_clip/clip/model.py)."""
+    v, t = config.vision, config.text
+    if t.kind != "bert":
+        raise ValueError("only a model with a BERT text tower (text_cfg kind 'bert', the cn-* presets) has a "
+                         "Chinese-CLIP form; save others with save_open_clip's open_clip JSON")
+    if v.pool_type != "tok" or v.mlp_ratio != 4.0 or not config.quick_gelu:
+        raise ValueError("Chinese-CLIP's image towers are OpenAI's (QuickGELU, class-token pooling, MLP ratio 4): "
+                         f"this one differs (quick_gelu={config.quick_gelu}, pool_type={v.pool_type!r}, "
+                         f"mlp_ratio={v.mlp_ratio})")
+    out: dict[str, Any] = {
+        "embed_dim": config.embed_dim,
+        "image_resolution": v.image_size,
+        "vision_layers": list(v.layers) if v.is_resnet else v.layers,
+        "vision_width": v.width,
+        "vision_patch_size": None if v.is_resnet else v.patch_size,
+        "vocab_size": t.vocab_size,
+        "text_attention_probs_dropout_prob": t.attn_dropout,
+        "text_hidden_act": "gelu",
+        "text_hidden_dropout_prob": t.dropout,
+        "text_hidden_size": t.width,
+        "text_initializer_range": 0.02,
+        "text_intermediate_size": int(t.width * t.mlp_ratio),
+        "text_max_position_embeddings": t.max_positions,
+        "text_num_attention_heads": t.heads,
+        "text_num_hidden_layers": t.layers,
+        "text_type_vocab_size": t.type_vocab_size,
+    }
+    if v.head_width != 64:
+        out["vision_head_width"] = v.head_width
+    return out
+
+
+def from_chinese_clip(d: dict[str, Any], context_length: int = CHINESE_CLIP_CONTEXT) -> CLIPConfig:
+    """The CLIPConfig of Chinese-CLIP's constructor kwargs (as in its model_configs, merged)."""
+    d = dict(d)
+    if d.get("text_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"text_hidden_act {d['text_hidden_act']!r}: the BERT tower computes exact GELU only")
+    layers = d["vision_layers"]
+    if isinstance(layers, str):  # its RN50 JSON spells the stage depths as a string
+        layers = json.loads(layers)
+    resnet = isinstance(layers, (list, tuple))
+    vision = VisionConfig(image_size=d["image_resolution"], layers=tuple(layers) if resnet else layers,
+                          width=d["vision_width"], patch_size=None if resnet else d["vision_patch_size"],
+                          head_width=d.get("vision_head_width", 64))
+    width = d["text_hidden_size"]
+    text = TextConfig(context_length=context_length, vocab_size=d["vocab_size"], width=width,
+                      heads=d["text_num_attention_heads"], layers=d["text_num_hidden_layers"],
+                      mlp_ratio=d["text_intermediate_size"] / width, kind="bert", tokenizer="wordpiece",
+                      max_positions=d["text_max_position_embeddings"], type_vocab_size=d["text_type_vocab_size"],
+                      dropout=d["text_hidden_dropout_prob"], attn_dropout=d["text_attention_probs_dropout_prob"])
+    return CLIPConfig(embed_dim=d["embed_dim"], vision=vision, text=text, quick_gelu=True)

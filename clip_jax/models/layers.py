@@ -193,6 +193,7 @@ class LayerNorm(nn.Module):
 
     dtype: Dtype = jnp.float32
     axis_name: str = "embed"
+    eps: float = 1e-5  # BERT's is 1e-12
 
     @nn.compact
     def __call__(self, x):
@@ -200,7 +201,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", param_with_axes(nn.initializers.ones, (self.axis_name,)), (width,))
         bias = self.param("bias", param_with_axes(nn.initializers.zeros, (self.axis_name,)), (width,))
         # statistics of x as given (a float32 input is not rounded to bf16 first), as flax's did
-        return layer_norm(x, scale, bias).astype(self.dtype)
+        return layer_norm(x, scale, bias, self.eps).astype(self.dtype)
 
 
 # cuDNN's fused attention takes sequence lengths that are multiples of this (not 197 or 77).
@@ -298,11 +299,12 @@ def _attention_logits_bwd(residuals, g):
 attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
 
 
-def heads_major_attention(q, k, v, causal: bool, kv_lengths=None):
+def heads_major_attention(q, k, v, causal: bool, kv_lengths=None, dropout_rate: float = 0.0, dropout_rng=None):
     """XLA's attention over [batch, heads, length, head_dim]: what jax.nn.dot_product_attention's
     'xla' implementation computes (float32 logits scaled after the dot, softmax in float32, the
     probabilities in the input dtype), in the layout its batched dots want. ``kv_lengths``
-    [batch]: only keys before it are seen (its ``key_value_seq_lengths``).
+    [batch]: only keys before it are seen (its ``key_value_seq_lengths``). With ``dropout_rng``,
+    attention probabilities are dropped at ``dropout_rate`` and the rest scaled up (BERT's training).
 
     From [batch, length, heads, head_dim] XLA:CPU transposes q, k, v and the output around the
     per-head dots, forward and backward; ``heads_major_qkv`` writes q, k, v in this layout
@@ -315,8 +317,11 @@ def heads_major_attention(q, k, v, causal: bool, kv_lengths=None):
     if kv_lengths is not None:
         seen = jnp.arange(logits.shape[-1]) < kv_lengths[:, None, None, None]
         logits = jnp.where(seen, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    return jnp.einsum("bhts,bhsk->bhtk", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhts,bhsk->bhtk", probs.astype(q.dtype), v)
 
 
 @jax.custom_vjp
@@ -393,31 +398,43 @@ class MultiHeadAttention(nn.Module):
         )
         out_bias = self.param("out_proj_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (width,))
 
-        x = x.astype(self.dtype)
-        kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
-        per_head = jax.ShapeDtypeStruct((head_dim,), kernel.dtype)  # what attention_impl decides on
-        if query_index is not None:
-            # One query row per sequence (the pooled token's), keys and values for all rows.
-            # XLA's kernel always: a single query row is a small share of the layer's work.
-            kv = jnp.einsum("btd,dchk->cbhtk", x, kernel[:, 1:]) + bias[1:, None, :, None]
-            q = jnp.einsum("btd,dhk->bhtk", take_rows(x, query_index), kernel[:, 0]) + bias[0, :, None]
-            kv, q = constrain(kv, (None, BATCH, HEADS, LENGTH, KV)), constrain(q, (BATCH, HEADS, LENGTH, KV))
-            # causally, the query at position i sees the keys 0..i
-            lengths = query_index.astype(jnp.int32) + 1 if self.causal else kv_lengths
-            out = heads_major_attention(q, kv[0], kv[1], False, lengths).transpose(0, 2, 1, 3)
-        elif attention_impl(self.attn_impl, per_head) == "xla":
-            q, k, v = heads_major_qkv(x, kernel, bias)
-            q, k, v = (constrain(t, (BATCH, HEADS, LENGTH, KV)) for t in (q, k, v))
-            out = heads_major_attention(q, k, v, self.causal, kv_lengths).transpose(0, 2, 1, 3)
-        else:
-            qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            q, k, v = (constrain(t, (BATCH, LENGTH, HEADS, KV)) for t in (q, k, v))
-            out = attention(q, k, v, self.causal, self.attn_impl, kv_lengths)
-        out = checkpoint_name(out, "attention")  # [batch, length, heads, head_dim]
-        # heads and head_dim are adjacent: the projection is one [rows, width] x [width, width] matmul
-        out = linear(out.reshape(out.shape[:2] + (width,)), out_kernel.reshape(width, width).astype(self.dtype))
-        return out + out_bias.astype(self.dtype)
+        return self_attention(x, qkv_kernel, qkv_bias, out_kernel, out_bias, causal=self.causal, dtype=self.dtype,
+                              attn_impl=self.attn_impl, query_index=query_index, kv_lengths=kv_lengths)
+
+
+def self_attention(x, kernel, bias, out_kernel, out_bias, *, causal: bool, dtype, attn_impl=None, query_index=None,
+                   kv_lengths=None, dropout_rate: float = 0.0, dropout_rng=None):
+    """Multi-head self-attention from its weights: x [batch, length, width], kernel [width, 3, heads,
+    head_dim], bias [3, heads, head_dim], out_kernel [heads, head_dim, width] or [width, width],
+    out_bias [width] -> [batch, length, width] (one row per sequence with ``query_index``).
+    ``dropout_rng``: attention-probability dropout at ``dropout_rate`` (XLA's kernel then)."""
+    width, head_dim = x.shape[-1], kernel.shape[-1]
+    x = x.astype(dtype)
+    kernel, bias = kernel.astype(dtype), bias.astype(dtype)
+    per_head = jax.ShapeDtypeStruct((head_dim,), kernel.dtype)  # what attention_impl decides on
+    dropout = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    if query_index is not None:
+        # One query row per sequence (the pooled token's), keys and values for all rows.
+        # XLA's kernel always: a single query row is a small share of the layer's work.
+        kv = jnp.einsum("btd,dchk->cbhtk", x, kernel[:, 1:]) + bias[1:, None, :, None]
+        q = jnp.einsum("btd,dhk->bhtk", take_rows(x, query_index), kernel[:, 0]) + bias[0, :, None]
+        kv, q = constrain(kv, (None, BATCH, HEADS, LENGTH, KV)), constrain(q, (BATCH, HEADS, LENGTH, KV))
+        # causally, the query at position i sees the keys 0..i
+        lengths = query_index.astype(jnp.int32) + 1 if causal else kv_lengths
+        out = heads_major_attention(q, kv[0], kv[1], False, lengths, **dropout).transpose(0, 2, 1, 3)
+    elif dropout_rng is not None or attention_impl(attn_impl, per_head) == "xla":
+        q, k, v = heads_major_qkv(x, kernel, bias)
+        q, k, v = (constrain(t, (BATCH, HEADS, LENGTH, KV)) for t in (q, k, v))
+        out = heads_major_attention(q, k, v, causal, kv_lengths, **dropout).transpose(0, 2, 1, 3)
+    else:
+        qkv = jnp.einsum("btd,dchk->cbthk", x, kernel) + bias[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = (constrain(t, (BATCH, LENGTH, HEADS, KV)) for t in (q, k, v))
+        out = attention(q, k, v, causal, attn_impl, kv_lengths)
+    out = checkpoint_name(out, "attention")  # [batch, length, heads, head_dim]
+    # heads and head_dim are adjacent: the projection is one [rows, width] x [width, width] matmul
+    out = linear(out.reshape(out.shape[:2] + (width,)), out_kernel.reshape(width, width).astype(dtype))
+    return out + out_bias.astype(dtype)
 
 
 class Mlp(nn.Module):
@@ -501,6 +518,8 @@ class Transformer(nn.Module):
     remat: str = "none"
     scan: bool = False
 
+    Block = ResidualAttentionBlock  # the layer; a subclass may stack another (BERT's post-LN layer)
+
     @classmethod
     def of_tower(cls, tower: nn.Module, causal: bool) -> "Transformer":
         """The stack of a tower module that has the same-named fields (layers, heads, dtype, ...)."""
@@ -511,13 +530,17 @@ class Transformer(nn.Module):
         return dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, quick_gelu=self.quick_gelu,
                     dtype=self.dtype, attn_impl=self.attn_impl, depth=self.layers)
 
+    def _draws_dropout(self) -> bool:
+        """Whether the layers draw from the 'dropout' rng stream (a scanned stack hands each its key)."""
+        return False
+
     @nn.compact
     def __call__(self, x, pool_index=None, kv_lengths=None):
         """``kv_lengths`` [batch]: a padding mask for bidirectional stacks (None: every key seen)."""
         if self.scan:
             x = self._scanned(x, pool_index, kv_lengths)
         else:
-            block = ResidualAttentionBlock
+            block = self.Block
             if self.remat != "none":
                 block = nn.remat(block, policy=remat_policy(self.remat))
             for i in range(self.layers):
@@ -528,7 +551,7 @@ class Transformer(nn.Module):
     def _scanned(self, x, pool_index, kv_lengths=None):
         # One unbound block applied to each layer's slice of the stacked params: the same
         # params tree as flax's nn.scan, and the last layer may differ (pooled) from the rest.
-        block = ResidualAttentionBlock(**self._block_kwargs(), parent=None)
+        block = self.Block(**self._block_kwargs(), parent=None)
 
         def init_stack(rng):
             one = lambda key: block.init(key, x[:1])["params"]  # noqa: E731 (shapes need only one row)
@@ -537,11 +560,17 @@ class Transformer(nn.Module):
                                 is_leaf=lambda p: isinstance(p, nn.meta.AxisMetadata))
 
         params = self.param("resblocks", init_stack)
-        apply = lambda h, p, query_index=None: block.apply({"params": p}, h, query_index, kv_lengths)  # noqa: E731
+        keys = jax.random.split(self.make_rng("dropout"), self.layers) if self._draws_dropout() else None
+
+        def apply(h, p, key, query_index=None):
+            rngs = None if key is None else {"dropout": key}
+            return block.apply({"params": p}, h, query_index, kv_lengths, rngs=rngs)
+
         if self.remat != "none":
             apply = jax.checkpoint(apply, policy=remat_policy(self.remat), prevent_cse=False)
+        layer = lambda h, pk: (apply(h, *pk), None)  # noqa: E731
         if pool_index is None:
-            return jax.lax.scan(lambda h, p: (apply(h, p), None), x, params)[0]
-        head, last = jax.tree.map(lambda p: p[:-1], params), jax.tree.map(lambda p: p[-1], params)
-        x = jax.lax.scan(lambda h, p: (apply(h, p), None), x, head)[0]
-        return apply(x, last, pool_index)
+            return jax.lax.scan(layer, x, (params, keys))[0]
+        head, last = jax.tree.map(lambda p: p[:-1], (params, keys)), jax.tree.map(lambda p: p[-1], (params, keys))
+        x = jax.lax.scan(layer, x, head)[0]
+        return apply(x, *last, pool_index)
