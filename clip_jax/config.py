@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = "softmax"  # clip_jax.methods.losses.LOSSES
     c.patch_dropout = 0.0  # FLIP: the share of a ViT's patch tokens dropped in training (sets vision_cfg)
     c.unmasked_from_step = 0  # FLIP's unmasked tuning: from this step on, no patch dropout (0: never)
+    # Two stages (Chinese-CLIP): optim.frozen holds until this step, then everything trains with a
+    # fresh optimizer and a fresh warmup + cosine over the remaining steps (0: one stage).
+    c.unfreeze_at_step = 0
     c.seed = 0
     c.batch_size = 256  # global, over every process
     c.total_steps = 1000

@@ -1,6 +1,7 @@
-"""Tokenizers: CLIP's byte-level BPE (OpenAI's exact ids) and SentencePiece.
+"""Tokenizers: CLIP's byte-level BPE (OpenAI's exact ids), BERT's WordPiece (Chinese-CLIP's exact
+ids) and SentencePiece.
 
-Both give int32 arrays [N, context_length], zero padded, usable from Python and
+All give int32 arrays [N, context_length], zero padded, usable from Python and
 inside a tf.data pipeline (``tf_tokenize``). TensorFlow is imported lazily so the
 model and training code run where TensorFlow is not installed.
 
@@ -246,6 +247,133 @@ class SentencePieceTokenizer:
         return np.asarray(self.tf_tokenize(list(texts), context_length), dtype=np.int32)
 
 
+ZH_VOCAB_PATH = os.path.join(os.path.dirname(__file__), "assets", "bert_zh_vocab.txt")
+# BERT's basic tokenizer (Chinese-CLIP's bert_tokenizer.py) as RE2 classes: control and format
+# characters, NUL and U+FFFD are dropped (\t \n \r are whitespace there), and these are whitespace:
+# Zs, plus U+2028/U+2029 which its str.split() splits on.
+_BERT_DROP = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\p{Cf}\x{FFFD}]"
+_BERT_SPACE = r"[\t\n\r\p{Zs}\x{2028}\x{2029}]"
+# Its word splits: each punctuation character (all non-alphanumeric ASCII and \p{P}) and each CJK
+# ideograph is a word of its own.
+_BERT_SPLIT = (r"[!-/:-@\[-`{-~\p{P}\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}"
+               r"\x{2B740}-\x{2B81F}\x{2B820}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}]")
+_BERT_MAX_WORD_CHARS = 200  # longer words are one [UNK]
+_UNK_TOKEN, _CLS_TOKEN, _SEP_TOKEN = "[UNK]", "[CLS]", "[SEP]"
+
+
+def _read_bert_vocab(path: str) -> tuple[list[str], dict[str, int]]:
+    """Lines of a BERT vocab file and token -> id, read as BERT's load_vocab reads them: universal
+    newlines, each line stripped, a repeated token keeping its last line."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        text = f.read().decode("utf-8")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    tokens = [line.strip() for line in lines]
+    return tokens, {t: i for i, t in enumerate(tokens)}
+
+
+class WordPieceTokenizer:
+    """BERT's tokenizer (basic tokenizer + greedy longest-match WordPiece), in-graph by tensorflow-text,
+    giving exactly Chinese-CLIP's ids: [CLS] + tokens[:context_length - 2] + [SEP], padded with pad_id.
+
+    tensorflow_text.BertTokenizer's own lower_case=True folds case with NFKC_Casefold, which also maps
+    full-width forms, ligatures and superscripts to ASCII (and "ß" to "ss") where BERT's Python code
+    only lower-cases; it turns control characters into spaces where BERT drops them; and it cuts words
+    at 100 bytes where BERT cuts them at 200 characters. So the text is cleaned, lower-cased (ICU, like
+    str.lower), NFD-normalized and stripped of Mn marks by TF ops, split into words by BERT's rules
+    (tf_text.regex_split, as tf_text's basic tokenizer does), words past 200 characters become [UNK],
+    and tf_text's WordpieceTokenizer looks the rest up. Characters that Python's Unicode database
+    (14.0 in Python 3.11) leaves unassigned but TF's newer ICU/RE2 tables know may differ.
+    """
+
+    def __init__(self, vocab_path: str = ZH_VOCAB_PATH, context_length: int = 52, lower_case: bool = True,
+                 pad_id: int = 0):
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
+        import tensorflow_text as tf_text
+
+        tokens, vocab = _read_bert_vocab(vocab_path)
+        missing = [t for t in (_UNK_TOKEN, _CLS_TOKEN, _SEP_TOKEN) if t not in vocab]
+        if missing:
+            raise ValueError(f"the WordPiece vocab {vocab_path} lacks {', '.join(missing)}")
+        self.vocab_path = vocab_path
+        self.context_length = context_length
+        self.lower_case = lower_case
+        self.vocab_size = len(tokens)
+        self.pad_id = pad_id
+        self.unk_id, self.cls_id, self.sep_id = (vocab[t] for t in (_UNK_TOKEN, _CLS_TOKEN, _SEP_TOKEN))
+        self._tokens = tokens
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(list(vocab)), tf.constant(list(vocab.values()), tf.int64)),
+            default_value=-1)
+        # No vocab entry is longer than this, so longer prefixes need no lookup (only a speed-up).
+        longest = max(len(t[2:] if t.startswith("##") else t) for t in tokens)
+        self._wordpiece = tf_text.WordpieceTokenizer(
+            table, suffix_indicator="##", max_bytes_per_word=4 * _BERT_MAX_WORD_CHARS, max_chars_per_token=longest,
+            token_out_type=tf.int32, unknown_token=_UNK_TOKEN, split_unknown_characters=False)
+
+    def _wordpieces(self, texts):
+        """String tensor [N] -> ragged int32 [N, (tokens)], without [CLS]/[SEP]."""
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
+        import tensorflow_text as tf_text
+
+        # BERT decodes bytes with errors="ignore": undecodable bytes become U+FFFD, dropped next.
+        texts = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+        texts = tf.strings.regex_replace(texts, _BERT_DROP, "")
+        texts = tf.strings.regex_replace(texts, _BERT_SPACE, " ")
+        if self.lower_case:
+            # ICU's lower-casing follows the process locale (Turkish: "I" -> "ı"); ASCII first keeps it Python's.
+            texts = tf.strings.lower(tf.strings.lower(texts), encoding="utf-8")
+            texts = tf_text.normalize_utf8(texts, "NFD")
+            texts = tf.strings.regex_replace(texts, r"\p{Mn}", "")
+        words = tf_text.regex_split(texts, r"\s+|" + _BERT_SPLIT, _BERT_SPLIT)
+        too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > _BERT_MAX_WORD_CHARS
+        words = words.with_flat_values(tf.where(too_long, _UNK_TOKEN, words.flat_values))
+        return self._wordpiece.tokenize(words).merge_dims(1, 2)
+
+    def tf_tokenize(self, texts, context_length: int | None = None):
+        """String tensor [N] (utf-8) -> int32 tensor [N, context_length], in-graph ([context_length] for a scalar)."""
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
+        ctx = context_length or self.context_length
+        if ctx < 2:
+            raise ValueError(f"context_length must be >= 2 to hold [CLS] and [SEP], got {ctx}")
+        texts = tf.convert_to_tensor(texts, tf.string)
+        squeeze = texts.shape.rank == 0
+        texts = tf.reshape(texts, [-1])
+        body = self._wordpieces(texts)[:, : ctx - 2]
+        n = tf.shape(texts, out_type=tf.int64)[0]
+        cls = tf.RaggedTensor.from_tensor(tf.fill([n, 1], tf.constant(self.cls_id, tf.int32)))
+        sep = tf.RaggedTensor.from_tensor(tf.fill([n, 1], tf.constant(self.sep_id, tf.int32)))
+        tokens = tf.concat([cls, body, sep], axis=1).to_tensor(default_value=self.pad_id, shape=[None, ctx])
+        return tokens[0] if squeeze else tokens
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
+        return np.asarray(self.tf_tokenize(list(texts), context_length), dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of one row of ids: its word pieces between [CLS] and [SEP], "##" pieces joined to the previous."""
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.cls_id:
+            ids = ids[1:]
+        if self.sep_id in ids:
+            ids = ids[: ids.index(self.sep_id)]
+        return " ".join(self._tokens[i] for i in ids if i != self.pad_id).replace(" ##", "").strip()
+
+
 @functools.lru_cache(maxsize=4)
 def get_tokenizer(context_length: int = 77) -> ClipTokenizer:
     return ClipTokenizer(context_length=context_length)
@@ -256,6 +384,9 @@ TOKENIZERS: Registry = Registry("tokenizer")
 TOKENIZERS.register("clip_bpe")(lambda argument, text: get_tokenizer())
 TOKENIZERS.register("sentencepiece")(
     lambda argument, text: SentencePieceTokenizer(argument, context_length=text.context_length, pad_id=text.pad_id))
+TOKENIZERS.register("wordpiece")(
+    lambda argument, text: WordPieceTokenizer(argument or ZH_VOCAB_PATH, context_length=text.context_length,
+                                              pad_id=text.pad_id))
 
 
 @functools.lru_cache(maxsize=8)

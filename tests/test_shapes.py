@@ -43,7 +43,7 @@ def test_layout_and_info(built):
     root, paths, data = built
     assert {s: len(v) for s, v in data.items()} == SIZES
     (d,) = glob.glob(os.path.join(root, "*"))  # nothing else left behind (no temp dirs)
-    assert os.path.basename(d) == "shapes-v2-seed0-64px-train100x1-validation20x1-test20x1"
+    assert os.path.basename(d) == "shapes-v3-seed0-64px-train100x1-validation20x1-test20x1"
     info = json.load(open(os.path.join(d, "dataset_info.json")))
     assert info["sizes"] == SIZES and info["seed"] == 0
     assert info["class_names"]["combo"] == shapes.class_names("combo")

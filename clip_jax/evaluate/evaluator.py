@@ -6,10 +6,11 @@
 An evaluation SPEC is TASK=DATA[|key=value...]:
 
     zero_shot=shapes:test                       the embedded dataset (colour, shape, combo)
+    zero_shot=shapes:test|lang=zh               ... with its Chinese class names and prompts
     zero_shot=tfds:cifar10:test                 class names + templates shipped for cifar10
     zero_shot=tfds:mydata:test|classes=my.json  your own {"classnames": [...], "templates": [...]}
     retrieval=tfds:coco_captions:test|caption_key=captions/text|max_captions=5
-    retrieval=shapes:test
+    retrieval=shapes:test                       (|lang=zh: its Chinese captions)
     linear_probe=tfds:cifar10                   train / validation / test splits (options train=, val=, test=)
 
 Options: classes, label_key, caption_key, max_captions (default 5), limit (examples per
@@ -79,6 +80,9 @@ def parse_evals(text) -> list[EvalSpec]:
         options = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
+            if key == "lang" and data.strip().startswith("shapes"):  # the data's own: shapes:SPLIT|lang=zh
+                data += f"|{pair}"
+                continue
             if not sep or key not in TASKS.get(task):
                 raise ValueError(f"evaluation {item!r}: unknown option {pair!r} for {task}; "
                                  f"options: {sorted(TASKS.get(task))}")
@@ -270,7 +274,8 @@ class Evaluator:
                 from clip_jax.input import shapes
 
                 task = _SHAPES_TASKS[key]
-                prompts, names, prefix = shapes.prompts(task), shapes.class_names(task), f"{task}/"
+                prompts, names = shapes.prompts(task, lang=info.lang), shapes.class_names(task, info.lang)
+                prefix = f"{task}/"
             else:
                 meta = self._class_meta[spec]
                 prompts, names = zero_shot.prompts_for(meta), meta["classnames"]

@@ -7,6 +7,7 @@ captions, center-cropped, in a fixed order. Each process reads its own share (tf
 files than processes). The last batch is padded; ``mask`` marks the real rows.
 
 Sources use the training specs: 'shapes:SPLIT', 'tfds:NAME[/CONFIG]:SPLIT', 'tfrecord:GLOB'.
+'shapes:SPLIT|lang=zh' reads the embedded dataset's Chinese captions and class names.
 ``describe`` checks one (the dataset exists, the split exists, the keys exist) without
 reading images, so a bad evaluation spec fails before training or embedding starts.
 """
@@ -45,13 +46,22 @@ class SplitInfo:
     label_names: dict  # label key -> class names the dataset declares (tfds ClassLabel)
     caption_key: Optional[str]  # where captions are, None if the source has none
     files: Optional[list] = None
+    lang: str = "en"  # shapes: the language of its captions (caption_key) and class names (label_names)
+
+
+def source_lang(source: Source) -> str:
+    """The language a source reads: shapes' |lang= option (pipeline.Source.lang), else "en"."""
+    return getattr(source, "lang", None) or "en"
 
 
 def metric_name(source: Source) -> str:
-    """'cifar10.test', 'coco_captions.val', 'shapes.test', 'mydata-00000.test' (tag-safe)."""
+    """'cifar10.test', 'coco_captions.val', 'shapes.test', 'shapes_zh.test' (shapes:test|lang=zh),
+    'mydata-00000.test' (tag-safe)."""
     if source.kind == "tfrecord":
         base = source.name.split(",")[0].rsplit("/", 1)[-1]
         name = base.split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
+    elif source.kind == "shapes" and source_lang(source) != "en":  # apart from the English figures
+        name = f"shapes_{source_lang(source)}.{source.split}"
     else:
         name = f"{source.name or source.kind}.{source.split}"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
@@ -109,9 +119,11 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
         files = shapes_files(source.split, config)
         from clip_jax.input import shapes
 
-        names = {key: shapes.class_names(task) for key, task in SHAPES_TASKS.items()}
+        lang = shapes.check_lang(source_lang(source))
+        names = {key: shapes.class_names(task, lang) for key, task in SHAPES_TASKS.items()}
         sizes = dict(config["shapes_sizes"])
-        return SplitInfo(spec, source, name, int(sizes[source.split]), names, records.CAPTION, files)
+        return SplitInfo(spec, source, name, int(sizes[source.split]), names, shapes.caption_feature(lang), files,
+                         lang)
     if source.kind == "tfrecord":
         # Keys are checked while reading: a missing label reads as -1 and is reported then.
         return SplitInfo(spec, source, name, None, {}, records.CAPTION, list_files(source.name))
@@ -243,13 +255,14 @@ def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP" if compressed else "", num_parallel_reads=None)
     if shard_records:
         ds = ds.shard(process_count, process_index)
+    caption_key = info.caption_key or records.CAPTION  # shapes: its caption_zh for 'shapes:SPLIT|lang=zh'
     spec = {records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-            records.CAPTION: tf.io.VarLenFeature(tf.string),
+            caption_key: tf.io.VarLenFeature(tf.string),
             **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys}}
 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
         labels = tf.stack([ex[k] for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
-        return ex[records.IMAGE], tf.sparse.to_dense(ex[records.CAPTION]), labels
+        return ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels
 
     return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -51,19 +51,20 @@ class Source:
     kind: str  # 'tfrecord' | 'tfds' | 'shapes'
     name: str = ""  # tfds name[/config]; tfrecord glob(s)
     split: str = "train"
+    lang: str = "en"  # shapes: the language of its captions ('shapes:SPLIT|lang=zh')
 
 
 # Data source kinds: 'KIND[:REST]' -> Source, by the parser registered for KIND.
 SOURCES: Registry = Registry("data source")
-_SPEC_FORMS = "'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB[,GLOB...]'"
+_SPEC_FORMS = "'shapes[:SPLIT][|lang=zh]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB[,GLOB...]'"
 
 
 @SOURCES.register("shapes")
 def _shapes_source(rest: str) -> Source:
-    split = rest or "train"
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"shapes split {split!r} not in train, validation, test")
-    return Source("shapes", split=split)
+    from clip_jax.input import shapes
+
+    split, lang = shapes.parse_source(rest)
+    return Source("shapes", split=split, lang=lang)
 
 
 @SOURCES.register("tfds")
@@ -82,7 +83,7 @@ def _tfrecord_source(rest: str) -> Source:
 
 
 def parse_spec(spec: str) -> Source:
-    """'tfds:NAME[/CONFIG][:SPLIT]', 'tfrecord:GLOB[,GLOB...]', 'shapes[:SPLIT]'."""
+    """'tfds:NAME[/CONFIG][:SPLIT]', 'tfrecord:GLOB[,GLOB...]', 'shapes[:SPLIT][|lang=zh]'."""
     if not spec or not isinstance(spec, str):
         raise ValueError(f"empty data spec {spec!r}: use {_SPEC_FORMS}")
     kind, _, rest = spec.partition(":")
@@ -235,16 +236,21 @@ class _Stream:
 
         ds = ds.scan(tf.zeros([n], tf.int64), _plain(account))
         label_keys = self._label_keys()
+        caption_key = records.CAPTION
+        if self.source.kind == "shapes":  # 'shapes:SPLIT|lang=zh': its Chinese captions
+            from clip_jax.input import shapes
+
+            caption_key = shapes.caption_feature(self.source.lang)
         feature_spec = {
             records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-            records.CAPTION: tf.io.VarLenFeature(tf.string),  # one caption or several (one is drawn per epoch)
+            caption_key: tf.io.VarLenFeature(tf.string),  # one caption or several (one is drawn per epoch)
             **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys},
         }
 
         def parse(record, sentinel, short):
             ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
             labels = _stack_labels([ex[k] for k in label_keys])
-            return ex[records.IMAGE], tf.sparse.to_dense(ex[records.CAPTION]), labels, sentinel, short
+            return ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels, sentinel, short
 
         # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
         return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()

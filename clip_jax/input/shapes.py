@@ -7,6 +7,12 @@ background, with a caption naming colour, shape and (often) size and position of
     "a large red circle", "there is a small blue square on the left",
     "a green triangle above a big yellow star", "an orange cross and a purple diamond"
 
+and beside it a Chinese caption of the same scene, worded from the same choices (for Chinese
+text towers): "一个大的红色圆形", "图中有一个小的蓝色正方形在左边", "一个绿色三角形在一个较大的黄色星形的上方",
+"一个橙色十字形和一个紫色菱形". ``class_names(task, lang)`` and ``prompts(task, lang=...)`` give
+the zero-shot names and prompts in either language; a data spec picks the language with
+``shapes:SPLIT|lang=zh`` (see ``parse_source``; English is the default).
+
 The first object a caption mentions is the *main* one; ``label`` is its index in
 ``class_names("combo")`` ("red circle", ...), ``label_color`` / ``label_shape`` its colour
 and shape indices. Training images hold one or two objects; "validation" and "test" images
@@ -14,6 +20,9 @@ hold exactly one, so their labels are what the image shows and a perfect model s
 on every zero-shot task. One (colour, shape) combo per colour is held out (``HELD_OUT``): it
 appears nowhere in "train" or "validation", and is the object of every "test" image, so
 zero-shot accuracy on "test" measures composition of colour and shape, not recall.
+
+Records hold the English caption as ``caption`` and the Chinese one as ``caption_zh``
+(``caption_feature(lang)``).
 
 Dense labels, for detection and segmentation: every record also holds each object's colour,
 shape and box (``objects/color``, ``objects/shape``, ``objects/bbox`` as [ymin, xmin, ymax,
@@ -25,6 +34,7 @@ records are byte-identical for a seed whatever the sharding or the number of pro
 
     paths = ensure_shapes_dataset("~/.cache/clip_jax")   # {"train": [...], ...}
     prompts("combo")  # 36 lists of texts: [["a red circle.", "a red circle shape.", ...], ...]
+    prompts("combo", lang="zh")  # [["红色圆形。", "一个红色圆形。", ...], ...]
 
 CLI: ``python -m clip_jax.input.shapes --out=DIR [--seed=0] [--preview=preview.png]``.
 """
@@ -49,7 +59,7 @@ from PIL import Image, ImageDraw
 
 from clip_jax.input import records
 
-VERSION = 2  # 2: single-object evaluation splits, dense labels (older caches are rebuilt)
+VERSION = 3  # 2: single-object evaluation splits, dense labels; 3: Chinese captions (older caches are rebuilt)
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
 
@@ -74,6 +84,14 @@ HELD_OUT = tuple((c, (5 * c + 1) % len(SHAPE_NAMES)) for c in range(len(COLOR_NA
 # Zero-shot prompt templates; fill them with prompt() or prompts(), which fix "a"/"an".
 TEMPLATES = ["a {}.", "a {} shape.", "a photo of a {}.", "a drawing of a {}.", "there is a {}.", "an image of a {}."]
 
+# Chinese: the words of the captions, class names and prompts ("zh"). A combo's name is colour + shape,
+# no space ("红色圆形"), and captions always write the two together, so a prompt's name is a caption's.
+LANGUAGES = ("en", "zh")
+COLOR_NAMES_ZH = ("红色", "绿色", "蓝色", "黄色", "紫色", "橙色")  # in COLOR_NAMES' order
+SHAPE_NAMES_ZH = ("圆形", "正方形", "三角形", "星形", "十字形", "菱形")  # in SHAPE_NAMES' order
+TEMPLATES_ZH = ["{}。", "一个{}。", "一张{}的照片。", "一幅{}的画。", "图中有一个{}。", "{}的图片。"]
+CAPTION_FEATURES = {"en": "caption", "zh": "caption_zh"}  # the record feature of each language's caption
+
 # Caption wording. Colour and shape words are never varied: zero-shot prompts use them.
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 _WHERE = {
@@ -90,6 +108,29 @@ _RELATIONS = {
     "below": ("below", "under", "beneath"),
 }
 _FRAMES = ("{}", "{}", "there is {}", "an image of {}", "a picture of {}", "a drawing of {}")  # bare: 1/3
+_BACKGROUND = {"dark": " on a dark background", "light": " on a light background"}
+
+# The Chinese of each English wording, variant for variant (the same index): a Chinese caption
+# translates the English one of its example, and draws no random numbers of its own.
+_SIZE_WORDS_ZH = {"small": ("小的", "较小的"), "large": ("大的", "较大的")}
+_WHERE_ZH = {
+    "left": ("在左边", "在左侧", "靠左"),
+    "right": ("在右边", "在右侧", "靠右"),
+    "top": ("在上方", "靠近顶部"),
+    "bottom": ("在下方", "靠近底部"),
+    "center": ("在中间", "在正中间"),
+}
+_RELATIONS_ZH = {  # {} = the other object
+    "left": ("在{}的左边", "在{}左边"),
+    "right": ("在{}的右边", "在{}右边"),
+    "above": ("在{}的上方", "在{}上面"),
+    "below": ("在{}的下方", "在{}下面", "在{}的下面"),
+}
+# (frame, objects counted): frames 3..5 take the scene as an attribute, their objects without "一个"
+# ("一张红色圆形在左边的图片", not "一张一个红色圆形…").
+_FRAMES_ZH = (("{}", True), ("{}", True), ("图中有{}", True), ("一张{}的图片", False), ("一幅{}的图画", False),
+              ("一幅{}的画", False))
+_BACKGROUND_ZH = {"dark": "，深色背景", "light": "，浅色背景"}
 
 # Geometry, as fractions of image_size: the bounding "radius" of a shape (half its box),
 # small and large ranges apart so the size words stay true, and the margins kept free.
@@ -98,14 +139,48 @@ _EDGE = 0.03  # free border
 _GAP = 0.04  # min free space between the boxes of two shapes (they never overlap)
 
 
-def class_names(task: str) -> List[str]:
-    """Zero-shot class names: "color" (6), "shape" (6) or "combo" (36, index = label)."""
+def check_lang(lang: str) -> str:
+    """``lang`` if the dataset has captions and class names in it, else a ValueError naming those it has."""
+    if lang not in LANGUAGES:
+        raise ValueError(f"unknown shapes language {lang!r}: choose one of {', '.join(map(repr, LANGUAGES))}")
+    return lang
+
+
+def caption_feature(lang: str = "en") -> str:
+    """The record feature holding the caption in ``lang``: "caption" (English) or "caption_zh"."""
+    return CAPTION_FEATURES[check_lang(lang)]
+
+
+def parse_source(rest: str) -> Tuple[str, str]:
+    """(split, lang) of a data spec's part after 'shapes:': 'SPLIT[|lang=LANG]', e.g. 'train|lang=zh'.
+
+    SPLIT defaults to train, LANG to en; LANG picks the caption a pipeline feeds (training,
+    retrieval) and the class names and prompts of zero-shot evaluation."""
+    split, *pairs = (rest or "").split("|")
+    split = split.strip() or "train"
+    if split not in SPLITS:
+        raise ValueError(f"shapes split {split!r} not in {', '.join(SPLITS)}")
+    lang = "en"
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if key.strip() != "lang" or not sep:
+            raise ValueError(f"unknown shapes option {pair!r} in 'shapes:{rest}': the one option is lang=LANG "
+                             f"(one of {', '.join(LANGUAGES)}), as in 'shapes:train|lang=zh'")
+        lang = check_lang(value.strip())
+    return split, lang
+
+
+def class_names(task: str, lang: str = "en") -> List[str]:
+    """Zero-shot class names: "color" (6), "shape" (6) or "combo" (36, index = label), in ``lang``
+    ("en": "red", "circle", "red circle"; "zh": "红色", "圆形", "红色圆形")."""
+    en = check_lang(lang) == "en"
+    colors, kinds = (COLOR_NAMES, SHAPE_NAMES) if en else (COLOR_NAMES_ZH, SHAPE_NAMES_ZH)
     if task == "color":
-        return list(COLOR_NAMES)
+        return list(colors)
     if task == "shape":
-        return list(SHAPE_NAMES)
+        return list(kinds)
     if task == "combo":
-        return [f"{c} {s}" for c in COLOR_NAMES for s in SHAPE_NAMES]
+        return [f"{c} {s}" if en else c + s for c in colors for s in kinds]
     raise ValueError(f"unknown task {task!r}; expected 'color', 'shape' or 'combo'")
 
 
@@ -113,8 +188,9 @@ def combo_index(color: int, shape: int) -> int:
     return color * len(SHAPE_NAMES) + shape
 
 
-def held_out_names() -> List[str]:
-    return [f"{COLOR_NAMES[c]} {SHAPE_NAMES[s]}" for c, s in HELD_OUT]
+def held_out_names(lang: str = "en") -> List[str]:
+    names = class_names("combo", lang)
+    return [names[combo_index(c, s)] for c, s in HELD_OUT]
 
 
 def _a(phrase: str) -> str:
@@ -126,23 +202,28 @@ def prompt(template: str, name: str) -> str:
     return re.sub(r"\ba \{\}", lambda _: _a(name), template).replace("{}", name)
 
 
-def prompts(task: str, templates: Sequence[str] = TEMPLATES) -> List[List[str]]:
-    """Prompt texts [class][k] for ``class_names(task)``, to embed and average per class.
+def prompts(task: str, templates: Optional[Sequence[str]] = None, lang: str = "en") -> List[List[str]]:
+    """Prompt texts [class][k] for ``class_names(task, lang)``, to embed and average per class.
 
+    templates: default TEMPLATES ("en") or TEMPLATES_ZH ("zh").
     "combo": every template with "red circle", .... "color" and "shape": every template
     with every combo of that colour (shape), e.g. "a red circle.", "a red square.", ...:
     the captions never name a colour without a shape, so prompts that do would be
     off-distribution for a model trained on them; this marginalizes the other attribute.
     """
+    combos = class_names("combo", lang)
+    if templates is None:
+        templates = TEMPLATES if lang == "en" else TEMPLATES_ZH
+    fill = prompt if lang == "en" else str.format  # Chinese has no "a"/"an"
     out = []
-    for name in class_names(task):
+    for k in range(len(class_names(task, lang))):
         if task == "combo":
-            names = [name]
+            names = [combos[k]]
         elif task == "color":
-            names = [f"{name} {s}" for s in SHAPE_NAMES]
+            names = [combos[combo_index(k, s)] for s in range(len(SHAPE_NAMES))]
         else:
-            names = [f"{c} {name}" for c in COLOR_NAMES]
-        out.append([prompt(t, n) for n in names for t in templates])
+            names = [combos[combo_index(c, k)] for c in range(len(COLOR_NAMES))]
+        out.append([fill(t, n) for n in names for t in templates])
     return out
 
 
@@ -215,17 +296,60 @@ def _pick_combo(rng: np.random.Generator, allowed: np.ndarray) -> Tuple[int, int
     return divmod(k, len(SHAPE_NAMES))
 
 
-def _phrase(rng: np.random.Generator, obj: dict) -> str:
+def _size_variant(rng: np.random.Generator) -> Optional[int]:
+    """The size word of an object's phrase (an index into _SIZE_WORDS[size]), or None for none.
+
+    Size half the time: often enough that "small"/"large" get learnt, rarely enough that colour,
+    size and position alone do not tell a batch's captions apart (shape must be seen too)."""
+    return int(rng.integers(2)) if rng.random() < 0.5 else None
+
+
+def _index(rng: np.random.Generator, options: Sequence) -> int:
+    return int(rng.integers(len(options)))
+
+
+def _phrase(obj: dict, size_variant: Optional[int]) -> str:
     words = [COLOR_NAMES[obj["color"]], SHAPE_NAMES[obj["shape"]]]
-    # Size half the time: often enough that "small"/"large" get learnt, rarely enough that colour,
-    # size and position alone do not tell a batch's captions apart (shape must be seen too).
-    if rng.random() < 0.5:
-        words.insert(0, _SIZE_WORDS[obj["size"]][rng.integers(2)])
+    if size_variant is not None:
+        words.insert(0, _SIZE_WORDS[obj["size"]][size_variant])
     return _a(" ".join(words))
 
 
-def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
+def _phrase_zh(obj: dict, size_variant: Optional[int], numeral: bool) -> str:
+    size = "" if size_variant is None else _SIZE_WORDS_ZH[obj["size"]][size_variant]
+    return ("一个" if numeral else "") + size + COLOR_NAMES_ZH[obj["color"]] + SHAPE_NAMES_ZH[obj["shape"]]
+
+
+def _caption(objs: Sequence[dict], words: dict) -> str:
+    """The English caption of objects described by ``words`` (the choices `_example` drew)."""
+    first = _phrase(objs[0], words["sizes"][0])
+    if len(objs) == 1:
+        text = first
+        if words["where_variant"] is not None:  # the position, sometimes (see _size_variant)
+            text += " " + _WHERE[words["where"]][words["where_variant"]]
+    else:
+        link = "and" if words["link"] is None else _RELATIONS[words["relation"]][words["link"]]
+        text = f"{first} {link} {_phrase(objs[1], words['sizes'][1])}"
+    caption = _FRAMES[words["frame"]].format(text)
+    return caption + (_BACKGROUND[words["background"]] if words["background"] else "")
+
+
+def _caption_zh(objs: Sequence[dict], words: dict) -> str:
+    """The Chinese caption of the same choices: "一个大的红色圆形在左边", "图中有一个红色圆形在一个蓝色正方形的上方",
+    "一张红色圆形和蓝色正方形的图片，深色背景". The main object comes first, as in English."""
+    frame, numeral = _FRAMES_ZH[words["frame"]]
+    first = _phrase_zh(objs[0], words["sizes"][0], numeral)
+    if len(objs) == 1:
+        text = first
+        if words["where_variant"] is not None:
+            text += _WHERE_ZH[words["where"]][words["where_variant"]]
+    else:
+        second = _phrase_zh(objs[1], words["sizes"][1], numeral)
+        link = "和{}" if words["link"] is None else _RELATIONS_ZH[words["relation"]][words["link"]]
+        if not numeral:  # inside an attribute: "在蓝色正方形左边的图片", not "…的左边的图片"
+            link = link.replace("的", "")
+        text = first + link.format(second)
+    return frame.format(text) + (_BACKGROUND_ZH[words["background"]] if words["background"] else "")
 
 
 _HELD = np.array([combo_index(c, s) for c, s in HELD_OUT])
@@ -233,12 +357,13 @@ _SEEN = np.setdiff1d(np.arange(len(COLOR_NAMES) * len(SHAPE_NAMES)), _HELD)
 _ALL = np.arange(len(COLOR_NAMES) * len(SHAPE_NAMES))
 
 
-def make_example(seed: int, split: str, index: int, image_size: int = 64):
-    """One example: (RGB uint8 array [image_size, image_size, 3], caption, objects), where
-    objects is a list of dicts (color, shape, size "small"/"large", centre x, y and box
-    half-side r in px), the main one first."""
-    image, caption, objs = _example(seed, split, index, image_size)
-    return np.asarray(image), caption, objs
+def make_example(seed: int, split: str, index: int, image_size: int = 64, lang: str = "en"):
+    """One example: (RGB uint8 array [image_size, image_size, 3], caption in ``lang``, objects),
+    where objects is a list of dicts (color, shape, size "small"/"large", centre x, y and box
+    half-side r in px), the main one first. Both languages' captions describe the one scene."""
+    check_lang(lang)
+    image, captions, objs = _example(seed, split, index, image_size)
+    return np.asarray(image), captions[lang], objs
 
 
 def _jitter(rng: np.random.Generator, rgb: Sequence[float], amount: int) -> Tuple[int, int, int]:
@@ -246,6 +371,8 @@ def _jitter(rng: np.random.Generator, rgb: Sequence[float], amount: int) -> Tupl
 
 
 def _example(seed: int, split: str, index: int, image_size: int):
+    """(PIL image, {lang: caption}, objects). Every caption is worded from the same drawn choices
+    (``words``); the Chinese one draws nothing, so adding it changed no image or English caption."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     size = image_size
     dark = rng.random() < 0.5
@@ -266,22 +393,25 @@ def _example(seed: int, split: str, index: int, image_size: int):
         r = rng.uniform(*_RADIUS[kind]) * size
         objs.append(dict(color=color, shape=shape, size=kind, r=r))
 
+    # The caption's choices, drawn in the order the English caption was always built in.
+    words = dict(where=None, where_variant=None, relation=None, link=None)
     if n == 1:
-        where = _choice(rng, tuple(_WHERE))
+        where = tuple(_WHERE)[_index(rng, _WHERE)]
         objs[0]["x"], objs[0]["y"] = _place_single(rng, where, objs[0]["r"], size)
-        text = _phrase(rng, objs[0])
-        if rng.random() < 0.3:  # the position, sometimes (see _phrase)
-            text += " " + _choice(rng, _WHERE[where])
+        words["sizes"] = [_size_variant(rng)]
+        words["where"] = where
+        if rng.random() < 0.3:  # the position, sometimes (see _size_variant)
+            words["where_variant"] = _index(rng, _WHERE[where])
     else:
-        relation = _choice(rng, tuple(_RELATIONS))
+        relation = tuple(_RELATIONS)[_index(rng, _RELATIONS)]
         for obj, (x, y) in zip(objs, _place_pair(rng, relation, objs[0]["r"], objs[1]["r"], size)):
             obj["x"], obj["y"] = x, y
-        first, second = _phrase(rng, objs[0]), _phrase(rng, objs[1])
-        link = "and" if rng.random() < 0.2 else _choice(rng, _RELATIONS[relation])
-        text = f"{first} {link} {second}"
-    caption = _choice(rng, _FRAMES).format(text)
-    if rng.random() < 0.15:
-        caption += " on a dark background" if dark else " on a light background"
+        words["sizes"] = [_size_variant(rng), _size_variant(rng)]
+        words["relation"] = relation
+        words["link"] = None if rng.random() < 0.2 else _index(rng, _RELATIONS[relation])  # None: "and"
+    words["frame"] = _index(rng, _FRAMES)
+    words["background"] = ("dark" if dark else "light") if rng.random() < 0.15 else None
+    captions = {"en": _caption(objs, words), "zh": _caption_zh(objs, words)}
 
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
@@ -289,7 +419,7 @@ def _example(seed: int, split: str, index: int, image_size: int):
         # A little colour jitter (max 12 per channel): the names stay unambiguous.
         rgb = _jitter(rng, COLORS[COLOR_NAMES[obj["color"]]], 12)
         _draw(draw, SHAPE_NAMES[obj["shape"]], obj["x"], obj["y"], obj["r"], rgb)
-    return image, caption, objs
+    return image, captions, objs
 
 
 def segmentation(objs: Sequence[dict], size: int) -> np.ndarray:
@@ -307,9 +437,11 @@ def boxes(objs: Sequence[dict], size: int) -> np.ndarray:
                       (o["x"] + o["r"]) / size] for o in objs], np.float32).clip(0.0, 1.0)
 
 
-def serialize(png: bytes, caption: str, key: str, objs: Sequence[dict], mask_png: bytes, size: int) -> bytes:
+def serialize(png: bytes, caption: str, key: str, objs: Sequence[dict], mask_png: bytes, size: int,
+              caption_zh: Optional[str] = None) -> bytes:
     """records' schema plus int64 ``label_color`` and ``label_shape`` (``label`` = combo) of the
-    main object, and the dense labels of every object (see the module docstring)."""
+    main object, the dense labels of every object (see the module docstring) and, if given, the
+    Chinese caption as ``caption_zh``."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
@@ -333,6 +465,8 @@ def serialize(png: bytes, caption: str, key: str, objs: Sequence[dict], mask_png
         "objects/bbox": tf.train.Feature(float_list=tf.train.FloatList(value=boxes(objs, size).reshape(-1))),
         "segmentation": strs(mask_png),
     }
+    if caption_zh is not None:
+        feature[CAPTION_FEATURES["zh"]] = strs(caption_zh.encode("utf-8"))
     # deterministic: sorts the feature map; without it the byte order of map entries can
     # change from one process to the next (seen here), breaking byte-identical records.
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
@@ -351,9 +485,9 @@ def _encoded_range(args) -> List[tuple]:
     seed, split, start, stop, image_size = args
     out = []
     for i in range(start, stop):
-        image, caption, objs = _example(seed, split, i, image_size)
+        image, captions, objs = _example(seed, split, i, image_size)
         mask = _png(Image.fromarray(segmentation(objs, image_size)))
-        out.append((_png(image), caption, f"{split}-{i:07d}", objs, mask, image_size))
+        out.append((_png(image), captions["en"], f"{split}-{i:07d}", objs, mask, image_size, captions["zh"]))
     return out
 
 
@@ -439,6 +573,7 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
         num_shards=shards,
         files={s: [os.path.basename(p) for p in writers[s].paths] for s in SPLITS},
         features={"label": "combo", "label_color": "color", "label_shape": "shape"},
+        captions={feature: lang for lang, feature in CAPTION_FEATURES.items()},
         dense_features={"objects/color": "color of each object", "objects/shape": "shape of each object",
                         "objects/bbox": "[ymin, xmin, ymax, xmax] in [0, 1] of each object",
                         "segmentation": "PNG, 0 = background, k = the k-th object"},
@@ -446,6 +581,9 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
         held_out=held_out_names(),
         held_out_labels=[int(k) for k in _HELD],
         templates=TEMPLATES,
+        class_names_zh={t: class_names(t, "zh") for t in ("color", "shape", "combo")},
+        held_out_zh=held_out_names("zh"),
+        templates_zh=TEMPLATES_ZH,
     )
     # Written last: its presence marks a complete directory.
     with open(os.path.join(out, "dataset_info.json"), "w") as f:
@@ -456,8 +594,9 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
 
 
 def parse(serialized: bytes) -> dict:
-    """A record back as dict(image=uint8 [H, W, 3], caption, key, label, label_color, label_shape,
-    objects=[dict(color, shape, bbox)], segmentation=uint8 [H, W])."""
+    """A record back as dict(image=uint8 [H, W, 3], caption, caption_zh, key, label, label_color,
+    label_shape, objects=[dict(color, shape, bbox)], segmentation=uint8 [H, W]). caption_zh is None
+    in a record without one."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
@@ -465,6 +604,8 @@ def parse(serialized: bytes) -> dict:
     out = dict(
         image=np.asarray(Image.open(io.BytesIO(f[records.IMAGE].bytes_list.value[0])).convert("RGB")),
         caption=f[records.CAPTION].bytes_list.value[0].decode("utf-8"),
+        caption_zh=(f[CAPTION_FEATURES["zh"]].bytes_list.value[0].decode("utf-8") if CAPTION_FEATURES["zh"] in f
+                    else None),
         key=f[records.KEY].bytes_list.value[0].decode("utf-8"),
     )
     for name in (records.LABEL, "label_color", "label_shape"):

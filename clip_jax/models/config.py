@@ -141,8 +141,10 @@ def _preset_files() -> dict[str, str]:
 def list_models() -> list[str]:
     """Every preset name: open_clip's names, their -quickgelu variants, and tiny test presets."""
     names = []
-    for base in _preset_files():
-        names += [base, base + QUICKGELU_SUFFIX]
+    for base, path in _preset_files().items():
+        with open(path) as f:
+            quick_already = json.load(f).get("quick_gelu", False)  # the cn-* presets: OpenAI's image towers
+        names += [base] if quick_already else [base, base + QUICKGELU_SUFFIX]
     return sorted(names)
 
 

@@ -37,6 +37,12 @@ class Run:
     step_fn: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated
     # The same step without patch dropout, for FLIP's unmasked tuning (config.unmasked_from_step).
     unmasked_step_fn: Optional[Callable] = None
+    stage: int = 1  # 2: the second stage of config.unfreeze_at_step (its schedule starts there)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (1-based, as logged)."""
+        start = self.config.unfreeze_at_step if self.stage == 2 else 0
+        return float(self.schedule(step - 1 - start))
 
     def unmasked_at(self, step: int) -> bool:
         """Whether step `step` (0-based count of steps already taken) runs unmasked_step_fn."""
@@ -65,32 +71,49 @@ def model_from_config(config) -> CLIP:
                         attn_impl=config.attn_impl, overrides=overrides)
 
 
+def stage_of(config, steps_done: int) -> int:
+    """The stage whose state a checkpoint after `steps_done` steps holds (config.unfreeze_at_step:
+    stage 1 runs steps 1..S, stage 2 the rest)."""
+    return 2 if config.unfreeze_at_step and steps_done > config.unfreeze_at_step else 1
+
+
 def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] = None,
           gather_by_sum: bool = False, log: Callable[[str], None] = lambda message: None,
-          abstract: bool = False) -> Run:
+          abstract: bool = False, stage: int = 1, variables: Optional[dict] = None) -> Run:
     """Everything a run needs, with the params initialized in their shardings (and taken from
     config.init_from where set). Config errors are raised before anything compiles.
 
     `abstract`: nothing is allocated or run; the state is jax.ShapeDtypeStructs carrying their
     shardings, so the step can be lowered and compiled ahead of time for devices this host does
-    not have (clip_jax.compile_check: a TPU topology)."""
+    not have (clip_jax.compile_check: a TPU topology).
+    `stage` 2 (config.unfreeze_at_step): nothing of config.optim.frozen is frozen, and the
+    schedule spans the steps after the switch. `variables`: the params (and model state) to
+    start from, already on the mesh (the first stage's at the switch), instead of an init."""
+    start = 0
+    if stage == 2:
+        start = config.unfreeze_at_step
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.optim.frozen = ""
     model = model_from_config(config)
     method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
     boxed = jax.eval_shape(method.init, jax.random.key(0))
     shapes = _unbox(boxed)
     groups = resolve_param_groups(shapes["params"], config.optim, method.param_groups())
     method.lock({path_name(p) for p, frozen in groups.frozen.items() if frozen}, [path_name(p) for p in groups.frozen])
-    schedule = make_schedule(config.optim, config.total_steps)
-    optimizer = make_optimizer(config.optim, shapes["params"], config.total_steps, groups, schedule)
+    schedule = make_schedule(config.optim, config.total_steps - start)
+    optimizer = make_optimizer(config.optim, shapes["params"], config.total_steps - start, groups, schedule)
     if abstract:
         shardings = sharding.init_shardings(method.init, mesh, boxed=boxed)
         variables = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                            shapes, shardings)
         state = abstract_state(variables, optimizer, groups, mesh)
     else:
-        variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed), boxed=boxed)
-        if config.init_from:
-            variables = initial_weights(config, model, variables, shardings, log)
+        if variables is None:
+            variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed),
+                                                            boxed=boxed)
+            if config.init_from:
+                variables = initial_weights(config, model, variables, shardings, log)
         state = create_state(variables, optimizer, groups)
     trained, frozen = groups.count()
     if frozen:
@@ -103,7 +126,8 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
         tuning = copy.copy(method)
         tuning.mask_patches = False
         unmasked = jit(tuning)
-    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, jit(method), unmasked)
+    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, jit(method), unmasked,
+               stage)
 
 
 def abstract_state(variables, optimizer: optax.GradientTransformation, groups: ParamGroups,
@@ -129,30 +153,49 @@ def _unbox(variables):
     return nn.meta.unbox(variables)
 
 
+def init_sources(config) -> list[tuple[str, str]]:
+    """(path, regex) pairs of config.init_from and config.init_params, each ';'-separated: several
+    files can each give some params (Chinese-CLIP: the image tower from CLIP's weights, the text
+    tower from a Chinese RoBERTa). One regex applies to every file."""
+    paths = [p.strip() for p in config.init_from.split(";") if p.strip()]
+    regexes = [r.strip() for r in config.init_params.split(";")]
+    if len(regexes) == 1:
+        regexes = regexes * len(paths)
+    if len(regexes) != len(paths):
+        raise ValueError(f"config.init_from names {len(paths)} files but config.init_params has {len(regexes)} "
+                         "';'-separated regexes: give one regex, or one per file")
+    return list(zip(paths, regexes))
+
+
 def initial_weights(config, model: CLIP, variables: dict, shardings, log=print) -> dict:
     """config.init_from's variables (those whose path matches config.init_params, BatchNorm
     statistics too) in place of the fresh init; the rest keep it. A missing or mis-shaped one of
     the taken set is an error that names its path. Only where a run starts from step 0: a resumed
-    run restores its checkpoint."""
+    run restores its checkpoint. Several files (init_sources) are read in order."""
+    for path, regex in init_sources(config):
+        variables = _weights_of(config, model, variables, shardings, path, regex, log)
+    return variables
+
+
+def _weights_of(config, model: CLIP, variables: dict, shardings, path: str, regex: str, log) -> dict:
     from clip_jax.api import load
 
-    path = config.init_from
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"config.init_from={path!r} does not exist")
     try:
-        take = re.compile(config.init_params)
+        take = re.compile(regex)
     except re.error as e:
-        raise ValueError(f"config.init_params={config.init_params!r} is not a valid regex ({e})") from None
+        raise ValueError(f"config.init_params={regex!r} is not a valid regex ({e})") from None
     wanted = lambda key: bool(take.fullmatch(path_name(key[1:])))  # noqa: E731  (key: (collection, ...))
     try:
         _, loaded = load(model.config, path, scan=config.scan, only=wanted)
     except ValueError as e:
-        raise ValueError(f"config.init_from={path!r} (config.init_params={config.init_params!r}): {e}") from None
+        raise ValueError(f"config.init_from={path!r} (config.init_params={regex!r}): {e}") from None
     fresh = traverse_util.flatten_dict(variables)
     got = traverse_util.flatten_dict(dict(loaded))
     taken = sum(1 for key in fresh if key in got)
     if not taken:
-        raise ValueError(f"config.init_params={config.init_params!r} matches no parameter of {config.model!r} "
+        raise ValueError(f"config.init_params={regex!r} matches no parameter of {config.model!r} "
                          f"(it must match a whole path, e.g. 'visual/.*')")
     out = {key: got.get(key, value) for key, value in fresh.items()}
     log(f"initialized {taken} of {len(fresh)} variables from {path}")

@@ -86,6 +86,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
 
 def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, log=print):
     """Restore the newest checkpoint that reads back whole; (state, input states, step), or None if none exist.
+    `abstract_state`: the state's shapes and shardings, or a function of the step giving them.
 
     A checkpoint that fails to read (truncated or corrupt files, missing items) is reported
     by path and renamed to STEP.unreadable (kept for inspection, out of the manager's way, so
@@ -93,7 +94,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, log
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return restore(manager, abstract_state, step)
+            return restore(manager, abstract_state(step) if callable(abstract_state) else abstract_state, step)
         except Exception as e:  # orbax / tensorstore raise many types for damaged files
             path = str(epath.Path(manager.directory) / str(step))
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full")[0][:300]

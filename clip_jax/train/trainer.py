@@ -21,7 +21,7 @@ from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
 from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train import checkpoint
-from clip_jax.train.build import build, model_from_config
+from clip_jax.train.build import build, model_from_config, stage_of
 from clip_jax.train.step import params_are_finite
 
 
@@ -46,6 +46,13 @@ def validate(config) -> None:
                          "locks weights that are never loaded: set --config.init_from=WEIGHTS")
     if config.unmasked_from_step < 0:
         raise ValueError(f"config.unmasked_from_step={config.unmasked_from_step} must be >= 0 (0: never unmask)")
+    if config.unfreeze_at_step:
+        if not 0 < config.unfreeze_at_step < config.total_steps:
+            raise ValueError(f"config.unfreeze_at_step={config.unfreeze_at_step} must be in (0, total_steps="
+                             f"{config.total_steps}) (0: one stage)")
+        if not config.optim.frozen:
+            raise ValueError(f"config.unfreeze_at_step={config.unfreeze_at_step} ends a first stage that freezes "
+                             "nothing: set config.optim.frozen (Chinese-CLIP: 'visual/.*')")
     LOSSES.get(config.loss)
     if not config.data.train:
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
@@ -196,19 +203,25 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
     evaluator = make_evaluator(config)  # a missing eval dataset fails here, before any compile
-    run = build(config, mesh, compiler_options=compiler_options, gather_by_sum=sharding.slow_all_gather(mesh), log=log)
-    state, model = run.state, run.model
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
                                       config.checkpoint_every_steps)
+    options = dict(compiler_options=compiler_options, gather_by_sum=sharding.slow_all_gather(mesh), log=log)
+    saved = manager.all_steps()
+    run = build(config, mesh, stage=stage_of(config, max(saved)) if saved else 1, **options)
+    state = run.state
     input_states = None
-    if manager.all_steps():
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = checkpoint.restore_latest_good(manager, abstract, log)
+    if saved:
+        restored = checkpoint.restore_latest_good(manager, lambda step: _abstract_state(config, mesh, run, step), log)
         if restored is None:
             log(f"no readable checkpoint in {manager.directory}: starting from step 0")
+            run = build(config, mesh, **options) if run.stage != 1 else run
+            state = run.state
         else:
             state, input_states, step = restored
+            if stage_of(config, step) != run.stage:  # an unreadable newer checkpoint sent us across the switch
+                run = build(config, mesh, stage=stage_of(config, step), variables=_variables(state), **options)
             log(f"resumed from step {step} in {workdir}")
+    model = run.model
     metrics_path = epath.Path(workdir) / "metrics.jsonl"
     _trim_metrics(metrics_path, int(state.step))
     pipe = training_input(config, model, run.method, input_states)
@@ -230,6 +243,12 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     preemption = PreemptionNotice()
     try:
         while step < end:
+            # Chinese-CLIP's second stage begins: a new run of the step with nothing frozen
+            if run.stage == 1 and config.unfreeze_at_step and step == config.unfreeze_at_step:
+                run, state = _second_stage(config, mesh, state, options)
+                masked = retain(distributed.compile_together(run.step_fn, "train_step_stage2"))
+                unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked_stage2")) \
+                    if run.unmasked_step_fn is not None else None
             step_fn = unmasked if run.unmasked_at(step) else masked
             state, metrics = step_fn(state, next(batches))
             step += 1
@@ -240,7 +259,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
-                row = _log_row(step, metrics, float(run.schedule(step - 1)), window_images / elapsed,
+                row = _log_row(step, metrics, run.learning_rate(step), window_images / elapsed,
                                sum(pipe.bad_records().values()))
                 row["elapsed_s"] = time.perf_counter() - started  # of this process, data and compiles included
                 eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
@@ -278,6 +297,27 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
         if metrics_file:
             metrics_file.close()
     return last
+
+
+def _variables(state) -> dict:
+    return {"params": state.params, **(state.model_state or {})}
+
+
+def _abstract_state(config, mesh, run, step: int):
+    """The shapes and shardings of a checkpoint after `step` steps: this run's, or the other stage's."""
+    if stage_of(config, step) == run.stage:
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      run.state)
+    return build(config, mesh, stage=stage_of(config, step), abstract=True).state
+
+
+def _second_stage(config, mesh, state, options: dict):
+    """(the stage-2 run, its state): every param trains from here, with a fresh optimizer; the step
+    and the skipped-step counts carry on. The same from a checkpoint as straight through."""
+    log(f"step {int(state.step)}: config.unfreeze_at_step reached, config.optim.frozen="
+        f"{config.optim.frozen!r} now trains too (second stage: fresh optimizer and schedule)")
+    run = build(config, mesh, stage=2, variables=_variables(state), **options)
+    return run, run.state.replace(step=state.step, skipped=state.skipped, skipped_in_a_row=state.skipped_in_a_row)
 
 
 def _write_summary(run, state, config, workdir: str) -> None:
