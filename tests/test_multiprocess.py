@@ -59,25 +59,30 @@ METHODS = {
     "slip": {"method": "slip", "slip.mlp_dim": 64, "slip.emb_dim": 16},
     "siglip": {"loss": "sigmoid"},
     "lit": {"init_params": "visual/.*", "optim.frozen": "visual/.*"},
+    # Chinese captions, the BERT tower with dropout, and its two stages (the switch after step 5)
+    "chinese_clip": {"model": "cn-ViT-Tiny-test", "data.train": "shapes:train|lang=zh", "init_params": "visual/.*",
+                     "optim.frozen": "visual/.*", "unfreeze_at_step": 5},
 }
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A ViT-Tiny-test weights file for LiT to lock its image tower from."""
+    """Weights files for LiT and Chinese-CLIP to lock their image towers from, by method."""
     import jax
 
     from clip_jax.api import write_flax_params
     from clip_jax.models import create_model, init_variables
 
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.msgpack")
-    variables = init_variables(create_model("ViT-Tiny-test", scan=True), jax.random.key(7))
-    write_flax_params({"params": variables["params"]}, path)
-    return path
+    out = {}
+    for method, model in (("lit", "ViT-Tiny-test"), ("chinese_clip", "cn-ViT-Tiny-test")):
+        out[method] = str(tmp_path_factory.mktemp("weights") / f"{model}.msgpack")
+        variables = init_variables(create_model(model, scan=True), jax.random.key(7))
+        write_flax_params({"params": variables["params"]}, out[method])
+    return out
 
 
-def method_args(method: str, weights: str) -> dict:
-    return {**METHODS[method], **({"init_from": weights} if method == "lit" else {})}
+def method_args(method: str, weights: dict) -> dict:
+    return {**METHODS[method], **({"init_from": weights[method]} if method in weights else {})}
 
 
 @pytest.mark.slow

@@ -119,9 +119,10 @@ def compose(panels: Sequence[Image.Image], grid: Optional[Image.Image], title: s
     return out
 
 
-def shapes_predictions(model, variables, data_config, n: int = 16, split: str = "test") -> list[dict]:
+def shapes_predictions(model, variables, data_config, n: int = 16, split: str = "test", lang: str = "en") -> list[dict]:
     """The first `n` images of the shapes split with the model's top-3 zero-shot combo labels (one
-    device: the model's full variables must be addressable here)."""
+    device: the model's full variables must be addressable here). Prompts in `lang`; the labels
+    stay English (the same classes, and the picture's font has no Chinese)."""
     import jax
 
     import clip_jax
@@ -135,7 +136,7 @@ def shapes_predictions(model, variables, data_config, n: int = 16, split: str = 
     names = shapes.class_names("combo")
     size = model.config.vision.image_size
     images = clip_jax.preprocess([Image.fromarray(r["image"]) for r in records], image_size=size)
-    weights = classifier_weights(model, variables, shapes.prompts("combo"))
+    weights = classifier_weights(model, variables, shapes.prompts("combo", lang=lang))
     image_embeds = clip_jax.encode_image(model, variables, images)
     scale = float(np.exp(min(float(jax.device_get(variables["params"]["logit_scale"])), math.log(100.0))))
     logits = scale * image_embeds @ weights.T

@@ -15,7 +15,7 @@ import jax
 from etils import epath
 
 from clip_jax.input.embedding_cache import EmbeddingCache, settings_of
-from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, stream_count
+from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, parse_spec, stream_count
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
@@ -329,7 +329,8 @@ def _write_summary(run, state, config, workdir: str) -> None:
         examples = None
         if jax.process_count() == 1 and config.data.train.startswith("shapes"):
             variables = jax.device_get(run.method.model_variables(state.params, state.model_state))
-            examples = summary.shapes_predictions(run.model, variables, _data_config(config))
+            lang = parse_spec(config.data.train).lang
+            examples = summary.shapes_predictions(run.model, variables, _data_config(config), lang=lang)
         rows = summary.read_rows(os.path.join(workdir, "metrics.jsonl"))
         title = f"{config.model} on {config.data.train}, step {rows[-1]['step']}"
         summary.write_summary(path, rows, examples, title=title)
