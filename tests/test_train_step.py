@@ -15,17 +15,19 @@ def run(name, mesh_shape, devices, steps=2, accum=1, n=16, loss="softmax"):
     r = tiny_run(tiny_config(name, loss, accum), mesh_shape, devices)
     state, losses = r.state, []
     for i in range(steps):
-        state, metrics = r.step_fn(state, batch(n, r.model.config.vision.image_size, i))
+        own_tokenizer = r.model.config if r.model.config.text.kind == "bert" else None
+        state, metrics = r.step_fn(state, batch(n, r.model.config.vision.image_size, i, own_tokenizer))
         losses.append(float(metrics["loss"]))
     return losses, jax.tree_util.tree_map(np.asarray, state.params), state
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 simulated devices")
-@pytest.mark.parametrize("name,loss", [("ViT-Tiny-test", "softmax"), ("RN-Tiny-test", "softmax_ring")])
+@pytest.mark.parametrize("name,loss", [("ViT-Tiny-test", "softmax"), ("RN-Tiny-test", "softmax_ring"),
+                                       ("cn-ViT-Tiny-test", "softmax")])
 def test_eight_devices_equal_one(name, loss):
     one_losses, one_params, one_state = run(name, {"data": 1}, jax.devices()[:1], loss=loss)
     # ViT: data x FSDP x tensor parallel (heads and MLP split); ResNet: data x FSDP.
-    mesh = {"data": 2, "fsdp": 2, "tensor": 2} if name.startswith("ViT") else {"data": 2, "fsdp": 4}
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2} if "ViT" in name else {"data": 2, "fsdp": 4}
     many_losses, many_params, many_state = run(name, mesh, jax.devices(), loss=loss)
     np.testing.assert_allclose(many_losses, one_losses, rtol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(many_params), jax.tree_util.tree_leaves(one_params)):
