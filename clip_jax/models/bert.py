@@ -121,7 +121,8 @@ class BertTextTower(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def __call__(self, tokens, train: bool = False, embeddings=None):
+        """`embeddings` [N, T, width]: in place of the word embeddings of `tokens` (prompt learning)."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -135,7 +136,8 @@ class BertTextTower(nn.Module):
             return nn.Embed(rows, self.width, dtype=self.dtype, param_dtype=jnp.float32, name=name,
                             embedding_init=param_with_axes(normal(BERT_INIT_STD), axes))
 
-        x = (table(self.vocab_size, "word_embeddings", ("vocab", "embed"))(tokens)
+        words = table(self.vocab_size, "word_embeddings", ("vocab", "embed"))
+        x = ((words(tokens) if embeddings is None else embeddings.astype(self.dtype))
              + table(self.max_positions, "position_embeddings")(jnp.arange(length))
              + table(self.type_vocab_size, "token_type_embeddings")(jnp.zeros((1, length), jnp.int32)))
         x = LayerNorm(self.dtype, eps=BERT_LN_EPS, name="embeddings_norm")(x)

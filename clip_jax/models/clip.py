@@ -82,6 +82,12 @@ TEXT_TOWERS.register("clip")(_clip_text)
 TEXT_TOWERS.register("bert")(_bert_text)
 
 
+def token_embedding_table(config: CLIPConfig, params) -> jnp.ndarray:
+    """The text tower's token-embedding table [vocab, width] in `params` (the model's 'params')."""
+    text = params["text"]
+    return (text["word_embeddings"] if config.text.kind == "bert" else text["token_embedding"])["embedding"]
+
+
 class CLIP(nn.Module):
     """CLIP with param tree {'visual': ..., 'text': ..., 'logit_scale': ()[, 'logit_bias': ()]}.
 
@@ -128,9 +134,12 @@ class CLIP(nn.Module):
                                        pooled_too=True)
         return pooled.astype(jnp.float32), l2_normalize(features)
 
-    def encode_text(self, tokens, train: bool = False):
-        """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]."""
-        return l2_normalize(self.text(tokens, train=train))
+    def encode_text(self, tokens, train: bool = False, embeddings=None):
+        """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]. `embeddings` [N, T, width]: in place
+        of the token embeddings (prompt learning; the tokens still give pooling and padding)."""
+        if embeddings is None:
+            return l2_normalize(self.text(tokens, train=train))
+        return l2_normalize(self.text(tokens, train=train, embeddings=embeddings))
 
     def temperature(self):
         """(exp(logit_scale) clamped at 100, logit_bias or None), in float32."""

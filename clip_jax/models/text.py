@@ -49,7 +49,10 @@ class TextTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False):
+    def __call__(self, tokens, train: bool = False, embeddings=None):
+        """`embeddings` [N, T, width]: used in place of the token embeddings of `tokens` (prompt
+        learning: learned context vectors among embedded words); `tokens` still place the pooled
+        token (EOT) and the padding."""
         del train  # no dropout in CLIP's tower; the flag is the towers' common signature
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
@@ -77,7 +80,11 @@ class TextTransformer(nn.Module):
         pos = self.param(
             "positional_embedding", param_with_axes(normal(0.01), (None, "embed")), (self.context_length, self.width)
         )
-        x = constrain(embed(tokens) + pos[:length].astype(self.dtype), (BATCH, LENGTH, EMBED))
+        if embeddings is not None and embeddings.shape != tokens.shape + (self.width,):
+            raise ValueError(f"embeddings {embeddings.shape} must be the tokens' shape {tokens.shape} + "
+                             f"({self.width},)")
+        words = embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+        x = constrain(words + pos[:length].astype(self.dtype), (BATCH, LENGTH, EMBED))
         if self.pool_type == "argmax":
             index = jnp.argmax(tokens, axis=-1)
         elif self.pool_type == "first":

@@ -1,0 +1,1 @@
+"""Few-shot adaptation of a trained CLIP: CoOp, CoCoOp, CLIP-Adapter, Tip-Adapter(-F)."""

@@ -1,0 +1,53 @@
+"""Every key an adaptation run reads, with its default (configs/adapt/METHOD.py set the method's)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clip_jax.config import base_config
+
+
+def adapt_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "coop"  # clip_jax.adapt.methods.ADAPTERS: coop, cocoop, clip_adapter, tip_adapter, tip_adapter_f
+    c.weights = ""  # the frozen CLIP: a file clip_jax.load reads (with c.model) or a training workdir
+    c.model = ""  # the weights' architecture (a preset or model JSON); a workdir brings its own
+    c.dataset = "shapes"  # 'shapes', 'tfds:NAME' (its train/validation/test splits) or {train:, validation:, test:}
+    c.label_key = "label_shape"  # the label feature (shapes: label, label_color, label_shape)
+    c.classnames = ""  # '' : the dataset's; or a JSON file {'classnames': [...]}, one per label in order
+    c.templates = ()  # '' : the dataset's zero-shot templates; or e.g. ('a photo of a {}.',)
+    c.shots = 16
+    c.seed = 1
+    c.base_to_novel = False  # train on the first ceil(C/2) classes; report base, novel and their harmonic mean
+    # optimization (CoOp's, from Dassl: SGD, 1 warmup epoch at a constant 1e-5, cosine by epoch)
+    c.optimizer = "sgd"
+    c.learning_rate = 0.002
+    c.momentum = 0.9
+    c.weight_decay = 5e-4
+    c.adam_eps = 1e-8
+    c.warmup_epochs = 1
+    c.warmup_lr = 1e-5
+    c.epochs = 0  # 0: CoOp's by shots (50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16)
+    c.batch_size = 32
+    c.crop_scale = (0.08, 1.0)  # training views: random resized crop of this area share, and flips
+    c.checkpoint_every_steps = 200
+    c.log_every_epochs = 10
+    # CoOp / CoCoOp
+    c.n_ctx = 16
+    c.ctx_init = ""  # e.g. 'a photo of a': the context starts from these words (n_ctx = their count)
+    c.csc = False  # class-specific context
+    c.class_token_position = "end"  # end | middle | front
+    # CLIP-Adapter
+    c.reduction = 4
+    c.ratio = 0.2  # alpha: the adapted share of the feature
+    # Tip-Adapter(-F)
+    c.augment_passes = 10
+    c.cache_crop_scale = (0.5, 1.0)
+    c.init_alpha = 1.17
+    c.init_beta = 1.0
+    c.search_scale = (7.0, 3.0)  # [beta, alpha]: ImageNet's, Oxford Pets' and UCF's
+    c.search_step = (200, 20)
+    # the readers' settings (cache_dir, data_dir, shapes_sizes, image_key, ...), as the trainer's
+    c.data = base_config().data
+    del c.data["train"], c.data["eval"]
+    return c

@@ -1,0 +1,144 @@
+"""The few-shot protocol of CoOp and its successors, over any labelled evaluation source.
+
+K examples per class are drawn from the train split by seed; the validation set holds min(K, 4)
+per class from the validation split; the test split is read whole. Base-to-novel: classes in
+label order, the first ceil(C / 2) are base. Images are kept on the host as uint8 at the model's
+resolution (resize of the shorter side, center crop): training augments them on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from clip_jax.input import eval_data
+from clip_jax.input.pipeline import _crop_pixels
+from clip_jax.input.settings import data_settings
+
+VAL_SHOTS = 4  # the references' few-shot validation: min(K, 4) per class
+
+
+@dataclasses.dataclass
+class Split:
+    images: np.ndarray  # uint8 [n, S, S, 3]
+    labels: np.ndarray  # int32 [n], indices into the task's classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def of_classes(self, classes: Sequence[int]) -> "Split":
+        """The examples of `classes`, relabelled 0..len(classes)-1 in that order."""
+        remap = {c: i for i, c in enumerate(classes)}
+        keep = np.isin(self.labels, list(classes))
+        return Split(self.images[keep], np.asarray([remap[int(y)] for y in self.labels[keep]], np.int32))
+
+
+@dataclasses.dataclass
+class FewShot:
+    classnames: list
+    train: Split
+    val: Split
+    test: Split
+
+
+def split_specs(dataset: str) -> dict:
+    """'shapes' / 'tfds:NAME' -> the train, validation and test specs; a dict of three specs passes."""
+    if isinstance(dataset, dict) or hasattr(dataset, "items"):
+        specs = dict(dataset)
+        missing = sorted({"train", "validation", "test"} - set(specs))
+        if missing:
+            raise ValueError(f"config.dataset needs specs for train, validation and test; missing {missing}")
+        return specs
+    name, _, option = dataset.partition("|")
+    option = f"|{option}" if option else ""
+    if name in ("shapes", "tfds:") or name.startswith("tfds:"):
+        return {split: f"{name}:{split}{option}" for split in ("train", "validation", "test")}
+    raise ValueError(f"config.dataset={dataset!r}: use 'shapes', 'tfds:NAME' or a dict of train/validation/test "
+                     "specs (tfrecord:GLOB ones too)")
+
+
+def _labels(info, config, label_key: str) -> np.ndarray:
+    """Every label of a split, in reading order, without decoding an image."""
+    ds = eval_data._raw(info, config, [label_key], 0, 1).map(lambda image, captions, labels: labels[0])
+    return np.fromiter(ds.as_numpy_iterator(), np.int64)
+
+
+def _images(info, config, indices: np.ndarray, image_size: int, total: int) -> np.ndarray:
+    """uint8 [len(indices), S, S, 3] of the examples at `indices` (of `total`, reading order), eval transform."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    wanted = np.asarray(indices, np.int64)
+    order = np.argsort(wanted)
+    picked = np.zeros(total, bool)
+    picked[wanted] = True
+    keep = tf.constant(picked)
+    ds = eval_data._raw(info, config, [], 0, 1).enumerate()
+    ds = ds.filter(lambda i, *ex: tf.gather(keep, i))
+    ds = ds.map(lambda i, ex: tf.cast(tf.clip_by_value(tf.round(_crop_pixels(ex[0], image_size, False, None, config)),
+                                                       0, 255), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    images = np.stack(list(ds.as_numpy_iterator())) if len(wanted) else np.zeros((0, image_size, image_size, 3),
+                                                                                  np.uint8)
+    if len(images) != len(wanted):
+        raise ValueError(f"{info.spec}: {len(wanted) - len(images)} of the chosen images did not decode")
+    out = np.empty_like(images)
+    out[order] = images
+    return out
+
+
+def per_class(labels: np.ndarray, classes: Sequence[int], k: int, seed: int, split: str, classnames) -> np.ndarray:
+    """Indices of k examples of each class (by seed, without replacement), class by class."""
+    chosen = []
+    for c in classes:
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < k:
+            raise ValueError(f"class {c} ({classnames[c]!r}) has {len(pool)} examples in the {split} split, fewer "
+                             f"than the {k} asked (config.shots): lower shots or choose another label_key")
+        rng = np.random.default_rng([seed, int(c)])
+        chosen.append(np.sort(rng.choice(pool, size=k, replace=False)))
+    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+
+
+def load_few_shot(dataset, label_key: str, shots: int, seed: int, image_size: int, data_config=None,
+                  classnames: Optional[Sequence[str]] = None) -> FewShot:
+    """The few-shot train and validation sets and the whole test set of a classification source."""
+    if int(shots) < 1:
+        raise ValueError(f"config.shots={shots} must be >= 1")
+    config = data_settings(data_config)
+    specs = split_specs(dataset)
+    infos = {split: eval_data.describe(spec, config, label_keys=[label_key]) for split, spec in specs.items()}
+    declared = infos["train"].label_names.get(label_key)
+    if classnames is None:
+        classnames = declared
+    elif declared is not None and len(declared) != len(classnames):
+        raise ValueError(f"the class list has {len(classnames)} names but {specs['train']!r} declares "
+                         f"{len(declared)} classes for {label_key!r}: give one name per class, in label order")
+    labels = {split: _labels(info, config, label_key) for split, info in infos.items()}
+    if classnames is None:
+        raise ValueError(f"{specs['train']!r} declares no class names for {label_key!r}: set config.classnames "
+                         "(a JSON file with 'classnames', as the zero-shot metadata)")
+    n = len(classnames)
+    for split, y in labels.items():
+        bad = y[(y < 0) | (y >= n)]
+        if len(bad):
+            raise ValueError(f"{specs[split]!r} has labels outside 0..{n - 1} for {label_key!r} (e.g. {int(bad[0])}):"
+                             f" the class list ({n} names) does not match the dataset")
+    classes = list(range(n))
+    train_idx = per_class(labels["train"], classes, int(shots), seed, "train", classnames)
+    val_idx = per_class(labels["validation"], classes, min(int(shots), VAL_SHOTS), seed, "validation", classnames)
+    test_idx = np.arange(len(labels["test"]))
+    splits = {}
+    for split, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx)):
+        images = _images(infos[split], config, idx, image_size, len(labels[split]))
+        splits[split] = Split(images, labels[split][idx].astype(np.int32))
+    return FewShot(list(classnames), splits["train"], splits["validation"], splits["test"])
+
+
+def base_and_novel(num_classes: int) -> tuple[list[int], list[int]]:
+    """CoOp's base-to-novel split: classes in label order, the first ceil(C / 2) are base."""
+    m = math.ceil(num_classes / 2)
+    return list(range(m)), list(range(m, num_classes))

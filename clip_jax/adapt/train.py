@@ -1,0 +1,336 @@
+"""Run a few-shot adaptation: load the frozen CLIP, draw the few-shot sets, learn the method's
+tensors (sharded over every device, resumable exactly), select on validation, report on test.
+
+    python -m clip_jax.adapt --config=configs/adapt/coop.py --workdir=DIR [--config.shots=16 ...]
+
+DIR gets results.json, adapt_config.json, checkpoints/ (the learned tensors and optimizer) and
+metrics.jsonl (one row per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from clip_jax.adapt.data import FewShot, Split, base_and_novel, load_few_shot
+from clip_jax.adapt.methods import ADAPTERS, TipAdapter, make_adapter, text_classifier
+from clip_jax.models.clip import l2_normalize
+from clip_jax.preprocessing import MEAN, STD
+
+# CoOp's epochs by shots (COOP.md): 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16.
+COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
+
+def epochs_for(settings) -> int:
+    if int(settings.epochs) > 0:
+        return int(settings.epochs)
+    shots = int(settings.shots)
+    return COOP_EPOCHS.get(shots, 200 if shots > 16 else COOP_EPOCHS[min(COOP_EPOCHS, key=lambda k: abs(k - shots))])
+
+
+# -- images on the device -------------------------------------------------------------------
+def _random_resized_crop(image, key, scale, size: int):
+    """One uint8 [S, S, 3] image -> float [size, size, 3] pixels: a crop of area share in `scale` and
+    aspect ratio in [3/4, 4/3] (clipped to the image), resized (cubic, antialiased), flipped with
+    p = 0.5."""
+    h, w = image.shape[0], image.shape[1]
+    k = jax.random.split(key, 5)
+    area = jax.random.uniform(k[0], minval=scale[0], maxval=scale[1])
+    ratio = jnp.exp(jax.random.uniform(k[1], minval=math.log(3 / 4), maxval=math.log(4 / 3)))
+    cw = jnp.minimum(jnp.sqrt(area * ratio), 1.0) * w
+    ch = jnp.minimum(jnp.sqrt(area / ratio), 1.0) * h
+    x0 = jax.random.uniform(k[2]) * (w - cw)
+    y0 = jax.random.uniform(k[3]) * (h - ch)
+    sy, sx = size / ch, size / cw
+    out = jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, 3), (0, 1), jnp.stack([sy, sx]),
+                                        jnp.stack([-y0 * sy, -x0 * sx]), method="cubic", antialias=True)
+    out = jnp.where(jax.random.bernoulli(k[4]), out[:, ::-1], out)
+    return jnp.clip(out, 0.0, 255.0)
+
+
+def normalize(pixels):
+    return (pixels / 255.0 - jnp.asarray(MEAN)) / jnp.asarray(STD)
+
+
+def augment(images, key, scale, size: int):
+    """uint8 [B, S, S, 3] -> normalized float [B, size, size, 3], one key per image."""
+    keys = jax.random.split(key, images.shape[0])
+    return normalize(jax.vmap(lambda im, k: _random_resized_crop(im, k, scale, size))(images, keys))
+
+
+def image_features(model, variables, images):
+    """The frozen image tower's projected features [B, E], not normalized."""
+    return model.apply(variables, images, method=lambda m, x: m.visual(x)).astype(jnp.float32)
+
+
+# -- the run --------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, settings, model, variables, mesh):
+        self.settings, self.model, self.mesh = settings, model, mesh
+        self.devices = mesh.devices.size
+        self.replicated = NamedSharding(mesh, P())
+        self.rows = NamedSharding(mesh, P("data"))
+        self.variables = jax.device_put(variables, self.replicated)
+        self.size = model.config.vision.image_size
+        self._features = jax.jit(lambda v, x: image_features(model, v, normalize(x.astype(jnp.float32))))
+
+    def pad(self, n: int) -> int:
+        return -(-max(n, 1) // self.devices) * self.devices
+
+    def shard(self, x: np.ndarray):
+        return jax.make_array_from_callback(x.shape, self.rows, lambda index: x[index])
+
+    def features(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Eval-transform features of uint8 images [N, E], sharded batches of a fixed size."""
+        batch = self.pad(min(batch, max(len(images), 1)))
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            out.append(np.asarray(self._features(self.variables, self.shard(padded)))[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
+
+    def augmented_features(self, images: np.ndarray, passes: int, scale, seed: int) -> np.ndarray:
+        """[passes, N, E]: the features of `passes` random-resized-crop views of every image."""
+        fn = jax.jit(lambda v, x, key: image_features(self.model, v, augment(x, key, scale, self.size)))
+        batch = self.pad(min(256, len(images)))
+        out = []
+        for p in range(passes):
+            rows = []
+            for start in range(0, len(images), batch):
+                chunk = images[start:start + batch]
+                padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), p), start)
+                rows.append(np.asarray(fn(self.variables, self.shard(padded), key))[:len(chunk)])
+            out.append(np.concatenate(rows))
+        return np.stack(out)
+
+
+def _schedule(settings, steps_per_epoch: int, epochs: int):
+    """The learning rate by step: SGD methods (Dassl): constant warmup_lr for warmup_epochs, then
+    cosine by epoch over all epochs; AdamW (Tip-Adapter-F): cosine over every step."""
+    lr = float(settings.learning_rate)
+    if settings.optimizer == "adamw":
+        return optax.cosine_decay_schedule(lr, max(epochs * steps_per_epoch, 1))
+    warmup = int(settings.warmup_epochs)
+
+    def schedule(count):
+        epoch = count // steps_per_epoch
+        cosine = 0.5 * lr * (1 + jnp.cos(jnp.pi * epoch / epochs))
+        return jnp.where(epoch < warmup, float(settings.warmup_lr), cosine)
+
+    return schedule
+
+
+def make_optimizer(settings, steps_per_epoch: int, epochs: int):
+    schedule = _schedule(settings, steps_per_epoch, epochs)
+    if settings.optimizer == "sgd":  # torch.optim.SGD: weight decay added to the gradient, then momentum
+        return optax.chain(optax.add_decayed_weights(float(settings.weight_decay)),
+                           optax.sgd(schedule, momentum=float(settings.momentum))), schedule
+    if settings.optimizer == "adamw":
+        return optax.adamw(schedule, eps=float(settings.adam_eps), weight_decay=float(settings.weight_decay)), schedule
+    raise ValueError(f"config.optimizer={settings.optimizer!r}: use 'sgd' or 'adamw'")
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
+    """Optimize the adapter's learned tensors; resumes from DIR/checkpoints. -> learned tensors."""
+    import orbax.checkpoint as ocp
+
+    s = runner.settings
+    n, batch = len(train_set), int(s.batch_size)
+    steps_per_epoch = -(-n // batch)
+    epochs = epochs_for(s)
+    total = steps_per_epoch * epochs
+    optimizer, schedule = make_optimizer(s, steps_per_epoch, epochs)
+    learned = jax.device_put(adapter.init(jax.random.key(int(s.seed))), runner.replicated)
+    opt_state = jax.device_put(optimizer.init(learned), runner.replicated)
+    step = 0
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    if manager.latest_step() is not None:
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                          {"learned": learned, "opt_state": opt_state})
+        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        learned, opt_state, step = restored["learned"], restored["opt_state"], int(manager.latest_step())
+        log(f"resumed from step {step}")
+    scale = tuple(s.crop_scale)
+    rows = runner.pad(batch)
+    images_all, labels_all = train_set.images, train_set.labels
+
+    def loss_fn(learned, images, labels, mask, key):
+        features = jax.lax.stop_gradient(image_features(runner.model, runner.variables,
+                                                        augment(images, key, scale, runner.size)))
+        logits = adapter.logits(learned, features, train=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        weight = mask.astype(jnp.float32)
+        correct = jnp.sum((jnp.argmax(logits, axis=1) == labels) * weight)
+        return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), correct
+
+    @jax.jit
+    def train_step(learned, opt_state, images, labels, mask, key):
+        (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, images, labels, mask, key)
+        updates, opt_state = optimizer.update(grads, opt_state, learned)
+        return optax.apply_updates(learned, updates), opt_state, loss, correct
+
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if step == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    started, epoch_loss, epoch_correct = time.perf_counter(), 0.0, 0.0
+    every = max(int(s.checkpoint_every_steps), 1)
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = _epoch_order(n, int(s.seed), epoch)[i * batch:(i + 1) * batch]
+        pad = rows - len(order)
+        images = np.concatenate([images_all[order], np.zeros((pad,) + images_all.shape[1:], np.uint8)])
+        labels = np.concatenate([labels_all[order], np.zeros(pad, np.int32)])
+        mask = np.arange(rows) < len(order)
+        key = jax.random.fold_in(jax.random.key(int(s.seed)), step)
+        learned, opt_state, loss, correct = train_step(learned, opt_state, runner.shard(images), runner.shard(labels),
+                                                       runner.shard(mask), key)
+        step += 1
+        epoch_loss += float(loss) * len(order)
+        epoch_correct += float(correct)
+        if step % steps_per_epoch == 0 or step == total:
+            done = step % steps_per_epoch or steps_per_epoch
+            seen = min(done * batch, n)
+            row = {"step": step, "epoch": -(-step // steps_per_epoch), "loss": epoch_loss / seen,
+                   "train_top1": epoch_correct / seen, "learning_rate": float(schedule(step - 1)),
+                   "elapsed_s": time.perf_counter() - started}
+            if jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if row["epoch"] % max(int(s.log_every_epochs), 1) == 0 or step == total:
+                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            epoch_loss, epoch_correct = 0.0, 0.0
+        if step % every == 0 or step == total:
+            manager.save(step, args=ocp.args.StandardSave({"learned": learned, "opt_state": opt_state}))
+    manager.wait_until_finished()
+    return learned
+
+
+def top1(logits, labels) -> float:
+    return float(np.mean(np.argmax(np.asarray(logits), axis=1) == np.asarray(labels))) if len(labels) else 0.0
+
+
+def _logits(adapter, learned, features: np.ndarray, batch: int = 512) -> np.ndarray:
+    fn = jax.jit(lambda learned, f: adapter.logits(learned, f))
+    return np.concatenate([np.asarray(fn(learned, jnp.asarray(features[i:i + batch])))
+                           for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
+
+
+def evaluate(runner: Runner, adapter, learned, split_features: dict) -> dict:
+    return {name: top1(_logits(adapter, learned, f), labels) for name, (f, labels) in split_features.items()}
+
+
+def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: str, log=print):
+    """(adapter, learned, validation/test features) for the classes of `data`."""
+    adapter = make_adapter(settings, runner.model, runner.variables, classnames, prompts)
+    if isinstance(adapter, TipAdapter):
+        passes = runner.augmented_features(data.train.images, int(settings.augment_passes),
+                                           tuple(settings.cache_crop_scale), int(settings.seed))
+        adapter.build_cache(passes, data.train.labels)
+    learned = adapter.init(jax.random.key(int(settings.seed)))
+    if adapter.trains:
+        learned = train(runner, adapter, data.train, workdir, log)
+    learned = jax.device_get(learned)
+    if isinstance(adapter, TipAdapter):
+        val_f = runner.features(data.val.images)
+        acc, beta, alpha = adapter.search(learned, val_f, data.val.labels, tuple(settings.search_scale),
+                                          tuple(settings.search_step))
+        log(f"Tip-Adapter search on validation: top-1 {acc:.4f} at beta={beta:.4g}, alpha={alpha:.4g}")
+    return adapter, learned
+
+
+def zero_shot_top1(runner: Runner, prompts, features: np.ndarray, labels: np.ndarray) -> float:
+    weights = text_classifier(runner.model, runner.variables, prompts)
+    return top1(np.asarray(l2_normalize(jnp.asarray(features))) @ weights.T, labels)
+
+
+def run(settings, workdir: str, log=print) -> dict:
+    """The whole protocol; writes and returns DIR/results.json's content."""
+    from clip_jax.adapt.weights import load_frozen
+    from clip_jax.parallel.sharding import make_mesh
+
+    ADAPTERS.get(settings.method)  # an unknown method lists the known ones, first
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "adapt_config.json"), "w") as f:
+        f.write(settings.to_json_best_effort(indent=2))
+    model, variables = load_frozen(settings)
+    mesh = make_mesh({"data": -1})
+    runner = Runner(settings, model, variables, mesh)
+    from clip_jax.adapt.prompts import class_prompts
+
+    data = load_few_shot(settings.dataset, settings.label_key, int(settings.shots), int(settings.seed),
+                         runner.size, settings.data.to_dict(), class_names_of(settings))
+    prompts = class_prompts(settings, data.classnames)
+    results: dict[str, Any] = {"method": settings.method, "dataset": str(settings.dataset),
+                               "label_key": settings.label_key, "shots": int(settings.shots),
+                               "seed": int(settings.seed)}
+    test_f = runner.features(data.test.images)
+    if settings.base_to_novel:
+        base, novel = base_and_novel(len(data.classnames))
+        sub = lambda split, classes: split.of_classes(classes)  # noqa: E731
+        base_data = FewShot([data.classnames[c] for c in base], sub(data.train, base), sub(data.val, base),
+                            sub(data.test, base))
+        adapter, learned = fit(runner, settings, base_data.classnames, [prompts[c] for c in base], base_data, workdir,
+                               log)
+        novel_names = [data.classnames[c] for c in novel]
+        try:
+            novel_adapter = make_adapter(settings, runner.model, runner.variables, novel_names,
+                                         [prompts[c] for c in novel])
+        except ValueError as e:
+            raise ValueError(f"base-to-novel: {e}") from None
+        if isinstance(adapter, TipAdapter):
+            raise ValueError("base-to-novel needs learned tensors that do not belong to the base classes; "
+                             f"{settings.method}'s cache holds the base classes' labels: set base_to_novel=False")
+        keep = lambda classes: np.isin(data.test.labels, classes)  # noqa: E731
+        base_f, novel_f = test_f[keep(base)], test_f[keep(novel)]
+        base_y, novel_y = base_data.test.labels, sub(data.test, novel).labels
+        results["base_top1"] = top1(_logits(adapter, learned, base_f), base_y)
+        results["novel_top1"] = top1(_logits(novel_adapter, learned, novel_f), novel_y)
+        a, b = results["base_top1"], results["novel_top1"]
+        results["hm"] = 2 * a * b / (a + b) if a + b else 0.0
+        results["zero_shot_base_top1"] = zero_shot_top1(runner, [prompts[c] for c in base], base_f, base_y)
+        results["zero_shot_novel_top1"] = zero_shot_top1(runner, [prompts[c] for c in novel], novel_f, novel_y)
+        results["top1"] = results["base_top1"]
+        results["zero_shot_top1"] = results["zero_shot_base_top1"]
+        val_f = runner.features(base_data.val.images)
+        results["val_top1"] = top1(_logits(adapter, learned, val_f), base_data.val.labels)
+    else:
+        adapter, learned = fit(runner, settings, data.classnames, prompts, data, workdir, log)
+        val_f = runner.features(data.val.images)
+        results["zero_shot_top1"] = zero_shot_top1(runner, prompts, test_f, data.test.labels)
+        results["val_top1"] = top1(_logits(adapter, learned, val_f), data.val.labels)
+        results["top1"] = top1(_logits(adapter, learned, test_f), data.test.labels)
+    if isinstance(adapter, TipAdapter):
+        results["alpha"], results["beta"] = adapter.alpha, adapter.beta
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        np.savez(os.path.join(workdir, "adapter.npz"), **{k: np.asarray(v) for k, v in adapter.export(learned).items()})
+    return results
+
+
+def class_names_of(settings):
+    """config.classnames: a JSON file {'classnames': [...]} or a list; '' takes the dataset's."""
+    names = settings.classnames
+    if not names:
+        return None
+    if isinstance(names, str):
+        with open(names) as f:
+            return list(json.load(f)["classnames"])
+    return list(names)

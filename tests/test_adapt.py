@@ -1,0 +1,233 @@
+"""Few-shot adaptation against the references' own definitions: CoOp from "a photo of a" is the
+frozen tower's prompt, CoCoOp with a zero meta-net is CoOp, Tip-Adapter with alpha = 0 is
+zero-shot, the search grid is the reference's formula, only learned tensors train; the few-shot
+protocol; the CLI on 1 and 8 devices and across a kill; bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax.adapt import methods
+from clip_jax.adapt.config import adapt_config
+from clip_jax.adapt.data import base_and_novel, load_few_shot, per_class
+from clip_jax.models import create_model, init_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["cat", "dog", "school bus", "red circle"]
+SIZES = {"train": 400, "validation": 60, "test": 60}
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    model = create_model("ViT-Tiny-test")
+    return model, init_variables(model, jax.random.key(3))
+
+
+def settings(**kw):
+    c = adapt_config()
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_coop_from_words_is_the_frozen_towers_prompt(frozen, position):
+    model, variables = frozen
+    s = settings(ctx_init="a photo of a", class_token_position=position)
+    coop = methods.CoOp(s, model, variables, NAMES, [[f"a photo of a {n}."] for n in NAMES])
+    learned = coop.init(jax.random.key(0))
+    assert learned["ctx"].shape == (4, model.config.text.width)
+    got = coop.class_embeddings(learned)
+    ctx = "a photo of a"
+    text = {"end": [f"{ctx} {n}." for n in NAMES], "middle": [f"a photo {n} of a." for n in NAMES],
+            "front": [f"{n} {ctx}." for n in NAMES]}[position]
+    want = model.apply(variables, jnp.asarray(clip_jax.tokenize(text)), method="encode_text")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_coop_class_specific_context_and_gradients_only_on_ctx(frozen):
+    model, variables = frozen
+    coop = methods.CoOp(settings(n_ctx=3, csc=True), model, variables, NAMES, [])
+    learned = coop.init(jax.random.key(0))
+    assert learned["ctx"].shape == (len(NAMES), 3, model.config.text.width)
+    features = jax.random.normal(jax.random.key(1), (5, model.config.embed_dim))
+    loss = lambda learned, variables: jnp.sum(coop.logits(learned, features) ** 2)  # noqa: E731
+    g_learned = jax.grad(loss)(learned, variables)
+    assert float(jnp.abs(g_learned["ctx"]).min(axis=(1, 2)).max()) > 0 and bool(jnp.all(jnp.any(
+        g_learned["ctx"] != 0, axis=(1, 2))))
+    # the tower's own parameters are constants of the adapter: nothing of them is a learned leaf
+    assert set(learned) == {"ctx"}
+
+
+def test_cocoop_with_a_zero_meta_net_is_coop(frozen):
+    model, variables = frozen
+    s = settings(ctx_init="a photo of a")
+    cocoop = methods.CoCoOp(s, model, variables, NAMES, [])
+    coop = methods.CoOp(s, model, variables, NAMES, [])
+    learned = cocoop.init(jax.random.key(0))
+    net = learned["meta_net"]
+    net["linear2"] = jax.tree_util.tree_map(jnp.zeros_like, net["linear2"])
+    features = jax.random.normal(jax.random.key(1), (3, model.config.embed_dim))
+    np.testing.assert_allclose(np.asarray(cocoop.logits(learned, features)),
+                               np.asarray(coop.logits({"ctx": learned["ctx"]}, features)), atol=1e-5)
+    # a nonzero meta-net conditions the prompts on the image, and it is what the gradient trains
+    learned = cocoop.init(jax.random.key(0))
+    grads = jax.grad(lambda tensors: jnp.sum(cocoop.logits(tensors, features)))(learned)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_clip_adapter_is_its_formula(frozen):
+    model, variables = frozen
+    prompts = [[f"a photo of a {n}."] for n in NAMES]
+    adapter = methods.ClipAdapter(settings(), model, variables, NAMES, prompts)
+    learned = adapter.init(jax.random.key(0))
+    f = np.asarray(jax.random.normal(jax.random.key(1), (4, model.config.embed_dim)))
+    w1, w2 = np.asarray(learned["fc1"]), np.asarray(learned["fc2"])
+    x = np.maximum(np.maximum(f @ w1, 0) @ w2, 0)
+    mixed = 0.2 * x + 0.8 * f
+    mixed /= np.linalg.norm(mixed, axis=1, keepdims=True)
+    want = adapter.scale * mixed @ methods.text_classifier(model, variables, prompts).T
+    np.testing.assert_allclose(np.asarray(adapter.logits(learned, jnp.asarray(f))), want, rtol=1e-5, atol=1e-5)
+    exported = adapter.export(learned)
+    assert exported["adapter.fc.0.weight"].shape == (w1.shape[1], w1.shape[0])
+
+
+def test_tip_adapter_cache_search_and_alpha_zero_is_zero_shot(frozen):
+    model, variables = frozen
+    prompts = [[f"a photo of a {n}.", f"a drawing of a {n}."] for n in NAMES]
+    tip = methods.TipAdapter(settings(), model, variables, NAMES, prompts)
+    rng = np.random.default_rng(0)
+    passes = rng.standard_normal((3, 8, model.config.embed_dim)).astype(np.float32)
+    labels = np.arange(8) % len(NAMES)
+    keys = np.asarray(tip.build_cache(passes, labels))
+    mean = passes.mean(0)  # averaged first, normalized after
+    np.testing.assert_allclose(keys, mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    learned = tip.init(None)
+    f = rng.standard_normal((5, model.config.embed_dim)).astype(np.float32)
+    fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+    w = methods.text_classifier(model, variables, prompts)
+    tip.alpha, tip.beta = 0.0, 5.0
+    np.testing.assert_allclose(np.asarray(tip.logits(learned, jnp.asarray(f))), 100 * fn @ w.T, rtol=1e-5, atol=1e-4)
+    tip.alpha, tip.beta = 2.0, 5.0
+    onehot = np.eye(len(NAMES))[labels]
+    want = 100 * fn @ w.T + 2.0 * np.exp(-5.0 * (1 - fn @ keys.T)) @ onehot
+    np.testing.assert_allclose(np.asarray(tip.logits(learned, jnp.asarray(f))), want, rtol=1e-5, atol=1e-4)
+    # the grid is the reference's formula, and the search returns its best (first in loop order)
+    betas, alphas = methods.search_grid((7, 3))
+    assert len(betas) == 200 and len(alphas) == 20
+    np.testing.assert_allclose(betas, [i * (7 - 0.1) / 200 + 0.1 for i in range(200)])
+    np.testing.assert_allclose(alphas, [i * (3 - 0.1) / 20 + 0.1 for i in range(20)])
+    val_labels = rng.integers(0, len(NAMES), 5)
+    acc, beta, alpha = tip.search(learned, f, val_labels, (7, 3), (20, 5))
+    best = -1.0
+    for b in methods.search_grid((7, 3), (20, 5))[0]:
+        for a in methods.search_grid((7, 3), (20, 5))[1]:
+            logits = 100 * fn @ w.T + a * np.exp(-b * (1 - fn @ keys.T)) @ onehot
+            got = float(np.mean(logits.argmax(1) == val_labels))
+            if got > best:
+                best, want_ba = got, (b, a)
+    assert acc == pytest.approx(best) and (beta, alpha) == pytest.approx(want_ba)
+
+
+def test_few_shot_protocol(tmp_path):
+    data = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
+    a = load_few_shot("shapes", "label_shape", 4, 1, 32, data)
+    b = load_few_shot("shapes", "label_shape", 4, 1, 32, data)
+    c = load_few_shot("shapes", "label_shape", 4, 2, 32, data)
+    assert a.classnames == ["circle", "square", "triangle", "star", "cross", "diamond"]
+    assert a.train.images.shape == (24, 32, 32, 3) and a.train.images.dtype == np.uint8
+    assert np.bincount(a.train.labels).tolist() == [4] * 6 and np.bincount(a.val.labels).tolist() == [4] * 6
+    assert len(a.test) == SIZES["test"]
+    np.testing.assert_array_equal(a.train.images, b.train.images)  # the seed fixes the draw
+    assert not np.array_equal(a.train.images, c.train.images)
+    one = load_few_shot("shapes", "label_shape", 1, 1, 32, data)
+    assert np.bincount(one.val.labels).tolist() == [1] * 6  # min(K, 4) per class
+    assert base_and_novel(6) == ([0, 1, 2], [3, 4, 5]) and base_and_novel(5) == ([0, 1, 2], [3, 4])
+    idx = per_class(np.array([0, 1, 0, 1, 0]), [0, 1], 2, 0, "train", ["a", "b"])
+    assert sorted(idx[:2]) == list(idx[:2]) and set(idx[2:]) == {1, 3}
+
+
+def test_bad_input_is_named(tmp_path):
+    data = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
+    with pytest.raises(ValueError, match=r"class 0 \('red circle'\) has \d+ examples in the train split, fewer "
+                                         r"than the 500"):
+        load_few_shot("shapes", "label", 500, 1, 32, data)
+    with pytest.raises(ValueError, match="the class list has 2 names but .* declares 6 classes"):
+        load_few_shot("shapes", "label_shape", 1, 1, 32, data, classnames=["a", "b"])
+    with pytest.raises(ValueError, match="config.shots=0 must be >= 1"):
+        load_few_shot("shapes", "label_shape", 0, 1, 32, data)
+    from clip_jax.adapt.weights import load_frozen
+
+    model = create_model("RN-Tiny-test")
+    path = str(tmp_path / "rn.safetensors")
+    clip_jax.save_open_clip("RN-Tiny-test", init_variables(model, jax.random.key(0)), path)
+    with pytest.raises(ValueError, match="state dict does not match"):
+        load_frozen(settings(weights=path, model="ViT-Tiny-test"))
+    with pytest.raises(ValueError, match="config.weights is empty"):
+        load_frozen(settings())
+
+
+# -- the CLI: 1 and 8 devices, and a kill -----------------------------------------------------
+def _cli(tmp_path, workdir, devices, method="coop", extra=()):
+    from clip_jax.api import write_flax_params
+
+    weights = tmp_path / "tiny.msgpack"
+    if not weights.exists():
+        model = create_model("ViT-Tiny-test")
+        write_flax_params(init_variables(model, jax.random.key(5)), str(weights))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return [sys.executable, "-m", "clip_jax.adapt", f"--config={ROOT}/configs/adapt/{method}.py",
+            f"--workdir={workdir}", f"--config.weights={weights}", "--config.model=ViT-Tiny-test",
+            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.shots=2", "--config.batch_size=8",
+            "--config.epochs=3", "--config.checkpoint_every_steps=2", "--config.log_every_epochs=1",
+            *[f"--config.data.shapes_sizes.{k}={v}" for k, v in SIZES.items()], *extra], env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["coop", "cocoop", "clip_adapter", "tip_adapter_f"])
+def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method):
+    extra = ("--config.batch_size=4", "--config.epochs=1") if method == "cocoop" else ()
+    results = {}
+    for devices in (1, 8):
+        cmd, env = _cli(tmp_path, tmp_path / f"d{devices}", devices, method, extra)
+        subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
+        results[devices] = json.loads((tmp_path / f"d{devices}" / "results.json").read_text())
+    for key in ("zero_shot_top1", "val_top1", "top1"):
+        assert results[8][key] == pytest.approx(results[1][key], abs=1e-4), key
+    learned = {d: np.load(tmp_path / f"d{d}" / "adapter.npz") for d in (1, 8)}
+    for k in learned[1].files:
+        np.testing.assert_allclose(learned[8][k], learned[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
+    # killed right after a checkpoint, then run again: the same tensors as straight through
+    cmd, env = _cli(tmp_path, tmp_path / "killed", 1, method, extra)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step=") or "epoch=1" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    resumed = np.load(tmp_path / "killed" / "adapter.npz")
+    for k in learned[1].files:
+        np.testing.assert_array_equal(resumed[k], learned[1][k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_tip_adapter_and_base_to_novel_end_to_end(tmp_path):
+    cmd, env = _cli(tmp_path, tmp_path / "tip", 1, "tip_adapter", ("--config.search_step=(20,5)",))
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    tip = json.loads((tmp_path / "tip" / "results.json").read_text())
+    assert {"zero_shot_top1", "top1", "val_top1", "alpha", "beta"} <= set(tip)
+    cmd, env = _cli(tmp_path, tmp_path / "b2n", 1, "coop", ("--config.base_to_novel=True",))
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    b2n = json.loads((tmp_path / "b2n" / "results.json").read_text())
+    a, b = b2n["base_top1"], b2n["novel_top1"]
+    assert b2n["hm"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
