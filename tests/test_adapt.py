@@ -193,9 +193,10 @@ def _cli(tmp_path, workdir, devices, method="coop", extra=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["coop", "cocoop", "clip_adapter", "tip_adapter_f"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "maple", "clip_adapter", "tip_adapter_f"])
 def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method):
-    extra = ("--config.batch_size=4", "--config.epochs=1") if method == "cocoop" else ()
+    extra = {"cocoop": ("--config.batch_size=4", "--config.epochs=1"),
+             "maple": ("--config.prompt_depth=2", "--config.epochs=2")}.get(method, ())
     results = {}
     for devices in (1, 8):
         cmd, env = _cli(tmp_path, tmp_path / f"d{devices}", devices, method, extra)
@@ -231,3 +232,51 @@ def test_tip_adapter_and_base_to_novel_end_to_end(tmp_path):
     b2n = json.loads((tmp_path / "b2n" / "results.json").read_text())
     a, b = b2n["base_top1"], b2n["novel_top1"]
     assert b2n["hm"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
+
+
+# -- MaPLe ------------------------------------------------------------------------------------
+def test_deep_prompts_replace_tokens_at_the_input_of_the_active_layers():
+    """The stack with prompts active at layer 1 only equals: layer 0, then tokens 1..n replaced by
+    hand, then layer 1 (blocks applied one by one from the stack's own params)."""
+    from clip_jax.models.layers import ResidualAttentionBlock, Transformer
+
+    stack = Transformer(layers=2, heads=2)
+    x = jax.random.normal(jax.random.key(0), (3, 6, 16))
+    params = stack.init(jax.random.key(1), x)["params"]
+    values = jax.random.normal(jax.random.key(2), (2, 2, 16))
+    got = stack.apply({"params": params}, x, deep_prompts=(values, jnp.array([False, True]), 1))
+    block = ResidualAttentionBlock(heads=2, depth=2)
+    h = block.apply({"params": params["resblocks_0"]}, x)
+    h = h.at[:, 1:3].set(values[1])
+    want = block.apply({"params": params["resblocks_1"]}, h)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_maple_shallow_text_is_the_frozen_prompt_and_scan_equals_per_layer(frozen):
+    model, variables = frozen
+    names = NAMES[:3]
+    one = methods.MaPLe(settings(ctx_init="a photo of a", n_ctx=2, prompt_depth=1), model, variables, names, [])
+    learned = one.init(jax.random.key(0))
+    want = model.apply(variables, jnp.asarray(clip_jax.tokenize([f"a photo of a {n}." for n in names])),
+                       method="encode_text")
+    np.testing.assert_allclose(np.asarray(one.class_embeddings(learned)), np.asarray(want), atol=1e-5)
+    # depth 2, the scanned towers against the per-layer ones, with the same weights
+    from clip_jax import convert
+
+    s = settings(ctx_init="a photo of a", n_ctx=2, prompt_depth=2)
+    scanned_model = create_model("ViT-Tiny-test", scan=True)
+    scanned_vars = convert.state_dict_to_variables(scanned_model, convert.variables_to_state_dict(variables))
+    a = methods.MaPLe(s, model, variables, names, [])
+    b = methods.MaPLe(s, scanned_model, scanned_vars, names, [])
+    learned = a.init(jax.random.key(1))
+    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    fa, fb = a.image_features(learned, images), b.image_features(learned, images)
+    np.testing.assert_allclose(np.asarray(fa), np.asarray(fb), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a.logits(learned, fa)), np.asarray(b.logits(learned, fb)), atol=1e-4)
+    # the deep text prompts reach the image features through the coupling projections
+    grad = jax.grad(lambda t: jnp.sum(a.image_features(t, images) ** 2))(learned)
+    assert float(jnp.abs(grad["compound_prompts_text"]).max()) > 0
+    assert float(jnp.abs(grad["compound_projections"]["kernel"]).max()) > 0
+    with pytest.raises(ValueError, match="MaPLe prompts a ViT"):
+        rn = create_model("RN-Tiny-test")
+        methods.MaPLe(s, rn, init_variables(rn, jax.random.key(0)), names, [])

@@ -37,6 +37,8 @@ def adapt_config() -> ml_collections.ConfigDict:
     c.ctx_init = ""  # e.g. 'a photo of a': the context starts from these words (n_ctx = their count)
     c.csc = False  # class-specific context
     c.class_token_position = "end"  # end | middle | front
+    # MaPLe
+    c.prompt_depth = 9  # J: layers 0..J-1 of both towers get prompts
     # CLIP-Adapter
     c.reduction = 4
     c.ratio = 0.2  # alpha: the adapted share of the feature

@@ -36,10 +36,20 @@ def text_classifier(model, variables, prompts: Sequence[Sequence[str]]) -> np.nd
     return np.asarray(classifier_weights(model, variables, prompts), np.float32)
 
 
+def frozen_image_features(model, variables, images):
+    """The frozen image tower's projected features [B, E], not normalized."""
+    return model.apply(variables, images, method=lambda m, x: m.visual(x)).astype(jnp.float32)
+
+
 class Adapter:
-    """The interface: init(rng) -> learned tensors; logits(learned, features, train, rng) -> [B, C]."""
+    """The interface: init(rng) -> learned tensors; image_features(learned, images) -> [B, E] (the
+    frozen tower's unless the method prompts it); logits(learned, features) -> [B, C]."""
 
     trains = True  # False: training-free (Tip-Adapter), nothing to optimize
+    prompts_images = False  # True: the image features depend on the learned tensors (MaPLe)
+
+    def image_features(self, learned, images):
+        return jax.lax.stop_gradient(frozen_image_features(self.model, self.variables, images))
 
     def __init__(self, settings, model, variables, classnames: Sequence[str], prompts: Sequence[Sequence[str]]):
         self.settings, self.model, self.variables = settings, model, variables
@@ -299,6 +309,96 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter with the keys trained (AdamW), the values fixed."""
 
     trains = True
+
+
+# -- MaPLe -----------------------------------------------------------------------------------
+def _torch_linear(key, fan_in: int, fan_out: int):
+    """nn.Linear's default init: kernel and bias uniform in +-1/sqrt(fan_in)."""
+    a, b = jax.random.split(key)
+    bound = 1 / np.sqrt(fan_in)
+    return {"kernel": jax.random.uniform(a, (fan_in, fan_out), jnp.float32, -bound, bound),
+            "bias": jax.random.uniform(b, (fan_out,), jnp.float32, -bound, bound)}
+
+
+@ADAPTERS.register("maple")
+class MaPLe(Adapter):
+    """Coupled prompts in both towers (Khattak et al. 2023). Text: n_ctx context vectors replace the
+    first n_ctx words of ctx_init ("a photo" of "a photo of a {class}."); at the input of layers
+    1..J-1 its own prompts replace those positions. Image: the text context projected (Linear
+    text width -> image width) is appended after the patch tokens; at layers 1..J-1 the last n_ctx
+    tokens are replaced by that layer's text prompts through that layer's projection (J - 1
+    projections, initialized as copies of one)."""
+
+    prompts_images = True
+
+    def __init__(self, settings, model, variables, classnames, prompts):
+        super().__init__(settings, model, variables, classnames, prompts)
+        from clip_jax.tokenizers import tokenize
+
+        config = model.config
+        if config.vision.kind != "vit" or config.vision.pool_type != "tok":
+            raise ValueError("MaPLe prompts a ViT image tower with class-token pooling; this model's image tower "
+                             f"is a {config.vision.kind} ({config.vision.pool_type!r} pooling)")
+        if config.text.kind != "clip":
+            raise ValueError("MaPLe here prompts CLIP's own text tower (text_cfg kind 'clip')")
+        self.n_ctx, self.depth = int(settings.n_ctx), int(settings.prompt_depth)
+        deepest = min(config.text.layers, config.vision.layers)
+        if not 1 <= self.depth <= deepest:
+            raise ValueError(f"config.prompt_depth={self.depth} must be in 1..{deepest} (the shallower tower's layers)")
+        table = np.asarray(token_embedding_table(config, variables["params"]))
+        ctx_init = settings.ctx_init or " ".join([PLACEHOLDER] * self.n_ctx)
+        self.tokens = tokenize([f"{ctx_init} {name}." for name in classnames], model=config)
+        self.embedded = table[self.tokens]
+        words = tokenize([ctx_init])[0]
+        if int(np.argmax(words)) - 1 < self.n_ctx:
+            raise ValueError(f"config.ctx_init={ctx_init!r} has fewer than n_ctx={self.n_ctx} tokens")
+        self.ctx_init = table[words[1:1 + self.n_ctx]] if settings.ctx_init else None
+        self.text_width, self.image_width = config.text.width, config.vision.width
+
+    def init(self, rng):
+        k = jax.random.split(rng, 4)
+        ctx = (jnp.asarray(self.ctx_init) if self.ctx_init is not None
+               else 0.02 * jax.random.normal(k[0], (self.n_ctx, self.text_width)))
+        one = _torch_linear(k[2], self.text_width, self.image_width)
+        deep = self.depth - 1
+        return {"ctx": jnp.asarray(ctx, jnp.float32), "proj": _torch_linear(k[1], self.text_width, self.image_width),
+                "compound_prompts_text": 0.02 * jax.random.normal(k[3], (deep, self.n_ctx, self.text_width)),
+                "compound_projections": jax.tree_util.tree_map(lambda x: jnp.repeat(x[None], deep, axis=0), one)}
+
+    def _deep(self, values, layers: int):
+        """[J-1, n, d] -> ([layers, n, d] with them at layers 1..J-1, active [layers])."""
+        full = jnp.zeros((layers,) + values.shape[1:], values.dtype).at[1:self.depth].set(values)
+        return full, (jnp.arange(layers) >= 1) & (jnp.arange(layers) < self.depth)
+
+    def image_features(self, learned, images):
+        shallow = learned["ctx"] @ learned["proj"]["kernel"] + learned["proj"]["bias"]
+        p = learned["compound_projections"]
+        deep = jnp.einsum("jnd,jde->jne", learned["compound_prompts_text"], p["kernel"]) + p["bias"][:, None]
+        vision = self._deep(deep, self.model.config.vision.layers)
+        return self.model.apply(self.variables, images, method=lambda m, x: m.visual(
+            x, prompts=shallow, deep_prompts=vision)).astype(jnp.float32)
+
+    def class_embeddings(self, learned):
+        emb = jnp.asarray(self.embedded)
+        ctx = jnp.broadcast_to(learned["ctx"].astype(emb.dtype), (emb.shape[0],) + learned["ctx"].shape)
+        embeddings = jnp.concatenate([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], axis=1)
+        text = self._deep(learned["compound_prompts_text"], self.model.config.text.layers)
+        out = self.model.apply(self.variables, jnp.asarray(self.tokens), method=lambda m, t: m.text(
+            t, embeddings=embeddings, deep_prompts=text))
+        return l2_normalize(out)
+
+    def logits(self, learned, features, train=False, rng=None):
+        return self.scale * l2_normalize(features) @ self.class_embeddings(learned).T
+
+    def export(self, learned):
+        out = {"prompt_learner.ctx": learned["ctx"], "prompt_learner.proj.weight": learned["proj"]["kernel"].T,
+               "prompt_learner.proj.bias": learned["proj"]["bias"]}
+        for i in range(self.depth - 1):
+            out[f"prompt_learner.compound_prompts_text.{i}"] = learned["compound_prompts_text"][i]
+            out[f"prompt_learner.compound_prompt_projections.{i}.weight"] = \
+                learned["compound_projections"]["kernel"][i].T
+            out[f"prompt_learner.compound_prompt_projections.{i}.bias"] = learned["compound_projections"]["bias"][i]
+        return out
 
 
 def make_adapter(settings, model, variables, classnames, prompts) -> Adapter:

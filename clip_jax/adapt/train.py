@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax.adapt.data import FewShot, Split, base_and_novel, load_few_shot
-from clip_jax.adapt.methods import ADAPTERS, TipAdapter, make_adapter, text_classifier
+from clip_jax.adapt.methods import ADAPTERS, TipAdapter, frozen_image_features, make_adapter, text_classifier
 from clip_jax.models.clip import l2_normalize
 from clip_jax.preprocessing import MEAN, STD
 
@@ -68,9 +68,7 @@ def augment(images, key, scale, size: int):
     return normalize(jax.vmap(lambda im, k: _random_resized_crop(im, k, scale, size))(images, keys))
 
 
-def image_features(model, variables, images):
-    """The frozen image tower's projected features [B, E], not normalized."""
-    return model.apply(variables, images, method=lambda m, x: m.visual(x)).astype(jnp.float32)
+image_features = frozen_image_features
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -90,14 +88,19 @@ class Runner:
     def shard(self, x: np.ndarray):
         return jax.make_array_from_callback(x.shape, self.rows, lambda index: x[index])
 
-    def features(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
-        """Eval-transform features of uint8 images [N, E], sharded batches of a fixed size."""
+    def features(self, images: np.ndarray, batch: int = 256, adapter=None, learned=None) -> np.ndarray:
+        """Eval-transform features of uint8 images [N, E], sharded batches of a fixed size: the frozen
+        tower's, or with an adapter that prompts the image tower (MaPLe), its own."""
+        fn = lambda x: self._features(self.variables, x)  # noqa: E731
+        if adapter is not None and adapter.prompts_images:
+            prompted = jax.jit(lambda learned, x: adapter.image_features(learned, normalize(x.astype(jnp.float32))))
+            fn = lambda x: prompted(learned, x)  # noqa: E731
         batch = self.pad(min(batch, max(len(images), 1)))
         out = []
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
             padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self._features(self.variables, self.shard(padded)))[:len(chunk)])
+            out.append(np.asarray(fn(self.shard(padded)))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
     def augmented_features(self, images: np.ndarray, passes: int, scale, seed: int) -> np.ndarray:
@@ -172,8 +175,7 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     images_all, labels_all = train_set.images, train_set.labels
 
     def loss_fn(learned, images, labels, mask, key):
-        features = jax.lax.stop_gradient(image_features(runner.model, runner.variables,
-                                                        augment(images, key, scale, runner.size)))
+        features = adapter.image_features(learned, augment(images, key, scale, runner.size))
         logits = adapter.logits(learned, features, train=True)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         weight = mask.astype(jnp.float32)
@@ -299,23 +301,27 @@ def run(settings, workdir: str, log=print) -> dict:
                              f"{settings.method}'s cache holds the base classes' labels: set base_to_novel=False")
         keep = lambda classes: np.isin(data.test.labels, classes)  # noqa: E731
         base_f, novel_f = test_f[keep(base)], test_f[keep(novel)]
+        method_f = runner.features(data.test.images, adapter=adapter, learned=learned) if adapter.prompts_images \
+            else test_f
         base_y, novel_y = base_data.test.labels, sub(data.test, novel).labels
-        results["base_top1"] = top1(_logits(adapter, learned, base_f), base_y)
-        results["novel_top1"] = top1(_logits(novel_adapter, learned, novel_f), novel_y)
+        results["base_top1"] = top1(_logits(adapter, learned, method_f[keep(base)]), base_y)
+        results["novel_top1"] = top1(_logits(novel_adapter, learned, method_f[keep(novel)]), novel_y)
         a, b = results["base_top1"], results["novel_top1"]
         results["hm"] = 2 * a * b / (a + b) if a + b else 0.0
         results["zero_shot_base_top1"] = zero_shot_top1(runner, [prompts[c] for c in base], base_f, base_y)
         results["zero_shot_novel_top1"] = zero_shot_top1(runner, [prompts[c] for c in novel], novel_f, novel_y)
         results["top1"] = results["base_top1"]
         results["zero_shot_top1"] = results["zero_shot_base_top1"]
-        val_f = runner.features(base_data.val.images)
+        val_f = runner.features(base_data.val.images, adapter=adapter, learned=learned)
         results["val_top1"] = top1(_logits(adapter, learned, val_f), base_data.val.labels)
     else:
         adapter, learned = fit(runner, settings, data.classnames, prompts, data, workdir, log)
-        val_f = runner.features(data.val.images)
+        val_f = runner.features(data.val.images, adapter=adapter, learned=learned)
+        method_f = runner.features(data.test.images, adapter=adapter, learned=learned) if adapter.prompts_images \
+            else test_f
         results["zero_shot_top1"] = zero_shot_top1(runner, prompts, test_f, data.test.labels)
         results["val_top1"] = top1(_logits(adapter, learned, val_f), data.val.labels)
-        results["top1"] = top1(_logits(adapter, learned, test_f), data.test.labels)
+        results["top1"] = top1(_logits(adapter, learned, method_f), data.test.labels)
     if isinstance(adapter, TipAdapter):
         results["alpha"], results["beta"] = adapter.alpha, adapter.beta
     if jax.process_index() == 0:

@@ -535,20 +535,24 @@ class Transformer(nn.Module):
         return False
 
     @nn.compact
-    def __call__(self, x, pool_index=None, kv_lengths=None):
-        """``kv_lengths`` [batch]: a padding mask for bidirectional stacks (None: every key seen)."""
+    def __call__(self, x, pool_index=None, kv_lengths=None, deep_prompts=None):
+        """``kv_lengths`` [batch]: a padding mask for bidirectional stacks (None: every key seen).
+        ``deep_prompts`` (values [layers, n, width], active [layers], start): at the input of each
+        active layer, tokens start..start+n are replaced by that layer's values (MaPLe)."""
         if self.scan:
-            x = self._scanned(x, pool_index, kv_lengths)
+            x = self._scanned(x, pool_index, kv_lengths, deep_prompts)
         else:
             block = self.Block
             if self.remat != "none":
                 block = nn.remat(block, policy=remat_policy(self.remat))
             for i in range(self.layers):
+                if deep_prompts is not None:
+                    x = replace_tokens(x, deep_prompts[0][i], deep_prompts[1][i], deep_prompts[2])
                 query_index = pool_index if i == self.layers - 1 else None
                 x = block(**self._block_kwargs(), name=f"resblocks_{i}")(x, query_index, kv_lengths)
         return x if pool_index is None else x[:, 0]
 
-    def _scanned(self, x, pool_index, kv_lengths=None):
+    def _scanned(self, x, pool_index, kv_lengths=None, deep_prompts=None):
         # One unbound block applied to each layer's slice of the stacked params: the same
         # params tree as flax's nn.scan, and the last layer may differ (pooled) from the rest.
         block = self.Block(**self._block_kwargs(), parent=None)
@@ -561,16 +565,30 @@ class Transformer(nn.Module):
 
         params = self.param("resblocks", init_stack)
         keys = jax.random.split(self.make_rng("dropout"), self.layers) if self._draws_dropout() else None
+        deep = None if deep_prompts is None else (deep_prompts[0], deep_prompts[1])
+        start = None if deep_prompts is None else deep_prompts[2]
 
-        def apply(h, p, key, query_index=None):
+        def apply(h, p, key, prompt, query_index=None):
+            if prompt is not None:
+                h = replace_tokens(h, prompt[0], prompt[1], start)
             rngs = None if key is None else {"dropout": key}
             return block.apply({"params": p}, h, query_index, kv_lengths, rngs=rngs)
 
         if self.remat != "none":
             apply = jax.checkpoint(apply, policy=remat_policy(self.remat), prevent_cse=False)
         layer = lambda h, pk: (apply(h, *pk), None)  # noqa: E731
+        xs = (params, keys, deep)
         if pool_index is None:
-            return jax.lax.scan(layer, x, (params, keys))[0]
-        head, last = jax.tree.map(lambda p: p[:-1], (params, keys)), jax.tree.map(lambda p: p[-1], (params, keys))
+            return jax.lax.scan(layer, x, xs)[0]
+        head, last = jax.tree.map(lambda p: p[:-1], xs), jax.tree.map(lambda p: p[-1], xs)
         x = jax.lax.scan(layer, x, head)[0]
         return apply(x, *last, pool_index)
+
+
+def replace_tokens(x, values, active, start: int):
+    """x [batch, length, width] with tokens start..start+n replaced by values [n, width] where
+    `active` (a scalar), else x as it is."""
+    n = values.shape[0]
+    new = jax.lax.dynamic_update_slice_in_dim(
+        x, jnp.broadcast_to(values.astype(x.dtype), (x.shape[0], n, x.shape[2])), start, axis=1)
+    return jnp.where(active, new, x)

@@ -49,10 +49,11 @@ class TextTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False, embeddings=None):
+    def __call__(self, tokens, train: bool = False, embeddings=None, deep_prompts=None):
         """`embeddings` [N, T, width]: used in place of the token embeddings of `tokens` (prompt
         learning: learned context vectors among embedded words); `tokens` still place the pooled
-        token (EOT) and the padding."""
+        token (EOT) and the padding. `deep_prompts` (values [layers, n, width], active [layers]):
+        MaPLe's per-layer prompts, replacing tokens 1..n at the input of each active layer."""
         del train  # no dropout in CLIP's tower; the flag is the towers' common signature
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
@@ -96,7 +97,8 @@ class TextTransformer(nn.Module):
             positions = jnp.arange(1, length + 1, dtype=jnp.int32)
             kv_lengths = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=-1)
         # The last layer computes only the pooled token's row ([batch, width] out).
-        x = Transformer.of_tower(self, causal=not self.no_causal_mask)(x, index, kv_lengths)
+        deep = None if deep_prompts is None else (deep_prompts[0], deep_prompts[1], 1)
+        x = Transformer.of_tower(self, causal=not self.no_causal_mask)(x, index, kv_lengths, deep)
         pooled = LayerNorm(self.dtype, name="ln_final")(x)
         proj = self.param(
             "text_projection", param_with_axes(normal(self.width**-0.5), ("embed", None)), (self.width, self.output_dim)

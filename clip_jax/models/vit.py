@@ -146,11 +146,14 @@ class VisionTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, images, train: bool = False, pooled_too: bool = False):
+    def __call__(self, images, train: bool = False, pooled_too: bool = False, prompts=None, deep_prompts=None):
         """In training with patch_dropout r > 0 (FLIP), each image keeps a uniform random
         max(1, int(L * (1 - r))) of its L patch tokens (and the class token), drawn from the
         'dropout' rng; evaluation sees every token. pooled_too: (pooled features before the
-        projection [N, width], features) (SLIP's SimCLR head reads the former)."""
+        projection [N, width], features) (SLIP's SimCLR head reads the former).
+        MaPLe: `prompts` [n, width] are appended after the patch tokens (after the positions,
+        before ln_pre); `deep_prompts` (values [layers, n, width], active [layers]) replace those
+        last n tokens at the input of each active layer."""
         check_images(images, self.image_size)
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"vision patch_dropout must be in [0, 1), got {self.patch_dropout}")
@@ -169,18 +172,27 @@ class VisionTransformer(nn.Module):
         x = constrain(jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype), (BATCH, LENGTH, EMBED))
         if train and self.patch_dropout > 0:
             x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))
+        deep = None
+        if prompts is not None:
+            n = prompts.shape[0]
+            x = jnp.concatenate([x, jnp.broadcast_to(prompts.astype(x.dtype), (x.shape[0], n, self.width))], axis=1)
+            if deep_prompts is not None:
+                deep = (deep_prompts[0], deep_prompts[1], x.shape[1] - n)
         x = LayerNorm(self.dtype, name="ln_pre")(x)
         transformer = Transformer.of_tower(self, causal=False)
         pool_dim = self.width
         if self.pool_type == "map":
             pool_dim = self.output_dim
             pooler = AttentionalPooler(self.output_dim, self.attn_pooler_heads, 1, self.dtype, name="attn_pool")
-            x = pooler(transformer(x))
+            x = pooler(transformer(x, deep_prompts=deep))
             pooled = LayerNorm(self.dtype, name="ln_post")(x)[:, 0]
         elif self.pool_type == "avg":
+            if prompts is not None:
+                raise ValueError("vision prompts with pool_type 'avg' would be averaged in: use a 'tok' tower")
             pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x))[:, 1:].mean(axis=1)
         else:  # the class token: the last layer computes only its row
-            pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x, jnp.zeros(x.shape[:1], jnp.int32)))
+            pooled = LayerNorm(self.dtype, name="ln_post")(transformer(x, jnp.zeros(x.shape[:1], jnp.int32),
+                                                                       deep_prompts=deep))
         proj = self.param("proj", param_with_axes(normal(scale), ("embed", None)), (pool_dim, self.output_dim))
         features = pooled @ proj.astype(self.dtype)
         return (pooled, features) if pooled_too else features
