@@ -56,15 +56,42 @@ def load_run(workdir: str, step: Optional[int] = None):
 
 
 def export(workdir: str, out: str, step: Optional[int] = None) -> dict:
+    """A training workdir, or an adaptation workdir (python -m clip_jax.adapt): its frozen towers,
+    and NAME.adapter.safetensors / NAME.adapter.json with what the method learned."""
     from clip_jax.api import save_open_clip, write_flax_params
 
-    model, variables, step = load_run(workdir, step)
+    adapted = os.path.exists(os.path.join(workdir, "adapt_config.json"))
+    if adapted:
+        model, variables = _adapted_towers(workdir)
+    else:
+        model, variables, step = load_run(workdir, step)
     out = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     paths = {"safetensors": out + ".safetensors", "json": out + ".json", "msgpack": out + ".msgpack"}
     save_open_clip(model.config, variables, paths["safetensors"], config_path=paths["json"])
     write_flax_params(variables, paths["msgpack"])
+    if adapted:
+        import shutil
+
+        for ext in ("safetensors", "json"):
+            source = os.path.join(workdir, f"adapter.{ext}")
+            if not os.path.exists(source):
+                raise FileNotFoundError(f"{source} not found: the adaptation in {workdir} has not finished")
+            paths[f"adapter_{ext}"] = f"{out}.adapter.{ext}"
+            shutil.copyfile(source, paths[f"adapter_{ext}"])
     return {"step": step, **paths}
+
+
+def _adapted_towers(workdir: str):
+    """(model, variables) an adaptation ran on: its config's weights (a file or a training workdir)."""
+    from clip_jax.adapt.config import adapt_config
+    from clip_jax.adapt.weights import load_frozen
+
+    with open(os.path.join(workdir, "adapt_config.json")) as f:
+        saved = json.load(f)
+    settings = adapt_config()
+    settings.weights, settings.model = saved.get("weights", ""), saved.get("model", "")
+    return load_frozen(settings)
 
 
 def main(argv=None):

@@ -204,8 +204,10 @@ def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method
         results[devices] = json.loads((tmp_path / f"d{devices}" / "results.json").read_text())
     for key in ("zero_shot_top1", "val_top1", "top1"):
         assert results[8][key] == pytest.approx(results[1][key], abs=1e-4), key
-    learned = {d: np.load(tmp_path / f"d{d}" / "adapter.npz") for d in (1, 8)}
-    for k in learned[1].files:
+    from safetensors.numpy import load_file
+
+    learned = {d: load_file(str(tmp_path / f"d{d}" / "adapter.safetensors")) for d in (1, 8)}
+    for k in learned[1]:
         np.testing.assert_allclose(learned[8][k], learned[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
     # killed right after a checkpoint, then run again: the same tensors as straight through
     cmd, env = _cli(tmp_path, tmp_path / "killed", 1, method, extra)
@@ -216,8 +218,8 @@ def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
-    resumed = np.load(tmp_path / "killed" / "adapter.npz")
-    for k in learned[1].files:
+    resumed = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
+    for k in learned[1]:
         np.testing.assert_array_equal(resumed[k], learned[1][k], err_msg=k)
 
 
@@ -227,6 +229,18 @@ def test_tip_adapter_and_base_to_novel_end_to_end(tmp_path):
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
     tip = json.loads((tmp_path / "tip" / "results.json").read_text())
     assert {"zero_shot_top1", "top1", "val_top1", "alpha", "beta"} <= set(tip)
+    from safetensors.numpy import load_file
+
+    from clip_jax.export import export
+
+    written = export(str(tmp_path / "tip"), str(tmp_path / "out" / "tip"))
+    tensors = load_file(written["adapter_safetensors"])
+    assert tensors["cache_keys"].shape == (32, 12) and tensors["cache_values"].shape == (12, 6)  # [E, NK], [NK, C]
+    assert tensors["text_features"].shape == (6, 32) and float(tensors["alpha"]) == pytest.approx(tip["alpha"])
+    meta = json.loads(open(written["adapter_json"]).read())
+    assert meta["classnames"][0] == "circle" and meta["method"] == "tip_adapter"
+    loaded, _ = clip_jax.load(written["json"], written["safetensors"])
+    assert loaded.config.embed_dim == 32
     cmd, env = _cli(tmp_path, tmp_path / "b2n", 1, "coop", ("--config.base_to_novel=True",))
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
     b2n = json.loads((tmp_path / "b2n" / "results.json").read_text())

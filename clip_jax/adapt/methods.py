@@ -67,6 +67,10 @@ class Adapter:
         """The learned tensors under the reference implementation's state-dict names."""
         raise NotImplementedError
 
+    def text_features(self, learned):
+        """The final class embeddings [C, E] the method scores images against (unit norm)."""
+        return self.weights
+
 
 # -- CoOp and CoCoOp ----------------------------------------------------------------------
 class PromptLearner:
@@ -148,6 +152,10 @@ class CoOp(Adapter):
 
     def class_embeddings(self, learned):
         return self.learner.text_features(self.variables, self.learner.assemble(learned["ctx"]))
+
+    def text_features(self, learned):
+        """CoOp's; CoCoOp's without an image's shift (its prompts depend on the image)."""
+        return self.class_embeddings(learned)
 
     def logits(self, learned, features, train=False, rng=None):
         return self.scale * l2_normalize(features) @ self.class_embeddings(learned).T
@@ -389,6 +397,9 @@ class MaPLe(Adapter):
 
     def logits(self, learned, features, train=False, rng=None):
         return self.scale * l2_normalize(features) @ self.class_embeddings(learned).T
+
+    def text_features(self, learned):
+        return self.class_embeddings(learned)
 
     def export(self, learned):
         out = {"prompt_learner.ctx": learned["ctx"], "prompt_learner.proj.weight": learned["proj"]["kernel"].T,

@@ -327,8 +327,27 @@ def run(settings, workdir: str, log=print) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        np.savez(os.path.join(workdir, "adapter.npz"), **{k: np.asarray(v) for k, v in adapter.export(learned).items()})
+        write_adapter(workdir, settings, adapter, learned)
     return results
+
+
+def write_adapter(workdir: str, settings, adapter, learned) -> None:
+    """DIR/adapter.safetensors (the learned tensors under the reference's names, and text_features
+    [C, E], the class embeddings used) and DIR/adapter.json (what they mean)."""
+    from clip_jax.convert import write_safetensors
+
+    # np.array(order="C") keeps 0-d tensors 0-d (alpha, beta), as the reference saves them
+    tensors = {k: np.array(np.asarray(v, np.float32), order="C") for k, v in adapter.export(learned).items()}
+    tensors["text_features"] = np.array(np.asarray(adapter.text_features(learned), np.float32), order="C")
+    write_safetensors(tensors, os.path.join(workdir, "adapter.safetensors"))
+    meta = {"method": settings.method, "classnames": adapter.classnames, "prompts": adapter.prompts,
+            "logit_scale": adapter.scale, "n_ctx": int(settings.n_ctx), "ctx_init": settings.ctx_init,
+            "class_token_position": settings.class_token_position, "csc": bool(settings.csc),
+            "weights": settings.weights, "model": settings.model}
+    if isinstance(adapter, TipAdapter):
+        meta.update(alpha=adapter.alpha, beta=adapter.beta)
+    with open(os.path.join(workdir, "adapter.json"), "w") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
 
 
 def class_names_of(settings):
