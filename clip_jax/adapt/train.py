@@ -149,6 +149,27 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
+    """The jitted step: (learned, opt_state, uint8 images, labels, mask, key) -> (learned, opt_state,
+    mean loss over the real rows, correct count). Views are augmented on the device from `key`."""
+
+    def loss_fn(learned, images, labels, mask, key):
+        features = adapter.image_features(learned, augment(images, key, crop_scale, runner.size))
+        logits = adapter.logits(learned, features, train=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        weight = mask.astype(jnp.float32)
+        correct = jnp.sum((jnp.argmax(logits, axis=1) == labels) * weight)
+        return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), correct
+
+    @jax.jit
+    def train_step(learned, opt_state, images, labels, mask, key):
+        (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, images, labels, mask, key)
+        updates, opt_state = optimizer.update(grads, opt_state, learned)
+        return optax.apply_updates(learned, updates), opt_state, loss, correct
+
+    return train_step
+
+
 def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     """Optimize the adapter's learned tensors; resumes from DIR/checkpoints. -> learned tensors."""
     import orbax.checkpoint as ocp
@@ -174,19 +195,7 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     rows = runner.pad(batch)
     images_all, labels_all = train_set.images, train_set.labels
 
-    def loss_fn(learned, images, labels, mask, key):
-        features = adapter.image_features(learned, augment(images, key, scale, runner.size))
-        logits = adapter.logits(learned, features, train=True)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        weight = mask.astype(jnp.float32)
-        correct = jnp.sum((jnp.argmax(logits, axis=1) == labels) * weight)
-        return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), correct
-
-    @jax.jit
-    def train_step(learned, opt_state, images, labels, mask, key):
-        (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, images, labels, mask, key)
-        updates, opt_state = optimizer.update(grads, opt_state, learned)
-        return optax.apply_updates(learned, updates), opt_state, loss, correct
+    train_step = make_train_step(runner, adapter, optimizer, scale)
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if step == 0 and os.path.exists(metrics_path):

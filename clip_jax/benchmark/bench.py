@@ -830,5 +830,8 @@ def main(argv=None):
     p.add_argument("--resize", default="bicubic", choices=["bicubic", "bilinear"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "uint8"])
     p.set_defaults(fn=bench_input)
+    from clip_jax.benchmark.adapt import add_parser
+
+    add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)

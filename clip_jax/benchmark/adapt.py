@@ -1,0 +1,97 @@
+"""Few-shot adaptation steps: seconds per step, images/s and the compiled step's memory per
+device, for each method at each batch size, side by side in one process (random weights and
+images: the cost, not the accuracy).
+
+    python -m clip_jax.benchmark adapt --model=ViT-B-16 --classes=100 --batches=1,8,32 \
+        --methods=coop,cocoop,maple,clip_adapter,tip_adapter_f
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+
+def bench_adapt(args) -> list:
+    from clip_jax.adapt.config import adapt_config
+    from clip_jax.adapt.methods import make_adapter
+    from clip_jax.adapt.train import Runner, make_optimizer, make_train_step
+    from clip_jax.benchmark.bench import _memory
+    from clip_jax.models import create_model, init_variables
+    from clip_jax.parallel.sharding import make_mesh
+
+    model = create_model(args.model, dtype=args.dtype)
+    variables = init_variables(model, jax.random.key(0))
+    runner = Runner(adapt_config(), model, variables, make_mesh({"data": -1}))
+    classnames = [f"class {i}" for i in range(args.classes)]
+    prompts = [[f"a photo of a {n}."] for n in classnames]
+    rows = []
+    for method in args.methods.split(","):
+        settings = _method_settings(method)
+        if method == "maple":
+            depth = min(model.config.text.layers, model.config.vision.layers)
+            settings.prompt_depth = min(int(settings.prompt_depth), depth)
+        adapter = make_adapter(settings, runner.model, runner.variables, classnames, prompts)
+        if method.startswith("tip"):
+            n = args.classes * 2
+            adapter.build_cache(np.random.default_rng(0).standard_normal((1, n, model.config.embed_dim)),
+                                np.arange(n) % args.classes)
+        optimizer, _ = make_optimizer(settings, 10, 10)
+        learned = jax.device_put(adapter.init(jax.random.key(0)), runner.replicated)
+        opt_state = jax.device_put(optimizer.init(learned), runner.replicated)
+        step = make_train_step(runner, adapter, optimizer, tuple(settings.crop_scale))
+        for batch in (int(b) for b in args.batches.split(",")):
+            rows_ = runner.pad(batch)
+            size = model.config.vision.image_size
+            images = runner.shard(np.random.default_rng(1).integers(0, 256, (rows_, size, size, 3), np.uint8))
+            labels = runner.shard(np.arange(rows_, dtype=np.int32) % args.classes)
+            mask = runner.shard(np.arange(rows_) < batch)
+            key = jax.random.key(2)
+            compiled = step.lower(learned, opt_state, images, labels, mask, key).compile()
+            out = compiled(learned, opt_state, images, labels, mask, key)
+            jax.block_until_ready(out)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    out = compiled(learned, opt_state, images, labels, mask, key)
+                jax.block_until_ready(out)
+                times.append((time.perf_counter() - start) / args.steps)
+            seconds = float(np.median(times))
+            row = {"method": method, "batch": batch, "classes": args.classes, "s_per_step": seconds,
+                   "images_per_s": batch / seconds, **_memory(compiled)}
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def _method_settings(method: str):
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "configs", "adapt", f"{method}.py")
+    if os.path.exists(path):
+        spec = importlib.util.spec_from_file_location(f"adapt_{method}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+    from clip_jax.adapt.config import adapt_config
+
+    settings = adapt_config()
+    settings.method = method
+    return settings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("adapt", help="few-shot adaptation steps per method and batch: s/step, images/s, memory")
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--classes", type=int, default=100, help="classes (CoCoOp's memory grows with them)")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--methods", default="coop,cocoop,maple,clip_adapter,tip_adapter_f")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(fn=bench_adapt)
