@@ -88,6 +88,7 @@ def test_tokenizer_comes_from_the_model_and_must_fit_its_vocabulary(tmp_path):
     bad = get_model_config("ViT-Tiny-test", {"text_cfg": {"tokenizer": sp}})  # 24 ids, 49408 embeddings
     with pytest.raises(ValueError, match="has 24 ids but the text tower embeds 49408"):
         tokenizer_for(bad.text)
-    with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece': choose one of clip_bpe, sentencepiece"):
-        tokenizer_for(get_model_config("ViT-Tiny-test", {"text_cfg": {"tokenizer": "wordpiece"}}).text)
+    with pytest.raises(ValueError, match="unknown tokenizer 'byte_level': choose one of clip_bpe, sentencepiece, "
+                                         "wordpiece"):
+        tokenizer_for(get_model_config("ViT-Tiny-test", {"text_cfg": {"tokenizer": "byte_level"}}).text)
     assert tokenizer_for(get_model_config("ViT-Tiny-test").text).vocab_size == 49408
