@@ -241,11 +241,20 @@ def test_tip_adapter_and_base_to_novel_end_to_end(tmp_path):
     assert meta["classnames"][0] == "circle" and meta["method"] == "tip_adapter"
     loaded, _ = clip_jax.load(written["json"], written["safetensors"])
     assert loaded.config.embed_dim == 32
-    cmd, env = _cli(tmp_path, tmp_path / "b2n", 1, "coop", ("--config.base_to_novel=True",))
+    cmd, env = _cli(tmp_path, tmp_path / "b2n", 1, "coop", ("--config.base_to_novel=True",
+                                                             "--config.transfer=('shapes@label_color',)"))
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
     b2n = json.loads((tmp_path / "b2n" / "results.json").read_text())
     a, b = b2n["base_top1"], b2n["novel_top1"]
     assert b2n["hm"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
+    moved = b2n["transfer"]["shapes@label_color"]
+    assert moved["classes"] == 6 and 0 <= moved["top1"] <= 1 and 0 <= moved["zero_shot_top1"] <= 1
+    # python -m clip_jax.evaluate takes an adaptation workdir (its frozen towers)
+    done = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", f"--workdir={tmp_path / 'b2n'}",
+                           "--eval=zero_shot=shapes:test|limit=20", f"--data=cache_dir={tmp_path / 'cache'}",
+                           f"--data=shapes_sizes={json.dumps(SIZES)}"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # -- MaPLe ------------------------------------------------------------------------------------

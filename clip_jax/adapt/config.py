@@ -19,6 +19,9 @@ def adapt_config() -> ml_collections.ConfigDict:
     c.shots = 16
     c.seed = 1
     c.base_to_novel = False  # train on the first ceil(C/2) classes; report base, novel and their harmonic mean
+    # cross-dataset transfer: the learned tensors evaluated on other datasets' test splits and classes,
+    # each 'DATASET' or 'DATASET@LABEL_KEY' (e.g. ('shapes|lang=zh', 'shapes@label'))
+    c.transfer = ()
     # optimization (CoOp's, from Dassl: SGD, 1 warmup epoch at a constant 1e-5, cosine by epoch)
     c.optimizer = "sgd"
     c.learning_rate = 0.002

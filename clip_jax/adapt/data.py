@@ -142,3 +142,16 @@ def base_and_novel(num_classes: int) -> tuple[list[int], list[int]]:
     """CoOp's base-to-novel split: classes in label order, the first ceil(C / 2) are base."""
     m = math.ceil(num_classes / 2)
     return list(range(m)), list(range(m, num_classes))
+
+
+def test_split(dataset, label_key: str, image_size: int, data_config=None) -> tuple[list, Split]:
+    """(class names, the whole test split) of a classification source (cross-dataset transfer)."""
+    config = data_settings(data_config)
+    spec = split_specs(dataset)["test"]
+    info = eval_data.describe(spec, config, label_keys=[label_key])
+    classnames = info.label_names.get(label_key)
+    if classnames is None:
+        raise ValueError(f"{spec!r} declares no class names for {label_key!r}: it cannot be a transfer target")
+    labels = _labels(info, config, label_key)
+    images = _images(info, config, np.arange(len(labels)), image_size, len(labels))
+    return list(classnames), Split(images, labels.astype(np.int32))

@@ -333,11 +333,35 @@ def run(settings, workdir: str, log=print) -> dict:
         results["top1"] = top1(_logits(adapter, learned, method_f), data.test.labels)
     if isinstance(adapter, TipAdapter):
         results["alpha"], results["beta"] = adapter.alpha, adapter.beta
+    if settings.transfer:
+        results["transfer"] = {spec: transfer(runner, settings, adapter, learned, spec) for spec in settings.transfer}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         write_adapter(workdir, settings, adapter, learned)
     return results
+
+
+def transfer(runner: Runner, settings, adapter, learned, spec: str) -> dict:
+    """Top-1 of the learned tensors on another dataset's whole test split with its classes (and the
+    frozen model's zero-shot there): 'DATASET' or 'DATASET@LABEL_KEY'."""
+    from clip_jax.adapt.data import test_split
+    from clip_jax.adapt.prompts import class_prompts
+
+    dataset, _, label_key = spec.partition("@")
+    target = settings.copy_and_resolve_references()
+    target.dataset, target.label_key, target.classnames, target.templates = dataset, label_key or settings.label_key, \
+        "", ()
+    classnames, test = test_split(dataset, target.label_key, runner.size, settings.data.to_dict())
+    prompts = class_prompts(target, classnames)
+    if isinstance(adapter, TipAdapter) or (getattr(adapter, "csc", False)):
+        raise ValueError(f"config.transfer: {settings.method}'s learned tensors belong to the training classes "
+                         "(a cache, or class-specific contexts): they do not transfer to other classes")
+    other = make_adapter(settings, runner.model, runner.variables, classnames, prompts)
+    frozen = runner.features(test.images)
+    method_f = runner.features(test.images, adapter=other, learned=learned) if other.prompts_images else frozen
+    return {"top1": top1(_logits(other, learned, method_f), test.labels),
+            "zero_shot_top1": zero_shot_top1(runner, prompts, frozen, test.labels), "classes": len(classnames)}
 
 
 def write_adapter(workdir: str, settings, adapter, learned) -> None:

@@ -384,6 +384,11 @@ def _fmt(metric: str, value: float) -> str:
 # -- command line ------------------------------------------------------------------------------
 def load_model(workdir: Optional[str], weights: Optional[str], model_name: Optional[str], step: Optional[int]):
     """(model, variables, description, run config or None, step or None) from a workdir or a weights file."""
+    if workdir and os.path.exists(os.path.join(workdir, "adapt_config.json")):  # python -m clip_jax.adapt's
+        from clip_jax.export import _adapted_towers
+
+        model, variables = _adapted_towers(workdir)
+        return model, variables, f"{workdir} (the towers its adaptation froze)", None, None
     if workdir:
         from clip_jax.export import load_run, read_run_config
 
