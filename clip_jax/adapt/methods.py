@@ -14,6 +14,7 @@ CoOp and CoCoOp's prompts: gradients reach only the context vectors through it).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import flax.linen as nn
@@ -50,6 +51,16 @@ class Adapter:
 
     def image_features(self, learned, images):
         return jax.lax.stop_gradient(frozen_image_features(self.model, self.variables, images))
+
+    @contextlib.contextmanager
+    def bound(self, variables):
+        """Trace with `variables` (a jitted step's argument) as the frozen model's, so the weights enter
+        the compiled step as an input rather than as constants captured from this object."""
+        saved, self.variables = self.variables, variables
+        try:
+            yield self
+        finally:
+            self.variables = saved
 
     def __init__(self, settings, model, variables, classnames: Sequence[str], prompts: Sequence[Sequence[str]]):
         self.settings, self.model, self.variables = settings, model, variables

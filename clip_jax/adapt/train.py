@@ -150,8 +150,9 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
-    """The jitted step: (learned, opt_state, uint8 images, labels, mask, key) -> (learned, opt_state,
-    mean loss over the real rows, correct count). Views are augmented on the device from `key`."""
+    """The jitted step: (frozen variables, learned, opt_state, uint8 images, labels, mask, key) ->
+    (learned, opt_state, mean loss over the real rows, correct count). Views are augmented on the
+    device from `key`."""
 
     def loss_fn(learned, images, labels, mask, key):
         features = adapter.image_features(learned, augment(images, key, crop_scale, runner.size))
@@ -162,8 +163,9 @@ def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
         return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), correct
 
     @jax.jit
-    def train_step(learned, opt_state, images, labels, mask, key):
-        (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, images, labels, mask, key)
+    def train_step(variables, learned, opt_state, images, labels, mask, key):
+        with adapter.bound(variables):
+            (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, images, labels, mask, key)
         updates, opt_state = optimizer.update(grads, opt_state, learned)
         return optax.apply_updates(learned, updates), opt_state, loss, correct
 
@@ -210,8 +212,8 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
         labels = np.concatenate([labels_all[order], np.zeros(pad, np.int32)])
         mask = np.arange(rows) < len(order)
         key = jax.random.fold_in(jax.random.key(int(s.seed)), step)
-        learned, opt_state, loss, correct = train_step(learned, opt_state, runner.shard(images), runner.shard(labels),
-                                                       runner.shard(mask), key)
+        learned, opt_state, loss, correct = train_step(runner.variables, learned, opt_state, runner.shard(images),
+                                                       runner.shard(labels), runner.shard(mask), key)
         step += 1
         epoch_loss += float(loss) * len(order)
         epoch_correct += float(correct)

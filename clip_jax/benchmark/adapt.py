@@ -49,14 +49,15 @@ def bench_adapt(args) -> list:
             labels = runner.shard(np.arange(rows_, dtype=np.int32) % args.classes)
             mask = runner.shard(np.arange(rows_) < batch)
             key = jax.random.key(2)
-            compiled = step.lower(learned, opt_state, images, labels, mask, key).compile()
-            out = compiled(learned, opt_state, images, labels, mask, key)
+            args_ = (runner.variables, learned, opt_state, images, labels, mask, key)
+            compiled = step.lower(*args_).compile()
+            out = compiled(*args_)
             jax.block_until_ready(out)
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    out = compiled(learned, opt_state, images, labels, mask, key)
+                    out = compiled(*args_)
                 jax.block_until_ready(out)
                 times.append((time.perf_counter() - start) / args.steps)
             seconds = float(np.median(times))
