@@ -14,3 +14,22 @@ import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "clip_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def torch_reference(code: str, **arrays):
+    """Run `code` in a fresh Python with torch (the reference side of a test): the arrays are
+    passed in as `inputs` (an npz's dict) and `outputs` (a dict the code fills) comes back.
+    A separate process, as torch and TensorFlow in one process crash on some hosts."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(f"{tmp}/in.npz", **arrays)
+        script = ("import numpy as np\ninputs = dict(np.load('in.npz'))\noutputs = {}\n" + code
+                  + "\nnp.savez('out.npz', **outputs)\n")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return dict(np.load(f"{tmp}/out.npz"))

@@ -98,27 +98,31 @@ def test_released_checkpoint_layout_and_json_pair(tmp_path):
 def test_export_loads_strictly_in_chinese_clip(tmp_path):
     """The reference builds CLIP(**NAME.json) and loads NAME.safetensors with strict keys, and
     gives our embeddings. Runs where cn-clip and torch are installed (CI has neither)."""
-    pytest.importorskip("torch")
     pytest.importorskip("cn_clip")
-    import torch
-    from cn_clip.clip import tokenize
-    from cn_clip.clip.model import CLIP
-    from safetensors.torch import load_file
+    from conftest import torch_reference
 
     for name in ("cn-ViT-Tiny-test", "cn-RN-Shapes-S"):
         model = create_model(name)
         params = reference_params(model, 8)
         path = clip_jax.save_open_clip(name, params, str(tmp_path / f"{name}.safetensors"))
-        with open(tmp_path / f"{name}.json") as f:
-            ref = CLIP(**json.load(f)).eval()
-        ref.load_state_dict(load_file(path), strict=True)
         images = random_images(2, model.config.vision.image_size, 2)
-        tokens = tokenize(["一只猫的照片", "北京的天安门"], context_length=52)
-        with torch.no_grad():
-            r_img = torch.nn.functional.normalize(ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)))
-            r_txt = torch.nn.functional.normalize(ref.encode_text(tokens))
-        assert np.abs(clip_jax.encode_image(model, params, images) - r_img.numpy()).max() < TOL
-        assert np.abs(clip_jax.encode_text(model, params, tokens.numpy()) - r_txt.numpy()).max() < TOL
+        ref = torch_reference(f"""
+import json, torch
+from cn_clip.clip import tokenize
+from cn_clip.clip.model import CLIP
+from safetensors.torch import load_file
+with open({str(tmp_path / f"{name}.json")!r}) as f:
+    ref = CLIP(**json.load(f)).eval()
+ref.load_state_dict(load_file({path!r}), strict=True)
+tokens = tokenize(["一只猫的照片", "北京的天安门"], context_length=52)
+with torch.no_grad():
+    outputs["img"] = torch.nn.functional.normalize(ref.encode_image(
+        torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2))).numpy()
+    outputs["txt"] = torch.nn.functional.normalize(ref.encode_text(tokens)).numpy()
+outputs["tokens"] = tokens.numpy()
+""", images=images)
+        assert np.abs(clip_jax.encode_image(model, params, images) - ref["img"]).max() < TOL
+        assert np.abs(clip_jax.encode_text(model, params, ref["tokens"]) - ref["txt"]).max() < TOL
 
 
 def test_text_tower_from_hugging_face_bert():

@@ -207,22 +207,25 @@ def test_bad_images_and_tokens_fail_before_compile():
 
 def test_export_loads_in_open_clip(tmp_path):
     """Runs where open_clip is installed (make_fixtures' environment); CI has no torch."""
-    open_clip = pytest.importorskip("open_clip")
-    import torch
+    pytest.importorskip("open_clip")
+    from conftest import torch_reference
 
     for name in ("ViT-B-32-quickgelu", "RN50"):
         model = create_model(name)
         sd = random_state_dict(convert.expected_state_dict_shapes(model), 5)
         params = convert.state_dict_to_variables(model, sd)
         path = clip_jax.save_open_clip(name, params, str(tmp_path / f"{name}.safetensors"))
-        ref = open_clip.create_model(name, pretrained=path).eval()  # strict key matching
         images = random_images(2, model.config.vision.image_size, 1)
         tokens = clip_jax.tokenize(["a photo of a cat", "a diagram"])
-        with torch.no_grad():
-            r_img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True).numpy()
-            r_txt = ref.encode_text(torch.from_numpy(tokens).long(), normalize=True).numpy()
-        assert np.abs(clip_jax.encode_image(model, params, images) - r_img).max() < TOL
-        assert np.abs(clip_jax.encode_text(model, params, tokens) - r_txt).max() < TOL
+        ref = torch_reference(f"""
+import open_clip, torch
+ref = open_clip.create_model({name!r}, pretrained={path!r}).eval()  # strict key matching
+with torch.no_grad():
+    outputs["img"] = ref.encode_image(torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2), normalize=True).numpy()
+    outputs["txt"] = ref.encode_text(torch.from_numpy(inputs["tokens"]).long(), normalize=True).numpy()
+""", images=images, tokens=tokens)
+        assert np.abs(clip_jax.encode_image(model, params, images) - ref["img"]).max() < TOL
+        assert np.abs(clip_jax.encode_text(model, params, tokens) - ref["txt"]).max() < TOL
 
 
 def test_read_torch_checkpoint(tmp_path):
