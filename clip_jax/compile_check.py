@@ -122,9 +122,9 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
         "accum_steps": config.accum_steps, "model": config.model, "method": config.method, "loss": config.loss,
         "remat": config.remat, "dtype": config.dtype, "hbm_gib": HBM_GIB.get(kind, float("nan")),
     }
-    report.update(_compile(run.step_fn, run.state, batch, report["hbm_gib"]))
+    report.update(_compile(run.step_fn, (run.state, batch), report["hbm_gib"]))
     if run.unmasked_step_fn is not None:  # FLIP's unmasked tuning: a second program, every token kept
-        tuning = _compile(run.unmasked_step_fn, run.state, batch, report["hbm_gib"])
+        tuning = _compile(run.unmasked_step_fn, (run.state, batch), report["hbm_gib"])
         report.update({f"unmasked_{k}": tuning[k] for k in ("temp_gib", "fits", "compile_s") if k in tuning})
         report["fits"] = report["fits"] and tuning["fits"]
     if not report["fits"]:
@@ -134,6 +134,62 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
         # matmul FLOPs per chip (3 x forward, no remat; SLIP's extra image passes) compare across settings.
         train_step = flops.method_train_flops(run.model, config.batch_size, config.method)
         report["model_flops_per_chip"] = train_step / len(devices)
+    return report
+
+
+def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optional[list] = None) -> dict:
+    """A few-shot adaptation step (configs/adapt/METHOD.py with its config.model, config.batch_size)
+    over `classes` classes, compiled for `topology`: the batch over every chip, the frozen weights
+    and the learned tensors replicated."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from clip_jax.adapt.methods import make_adapter
+    from clip_jax.adapt.train import make_optimizer, make_train_step
+    from clip_jax.models import create_model, variable_shapes
+    from clip_jax.parallel import sharding
+
+    if not settings.model:
+        raise ValueError("set --config.model=NAME: the architecture the adaptation runs on")
+    devices = devices if devices is not None else topology_devices(topology)
+    mesh = sharding.make_mesh({"data": -1}, devices)
+    model = create_model(settings.model)
+    # The adapter is built on the host with random weights (its constants: word embeddings, the
+    # frozen classifier); the compiled step takes the weights as an input.
+    host = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(model))
+    names = [f"class {i}" for i in range(classes)]
+    adapter = make_adapter(settings, model, host, names, [[f"a photo of a {n}."] for n in names])
+    if hasattr(adapter, "build_cache"):
+        shots = int(settings.shots)
+        adapter.build_cache(np.zeros((1, classes * shots, model.config.embed_dim), np.float32),
+                            np.arange(classes * shots) % classes)
+    optimizer, _ = make_optimizer(settings, 10, 10)
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    learned = jax.eval_shape(adapter.init, jax.random.key(0))
+    opt_state = jax.eval_shape(optimizer.init, learned)
+    spec = lambda tree, where: jax.tree_util.tree_map(  # noqa: E731
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), tree)
+    batch = -(-int(settings.batch_size) // len(devices)) * len(devices)
+    size = model.config.vision.image_size
+
+    class Shapes:  # what make_train_step reads of a runner
+        pass
+
+    runner = Shapes()
+    runner.model, runner.size = model, size
+    step = make_train_step(runner, adapter, optimizer, tuple(settings.crop_scale))
+    args = (spec(variable_shapes(model), replicated), spec(learned, replicated), spec(opt_state, replicated),
+            jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8, sharding=rows),
+            jax.ShapeDtypeStruct((batch,), np.int32, sharding=rows),
+            jax.ShapeDtypeStruct((batch,), bool, sharding=rows),
+            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+    kind = devices[0].device_kind
+    report = {"topology": topology, "devices": len(devices), "device_kind": kind, "method": settings.method,
+              "model": settings.model, "classes": classes, "global_batch": batch,
+              "hbm_gib": HBM_GIB.get(kind, float("nan"))}
+    report.update(_compile(step, args, report["hbm_gib"]))
     return report
 
 
@@ -154,10 +210,11 @@ def memory_gib(compiled) -> dict:
             "total_gib": total * gib}
 
 
-def _compile(step_fn, state, batch, hbm_gib: float) -> dict:
-    """Memory, fit, FLOPs and collectives of one step program, or the compiler's refusal."""
+def _compile(step_fn, args: tuple, hbm_gib: float) -> dict:
+    """Memory, fit, FLOPs and collectives of one step program (lowered with `args`), or the
+    compiler's refusal."""
     start = time.perf_counter()
-    lowered = step_fn.lower(state, batch)
+    lowered = step_fn.lower(*args)
     try:
         with warnings.catch_warnings():
             # A persistent compilation cache (the trainer's) cannot load TPU executables on this host.
@@ -229,8 +286,12 @@ def main(argv):
 
     from absl import flags
 
-    check = compile_loss if flags.FLAGS.loss_only else compile_check
-    report = check(flags.FLAGS.config, flags.FLAGS.topology)
+    config = flags.FLAGS.config
+    if "shots" in config:  # an adaptation config (configs/adapt/METHOD.py)
+        report = compile_adapt(config, flags.FLAGS.topology, flags.FLAGS.classes)
+    else:
+        check = compile_loss if flags.FLAGS.loss_only else compile_check
+        report = check(config, flags.FLAGS.topology)
     print(json.dumps(report) if flags.FLAGS.json else format_report(report), flush=True)
 
 
@@ -242,5 +303,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("topology", None, "a Cloud TPU topology: v5e:2x2, v5e:16x16, v4:4x4x8, v5p:4x4x8, v6e:8x8")
     flags.DEFINE_bool("loss_only", False, "compile the contrastive loss alone (value and gradient) at the batch")
     flags.DEFINE_bool("json", False, "print the report as one JSON object instead of key: value lines")
+    flags.DEFINE_integer("classes", 1000, "an adaptation config's number of classes (ImageNet: 1000)")
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main)
