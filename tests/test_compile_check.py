@@ -83,3 +83,16 @@ def test_flips_unmasked_tuning_step_is_checked_too():
     report = cc.compile_check(c, "v5e:2x2")
     # the tuning step keeps every token: more activations than the masked step
     assert report["unmasked_fits"] is True and report["unmasked_temp_gib"] > report["temp_gib"]
+
+
+@needs_libtpu
+def test_a_few_shot_adaptation_step_compiles_for_a_small_topology():
+    from clip_jax.adapt.config import adapt_config
+
+    settings = adapt_config()
+    settings.method, settings.model, settings.batch_size = "coop", "ViT-Tiny-test", 8
+    report = cc.compile_adapt(settings, "v5e:2x2", classes=10)
+    assert report["devices"] == 4 and report["global_batch"] == 8 and report["fits"]
+    assert report["argument_gib"] > 0 and report["total_gib"] >= report["argument_gib"]
+    # the gradient of the replicated context is summed over the chips' rows
+    assert "all-reduce" in report["collectives"]
