@@ -30,13 +30,11 @@ from clip_jax.preprocessing import MEAN, STD
 # CoOp's epochs by shots (COOP.md): 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16.
 COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 
-
 def epochs_for(settings) -> int:
     if int(settings.epochs) > 0:
         return int(settings.epochs)
     shots = int(settings.shots)
     return COOP_EPOCHS.get(shots, 200 if shots > 16 else COOP_EPOCHS[min(COOP_EPOCHS, key=lambda k: abs(k - shots))])
-
 
 # -- images on the device -------------------------------------------------------------------
 def _random_resized_crop(image, key, scale, size: int):
@@ -57,19 +55,13 @@ def _random_resized_crop(image, key, scale, size: int):
     out = jnp.where(jax.random.bernoulli(k[4]), out[:, ::-1], out)
     return jnp.clip(out, 0.0, 255.0)
 
-
 def normalize(pixels):
     return (pixels / 255.0 - jnp.asarray(MEAN)) / jnp.asarray(STD)
-
 
 def augment(images, key, scale, size: int):
     """uint8 [B, S, S, 3] -> normalized float [B, size, size, 3], one key per image."""
     keys = jax.random.split(key, images.shape[0])
     return normalize(jax.vmap(lambda im, k: _random_resized_crop(im, k, scale, size))(images, keys))
-
-
-image_features = frozen_image_features
-
 
 # -- the run --------------------------------------------------------------------------------
 class Runner:
@@ -80,7 +72,7 @@ class Runner:
         self.rows = NamedSharding(mesh, P("data"))
         self.variables = jax.device_put(variables, self.replicated)
         self.size = model.config.vision.image_size
-        self._features = jax.jit(lambda v, x: image_features(model, v, normalize(x.astype(jnp.float32))))
+        self._features = jax.jit(lambda v, x: frozen_image_features(model, v, normalize(x.astype(jnp.float32))))
 
     def pad(self, n: int) -> int:
         return -(-max(n, 1) // self.devices) * self.devices
@@ -105,7 +97,7 @@ class Runner:
 
     def augmented_features(self, images: np.ndarray, passes: int, scale, seed: int) -> np.ndarray:
         """[passes, N, E]: the features of `passes` random-resized-crop views of every image."""
-        fn = jax.jit(lambda v, x, key: image_features(self.model, v, augment(x, key, scale, self.size)))
+        fn = jax.jit(lambda v, x, key: frozen_image_features(self.model, v, augment(x, key, scale, self.size)))
         batch = self.pad(min(256, len(images)))
         out = []
         for p in range(passes):
@@ -117,7 +109,6 @@ class Runner:
                 rows.append(np.asarray(fn(self.variables, self.shard(padded), key))[:len(chunk)])
             out.append(np.concatenate(rows))
         return np.stack(out)
-
 
 def _schedule(settings, steps_per_epoch: int, epochs: int):
     """The learning rate by step: SGD methods (Dassl): constant warmup_lr for warmup_epochs, then
@@ -134,7 +125,6 @@ def _schedule(settings, steps_per_epoch: int, epochs: int):
 
     return schedule
 
-
 def make_optimizer(settings, steps_per_epoch: int, epochs: int):
     schedule = _schedule(settings, steps_per_epoch, epochs)
     if settings.optimizer == "sgd":  # torch.optim.SGD: weight decay added to the gradient, then momentum
@@ -144,10 +134,8 @@ def make_optimizer(settings, steps_per_epoch: int, epochs: int):
         return optax.adamw(schedule, eps=float(settings.adam_eps), weight_decay=float(settings.weight_decay)), schedule
     raise ValueError(f"config.optimizer={settings.optimizer!r}: use 'sgd' or 'adamw'")
 
-
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
-
 
 def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
     """The jitted step: (frozen variables, learned, opt_state, uint8 images, labels, mask, key) ->
@@ -170,7 +158,6 @@ def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
         return optax.apply_updates(learned, updates), opt_state, loss, correct
 
     return train_step
-
 
 def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     """Optimize the adapter's learned tensors; resumes from DIR/checkpoints. -> learned tensors."""
@@ -234,20 +221,16 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     manager.wait_until_finished()
     return learned
 
-
 def top1(logits, labels) -> float:
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == np.asarray(labels))) if len(labels) else 0.0
-
 
 def _logits(adapter, learned, features: np.ndarray, batch: int = 512) -> np.ndarray:
     fn = jax.jit(lambda learned, f: adapter.logits(learned, f))
     return np.concatenate([np.asarray(fn(learned, jnp.asarray(features[i:i + batch])))
                            for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
 
-
 def evaluate(runner: Runner, adapter, learned, split_features: dict) -> dict:
     return {name: top1(_logits(adapter, learned, f), labels) for name, (f, labels) in split_features.items()}
-
 
 def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: str, log=print):
     """(adapter, learned, validation/test features) for the classes of `data`."""
@@ -267,11 +250,9 @@ def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: s
         log(f"Tip-Adapter search on validation: top-1 {acc:.4f} at beta={beta:.4g}, alpha={alpha:.4g}")
     return adapter, learned
 
-
 def zero_shot_top1(runner: Runner, prompts, features: np.ndarray, labels: np.ndarray) -> float:
     weights = text_classifier(runner.model, runner.variables, prompts)
     return top1(np.asarray(l2_normalize(jnp.asarray(features))) @ weights.T, labels)
-
 
 def run(settings, workdir: str, log=print) -> dict:
     """The whole protocol; writes and returns DIR/results.json's content."""
@@ -343,7 +324,6 @@ def run(settings, workdir: str, log=print) -> dict:
         write_adapter(workdir, settings, adapter, learned)
     return results
 
-
 def transfer(runner: Runner, settings, adapter, learned, spec: str) -> dict:
     """Top-1 of the learned tensors on another dataset's whole test split with its classes (and the
     frozen model's zero-shot there): 'DATASET' or 'DATASET@LABEL_KEY'."""
@@ -365,7 +345,6 @@ def transfer(runner: Runner, settings, adapter, learned, spec: str) -> dict:
     return {"top1": top1(_logits(other, learned, method_f), test.labels),
             "zero_shot_top1": zero_shot_top1(runner, prompts, frozen, test.labels), "classes": len(classnames)}
 
-
 def write_adapter(workdir: str, settings, adapter, learned) -> None:
     """DIR/adapter.safetensors (the learned tensors under the reference's names, and text_features
     [C, E], the class embeddings used) and DIR/adapter.json (what they mean)."""
@@ -383,7 +362,6 @@ def write_adapter(workdir: str, settings, adapter, learned) -> None:
         meta.update(alpha=adapter.alpha, beta=adapter.beta)
     with open(os.path.join(workdir, "adapter.json"), "w") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
-
 
 def class_names_of(settings):
     """config.classnames: a JSON file {'classnames': [...]} or a list; '' takes the dataset's."""
