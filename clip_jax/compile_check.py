@@ -155,7 +155,7 @@ def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optiona
         raise ValueError("set --config.model=NAME: the architecture the adaptation runs on")
     devices = devices if devices is not None else topology_devices(topology)
     mesh = sharding.make_mesh({"data": -1}, devices)
-    model = create_model(settings.model)
+    model = create_model(settings.model, dtype=settings.dtype, remat=settings.remat)
     # The adapter is built on the host with random weights (its constants: word embeddings, the
     # frozen classifier); the compiled step takes the weights as an input.
     host = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(model))
@@ -187,7 +187,8 @@ def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optiona
             jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
     kind = devices[0].device_kind
     report = {"topology": topology, "devices": len(devices), "device_kind": kind, "method": settings.method,
-              "model": settings.model, "classes": classes, "global_batch": batch,
+              "model": settings.model, "classes": classes, "global_batch": batch, "dtype": settings.dtype,
+              "remat": settings.remat,
               "hbm_gib": HBM_GIB.get(kind, float("nan"))}
     report.update(_compile(step, args, report["hbm_gib"]))
     return report
