@@ -207,7 +207,10 @@ def test_bad_images_and_tokens_fail_before_compile():
 
 def test_export_loads_in_open_clip(tmp_path):
     """Runs where open_clip is installed (make_fixtures' environment); CI has no torch."""
-    pytest.importorskip("open_clip")
+    import importlib.util
+
+    if importlib.util.find_spec("open_clip") is None or importlib.util.find_spec("torch") is None:
+        pytest.skip("open_clip and torch are not installed (the reference side)")
     from conftest import torch_reference
 
     for name in ("ViT-B-32-quickgelu", "RN50"):
