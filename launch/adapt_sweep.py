@@ -34,7 +34,7 @@ RESULTS = os.path.join(ROOT, "docs", "adapt_results.jsonl")
 METHODS = ("coop", "cocoop", "clip_adapter", "tip_adapter", "tip_adapter_f")
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
-B2N_METHODS = ("coop", "cocoop", "clip_adapter")  # Tip-Adapter's cache holds the base classes' labels
+B2N_METHODS = ("coop", "cocoop", "maple", "clip_adapter")  # Tip-Adapter's cache holds the base classes' labels
 B2N_SHOTS = 16
 NAMES = {"zero_shot": "zero-shot", "coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe",
          "clip_adapter": "CLIP-Adapter", "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F"}
@@ -60,6 +60,11 @@ def settings_for(args, method: str, shots: int, seed: int, base_to_novel: bool):
     c.data.cache_dir = args.cache_dir
     if method == "cocoop" and args.cocoop_batch_size:
         c.batch_size = args.cocoop_batch_size
+    if method == "maple":  # its depth J may not exceed the shallower tower (a smoke model's text tower: 2 layers)
+        from clip_jax.adapt.weights import load_frozen
+
+        model, _ = load_frozen(c)
+        c.prompt_depth = min(int(c.prompt_depth), model.config.text.layers, model.config.vision.layers)
     return c
 
 
