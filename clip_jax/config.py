@@ -111,3 +111,66 @@ def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
             config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
             config[key] = value
+
+
+# -- ranges: every numeric setting's allowed values, checked before anything is read or compiled --
+# ('>=', x), ('>', x), ('[0,1]',) or ('[0,1)',) per '.'-joined key.
+RANGES = {
+    "batch_size": (">=", 1), "total_steps": (">=", 1), "accum_steps": (">=", 1), "prefetch_batches": (">=", 1),
+    "log_every_steps": (">=", 1), "eval_every_steps": (">=", 0), "eval_batch_size": (">=", 1),
+    "checkpoint_every_steps": (">=", 1), "keep_checkpoints": (">=", 1), "max_nonfinite_steps": (">=", 1),
+    "patch_dropout": ("[0,1)",), "unmasked_from_step": (">=", 0), "unfreeze_at_step": (">=", 0), "seed": (">=", 0),
+    "optim.learning_rate": (">=", 0), "optim.end_learning_rate": (">=", 0), "optim.warmup_steps": (">=", 0),
+    "optim.b1": ("[0,1)",), "optim.b2": ("[0,1)",), "optim.eps": (">", 0), "optim.weight_decay": (">=", 0),
+    "optim.grad_clip_norm": (">=", 0),
+    "slip.ssl_scale": (">=", 0), "slip.ssl_temp": (">", 0), "slip.mlp_dim": (">=", 1), "slip.emb_dim": (">=", 1),
+    "data.streams": (">=", 0), "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),
+    "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
+}
+# (low, high) pairs that must be shares of the image area, ordered
+SCALE_PAIRS = ("data.crop_scale",)
+
+
+def in_range(value, rule: tuple) -> bool:
+    kind = rule[0]
+    if kind == ">=":
+        return value >= rule[1]
+    if kind == ">":
+        return value > rule[1]
+    return 0 <= value <= 1 if kind == "[0,1]" else 0 <= value < 1
+
+
+def describe_range(rule: tuple) -> str:
+    return f"{rule[0]} {rule[1]}" if rule[0] in (">=", ">") else f"in {rule[0]}"
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_ranges(config, ranges: dict = RANGES, scale_pairs=SCALE_PAIRS) -> None:
+    """Every numeric setting in its range, and the crop scales ordered: the first one out is an error
+    naming the field, its value and the allowed range."""
+    for key, rule in ranges.items():
+        value = _lookup(config, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value, rule):
+            raise ValueError(f"config.{key}={value!r} is out of range: it must be {describe_range(rule)}")
+    for key in scale_pairs:
+        scale = _lookup(config, key)
+        if scale is None:
+            continue
+        scale = tuple(scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"config.{key}={scale!r}: use (low, high) with 0 < low <= high <= 1 (the share of "
+                             "the image's area a random crop keeps)")
+    sizes = _lookup(config, "data.shapes_sizes")
+    for split, n in (dict(sizes) if sizes else {}).items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"config.data.shapes_sizes.{split}={n!r} is out of range: it must be >= 1")

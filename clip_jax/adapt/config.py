@@ -58,3 +58,29 @@ def adapt_config() -> ml_collections.ConfigDict:
     c.data = base_config().data
     del c.data["train"], c.data["eval"]
     return c
+
+
+RANGES = {
+    "shots": (">=", 1), "seed": (">=", 0), "learning_rate": (">=", 0), "momentum": ("[0,1)",),
+    "weight_decay": (">=", 0), "adam_eps": (">", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">=", 0),
+    "epochs": (">=", 0), "batch_size": (">=", 1), "checkpoint_every_steps": (">=", 1), "log_every_epochs": (">=", 1),
+    "n_ctx": (">=", 1), "prompt_depth": (">=", 1), "reduction": (">=", 1), "ratio": ("[0,1]",),
+    "augment_passes": (">=", 1), "init_alpha": (">=", 0), "init_beta": (">=", 0),
+    "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),
+    "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
+}
+SCALE_PAIRS = ("crop_scale", "cache_crop_scale", "data.crop_scale")
+
+
+def check_adapt_ranges(settings) -> None:
+    """An adaptation config's numbers in range (clip_jax.config.check_ranges with this table); the
+    search grid's scales above its 0.1 start and its steps >= 1."""
+    from clip_jax.config import check_ranges
+
+    check_ranges(settings, RANGES, SCALE_PAIRS)
+    scale, steps = tuple(settings.search_scale), tuple(settings.search_step)
+    if len(scale) != 2 or min(scale) <= 0.1:
+        raise ValueError(f"config.search_scale={scale!r}: use (beta scale, alpha scale), each > 0.1 (the grid "
+                         "runs from 0.1 up to them)")
+    if len(steps) != 2 or min(steps) < 1:
+        raise ValueError(f"config.search_step={steps!r}: use (beta steps, alpha steps), each >= 1")

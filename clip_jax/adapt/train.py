@@ -256,10 +256,12 @@ def zero_shot_top1(runner: Runner, prompts, features: np.ndarray, labels: np.nda
 
 def run(settings, workdir: str, log=print) -> dict:
     """The whole protocol; writes and returns DIR/results.json's content."""
+    from clip_jax.adapt.config import check_adapt_ranges
     from clip_jax.adapt.weights import load_frozen
     from clip_jax.parallel.sharding import make_mesh
 
     ADAPTERS.get(settings.method)  # an unknown method lists the known ones, first
+    check_adapt_ranges(settings)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "adapt_config.json"), "w") as f:
         f.write(settings.to_json_best_effort(indent=2))

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 from etils import epath
 
+from clip_jax.config import check_ranges
 from clip_jax.input.embedding_cache import EmbeddingCache, settings_of
 from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, parse_spec, stream_count
 from clip_jax.methods import METHODS
@@ -31,6 +32,7 @@ def _data_config(config) -> dict:
 
 def validate(config) -> None:
     """Bad configs fail here, before data is read or anything compiles."""
+    check_ranges(config)
     for key in ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "accum_steps",
                 "max_nonfinite_steps"):
         if int(config[key]) < 1:
