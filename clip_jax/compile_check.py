@@ -174,12 +174,7 @@ def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optiona
     batch = -(-int(settings.batch_size) // len(devices)) * len(devices)
     size = model.config.vision.image_size
 
-    class Shapes:  # what make_train_step reads of a runner
-        pass
-
-    runner = Shapes()
-    runner.model, runner.size = model, size
-    step = make_train_step(runner, adapter, optimizer, tuple(settings.crop_scale))
+    step = make_train_step(adapter, optimizer, tuple(settings.crop_scale), size)
     args = (spec(variable_shapes(model), replicated), spec(learned, replicated), spec(opt_state, replicated),
             jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8, sharding=rows),
             jax.ShapeDtypeStruct((batch,), np.int32, sharding=rows),

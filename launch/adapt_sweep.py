@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -30,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from clip_jax.adapt.config import method_config  # noqa: E402  (after the checkout is on the path)
+
 RESULTS = os.path.join(ROOT, "docs", "adapt_results.jsonl")
 METHODS = ("coop", "cocoop", "clip_adapter", "tip_adapter", "tip_adapter_f")
 SHOTS = (1, 2, 4, 8, 16)
@@ -38,15 +39,6 @@ B2N_METHODS = ("coop", "cocoop", "maple", "clip_adapter")  # Tip-Adapter's cache
 B2N_SHOTS = 16
 NAMES = {"zero_shot": "zero-shot", "coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe",
          "clip_adapter": "CLIP-Adapter", "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F"}
-
-
-def method_config(method: str):
-    """configs/adapt/METHOD.py's get_config(), the module loaded by path."""
-    path = os.path.join(ROOT, "configs", "adapt", f"{method}.py")
-    spec = importlib.util.spec_from_file_location(f"adapt_config_{method}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def settings_for(args, method: str, shots: int, seed: int, base_to_novel: bool):

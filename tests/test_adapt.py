@@ -173,6 +173,11 @@ def test_bad_input_is_named(tmp_path):
         load_frozen(settings(weights=path, model="ViT-Tiny-test"))
     with pytest.raises(ValueError, match="config.weights is empty"):
         load_frozen(settings())
+    from clip_jax.adapt.train import run
+
+    for bound in (dict(method="tip_adapter", base_to_novel=True), dict(method="coop", csc=True, transfer=("shapes",))):
+        with pytest.raises(ValueError, match="belong to the training classes"):  # before any weights are read
+            run(settings(**bound), str(tmp_path / "bound"))
 
 
 # -- the CLI: 1 and 8 devices, and a kill -----------------------------------------------------

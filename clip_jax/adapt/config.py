@@ -60,6 +60,24 @@ def adapt_config() -> ml_collections.ConfigDict:
     return c
 
 
+def method_config(method: str) -> ml_collections.ConfigDict:
+    """configs/adapt/METHOD.py's config (the reference's defaults) from this checkout, loaded by path;
+    the base config with `method` set where the checkout has no such file."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "configs", "adapt", f"{method}.py")
+    if not os.path.exists(path):
+        settings = adapt_config()
+        settings.method = method
+        return settings
+    spec = importlib.util.spec_from_file_location(f"adapt_config_{method}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 RANGES = {
     "shots": (">=", 1), "seed": (">=", 0), "learning_rate": (">=", 0), "momentum": ("[0,1)",),
     "weight_decay": (">=", 0), "adam_eps": (">", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">=", 0),

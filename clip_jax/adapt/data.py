@@ -54,7 +54,7 @@ def split_specs(dataset: str) -> dict:
         return specs
     name, _, option = dataset.partition("|")
     option = f"|{option}" if option else ""
-    if name in ("shapes", "tfds:") or name.startswith("tfds:"):
+    if name == "shapes" or name.startswith("tfds:"):
         return {split: f"{name}:{split}{option}" for split in ("train", "validation", "test")}
     raise ValueError(f"config.dataset={dataset!r}: use 'shapes', 'tfds:NAME' or a dict of train/validation/test "
                      "specs (tfrecord:GLOB ones too)")

@@ -49,6 +49,12 @@ class Adapter:
     trains = True  # False: training-free (Tip-Adapter), nothing to optimize
     prompts_images = False  # True: the image features depend on the learned tensors (MaPLe)
 
+    def __init__(self, settings, model, variables, classnames: Sequence[str], prompts: Sequence[Sequence[str]]):
+        self.settings, self.model, self.variables = settings, model, variables
+        self.classnames = list(classnames)
+        self.prompts = prompts
+        self.scale = float(model.apply(variables, method=lambda m: m.temperature()[0]))  # the model's, clamped
+
     def image_features(self, learned, images):
         return jax.lax.stop_gradient(frozen_image_features(self.model, self.variables, images))
 
@@ -61,12 +67,6 @@ class Adapter:
             yield self
         finally:
             self.variables = saved
-
-    def __init__(self, settings, model, variables, classnames: Sequence[str], prompts: Sequence[Sequence[str]]):
-        self.settings, self.model, self.variables = settings, model, variables
-        self.classnames = list(classnames)
-        self.prompts = prompts
-        self.scale = float(np.exp(min(float(variables["params"]["logit_scale"]), np.log(100.0))))
 
     def init(self, rng):
         raise NotImplementedError

@@ -7,24 +7,20 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 def class_prompts(settings, classnames) -> list:
     """[class][k] prompt texts: config.templates if set; else the dataset's own (the shapes task's
-    prompts; a tfds dataset's zero-shot metadata); else 'a photo of a {}.'."""
-    if settings.templates:
-        return [[t.format(name) for t in settings.templates] for name in classnames]
-    dataset = str(settings.dataset)
-    if dataset.startswith("shapes"):
+    prompts in the source's language; a tfds dataset's zero-shot metadata); else 'a photo of a {}.'."""
+    from clip_jax.adapt.data import split_specs
+    from clip_jax.evaluate.zero_shot import available_metadata, load_metadata, prompts_for
+    from clip_jax.input.eval_data import SHAPES_TASKS, source_lang
+    from clip_jax.input.pipeline import parse_spec
+
+    templates = settings.templates or DEFAULT_TEMPLATES
+    source = parse_spec(split_specs(settings.dataset)["test"])
+    if not settings.templates and source.kind == "shapes" and settings.label_key in SHAPES_TASKS:
         from clip_jax.input import shapes
-        from clip_jax.input.eval_data import SHAPES_TASKS
 
-        lang = dataset.partition("|lang=")[2] or "en"
-        if settings.label_key in SHAPES_TASKS:
-            prompts = shapes.prompts(SHAPES_TASKS[settings.label_key], lang=lang)
-            if len(prompts) == len(classnames):
-                return prompts
-    if dataset.startswith("tfds:"):
-        from clip_jax.evaluate.zero_shot import available_metadata, load_metadata
-
-        name = dataset[len("tfds:"):].split("/")[0].split("|")[0]
-        if name in available_metadata():
-            templates = load_metadata(name)["templates"]
-            return [[t.format(c) for t in templates] for c in classnames]
-    return [[t.format(name) for t in DEFAULT_TEMPLATES] for name in classnames]
+        prompts = shapes.prompts(SHAPES_TASKS[settings.label_key], lang=source_lang(source))
+        if len(prompts) == len(classnames):
+            return prompts
+    if not settings.templates and source.kind == "tfds" and source.name.split("/")[0] in available_metadata():
+        templates = load_metadata(source.name.split("/")[0])["templates"]
+    return prompts_for({"classnames": list(classnames), "templates": list(templates)})

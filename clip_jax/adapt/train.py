@@ -25,16 +25,20 @@ from jax.sharding import PartitionSpec as P
 from clip_jax.adapt.data import FewShot, Split, base_and_novel, load_few_shot
 from clip_jax.adapt.methods import ADAPTERS, TipAdapter, frozen_image_features, make_adapter, text_classifier
 from clip_jax.models.clip import l2_normalize
-from clip_jax.preprocessing import MEAN, STD
+from clip_jax.preprocessing import normalize_images
 
 # CoOp's epochs by shots (COOP.md): 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16.
 COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
 
 def epochs_for(settings) -> int:
     if int(settings.epochs) > 0:
         return int(settings.epochs)
     shots = int(settings.shots)
-    return COOP_EPOCHS.get(shots, 200 if shots > 16 else COOP_EPOCHS[min(COOP_EPOCHS, key=lambda k: abs(k - shots))])
+    if shots in COOP_EPOCHS:
+        return COOP_EPOCHS[shots]
+    return 200 if shots > 16 else COOP_EPOCHS[min(COOP_EPOCHS, key=lambda k: abs(k - shots))]
+
 
 # -- images on the device -------------------------------------------------------------------
 def _random_resized_crop(image, key, scale, size: int):
@@ -55,13 +59,12 @@ def _random_resized_crop(image, key, scale, size: int):
     out = jnp.where(jax.random.bernoulli(k[4]), out[:, ::-1], out)
     return jnp.clip(out, 0.0, 255.0)
 
-def normalize(pixels):
-    return (pixels / 255.0 - jnp.asarray(MEAN)) / jnp.asarray(STD)
 
 def augment(images, key, scale, size: int):
     """uint8 [B, S, S, 3] -> normalized float [B, size, size, 3], one key per image."""
     keys = jax.random.split(key, images.shape[0])
-    return normalize(jax.vmap(lambda im, k: _random_resized_crop(im, k, scale, size))(images, keys))
+    return normalize_images(jax.vmap(lambda im, k: _random_resized_crop(im, k, scale, size))(images, keys))
+
 
 # -- the run --------------------------------------------------------------------------------
 class Runner:
@@ -72,10 +75,17 @@ class Runner:
         self.rows = NamedSharding(mesh, P("data"))
         self.variables = jax.device_put(variables, self.replicated)
         self.size = model.config.vision.image_size
-        self._features = jax.jit(lambda v, x: frozen_image_features(model, v, normalize(x.astype(jnp.float32))))
+        self._features = jax.jit(lambda v, x: frozen_image_features(model, v, normalize_images(x)))
 
     def pad(self, n: int) -> int:
         return -(-max(n, 1) // self.devices) * self.devices
+
+    def chunks(self, images: np.ndarray, batch: int):
+        """(start, rows, the rows zero-padded to `batch` and sharded) over `images`: a fixed shape, one compile."""
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            yield start, len(chunk), self.shard(padded)
 
     def shard(self, x: np.ndarray):
         return jax.make_array_from_callback(x.shape, self.rows, lambda index: x[index])
@@ -85,14 +95,9 @@ class Runner:
         tower's, or with an adapter that prompts the image tower (MaPLe), its own."""
         fn = lambda x: self._features(self.variables, x)  # noqa: E731
         if adapter is not None and adapter.prompts_images:
-            prompted = jax.jit(lambda learned, x: adapter.image_features(learned, normalize(x.astype(jnp.float32))))
+            prompted = jax.jit(lambda learned, x: adapter.image_features(learned, normalize_images(x)))
             fn = lambda x: prompted(learned, x)  # noqa: E731
-        batch = self.pad(min(batch, max(len(images), 1)))
-        out = []
-        for start in range(0, len(images), batch):
-            chunk = images[start:start + batch]
-            padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(fn(self.shard(padded)))[:len(chunk)])
+        out = [np.asarray(fn(rows))[:n] for _, n, rows in self.chunks(images, self.pad(min(batch, len(images))))]
         return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
     def augmented_features(self, images: np.ndarray, passes: int, scale, seed: int) -> np.ndarray:
@@ -101,14 +106,11 @@ class Runner:
         batch = self.pad(min(256, len(images)))
         out = []
         for p in range(passes):
-            rows = []
-            for start in range(0, len(images), batch):
-                chunk = images[start:start + batch]
-                padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), p), start)
-                rows.append(np.asarray(fn(self.variables, self.shard(padded), key))[:len(chunk)])
-            out.append(np.concatenate(rows))
+            key = jax.random.fold_in(jax.random.key(seed), p)
+            out.append(np.concatenate([np.asarray(fn(self.variables, rows, jax.random.fold_in(key, start)))[:n]
+                                       for start, n, rows in self.chunks(images, batch)]))
         return np.stack(out)
+
 
 def _schedule(settings, steps_per_epoch: int, epochs: int):
     """The learning rate by step: SGD methods (Dassl): constant warmup_lr for warmup_epochs, then
@@ -125,6 +127,7 @@ def _schedule(settings, steps_per_epoch: int, epochs: int):
 
     return schedule
 
+
 def make_optimizer(settings, steps_per_epoch: int, epochs: int):
     schedule = _schedule(settings, steps_per_epoch, epochs)
     if settings.optimizer == "sgd":  # torch.optim.SGD: weight decay added to the gradient, then momentum
@@ -134,16 +137,18 @@ def make_optimizer(settings, steps_per_epoch: int, epochs: int):
         return optax.adamw(schedule, eps=float(settings.adam_eps), weight_decay=float(settings.weight_decay)), schedule
     raise ValueError(f"config.optimizer={settings.optimizer!r}: use 'sgd' or 'adamw'")
 
+
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
+
+def make_train_step(adapter, optimizer, crop_scale, image_size: int):
     """The jitted step: (frozen variables, learned, opt_state, uint8 images, labels, mask, key) ->
     (learned, opt_state, mean loss over the real rows, correct count). Views are augmented on the
     device from `key`."""
 
     def loss_fn(learned, images, labels, mask, key):
-        features = adapter.image_features(learned, augment(images, key, crop_scale, runner.size))
+        features = adapter.image_features(learned, augment(images, key, crop_scale, image_size))
         logits = adapter.logits(learned, features, train=True)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         weight = mask.astype(jnp.float32)
@@ -158,6 +163,7 @@ def make_train_step(runner: Runner, adapter, optimizer, crop_scale):
         return optax.apply_updates(learned, updates), opt_state, loss, correct
 
     return train_step
+
 
 def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     """Optimize the adapter's learned tensors; resumes from DIR/checkpoints. -> learned tensors."""
@@ -180,11 +186,9 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
         restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
         learned, opt_state, step = restored["learned"], restored["opt_state"], int(manager.latest_step())
         log(f"resumed from step {step}")
-    scale = tuple(s.crop_scale)
     rows = runner.pad(batch)
     images_all, labels_all = train_set.images, train_set.labels
-
-    train_step = make_train_step(runner, adapter, optimizer, scale)
+    train_step = make_train_step(adapter, optimizer, tuple(s.crop_scale), runner.size)
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if step == 0 and os.path.exists(metrics_path):
@@ -221,19 +225,20 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     manager.wait_until_finished()
     return learned
 
+
 def top1(logits, labels) -> float:
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == np.asarray(labels))) if len(labels) else 0.0
+
 
 def _logits(adapter, learned, features: np.ndarray, batch: int = 512) -> np.ndarray:
     fn = jax.jit(lambda learned, f: adapter.logits(learned, f))
     return np.concatenate([np.asarray(fn(learned, jnp.asarray(features[i:i + batch])))
                            for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
 
-def evaluate(runner: Runner, adapter, learned, split_features: dict) -> dict:
-    return {name: top1(_logits(adapter, learned, f), labels) for name, (f, labels) in split_features.items()}
 
 def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: str, log=print):
-    """(adapter, learned, validation/test features) for the classes of `data`."""
+    """(adapter, learned tensors) for the classes of `data`: trained, or (Tip-Adapter) cached and
+    searched on validation."""
     adapter = make_adapter(settings, runner.model, runner.variables, classnames, prompts)
     if isinstance(adapter, TipAdapter):
         passes = runner.augmented_features(data.train.images, int(settings.augment_passes),
@@ -250,9 +255,11 @@ def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: s
         log(f"Tip-Adapter search on validation: top-1 {acc:.4f} at beta={beta:.4g}, alpha={alpha:.4g}")
     return adapter, learned
 
+
 def zero_shot_top1(runner: Runner, prompts, features: np.ndarray, labels: np.ndarray) -> float:
     weights = text_classifier(runner.model, runner.variables, prompts)
     return top1(np.asarray(l2_normalize(jnp.asarray(features))) @ weights.T, labels)
+
 
 def run(settings, workdir: str, log=print) -> dict:
     """The whole protocol; writes and returns DIR/results.json's content."""
@@ -262,6 +269,7 @@ def run(settings, workdir: str, log=print) -> dict:
 
     ADAPTERS.get(settings.method)  # an unknown method lists the known ones, first
     check_adapt_ranges(settings)
+    _check_class_agnostic(settings)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "adapt_config.json"), "w") as f:
         f.write(settings.to_json_best_effort(indent=2))
@@ -290,9 +298,6 @@ def run(settings, workdir: str, log=print) -> dict:
                                          [prompts[c] for c in novel])
         except ValueError as e:
             raise ValueError(f"base-to-novel: {e}") from None
-        if isinstance(adapter, TipAdapter):
-            raise ValueError("base-to-novel needs learned tensors that do not belong to the base classes; "
-                             f"{settings.method}'s cache holds the base classes' labels: set base_to_novel=False")
         keep = lambda classes: np.isin(data.test.labels, classes)  # noqa: E731
         base_f, novel_f = test_f[keep(base)], test_f[keep(novel)]
         method_f = runner.features(data.test.images, adapter=adapter, learned=learned) if adapter.prompts_images \
@@ -326,6 +331,17 @@ def run(settings, workdir: str, log=print) -> dict:
         write_adapter(workdir, settings, adapter, learned)
     return results
 
+
+def _check_class_agnostic(settings) -> None:
+    """Base-to-novel and transfer score the learned tensors on other classes: refused, before any
+    work, for tensors that belong to the training classes (Tip's cache, class-specific contexts)."""
+    bound = settings.method in ("tip_adapter", "tip_adapter_f") or (settings.method == "coop" and settings.csc)
+    for asked, name in ((settings.base_to_novel, "base_to_novel"), (settings.transfer, "transfer")):
+        if asked and bound:
+            raise ValueError(f"config.{name} scores the learned tensors on other classes; {settings.method}'s "
+                             "belong to the training classes (a cache, or class-specific contexts): unset it")
+
+
 def transfer(runner: Runner, settings, adapter, learned, spec: str) -> dict:
     """Top-1 of the learned tensors on another dataset's whole test split with its classes (and the
     frozen model's zero-shot there): 'DATASET' or 'DATASET@LABEL_KEY'."""
@@ -338,14 +354,12 @@ def transfer(runner: Runner, settings, adapter, learned, spec: str) -> dict:
         "", ()
     classnames, test = test_split(dataset, target.label_key, runner.size, settings.data.to_dict())
     prompts = class_prompts(target, classnames)
-    if isinstance(adapter, TipAdapter) or (getattr(adapter, "csc", False)):
-        raise ValueError(f"config.transfer: {settings.method}'s learned tensors belong to the training classes "
-                         "(a cache, or class-specific contexts): they do not transfer to other classes")
     other = make_adapter(settings, runner.model, runner.variables, classnames, prompts)
     frozen = runner.features(test.images)
     method_f = runner.features(test.images, adapter=other, learned=learned) if other.prompts_images else frozen
     return {"top1": top1(_logits(other, learned, method_f), test.labels),
             "zero_shot_top1": zero_shot_top1(runner, prompts, frozen, test.labels), "classes": len(classnames)}
+
 
 def write_adapter(workdir: str, settings, adapter, learned) -> None:
     """DIR/adapter.safetensors (the learned tensors under the reference's names, and text_features
@@ -364,6 +378,7 @@ def write_adapter(workdir: str, settings, adapter, learned) -> None:
         meta.update(alpha=adapter.alpha, beta=adapter.beta)
     with open(os.path.join(workdir, "adapter.json"), "w") as f:
         json.dump(meta, f, indent=2, ensure_ascii=False)
+
 
 def class_names_of(settings):
     """config.classnames: a JSON file {'classnames': [...]} or a list; '' takes the dataset's."""

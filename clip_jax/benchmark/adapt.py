@@ -15,7 +15,7 @@ import numpy as np
 
 
 def bench_adapt(args) -> list:
-    from clip_jax.adapt.config import adapt_config
+    from clip_jax.adapt.config import adapt_config, method_config
     from clip_jax.adapt.methods import make_adapter
     from clip_jax.adapt.train import Runner, make_optimizer, make_train_step
     from clip_jax.benchmark.bench import _memory
@@ -29,7 +29,7 @@ def bench_adapt(args) -> list:
     prompts = [[f"a photo of a {n}."] for n in classnames]
     rows = []
     for method in args.methods.split(","):
-        settings = _method_settings(method)
+        settings = method_config(method)
         if method == "maple":
             depth = min(model.config.text.layers, model.config.vision.layers)
             settings.prompt_depth = min(int(settings.prompt_depth), depth)
@@ -41,7 +41,7 @@ def bench_adapt(args) -> list:
         optimizer, _ = make_optimizer(settings, 10, 10)
         learned = jax.device_put(adapter.init(jax.random.key(0)), runner.replicated)
         opt_state = jax.device_put(optimizer.init(learned), runner.replicated)
-        step = make_train_step(runner, adapter, optimizer, tuple(settings.crop_scale))
+        step = make_train_step(adapter, optimizer, tuple(settings.crop_scale), model.config.vision.image_size)
         for batch in (int(b) for b in args.batches.split(",")):
             rows_ = runner.pad(batch)
             size = model.config.vision.image_size
@@ -66,24 +66,6 @@ def bench_adapt(args) -> list:
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows
-
-
-def _method_settings(method: str):
-    import importlib.util
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(root, "configs", "adapt", f"{method}.py")
-    if os.path.exists(path):
-        spec = importlib.util.spec_from_file_location(f"adapt_{method}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
-    from clip_jax.adapt.config import adapt_config
-
-    settings = adapt_config()
-    settings.method = method
-    return settings
 
 
 def add_parser(sub) -> None:

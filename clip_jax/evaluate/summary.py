@@ -123,7 +123,6 @@ def shapes_predictions(model, variables, data_config, n: int = 16, split: str = 
     """The first `n` images of the shapes split with the model's top-3 zero-shot combo labels (one
     device: the model's full variables must be addressable here). Prompts in `lang`; the labels
     stay English (the same classes, and the picture's font has no Chinese)."""
-    import jax
 
     import clip_jax
     from clip_jax.evaluate.zero_shot import classifier_weights
@@ -138,7 +137,7 @@ def shapes_predictions(model, variables, data_config, n: int = 16, split: str = 
     images = clip_jax.preprocess([Image.fromarray(r["image"]) for r in records], image_size=size)
     weights = classifier_weights(model, variables, shapes.prompts("combo", lang=lang))
     image_embeds = clip_jax.encode_image(model, variables, images)
-    scale = float(np.exp(min(float(jax.device_get(variables["params"]["logit_scale"])), math.log(100.0))))
+    scale = float(model.apply(variables, method=lambda m: m.temperature()[0]))
     logits = scale * image_embeds @ weights.T
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
