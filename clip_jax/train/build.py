@@ -79,7 +79,8 @@ def stage_of(config, steps_done: int) -> int:
 
 def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] = None,
           gather_by_sum: bool = False, log: Callable[[str], None] = lambda message: None,
-          abstract: bool = False, stage: int = 1, variables: Optional[dict] = None) -> Run:
+          abstract: bool = False, stage: int = 1, variables: Optional[dict] = None,
+          init_weights: bool = True) -> Run:
     """Everything a run needs, with the params initialized in their shardings (and taken from
     config.init_from where set). Config errors are raised before anything compiles.
 
@@ -88,7 +89,8 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     not have (clip_jax.compile_check: a TPU topology).
     `stage` 2 (config.unfreeze_at_step): nothing of config.optim.frozen is frozen, and the
     schedule spans the steps after the switch. `variables`: the params (and model state) to
-    start from, already on the mesh (the first stage's at the switch), instead of an init."""
+    start from, already on the mesh (the first stage's at the switch), instead of an init.
+    `init_weights=False`: config.init_from is not read (a resumed run restores its checkpoint)."""
     start = 0
     if stage == 2:
         start = config.unfreeze_at_step
@@ -112,7 +114,7 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
         if variables is None:
             variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed),
                                                             boxed=boxed)
-            if config.init_from:
+            if config.init_from and init_weights:
                 variables = initial_weights(config, model, variables, shardings, log)
         state = create_state(variables, optimizer, groups)
     trained, frozen = groups.count()

@@ -209,14 +209,15 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                                       config.checkpoint_every_steps)
     options = dict(compiler_options=compiler_options, gather_by_sum=sharding.slow_all_gather(mesh), log=log)
     saved = manager.all_steps()
-    run = build(config, mesh, stage=stage_of(config, max(saved)) if saved else 1, **options)
+    # A run that resumes restores its checkpoint: the init_from weights are read only to start afresh.
+    run = build(config, mesh, stage=stage_of(config, max(saved)) if saved else 1, init_weights=not saved, **options)
     state = run.state
     input_states = None
     if saved:
         restored = checkpoint.restore_latest_good(manager, lambda step: _abstract_state(config, mesh, run, step), log)
         if restored is None:
             log(f"no readable checkpoint in {manager.directory}: starting from step 0")
-            run = build(config, mesh, **options) if run.stage != 1 else run
+            run = build(config, mesh, **options)
             state = run.state
         else:
             state, input_states, step = restored
