@@ -138,23 +138,23 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
 
 
 def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optional[list] = None) -> dict:
-    """A few-shot adaptation step (configs/adapt/METHOD.py with its config.model, config.batch_size)
-    over `classes` classes, compiled for `topology`: the batch over every chip, the frozen weights
-    and the learned tensors replicated."""
+    """A few-shot adaptation step (configs/adapt/METHOD.py with its config.model, config.batch_size,
+    config.mesh) over `classes` classes, compiled for `topology`: the trainer's one step with the
+    frozen towers a frozen parameter group laid out by their logical axes, the batch over the data
+    axes, the learned tensors replicated."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
+    from clip_jax.adapt.method import build_adaptation, tower_shardings
     from clip_jax.adapt.methods import make_adapter
-    from clip_jax.adapt.train import make_optimizer, make_train_step
+    from clip_jax.adapt.train import make_optimizer
     from clip_jax.models import create_model, variable_shapes
     from clip_jax.parallel import sharding
 
     if not settings.model:
         raise ValueError("set --config.model=NAME: the architecture the adaptation runs on")
     devices = devices if devices is not None else topology_devices(topology)
-    mesh = sharding.make_mesh({"data": -1}, devices)
+    mesh = sharding.make_mesh(settings.mesh.to_dict(), devices)
     model = create_model(settings.model, dtype=settings.dtype, remat=settings.remat)
     # The adapter is built on the host with random weights (its constants: word embeddings, the
     # frozen classifier); the compiled step takes the weights as an input.
@@ -166,26 +166,20 @@ def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optiona
         adapter.build_cache(np.zeros((1, classes * shots, model.config.embed_dim), np.float32),
                             np.arange(classes * shots) % classes)
     optimizer, _ = make_optimizer(settings, 10, 10)
-    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    learned = jax.eval_shape(adapter.init, jax.random.key(0))
-    opt_state = jax.eval_shape(optimizer.init, learned)
-    spec = lambda tree, where: jax.tree_util.tree_map(  # noqa: E731
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), tree)
-    batch = -(-int(settings.batch_size) // len(devices)) * len(devices)
-    size = model.config.vision.image_size
-
-    step = make_train_step(adapter, optimizer, tuple(settings.crop_scale), size)
-    args = (spec(variable_shapes(model), replicated), spec(learned, replicated), spec(opt_state, replicated),
-            jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8, sharding=rows),
-            jax.ShapeDtypeStruct((batch,), np.int32, sharding=rows),
-            jax.ShapeDtypeStruct((batch,), bool, sharding=rows),
-            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+    variables = jax.tree_util.tree_map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                                       variable_shapes(model), tower_shardings(model, mesh))
+    accum = int(settings.accum_steps)
+    unit = sharding.batch_devices(mesh) * accum
+    batch = -(-int(settings.batch_size) // unit) * unit
+    run = build_adaptation(adapter, optimizer, variables, mesh, crop_scale=settings.crop_scale,
+                           seed=int(settings.seed), accum_steps=accum, abstract=True)
+    batch_args = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=run.batch_sharding)
+                  for k, v in run.method.batch_shapes(batch).items()}
     kind = devices[0].device_kind
     report = {"topology": topology, "devices": len(devices), "device_kind": kind, "method": settings.method,
-              "model": settings.model, "classes": classes, "global_batch": batch, "dtype": settings.dtype,
-              "remat": settings.remat,
-              "hbm_gib": HBM_GIB.get(kind, float("nan"))}
-    report.update(_compile(step, args, report["hbm_gib"]))
+              "model": settings.model, "classes": classes, "mesh": dict(mesh.shape), "global_batch": batch,
+              "dtype": settings.dtype, "remat": settings.remat, "hbm_gib": HBM_GIB.get(kind, float("nan"))}
+    report.update(_compile(run.step_fn, (run.state, batch_args), report["hbm_gib"]))
     return report
 
 

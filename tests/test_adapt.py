@@ -67,6 +67,69 @@ def test_coop_class_specific_context_and_gradients_only_on_ctx(frozen):
     assert set(learned) == {"ctx"}
 
 
+def _one_step_setup(frozen, method="coop", **kw):
+    from clip_jax.adapt.method import build_adaptation
+    from clip_jax.adapt.train import make_optimizer
+    from clip_jax.parallel.sharding import make_mesh
+
+    model, variables = frozen
+    s = settings(method=method, n_ctx=2, **kw)
+    adapter = methods.make_adapter(s, model, variables, NAMES, [[f"a photo of a {n}."] for n in NAMES])
+    optimizer, _ = make_optimizer(s, 1, 5)
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731  (the step donates its state)
+    return lambda accum: build_adaptation(adapter, optimizer, copy(variables), make_mesh({"data": -1}),
+                                          crop_scale=s.crop_scale, seed=0, accum_steps=accum)
+
+
+def _batch(model, real: int, rows: int):
+    from clip_jax.adapt.method import row_weights
+
+    size = model.config.vision.image_size
+    images = np.random.default_rng(0).integers(0, 256, (rows, size, size, 3), np.uint8)
+    labels = np.arange(rows, dtype=np.int32) % len(NAMES)
+    return {"image": images, "label": labels, "weight": row_weights(real, rows)}
+
+
+def test_the_adaptation_step_is_the_trainers_with_the_towers_a_frozen_group(frozen):
+    model, variables = frozen
+    run = _one_step_setup(frozen)(1)
+    towers = len(jax.tree_util.tree_leaves(variables["params"]))
+    assert run.groups.count() == (1, towers)  # the context trains; every tower tensor is frozen
+    moments = jax.tree_util.tree_leaves(run.state.opt_state)
+    assert moments and all(m.shape in ((), (2, model.config.text.width)) for m in moments)  # no state for towers
+    before = jax.device_get(run.state.params)
+    state, metrics = run.step_fn(run.state, _batch(model, 6, 16))
+    assert {"loss", "train_top1", "grad_norm", "skipped_steps"} <= set(metrics)
+    after = jax.device_get(state.params)
+    for a, b in zip(jax.tree_util.tree_leaves(before["towers"]), jax.tree_util.tree_leaves(after["towers"])):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(before["learned"]["ctx"], after["learned"]["ctx"])
+    assert int(state.step) == 1
+
+
+def test_padding_rows_and_accumulation_leave_the_gradient_of_the_real_rows(frozen, monkeypatch):
+    """Row weights N / real: padded rows change nothing, and 2 microbatches give the whole batch's
+    gradient (views made deterministic, so the microbatches' own augmentation keys do not matter)."""
+    from clip_jax.adapt import method as adapt_method
+    from clip_jax.preprocessing import normalize_images
+
+    monkeypatch.setattr(adapt_method, "augment", lambda images, key, scale, size: normalize_images(images))
+    model, _ = frozen
+    make = _one_step_setup(frozen, "clip_adapter")
+    batch = _batch(model, 8, 16)
+    out = {}
+    for name, accum, b in (("whole", 1, batch), ("accumulated", 2, batch),
+                           ("unpadded", 1, {k: v[:8] if k != "weight" else np.ones(8, np.float32)
+                                            for k, v in batch.items()})):
+        run = make(accum)
+        state, metrics = run.step_fn(run.state, b)
+        out[name] = (jax.device_get(state.params["learned"]), float(metrics["loss"]))
+    for name in ("accumulated", "unpadded"):
+        assert out[name][1] == pytest.approx(out["whole"][1], rel=1e-5), name
+        for k in out["whole"][0]:
+            np.testing.assert_allclose(out[name][0][k], out["whole"][0][k], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_cocoop_with_a_zero_meta_net_is_coop(frozen):
     model, variables = frozen
     s = settings(ctx_init="a photo of a")
@@ -200,11 +263,15 @@ def _cli(tmp_path, workdir, devices, method="coop", extra=()):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["coop", "cocoop", "maple", "clip_adapter", "tip_adapter_f"])
 def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method):
+    """1 device vs 8 (4 x 2 data x fsdp: the frozen towers sharded); then stopped right after a
+    checkpoint (SIGKILL, or SIGTERM: a preemption notice, which checkpoints and exits) and run
+    again: the same tensors as straight through."""
     extra = {"cocoop": ("--config.batch_size=4", "--config.epochs=1"),
              "maple": ("--config.prompt_depth=2", "--config.epochs=2")}.get(method, ())
     results = {}
     for devices in (1, 8):
-        cmd, env = _cli(tmp_path, tmp_path / f"d{devices}", devices, method, extra)
+        mesh = ("--config.mesh.data=4", "--config.mesh.fsdp=2") if devices == 8 else ()
+        cmd, env = _cli(tmp_path, tmp_path / f"d{devices}", devices, method, extra + mesh)
         subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
         results[devices] = json.loads((tmp_path / f"d{devices}" / "results.json").read_text())
     for key in ("zero_shot_top1", "val_top1", "top1"):
@@ -214,14 +281,18 @@ def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method
     learned = {d: load_file(str(tmp_path / f"d{d}" / "adapter.safetensors")) for d in (1, 8)}
     for k in learned[1]:
         np.testing.assert_allclose(learned[8][k], learned[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
-    # killed right after a checkpoint, then run again: the same tensors as straight through
+    stop = signal.SIGTERM if method in ("coop", "clip_adapter") else signal.SIGKILL
     cmd, env = _cli(tmp_path, tmp_path / "killed", 1, method, extra)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("step=") or "epoch=1" in line:
             break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(stop)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == (0 if stop == signal.SIGTERM else -signal.SIGKILL), rest[-2000:]
+    if stop == signal.SIGTERM:
+        assert "preemption notice (SIGTERM): saved a checkpoint at step" in rest, rest[-2000:]
+        assert not (tmp_path / "killed" / "results.json").exists()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
     resumed = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
     for k in learned[1]:

@@ -11,11 +11,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    from clip_jax.adapt.train import run
+    from clip_jax.adapt.train import Preempted, run
     from clip_jax.parallel import distributed
 
     distributed.initialize()  # before anything touches the devices
-    results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        results = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except Preempted as notice:
+        print(notice, flush=True)
+        return
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
 
 

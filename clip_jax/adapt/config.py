@@ -35,7 +35,11 @@ def adapt_config() -> ml_collections.ConfigDict:
     c.epochs = 0  # 0: CoOp's by shots (50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16)
     c.batch_size = 32
     c.crop_scale = (0.08, 1.0)  # training views: random resized crop of this area share, and flips
+    c.accum_steps = 1  # microbatches per step (the gradient of the whole batch, in less memory)
+    c.max_nonfinite_steps = 10  # stop after this many steps in a row with a NaN/inf loss or gradient
     c.checkpoint_every_steps = 200
+    # the devices: the batch over ('data', 'fsdp'), the frozen towers laid out by their logical axes
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.log_every_epochs = 10
     # CoOp / CoCoOp
     c.n_ctx = 16
@@ -81,7 +85,8 @@ def method_config(method: str) -> ml_collections.ConfigDict:
 RANGES = {
     "shots": (">=", 1), "seed": (">=", 0), "learning_rate": (">=", 0), "momentum": ("[0,1)",),
     "weight_decay": (">=", 0), "adam_eps": (">", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">=", 0),
-    "epochs": (">=", 0), "batch_size": (">=", 1), "checkpoint_every_steps": (">=", 1), "log_every_epochs": (">=", 1),
+    "epochs": (">=", 0), "batch_size": (">=", 1), "accum_steps": (">=", 1), "max_nonfinite_steps": (">=", 1),
+    "checkpoint_every_steps": (">=", 1), "log_every_epochs": (">=", 1),
     "n_ctx": (">=", 1), "prompt_depth": (">=", 1), "reduction": (">=", 1), "ratio": ("[0,1]",),
     "augment_passes": (">=", 1), "init_alpha": (">=", 0), "init_beta": (">=", 0),
     "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),

@@ -1,5 +1,7 @@
 """Run a few-shot adaptation: load the frozen CLIP, draw the few-shot sets, learn the method's
-tensors (sharded over every device, resumable exactly), select on validation, report on test.
+tensors with the trainer's one step (clip_jax.adapt.method: the towers a frozen parameter group,
+laid out on config.mesh; resumable exactly; SIGTERM checkpoints and exits), select on
+validation, report on test.
 
     python -m clip_jax.adapt --config=configs/adapt/coop.py --workdir=DIR [--config.shots=16 ...]
 
@@ -10,7 +12,6 @@ metrics.jsonl (one row per epoch).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any
@@ -23,9 +24,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clip_jax.adapt.data import FewShot, Split, base_and_novel, load_few_shot
+from clip_jax.adapt.method import augment, build_adaptation, row_weights, tower_shardings, towers_variables
 from clip_jax.adapt.methods import ADAPTERS, TipAdapter, frozen_image_features, make_adapter, text_classifier
 from clip_jax.models.clip import l2_normalize
+from clip_jax.parallel import sharding
 from clip_jax.preprocessing import normalize_images
+from clip_jax.train.optim import merge
 
 # CoOp's epochs by shots (COOP.md): 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16.
 COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -40,45 +44,24 @@ def epochs_for(settings) -> int:
     return 200 if shots > 16 else COOP_EPOCHS[min(COOP_EPOCHS, key=lambda k: abs(k - shots))]
 
 
-# -- images on the device -------------------------------------------------------------------
-def _random_resized_crop(image, key, scale, size: int):
-    """One uint8 [S, S, 3] image -> float [size, size, 3] pixels: a crop of area share in `scale` and
-    aspect ratio in [3/4, 4/3] (clipped to the image), resized (cubic, antialiased), flipped with
-    p = 0.5."""
-    h, w = image.shape[0], image.shape[1]
-    k = jax.random.split(key, 5)
-    area = jax.random.uniform(k[0], minval=scale[0], maxval=scale[1])
-    ratio = jnp.exp(jax.random.uniform(k[1], minval=math.log(3 / 4), maxval=math.log(4 / 3)))
-    cw = jnp.minimum(jnp.sqrt(area * ratio), 1.0) * w
-    ch = jnp.minimum(jnp.sqrt(area / ratio), 1.0) * h
-    x0 = jax.random.uniform(k[2]) * (w - cw)
-    y0 = jax.random.uniform(k[3]) * (h - ch)
-    sy, sx = size / ch, size / cw
-    out = jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, 3), (0, 1), jnp.stack([sy, sx]),
-                                        jnp.stack([-y0 * sy, -x0 * sx]), method="cubic", antialias=True)
-    out = jnp.where(jax.random.bernoulli(k[4]), out[:, ::-1], out)
-    return jnp.clip(out, 0.0, 255.0)
-
-
-def augment(images, key, scale, size: int):
-    """uint8 [B, S, S, 3] -> normalized float [B, size, size, 3], one key per image."""
-    keys = jax.random.split(key, images.shape[0])
-    return normalize_images(jax.vmap(lambda im, k: _random_resized_crop(im, k, scale, size))(images, keys))
-
-
 # -- the run --------------------------------------------------------------------------------
 class Runner:
-    def __init__(self, settings, model, variables, mesh):
+    """The frozen CLIP on the mesh of config.mesh (towers laid out by their logical axes) and the
+    batched, fixed-shape passes over few-shot images around the train step."""
+
+    def __init__(self, settings, model, variables, mesh, accum_steps: int = 1):
         self.settings, self.model, self.mesh = settings, model, mesh
-        self.devices = mesh.devices.size
+        self.devices = sharding.batch_devices(mesh)
+        self.unit = self.devices * max(int(accum_steps), 1)  # a train batch splits into microbatches per device
         self.replicated = NamedSharding(mesh, P())
-        self.rows = NamedSharding(mesh, P("data"))
-        self.variables = jax.device_put(variables, self.replicated)
+        self.rows = sharding.batch_sharding(mesh)
+        self.variables = jax.device_put(variables, tower_shardings(model, mesh))
         self.size = model.config.vision.image_size
         self._features = jax.jit(lambda v, x: frozen_image_features(model, v, normalize_images(x)))
 
-    def pad(self, n: int) -> int:
-        return -(-max(n, 1) // self.devices) * self.devices
+    def pad(self, n: int, unit: int = 0) -> int:
+        unit = unit or self.devices
+        return -(-max(n, 1) // unit) * unit
 
     def chunks(self, images: np.ndarray, batch: int):
         """(start, rows, the rows zero-padded to `batch` and sharded) over `images`: a fixed shape, one compile."""
@@ -95,8 +78,12 @@ class Runner:
         tower's, or with an adapter that prompts the image tower (MaPLe), its own."""
         fn = lambda x: self._features(self.variables, x)  # noqa: E731
         if adapter is not None and adapter.prompts_images:
-            prompted = jax.jit(lambda learned, x: adapter.image_features(learned, normalize_images(x)))
-            fn = lambda x: prompted(learned, x)  # noqa: E731
+            @jax.jit
+            def prompted(variables, learned, x):
+                with adapter.bound(variables):
+                    return adapter.image_features(learned, normalize_images(x))
+
+            fn = lambda x: prompted(self.variables, learned, x)  # noqa: E731
         out = [np.asarray(fn(rows))[:n] for _, n, rows in self.chunks(images, self.pad(min(batch, len(images))))]
         return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), np.float32)
 
@@ -110,6 +97,17 @@ class Runner:
             out.append(np.concatenate([np.asarray(fn(self.variables, rows, jax.random.fold_in(key, start)))[:n]
                                        for start, n, rows in self.chunks(images, batch)]))
         return np.stack(out)
+
+    def logits(self, adapter, learned, features: np.ndarray, batch: int = 512) -> np.ndarray:
+        """The adapter's class logits for precomputed image features [N, E] (the frozen weights an
+        input of the compiled function, not constants in it)."""
+        @jax.jit
+        def fn(variables, learned, f):
+            with adapter.bound(variables):
+                return adapter.logits(learned, f)
+
+        return np.concatenate([np.asarray(fn(self.variables, learned, jnp.asarray(features[i:i + batch])))
+                               for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
 
 
 def _schedule(settings, steps_per_epoch: int, epochs: int):
@@ -142,32 +140,16 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def make_train_step(adapter, optimizer, crop_scale, image_size: int):
-    """The jitted step: (frozen variables, learned, opt_state, uint8 images, labels, mask, key) ->
-    (learned, opt_state, mean loss over the real rows, correct count). Views are augmented on the
-    device from `key`."""
-
-    def loss_fn(learned, images, labels, mask, key):
-        features = adapter.image_features(learned, augment(images, key, crop_scale, image_size))
-        logits = adapter.logits(learned, features, train=True)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        weight = mask.astype(jnp.float32)
-        correct = jnp.sum((jnp.argmax(logits, axis=1) == labels) * weight)
-        return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0), correct
-
-    @jax.jit
-    def train_step(variables, learned, opt_state, images, labels, mask, key):
-        with adapter.bound(variables):
-            (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, images, labels, mask, key)
-        updates, opt_state = optimizer.update(grads, opt_state, learned)
-        return optax.apply_updates(learned, updates), opt_state, loss, correct
-
-    return train_step
+class Preempted(Exception):
+    """SIGTERM reached the training loop: a checkpoint holds the step; the same command resumes."""
 
 
 def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
-    """Optimize the adapter's learned tensors; resumes from DIR/checkpoints. -> learned tensors."""
-    import orbax.checkpoint as ocp
+    """Optimize the adapter's learned tensors with the one train step (the towers a frozen parameter
+    group); resumes from DIR/checkpoints, and on SIGTERM checkpoints and raises Preempted.
+    -> the final TrainState (its params hold the towers too)."""
+    from clip_jax.train import checkpoint
+    from clip_jax.train.trainer import PreemptionNotice
 
     s = runner.settings
     n, batch = len(train_set), int(s.batch_size)
@@ -175,65 +157,76 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     epochs = epochs_for(s)
     total = steps_per_epoch * epochs
     optimizer, schedule = make_optimizer(s, steps_per_epoch, epochs)
-    learned = jax.device_put(adapter.init(jax.random.key(int(s.seed))), runner.replicated)
-    opt_state = jax.device_put(optimizer.init(learned), runner.replicated)
-    step = 0
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-    if manager.latest_step() is not None:
+    run = build_adaptation(adapter, optimizer, runner.variables, runner.mesh, crop_scale=s.crop_scale,
+                           seed=int(s.seed), accum_steps=int(s.accum_steps))
+    state, groups = run.state, run.groups
+    # Checkpoints hold what changes (the learned tensors, optimizer state, counters), not the towers.
+    saved = lambda state: state.replace(params=groups.trainable(state.params))  # noqa: E731
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=2)
+    if manager.all_steps():
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                          {"learned": learned, "opt_state": opt_state})
-        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
-        learned, opt_state, step = restored["learned"], restored["opt_state"], int(manager.latest_step())
-        log(f"resumed from step {step}")
-    rows = runner.pad(batch)
+                                          saved(state))
+        restored = checkpoint.restore_latest_good(manager, abstract, log)
+        if restored is not None:
+            kept, _, step = restored
+            state = kept.replace(params=merge(kept.params, groups.fixed(state.params)))
+            log(f"resumed from step {step}")
+    step = int(state.step)
+    rows = runner.pad(batch, runner.unit)
     images_all, labels_all = train_set.images, train_set.labels
-    train_step = make_train_step(adapter, optimizer, tuple(s.crop_scale), runner.size)
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     started, epoch_loss, epoch_correct = time.perf_counter(), 0.0, 0.0
     every = max(int(s.checkpoint_every_steps), 1)
-    while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        order = _epoch_order(n, int(s.seed), epoch)[i * batch:(i + 1) * batch]
-        pad = rows - len(order)
-        images = np.concatenate([images_all[order], np.zeros((pad,) + images_all.shape[1:], np.uint8)])
-        labels = np.concatenate([labels_all[order], np.zeros(pad, np.int32)])
-        mask = np.arange(rows) < len(order)
-        key = jax.random.fold_in(jax.random.key(int(s.seed)), step)
-        learned, opt_state, loss, correct = train_step(runner.variables, learned, opt_state, runner.shard(images),
-                                                       runner.shard(labels), runner.shard(mask), key)
-        step += 1
-        epoch_loss += float(loss) * len(order)
-        epoch_correct += float(correct)
-        if step % steps_per_epoch == 0 or step == total:
-            done = step % steps_per_epoch or steps_per_epoch
-            seen = min(done * batch, n)
-            row = {"step": step, "epoch": -(-step // steps_per_epoch), "loss": epoch_loss / seen,
-                   "train_top1": epoch_correct / seen, "learning_rate": float(schedule(step - 1)),
-                   "elapsed_s": time.perf_counter() - started}
-            if jax.process_index() == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            if row["epoch"] % max(int(s.log_every_epochs), 1) == 0 or step == total:
-                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            epoch_loss, epoch_correct = 0.0, 0.0
-        if step % every == 0 or step == total:
-            manager.save(step, args=ocp.args.StandardSave({"learned": learned, "opt_state": opt_state}))
-    manager.wait_until_finished()
-    return learned
+    preemption = PreemptionNotice()
+    try:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            order = _epoch_order(n, int(s.seed), epoch)[i * batch:(i + 1) * batch]
+            pad = rows - len(order)
+            images = np.concatenate([images_all[order], np.zeros((pad,) + images_all.shape[1:], np.uint8)])
+            labels = np.concatenate([labels_all[order], np.zeros(pad, np.int32)])
+            state, metrics = run.step_fn(state, {"image": runner.shard(images), "label": runner.shard(labels),
+                                                 "weight": runner.shard(row_weights(len(order), rows))})
+            step += 1
+            in_a_row = int(metrics["skipped_in_a_row"])
+            if in_a_row >= int(s.max_nonfinite_steps):
+                from clip_jax.train.trainer import NonFiniteError
+
+                raise NonFiniteError(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or "
+                                     f"gradient (config.max_nonfinite_steps={s.max_nonfinite_steps}); none was "
+                                     "applied. Lower config.learning_rate or use dtype=float32.")
+            epoch_loss += float(metrics["loss"]) * len(order)
+            epoch_correct += float(metrics["train_top1"]) * len(order)
+            if step % steps_per_epoch == 0 or step == total:
+                done = step % steps_per_epoch or steps_per_epoch
+                seen = min(done * batch, n)
+                row = {"step": step, "epoch": -(-step // steps_per_epoch), "loss": epoch_loss / seen,
+                       "train_top1": epoch_correct / seen, "learning_rate": float(schedule(step - 1)),
+                       "elapsed_s": time.perf_counter() - started}
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if row["epoch"] % max(int(s.log_every_epochs), 1) == 0 or step == total:
+                    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+                epoch_loss, epoch_correct = 0.0, 0.0
+            preempted = preemption.reached(step)
+            if step % every == 0 or step == total or preempted:
+                checkpoint.save(manager, step, saved(state), force=True)
+            if preempted:
+                manager.wait_until_finished()
+                raise Preempted(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
+                                "the same command resumes from it")
+    finally:
+        preemption.restore()
+        manager.wait_until_finished()
+    return state
 
 
 def top1(logits, labels) -> float:
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == np.asarray(labels))) if len(labels) else 0.0
-
-
-def _logits(adapter, learned, features: np.ndarray, batch: int = 512) -> np.ndarray:
-    fn = jax.jit(lambda learned, f: adapter.logits(learned, f))
-    return np.concatenate([np.asarray(fn(learned, jnp.asarray(features[i:i + batch])))
-                           for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
 
 
 def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: str, log=print):
@@ -246,7 +239,10 @@ def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: s
         adapter.build_cache(passes, data.train.labels)
     learned = adapter.init(jax.random.key(int(settings.seed)))
     if adapter.trains:
-        learned = train(runner, adapter, data.train, workdir, log)
+        state = train(runner, adapter, data.train, workdir, log)
+        # the step donated the towers' buffers with its state: the state's are the live ones now
+        runner.variables = adapter.variables = towers_variables(state.params, state.model_state)
+        learned = state.params["learned"]
     learned = jax.device_get(learned)
     if isinstance(adapter, TipAdapter):
         val_f = runner.features(data.val.images)
@@ -274,8 +270,8 @@ def run(settings, workdir: str, log=print) -> dict:
     with open(os.path.join(workdir, "adapt_config.json"), "w") as f:
         f.write(settings.to_json_best_effort(indent=2))
     model, variables = load_frozen(settings)
-    mesh = make_mesh({"data": -1})
-    runner = Runner(settings, model, variables, mesh)
+    mesh = make_mesh(settings.mesh.to_dict())
+    runner = Runner(settings, model, variables, mesh, int(settings.accum_steps))
     from clip_jax.adapt.prompts import class_prompts
 
     data = load_few_shot(settings.dataset, settings.label_key, int(settings.shots), int(settings.seed),
@@ -303,8 +299,8 @@ def run(settings, workdir: str, log=print) -> dict:
         method_f = runner.features(data.test.images, adapter=adapter, learned=learned) if adapter.prompts_images \
             else test_f
         base_y, novel_y = base_data.test.labels, sub(data.test, novel).labels
-        results["base_top1"] = top1(_logits(adapter, learned, method_f[keep(base)]), base_y)
-        results["novel_top1"] = top1(_logits(novel_adapter, learned, method_f[keep(novel)]), novel_y)
+        results["base_top1"] = top1(runner.logits(adapter, learned, method_f[keep(base)]), base_y)
+        results["novel_top1"] = top1(runner.logits(novel_adapter, learned, method_f[keep(novel)]), novel_y)
         a, b = results["base_top1"], results["novel_top1"]
         results["hm"] = 2 * a * b / (a + b) if a + b else 0.0
         results["zero_shot_base_top1"] = zero_shot_top1(runner, [prompts[c] for c in base], base_f, base_y)
@@ -312,15 +308,15 @@ def run(settings, workdir: str, log=print) -> dict:
         results["top1"] = results["base_top1"]
         results["zero_shot_top1"] = results["zero_shot_base_top1"]
         val_f = runner.features(base_data.val.images, adapter=adapter, learned=learned)
-        results["val_top1"] = top1(_logits(adapter, learned, val_f), base_data.val.labels)
+        results["val_top1"] = top1(runner.logits(adapter, learned, val_f), base_data.val.labels)
     else:
         adapter, learned = fit(runner, settings, data.classnames, prompts, data, workdir, log)
         val_f = runner.features(data.val.images, adapter=adapter, learned=learned)
         method_f = runner.features(data.test.images, adapter=adapter, learned=learned) if adapter.prompts_images \
             else test_f
         results["zero_shot_top1"] = zero_shot_top1(runner, prompts, test_f, data.test.labels)
-        results["val_top1"] = top1(_logits(adapter, learned, val_f), data.val.labels)
-        results["top1"] = top1(_logits(adapter, learned, method_f), data.test.labels)
+        results["val_top1"] = top1(runner.logits(adapter, learned, val_f), data.val.labels)
+        results["top1"] = top1(runner.logits(adapter, learned, method_f), data.test.labels)
     if isinstance(adapter, TipAdapter):
         results["alpha"], results["beta"] = adapter.alpha, adapter.beta
     if settings.transfer:
@@ -357,7 +353,7 @@ def transfer(runner: Runner, settings, adapter, learned, spec: str) -> dict:
     other = make_adapter(settings, runner.model, runner.variables, classnames, prompts)
     frozen = runner.features(test.images)
     method_f = runner.features(test.images, adapter=other, learned=learned) if other.prompts_images else frozen
-    return {"top1": top1(_logits(other, learned, method_f), test.labels),
+    return {"top1": top1(runner.logits(other, learned, method_f), test.labels),
             "zero_shot_top1": zero_shot_top1(runner, prompts, frozen, test.labels), "classes": len(classnames)}
 
 

@@ -16,17 +16,18 @@ import numpy as np
 
 def bench_adapt(args) -> list:
     from clip_jax.adapt.config import adapt_config, method_config
+    from clip_jax.adapt.method import build_adaptation, row_weights
     from clip_jax.adapt.methods import make_adapter
-    from clip_jax.adapt.train import Runner, make_optimizer, make_train_step
+    from clip_jax.adapt.train import Runner, make_optimizer
     from clip_jax.benchmark.bench import _memory
     from clip_jax.models import create_model, init_variables
     from clip_jax.parallel.sharding import make_mesh
 
     model = create_model(args.model, dtype=args.dtype)
-    variables = init_variables(model, jax.random.key(0))
-    runner = Runner(adapt_config(), model, variables, make_mesh({"data": -1}))
+    runner = Runner(adapt_config(), model, init_variables(model, jax.random.key(0)), make_mesh({"data": -1}))
     classnames = [f"class {i}" for i in range(args.classes)]
     prompts = [[f"a photo of a {n}."] for n in classnames]
+    size = model.config.vision.image_size
     rows = []
     for method in args.methods.split(","):
         settings = method_config(method)
@@ -39,27 +40,26 @@ def bench_adapt(args) -> list:
             adapter.build_cache(np.random.default_rng(0).standard_normal((1, n, model.config.embed_dim)),
                                 np.arange(n) % args.classes)
         optimizer, _ = make_optimizer(settings, 10, 10)
-        learned = jax.device_put(adapter.init(jax.random.key(0)), runner.replicated)
-        opt_state = jax.device_put(optimizer.init(learned), runner.replicated)
-        step = make_train_step(adapter, optimizer, tuple(settings.crop_scale), model.config.vision.image_size)
         for batch in (int(b) for b in args.batches.split(",")):
-            rows_ = runner.pad(batch)
-            size = model.config.vision.image_size
-            images = runner.shard(np.random.default_rng(1).integers(0, 256, (rows_, size, size, 3), np.uint8))
-            labels = runner.shard(np.arange(rows_, dtype=np.int32) % args.classes)
-            mask = runner.shard(np.arange(rows_) < batch)
-            key = jax.random.key(2)
-            args_ = (runner.variables, learned, opt_state, images, labels, mask, key)
-            compiled = step.lower(*args_).compile()
-            out = compiled(*args_)
-            jax.block_until_ready(out)
+            # the trainer's step: the towers a frozen group of its state (a fresh one each time: it is donated)
+            run = build_adaptation(adapter, optimizer, runner.variables, runner.mesh, crop_scale=settings.crop_scale,
+                                   seed=0)
+            n = runner.pad(batch)
+            data = {"image": runner.shard(np.random.default_rng(1).integers(0, 256, (n, size, size, 3), np.uint8)),
+                    "label": runner.shard(np.arange(n, dtype=np.int32) % args.classes),
+                    "weight": runner.shard(row_weights(batch, n))}
+            state = run.state
+            compiled = run.step_fn.lower(state, data).compile()
+            state, metrics = compiled(state, data)
+            jax.block_until_ready(metrics)
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    out = compiled(*args_)
-                jax.block_until_ready(out)
+                    state, metrics = compiled(state, data)
+                jax.block_until_ready(metrics)
                 times.append((time.perf_counter() - start) / args.steps)
+            runner.variables = adapter.variables = {"params": state.params["towers"], **state.model_state}
             seconds = float(np.median(times))
             row = {"method": method, "batch": batch, "classes": args.classes, "s_per_step": seconds,
                    "images_per_s": batch / seconds, **_memory(compiled)}
