@@ -125,7 +125,7 @@ RANGES = {
     "optim.grad_clip_norm": (">=", 0),
     "slip.ssl_scale": (">=", 0), "slip.ssl_temp": (">", 0), "slip.mlp_dim": (">=", 1), "slip.emb_dim": (">=", 1),
     "data.streams": (">=", 0), "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),
-    "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
+    "data.max_bad_in_a_row": (">=", 0), "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
 }
 # (low, high) pairs that must be shares of the image area, ordered
 SCALE_PAIRS = ("data.crop_scale",)

@@ -290,3 +290,61 @@ def test_uint8_output_normalized_on_device_matches_float(tmp_path):
     assert u8["image"].dtype == np.uint8
     # uint8 rounding: at most half a level, 0.5 / (255 * min std) in normalized units.
     assert np.abs(np.asarray(normalize_images(u8["image"])) - f32["image"]).max() < 0.5 / (255 * 0.26) + 1e-5
+
+
+# -- a stream that yields nothing usable stops ----------------------------------------------
+def test_a_stream_with_no_usable_record_stops_naming_files_and_counts(tmp_path):
+    from clip_jax.input.pipeline import NoUsableData
+
+    garbage = tmp_path / "random.tfrecord"
+    garbage.write_bytes(np.random.default_rng(0).bytes(50_000))
+    with pytest.raises(NoUsableData, match=r"a whole pass over its files without one usable example.*"
+                                           r"unreadable_shard=1\. Files: .*random\.tfrecord"):
+        next(pipeline(str(garbage)))
+    empty = tmp_path / "empty.tfrecord"
+    empty.write_bytes(b"")
+    with pytest.raises(NoUsableData, match="0 records read .* none of the known kinds"):
+        next(pipeline(str(empty)))
+    # every record a valid Example whose image does not decode: seen only after the decode
+    with records.ShardWriter(str(tmp_path / "undecodable"), 1) as w:
+        for i in range(10):
+            w.write(records.serialize_example(b"\xff\xd8 not a jpeg " + bytes([i]), f"caption {i}"))
+    with pytest.raises(NoUsableData, match="10 records read .*undecodable=10"):
+        next(pipeline(str(tmp_path / "undecodable-*.tfrecord")))
+    # and every kind the checks flag
+    glob = write_shards(tmp_path / "flagged", n_shards=1, per_shard=4,
+                        bad={(0, 0): "missing_image", (0, 1): "empty_caption", (0, 2): "invalid_utf8_caption",
+                             (0, 3): "corrupt_image"})
+    with pytest.raises(NoUsableData, match="empty_caption=1, invalid_utf8_caption=1, undecodable=1"):
+        next(pipeline(glob))
+
+
+def test_a_mostly_bad_stream_trains_and_counts_and_a_bad_run_can_stop_it(tmp_path):
+    from clip_jax.input.pipeline import NoUsableData
+
+    bad = {(s, i): "missing_image" for s in range(2) for i in range(12) if i % 6}  # 1 good in 6
+    glob = write_shards(tmp_path, n_shards=2, per_shard=12, bad=bad)
+    p = pipeline(glob, global_batch_size=2)
+    got = [c for _ in range(6) for c in captions(next(p))]  # 3 passes over the 4 good records
+    assert sorted(set(got)) == ["item 0 0", "item 0 6", "item 1 0", "item 1 6"]
+    assert p.bad_records()["missing_image"] >= 40
+    strict = pipeline(glob, config={"max_bad_in_a_row": 5}, train=False, global_batch_size=2)
+    with pytest.raises(NoUsableData, match="data.max_bad_in_a_row bad records in a row"):
+        for _ in range(10):
+            next(strict)
+
+
+def test_an_evaluation_source_with_no_usable_record_is_diagnosed(tmp_path):
+    from clip_jax.input import eval_data
+
+    garbage = tmp_path / "a-random.tfrecord"
+    garbage.write_bytes(np.random.default_rng(1).bytes(20_000))
+    write_shards(tmp_path, n_shards=1, per_shard=3, bad={(0, 0): "missing_image", (0, 1): "corrupt_image"})
+    with open(tmp_path / "b-not-examples.tfrecord", "wb") as f:  # valid framing, bytes of no Example
+        with tf.io.TFRecordWriter(f.name) as w:
+            w.write(b"\x0a\xff\xff garbage")
+    info = eval_data.describe(f"tfrecord:{tmp_path}/*.tfrecord", {})
+    batches = list(eval_data.eval_batches(info, {}, batch_size=4, image_size=16, context_length=8))
+    assert sum(int(b["mask"].sum()) for b in batches) == 1  # the one good record
+    assert eval_data.diagnose(info, {}) == "missing_image=1, not_an_example=1, undecodable=1, unreadable_file=1, " \
+                                           "usable=1"

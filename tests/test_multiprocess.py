@@ -4,6 +4,7 @@ with SIGKILL at any moment and restarted ends exactly where an uninterrupted run
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,6 +237,47 @@ def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"resumed from step {stopped}" in done.stdout
     assert sorted(losses(workdir)) == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_bad_or_stalled_input_ends_the_run_with_its_checkpoints_kept(tmp_path, cache):
+    """Training on TFRecords of random bytes stops with an error naming the files within a minute;
+    a run whose input stalls (FIFOs no writer opens, as a hung filesystem) obeys SIGTERM within
+    seconds, and the checkpoint before it still resumes."""
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for i in range(2):  # the smoke config reads 2 streams of whole files
+        (garbage / f"part{i}.tfrecord").write_bytes(np.random.default_rng(i).bytes(200_000))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "clip_jax.train"] + smoke_args(
+        tmp_path / "g", cache, total_steps=2, **{"data.train": f"tfrecord:{garbage}/*.tfrecord"}),
+        env=env_with(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and time.perf_counter() - start < 60
+    assert re.search(r"NoUsableData: data stream \d of 2 read a whole pass over its files without one usable "
+                     r"example .*unreadable_shard=1\. Files: .*part\d\.tfrecord", done.stderr), done.stderr[-3000:]
+
+    workdir = tmp_path / "run"
+    args = smoke_args(workdir, cache, total_steps=4, checkpoint_every_steps=2, **SIZE_ARGS)
+    first = subprocess.run([sys.executable, "-m", "clip_jax.train"] + args, env=env_with(1), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stalled = tmp_path / "stalled"
+    stalled.mkdir()
+    for i in range(2):
+        os.mkfifo(stalled / f"part{i}.tfrecord")
+    more = smoke_args(workdir, cache, total_steps=8, checkpoint_every_steps=2,
+                      **{"data.train": f"tfrecord:{stalled}/*.tfrecord"})
+    start = time.perf_counter()
+    rc, out = _sigterm_after([sys.executable, "-m", "clip_jax.train"] + more, env_with(1), "resumed from step 4")
+    assert rc == 0, out[-3000:]
+    assert time.perf_counter() - start < 120
+    assert "preemption notice (SIGTERM) while waiting for input at step 4; exiting. The latest checkpoint is " \
+           "step 4" in out, out[-3000:]
+    again = subprocess.run([sys.executable, "-m", "clip_jax.train"] + smoke_args(
+        workdir, cache, total_steps=6, checkpoint_every_steps=2, **SIZE_ARGS), env=env_with(1), cwd=ROOT,
+        capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-3000:]
+    assert sorted(losses(workdir)) == list(range(1, 7))
 
 
 def test_local_cpu_launcher_dry_run():

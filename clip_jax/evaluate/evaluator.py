@@ -262,8 +262,16 @@ class Evaluator:
             process_index=jax.process_index(), process_count=jax.process_count(), limit=limit,
             tokenizer=tokenizer_for(encoder.model.config.text) if max_captions else None)
         total = min(info.num_examples, limit) if info.num_examples and limit else (info.num_examples or limit or None)
-        return extract(encoder, batches, texts=max_captions > 0, desc=f"embedding {info.name}", total=total,
-                       log=self.log)
+        from clip_jax.input.pipeline import NoUsableData, list_paths
+
+        try:
+            return extract(encoder, batches, texts=max_captions > 0, desc=f"embedding {info.name}", total=total,
+                           log=self.log)
+        except NoUsableData as e:
+            files = f" Files: {list_paths(info.files)}." if info.files else ""
+            raise NoUsableData(f"evaluation source {info.spec!r}: no usable example (records by kind: "
+                               f"{eval_data.diagnose(info, config)}).{files} Evaluation reads an encoded image "
+                               "under 'image' (data/*_to_tfrecord.py writes them)") from e
 
     def _zero_shot(self, encoder, spec, group, feats):
         info = group.info

@@ -113,7 +113,9 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, d
             of = f"/{total}" if total else ""
             log(f"  {desc}: ~{min(seen, total) if total else seen}{of} images, {seen / (now - start):.0f} images/s")
     if like is None:
-        raise ValueError(f"{desc or 'the evaluation split'} holds no examples")
+        from clip_jax.input.pipeline import NoUsableData
+
+        raise NoUsableData(f"{desc or 'the evaluation split'}: no usable example in the whole split")
     device = host_copy([o for o, _ in pending])
     local_meta = {k: np.concatenate([m[k] for _, m in pending]) for k in pending[0][1]}
     meta = host_copy(local_meta)

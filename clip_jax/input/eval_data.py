@@ -266,3 +266,50 @@ def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_
         return ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels
 
     return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
+    """What the first `most` records of a source hold, by kind (usable, unreadable file, not a
+    tf.train.Example, missing image, undecodable image): read eagerly, one record at a time, for
+    the error of a source that gave no usable example."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    counts: dict = {}
+    add = lambda kind: counts.__setitem__(kind, counts.get(kind, 0) + 1)  # noqa: E731
+
+    def image_kind(image) -> str:
+        if not len(image):
+            return "missing_image"
+        try:
+            tf.io.decode_image(image, channels=3, expand_animations=False)
+        except (tf.errors.OpError, UnicodeDecodeError):  # TF's message may quote the bytes
+            return "undecodable"
+        return "usable"
+
+    read = 0
+    if info.source.kind == "tfds":
+        for image, _, _ in _raw(info, config, [], 0, 1).take(most).as_numpy_iterator():
+            add(image_kind(image))
+        return _describe_counts(counts)
+    spec = {records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    for path in info.files or []:
+        compressed = path.endswith(".gz")
+        try:
+            for record in tf.data.TFRecordDataset(path, compression_type="GZIP" if compressed else ""):
+                if read >= most:
+                    return _describe_counts(counts) + f" (in the first {most} records)"
+                read += 1
+                try:
+                    image = tf.io.parse_single_example(record, spec)[records.IMAGE].numpy()
+                except (tf.errors.OpError, UnicodeDecodeError):
+                    add("not_an_example")
+                    continue
+                add(image_kind(image))
+        except (tf.errors.OpError, UnicodeDecodeError):
+            add("unreadable_file")
+    return _describe_counts(counts)
+
+
+def _describe_counts(counts: dict) -> str:
+    return ", ".join(f"{kind}={n}" for kind, n in sorted(counts.items())) or "no records at all"

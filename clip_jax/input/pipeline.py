@@ -8,10 +8,16 @@ Per host, one pass over its share of the data looks like this:
        reported with its path, its readable records kept
     -> shuffle buffer (seeded per epoch) -> enumerate: every raw record gets its position
     -> skip(position) on resume: raw bytes are skipped, nothing is decoded
+    -> an end-of-epoch marker after each epoch's records
     -> parse + checks (missing image, empty or non-UTF-8 caption) -> cumulative counters
-       (tf.data scan, so they describe exactly what was consumed) -> drop bad records
-    -> decode + crop + normalize (parallel, deterministic; undecodable images dropped)
-    -> batch (host batch = global batch / processes) -> tokenize -> prefetch
+       (tf.data scan, so they describe exactly what was consumed)
+    -> decode + crop + normalize the good records (parallel, deterministic); an image that
+       fails to decode drops its record (counted on the host as 'undecodable')
+    -> the stop (a second scan, over what decoded, sentinels and markers): a whole pass over
+       the stream's files without one usable example, or data.max_bad_in_a_row bad records in
+       a row, ends the stream with a marked record, which the host turns into an error naming
+       the files and the counts (NoUsableData)
+    -> drop bad records -> batch (host batch = global batch / processes) -> tokenize -> prefetch
 
 Streams: the data is read as `streams` independent streams (config `data.streams`;
 default one per process), stream s reading whole files files[s::streams] (or the s-th
@@ -30,9 +36,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
+import queue
+import re
 import sys
-from typing import Any, Iterator, Optional, Sequence
+import threading
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -42,7 +52,13 @@ from clip_jax.preprocessing import MEAN, STD
 from clip_jax.registry import Registry
 
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard")
+STOP_REASONS = {1: "a whole pass over its files without one usable example",
+                2: "data.max_bad_in_a_row bad records in a row"}
 _MASK31 = (1 << 31) - 1
+
+
+class NoUsableData(ValueError):
+    """A data stream that yields nothing usable: stopped rather than read forever."""
 
 
 # -- sources ------------------------------------------------------------------------
@@ -135,7 +151,9 @@ class InputState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputState":
-        return cls(int(d["epoch"]), int(d["position"]), int(d["examples"]), {k: int(v) for k, v in d["bad"].items()})
+        bad = {k: 0 for k in BAD_KINDS + ("undecodable",)}
+        bad.update({k: int(v) for k, v in d["bad"].items()})
+        return cls(int(d["epoch"]), int(d["position"]), int(d["examples"]), bad)
 
 
 def _mix(*ints: int) -> int:
@@ -278,7 +296,8 @@ class _Stream:
         return ds.map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def _epoch(self, epoch, skip: int = 0):
-        """One epoch as (epoch, position, image, captions, sentinel, short), skipping `skip` raw records."""
+        """One epoch as (epoch, position, image, captions, labels, sentinel, short), skipping `skip` raw
+        records, then an end-of-epoch marker (a sentinel at position -1)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
@@ -288,7 +307,12 @@ class _Stream:
             seed = tf.constant(_mix(self.seed, self.index, 2), tf.int64) + epoch * 1_000_003
             ds = ds.shuffle(self.config["shuffle_buffer"], seed=seed, reshuffle_each_iteration=False)
         ds = ds.enumerate().map(_plain(lambda pos, x: (epoch, pos) + tuple(x)))
-        return ds.skip(skip) if skip else ds
+        if skip:
+            ds = ds.skip(skip)
+        # The epoch's end, as a sentinel: even an epoch with no record (or none that decodes) is seen.
+        marker = (epoch, tf.constant(-1, tf.int64), tf.constant(b""), tf.zeros([0], tf.string),
+                  tf.zeros([len(self._label_keys())], tf.int64), tf.constant(True), tf.constant(False))
+        return ds.concatenate(tf.data.Dataset.from_tensors(marker))
 
     # -- the whole stream ---------------------------------------------------------------
     def _build(self):
@@ -303,8 +327,12 @@ class _Stream:
             ds = ds.concatenate(tf.data.Dataset.range(start.epoch + 1, last).flat_map(_plain(self._epoch)))
         ds = ds.map(_plain(self._check), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.scan(tf.zeros([len(BAD_KINDS) + 1], tf.int64), _plain(_count))  # in order: exact counters
-        ds = ds.filter(_plain(lambda ex: tf.equal(ex["status"], 0)))
+        # Bad records, sentinels and markers pass the decode untouched: the stop sees every epoch.
         ds = ds.map(_plain(self._decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        whole_from = start.epoch if start.position == 0 else start.epoch + 1  # a resumed epoch is not a pass
+        stop = functools.partial(_stop, whole_from=whole_from, max_bad_in_a_row=int(self.config["max_bad_in_a_row"]))
+        ds = ds.scan((tf.constant(start.epoch - 1, tf.int64), tf.constant(0, tf.int64)), _plain(stop))
+        ds = ds.filter(_plain(lambda ex: tf.equal(ex["status"], 0)))
         ds = ds.batch(self.batch_size, drop_remainder=True)
         ds = ds.map(_plain(self._tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
@@ -344,18 +372,36 @@ class _Stream:
                 "status": status}
 
     def _decode(self, ex):
+        """A good record's image (and SLIP's views) decoded, cropped and in the output dtype (an image
+        that fails to decode raises: ignore_errors drops the record); any other gets zeros."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
-        seed = self._example_seed(3, ex["epoch"], ex["position"])
-        image = decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config)
         dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config["image_dtype"]]
-        out = {k: v for k, v in ex.items() if k != "status"}  # every record passing here has status 0
-        out["image"] = tf.cast(image, dtype)
-        if self.views:  # SLIP's SimCLR views, each from its own stateless seed: resumable as the rest
-            views = [simclr_view(ex["image"], self.image_size, self._example_seed(4 + v, ex["epoch"], ex["position"]),
-                                 self.config) for v in range(self.views)]
-            out["image_views"] = tf.cast(tf.stack(views), dtype)
+
+        def decode():
+            seed = self._example_seed(3, ex["epoch"], ex["position"])
+            out = {"image": tf.cast(decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config),
+                                    dtype)}
+            if self.views:  # SLIP's SimCLR views, each from its own stateless seed: resumable as the rest
+                views = [simclr_view(ex["image"], self.image_size,
+                                     self._example_seed(4 + v, ex["epoch"], ex["position"]), self.config)
+                         for v in range(self.views)]
+                out["image_views"] = tf.cast(tf.stack(views), dtype)
+            return out
+
+        good = tf.equal(ex["status"], 0)
+        pixels = tf.cond(good, decode, lambda: self._blank(dtype))
+        return dict(ex, **pixels)
+
+    def _blank(self, dtype):
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
+        size = self.image_size
+        out = {"image": tf.zeros([size, size, 3], dtype)}
+        if self.views:
+            out["image_views"] = tf.zeros([self.views, size, size, 3], dtype)
         return out
 
     def _tokenize(self, batch):
@@ -367,10 +413,33 @@ class _Stream:
         if self._iterator is None:
             self._base = InputState.from_dict(self._state.to_dict())
             self._iterator = iter(self._build())
-        batch = next(self._iterator)
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        try:
+            batch = next(self._iterator)
+        except import_tensorflow().errors.InvalidArgumentError as e:
+            stopped = _STOPPED.search(e.message)
+            if stopped is None:
+                raise
+            raise self._no_usable_data(*(np.array(stopped[i].split(), np.int64) for i in (1, 2, 3))) from None
         out = {k: v.numpy() for k, v in batch.items()}
+        del out["status"]
         self._update_state(out)
         return out
+
+    def _no_usable_data(self, counts, epoch, reason) -> NoUsableData:
+        base = self._base
+        bad = self._bad(counts, self._state.examples - base.examples)
+        reason = STOP_REASONS[int(reason[0])]
+        where = (f"{self.source.kind}:{self.source.name or self.source.split}" if self._files is None
+                 else list_paths(self._files))
+        kinds = ", ".join(f"{k}={v}" for k, v in bad.items() if v) or "none of the known kinds"
+        n = int(counts[-1])
+        return NoUsableData(
+            f"data stream {self.index} of {self.count} read {reason} and stopped, {n} record{'s' if n != 1 else ''} "
+            f"read (epoch {int(epoch[0])}), {self._state.examples - base.examples} usable; bad records: "
+            f"{kinds}. Files: {where}. Training reads TFRecords of tf.train.Example with an encoded image "
+            f"under '{records.IMAGE}' and a caption under '{records.CAPTION}' (data/*_to_tfrecord.py writes them)")
 
     def _update_state(self, batch):
         base = self._base
@@ -378,14 +447,16 @@ class _Stream:
         self._state.epoch = int(batch["epoch"][-1])
         self._state.position = int(batch["position"][-1]) + 1
         self._state.examples += len(batch["epoch"])
-        seen = int(counts[-1])
-        bad = dict(base.bad)
-        for i, kind in enumerate(BAD_KINDS):
-            bad[kind] = base.bad[kind] + int(counts[i])
+        self._state.bad = self._bad(counts, self._state.examples - base.examples)
+
+    def _bad(self, counts, delivered: int) -> dict:
+        """Bad-record counts from this pipeline's in-graph counters (as of one record) and the
+        records delivered before it: the undecodable ones are those seen, not flagged, not delivered."""
+        base = self._base
+        bad = {kind: base.bad[kind] + int(counts[i]) for i, kind in enumerate(BAD_KINDS)}
         flagged = int(sum(counts[: len(BAD_KINDS)]))
-        delivered = self._state.examples - base.examples
-        bad["undecodable"] = base.bad["undecodable"] + max(0, seen - flagged - delivered)
-        self._state.bad = bad
+        bad["undecodable"] = base.bad["undecodable"] + max(0, int(counts[-1]) - flagged - delivered)
+        return bad
 
     def state(self) -> InputState:
         return InputState.from_dict(self._state.to_dict())
@@ -513,7 +584,7 @@ def _valid_utf8(s):
 
 
 def _count(counts, ex):
-    """counts[:4]: BAD_KINDS so far; counts[4]: raw records seen (sentinels excluded)."""
+    """counts[:4]: BAD_KINDS so far; counts[4]: raw records seen (sentinels and markers excluded)."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
@@ -523,6 +594,46 @@ def _count(counts, ex):
     counts = counts + tf.concat([bad, [seen]], 0)
     ex = dict(ex, counts=counts)
     return counts, ex
+
+
+# The stop travels to the host as an in-graph error (it ends the stream where it is raised),
+# its figures in the message: counters, epoch, reason.
+_STOP_MESSAGE = "clip_jax input stopped"
+_STOPPED = re.compile(re.escape(_STOP_MESSAGE) + r"\W*\[([-\d ]+)\]\W*\[([-\d ]+)\]\W*\[([-\d ]+)\]")
+
+
+def _stop(carry, ex, whole_from: int, max_bad_in_a_row: int = 0):
+    """Where the stream gives up, over the records that decoded plus the sentinels and the
+    end-of-epoch markers. carry: (the last epoch with a usable record, raw records seen at it).
+    Reasons (STOP_REASONS): 1 at the marker of an epoch >= `whole_from` (read whole) without a
+    usable record; 2 where the last max_bad_in_a_row records seen were all bad (flagged or
+    undecodable). A stop raises (_STOP_MESSAGE) after every usable record before it."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    good_epoch, good_seen = carry
+    good = tf.equal(ex["status"], 0)
+    seen = ex["counts"][-1]
+    good_epoch = tf.where(good, ex["epoch"], good_epoch)
+    good_seen = tf.where(good, seen, good_seen)
+    marker = tf.equal(ex["position"], -1)
+    empty_pass = marker & (ex["epoch"] >= whole_from) & (good_epoch < ex["epoch"])
+    reason = tf.where(empty_pass, tf.constant(1, tf.int64), tf.constant(0, tf.int64))
+    if max_bad_in_a_row:
+        too_many = tf.logical_and(reason == 0, seen - good_seen >= max_bad_in_a_row)
+        reason = tf.where(too_many, tf.constant(2, tf.int64), reason)
+    # A pure op that fails with the message on a stop (a stateful assertion here costs the whole
+    # pipeline ~8% of its throughput: tf.data stops optimizing around it).
+    text = tf.cond(tf.equal(reason, 0), lambda: tf.constant("0"), lambda: tf.strings.format(
+        _STOP_MESSAGE + " {} {} {}", (ex["counts"], [ex["epoch"]], [reason]), summarize=-1))
+    zero = tf.strings.to_number(text, tf.int64)
+    status = ex["status"] + zero
+    return (good_epoch, good_seen), dict(ex, status=status)
+
+
+def list_paths(files: Sequence[str], most: int = 4) -> str:
+    shown = ", ".join(files[:most])
+    return shown + (f" and {len(files) - most} more" if len(files) > most else "")
 
 
 def _stack_labels(values):
@@ -699,6 +810,19 @@ def to_global_arrays(batch: dict, sharding, keys=MODEL_INPUTS) -> dict:
     return out
 
 
+class InputInterrupted(RuntimeError):
+    """A wait for the next host batch cut short by DevicePrefetch's `interrupted` (a SIGTERM)."""
+
+
+_READERS: list = []  # DevicePrefetch reader threads, for input_reader_stuck
+
+
+def input_reader_stuck() -> bool:
+    """Whether a reader thread was left waiting inside tf.data (an input wait was interrupted): a
+    process exiting then must leave with os._exit, as the interpreter's teardown aborts on it."""
+    return any(t.is_alive() for t in _READERS)
+
+
 class DevicePrefetch:
     """Global batches put on the devices ahead of the step that uses them.
 
@@ -706,22 +830,78 @@ class DevicePrefetch:
     host-to-device copies run while earlier steps compute, so a step never waits on a transfer.
     Each batch carries the input position after it: `state()` is where the steps (not the
     prefetcher) have got to, which is what a checkpoint must save.
+
+    `interrupted` (a function, e.g. "has SIGTERM arrived"): host batches are then read by a
+    background thread and a wait for one is cut short (InputInterrupted) once it returns True:
+    a job stuck on its input (a stalled filesystem) still obeys a preemption notice, which a wait
+    inside tf.data's C++ would hold off forever.
     """
 
-    def __init__(self, pipe: "InputPipeline", sharding, size: int = 2, keys: Sequence[str] = MODEL_INPUTS):
+    def __init__(self, pipe: "InputPipeline", sharding, size: int = 2, keys: Sequence[str] = MODEL_INPUTS,
+                 interrupted: Optional[Callable[[], bool]] = None):
         if size < 1:
             raise ValueError(f"device prefetch size must be >= 1, got {size}")
         self.pipe, self.sharding, self.size, self.keys = pipe, sharding, size, tuple(keys)
+        self.interrupted = interrupted
         self._queue: collections.deque = collections.deque()
         self._state = pipe.state()
+        self._host: Optional[queue.Queue] = None  # (host batch, position after it) or the reader's exception
+        self._ended: Optional[BaseException] = None
+        self._reader: Optional[threading.Thread] = None
+        self._closing = threading.Event()
 
     def __iter__(self):
         return self
 
+    def _read(self) -> None:
+        """The reader thread: host batches with the position after each, one ahead at most, until
+        close()."""
+        while not self._closing.is_set():
+            try:
+                item = (next(self.pipe), self.pipe.state())
+            except BaseException as e:  # noqa: BLE001  (StopIteration, NoUsableData, ...: re-raised by the caller)
+                item = e
+            while not self._closing.is_set():
+                try:
+                    self._host.put(item, timeout=0.25)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def close(self, wait_s: float = 2.0) -> None:
+        """Stop the reader thread (a thread left inside a stalled read stays: input_reader_stuck)."""
+        self._closing.set()
+        if self._reader is not None:
+            self._reader.join(timeout=wait_s)
+
+    def _next_host(self):
+        if self.interrupted is None:
+            return next(self.pipe), self.pipe.state()
+        if self._ended is not None:  # the reader has stopped: its end (or error) again
+            raise self._ended
+        if self._host is None:
+            self._host = queue.Queue(maxsize=1)
+            self._reader = threading.Thread(target=self._read, name="clip_jax-input", daemon=True)
+            self._reader.start()
+            _READERS.append(self._reader)
+        while True:
+            try:
+                item = self._host.get(timeout=0.25)
+            except queue.Empty:
+                if self.interrupted():
+                    raise InputInterrupted("interrupted while waiting for the next batch of input") from None
+                continue
+            if isinstance(item, BaseException):
+                self._ended = item
+                raise item
+            return item
+
     def __next__(self) -> dict:
         while len(self._queue) < self.size:
             try:
-                host = next(self.pipe)
+                host, position = self._next_host()
             except StopIteration:  # a finite source (an embedding cache): serve what is queued
                 if not self._queue:
                     raise
@@ -731,7 +911,7 @@ class DevicePrefetch:
                 raise KeyError(f"the training method needs batch keys {missing} that the input pipeline does not "
                                f"produce (it gives {sorted(host)}); for labels set config.data.label_keys")
             batch = to_global_arrays(host, self.sharding, self.keys)  # dispatched, not waited on
-            self._queue.append((batch, self.pipe.state()))
+            self._queue.append((batch, position))
         batch, self._state = self._queue.popleft()
         return batch
 

@@ -22,6 +22,9 @@ DEFAULTS: dict[str, Any] = {
     "shuffle_buffer": 10_000,
     "threads": 0,  # tf.data's private thread pool; 0 = shared
     "prefetch": 2,  # host batches tf.data prepares ahead
+    # A training stream stops with an error after this many bad records in a row (0: never), as it
+    # does after a whole pass over its files without one usable example.
+    "max_bad_in_a_row": 100_000,
     "data_dir": "",  # tfds data_dir
     "cache_dir": "",  # the shapes dataset's cache; '' = ~/.cache/clip_jax
     "shapes_seed": 0,

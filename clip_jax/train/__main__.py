@@ -41,6 +41,14 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     trainer.train_and_evaluate(config, flags.FLAGS.workdir, compiler_options=options,
                                retain=lambda step: onednn.keep_alive(step, options))
+    from clip_jax.input.pipeline import input_reader_stuck
+
+    if input_reader_stuck():  # left waiting inside tf.data: the interpreter's teardown would abort on it
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

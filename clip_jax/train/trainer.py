@@ -16,7 +16,7 @@ from etils import epath
 
 from clip_jax.config import check_ranges
 from clip_jax.input.embedding_cache import EmbeddingCache, settings_of
-from clip_jax.input.pipeline import DevicePrefetch, InputPipeline, parse_spec, stream_count
+from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, InputPipeline, parse_spec, stream_count
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
@@ -112,6 +112,11 @@ class PreemptionNotice:
     def _notice(self, signum, frame):
         self._flag = True
 
+    def noticed(self) -> bool:
+        """Whether this process's own handler has seen SIGTERM (a single process; several agree on
+        a step through reached)."""
+        return self._flag
+
     def reached(self, step: int) -> bool:
         if self._synced:
             from jax.experimental import multihost_utils
@@ -199,6 +204,15 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     compiler_options: XLA options for the train step (a CPU entry point's oneDNN choice);
     retain: called with the compiled step, for an entry point that must keep it past the run.
     """
+    # SIGTERM is noticed from the start: during a restore or a compile it ends the run once they finish.
+    preemption = PreemptionNotice()
+    try:
+        return _train_and_evaluate(config, workdir, stop_at, compiler_options, retain, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain, preemption) -> dict:
     started = time.perf_counter()
     validate(config)
     write_run_config(workdir, config)
@@ -227,24 +241,33 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     model = run.model
     metrics_path = epath.Path(workdir) / "metrics.jsonl"
     _trim_metrics(metrics_path, int(state.step))
-    pipe = training_input(config, model, run.method, input_states)
-    masked = retain(distributed.compile_together(run.step_fn, "train_step"))
-    unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
-        if run.unmasked_step_fn is not None else None
-    batches = DevicePrefetch(pipe, run.batch_sharding, config.prefetch_batches, keys=run.method.batch_keys)
-    encoder = None
-    if evaluator:
-        from clip_jax.evaluate.features import Encoder
-
-        encoder = Encoder(model, None, mesh)
-    metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
-    writer = _summary_writer(workdir)
-    step = int(state.step)
-    last, previous = {}, None
-    window_start, window_images = time.perf_counter(), 0
-    end = min(config.total_steps, stop_at or config.total_steps)
-    preemption = PreemptionNotice()
+    metrics_file = batches = None
     try:
+        pipe = training_input(config, model, run.method, input_states)
+        masked = retain(distributed.compile_together(run.step_fn, "train_step"))
+        unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
+            if run.unmasked_step_fn is not None else None
+        batches = DevicePrefetch(pipe, run.batch_sharding, config.prefetch_batches, keys=run.method.batch_keys,
+                                 interrupted=preemption.noticed)
+        encoder = None
+        if evaluator:
+            from clip_jax.evaluate.features import Encoder
+
+            encoder = Encoder(model, None, mesh)
+        metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
+        writer = _summary_writer(workdir)
+        step = int(state.step)
+        last, previous = {}, None
+        window_start, window_images = time.perf_counter(), 0
+        end = min(config.total_steps, stop_at or config.total_steps)
+
+        def save(step: int, metrics) -> None:
+            _check_streak(step, metrics, config)
+            # The step guards loss and gradient; an update that overflows is caught here.
+            if not bool(params_are_finite(state.params)):
+                raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
+            checkpoint.save(manager, step, state, batches.state(), force=True)
+
         while step < end:
             # Chinese-CLIP's second stage begins: a new run of the step with nothing frozen
             if run.stage == 1 and config.unfreeze_at_step and step == config.unfreeze_at_step:
@@ -253,7 +276,18 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                 unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked_stage2")) \
                     if run.unmasked_step_fn is not None else None
             step_fn = unmasked if run.unmasked_at(step) else masked
-            state, metrics = step_fn(state, next(batches))
+            try:
+                batch = next(batches)
+            except InputInterrupted:  # SIGTERM while the input stalls: the steps taken are kept
+                if previous is not None and step not in manager.all_steps():
+                    save(*previous)
+                manager.wait_until_finished()
+                kept = manager.latest_step()
+                log(f"preemption notice (SIGTERM) while waiting for input at step {step}; exiting. "
+                    + (f"The latest checkpoint is step {kept} in {workdir}." if kept is not None else
+                       "No checkpoint was written yet."))
+                return last
+            state, metrics = step_fn(state, batch)
             step += 1
             if previous is not None:  # one step behind, so the host never waits on the step it just started
                 _check_streak(*previous, config)
@@ -279,11 +313,7 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
                 window_start, window_images = time.perf_counter(), 0
             preempted = preemption.reached(step)
             if step == end or preempted or manager.should_save(step):
-                _check_streak(step, metrics, config)
-                # The step guards loss and gradient; an update that overflows is caught here.
-                if not bool(params_are_finite(state.params)):
-                    raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
-                checkpoint.save(manager, step, state, batches.state(), force=True)
+                save(step, metrics)
             if preempted:
                 manager.wait_until_finished()
                 log(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; exiting. "
@@ -296,6 +326,8 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
             _write_summary(run, state, config, workdir)
     finally:  # an error, too, lets a save in flight complete: no half-written checkpoint
         preemption.restore()
+        if batches is not None:
+            batches.close()
         manager.wait_until_finished()
         if metrics_file:
             metrics_file.close()
