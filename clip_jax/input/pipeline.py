@@ -51,7 +51,10 @@ from clip_jax.input.settings import data_settings
 from clip_jax.preprocessing import MEAN, STD
 from clip_jax.registry import Registry
 
-BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard")
+# The first four are a record's status (1..4, _check); records that do not parse are counted
+# per file (not_an_example, on the file's sentinel).
+BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example")
+END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
                 2: "data.max_bad_in_a_row bad records in a row"}
 _MASK31 = (1 << 31) - 1
@@ -112,11 +115,16 @@ def list_files(patterns: str) -> list[str]:
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
-    files = []
+    files, by = [], {}
     for pattern in patterns.split(","):
         matched = sorted(tf.io.gfile.glob(pattern.strip()))
         if not matched:
             raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+        for path in matched:  # read twice a pass, a shard would silently weigh double
+            if path in by:
+                raise ValueError(f"{path} is matched twice (by {by[path]!r} and {pattern.strip()!r}): list each shard "
+                                 "once")
+            by[path] = pattern.strip()
         files += matched
     return files
 
@@ -215,7 +223,8 @@ class _Stream:
         return tf.stack([tf.constant(_mix(self.seed, self.index, salt), tf.int64) + epoch, position])
 
     def _tfrecord_epoch(self, epoch):
-        """(image bytes, captions [n], is_sentinel, shard_read_short) of this stream's files."""
+        """(image bytes, captions [n], labels, is_sentinel, shard_read_short, records of the file that
+        did not parse (on its sentinel)) of this stream's files."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
@@ -238,11 +247,13 @@ class _Stream:
             num_parallel_calls=tf.data.AUTOTUNE
         )
 
-        def account(read_bytes, element):
+        def account(read, element):
+            read_bytes, read_records = read
             i, record, sentinel = element
             # TFRecord framing: 8-byte length, 4-byte CRC, data, 4-byte CRC.
             read_bytes = tf.tensor_scatter_nd_add(read_bytes, [[i]],
                                                   [tf.cast(tf.strings.length(record), tf.int64) + 16])
+            read_records = tf.tensor_scatter_nd_add(read_records, [[i]], [1 - tf.cast(sentinel, tf.int64)])
             short = tf.logical_and(sentinel, tf.gather(read_bytes, i) - 16 < tf.gather(sizes, i))
             if compressed:  # sizes are of the compressed files: no byte accounting
                 short = tf.constant(False)
@@ -250,9 +261,10 @@ class _Stream:
                 tf.cond(short,
                         lambda: _report_short(tf.gather(files, i), tf.gather(read_bytes, i) - 16, tf.gather(sizes, i)),
                         tf.no_op)
-            return read_bytes, (record, sentinel, short)
+            return (read_bytes, read_records), (i, record, sentinel, short, tf.gather(read_records, i))
 
-        ds = ds.scan(tf.zeros([n], tf.int64), _plain(account))
+        zeros = tf.zeros([n], tf.int64)
+        ds = ds.scan((zeros, zeros), _plain(account))
         label_keys = self._label_keys()
         caption_key = records.CAPTION
         if self.source.kind == "shapes":  # 'shapes:SPLIT|lang=zh': its Chinese captions
@@ -265,13 +277,22 @@ class _Stream:
             **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys},
         }
 
-        def parse(record, sentinel, short):
+        def parse(i, record, sentinel, short, records_of_file):
             ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
             labels = _stack_labels([ex[k] for k in label_keys])
-            return ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels, sentinel, short
+            return i, ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels, sentinel, short, records_of_file
 
-        # Records whose bytes are no tf.train.Example fail here and are dropped (not counted).
-        return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        def tally(parsed, element):
+            """A file's sentinel carries how many of its records did not parse: read minus parsed."""
+            i, image, captions, labels, sentinel, short, records_of_file = element
+            parsed = tf.tensor_scatter_nd_add(parsed, [[i]], [1 - tf.cast(sentinel, tf.int64)])
+            unparsed = tf.where(sentinel, records_of_file - tf.gather(parsed, i), tf.constant(0, tf.int64))
+            return parsed, (image, captions, labels, sentinel, short, unparsed)
+
+        # Records whose bytes are no tf.train.Example (or hold a feature of another type) fail to
+        # parse and are dropped here; `tally` counts them per file, in order, before the shuffle.
+        ds = ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        return ds.scan(zeros, _plain(tally))
 
     def _tfds_epoch(self, epoch):
         from clip_jax.input.tf_runtime import import_tensorflow
@@ -291,12 +312,13 @@ class _Stream:
         def select(ex):
             captions = tf.reshape(_get_path(ex, caption_key), [-1])
             labels = _stack_labels([_get_path(ex, k) for k in label_keys])
-            return _get_path(ex, image_key), captions, labels, tf.constant(False), tf.constant(False)
+            return (_get_path(ex, image_key), captions, labels, tf.constant(False), tf.constant(False),
+                    tf.constant(0, tf.int64))
 
         return ds.map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def _epoch(self, epoch, skip: int = 0):
-        """One epoch as (epoch, position, image, captions, labels, sentinel, short), skipping `skip` raw
+        """One epoch as (epoch, position, image, captions, labels, sentinel, short, unparsed), skipping `skip` raw
         records, then an end-of-epoch marker (a sentinel at position -1)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -311,7 +333,8 @@ class _Stream:
             ds = ds.skip(skip)
         # The epoch's end, as a sentinel: even an epoch with no record (or none that decodes) is seen.
         marker = (epoch, tf.constant(-1, tf.int64), tf.constant(b""), tf.zeros([0], tf.string),
-                  tf.zeros([len(self._label_keys())], tf.int64), tf.constant(True), tf.constant(False))
+                  tf.zeros([len(self._label_keys())], tf.int64), tf.constant(True), tf.constant(False),
+                  tf.constant(0, tf.int64))
         return ds.concatenate(tf.data.Dataset.from_tensors(marker))
 
     # -- the whole stream ---------------------------------------------------------------
@@ -330,8 +353,10 @@ class _Stream:
         # Bad records, sentinels and markers pass the decode untouched: the stop sees every epoch.
         ds = ds.map(_plain(self._decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
         whole_from = start.epoch if start.position == 0 else start.epoch + 1  # a resumed epoch is not a pass
-        stop = functools.partial(_stop, whole_from=whole_from, max_bad_in_a_row=int(self.config["max_bad_in_a_row"]))
-        ds = ds.scan((tf.constant(start.epoch - 1, tf.int64), tf.constant(0, tf.int64)), _plain(stop))
+        stop = functools.partial(_stop, whole_from=whole_from, max_bad_in_a_row=int(self.config["max_bad_in_a_row"]),
+                                 last_epoch=last - 1 if self.num_epochs else -1)
+        zero = tf.constant(0, tf.int64)
+        ds = ds.scan((tf.constant(start.epoch - 1, tf.int64), zero, zero), _plain(stop))
         ds = ds.filter(_plain(lambda ex: tf.equal(ex["status"], 0)))
         ds = ds.batch(self.batch_size, drop_remainder=True)
         ds = ds.map(_plain(self._tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -345,7 +370,7 @@ class _Stream:
         """Integer features passed through as batch['labels'] [b, K] (-1 where absent), e.g. for zero-shot eval."""
         return list(self.config["label_keys"])
 
-    def _check(self, epoch, position, image, captions, labels, sentinel, short):
+    def _check(self, epoch, position, image, captions, labels, sentinel, short, unparsed):
         """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -369,7 +394,7 @@ class _Stream:
             exclusive=False,
         )
         return {"epoch": epoch, "position": position, "image": image, "caption": caption, "labels": labels,
-                "status": status}
+                "status": status, "unparsed": unparsed}
 
     def _decode(self, ex):
         """A good record's image (and SLIP's views) decoded, cropped and in the output dtype (an image
@@ -421,15 +446,18 @@ class _Stream:
             stopped = _STOPPED.search(e.message)
             if stopped is None:
                 raise
-            raise self._no_usable_data(*(np.array(stopped[i].split(), np.int64) for i in (1, 2, 3))) from None
+            counts, epoch, reason, usable = (np.array(stopped[i].split(), np.int64) for i in (1, 2, 3, 4))
+            if int(reason[0]) == END_OF_STREAM:  # a finite stream's end: its final counts, then the end
+                self._state.bad = self._bad(counts, int(usable[0]))
+                raise StopIteration from None
+            raise self._no_usable_data(counts, epoch, reason, int(usable[0])) from None
         out = {k: v.numpy() for k, v in batch.items()}
         del out["status"]
         self._update_state(out)
         return out
 
-    def _no_usable_data(self, counts, epoch, reason) -> NoUsableData:
-        base = self._base
-        bad = self._bad(counts, self._state.examples - base.examples)
+    def _no_usable_data(self, counts, epoch, reason, usable: int) -> NoUsableData:
+        bad = self._bad(counts, usable)
         reason = STOP_REASONS[int(reason[0])]
         where = (f"{self.source.kind}:{self.source.name or self.source.split}" if self._files is None
                  else list_paths(self._files))
@@ -437,7 +465,7 @@ class _Stream:
         n = int(counts[-1])
         return NoUsableData(
             f"data stream {self.index} of {self.count} read {reason} and stopped, {n} record{'s' if n != 1 else ''} "
-            f"read (epoch {int(epoch[0])}), {self._state.examples - base.examples} usable; bad records: "
+            f"read (epoch {int(epoch[0])}), {usable} usable; bad records: "
             f"{kinds}. Files: {where}. Training reads TFRecords of tf.train.Example with an encoded image "
             f"under '{records.IMAGE}' and a caption under '{records.CAPTION}' (data/*_to_tfrecord.py writes them)")
 
@@ -449,13 +477,13 @@ class _Stream:
         self._state.examples += len(batch["epoch"])
         self._state.bad = self._bad(counts, self._state.examples - base.examples)
 
-    def _bad(self, counts, delivered: int) -> dict:
-        """Bad-record counts from this pipeline's in-graph counters (as of one record) and the
-        records delivered before it: the undecodable ones are those seen, not flagged, not delivered."""
+    def _bad(self, counts, usable: int) -> dict:
+        """Bad-record counts from this pipeline's in-graph counters (as of one record) and the usable
+        records up to it: the undecodable ones are those seen, neither flagged nor usable."""
         base = self._base
         bad = {kind: base.bad[kind] + int(counts[i]) for i, kind in enumerate(BAD_KINDS)}
         flagged = int(sum(counts[: len(BAD_KINDS)]))
-        bad["undecodable"] = base.bad["undecodable"] + max(0, int(counts[-1]) - flagged - delivered)
+        bad["undecodable"] = base.bad["undecodable"] + max(0, int(counts[-1]) - flagged - usable)
         return bad
 
     def state(self) -> InputState:
@@ -584,13 +612,15 @@ def _valid_utf8(s):
 
 
 def _count(counts, ex):
-    """counts[:4]: BAD_KINDS so far; counts[4]: raw records seen (sentinels and markers excluded)."""
+    """counts[:5]: BAD_KINDS so far; counts[5]: raw records seen (sentinels and markers excluded)."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
     status = ex["status"]
+    unparsed = ex.pop("unparsed")
     bad = tf.one_hot(status - 1, len(BAD_KINDS), dtype=tf.int64)  # status 0 / -1 -> zeros
-    seen = tf.cast(status != -1, tf.int64)
+    bad = bad + unparsed * tf.one_hot(BAD_KINDS.index("not_an_example"), len(BAD_KINDS), dtype=tf.int64)
+    seen = tf.cast(status != -1, tf.int64) + unparsed
     counts = counts + tf.concat([bad, [seen]], 0)
     ex = dict(ex, counts=counts)
     return counts, ex
@@ -599,36 +629,41 @@ def _count(counts, ex):
 # The stop travels to the host as an in-graph error (it ends the stream where it is raised),
 # its figures in the message: counters, epoch, reason.
 _STOP_MESSAGE = "clip_jax input stopped"
-_STOPPED = re.compile(re.escape(_STOP_MESSAGE) + r"\W*\[([-\d ]+)\]\W*\[([-\d ]+)\]\W*\[([-\d ]+)\]")
+_STOPPED = re.compile(re.escape(_STOP_MESSAGE) + r"\W*" + r"\W*".join([r"\[([-\d ]+)\]"] * 4))
 
 
-def _stop(carry, ex, whole_from: int, max_bad_in_a_row: int = 0):
+def _stop(carry, ex, whole_from: int, max_bad_in_a_row: int = 0, last_epoch: int = -1):
     """Where the stream gives up, over the records that decoded plus the sentinels and the
-    end-of-epoch markers. carry: (the last epoch with a usable record, raw records seen at it).
+    end-of-epoch markers. carry: (the last epoch with a usable record, raw records seen at it,
+    usable records so far).
     Reasons (STOP_REASONS): 1 at the marker of an epoch >= `whole_from` (read whole) without a
     usable record; 2 where the last max_bad_in_a_row records seen were all bad (flagged or
     undecodable). A stop raises (_STOP_MESSAGE) after every usable record before it."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
-    good_epoch, good_seen = carry
+    good_epoch, good_seen, usable = carry
     good = tf.equal(ex["status"], 0)
+    usable = usable + tf.cast(good, tf.int64)
     seen = ex["counts"][-1]
     good_epoch = tf.where(good, ex["epoch"], good_epoch)
     good_seen = tf.where(good, seen, good_seen)
     marker = tf.equal(ex["position"], -1)
     empty_pass = marker & (ex["epoch"] >= whole_from) & (good_epoch < ex["epoch"])
     reason = tf.where(empty_pass, tf.constant(1, tf.int64), tf.constant(0, tf.int64))
+    # a finite stream's last marker ends it the same way, so its final counts reach the host
+    reason = tf.where((reason == 0) & marker & tf.equal(ex["epoch"], last_epoch), tf.constant(END_OF_STREAM, tf.int64),
+                      reason)
     if max_bad_in_a_row:
         too_many = tf.logical_and(reason == 0, seen - good_seen >= max_bad_in_a_row)
         reason = tf.where(too_many, tf.constant(2, tf.int64), reason)
     # A pure op that fails with the message on a stop (a stateful assertion here costs the whole
     # pipeline ~8% of its throughput: tf.data stops optimizing around it).
     text = tf.cond(tf.equal(reason, 0), lambda: tf.constant("0"), lambda: tf.strings.format(
-        _STOP_MESSAGE + " {} {} {}", (ex["counts"], [ex["epoch"]], [reason]), summarize=-1))
+        _STOP_MESSAGE + " {} {} {} {}", (ex["counts"], [ex["epoch"]], [reason], [usable]), summarize=-1))
     zero = tf.strings.to_number(text, tf.int64)
     status = ex["status"] + zero
-    return (good_epoch, good_seen), dict(ex, status=status)
+    return (good_epoch, good_seen, usable), dict(ex, status=status)
 
 
 def list_paths(files: Sequence[str], most: int = 4) -> str:
