@@ -214,14 +214,15 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
                 epoch_loss, epoch_correct = 0.0, 0.0
             preempted = preemption.reached(step)
             if step % every == 0 or step == total or preempted:
-                checkpoint.save(manager, step, saved(state), force=True)
+                checkpoint.save(manager, step, saved(state), force=True, log=log)
             if preempted:
-                manager.wait_until_finished()
+                checkpoint.finish(manager)
                 raise Preempted(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
                                 "the same command resumes from it")
+        checkpoint.finish(manager)
     finally:
         preemption.restore()
-        manager.wait_until_finished()
+        manager.wait_until_finished()  # a no-op after finish(); after an error, the save in flight completes
     return state
 
 
@@ -260,13 +261,24 @@ def zero_shot_top1(runner: Runner, prompts, features: np.ndarray, labels: np.nda
 def run(settings, workdir: str, log=print) -> dict:
     """The whole protocol; writes and returns DIR/results.json's content."""
     from clip_jax.adapt.config import check_adapt_ranges
-    from clip_jax.adapt.weights import load_frozen
-    from clip_jax.parallel.sharding import make_mesh
+    from clip_jax.train.workdir import check_writable, lock
 
     ADAPTERS.get(settings.method)  # an unknown method lists the known ones, first
     check_adapt_ranges(settings)
     _check_class_agnostic(settings)
-    os.makedirs(workdir, exist_ok=True)
+    check_writable(workdir)
+    held = lock(workdir) if jax.process_index() == 0 else None  # one run per workdir
+    try:
+        return _run(settings, workdir, log)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _run(settings, workdir: str, log) -> dict:
+    from clip_jax.adapt.weights import load_frozen
+    from clip_jax.parallel.sharding import make_mesh
+
     with open(os.path.join(workdir, "adapt_config.json"), "w") as f:
         f.write(settings.to_json_best_effort(indent=2))
     model, variables = load_frozen(settings)

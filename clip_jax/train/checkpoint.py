@@ -58,15 +58,63 @@ def _gather_input_states(states: Optional[Sequence[InputState]]) -> list[dict]:
     return [s for row in np.asarray(gathered) for s in json.loads(bytes(row).rstrip(b"\0").decode())]
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full, read-only or removed workdir): the message
+    names the cause, the last complete checkpoint and the fix."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, train_state: Any,
          input_states: Optional[Sequence[InputState]] = None,
-         force: bool = False) -> bool:
-    """Save (asynchronously) if the manager's interval says so, or `force`. Returns whether it saved."""
+         force: bool = False, log=print) -> bool:
+    """Save (asynchronously) if the manager's interval says so, or `force`. Returns whether it saved.
+    A filesystem fault (here or in the previous save, still being written) is a CheckpointWriteError."""
     if not force and not manager.should_save(step):
         return False  # before the gather: on a pod it is a collective, not to run every step
+    finish(manager)  # the previous save's fault, if any, first (it has had a checkpoint interval to end)
+    _check_present(manager, log)
     items = {"state": ocp.args.StandardSave(train_state),
              "input": ocp.args.JsonSave(_gather_input_states(input_states))}
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise ValueError, OSError, ...)
+        raise _write_error(manager, step, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight; a filesystem fault in it is a CheckpointWriteError."""
+    in_flight = manager.latest_step()
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        raise _write_error(manager, in_flight, e) from e
+
+
+def _write_error(manager, step: Optional[int], e: Exception) -> Exception:
+    """A CheckpointWriteError for a known filesystem fault, else `e` itself."""
+    from clip_jax.train.workdir import advice_for, describe_os_error
+
+    fix = advice_for(e)
+    if fix is None:
+        return e
+    manager.reload()  # what is complete on disk now (a failed save leaves only a *-tmp folder)
+    done = [s for s in manager.all_steps() if s != step]
+    last = (f"The last complete checkpoint, step {max(done)}, is untouched: the same command resumes from it "
+            "once the fault is fixed." if done else "No checkpoint was completed.")
+    which = f"step {step}'s checkpoint" if step is not None else "a checkpoint"
+    return CheckpointWriteError(f"could not write {which} in {manager.directory}: {describe_os_error(e)}. {last} "
+                                f"To fix: {fix}.")
+
+
+def _check_present(manager: ocp.CheckpointManager, log) -> None:
+    """A checkpoint the manager wrote that has gone from disk (its folder removed under the run):
+    said, and the manager re-read, so this save goes on to a complete checkpoint at once."""
+    latest = manager.latest_step()
+    directory = str(manager.directory)
+    if latest is None or "://" in directory or os.path.exists(os.path.join(directory, str(latest))):
+        return
+    log(f"warning: checkpoint {latest} has gone from {directory} (its folder was removed or changed under the "
+        "running job); writing the current step's checkpoint now")
+    manager.reload()
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None):

@@ -24,6 +24,7 @@ from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train import checkpoint
 from clip_jax.train.build import build, model_from_config, stage_of
 from clip_jax.train.step import params_are_finite
+from clip_jax.train.workdir import check_free_space, check_writable, lock
 
 
 def _data_config(config) -> dict:
@@ -204,17 +205,21 @@ def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compile
     compiler_options: XLA options for the train step (a CPU entry point's oneDNN choice);
     retain: called with the compiled step, for an entry point that must keep it past the run.
     """
+    started = time.perf_counter()
+    validate(config)
+    check_writable(workdir)
+    held = lock(workdir) if jax.process_index() == 0 else None  # one run per workdir
     # SIGTERM is noticed from the start: during a restore or a compile it ends the run once they finish.
     preemption = PreemptionNotice()
     try:
-        return _train_and_evaluate(config, workdir, stop_at, compiler_options, retain, preemption)
+        return _train_and_evaluate(config, workdir, stop_at, compiler_options, retain, preemption, started)
     finally:
         preemption.restore()
+        if held is not None:
+            held.release()
 
 
-def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain, preemption) -> dict:
-    started = time.perf_counter()
-    validate(config)
+def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain, preemption, started) -> dict:
     write_run_config(workdir, config)
     mesh = sharding.make_mesh(dict(config.mesh))
     sharding.check_batch(config.batch_size // config.accum_steps, mesh)
@@ -238,6 +243,11 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             if stage_of(config, step) != run.stage:  # an unreadable newer checkpoint sent us across the switch
                 run = build(config, mesh, stage=stage_of(config, step), variables=_variables(state), **options)
             log(f"resumed from step {step} in {workdir}")
+    if jax.process_index() == 0:
+        checkpoint_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+        warning = check_free_space(workdir, checkpoint_bytes, config.keep_checkpoints)
+        if warning:
+            log(warning)
     model = run.model
     metrics_path = epath.Path(workdir) / "metrics.jsonl"
     _trim_metrics(metrics_path, int(state.step))
@@ -266,7 +276,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             # The step guards loss and gradient; an update that overflows is caught here.
             if not bool(params_are_finite(state.params)):
                 raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
-            checkpoint.save(manager, step, state, batches.state(), force=True)
+            checkpoint.save(manager, step, state, batches.state(), force=True, log=log)
 
         while step < end:
             # Chinese-CLIP's second stage begins: a new run of the step with nothing frozen
@@ -281,7 +291,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             except InputInterrupted:  # SIGTERM while the input stalls: the steps taken are kept
                 if previous is not None and step not in manager.all_steps():
                     save(*previous)
-                manager.wait_until_finished()
+                checkpoint.finish(manager)
                 kept = manager.latest_step()
                 log(f"preemption notice (SIGTERM) while waiting for input at step {step}; exiting. "
                     + (f"The latest checkpoint is step {kept} in {workdir}." if kept is not None else
@@ -315,20 +325,25 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             if step == end or preempted or manager.should_save(step):
                 save(step, metrics)
             if preempted:
-                manager.wait_until_finished()
+                checkpoint.finish(manager)
                 log(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; exiting. "
                     f"The same command resumes from it.")
                 return last
         if previous is not None:
             _check_streak(*previous, config)
+        checkpoint.finish(manager)
         if config.summary_png and jax.process_index() == 0:
-            manager.wait_until_finished()
             _write_summary(run, state, config, workdir)
-    finally:  # an error, too, lets a save in flight complete: no half-written checkpoint
+    except BaseException:  # an error, too, lets a save in flight complete: no half-written checkpoint
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  (the save's own fault; the error in flight says more)
+            log(f"the checkpoint in flight was not completed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        raise
+    finally:
         preemption.restore()
         if batches is not None:
             batches.close()
-        manager.wait_until_finished()
         if metrics_file:
             metrics_file.close()
     return last
