@@ -110,7 +110,10 @@ def _check_present(manager: ocp.CheckpointManager, log) -> None:
     said, and the manager re-read, so this save goes on to a complete checkpoint at once."""
     latest = manager.latest_step()
     directory = str(manager.directory)
-    if latest is None or "://" in directory or os.path.exists(os.path.join(directory, str(latest))):
+    # One process only: with several, process 0 finalizes each step's folder after the others have
+    # returned from the save, and a re-read on one process alone would break Orbax's barriers.
+    if latest is None or "://" in directory or jax.process_count() > 1 or \
+            os.path.exists(os.path.join(directory, str(latest))):
         return
     log(f"warning: checkpoint {latest} has gone from {directory} (its folder was removed or changed under the "
         "running job); writing the current step's checkpoint now")
