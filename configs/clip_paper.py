@@ -43,6 +43,10 @@ PLANS = {
         "ViT-L-14-336": (FSDP, "full", 2),
         "ViT-H-14": (FSDP, "full", 1),
         "RN50": (DATA, "none", 1),
+        "RN101": (DATA, "none", 1),
+        "RN50x4": (FSDP, "full", 1),
+        "RN50x16": (FSDP, "full", 1),
+        "RN50x64": (FSDP, "full", 4),  # full remat alone plans 34.3 GiB; 2 microbatches 18.4
     },
     "v4:4x4x8": {
         "ViT-B-32": (DATA, "none", 1),
@@ -50,6 +54,7 @@ PLANS = {
         "ViT-L-14": (DATA, "full", 1),
         "ViT-L-14-336": (FSDP, "full", 2),
         "ViT-H-14": (FSDP, "full", 1),
+        "RN50": (DATA, "none", 1),
     },
     "v5p:4x4x8": {
         "ViT-B-32": (DATA, "none", 1),
@@ -58,10 +63,14 @@ PLANS = {
         "ViT-L-14-336": (DATA, "full", 1),
         "ViT-H-14": (DATA, SAVE_DOTS, 1),
         "RN50": (DATA, "none", 1),
+        "RN50x4": (DATA, "none", 1),
+        "RN50x16": (DATA, "none", 1),
+        "RN101": (DATA, "none", 1),
+        "RN50x64": (DATA, "full", 1),
     },
 }
-# Where no plan was measured yet (the larger ResNets; docs/scaling.md): split everything and
-# recompute everything.
+# Where no plan was measured yet (the larger ResNets on v4 and v5p; docs/scaling.md): split
+# everything and recompute everything.
 FALLBACK = (FSDP, "full", 1)
 
 
