@@ -55,6 +55,9 @@ PLANS = {
         "ViT-L-14-336": (FSDP, "full", 2),
         "ViT-H-14": (FSDP, "full", 1),
         "RN50": (DATA, "none", 1),
+        "RN101": (DATA, "none", 1),
+        "RN50x4": (FSDP, "none", 1),
+        "RN50x16": (FSDP, "full", 1),
     },
     "v5p:4x4x8": {
         "ViT-B-32": (DATA, "none", 1),
@@ -69,8 +72,8 @@ PLANS = {
         "RN50x64": (DATA, "full", 1),
     },
 }
-# Where no plan was measured yet (the larger ResNets on v4 and v5p; docs/scaling.md): split
-# everything and recompute everything.
+# Where no plan was measured yet (RN50x64 on v4; docs/scaling.md): split everything and
+# recompute everything.
 FALLBACK = (FSDP, "full", 1)
 
 
