@@ -145,7 +145,7 @@ def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optiona
     import jax
     import numpy as np
 
-    from clip_jax.adapt.method import build_adaptation, tower_shardings
+    from clip_jax.adapt.method import build_adaptation
     from clip_jax.adapt.methods import make_adapter
     from clip_jax.adapt.train import make_optimizer
     from clip_jax.models import create_model, variable_shapes
@@ -167,7 +167,7 @@ def compile_adapt(settings, topology: str, classes: int = 1000, devices: Optiona
                             np.arange(classes * shots) % classes)
     optimizer, _ = make_optimizer(settings, 10, 10)
     variables = jax.tree_util.tree_map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-                                       variable_shapes(model), tower_shardings(model, mesh))
+                                       variable_shapes(model), sharding.variable_shardings(model, mesh))
     accum = int(settings.accum_steps)
     unit = sharding.batch_devices(mesh) * accum
     batch = -(-int(settings.batch_size) // unit) * unit

@@ -111,30 +111,23 @@ def row_weights(real: int, rows: int):
 class AdaptRun:
     method: FewShotMethod
     groups: ParamGroups
-    optimizer: optax.GradientTransformation
     state: TrainState  # params {'learned', 'towers'}; model_state: the towers' other collections
     batch_sharding: NamedSharding
     step_fn: Callable  # (state, batch) -> (state, metrics), the one train step, jitted; the state donated
 
 
-def tower_shardings(model, mesh):
-    """Each frozen variable's NamedSharding on `mesh` by its logical axes (clip_jax.parallel.sharding)."""
-    return sharding.variable_shardings(model, mesh)
-
-
 def build_adaptation(adapter, optimizer, variables, mesh, *, crop_scale, seed: int, accum_steps: int = 1,
-                     learned=None, abstract: bool = False, compiler_options=None) -> AdaptRun:
-    """The adapter's train step and its initial state. `variables`: the frozen CLIP's, already laid
-    out on `mesh` (tower_shardings), or with `abstract` their jax.ShapeDtypeStructs with shardings
-    (nothing is allocated: the step can be compiled for a topology this host does not have).
-    `learned`: the tensors to start from (default: adapter.init at `seed`). The step donates its
-    state, the towers' buffers with it: after a step, read the frozen variables from the state
-    (towers_variables), not from `variables`."""
+                     abstract: bool = False) -> AdaptRun:
+    """The adapter's train step and its initial state (the learned tensors: adapter.init at `seed`).
+    `variables`: the frozen CLIP's, already laid out on `mesh` (sharding.variable_shardings), or
+    with `abstract` their jax.ShapeDtypeStructs with shardings (nothing is allocated: the step can
+    be compiled for a topology this host does not have). The step donates its state, the towers'
+    buffers with it: after a step, read the frozen variables from the state (towers_variables),
+    not from `variables`."""
     method = FewShotMethod(adapter, crop_scale, mesh)
     replicated = NamedSharding(mesh, P())
-    if learned is None:
-        init = lambda: adapter.init(jax.random.key(seed))  # noqa: E731
-        learned = jax.eval_shape(init) if abstract else init()
+    init = lambda: adapter.init(jax.random.key(seed))  # noqa: E731
+    learned = jax.eval_shape(init) if abstract else init()
     params = {"learned": learned, "towers": variables["params"]}
     model_state = {k: v for k, v in variables.items() if k != "params"}
     groups = resolve_param_groups(params, None, method.param_groups())
@@ -147,5 +140,5 @@ def build_adaptation(adapter, optimizer, variables, mesh, *, crop_scale, seed: i
         state = create_state({"params": params, **model_state}, optimizer, groups)
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = jit_train_step(method, optimizer, state, batch_sharding, groups=groups, accum_steps=accum_steps,
-                             seed=seed, compiler_options=compiler_options)
-    return AdaptRun(method, groups, optimizer, state, batch_sharding, step_fn)
+                             seed=seed)
+    return AdaptRun(method, groups, state, batch_sharding, step_fn)

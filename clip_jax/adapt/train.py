@@ -20,11 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from clip_jax.adapt.data import FewShot, Split, base_and_novel, load_few_shot
-from clip_jax.adapt.method import augment, build_adaptation, row_weights, tower_shardings, towers_variables
+from clip_jax.adapt.method import augment, build_adaptation, row_weights, towers_variables
 from clip_jax.adapt.methods import ADAPTERS, TipAdapter, frozen_image_features, make_adapter, text_classifier
 from clip_jax.models.clip import l2_normalize
 from clip_jax.parallel import sharding
@@ -53,9 +51,8 @@ class Runner:
         self.settings, self.model, self.mesh = settings, model, mesh
         self.devices = sharding.batch_devices(mesh)
         self.unit = self.devices * max(int(accum_steps), 1)  # a train batch splits into microbatches per device
-        self.replicated = NamedSharding(mesh, P())
         self.rows = sharding.batch_sharding(mesh)
-        self.variables = jax.device_put(variables, tower_shardings(model, mesh))
+        self.variables = jax.device_put(variables, sharding.variable_shardings(model, mesh))
         self.size = model.config.vision.image_size
         self._features = jax.jit(lambda v, x: frozen_image_features(model, v, normalize_images(x)))
 

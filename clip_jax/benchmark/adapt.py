@@ -16,7 +16,7 @@ import numpy as np
 
 def bench_adapt(args) -> list:
     from clip_jax.adapt.config import adapt_config, method_config
-    from clip_jax.adapt.method import build_adaptation, row_weights
+    from clip_jax.adapt.method import build_adaptation, row_weights, towers_variables
     from clip_jax.adapt.methods import make_adapter
     from clip_jax.adapt.train import Runner, make_optimizer
     from clip_jax.benchmark.bench import _memory
@@ -59,7 +59,7 @@ def bench_adapt(args) -> list:
                     state, metrics = compiled(state, data)
                 jax.block_until_ready(metrics)
                 times.append((time.perf_counter() - start) / args.steps)
-            runner.variables = adapter.variables = {"params": state.params["towers"], **state.model_state}
+            runner.variables = adapter.variables = towers_variables(state.params, state.model_state)
             seconds = float(np.median(times))
             row = {"method": method, "batch": batch, "classes": args.classes, "s_per_step": seconds,
                    "images_per_s": batch / seconds, **_memory(compiled)}

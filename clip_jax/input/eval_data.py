@@ -14,6 +14,7 @@ reading images, so a bad evaluation spec fails before training or embedding star
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from typing import Any, Iterator, Optional, Sequence
@@ -275,8 +276,7 @@ def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
-    counts: dict = {}
-    add = lambda kind: counts.__setitem__(kind, counts.get(kind, 0) + 1)  # noqa: E731
+    counts: collections.Counter = collections.Counter()
 
     def image_kind(image) -> str:
         if not len(image):
@@ -290,7 +290,7 @@ def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
     read = 0
     if info.source.kind == "tfds":
         for image, _, _ in _raw(info, config, [], 0, 1).take(most).as_numpy_iterator():
-            add(image_kind(image))
+            counts[image_kind(image)] += 1
         return _describe_counts(counts)
     spec = {records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value="")}
     for path in info.files or []:
@@ -303,11 +303,11 @@ def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
                 try:
                     image = tf.io.parse_single_example(record, spec)[records.IMAGE].numpy()
                 except (tf.errors.OpError, UnicodeDecodeError):
-                    add("not_an_example")
+                    counts["not_an_example"] += 1
                     continue
-                add(image_kind(image))
+                counts[image_kind(image)] += 1
         except (tf.errors.OpError, UnicodeDecodeError):
-            add("unreadable_file")
+            counts["unreadable_file"] += 1
     return _describe_counts(counts)
 
 

@@ -15,8 +15,8 @@ Per host, one pass over its share of the data looks like this:
        fails to decode drops its record (counted on the host as 'undecodable')
     -> the stop (a second scan, over what decoded, sentinels and markers): a whole pass over
        the stream's files without one usable example, or data.max_bad_in_a_row bad records in
-       a row, ends the stream with a marked record, which the host turns into an error naming
-       the files and the counts (NoUsableData)
+       a row, ends the stream with an in-graph error carrying the counts, which the host turns
+       into NoUsableData naming the files (a finite stream's end travels the same way)
     -> drop bad records -> batch (host batch = global batch / processes) -> tokenize -> prefetch
 
 Streams: the data is read as `streams` independent streams (config `data.streams`;
@@ -54,6 +54,7 @@ from clip_jax.registry import Registry
 # The first four are a record's status (1..4, _check); records that do not parse are counted
 # per file (not_an_example, on the file's sentinel).
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example")
+COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
 END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
                 2: "data.max_bad_in_a_row bad records in a row"}
@@ -152,14 +153,14 @@ class InputState:
     epoch: int = 0
     position: int = 0
     examples: int = 0
-    bad: dict = dataclasses.field(default_factory=lambda: {k: 0 for k in BAD_KINDS + ("undecodable",)})
+    bad: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COUNTED_KINDS, 0))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputState":
-        bad = {k: 0 for k in BAD_KINDS + ("undecodable",)}
+        bad = dict.fromkeys(COUNTED_KINDS, 0)
         bad.update({k: int(v) for k, v in d["bad"].items()})
         return cls(int(d["epoch"]), int(d["position"]), int(d["examples"]), bad)
 
@@ -371,7 +372,8 @@ class _Stream:
         return list(self.config["label_keys"])
 
     def _check(self, epoch, position, image, captions, labels, sentinel, short, unparsed):
-        """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel (dropped, not counted)."""
+        """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel or an end-of-epoch marker (dropped,
+        not counted)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
@@ -627,7 +629,7 @@ def _count(counts, ex):
 
 
 # The stop travels to the host as an in-graph error (it ends the stream where it is raised),
-# its figures in the message: counters, epoch, reason.
+# its figures in the message: counters, epoch, reason, usable records.
 _STOP_MESSAGE = "clip_jax input stopped"
 _STOPPED = re.compile(re.escape(_STOP_MESSAGE) + r"\W*" + r"\W*".join([r"\[([-\d ]+)\]"] * 4))
 

@@ -77,7 +77,7 @@ def save(manager: ocp.CheckpointManager, step: int, train_state: Any,
     try:
         return manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise ValueError, OSError, ...)
-        raise _write_error(manager, step, e) from e
+        _reraise(_write_error(manager, step, e), e)
 
 
 def finish(manager: ocp.CheckpointManager) -> None:
@@ -86,23 +86,30 @@ def finish(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-        raise _write_error(manager, in_flight, e) from e
+        _reraise(_write_error(manager, in_flight, e), e)
+
+
+def _reraise(error: Exception, original: Exception):
+    """`error` raised from `original`, or `original` as it is where they are the same."""
+    if error is original:
+        raise original
+    raise error from original
 
 
 def _write_error(manager, step: Optional[int], e: Exception) -> Exception:
     """A CheckpointWriteError for a known filesystem fault, else `e` itself."""
-    from clip_jax.train.workdir import advice_for, describe_os_error
+    from clip_jax.train.workdir import filesystem_fault
 
-    fix = advice_for(e)
-    if fix is None:
+    fault = filesystem_fault(e)
+    if fault is None:
         return e
+    cause, fix = fault
     manager.reload()  # what is complete on disk now (a failed save leaves only a *-tmp folder)
     done = [s for s in manager.all_steps() if s != step]
     last = (f"The last complete checkpoint, step {max(done)}, is untouched: the same command resumes from it "
             "once the fault is fixed." if done else "No checkpoint was completed.")
     which = f"step {step}'s checkpoint" if step is not None else "a checkpoint"
-    return CheckpointWriteError(f"could not write {which} in {manager.directory}: {describe_os_error(e)}. {last} "
-                                f"To fix: {fix}.")
+    return CheckpointWriteError(f"could not write {which} in {manager.directory}: {cause}. {last} To fix: {fix}.")
 
 
 def _check_present(manager: ocp.CheckpointManager, log) -> None:

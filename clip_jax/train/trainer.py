@@ -341,7 +341,6 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             log(f"the checkpoint in flight was not completed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
         raise
     finally:
-        preemption.restore()
         if batches is not None:
             batches.close()
         if metrics_file:

@@ -36,8 +36,10 @@ def check_writable(workdir: str) -> None:
             f.write("clip_jax")
         os.remove(probe)
     except OSError as e:
-        raise WorkdirError(f"--workdir={workdir} cannot be written ({describe_os_error(e)}): choose a writable "
-                           "folder, or fix its permissions or mount") from None
+        fault = filesystem_fault(e)
+        cause = fault[0] if fault else (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise WorkdirError(f"--workdir={workdir} cannot be written ({cause}): choose a writable folder, or fix its "
+                           "permissions or mount") from None
 
 
 def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> Optional[str]:
@@ -112,18 +114,11 @@ _CAUSES = (
 )
 
 
-def describe_os_error(e: BaseException) -> str:
+def filesystem_fault(e: BaseException) -> Optional[tuple[str, str]]:
+    """(what it means, what to do) for an error that is one of the known filesystem faults, else
+    None."""
     text = f"{e.strerror if isinstance(e, OSError) and e.strerror else ''} {e}"
-    for needles, cause, _ in _CAUSES:
+    for needles, cause, fix in _CAUSES:
         if any(n in text for n in needles):
-            return cause
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def advice_for(e: BaseException) -> Optional[str]:
-    """What to do about a write error, where it is one of the known filesystem faults."""
-    text = str(e)
-    for needles, _, fix in _CAUSES:
-        if any(n in text for n in needles):
-            return fix
+            return cause, fix
     return None
