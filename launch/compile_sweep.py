@@ -27,6 +27,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from clip_jax.compile_check import LIMIT_GIB  # noqa: E402  (stdlib imports only: no jax in this process)
+
 TOPOLOGIES = ("v5e:16x16", "v4:4x4x8", "v5p:4x4x8")
 VITS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
 RESNETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
@@ -63,7 +66,9 @@ def check(model: str, topology: str, mesh: dict | None = None, remat: str | None
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
     proc = subprocess.run([sys.executable] + args[1:], cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
+    if proc.returncode < 0:  # SIGKILL here is most often the kernel's OOM killer: compiles hold GiBs
+        report = {"error": f"compile killed by signal {-proc.returncode} (host out of memory?)", "fits": False}
+    elif proc.returncode or not lines:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
         report = {"error": " | ".join(tail)[-600:], "fits": False}
     else:
@@ -147,7 +152,12 @@ def recipes(out: str, topology: str = "v5e:16x16", only: str = "") -> None:
 
 def _read(out: str) -> list[dict]:
     with open(out) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:  # earlier rows judged `fits` against the chip's HBM: judge all by the compiler's limit
+        limit = LIMIT_GIB.get(r.get("device_kind"))
+        if limit and "total_gib" in r:
+            r.update(limit_gib=limit, fits=r["total_gib"] <= limit)
+    return rows
 
 
 def _kind(r: dict) -> str:

@@ -33,6 +33,23 @@ def test_an_out_of_memory_refusal_is_read_as_figures():
     assert cc._refusal("INVALID_ARGUMENT: something else") is None
 
 
+def test_a_program_the_compiler_accepts_does_not_fit_when_its_total_passes_the_limit():
+    """The TPU compiler bounds the temporaries alone: RN50x16 on v5e-256 compiled with 15.03 GiB of
+    temporaries and 15.77 GiB in all, over the 15.75 GiB a v5e program may use."""
+    from types import SimpleNamespace
+
+    gib = 2**30
+    memory = SimpleNamespace(argument_size_in_bytes=int(0.55 * gib), temp_size_in_bytes=int(15.03 * gib),
+                             output_size_in_bytes=int(0.55 * gib), alias_size_in_bytes=int(0.36 * gib))
+    compiled = SimpleNamespace(memory_analysis=lambda: memory, cost_analysis=lambda: {"flops": 1.0},
+                               as_text=lambda: "")
+    step = SimpleNamespace(lower=lambda *args: SimpleNamespace(compile=lambda: compiled))
+    report = cc._compile(step, (), limit_gib=15.75)
+    assert report["total_gib"] == pytest.approx(15.77, abs=1e-6)
+    assert report["fits"] is False and report["over_gib"] == pytest.approx(0.02, abs=1e-6)
+    assert cc._compile(step, (), limit_gib=16.0)["fits"] is True
+
+
 def test_an_unknown_topology_is_named():
     if importlib.util.find_spec("libtpu") is None:
         with pytest.raises(SystemExit, match="libtpu is not installed"):
@@ -53,6 +70,8 @@ def _check(loss="softmax", data=4, fsdp=1):
 def test_the_step_compiles_for_a_tpu_topology_with_the_losses_collectives():
     softmax = _check("softmax")
     assert softmax["devices"] == 4 and softmax["device_kind"] == "TPU v5 lite" and softmax["fits"] is True
+    # fits is judged against what the compiler lets a program use, not the chip's whole HBM
+    assert (softmax["hbm_gib"], softmax["limit_gib"]) == (16.0, 15.75)
     for key in ("argument_gib", "temp_gib", "output_gib"):
         assert softmax[key] > 0
     assert softmax["flops_per_step"] > 0
