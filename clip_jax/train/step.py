@@ -5,8 +5,7 @@ respect to the trained params only (frozen params get no gradient and hold no op
 state), applies the optimizer, lets the method fix params (post_update), and guards the
 whole update against a non-finite loss or gradient.
 
-Gradient accumulation (`accum_steps` > 1) splits every batch key into microbatches (rows
-i, i + accum_steps, ... form microbatch i) and
+Gradient accumulation (`accum_steps` > 1) splits every batch key into microbatches and
 averages their losses, metrics and gradients: a contrastive loss is then computed over each
 microbatch (N / accum_steps pairs, across all devices), NOT over the full accumulated batch.
 It trades negatives for memory; for the full N x N matrix at lower memory use the ring loss.
@@ -86,10 +85,7 @@ def train_step(state: TrainState, batch: dict, *, method: Method, optimizer, gro
         n = jax.tree_util.tree_leaves(batch)[0].shape[0]
         if n % accum_steps:
             raise ValueError(f"global batch {n} does not split into {accum_steps} microbatches")
-        # Microbatch i holds rows i, i + accum_steps, ...: each device's rows split among the
-        # microbatches where they lie, so no microbatch moves between devices (a contiguous split
-        # would put microbatch i on a few devices and reshard it).
-        micro = lambda x: x.reshape((n // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+        micro = lambda x: x.reshape((accum_steps, n // accum_steps) + x.shape[1:])  # noqa: E731
 
         def body(carry, xs):
             grads, loss, metrics, model_state = carry
