@@ -121,12 +121,13 @@ def max_batch(model: str, topology: str, out: str, start: int = 32_768) -> int:
 
 
 def losses(out: str, topology: str = "v5e:16x16") -> None:
-    """The loss alone at 32k/64k/128k for each form, and the whole ViT-B-16 step at 32k with each."""
+    """The loss alone at 32k/64k/128k for each form, and the whole ViT-B-16 step at 32k and 64k with each."""
     for loss in ("softmax", "softmax_ring", "sigmoid"):
         for batch in (32_768, 65_536, 131_072):
             check("ViT-B-16", topology, batch=batch, loss=loss, loss_only=True, config_arg=f"ViT-B-16,{topology}",
                   out=out)
-        check("ViT-B-16", topology, loss=loss, config_arg=f"ViT-B-16,{topology}", out=out)
+        for batch in (None, 65_536):
+            check("ViT-B-16", topology, batch=batch, loss=loss, config_arg=f"ViT-B-16,{topology}", out=out)
 
 
 # (preset, config file, global batch or None for the config's own)
@@ -214,8 +215,10 @@ def table(out: str) -> str:
               "| --- | --- | --- | --- |"]
     lines += [f"| {r['loss']} | {r['global_batch']} | {r['temp_gib']:.3f} | `{r['command']}` |"
               for r in rows if _kind(r) == "loss"]
-    lines += ["", "| loss | whole step: temporaries GiB | total GiB | command |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['loss']} | {_gib(r, 'temp_gib')} | {_gib(r, 'total_gib')} | `{r['command']}` |"
+    lines += ["", "| loss | global batch | per chip | whole step: temporaries GiB | total GiB | fits | command |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['loss']} | {r['global_batch']} | {r['per_device_batch']} | {_gib(r, 'temp_gib')} | "
+              f"{_gib(r, 'total_gib')} | {'yes' if r.get('fits') else 'no'} | `{r['command']}` |"
               for r in rows if _kind(r) == "loss_step"]
     lines += ["", "### Method recipes", ""] + PLAN_HEAD
     for r in rows:
@@ -224,12 +227,20 @@ def table(out: str) -> str:
             if "unmasked_temp_gib" in r:
                 line += f" unmasked tuning step: {r['unmasked_temp_gib']:.2f} GiB temporaries"
             lines.append(line)
-    lines += ["", "### Largest global batch", "",
-              "| model | topology | global batch | per chip | fits | temporaries GiB | command |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    probes = [r for r in rows if _kind(r) == "max_batch"]
+    lines += ["", "### Largest global batch", "", "| model | topology | largest that fits | smallest refused |",
+              "| --- | --- | --- | --- |"]
+    for model, topology in dict.fromkeys((r["model"], r["topology"]) for r in probes):
+        tried = [r for r in probes if (r["model"], r["topology"]) == (model, topology)]
+        fit = max((r["global_batch"] for r in tried if r.get("fits")), default="-")
+        refused = min((r["global_batch"] for r in tried if not r.get("fits")), default="-")
+        lines.append(f"| {model} | {topology} | {fit} | {refused} |")
+    lines += ["", "| model | topology | global batch | per chip | fits | temporaries GiB | total GiB | command |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['model']} | {r['topology']} | {r.get('global_batch', '-')} | {r.get('per_device_batch', '-')} | "
-              f"{'yes' if r.get('fits') else 'no'} | {_gib(r, 'temp_gib')} | `{r['command']}` |"
-              for r in rows if _kind(r) == "max_batch"]
+              f"{'yes' if r.get('fits') else 'no'} | {_gib(r, 'temp_gib')} | {_gib(r, 'total_gib')} | "
+              f"`{r['command']}` |"
+              for r in sorted(probes, key=lambda r: (r["topology"], r["model"], r["global_batch"]))]
     return "\n".join(lines)
 
 
