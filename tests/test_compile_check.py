@@ -115,3 +115,25 @@ def test_a_few_shot_adaptation_step_compiles_for_a_small_topology():
     assert report["argument_gib"] > 0 and report["total_gib"] >= report["argument_gib"]
     # the gradient of the replicated context is summed over the chips' rows
     assert "all-reduce" in report["collectives"]
+
+
+def test_the_paper_plans_are_the_sweeps_choices():
+    """configs/clip_paper.py's PLANS are what launch/compile_sweep.py picks from the recorded
+    compiles (docs/scaling_results.jsonl), judged by the compiler's limit: none set by hand."""
+    import os
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "launch"))
+    try:
+        import compile_sweep
+    finally:
+        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("clip_paper", os.path.join(root, "configs", "clip_paper.py"))
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    rows = [r for r in compile_sweep._read(os.path.join(root, "docs", "scaling_results.jsonl")) if "error" not in r]
+    picked = {key: (paper.FSDP if r["mesh"].startswith("data=1 ") else paper.DATA, r["remat"], r["accum_steps"])
+              for key, r in compile_sweep.chosen(rows).items()}
+    plans = {(model, topology): plan for topology, by_model in paper.PLANS.items() for model, plan in by_model.items()}
+    assert picked == plans

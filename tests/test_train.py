@@ -151,6 +151,7 @@ def test_paper_configs_for_every_preset():
         paper.get_config("ViT-Tiny-test")
     # Per-hardware plans: 'MODEL,TOPOLOGY' takes the measured one; no topology means v5e:16x16's.
     for topology, plans in paper.PLANS.items():
+        assert set(plans) == set(paper.LEARNING_RATE), topology  # every preset measured on every pod
         for name, (mesh, remat, accum) in plans.items():
             c = paper.get_config(f"{name},{topology}")
             assert (c.mesh.to_dict(), c.remat, c.accum_steps) == (mesh, remat, accum)
