@@ -92,6 +92,9 @@ def advice(config) -> str:
         tips.append("split the params and moments over the chips: --config.mesh.data=1 --config.mesh.fsdp=-1")
     tips.append(f"a smaller batch per chip: --config.accum_steps={2 * config.accum_steps} (same global batch), "
                 "or a smaller --config.batch_size")
+    if config.loss == "softmax" and config.batch_size >= 65_536:
+        tips.append("--config.loss=softmax_ring (the same loss; the gathered [batch per chip, global batch] logits "
+                    "grow with the global batch, the ring's do not)")
     return "; ".join(tips)
 
 

@@ -296,3 +296,41 @@ def test_lit_from_cached_image_embeddings_gives_the_online_losses(tmp_path):
                                         init_params="visual/.*"), str(tmp_path / "y"))
     with pytest.raises(ValueError, match="holds 4 steps but config.total_steps=5"):
         train.train_and_evaluate(_smoke(tmp_path, 5, image_embeddings=cache, **lit), str(tmp_path / "z"))
+
+
+@pytest.mark.parametrize("model,loss,patch_dropout", [("ViT-Tiny-test", "softmax_ring", 0.5),
+                                                      ("RN-Tiny-test", "sigmoid", 0.0)])
+def test_ring_losses_run_the_text_backward_first_without_changing_the_step(model, loss, patch_dropout):
+    """With a ring loss the towers are applied one by one (the image cotangent held back until the
+    text gradient is complete); loss, metrics, gradients, BatchNorm statistics and the patch
+    dropout's draws equal those of the one joint apply the other losses use."""
+    config = tiny_config(model=model, loss=loss)
+    config.patch_dropout = patch_dropout
+    r = tiny_run(config)
+    method = r.method
+    assert method.text_backward_first
+    batch = text_batch(8, method.model.config.vision.image_size)
+    rng = jax.random.key(3)
+
+    def run(ordered):
+        method.text_backward_first = ordered
+
+        def f(params):
+            loss, metrics, state = method.loss(params, r.state.model_state, batch, rng, train=True)
+            return loss, (metrics, state)
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(r.state.params)
+
+    (loss_ordered, aux_ordered), grads_ordered = run(True)
+    if "ring" in loss:  # the ordering is in the program: a barrier on the cotangents
+        method.text_backward_first = True
+        hlo = jax.jit(jax.grad(lambda p: method.loss(p, r.state.model_state, batch, rng)[0])).lower(
+            r.state.params).as_text()
+        assert "optimization_barrier" in hlo
+    (loss_joint, aux_joint), grads_joint = run(False)
+    np.testing.assert_allclose(loss_ordered, loss_joint, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves((aux_ordered, grads_ordered)),
+                    jax.tree_util.tree_leaves((aux_joint, grads_joint))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    if model.startswith("RN"):
+        assert jax.tree_util.tree_leaves(aux_ordered[1])  # BatchNorm statistics came back

@@ -7,10 +7,28 @@ import jax.numpy as jnp
 
 from clip_jax.methods import METHODS
 from clip_jax.methods.base import Method
-from clip_jax.methods.losses import make_loss
+from clip_jax.methods.losses import RINGS, make_loss
 from clip_jax.models import MAX_LOGIT_SCALE, dummy_inputs
 from clip_jax.parallel.sharding import BATCH_AXES
 from clip_jax.preprocessing import model_images
+
+
+@jax.custom_vjp
+def _released_after(x, params):
+    """Identity on (x, params); in the backward pass x's cotangent is released together with the
+    params' whole gradient, so what x's cotangent feeds waits for everything that feeds theirs."""
+    return x, params
+
+
+def _released_after_fwd(x, params):
+    return (x, params), None
+
+
+def _released_after_bwd(_, cotangents):
+    return jax.lax.optimization_barrier(cotangents)
+
+
+_released_after.defvjp(_released_after_fwd, _released_after_bwd)
 
 
 @METHODS.register("clip")
@@ -33,6 +51,10 @@ class Clip(Method):
                              "build it through clip_jax.train.build.model_from_config, which adds SigLIP's init")
         self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum,
                                  detach=self.detach_gather)
+        # A ring loss hands both towers' cotangents back at once, and XLA:TPU then ran the image
+        # tower's backward first, with the text tower's saved activations still live (1.5 GiB more
+        # for ViT-B-16 at 128 per chip; docs/scaling.md): order them, text first.
+        self.text_backward_first = config.loss in RINGS
 
     def lock(self, frozen, paths):
         visual = [p for p in paths if p.startswith("visual/")]
@@ -68,12 +90,30 @@ class Clip(Method):
         variables = {"params": params, **model_state}
         rngs = {"dropout": rng} if train and rng is not None else None
         mutable = list(model_state) if train and model_state else False  # BatchNorm statistics update in training
+        image_train = train and not self.image_locked
+        if train and self.text_backward_first:
+            return self._embed_text_backward_first(variables, images, batch["tokens"], image_train, mutable, rngs)
         out = self.model.apply(variables, images, batch["tokens"], train=train, mask_patches=self.mask_patches,
-                               image_train=train and not self.image_locked, mutable=mutable, rngs=rngs)
+                               image_train=image_train, mutable=mutable, rngs=rngs)
         if mutable:
             out, new_state = out
             return out, dict(new_state)
         return out, model_state
+
+    def _embed_text_backward_first(self, variables, images, tokens, image_train, mutable, rngs):
+        """The model's outputs, the towers applied one by one with the image embeddings' cotangent
+        held back until the text tower's gradient is complete."""
+        image = self.model.apply(variables, images, train=image_train, mask_patches=self.mask_patches,
+                                 method="encode_image", mutable=mutable, rngs=rngs)
+        image, state = image if mutable else (image, {k: v for k, v in variables.items() if k != "params"})
+        image, text_params = _released_after(image, variables["params"]["text"])
+        text_variables = dict(variables, params=dict(variables["params"], text=text_params))
+        out = {"image_embeds": image,
+               "text_embeds": self.model.apply(text_variables, tokens, train=True, method="encode_text", rngs=rngs)}
+        out["logit_scale"], bias = self.model.apply(variables, method="temperature")
+        if bias is not None:
+            out["logit_bias"] = bias
+        return out, dict(state)
 
     def loss(self, params, model_state, batch, rng, train: bool = True):
         out, model_state = self.embed(params, model_state, batch, train, rng)
