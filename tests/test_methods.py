@@ -299,17 +299,19 @@ def test_lit_from_cached_image_embeddings_gives_the_online_losses(tmp_path):
 
 
 @pytest.mark.parametrize("model,loss,patch_dropout", [("ViT-Tiny-test", "softmax_ring", 0.5),
-                                                      ("RN-Tiny-test", "sigmoid", 0.0)])
+                                                      ("RN-Tiny-test", "sigmoid", 0.0),
+                                                      ("cn-ViT-Tiny-test", "softmax_ring", 0.0)])
 def test_ring_losses_run_the_text_backward_first_without_changing_the_step(model, loss, patch_dropout):
     """With a ring loss the towers are applied one by one (the image cotangent held back until the
     text gradient is complete); loss, metrics, gradients, BatchNorm statistics and the patch
-    dropout's draws equal those of the one joint apply the other losses use."""
+    dropout's and the BERT tower's dropout draws equal those of the one joint apply the other
+    losses use."""
     config = tiny_config(model=model, loss=loss)
     config.patch_dropout = patch_dropout
     r = tiny_run(config)
     method = r.method
     assert method.text_backward_first
-    batch = text_batch(8, method.model.config.vision.image_size)
+    batch = text_batch(8, method.model.config.vision.image_size, model=model if model.startswith("cn-") else None)
     rng = jax.random.key(3)
 
     def run(ordered):
