@@ -78,21 +78,17 @@ class Clip(Method):
     def embed(self, params, model_state, batch, train: bool = True, rng=None):
         """(model outputs: image_embeds, text_embeds, logit_scale[, logit_bias]; new model state).
         `rng` feeds the towers' 'dropout' stream (a ViT's patch dropout) in training."""
-        if "image_embeds" in batch:  # precomputed by the locked tower: only the text tower runs
-            variables = {"params": params, **model_state}
-            out = {"image_embeds": batch["image_embeds"].astype(jnp.float32),
-                   "text_embeds": self.model.apply(variables, batch["tokens"], train=train, method="encode_text")}
-            out["logit_scale"], bias = self.model.apply(variables, method="temperature")
-            if bias is not None:
-                out["logit_bias"] = bias
-            return out, model_state
-        images = model_images(batch["image"])  # the input pipeline's image_dtype='uint8': normalized here
         variables = {"params": params, **model_state}
+        if "image_embeds" in batch:  # precomputed by the locked tower: only the text tower runs
+            text = self.model.apply(variables, batch["tokens"], train=train, method="encode_text")
+            return self._outputs(variables, batch["image_embeds"].astype(jnp.float32), text), model_state
+        images = model_images(batch["image"])  # the input pipeline's image_dtype='uint8': normalized here
         rngs = {"dropout": rng} if train and rng is not None else None
         mutable = list(model_state) if train and model_state else False  # BatchNorm statistics update in training
         image_train = train and not self.image_locked
         if train and self.text_backward_first:
-            return self._embed_text_backward_first(variables, images, batch["tokens"], image_train, mutable, rngs)
+            return self._embed_text_backward_first(variables, model_state, images, batch["tokens"], image_train,
+                                                   mutable, rngs)
         out = self.model.apply(variables, images, batch["tokens"], train=train, mask_patches=self.mask_patches,
                                image_train=image_train, mutable=mutable, rngs=rngs)
         if mutable:
@@ -100,20 +96,24 @@ class Clip(Method):
             return out, dict(new_state)
         return out, model_state
 
-    def _embed_text_backward_first(self, variables, images, tokens, image_train, mutable, rngs):
-        """The model's outputs, the towers applied one by one with the image embeddings' cotangent
-        held back until the text tower's gradient is complete."""
-        image = self.model.apply(variables, images, train=image_train, mask_patches=self.mask_patches,
-                                 method="encode_image", mutable=mutable, rngs=rngs)
-        image, state = image if mutable else (image, {k: v for k, v in variables.items() if k != "params"})
-        image, text_params = _released_after(image, variables["params"]["text"])
-        text_variables = dict(variables, params=dict(variables["params"], text=text_params))
-        out = {"image_embeds": image,
-               "text_embeds": self.model.apply(text_variables, tokens, train=True, method="encode_text", rngs=rngs)}
+    def _outputs(self, variables, image_embeds, text_embeds) -> dict:
+        """The model's output dict from the two towers' embeddings and its temperature (and bias)."""
+        out = {"image_embeds": image_embeds, "text_embeds": text_embeds}
         out["logit_scale"], bias = self.model.apply(variables, method="temperature")
         if bias is not None:
             out["logit_bias"] = bias
-        return out, dict(state)
+        return out
+
+    def _embed_text_backward_first(self, variables, model_state, images, tokens, image_train, mutable, rngs):
+        """The training outputs, the towers applied one by one with the image embeddings' cotangent
+        held back until the text tower's gradient is complete."""
+        image = self.model.apply(variables, images, train=image_train, mask_patches=self.mask_patches,
+                                 method="encode_image", mutable=mutable, rngs=rngs)
+        image, model_state = image if mutable else (image, model_state)
+        image, text_params = _released_after(image, variables["params"]["text"])
+        text_variables = dict(variables, params=dict(variables["params"], text=text_params))
+        text = self.model.apply(text_variables, tokens, train=True, method="encode_text", rngs=rngs)
+        return self._outputs(variables, image, text), dict(model_state)
 
     def loss(self, params, model_state, batch, rng, train: bool = True):
         out, model_state = self.embed(params, model_state, batch, train, rng)
