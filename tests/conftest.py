@@ -33,3 +33,22 @@ def torch_reference(code: str, **arrays):
         done = subprocess.run([sys.executable, "-c", script], cwd=tmp, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return dict(np.load(f"{tmp}/out.npz"))
+
+
+def reference(name: str, *, load: bool = True):
+    """The module `name` of a test-only reference (torch, open_clip, cn_clip, transformers:
+    tests/references.txt), imported where `load` (else only looked up, for a test that runs it in
+    a subprocess). Where it is missing the test skips, but under CI=true it fails: CI installs the
+    references, and a skipped reference check would pass there unseen."""
+    import importlib
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(name) is None:
+        message = (f"{name} is not installed: it is a test-only reference; install the references as the README's "
+                   "test command does (pip install -r tests/references.txt, then cn-clip with --no-deps)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return importlib.import_module(name) if load else None

@@ -85,7 +85,9 @@ def test_released_checkpoint_layout_and_json_pair(tmp_path):
         loaded, got = clip_jax.load(name, written)
         assert loaded.config == model.config
         np.testing.assert_array_equal(clip_jax.encode_image(loaded, got, images), want_img)
-    torch = pytest.importorskip("torch")
+    from conftest import reference
+
+    torch = reference("torch")
     sd = convert.variables_to_state_dict(params)
     sd["bert.pooler.dense.weight"] = np.zeros((64, 64), np.float32)
     torch.save({"epoch": 3, "state_dict": {"module." + k: torch.from_numpy(v) for k, v in sd.items()}},
@@ -97,12 +99,11 @@ def test_released_checkpoint_layout_and_json_pair(tmp_path):
 
 def test_export_loads_strictly_in_chinese_clip(tmp_path):
     """The reference builds CLIP(**NAME.json) and loads NAME.safetensors with strict keys, and
-    gives our embeddings. Runs where cn-clip and torch are installed (CI has neither)."""
-    import importlib.util
+    gives our embeddings (in a subprocess)."""
+    from conftest import reference, torch_reference
 
-    if importlib.util.find_spec("cn_clip") is None or importlib.util.find_spec("torch") is None:
-        pytest.skip("cn_clip and torch are not installed (the reference side)")
-    from conftest import torch_reference
+    reference("torch", load=False)
+    reference("cn_clip", load=False)
 
     for name in ("cn-ViT-Tiny-test", "cn-RN-Shapes-S"):
         model = create_model(name)

@@ -1,6 +1,7 @@
 """Generate the zero-shot metadata JSONs next to this file (class names + prompt templates).
 
-    /work/ocvenv/bin/python clip_jax/assets/zero_shot/make_metadata.py [--clip-repo PATH]
+    pip install -r tests/references.txt   # open_clip, the ImageNet lists' source
+    python clip_jax/assets/zero_shot/make_metadata.py [--clip-repo PATH]
 
 Each <dataset>.json is {"classnames": [...], "templates": [...], "source": str,
 "tfds_name": str, "tfds_label_key": str}: classnames[i] is the display name of tfds label i,
