@@ -7,7 +7,7 @@ An evaluation SPEC is TASK=DATA[|key=value...]:
 
     zero_shot=tfds:cifar10:test                 class names + templates shipped for cifar10
     zero_shot=tfds:mydata:test|classes=my.json  your own {"classnames": [...], "templates": [...]}
-    zero_shot=tfds:mydata:test|lang=zh          a source's own options go with its data spec
+    zero_shot=DATA|lang=zh                      a source's own options (the built-in dataset's language)
     retrieval=tfds:coco_captions:test|caption_key=captions/text|max_captions=5
     linear_probe=tfds:cifar10                   train / validation / test splits (options train=, val=, test=)
 
@@ -15,8 +15,9 @@ Each task is a class of its own (clip_jax/evaluate/tasks/) with the options it t
 label_key, caption_key, max_captions (default 5), limit (examples per split), and for
 linear_probe train, val (default: the dataset's validation split, else 20% of train held out),
 test. What a source offers (its label tasks, class names and prompts per language, the options
-of its data spec) comes from clip_jax.input.catalog. The same specs, comma-separated, go in a training config's
-data.eval and run every eval_every_steps; their figures go to metrics.jsonl and TensorBoard.
+of its data spec) comes from clip_jax.input.catalog. The same specs, comma-separated, go in a
+training config's data.eval and run every eval_every_steps; their figures go to metrics.jsonl
+and TensorBoard.
 Metric keys: TASK/DATASET.SPLIT/METRIC, e.g. zero_shot/cifar10.test/top1, or with a source's
 label task TASK/DATASET.SPLIT/SUBTASK/METRIC.
 """

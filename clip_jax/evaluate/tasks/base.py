@@ -17,7 +17,7 @@ class Read:
     """What a task reads of one split: the Evaluator embeds each split once for every task that
     reads it (with the same limit), with the union of their label keys, captions and predictions."""
 
-    data: str  # a data spec with its split: 'tfds:cifar10:test', 'shapes:test|lang=zh'
+    data: str  # a data spec with its split: 'tfds:cifar10:test', 'tfrecord:/data/val-*'
     limit: int = 0  # examples over all processes (0: the whole split)
     label_keys: tuple = ()  # label features, one column each of the features' 'labels'
     max_captions: int = 0  # captions per image, tokenized ('tokens') with a 'caption_mask'
