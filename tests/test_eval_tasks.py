@@ -86,6 +86,8 @@ def test_a_task_is_one_class_and_its_registration(shards, tiny_model, monkeypatc
     ev = evaluate.Evaluator(f"zero_shot={spec}|classes={classes},brightness={spec},retrieval={spec}", {}, **KW)
     metrics, details = ev.run(encoder, batch_size=8)
     assert len(ev.groups) == 1 and passes == [["image_embeds", "pixel_mean", "text_embeds"]]  # one pass serves all
+    scale = float(np.exp(np.asarray(variables["params"]["logit_scale"])))  # the model's temperature, by hand
+    assert float(encoder.value("logit_scale")) == pytest.approx(scale, rel=1e-6)
 
     info = eval_data.describe(spec, {})
     (batch,) = eval_data.eval_batches(info, {}, batch_size=32, image_size=32, context_length=77, label_keys=["label"])

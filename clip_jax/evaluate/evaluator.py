@@ -132,13 +132,13 @@ class Evaluator:
             try:
                 group.info = eval_data.describe(group.data, group.config, label_keys=group.label_keys,
                                                 need_captions=group.max_captions > 0)
-            except ValueError as e:
-                if group.optional:  # e.g. a dataset without a validation split: a linear probe holds out train
+            except (ValueError, FileNotFoundError) as e:
+                if group.optional and isinstance(e, ValueError):  # e.g. no validation split: a probe holds out train
                     del self.groups[key]
                     continue
-                raise type(e)(f"{self._names(group)}: {e}") from None
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{self._names(group)}: {e}") from None
+                if type(e) not in (ValueError, FileNotFoundError):
+                    raise
+                raise type(e)(f"{self._names(group)}: {e}") from None  # which specs read the split
         for index, task in enumerate(self.tasks):
             task.prepare({role: group.info for group in self.groups.values() for i, role, _ in group.readers
                           if i == index})
@@ -171,8 +171,11 @@ class Evaluator:
             for index in dict.fromkeys(i for i, _, _ in group.readers):
                 if not waiting[index]:  # every split it reads is embedded: evaluate it, drop its inputs
                     results[index] = self.tasks[index].evaluate(inputs.pop(index), encoder)
+            del feats
         metrics, details = {}, {}
         for index, task in enumerate(self.tasks):
+            if index not in results:  # a task that reads no split (or only optional ones that do not exist)
+                results[index] = task.evaluate(inputs.pop(index), encoder)
             m, d = results[index]
             metrics.update(m)
             details[str(task.spec)] = d

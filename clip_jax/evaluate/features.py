@@ -1,8 +1,9 @@
-"""Image and text embeddings for evaluation, sharded over the device mesh like training.
+"""A method's predictions for evaluation (image and text embeddings, ...), sharded over the device
+mesh like training.
 
 Each process feeds its own rows (clip_jax.input.eval_data); the batch axis is split over the
 mesh's ('data', 'fsdp') axes and the parameters stay as they are (sharded in training,
-replicated when loaded for evaluation). Every process ends with all embeddings on the host.
+replicated when loaded for evaluation). Every process ends with all predictions on the host.
 """
 
 from __future__ import annotations
