@@ -114,11 +114,11 @@ def test_the_catalog_says_what_a_source_offers():
     assert [zh.task_name(k) for k in ("label", "label_color", "label_shape", "other")] == ["combo", "color", "shape",
                                                                                             None]
 
-    class Info:
-        lang, label_names, name = "zh", {}, "shapes_zh.test"
-
-    colours = zh.class_names(Info, "label_color")
+    info = type("Info", (), {"source": source, "lang": "zh", "label_names": {}, "name": "shapes_zh.test"})
+    colours = zh.class_names(info, "label_color")
     assert colours.names == list(shapes.COLOR_NAMES_ZH) and colours.prompts == shapes.prompts("color", lang="zh")
+    assert zh.class_prompts(source, "label_shape") == shapes.prompts("shape", lang="zh")
+    assert zh.class_prompts(source, "other") is None and zh.templates(source) is None
     assert zh.with_split("shapes:test|lang=zh", "train") == "shapes:train" and "lang" in zh.data_options
 
     tfds = catalog.of("tfds:cifar10:test")
@@ -132,6 +132,8 @@ def test_the_catalog_says_what_a_source_offers():
     assert tfds.class_names(own, "label", notes.append) == catalog.ClassNames(
         ["tabby cat", "dog"], [["a photo of a tabby cat."], ["a photo of a dog."]])
     assert len(notes) == 1 and "no class-name file ships for mine.test" in notes[0]
+    assert tfds.templates(eval_data.parse_spec("tfds:cifar10/x:test")) == shipped["templates"]
+    assert tfds.templates(own.source) is None and tfds.class_prompts(own.source, "label") is None
 
     plain = catalog.of("tfrecord:/data/x-*")
     assert plain.with_split("tfrecord:/data/x-*", "test") == "tfrecord:/data/x-*"
@@ -146,3 +148,17 @@ def test_the_preview_is_the_split_the_catalog_names(tmp_path):
     assert preview.labels == [r["label"] for r in test] and len(preview.images) == 5
     np.testing.assert_array_equal(preview.images[0], test[0]["image"])
     assert preview.names == shapes.class_names("combo") and preview.prompts == shapes.prompts("combo", lang="zh")
+
+
+def test_adaptation_prompts_come_from_the_catalog():
+    from types import SimpleNamespace
+
+    from clip_jax.adapt.prompts import class_prompts
+
+    zh = SimpleNamespace(dataset="shapes|lang=zh", label_key="label_color", templates=())
+    assert class_prompts(zh, shapes.class_names("color")) == shapes.prompts("color", lang="zh")
+    cifar = SimpleNamespace(dataset="tfds:cifar10", label_key="label", templates=())
+    templates = catalog.load_metadata("cifar10")["templates"]
+    assert class_prompts(cifar, ["cat", "dog"]) == [[t.format(c) for t in templates] for c in ("cat", "dog")]
+    own = SimpleNamespace(dataset="tfds:cifar10", label_key="label", templates=("{} here",))
+    assert class_prompts(own, ["cat"]) == [["cat here"]]

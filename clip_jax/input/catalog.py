@@ -124,6 +124,14 @@ class Catalog:
         """The source's own class names and prompts for `label_key`, in its language; None: it has none."""
         return None
 
+    def class_prompts(self, source, label_key: str) -> Optional[list]:
+        """The prompts [class][k] the source words itself for `label_key`'s classes, in its language, or None."""
+        return None
+
+    def templates(self, source) -> Optional[list]:
+        """The prompt templates shipped for the source's dataset, or None."""
+        return None
+
     def preview(self, data: str, config, n: int) -> Optional[Preview]:
         """The first `n` examples of a split to picture predictions on, or None."""
         return None
@@ -158,6 +166,10 @@ class Tfds(Catalog):
         names = [n.replace("_", " ") for n in declared]
         return ClassNames(names, [[DEFAULT_TEMPLATE.format(n)] for n in names])
 
+    def templates(self, source):
+        base = source.name.split("/")[0]
+        return load_metadata(base)["templates"] if base in available_metadata() else None
+
 
 @CATALOGS.register("shapes")
 class Shapes(Catalog):
@@ -184,7 +196,13 @@ class Shapes(Catalog):
         task = shapes.LABEL_TASKS.get(label_key)
         if task is None:
             return None
-        return ClassNames(shapes.class_names(task, info.lang), shapes.prompts(task, lang=info.lang))
+        return ClassNames(shapes.class_names(task, info.lang), self.class_prompts(info.source, label_key))
+
+    def class_prompts(self, source, label_key):
+        from clip_jax.input import shapes
+
+        task = shapes.LABEL_TASKS.get(label_key)
+        return shapes.prompts(task, lang=source.lang) if task else None
 
     def preview(self, data, config, n):
         """The test split's first images (held-out combinations) and their combo labels; the names
