@@ -16,6 +16,7 @@ from clip_jax import evaluate
 from clip_jax.evaluate import features
 from clip_jax.evaluate.tasks import TASKS, Read, Task
 from clip_jax.input import catalog, eval_data, records, shapes
+from clip_jax.input.pipeline import parse_spec, shapes_files
 from clip_jax.methods.base import Method, Prediction
 from clip_jax.parallel import sharding
 
@@ -109,7 +110,7 @@ def test_a_task_is_one_class_and_its_registration(shards, tiny_model, monkeypatc
 
 def test_the_catalog_says_what_a_source_offers():
     zh = catalog.of("shapes:test|lang=zh")
-    source = eval_data.parse_spec("shapes:test|lang=zh")
+    source = parse_spec("shapes:test|lang=zh")
     assert zh.default_label_keys(source) == ["label", "label_color", "label_shape"]
     assert [zh.task_name(k) for k in ("label", "label_color", "label_shape", "other")] == ["combo", "color", "shape",
                                                                                             None]
@@ -124,15 +125,15 @@ def test_the_catalog_says_what_a_source_offers():
     tfds = catalog.of("tfds:cifar10:test")
     assert tfds.with_split("tfds:cifar10", "validation") == "tfds:cifar10:validation"
     shipped = catalog.load_metadata("cifar10")
-    assert tfds.class_names(type("Info", (), {"source": eval_data.parse_spec("tfds:cifar10:test")}), "label") == \
+    assert tfds.class_names(type("Info", (), {"source": parse_spec("tfds:cifar10:test")}), "label") == \
         catalog.ClassNames(shipped["classnames"], catalog.prompts_for(shipped))
     notes = []
-    own = type("Info", (), {"source": eval_data.parse_spec("tfds:mine:test"), "name": "mine.test",
+    own = type("Info", (), {"source": parse_spec("tfds:mine:test"), "name": "mine.test",
                             "label_names": {"label": ["tabby_cat", "dog"]}})
     assert tfds.class_names(own, "label", notes.append) == catalog.ClassNames(
         ["tabby cat", "dog"], [["a photo of a tabby cat."], ["a photo of a dog."]])
     assert len(notes) == 1 and "no class-name file ships for mine.test" in notes[0]
-    assert tfds.templates(eval_data.parse_spec("tfds:cifar10/x:test")) == shipped["templates"]
+    assert tfds.templates(parse_spec("tfds:cifar10/x:test")) == shipped["templates"]
     assert tfds.templates(own.source) is None and tfds.class_prompts(own.source, "label") is None
 
     plain = catalog.of("tfrecord:/data/x-*")
@@ -144,7 +145,7 @@ def test_the_catalog_says_what_a_source_offers():
 def test_the_preview_is_the_split_the_catalog_names(tmp_path):
     config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 8, "validation": 8, "test": 8}}
     preview = catalog.of("shapes:train|lang=zh").preview("shapes:train|lang=zh", config, 5)
-    test = shapes.read_split(eval_data.shapes_files("test", config))[:5]
+    test = shapes.read_split(shapes_files("test", config))[:5]
     assert preview.labels == [r["label"] for r in test] and len(preview.images) == 5
     np.testing.assert_array_equal(preview.images[0], test[0]["image"])
     assert preview.names == shapes.class_names("combo") and preview.prompts == shapes.prompts("combo", lang="zh")
