@@ -47,7 +47,8 @@ def embed(config, out: str, steps: int = 0, chunk_steps: int = 100, log=print) -
     run = build(config, mesh, log=log)
     model = run.model
     # the image tower in inference mode, as a locked tower runs in training
-    encoder = Encoder(model, run.method.model_variables(run.state.params, run.state.model_state), mesh)
+    encoder = Encoder(model, run.method.model_variables(run.state.params, run.state.model_state), mesh,
+                      predictions=run.method.predictions())
     pipe = training_input(config, model, run.method)
     writer = EmbeddingWriter(out, settings_of(config, model.config.vision.image_size, model.config.text.context_length),
                              chunk_steps)

@@ -1,11 +1,12 @@
 """The package layout shows the layers, and the imports keep to them (read from the AST, function-
 local imports included): models import nothing outside models (but the leaf clip_jax.registry);
-input imports neither training nor
-evaluation; methods import neither training, evaluation nor input; CPU support is imported only by
-entry points (__main__ modules) and the benchmark."""
+input imports neither training nor evaluation; evaluation imports nothing of training; methods
+import neither training, evaluation nor input; CPU support is imported only by entry points
+(__main__ modules) and the benchmark. Evaluation names no dataset."""
 
 import ast
 import os
+import re
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "clip_jax")
 
@@ -50,6 +51,7 @@ def test_import_directions():
                  "input imports neither train nor evaluate"),
                 (_in(module, "clip_jax.methods"), any(_in(target, p) for p in (
                     "clip_jax.train", "clip_jax.evaluate", "clip_jax.input")), "methods sit below train and input"),
+                (_in(module, "clip_jax.evaluate"), _in(target, "clip_jax.train"), "evaluate imports nothing of train"),
                 (_in(target, "clip_jax.cpu") and not _in(module, "clip_jax.cpu"),
                  not (module.endswith(".__main__") or _in(module, "clip_jax.benchmark")),
                  "cpu support only in entry points and the benchmark"),
@@ -62,3 +64,17 @@ def test_the_clis_keep_their_names():
     for cli in ("train", "evaluate", "benchmark"):
         assert os.path.exists(os.path.join(ROOT, cli, "__main__.py"))
     assert os.path.exists(os.path.join(ROOT, "export.py"))
+
+
+def test_evaluation_names_no_dataset():
+    """What a dataset offers evaluation comes from its source's registration (clip_jax.input.catalog):
+    no file under clip_jax/evaluate names the built-in dataset."""
+    folder = os.path.join(ROOT, "evaluate")
+    named = []
+    for where, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(where, name)
+                named += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(open(path), 1)
+                          if re.search(r"\bshapes", line, re.IGNORECASE)]  # not batch_shapes, variable_shapes
+    assert os.path.isdir(os.path.join(folder, "tasks")) and not named, named

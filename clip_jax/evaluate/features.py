@@ -1,21 +1,22 @@
-"""Image and text embeddings for evaluation, sharded over the device mesh like training.
+"""A method's predictions for evaluation (image and text embeddings, ...), sharded over the device
+mesh like training.
 
 Each process feeds its own rows (clip_jax.input.eval_data); the batch axis is split over the
 mesh's ('data', 'fsdp') axes and the parameters stay as they are (sharded in training,
-replicated when loaded for evaluation). Every process ends with all embeddings on the host.
+replicated when loaded for evaluation). Every process ends with all predictions on the host.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import numpy as np
 
 from clip_jax.input.eval_data import empty_batch
+from clip_jax.methods.base import two_tower_predictions
 from clip_jax.parallel import distributed, sharding
-from clip_jax.preprocessing import model_images
 
 
 def host_copy(tree):
@@ -36,21 +37,28 @@ def _any_process(flag: bool) -> bool:
 
 
 class Encoder:
-    """Jitted encode_image / encode_text (L2-normalized) of one model and its variables on a mesh."""
+    """A method's predict functions (clip_jax.methods.base.Prediction), jitted on one model's variables
+    on a mesh. Without `predictions`, the towers' of a two-tower model (CLIP's)."""
 
-    def __init__(self, model, variables, mesh):
+    def __init__(self, model, variables, mesh, predictions: Optional[dict] = None):
         self.model = model
         self.variables = variables
         self.mesh = mesh
         self.sharding = sharding.batch_sharding(mesh)
         self.devices = sharding.batch_devices(mesh)
+        self.predictions = dict(two_tower_predictions(model) if predictions is None else predictions)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._jitted = {
+            name: distributed.compile_together(
+                jax.jit(p.fn, out_shardings=self.sharding if p.reads else replicated), f"predict_{name}")
+            for name, p in self.predictions.items()}
 
-        def images(v, x):  # eval batches may come as uint8: normalized on the device
-            return model.apply(v, model_images(x), method="encode_image")
-
-        self._images = distributed.compile_together(jax.jit(images, out_shardings=self.sharding), "encode_image")
-        self._texts = distributed.compile_together(
-            jax.jit(lambda v, t: model.apply(v, t, method="encode_text"), out_shardings=self.sharding), "encode_text")
+    def require(self, names, what: str) -> None:
+        """A clear error where `what` needs a prediction the method does not offer."""
+        missing = [n for n in names if n not in self.predictions]
+        if missing:
+            raise ValueError(f"{what} needs the predictions {missing}, which this method does not offer (it offers "
+                             f"{sorted(self.predictions)}): evaluate it with tasks that read those")
 
     def round_batch(self, batch: int) -> int:
         """The smallest global batch >= `batch` that splits over the batch devices."""
@@ -60,12 +68,24 @@ class Encoder:
         shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
+    def predict(self, name: str, local: np.ndarray):
+        """This process's rows of the batch key the prediction reads -> global [rows * processes, ...]
+        (on the devices); axes before the items' are flattened into rows."""
+        p = self.predictions[name]
+        local = np.asarray(local)
+        local = local.reshape((-1,) + local.shape[local.ndim - p.item_rank:])
+        return self._jitted[name](self.variables, self._global(local))
+
+    def value(self, name: str) -> np.ndarray:
+        """A prediction of the model itself (reads=None), e.g. 'logit_scale', on the host."""
+        return np.asarray(host_copy(self._jitted[name](self.variables)))
+
     def images(self, local_images: np.ndarray):
         """This process's rows -> global [rows * processes, d] embeddings (on the devices)."""
-        return self._images(self.variables, self._global(local_images))
+        return self.predict("image_embeds", local_images)
 
     def texts(self, local_tokens: np.ndarray):
-        return self._texts(self.variables, self._global(local_tokens.astype(np.int32)))
+        return self.predict("text_embeds", local_tokens.astype(np.int32))
 
     def embed_texts(self, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
         """Tokens every process holds alike [N, ctx] -> [N, d] on the host (e.g. zero-shot prompts)."""
@@ -78,18 +98,22 @@ class Encoder:
             if n < batch:
                 chunk = np.concatenate([chunk, np.zeros((batch - n, chunk.shape[1]), np.int32)])
             arr = jax.make_array_from_callback(chunk.shape, self.sharding, lambda idx, c=chunk: c[idx])
-            outs.append((self._texts(self.variables, arr), n))
+            outs.append((self._jitted["text_embeds"](self.variables, arr), n))
         return np.concatenate([host_copy(o)[:n] for o, n in outs]) if outs else np.zeros((0, 0), np.float32)
 
 
-def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, desc: str = "",
-            total: Optional[int] = None, log: Optional[Callable[[str], None]] = None, every_s: float = 10.0) -> dict:
-    """Embed every real row of this process's `batches` (eval_data) on the mesh; gather on every process.
+def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, predictions: Sequence[str] = (),
+            desc: str = "", total: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+            every_s: float = 10.0) -> dict:
+    """Run the encoder's `predictions` (default image_embeds, and text_embeds with texts=True) on every
+    real row of this process's `batches` (eval_data) on the mesh; gather on every process.
 
-    Returns image_embeds [n, d], labels [n, K], and with texts=True text_embeds [n, M, d]
-    and caption_mask [n, M]; n counts the real rows of all processes, process-major order.
-    Processes whose share ends early feed padding until every process is done.
+    Returns each prediction [n, ...] (text_embeds [n, M, d]: one per caption slot), labels [n, K],
+    and with captions caption_mask [n, M]; n counts the real rows of all processes, process-major
+    order. Processes whose share ends early feed padding until every process is done.
     """
+    names = list(predictions) or ["image_embeds"] + (["text_embeds"] if texts else [])
+    encoder.require(names, desc or "evaluation")
     iterator = iter(batches)
     like, pending, seen = None, [], 0
     start = last_report = time.perf_counter()
@@ -101,10 +125,7 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, d
             local = empty_batch(like)
         if like is None:
             like = local
-        out = {"image_embeds": encoder.images(local["image"])}
-        if texts:
-            b, m = local["tokens"].shape[:2]
-            out["text_embeds"] = encoder.texts(local["tokens"].reshape(b * m, -1))
+        out = {name: encoder.predict(name, local[encoder.predictions[name].reads]) for name in names}
         pending.append((out, {k: local[k] for k in ("mask", "labels", "caption_mask") if k in local}))
         seen += int(local["mask"].sum()) * jax.process_count()  # an estimate while the shares are even
         now = time.perf_counter()
@@ -122,13 +143,15 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, d
     # Rows of a global batch are process-major: regroup the per-process metadata to match.
     meta = _process_major(meta, [len(m["mask"]) for _, m in pending])
     mask = meta["mask"].astype(bool)
-    result = {"image_embeds": np.concatenate([d["image_embeds"] for d in device])[mask]}
+    result = {}
+    for name in names:
+        p = encoder.predictions[name]
+        per_row = like[p.reads].shape[1 : like[p.reads].ndim - p.item_rank]  # caption slots of a row
+        rows = np.concatenate([d[name] for d in device])
+        result[name] = rows.reshape((-1,) + per_row + rows.shape[1:])[mask]
     if "labels" in meta:
         result["labels"] = meta["labels"][mask]
-    if texts:
-        m = pending[0][1]["caption_mask"].shape[1]
-        text = np.concatenate([d["text_embeds"] for d in device])
-        result["text_embeds"] = text.reshape(-1, m, text.shape[-1])[mask]
+    if "caption_mask" in meta:
         result["caption_mask"] = meta["caption_mask"][mask].astype(bool)
     if log:
         log(f"  {desc}: {int(mask.sum())} images in {time.perf_counter() - start:.1f}s")

@@ -100,7 +100,8 @@ def prediction_grid(examples: Sequence[dict], columns: int = 8, scale: int = 2) 
     return grid
 
 
-def compose(panels: Sequence[Image.Image], grid: Optional[Image.Image], title: str) -> Image.Image:
+def compose(panels: Sequence[Image.Image], grid: Optional[Image.Image], title: str,
+            grid_title: str = "test images") -> Image.Image:
     font = ImageFont.load_default()
     width = max(sum(p.width for p in panels), grid.width if grid is not None else 0)
     height = 18 + max(p.height for p in panels) + (grid.height + 18 if grid is not None else 0)
@@ -113,44 +114,50 @@ def compose(panels: Sequence[Image.Image], grid: Optional[Image.Image], title: s
         x += p.width
     if grid is not None:
         y = 18 + max(p.height for p in panels)
-        draw.text((6, y + 3), "test images (held-out combinations): true label, top-3 zero-shot", fill="black",
-                  font=font)
+        draw.text((6, y + 3), f"{grid_title}: true label, top-3 zero-shot", fill="black", font=font)
         out.paste(grid, (0, y + 18))
     return out
 
 
-def shapes_predictions(model, variables, data_config, n: int = 16, split: str = "test", lang: str = "en") -> list[dict]:
-    """The first `n` images of the shapes split with the model's top-3 zero-shot combo labels (one
-    device: the model's full variables must be addressable here). Prompts in `lang`; the labels
-    stay English (the same classes, and the picture's font has no Chinese)."""
+def preview_of(data: str, data_config, n: int = 16):
+    """The examples the training source offers for a picture of zero-shot predictions
+    (clip_jax.input.catalog.Preview), or None where it offers none."""
+    from clip_jax.input import catalog
+
+    return catalog.of(data).preview(data, data_config, n)
+
+
+def zero_shot_predictions(model, variables, preview, predictions: Optional[dict] = None) -> list[dict]:
+    """The preview's images with the model's top-3 zero-shot labels, by the method's predict functions
+    (`predictions`; default the towers of a two-tower model), on one device: the model's full
+    variables must be addressable here."""
+    import jax
 
     import clip_jax
     from clip_jax.evaluate.zero_shot import classifier_weights
-    from clip_jax.input import shapes
-    from clip_jax.input.pipeline import shapes_files
-    from clip_jax.input.tf_runtime import import_tensorflow
+    from clip_jax.methods.base import two_tower_predictions
 
-    tf = import_tensorflow()
-    records = [shapes.parse(r.numpy()) for r in tf.data.TFRecordDataset(shapes_files(split, data_config)).take(n)]
-    names = shapes.class_names("combo")
+    predict = {k: p.fn for k, p in (predictions or two_tower_predictions(model)).items()}
     size = model.config.vision.image_size
-    images = clip_jax.preprocess([Image.fromarray(r["image"]) for r in records], image_size=size)
-    weights = classifier_weights(model, variables, shapes.prompts("combo", lang=lang))
-    image_embeds = clip_jax.encode_image(model, variables, images)
-    scale = float(model.apply(variables, method=lambda m: m.temperature()[0]))
+    images = clip_jax.preprocess([Image.fromarray(image) for image in preview.images], image_size=size)
+    weights = classifier_weights(model, variables, preview.prompts,
+                                 embed_texts=lambda t: np.asarray(jax.jit(predict["text_embeds"])(variables, t)))
+    image_embeds = np.asarray(jax.jit(predict["image_embeds"])(variables, images))
+    scale = float(jax.jit(predict["logit_scale"])(variables))
     logits = scale * image_embeds @ weights.T
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    out = []
-    for r, p in zip(records, probs):
+    names, out = preview.names, []
+    for image, label, p in zip(preview.images, preview.labels, probs):
         top = np.argsort(-p)[:3]
-        out.append(dict(image=r["image"], label=names[r["label"]], top3=[(names[i], float(p[i])) for i in top]))
+        out.append(dict(image=image, label=names[label], top3=[(names[i], float(p[i])) for i in top]))
     return out
 
 
-def write_summary(path: str, rows: Sequence[dict], examples: Optional[Sequence[dict]] = None, title: str = "") -> None:
+def write_summary(path: str, rows: Sequence[dict], examples: Optional[Sequence[dict]] = None, title: str = "",
+                  grid_title: str = "test images") -> None:
     from etils import epath
 
-    image = compose(charts(rows), prediction_grid(examples) if examples else None, title)
+    image = compose(charts(rows), prediction_grid(examples) if examples else None, title, grid_title)
     with epath.Path(path).open("wb") as f:
         image.save(f, format="PNG")

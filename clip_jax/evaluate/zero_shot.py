@@ -1,21 +1,23 @@
 """Zero-shot classification, the CLIP way: ensemble prompt embeddings per class, argmax cosine.
 
 classifier[c] = normalize(mean_k normalize(encode_text(prompt_k(class c))));
-logits = image_embeds @ classifier.T. Class names and templates of common datasets ship as
-data (clip_jax/assets/zero_shot/NAME.json: imagenet, cifar10, cifar100, ...); a user passes
-their own file of the same form: {"classnames": [...], "templates": ["a photo of a {}.", ...]}.
+logits = image_embeds @ classifier.T. Class names and templates come with a data source
+(clip_jax.input.catalog: shipped files for common datasets, clip_jax/assets/zero_shot/NAME.json);
+a user passes their own file of the same form: {"classnames": [...], "templates": ["a photo of a {}.", ...]}.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Sequence
 
 import numpy as np
 
 import clip_jax
+from clip_jax.input.catalog import available_metadata, load_metadata, prompts_for
 from clip_jax.tokenizers import tokenizer_for
+
+__all__ = ["available_metadata", "classifier_weights", "load_metadata", "per_class_accuracy", "prompts_for",
+           "topk_accuracy"]
 
 
 def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], embed_texts=None) -> np.ndarray:
@@ -33,34 +35,6 @@ def classifier_weights(model, params, class_prompts: Sequence[Sequence[str]], em
         out.append(mean / np.linalg.norm(mean))
         start += len(prompts)
     return np.stack(out)
-
-
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "zero_shot")
-
-
-def available_metadata() -> list[str]:
-    return sorted(f[: -len(".json")] for f in os.listdir(ASSETS) if f.endswith(".json"))
-
-
-def load_metadata(name_or_path: str) -> dict:
-    """{'classnames': [...], 'templates': [...]} of a shipped dataset name or a JSON file."""
-    path = name_or_path if name_or_path.endswith(".json") else os.path.join(ASSETS, f"{name_or_path}.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no zero-shot class names for {name_or_path!r}: use one of {available_metadata()} "
-                                f"or a JSON file {{'classnames': [...], 'templates': ['a photo of a {{}}.', ...]}}")
-    with open(path) as f:
-        meta = json.load(f)
-    for key in ("classnames", "templates"):
-        if not meta.get(key) or not all(isinstance(x, str) and x for x in meta[key]):
-            raise ValueError(f"{path}: '{key}' must be a non-empty list of non-empty strings")
-    bad = [t for t in meta["templates"] if t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"{path}: every template needs exactly one '{{}}' for the class name; not {bad[:3]}")
-    return meta
-
-
-def prompts_for(meta: dict) -> list[list[str]]:
-    return [[t.format(c) for t in meta["templates"]] for c in meta["classnames"]]
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[str, float]:

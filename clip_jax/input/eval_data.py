@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from clip_jax.input import records
+from clip_jax.input import records, shapes
 from clip_jax.input.pipeline import (
     Source,
     _get_path,
@@ -35,7 +35,7 @@ from clip_jax.input.pipeline import (
 from clip_jax.input.settings import data_settings
 
 # The embedded dataset's label features and the zero-shot task each one labels.
-SHAPES_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}
+SHAPES_TASKS = shapes.LABEL_TASKS
 
 
 @dataclasses.dataclass

@@ -62,3 +62,36 @@ class Method:
     def model_variables(self, params, model_state: Mapping[str, Any]) -> dict:
         """The model's variables for evaluation and export, from the method's params and state."""
         return {"params": params, **model_state}
+
+    # -- evaluation --
+    def predictions(self) -> dict[str, "Prediction"]:
+        """The predict functions evaluation tasks may call, by name (each task declares the names it
+        needs): for a method that trains a two-tower model, the towers' (two_tower_predictions)."""
+        return two_tower_predictions(self.model)
+
+
+class Prediction:
+    """One predict function of a method: fn(variables, inputs) -> one row per input item, where the
+    inputs are the evaluation batch's `reads` key with items of rank `item_rank` (leading axes are
+    flattened into rows); with reads=None, fn(variables) -> one value of the model."""
+
+    def __init__(self, fn, reads: str | None = None, item_rank: int = 0):
+        self.fn, self.reads, self.item_rank = fn, reads, item_rank
+
+
+def two_tower_predictions(model) -> dict[str, Prediction]:
+    """CLIP's: 'image_embeds' (unit vectors of images [N, S, S, 3], uint8 or float, normalized on the
+    device), 'text_embeds' (unit vectors of tokens [N, T]) and 'logit_scale' (the learned temperature)."""
+    from clip_jax.preprocessing import model_images
+
+    def images(variables, x):
+        return model.apply(variables, model_images(x), method="encode_image")
+
+    def texts(variables, tokens):
+        return model.apply(variables, tokens, method="encode_text")
+
+    def logit_scale(variables):
+        return model.apply(variables, method="temperature")[0]
+
+    return {"image_embeds": Prediction(images, "image", 3), "text_embeds": Prediction(texts, "tokens", 1),
+            "logit_scale": Prediction(logit_scale)}

@@ -16,7 +16,7 @@ from etils import epath
 
 from clip_jax.config import check_ranges
 from clip_jax.input.embedding_cache import EmbeddingCache, settings_of
-from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, InputPipeline, parse_spec, stream_count
+from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, InputPipeline, stream_count
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
@@ -263,7 +263,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
         if evaluator:
             from clip_jax.evaluate.features import Encoder
 
-            encoder = Encoder(model, None, mesh)
+            encoder = Encoder(model, None, mesh, predictions=run.method.predictions())
         metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
         writer = _summary_writer(workdir)
         step = int(state.step)
@@ -370,19 +370,20 @@ def _second_stage(config, mesh, state, options: dict):
 
 
 def _write_summary(run, state, config, workdir: str) -> None:
-    """WORKDIR/summary.png: the run's curves, and on the shapes dataset a grid of zero-shot predictions."""
+    """WORKDIR/summary.png: the run's curves, and where the training source offers examples to show
+    (clip_jax.input.catalog), a grid of zero-shot predictions."""
     from clip_jax.evaluate import summary
 
     path = os.path.join(workdir, "summary.png")
     try:
         examples = None
-        if jax.process_count() == 1 and config.data.train.startswith("shapes"):
+        preview = summary.preview_of(config.data.train, _data_config(config)) if jax.process_count() == 1 else None
+        if preview:
             variables = jax.device_get(run.method.model_variables(state.params, state.model_state))
-            lang = parse_spec(config.data.train).lang
-            examples = summary.shapes_predictions(run.model, variables, _data_config(config), lang=lang)
+            examples = summary.zero_shot_predictions(run.model, variables, preview, run.method.predictions())
         rows = summary.read_rows(os.path.join(workdir, "metrics.jsonl"))
         title = f"{config.model} on {config.data.train}, step {rows[-1]['step']}"
-        summary.write_summary(path, rows, examples, title=title)
+        summary.write_summary(path, rows, examples, title=title, grid_title=preview.title if preview else "")
     except Exception as e:  # the run's results are saved; a picture that fails must not fail it
         log(f"{path} not written: {type(e).__name__}: {e}")
         return
