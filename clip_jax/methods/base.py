@@ -62,3 +62,11 @@ class Method:
     def model_variables(self, params, model_state: Mapping[str, Any]) -> dict:
         """The model's variables for evaluation and export, from the method's params and state."""
         return {"params": params, **model_state}
+
+    # -- export --
+    def export(self, params, model_state: Mapping[str, Any], extras: bool = False) -> dict[str, Any]:
+        """What an export of this method's run holds, by part: 'towers', the model's variables (written
+        in open_clip's layout, the logit bias with them where the model has one), and any other part
+        a {name: array} written beside them (OUT.PART.safetensors). `extras`: the parts only training
+        uses too (SLIP's SSL head); none by default."""
+        return {"towers": self.model_variables(params, model_state)}
