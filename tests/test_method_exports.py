@@ -215,3 +215,31 @@ def _init(run):
 
     variables = jax.device_get(nn.meta.unbox(variables))
     return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+
+def test_a_sigmoid_loss_models_keys_are_open_clips():
+    """The state-dict keys and shapes of a SigLIP run's model (its bias included) are those open_clip
+    builds from the exported JSON."""
+    from clip_jax.convert import expected_state_dict_shapes
+    from clip_jax.methods.run_model import model_from_config
+
+    model = model_from_config(variant_config("siglip"))
+    assert model.config.init_logit_bias is not None
+    ref = reference_keys(model)
+    assert "logit_bias" in ref and expected_state_dict_shapes(model) == ref
+
+
+def reference_keys(model):
+    """{key: shape} of open_clip's model built from `model`'s exported JSON."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip and torch are not installed (the reference side)")
+    from conftest import torch_reference
+
+    shapes = torch_reference(f"""
+import json
+from open_clip.model import CLIP
+ref = CLIP(**json.loads({json.dumps(model.config.to_dict())!r}))
+for k, v in ref.state_dict().items():
+    outputs[k] = np.array(list(v.shape), np.int64)
+""")
+    return {k: tuple(int(d) for d in v) for k, v in shapes.items()}
