@@ -29,6 +29,7 @@ VARIANTS = {
     "slip": ("slip", "ViT-B-16", "ViT-Tiny-test"),
     "chinese_clip": ("chinese_clip", "cn-ViT-B-16", "cn-ViT-Tiny-test"),
 }
+FEW_SHOT = ("coop", "cocoop", "maple", "clip_adapter", "tip_adapter", "tip_adapter_f")
 STEPS = 2
 TEXTS = ["red circle", "blue square", "a green star", "small red square"]
 TEXTS_ZH = ["红色的圆", "蓝色的方块", "绿色的星星", "小的红色方块"]
@@ -139,6 +140,14 @@ def check_against_reference(written, model, variables, images, tokens, extra_cod
     return ref
 
 
+def test_the_tests_here_cover_every_registered_method():
+    from clip_jax.adapt.methods import ADAPTERS
+    from clip_jax.methods import METHODS
+
+    assert {variant_config(name).method for name in VARIANTS} == set(METHODS.names())
+    assert set(FEW_SHOT) == set(ADAPTERS.names())
+
+
 # -- SLIP: the towers, its SSL head only on request --------------------------------------------
 def test_a_slip_run_exports_its_towers_and_its_head_only_on_request(tmp_path):
     """SLIP's params hold its SSL head beside the towers: the export writes the towers (open_clip's
@@ -243,3 +252,49 @@ for k, v in ref.state_dict().items():
     outputs[k] = np.array(list(v.shape), np.int64)
 """)
     return {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+
+
+# -- each few-shot method: the frozen towers and what it learned -------------------------------
+@pytest.fixture(scope="module")
+def clip_workdir(tmp_path_factory):
+    """A CLIP training workdir (two steps) the adaptations start from, and its towers as read."""
+    workdir = tmp_path_factory.mktemp("clip_run") / "clip"
+    trained_workdir(variant_config("clip"), workdir)
+    return workdir, runs.read(str(workdir))
+
+
+def _adaptation_settings(name, weights, cache_dir):
+    from clip_jax.adapt.config import method_config
+
+    s = method_config(name)
+    s.weights, s.model = str(weights), ""  # a training workdir brings its own model
+    s.shots, s.epochs, s.batch_size, s.augment_passes, s.search_step = 1, 1, 4, 1, (10, 4)
+    s.log_every_epochs, s.prompt_depth = 1, 2
+    s.data.cache_dir = str(cache_dir)
+    s.data.shapes_sizes = {"train": 60, "validation": 12, "test": 12}
+    return s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FEW_SHOT)
+def test_every_few_shot_method_exports_its_towers_and_adapter(tmp_path, clip_workdir, name):
+    from safetensors.numpy import load_file
+
+    from clip_jax.adapt.train import run
+
+    weights, frozen = clip_workdir
+    run(_adaptation_settings(name, weights, tmp_path / "cache"), str(tmp_path / name), log=lambda message: None)
+    read = runs.read(str(tmp_path / name))
+    assert read.kind == runs.ADAPTATION and read.step is None
+    for a, b in zip(jax.tree_util.tree_leaves(read.variables), jax.tree_util.tree_leaves(frozen.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the towers it froze: the CLIP run's
+    written = export.export(str(tmp_path / name), str(tmp_path / "out" / name))
+    for kind in ("safetensors", "json"):
+        with open(written[f"adapter_{kind}"], "rb") as got, open(tmp_path / name / f"adapter.{kind}", "rb") as want:
+            assert got.read() == want.read()
+    adapter = load_file(written["adapter_safetensors"])
+    meta = json.loads(open(written["adapter_json"]).read())
+    assert meta["method"] == name and adapter["text_features"].shape == (len(meta["classnames"]),
+                                                                          frozen.model.config.embed_dim)
+    images = random_images(3, frozen.model.config.vision.image_size, 4)
+    check_against_reference(written, frozen.model, frozen.variables, images, clip_jax.tokenize(TEXTS))
