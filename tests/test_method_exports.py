@@ -126,7 +126,7 @@ outputs.update(img=img.numpy(), txt=txt.numpy(), logits=logits.numpy(), has_bias
 """
 
 
-def reference(written, model, images, tokens, extra_code=""):
+def reference(written, model, images, tokens):
     """The export loaded in its reference (cn-clip for a BERT text tower, else open_clip), strictly:
     its embeddings and logits on `images`, `tokens`."""
     for package in ("torch", "cn_clip" if model.config.text.kind == "bert" else "open_clip"):
@@ -137,13 +137,13 @@ def reference(written, model, images, tokens, extra_code=""):
     code = CN_CLIP if model.config.text.kind == "bert" else OPEN_CLIP
     name = os.path.splitext(os.path.basename(written["json"]))[0]
     head = f"inputs_json, weights, name = {written['json']!r}, {written['safetensors']!r}, {name!r}\n"
-    return torch_reference(head + code + extra_code, images=images, tokens=tokens)
+    return torch_reference(head + code, images=images, tokens=tokens)
 
 
-def check_against_reference(written, model, variables, images, tokens, extra_code=""):
+def check_against_reference(written, model, variables, images, tokens):
     """The export in its reference gives the embeddings and logits of (model, variables)."""
     img, txt, logits = jax_outputs(model, variables, images, tokens)
-    ref = reference(written, model, images, tokens, extra_code)
+    ref = reference(written, model, images, tokens)
     np.testing.assert_allclose(ref["img"], img, atol=1e-5)
     np.testing.assert_allclose(ref["txt"], txt, atol=1e-5)
     np.testing.assert_allclose(ref["logits"], logits, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(logits).max()))
