@@ -38,6 +38,8 @@ class Export:
 
 @dataclasses.dataclass
 class Run:
+    """A workdir as read: a training run of method config.method at `step`, or an adaptation."""
+
     workdir: str
     kind: str  # TRAINING or ADAPTATION
     config: Any  # ml_collections.ConfigDict: the training config, or the adaptation's saved settings
@@ -162,7 +164,8 @@ def _restore(directory: str, step: Optional[int], log) -> tuple[int, dict]:
 
     if "://" not in directory:
         directory = os.path.abspath(directory)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
+    manager = ocp.CheckpointManager(directory, options=options)
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}: train first, or pass an exported file")
