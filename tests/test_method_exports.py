@@ -308,3 +308,20 @@ def test_every_few_shot_method_exports_its_towers_and_adapter(tmp_path, clip_wor
                                                                           frozen.model.config.embed_dim)
     images = random_images(3, frozen.model.config.vision.image_size, 4)
     check_against_reference(written, frozen.model, frozen.variables, images, clip_jax.tokenize(TEXTS))
+
+
+def test_an_export_written_before_the_bias_kept_its_name_still_loads(tmp_path):
+    """clip_jax's SigLIP exports wrote the bias as 'logit.bias': clip_jax.load reads them as before."""
+    from safetensors.numpy import load_file, save_file
+
+    from clip_jax.methods.run_model import model_from_config
+
+    model = model_from_config(variant_config("siglip"))
+    variables = clip_jax.init_variables(model, jax.random.key(0))
+    variables["params"]["logit_bias"] = jnp.float32(-7.5)
+    path = clip_jax.save_open_clip(model.config, variables, str(tmp_path / "new.safetensors"))
+    old = load_file(path)
+    old["logit.bias"] = old.pop("logit_bias")
+    save_file(old, str(tmp_path / "old.safetensors"))
+    _, loaded = clip_jax.load(model.config, str(tmp_path / "old.safetensors"))
+    assert float(loaded["params"]["logit_bias"]) == -7.5
