@@ -187,6 +187,33 @@ def test_a_slip_run_exports_its_towers_and_its_head_only_on_request(tmp_path):
     np.testing.assert_array_equal(head["image_mlp.bn2.weight"], np.asarray(params["bn2"]["scale"]))
     np.testing.assert_array_equal(head["image_mlp.bn1.running_var"], np.asarray(stats["bn1"]["var"]))
     assert len(head) == 4 * 2 + 3 * 2  # 3 Linear (weight, bias), 2 BatchNorm (weight, bias, mean, var)
+    if importlib.util.find_spec("torch") is None:
+        return
+    # SLIP's image_mlp (Linear, BatchNorm1d, ReLU twice, then Linear) in eval mode, with these tensors,
+    # maps pooled features as our head does
+    from conftest import torch_reference
+
+    from clip_jax.methods.slip import SSLHead
+
+    features = np.random.default_rng(0).standard_normal((4, run.method.pooled_dim)).astype(np.float32)
+    ours = SSLHead(int(config.slip.mlp_dim), int(config.slip.emb_dim)).apply(
+        {"params": params, "batch_stats": stats}, jnp.asarray(features), train=False)
+    ref = torch_reference(f"""
+import torch
+from collections import OrderedDict
+from safetensors.torch import load_file
+f, d, e = {run.method.pooled_dim}, {int(config.slip.mlp_dim)}, {int(config.slip.emb_dim)}
+image_mlp = torch.nn.Sequential(OrderedDict([
+    ("layer1", torch.nn.Linear(f, d)), ("bn1", torch.nn.BatchNorm1d(d)), ("relu1", torch.nn.ReLU(inplace=True)),
+    ("layer2", torch.nn.Linear(d, d)), ("bn2", torch.nn.BatchNorm1d(d)), ("relu2", torch.nn.ReLU(inplace=True)),
+    ("layer3", torch.nn.Linear(d, e))]))
+tensors = {{k[len("image_mlp."):]: v for k, v in load_file({with_head[HEAD]!r}).items()}}
+missing, unexpected = image_mlp.load_state_dict(tensors, strict=False)
+assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+with torch.no_grad():
+    outputs["z"] = image_mlp.eval()(torch.from_numpy(inputs["features"])).numpy()
+""", features=features)
+    np.testing.assert_allclose(ref["z"], np.asarray(ours), rtol=1e-5, atol=1e-5)
 
 
 # -- every method, in its reference ------------------------------------------------------------
