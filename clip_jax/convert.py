@@ -93,6 +93,8 @@ def stack_layers(flat: dict[tuple, Any]) -> dict[tuple, Any]:
 def torch_key(path: tuple) -> str:
     """The open_clip state-dict key of a clip_jax variable path (unstacked form)."""
     collection, *rest = path
+    if rest == ["logit_bias"]:  # open_clip's own name (SigLIP's bias), not a layer's '.bias'
+        return "logit_bias"
     bert = False
     if rest[0] == "text":  # open_clip's CLIP keeps the text tower at the top level
         rest = rest[1:]
@@ -252,6 +254,8 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             k = "bert." + k
         if k in OPENAI_METADATA_KEYS or _BERT_EXTRA.match(k):
             continue
+        if k == "logit.bias":  # clip_jax's exports before open_clip's name was kept
+            k = "logit_bias"
         out[k] = v
     return out
 

@@ -83,7 +83,7 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
     from etils.epath import gpath
     from etils.epath.testing import mock_epath
 
-    from clip_jax import export, train
+    from clip_jax import runs, train
     from clip_jax.train import trainer
     from configs import smoke
 
@@ -96,7 +96,7 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
         config = smoke.get_config()
         train.write_run_config("gs://bucket/runs/a", config)
         assert (tmp_path / "gcs/bucket/runs/a/config.json").exists()
-        assert json.loads(export.read_run_config("gs://bucket/runs/a").to_json()) == json.loads(config.to_json())
+        assert json.loads(runs.read_config("gs://bucket/runs/a").to_json()) == json.loads(config.to_json())
         metrics = epath.Path("gs://bucket/runs/a/metrics.jsonl")
         with metrics.open("a") as f:  # as the trainer appends rows
             f.write("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
@@ -104,7 +104,7 @@ def test_gs_workdir_files_go_through_epath(tmp_path, monkeypatch):
         rows = (tmp_path / "gcs/bucket/runs/a/metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
         try:
-            export.read_run_config("gs://bucket/runs/missing")
+            runs.read_config("gs://bucket/runs/missing")
             raise AssertionError("no error")
         except FileNotFoundError as e:
             assert "gs://bucket/runs/missing/config.json not found" in str(e)

@@ -2,7 +2,8 @@
 local imports included): models import nothing outside models (but the leaf clip_jax.registry);
 input imports neither training nor evaluation; evaluation imports nothing of training; methods
 import neither training, evaluation nor input; CPU support is imported only by entry points
-(__main__ modules) and the benchmark. Evaluation names no dataset."""
+(__main__ modules) and the benchmark. Evaluation names no dataset. No module imports one of a layer
+above its own (LAYERS), and no import circle joins modules, whatever their layer."""
 
 import ast
 import os
@@ -58,6 +59,102 @@ def test_import_directions():
             ]
             bad += [f"{module} -> {target}: {why}" for applies, broken, why in rules if applies and broken]
     assert not bad, "\n".join(sorted(bad))
+
+
+# Every part of the package, bottom up: a module imports only its own part and the layers below
+# its part's. A part is the longest prefix listed; a leaf module of a package can sit below it.
+LAYERS = (
+    ("clip_jax.registry", "clip_jax.input.tf_runtime", "clip_jax.input.settings"),  # leaves
+    ("clip_jax.models",),
+    ("clip_jax.parallel", "clip_jax.preprocessing", "clip_jax.convert", "clip_jax.tokenizers", "clip_jax.cpu",
+     "clip_jax.config"),
+    ("clip_jax.methods", "clip_jax.input", "clip_jax.api"),
+    ("clip_jax.runs",),  # reads a run: below evaluation, export and adaptation
+    ("clip_jax.evaluate",),
+    ("clip_jax.train",),
+    ("clip_jax.adapt", "clip_jax.export", "clip_jax.embed"),
+    ("clip_jax.compile_check",),
+    ("clip_jax.benchmark",),
+    ("clip_jax",),  # the package's public names
+)
+
+
+def part_of(module):
+    """(the part of LAYERS `module` belongs to, its layer's index)."""
+    found = [(p, i) for i, parts in enumerate(LAYERS) for p in parts if _in(module, p)]
+    assert found, f"{module} is in no layer of LAYERS: add it where it belongs"
+    return max(found, key=lambda f: len(f[0]))
+
+
+def _module_graph():
+    """{module: {the package's modules it imports}}, targets named down to a module of the package."""
+    graph = imports()
+
+    def module_of(target):
+        while target not in graph and "." in target:
+            target = target.rsplit(".", 1)[0]
+        return target
+
+    return {m: {module_of(t) for t in targets} - {m, "clip_jax"} for m, targets in graph.items()}
+
+
+def test_nothing_imports_upward():
+    bad = []
+    for module, targets in _module_graph().items():
+        part, layer = part_of(module)
+        for target in targets:
+            other, other_layer = part_of(target)
+            if other != part and other_layer >= layer:
+                bad.append(f"{module} -> {target}: {part} (layer {layer}) imports {other} (layer {other_layer})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def cycles(graph):
+    """The import circles of `graph`: each strongly connected set of more than one module."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycles_finds_a_circle_and_only_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_circle_in_any_subpackage():
+    graph = _module_graph()
+    packages = {"clip_jax." + os.path.relpath(folder, ROOT).replace(os.sep, ".") for folder, _, files in os.walk(ROOT)
+                if "__init__.py" in files and folder != ROOT}
+    assert packages and packages <= set(graph)  # every subpackage's modules are read
+    # A package's __init__ importing its own modules (to register or re-export them) is how a package
+    # is made, not a circle between concerns.
+    graph = {m: {t for t in targets if not t.startswith(m + ".")} for m, targets in graph.items()}
+    found = cycles(graph)
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 def test_the_clis_keep_their_names():

@@ -275,8 +275,9 @@ def run(settings, workdir: str, log=print) -> dict:
 def _run(settings, workdir: str, log) -> dict:
     from clip_jax.adapt.weights import load_frozen
     from clip_jax.parallel.sharding import make_mesh
+    from clip_jax.runs import ADAPTATION_CONFIG
 
-    with open(os.path.join(workdir, "adapt_config.json"), "w") as f:
+    with open(os.path.join(workdir, ADAPTATION_CONFIG), "w") as f:  # what marks the workdir an adaptation's
         f.write(settings.to_json_best_effort(indent=2))
     model, variables = load_frozen(settings)
     mesh = make_mesh(settings.mesh.to_dict())

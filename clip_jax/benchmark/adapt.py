@@ -19,7 +19,7 @@ def bench_adapt(args) -> list:
     from clip_jax.adapt.method import build_adaptation, row_weights, towers_variables
     from clip_jax.adapt.methods import make_adapter
     from clip_jax.adapt.train import Runner, make_optimizer
-    from clip_jax.benchmark.bench import _memory
+    from clip_jax.benchmark.memory import step_memory
     from clip_jax.models import create_model, init_variables
     from clip_jax.parallel.sharding import make_mesh
 
@@ -62,7 +62,7 @@ def bench_adapt(args) -> list:
             runner.variables = adapter.variables = towers_variables(state.params, state.model_state)
             seconds = float(np.median(times))
             row = {"method": method, "batch": batch, "classes": args.classes, "s_per_step": seconds,
-                   "images_per_s": batch / seconds, **_memory(compiled)}
+                   "images_per_s": batch / seconds, **step_memory(compiled)}
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows

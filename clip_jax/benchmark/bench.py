@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from clip_jax.benchmark.memory import step_memory
 from clip_jax.cpu import onednn
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
@@ -192,14 +193,6 @@ def _synthetic_batch(model, batch: int, sharding, seed: int = 0, method=None) ->
     return {k: jax.device_put(v, sharding) for k, v in out.items()}
 
 
-def _memory(compiled) -> dict:
-    """Per-device GiB of the compiled step (clip_jax.compile_check.memory_gib): what must fit."""
-    from clip_jax.compile_check import memory_gib
-
-    m = memory_gib(compiled)
-    return {"memory_gib": m["total_gib"], "temp_gib": m["temp_gib"], "arguments_gib": m["argument_gib"]} if m else {}
-
-
 def _host_usage() -> dict:
     """This process's CPU seconds (user, system) and minor page faults so far (Unix)."""
     try:
@@ -260,13 +253,13 @@ class BenchStep:
         self.compile_s = time.perf_counter() - start
 
     def memory_at(self, batch: int) -> dict:
-        """The per-device memory (``_memory``) of this step compiled for another global batch,
+        """The per-device memory (``step_memory``) of this step compiled for another global batch,
         from shapes alone: nothing is allocated or run."""
         import jax
 
         shapes = {k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype, sharding=self.batch_sharding)
                   for k, v in self.batch.items()}
-        return _memory(self.step.lower(self.state, shapes).compile())
+        return step_memory(self.step.lower(self.state, shapes).compile())
 
     def run(self, steps: int) -> float:
         """Seconds per step of `steps` back-to-back steps (the host waits only at the end, as in training)."""
@@ -329,7 +322,7 @@ def bench_train(args) -> dict:
         "step_s": step_s, "step_s_min": float(min(times)), "images/s": args.batch / step_s,
         "images/s/device": args.batch / step_s / n, "model_tflop_per_step": model_flops / 1e12,
         "tflop/s": model_flops / step_s / 1e12, "peak": peak_note, "mfu": mfu,
-        **_memory(compiled),
+        **step_memory(compiled),
     }
     out["patch_dropout"], out["method"] = args.patch_dropout, args.method
     out["cached_images"] = args.cached_images
@@ -499,7 +492,7 @@ def bench_ab(args) -> dict:
             "settings": {**settings, **options}, "step_s": float(np.median(t)), "step_s_min": float(t.min()),
             "images/s": args.batch / float(np.median(t)), "mfu": model_flops / float(np.median(t)) / peak,
             "speedup": float(np.median(paired)), "speedup_range": (float(paired.min()), float(paired.max())),
-            "compile_s": steps[name].compile_s, **_memory(steps[name].compiled),
+            "compile_s": steps[name].compile_s, **step_memory(steps[name].compiled),
         }
         for key, value in results[name].items():
             if key == "speedup_range":

@@ -236,16 +236,13 @@ def _fmt(metric: str, value: float) -> str:
 # -- command line ------------------------------------------------------------------------------
 def load_model(workdir: Optional[str], weights: Optional[str], model_name: Optional[str], step: Optional[int]):
     """(model, variables, description, run config or None, step or None) from a workdir or a weights file."""
-    if workdir and os.path.exists(os.path.join(workdir, "adapt_config.json")):  # python -m clip_jax.adapt's
-        from clip_jax.export import _adapted_towers
-
-        model, variables = _adapted_towers(workdir)
-        return model, variables, f"{workdir} (the towers its adaptation froze)", None, None
     if workdir:
-        from clip_jax.export import load_run, read_run_config
+        from clip_jax import runs
 
-        model, variables, step = load_run(workdir, step)
-        return model, variables, f"{workdir} step {step}", read_run_config(workdir), step
+        run = runs.read(workdir, step)
+        if run.kind == runs.ADAPTATION:  # python -m clip_jax.adapt's
+            return run.model, run.variables, f"{workdir} (the towers its adaptation froze)", None, None
+        return run.model, run.variables, f"{workdir} step {run.step}", run.config, run.step
     if not weights:
         raise ValueError("pass --workdir=DIR (a training run) or --weights=FILE (an exported or released model)")
     if not os.path.exists(weights) and "://" not in weights:

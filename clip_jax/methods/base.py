@@ -70,6 +70,14 @@ class Method:
         return two_tower_predictions(self.model)
 
 
+    # -- export --
+    def export(self, params, model_state: Mapping[str, Any], extras: bool = False) -> dict[str, Any]:
+        """What an export of this method's run holds, by part: 'towers', the model's variables (written
+        in open_clip's layout, the logit bias with them where the model has one), and any other part
+        a {name: array} written beside them (OUT.PART.safetensors). `extras`: the parts only training
+        uses too (SLIP's SSL head); none by default."""
+        return {"towers": self.model_variables(params, model_state)}
+
 class Prediction:
     """One predict function of a method: fn(variables, inputs) -> one row per input item, where the
     inputs are the evaluation batch's `reads` key with items of rank `item_rank` (leading axes are

@@ -90,6 +90,15 @@ class Slip(Clip):
         stats = {k: v for k, v in model_state.get("batch_stats", {}).items() if k != HEAD}
         return {"params": params, **({"batch_stats": stats} if stats else {})}
 
+    def export(self, params, model_state, extras=False):
+        parts = super().export(params, model_state, extras)
+        if extras:  # the SSL head, in PyTorch's layout under the reference's names (SLIP's image_mlp)
+            from clip_jax.convert import variables_to_state_dict
+
+            head = variables_to_state_dict({"params": params[HEAD], "batch_stats": model_state["batch_stats"][HEAD]})
+            parts[HEAD] = {"image_mlp." + key.replace("linear", "layer"): value for key, value in head.items()}
+        return parts
+
     def loss(self, params, model_state, batch, rng, train: bool = True):
         tower = self.model_variables(params, model_state)
         clip_params = tower.pop("params")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import re
 from typing import Any, Callable, Optional
@@ -17,7 +16,8 @@ from flax import traverse_util
 
 from clip_jax.methods import METHODS
 from clip_jax.methods.base import Method
-from clip_jax.models import CLIP, create_model
+from clip_jax.methods.run_model import SIGLIP_INIT, model_from_config  # noqa: F401  (built below training: clip_jax.runs)
+from clip_jax.models import CLIP
 from clip_jax.parallel import sharding
 from clip_jax.train.optim import ParamGroups, make_optimizer, make_schedule, path_name, resolve_param_groups
 from clip_jax.train.step import TrainState, create_state, jit_train_step
@@ -51,24 +51,6 @@ class Run:
     def step_for(self, step: int) -> Callable:
         """The step function that runs step `step`."""
         return self.unmasked_step_fn if self.unmasked_at(step) else self.step_fn
-
-
-# SigLIP's temperature and bias init (t = exp(t'), t' = log 10; b = -10) come with its loss.
-SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
-
-
-def model_from_config(config) -> CLIP:
-    """The model of config.model with config.model_overrides and the runtime settings; the sigmoid
-    loss brings SigLIP's temperature and bias init unless the overrides set them."""
-    overrides = config.model_overrides.to_dict() if hasattr(config.model_overrides, "to_dict") \
-        else dict(config.model_overrides or {})
-    if config.loss == "sigmoid":
-        overrides = {**SIGLIP_INIT, **overrides}
-    if config.patch_dropout:
-        vision = {**overrides.get("vision_cfg", {}), "patch_dropout": config.patch_dropout}
-        overrides = {**overrides, "vision_cfg": vision}
-    return create_model(config.model, dtype=config.dtype, remat=config.remat, scan=config.scan,
-                        attn_impl=config.attn_impl, overrides=overrides)
 
 
 def stage_of(config, steps_done: int) -> int:
