@@ -69,7 +69,6 @@ class Method:
         needs): for a method that trains a two-tower model, the towers' (two_tower_predictions)."""
         return two_tower_predictions(self.model)
 
-
     # -- export --
     def export(self, params, model_state: Mapping[str, Any], extras: bool = False) -> dict[str, Any]:
         """What an export of this method's run holds, by part: 'towers', the model's variables (written
@@ -77,6 +76,7 @@ class Method:
         a {name: array} written beside them (OUT.PART.safetensors). `extras`: the parts only training
         uses too (SLIP's SSL head); none by default."""
         return {"towers": self.model_variables(params, model_state)}
+
 
 class Prediction:
     """One predict function of a method: fn(variables, inputs) -> one row per input item, where the
