@@ -52,7 +52,8 @@ def crop_pixels(image_bytes, image_size: int, train: bool, seed, config):
             top = (new_h - image_size + 1) // 2
             left = (new_w - image_size + 1) // 2
             image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
-    return tf.clip_by_value(image, 0.0, 255.0)  # bicubic overshoot, clipped as PIL does
+    # float pixels whatever the resize (nearest-neighbour keeps uint8); bicubic overshoot clipped as PIL does
+    return tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
 
 
 def _image_shape(image_bytes):
