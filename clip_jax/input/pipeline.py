@@ -509,6 +509,9 @@ class InputPipeline:
         key, op, reads, options; resolved by clip_jax.input.ops); None: ops.DEFAULT_INPUTS."""
         config = data_settings(config)
         resolved = ops.resolve(inputs)
+        if not resolved:
+            raise ValueError("no batch keys to make (inputs=()): declare at least one BatchInput, or pass inputs=None "
+                             "for the default keys")
         if ops.store_of(resolved) is not None:
             raise ValueError(f"batch keys {[w.key for w, _ in resolved]} come from a store, not from records: open "
                              "them with clip_jax.input.training.training_batches")
