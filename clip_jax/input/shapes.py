@@ -91,7 +91,7 @@ COLOR_NAMES_ZH = ("红色", "绿色", "蓝色", "黄色", "紫色", "橙色")  #
 SHAPE_NAMES_ZH = ("圆形", "正方形", "三角形", "星形", "十字形", "菱形")  # in SHAPE_NAMES' order
 TEMPLATES_ZH = ["{}。", "一个{}。", "一张{}的照片。", "一幅{}的画。", "图中有一个{}。", "{}的图片。"]
 CAPTION_FEATURES = {"en": "caption", "zh": "caption_zh"}  # the record feature of each language's caption
-# Each label feature of the records and the zero-shot task (class_names, prompts) it labels.
+# The label features of every record and the zero-shot task (class_names) each one labels.
 LABEL_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}
 
 # Caption wording. Colour and shape words are never varied: zero-shot prompts use them.
