@@ -84,6 +84,35 @@ def test_a_label_map_is_cropped_with_the_images_geometry(train, crop):
         np.testing.assert_array_equal(mask, image[..., 0].astype(np.uint8))
 
 
+def test_the_crop_op_flips_the_image_and_its_label_map_together():
+    """options flip=True: one flip decision per record for every spatial key (and some records flip)."""
+    from PIL import Image
+
+    from clip_jax.input import ops
+    from clip_jax.input.settings import data_settings
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        return tf.constant(buf.getvalue())
+
+    ex = {"image": png(pixels), "segmentation": png(pixels[..., 0])}
+    config = data_settings({"resize_method": "nearest", "image_dtype": "uint8"})
+    flips = set()
+    for s in range(8):
+        ctx = ops.OpContext(20, True, config, tf.uint8, seed=lambda salt, s=s: tf.constant([salt, s], tf.int64))
+        image, mask, plain = (ops.OPS.get("crop").make(ctx, ex, ops.Wanted(key, "crop", (name,), options))
+                              for key, name, options in (("image", "image", (("flip", True),)),
+                                                         ("segmentation", "segmentation", (("flip", True),)),
+                                                         ("plain", "image", ())))
+        np.testing.assert_array_equal(mask.numpy(), image.numpy()[..., 0])
+        flips.add(not np.array_equal(image.numpy(), plain.numpy()))
+    assert flips == {True, False}
+
+
 def test_the_segmentation_comes_with_the_image_in_the_batch(tmp_path):
     from clip_jax.input.pipeline import InputPipeline
 
