@@ -81,7 +81,7 @@ def test_tfrecord_batches_and_tokens(tmp_path):
 
 def test_eval_transform_matches_host_preprocess(tmp_path):
     """In-graph resize + center crop ~ clip_jax.preprocess (PIL bicubic vs TF bicubic)."""
-    from clip_jax.input.pipeline import decode_and_crop
+    from clip_jax.input.transforms import decode_and_crop
 
     yy, xx = np.mgrid[0:40, 0:60]
     smooth = np.stack([xx * 4, yy * 6, (xx + yy) * 2], -1).astype(np.uint8)

@@ -175,3 +175,25 @@ def test_evaluation_names_no_dataset():
                 named += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(open(path), 1)
                           if re.search(r"\bshapes", line, re.IGNORECASE)]  # not batch_shapes, variable_shapes
     assert os.path.isdir(os.path.join(folder, "tasks")) and not named, named
+
+
+def test_nothing_outside_the_input_imports_its_private_names():
+    """Training, evaluation and adaptation read records through the input's public reader (one spec, one
+    parse), not through its helpers."""
+    bad = [f"{module} -> {target}" for module, targets in imports().items() if not _in(module, "clip_jax.input")
+           for target in targets if _in(target, "clip_jax.input") and target.rsplit(".", 1)[-1].startswith("_")]
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_adaptation_and_the_trainers_input_name_no_dataset_and_no_input_op():
+    """The dataset's knowledge comes from its registration in clip_jax/input/; which batch keys the input
+    makes, from the method's declaration: the adaptation names no built-in dataset, and the trainer
+    names neither a dataset nor an op's batch key."""
+    found = []
+    for folder, words in ((os.path.join(ROOT, "adapt"), r"\bshapes\b"),
+                          (os.path.join(ROOT, "train"), r"\bimage_views\b|\bviews\s*=")):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                found += [f"{folder}/{name}: {m.group(0)!r}" for m in re.finditer(words, text)]
+    assert not found, "\n".join(found)

@@ -158,11 +158,13 @@ def test_slip_refuses_what_it_cannot_do_before_compiling():
 
 def test_the_pipeline_makes_two_simclr_views_per_image_and_resumes_them_exactly(tmp_path):
     from clip_jax.input.pipeline import InputPipeline
+    from clip_jax.methods.clip import CLIP_INPUTS
+    from clip_jax.methods.slip import SIMCLR_VIEWS
 
     config = {"cache_dir": str(tmp_path), "shapes_sizes": {"train": 40, "validation": 8, "test": 8},
               "shapes_shards": {"train": 2, "validation": 1, "test": 1}, "shuffle_buffer": 16}
     make = lambda state=None: InputPipeline("shapes", config, global_batch_size=8, image_size=32, train=True,  # noqa: E731
-                                            views=2, state=state)
+                                            inputs=CLIP_INPUTS + (SIMCLR_VIEWS,), state=state)
     pipe = make()
     first = next(pipe)
     state = pipe.state()

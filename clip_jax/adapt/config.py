@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from clip_jax.config import base_config
+from clip_jax.input import dataset_info, settings
 
 
 def adapt_config() -> ml_collections.ConfigDict:
@@ -14,15 +15,17 @@ def adapt_config() -> ml_collections.ConfigDict:
     c.model = ""  # the weights' architecture (a preset or model JSON); a workdir brings its own
     c.dtype = "float32"  # the frozen towers' compute dtype ('bfloat16'; the references run fp16)
     c.remat = "none"  # the towers' remat policy: 'full' lets MaPLe's and CoOp's text passes over many classes fit
-    c.dataset = "shapes"  # 'shapes', 'tfds:NAME' (its train/validation/test splits) or {train:, validation:, test:}
-    c.label_key = "label_shape"  # the label feature (shapes: label, label_color, label_shape)
+    # a dataset named by its source ('tfds:NAME': its train/validation/test splits; dataset_info.split_specs)
+    # or {train:, validation:, test:} specs; by default the embedded one, no download (dataset_info)
+    c.dataset = dataset_info.DEFAULT_DATASET
+    c.label_key = dataset_info.DEFAULT_LABEL_KEY  # the integer label feature of the records
     c.classnames = ""  # '' : the dataset's; or a JSON file {'classnames': [...]}, one per label in order
     c.templates = ()  # '' : the dataset's zero-shot templates; or e.g. ('a photo of a {}.',)
     c.shots = 16
     c.seed = 1
     c.base_to_novel = False  # train on the first ceil(C/2) classes; report base, novel and their harmonic mean
     # cross-dataset transfer: the learned tensors evaluated on other datasets' test splits and classes,
-    # each 'DATASET' or 'DATASET@LABEL_KEY' (e.g. ('shapes|lang=zh', 'shapes@label'))
+    # each 'DATASET' or 'DATASET@LABEL_KEY' (a dataset as config.dataset names one, with |options)
     c.transfer = ()
     # optimization (CoOp's, from Dassl: SGD, 1 warmup epoch at a constant 1e-5, cosine by epoch)
     c.optimizer = "sgd"
@@ -58,7 +61,7 @@ def adapt_config() -> ml_collections.ConfigDict:
     c.init_beta = 1.0
     c.search_scale = (7.0, 3.0)  # [beta, alpha]: ImageNet's, Oxford Pets' and UCF's
     c.search_step = (200, 20)
-    # the readers' settings (cache_dir, data_dir, shapes_sizes, image_key, ...), as the trainer's
+    # the readers' settings (clip_jax.input.settings: cache_dir, data_dir, image_key, ...), as the trainer's
     c.data = base_config().data
     del c.data["train"], c.data["eval"]
     return c
@@ -89,8 +92,7 @@ RANGES = {
     "checkpoint_every_steps": (">=", 1), "log_every_epochs": (">=", 1),
     "n_ctx": (">=", 1), "prompt_depth": (">=", 1), "reduction": (">=", 1), "ratio": ("[0,1]",),
     "augment_passes": (">=", 1), "init_alpha": (">=", 0), "init_beta": (">=", 0),
-    "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),
-    "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
+    **{f"data.{key}": rule for key, rule in settings.RANGES.items()},
 }
 SCALE_PAIRS = ("crop_scale", "cache_crop_scale", "data.crop_scale")
 

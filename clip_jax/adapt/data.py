@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from clip_jax.input import eval_data
-from clip_jax.input.pipeline import _crop_pixels
+from clip_jax.input import dataset_info, eval_data
 from clip_jax.input.settings import data_settings
+from clip_jax.input.transforms import decode_and_crop
 
 VAL_SHOTS = 4  # the references' few-shot validation: min(K, 4) per class
 
@@ -44,25 +44,14 @@ class FewShot:
     test: Split
 
 
-def split_specs(dataset: str) -> dict:
-    """'shapes' / 'tfds:NAME' -> the train, validation and test specs; a dict of three specs passes."""
-    if isinstance(dataset, dict) or hasattr(dataset, "items"):
-        specs = dict(dataset)
-        missing = sorted({"train", "validation", "test"} - set(specs))
-        if missing:
-            raise ValueError(f"config.dataset needs specs for train, validation and test; missing {missing}")
-        return specs
-    name, _, option = dataset.partition("|")
-    option = f"|{option}" if option else ""
-    if name == "shapes" or name.startswith("tfds:"):
-        return {split: f"{name}:{split}{option}" for split in ("train", "validation", "test")}
-    raise ValueError(f"config.dataset={dataset!r}: use 'shapes', 'tfds:NAME' or a dict of train/validation/test "
-                     "specs (tfrecord:GLOB ones too)")
+def split_specs(dataset) -> dict:
+    """A dataset's train, validation and test specs (clip_jax.input.dataset_info.split_specs)."""
+    return dataset_info.split_specs(dataset)
 
 
 def _labels(info, config, label_key: str) -> np.ndarray:
     """Every label of a split, in reading order, without decoding an image."""
-    ds = eval_data._raw(info, config, [label_key], 0, 1).map(lambda image, captions, labels: labels[0])
+    ds = eval_data.read_examples(info, config, ("labels",), [label_key]).map(lambda ex: ex["labels"][0])
     return np.fromiter(ds.as_numpy_iterator(), np.int64)
 
 
@@ -76,11 +65,11 @@ def _images(info, config, indices: np.ndarray, image_size: int, total: int) -> n
     picked = np.zeros(total, bool)
     picked[wanted] = True
     keep = tf.constant(picked)
-    ds = eval_data._raw(info, config, [], 0, 1).enumerate()
-    ds = ds.filter(lambda i, *ex: tf.gather(keep, i))
-    ds = ds.map(lambda i, ex: tf.cast(tf.clip_by_value(tf.round(_crop_pixels(ex[0], image_size, False, None, config)),
-                                                       0, 255), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    ds = eval_data.read_examples(info, config, ("image",)).enumerate()
+    ds = ds.filter(lambda i, ex: tf.gather(keep, i))
+    as_uint8 = dict(config, image_dtype="uint8")  # the eval crop's pixels, rounded
+    ds = ds.map(lambda i, ex: decode_and_crop(ex["image"], image_size, False, None, as_uint8),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     images = np.stack(list(ds.as_numpy_iterator())) if len(wanted) else np.zeros((0, image_size, image_size, 3),
                                                                                   np.uint8)
     if len(images) != len(wanted):

@@ -1,2 +1,4 @@
-"""Input: data sources, the resumable tf.data training stream, evaluation readers, the record
-schema and the embedded shapes dataset. Imports neither training nor evaluation."""
+"""Input: data sources, record features by name (features) read through one reader (reader), the
+ops that make a method's declared batch keys (ops, transforms), the resumable tf.data training
+stream (pipeline, training), evaluation readers, the record schema and the embedded shapes
+dataset with what it offers its consumers (dataset_info). Imports neither training nor evaluation."""

@@ -21,18 +21,17 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from clip_jax.input import records, shapes
+from clip_jax.input import reader, records, shapes
+from clip_jax.input.features import Reading
 from clip_jax.input.pipeline import (
     Source,
-    _get_path,
-    _nested,
     _plain,
-    decode_and_crop,
     list_files,
     parse_spec,
     shapes_files,
 )
 from clip_jax.input.settings import data_settings
+from clip_jax.input.transforms import decode_and_crop
 
 # The embedded dataset's label features and the zero-shot task each one labels.
 SHAPES_TASKS = shapes.LABEL_TASKS
@@ -170,14 +169,14 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
 
         tokenizer = get_tokenizer()
     label_keys = list(label_keys)
-    ds = _raw(info, config, label_keys, process_index, process_count)
+    ds = read_examples(info, config, ("image", "caption", "labels"), label_keys, process_index, process_count)
     if limit:  # `limit` examples over all processes (tfds users can also slice: 'train[:5000]')
         ds = ds.take(limit // process_count + int(process_index < limit % process_count))
 
-    def prepare(image, captions, labels):
-        out = {"image": decode_and_crop(image, image_size, False, None, config), "labels": labels}
+    def prepare(ex):
+        out = {"image": decode_and_crop(ex["image"], image_size, False, None, config), "labels": ex["labels"]}
         if max_captions:
-            captions = tf.strings.strip(captions[:max_captions])
+            captions = tf.strings.strip(ex["caption"][:max_captions])
             pad = max_captions - tf.shape(captions)[0]
             out["captions"] = tf.concat([captions, tf.fill([pad], "")], 0)
         return out
@@ -221,32 +220,32 @@ def empty_batch(like: dict) -> dict:
     return out
 
 
-def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_count: int):
-    """(image bytes, captions [n] string, labels [K] int64) of this process's share, in order."""
+def reading(info: SplitInfo, config, label_keys: Sequence[str] = ()) -> Reading:
+    """Where the features of an evaluation source are: its caption feature (or tfds path) and labels."""
+    return Reading(info.source, data_settings(config), info.caption_key, tuple(label_keys))
+
+
+def read_examples(info: SplitInfo, config, features: Sequence[str] = ("image", "caption", "labels"),
+                  label_keys: Sequence[str] = (), process_index: int = 0, process_count: int = 1):
+    """{feature: raw value} of the named record features (clip_jax.input.features: image bytes, captions
+    [n] strings, labels [K] int64, ...) of this process's share, in order, through the training
+    pipeline's reader (clip_jax.input.reader)."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
+    config = data_settings(config)
     source = info.source
+    where = reading(info, config, label_keys)
     if source.kind == "tfds":
         import tensorflow_datasets as tfds
 
         builder = _builder(source, config["data_dir"] or None)
         split = tfds.even_splits(source.split, n=process_count, drop_remainder=False)[process_index]
-        image_key = config["image_key"]
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders=_nested({image_key: tfds.decode.SkipDecoding()}))
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=reader.tfds_decoders(features, where))
         read_options = tf.data.Options()
         read_options.deterministic = True
-
-        def select(ex):
-            captions = (tf.reshape(_get_path(ex, info.caption_key), [-1]) if info.caption_key
-                        else tf.zeros([0], tf.string))
-            labels = tf.stack([tf.cast(tf.reshape(_get_path(ex, k), []), tf.int64) for k in label_keys]) if label_keys \
-                else tf.zeros([0], tf.int64)
-            return _get_path(ex, image_key), captions, labels
-
-        return ds.with_options(read_options).map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE,
-                                                 deterministic=True)
+        return ds.with_options(read_options).map(_plain(lambda ex: reader.from_tfds(ex, features, where)),
+                                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     files = list(info.files)
     shard_records = len(files) < process_count
@@ -256,17 +255,9 @@ def _raw(info: SplitInfo, config, label_keys: list, process_index: int, process_
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP" if compressed else "", num_parallel_reads=None)
     if shard_records:
         ds = ds.shard(process_count, process_index)
-    caption_key = info.caption_key or records.CAPTION  # shapes: its caption_zh for 'shapes:SPLIT|lang=zh'
-    spec = {records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-            caption_key: tf.io.VarLenFeature(tf.string),
-            **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys}}
-
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        labels = tf.stack([ex[k] for k in label_keys]) if label_keys else tf.zeros([0], tf.int64)
-        return ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels
-
-    return ds.map(_plain(parse), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    spec = reader.example_spec(features, where)
+    return ds.map(_plain(lambda record: reader.parse_example(record, features, where, spec)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
@@ -289,10 +280,10 @@ def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
 
     read = 0
     if info.source.kind == "tfds":
-        for image, _, _ in _raw(info, config, [], 0, 1).take(most).as_numpy_iterator():
-            counts[image_kind(image)] += 1
+        for ex in read_examples(info, config, ("image",)).take(most).as_numpy_iterator():
+            counts[image_kind(ex["image"])] += 1
         return _describe_counts(counts)
-    spec = {records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    where = reading(info, config)
     for path in info.files or []:
         compressed = path.endswith(".gz")
         try:
@@ -301,7 +292,7 @@ def diagnose(info: SplitInfo, config, most: int = 1000) -> str:
                     return _describe_counts(counts) + f" (in the first {most} records)"
                 read += 1
                 try:
-                    image = tf.io.parse_single_example(record, spec)[records.IMAGE].numpy()
+                    image = reader.parse_example(record, ("image",), where)["image"].numpy()
                 except (tf.errors.OpError, UnicodeDecodeError):
                     counts["not_an_example"] += 1
                     continue

@@ -9,15 +9,22 @@ Per host, one pass over its share of the data looks like this:
     -> shuffle buffer (seeded per epoch) -> enumerate: every raw record gets its position
     -> skip(position) on resume: raw bytes are skipped, nothing is decoded
     -> an end-of-epoch marker after each epoch's records
-    -> parse + checks (missing image, empty or non-UTF-8 caption) -> cumulative counters
+    -> parse the record features the batch keys read (one spec: clip_jax.input.reader) into
+       {name: raw value}; each feature picks its value (one caption of several) and flags its
+       bad kinds (missing image, empty or non-UTF-8 caption) -> cumulative counters
        (tf.data scan, so they describe exactly what was consumed)
-    -> decode + crop + normalize the good records (parallel, deterministic); an image that
-       fails to decode drops its record (counted on the host as 'undecodable')
+    -> the record ops on the good records (decode + crop + normalize, SimCLR views:
+       clip_jax.input.ops; parallel, deterministic); an image that fails to decode drops its
+       record (counted on the host as 'undecodable')
     -> the stop (a second scan, over what decoded, sentinels and markers): a whole pass over
        the stream's files without one usable example, or data.max_bad_in_a_row bad records in
        a row, ends the stream with an in-graph error carrying the counts, which the host turns
        into NoUsableData naming the files (a finite stream's end travels the same way)
-    -> drop bad records -> batch (host batch = global batch / processes) -> tokenize -> prefetch
+    -> drop bad records -> batch (host batch = global batch / processes) -> the batch ops
+       (tokenize) -> prefetch
+
+Which batch keys, from which features, by which ops: the `inputs` a method declares
+(clip_jax.methods.base.BatchInput), resolved through clip_jax.input.ops and .features.
 
 Streams: the data is read as `streams` independent streams (config `data.streams`;
 default one per process), stream s reading whole files files[s::streams] (or the s-th
@@ -46,9 +53,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from clip_jax.input import records
+from clip_jax.input import ops, reader, records
+from clip_jax.input.features import Reading, resolve
 from clip_jax.input.settings import data_settings
-from clip_jax.preprocessing import MEAN, STD
 from clip_jax.registry import Registry
 
 # The first four are a record's status (1..4, _check); records that do not parse are counted
@@ -59,6 +66,7 @@ END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
                 2: "data.max_bad_in_a_row bad records in a row"}
 _MASK31 = (1 << 31) - 1
+PICK_SALT = 4  # the per-example seed of a feature's pick (one caption of several)
 
 
 class NoUsableData(ValueError):
@@ -72,6 +80,7 @@ class Source:
     name: str = ""  # tfds name[/config]; tfrecord glob(s)
     split: str = "train"
     lang: str = "en"  # shapes: the language of its captions ('shapes:SPLIT|lang=zh')
+    caption_feature: str = records.CAPTION  # the record feature holding its captions (shapes: per language)
 
 
 # Data source kinds: 'KIND[:REST]' -> Source, by the parser registered for KIND.
@@ -84,7 +93,7 @@ def _shapes_source(rest: str) -> Source:
     from clip_jax.input import shapes
 
     split, lang = shapes.parse_source(rest)
-    return Source("shapes", split=split, lang=lang)
+    return Source("shapes", split=split, lang=lang, caption_feature=shapes.caption_feature(lang))
 
 
 @SOURCES.register("tfds")
@@ -192,9 +201,12 @@ class _Stream:
 
     def __init__(self, source: Source, files: Optional[list[str]], config, *, batch_size: int, image_size: int,
                  train: bool, seed: int, index: int, count: int, context_length: int, tokenizer,
-                 state: Optional[InputState], num_epochs: Optional[int], views: int = 0):
+                 state: Optional[InputState], num_epochs: Optional[int], inputs: list):
         self.source = source
-        self.views = views
+        self.inputs = inputs  # [(ops.Wanted, ops.Op)]: the batch keys and what makes them
+        self.features = ops.features_read(inputs)  # the raw record features they read
+        caption_key = source.caption_feature if source.kind != "tfds" else (config["caption_key"] or "caption")
+        self.reading = Reading(source, config, caption_key, tuple(config["label_keys"]))
         self.config = config
         self.batch_size = batch_size
         self.image_size = image_size
@@ -224,8 +236,8 @@ class _Stream:
         return tf.stack([tf.constant(_mix(self.seed, self.index, salt), tf.int64) + epoch, position])
 
     def _tfrecord_epoch(self, epoch):
-        """(image bytes, captions [n], labels, is_sentinel, shard_read_short, records of the file that
-        did not parse (on its sentinel)) of this stream's files."""
+        """{features: {name: raw value}, sentinel, short (the shard read short), unparsed (records of the
+        file that did not parse, on its sentinel)} of this stream's files."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
@@ -266,29 +278,18 @@ class _Stream:
 
         zeros = tf.zeros([n], tf.int64)
         ds = ds.scan((zeros, zeros), _plain(account))
-        label_keys = self._label_keys()
-        caption_key = records.CAPTION
-        if self.source.kind == "shapes":  # 'shapes:SPLIT|lang=zh': its Chinese captions
-            from clip_jax.input import shapes
-
-            caption_key = shapes.caption_feature(self.source.lang)
-        feature_spec = {
-            records.IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-            caption_key: tf.io.VarLenFeature(tf.string),  # one caption or several (one is drawn per epoch)
-            **{k: tf.io.FixedLenFeature([], tf.int64, default_value=-1) for k in label_keys},
-        }
+        spec = reader.example_spec(self.features, self.reading)
 
         def parse(i, record, sentinel, short, records_of_file):
-            ex = tf.io.parse_single_example(tf.where(sentinel, tf.constant(b""), record), feature_spec)
-            labels = _stack_labels([ex[k] for k in label_keys])
-            return i, ex[records.IMAGE], tf.sparse.to_dense(ex[caption_key]), labels, sentinel, short, records_of_file
+            raw = reader.parse_example(tf.where(sentinel, tf.constant(b""), record), self.features, self.reading, spec)
+            return i, raw, sentinel, short, records_of_file
 
         def tally(parsed, element):
             """A file's sentinel carries how many of its records did not parse: read minus parsed."""
-            i, image, captions, labels, sentinel, short, records_of_file = element
+            i, raw, sentinel, short, records_of_file = element
             parsed = tf.tensor_scatter_nd_add(parsed, [[i]], [1 - tf.cast(sentinel, tf.int64)])
             unparsed = tf.where(sentinel, records_of_file - tf.gather(parsed, i), tf.constant(0, tf.int64))
-            return parsed, (image, captions, labels, sentinel, short, unparsed)
+            return parsed, {"features": raw, "sentinel": sentinel, "short": short, "unparsed": unparsed}
 
         # Records whose bytes are no tf.train.Example (or hold a feature of another type) fail to
         # parse and are dropped here; `tally` counts them per file, in order, before the shuffle.
@@ -303,24 +304,18 @@ class _Stream:
 
         builder = tfds.builder(self.source.name, data_dir=self.config["data_dir"] or None)
         split = tfds.even_splits(self.source.split, n=self.count, drop_remainder=False)[self.index]
-        image_key = self.config["image_key"]
-        caption_key = self.config["caption_key"] or "caption"
-        decoders = _nested({image_key: tfds.decode.SkipDecoding()})
+        decoders = reader.tfds_decoders(self.features, self.reading)
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
 
-        label_keys = self._label_keys()
-
         def select(ex):
-            captions = tf.reshape(_get_path(ex, caption_key), [-1])
-            labels = _stack_labels([_get_path(ex, k) for k in label_keys])
-            return (_get_path(ex, image_key), captions, labels, tf.constant(False), tf.constant(False),
-                    tf.constant(0, tf.int64))
+            return {"features": reader.from_tfds(ex, self.features, self.reading), "sentinel": tf.constant(False),
+                    "short": tf.constant(False), "unparsed": tf.constant(0, tf.int64)}
 
         return ds.map(_plain(select), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def _epoch(self, epoch, skip: int = 0):
-        """One epoch as (epoch, position, image, captions, labels, sentinel, short, unparsed), skipping `skip` raw
-        records, then an end-of-epoch marker (a sentinel at position -1)."""
+        """One epoch as {epoch, position, features, sentinel, short, unparsed}, skipping `skip` raw records,
+        then an end-of-epoch marker (a sentinel at position -1)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
@@ -329,13 +324,13 @@ class _Stream:
         if self.train:
             seed = tf.constant(_mix(self.seed, self.index, 2), tf.int64) + epoch * 1_000_003
             ds = ds.shuffle(self.config["shuffle_buffer"], seed=seed, reshuffle_each_iteration=False)
-        ds = ds.enumerate().map(_plain(lambda pos, x: (epoch, pos) + tuple(x)))
+        ds = ds.enumerate().map(_plain(lambda pos, x: dict(x, epoch=epoch, position=pos)))
         if skip:
             ds = ds.skip(skip)
         # The epoch's end, as a sentinel: even an epoch with no record (or none that decodes) is seen.
-        marker = (epoch, tf.constant(-1, tf.int64), tf.constant(b""), tf.zeros([0], tf.string),
-                  tf.zeros([len(self._label_keys())], tf.int64), tf.constant(True), tf.constant(False),
-                  tf.constant(0, tf.int64))
+        marker = {"features": reader.empty(self.features, self.reading), "sentinel": tf.constant(True),
+                  "short": tf.constant(False), "unparsed": tf.constant(0, tf.int64), "epoch": epoch,
+                  "position": tf.constant(-1, tf.int64)}
         return ds.concatenate(tf.data.Dataset.from_tensors(marker))
 
     # -- the whole stream ---------------------------------------------------------------
@@ -360,80 +355,71 @@ class _Stream:
         ds = ds.scan((tf.constant(start.epoch - 1, tf.int64), zero, zero), _plain(stop))
         ds = ds.filter(_plain(lambda ex: tf.equal(ex["status"], 0)))
         ds = ds.batch(self.batch_size, drop_remainder=True)
-        ds = ds.map(_plain(self._tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_plain(self._batch_ops), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         if self.config["threads"]:
             options.threading.private_threadpool_size = int(self.config["threads"])
         return ds.with_options(options).prefetch(self.config["prefetch"])
 
-    def _label_keys(self) -> list[str]:
-        """Integer features passed through as batch['labels'] [b, K] (-1 where absent), e.g. for zero-shot eval."""
-        return list(self.config["label_keys"])
-
-    def _check(self, epoch, position, image, captions, labels, sentinel, short, unparsed):
-        """Status 0 = good; 1..4 = BAD_KINDS; -1 = a file-end sentinel or an end-of-epoch marker (dropped,
-        not counted)."""
-        from clip_jax.input.tf_runtime import import_tensorflow
-
-        tf = import_tensorflow()
-        seed = self._example_seed(4, epoch, position)
-        n = tf.shape(captions, out_type=tf.int64)[0]
-        pick = (tf.random.stateless_uniform([], seed, 0, tf.maximum(n, 1), dtype=tf.int64) if self.train
-                else tf.constant(0, tf.int64))
-        caption = tf.strings.strip(
-            tf.cond(n > 0, lambda: tf.gather(captions, tf.minimum(pick, n - 1)), lambda: tf.constant(""))
-        )
-        status = tf.case(
-            [
-                (short, lambda: tf.constant(4, tf.int64)),
-                (sentinel, lambda: tf.constant(-1, tf.int64)),
-                (tf.equal(tf.strings.length(image), 0), lambda: tf.constant(1, tf.int64)),
-                (tf.equal(tf.strings.length(caption), 0), lambda: tf.constant(2, tf.int64)),
-                (tf.logical_not(_valid_utf8(caption)), lambda: tf.constant(3, tf.int64)),
-            ],
-            default=lambda: tf.constant(0, tf.int64),
-            exclusive=False,
-        )
-        return {"epoch": epoch, "position": position, "image": image, "caption": caption, "labels": labels,
-                "status": status, "unparsed": unparsed}
-
-    def _decode(self, ex):
-        """A good record's image (and SLIP's views) decoded, cropped and in the output dtype (an image
-        that fails to decode raises: ignore_errors drops the record); any other gets zeros."""
+    def _context(self, ex=None) -> ops.OpContext:
+        """What the ops work with; for one record (`ex`), its stateless seeds."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
         dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16, "uint8": tf.uint8}[self.config["image_dtype"]]
+        seed = None if ex is None else (lambda salt: self._example_seed(salt, ex["epoch"], ex["position"]))
+        return ops.OpContext(self.image_size, self.train, self.config, dtype, seed, self.tokenizer,
+                             self.context_length)
 
-        def decode():
-            seed = self._example_seed(3, ex["epoch"], ex["position"])
-            out = {"image": tf.cast(decode_and_crop(ex["image"], self.image_size, self.train, seed, self.config),
-                                    dtype)}
-            if self.views:  # SLIP's SimCLR views, each from its own stateless seed: resumable as the rest
-                views = [simclr_view(ex["image"], self.image_size,
-                                     self._example_seed(4 + v, ex["epoch"], ex["position"]), self.config)
-                         for v in range(self.views)]
-                out["image_views"] = tf.cast(tf.stack(views), dtype)
-            return out
-
-        good = tf.equal(ex["status"], 0)
-        pixels = tf.cond(good, decode, lambda: self._blank(dtype))
-        return dict(ex, **pixels)
-
-    def _blank(self, dtype):
+    def _check(self, ex):
+        """Picks each feature's value of the example (one caption of several), then its status: 0 = good;
+        1..4 = BAD_KINDS (the first the features flag, in that order); -1 = a file-end sentinel or an
+        end-of-epoch marker (dropped, not counted)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
-        size = self.image_size
-        out = {"image": tf.zeros([size, size, 3], dtype)}
-        if self.views:
-            out["image_views"] = tf.zeros([self.views, size, size, 3], dtype)
-        return out
+        seed = self._example_seed(PICK_SALT, ex["epoch"], ex["position"])
+        picked, flags = {}, []
+        for name, feature in resolve(self.features):
+            value = ex["features"][name]
+            picked[name] = value = feature.pick(value, seed, self.train) if feature.pick else value
+            flags += [(BAD_KINDS.index(kind) + 1, bad(value)) for kind, bad in feature.checks]
+        cases = [(ex["short"], lambda: tf.constant(4, tf.int64)), (ex["sentinel"], lambda: tf.constant(-1, tf.int64))]
+        flags.sort(key=lambda flag: flag[0])
+        cases += [(bad, lambda status=status: tf.constant(status, tf.int64)) for status, bad in flags]
+        status = tf.case(cases, default=lambda: tf.constant(0, tf.int64), exclusive=False)
+        return {"epoch": ex["epoch"], "position": ex["position"], "features": picked, "status": status,
+                "unparsed": ex["unparsed"]}
 
-    def _tokenize(self, batch):
-        batch["tokens"] = self.tokenizer.tf_tokenize(batch["caption"], self.context_length)
-        return batch
+    def _decode(self, ex):
+        """The record ops on a good record (decode, crop, SimCLR views: an image that fails to decode
+        raises, and ignore_errors drops the record); any other gets their blanks. Features that batch ops
+        read travel on as `carry`."""
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
+        ctx = self._context(ex)
+        features = ex["features"]
+        decoding = [(w, op) for w, op in self.inputs if op.stage == "record" and op.blank is not None]
+        keys = {w.key: op.make(ctx, features, w) for w, op in self.inputs if op.stage == "record" and op.blank is None}
+        if decoding:
+            good = tf.equal(ex["status"], 0)
+            keys.update(tf.cond(good, lambda: {w.key: op.make(ctx, features, w) for w, op in decoding},
+                                lambda: {w.key: op.blank(ctx, w) for w, op in decoding}))
+        carry = {name: features[name] for w, op in self.inputs if op.stage == "batch" for name in w.reads}
+        return {"epoch": ex["epoch"], "position": ex["position"], "status": ex["status"], "counts": ex["counts"],
+                "keys": keys, "carry": carry}
+
+    def _batch_ops(self, batch):
+        """The batch ops (tokenize), then one flat dict: the batch keys beside the bookkeeping."""
+        ctx = self._context()
+        keys = dict(batch["keys"])
+        for w, op in self.inputs:
+            if op.stage == "batch":
+                keys[w.key] = op.make(ctx, batch["carry"], w)
+        return {"epoch": batch["epoch"], "position": batch["position"], "status": batch["status"],
+                "counts": batch["counts"], **keys}
 
     # -- iteration ------------------------------------------------------------------
     def __next__(self) -> dict[str, Any]:
@@ -517,10 +503,18 @@ class InputPipeline:
         tokenizer=None,
         state: Optional[Sequence[InputState]] = None,
         num_epochs: Optional[int] = None,
-        views: int = 0,
+        inputs: Optional[Sequence[Any]] = None,
     ):
-        """views: SimCLR views per image beside the CLIP view (SLIP: 2), as 'image_views' [b, views, S, S, 3]."""
+        """inputs: the batch keys to make, as a method declares them (clip_jax.methods.base.BatchInput:
+        key, op, reads, options; resolved by clip_jax.input.ops); None: ops.DEFAULT_INPUTS."""
         config = data_settings(config)
+        resolved = ops.resolve(inputs)
+        if not resolved:
+            raise ValueError("no batch keys to make (inputs=()): declare at least one BatchInput, or pass inputs=None "
+                             "for the default keys")
+        if ops.store_of(resolved) is not None:
+            raise ValueError(f"batch keys {[w.key for w, _ in resolved]} come from a store, not from records: open "
+                             "them with clip_jax.input.training.training_batches")
         streams = stream_count(config, global_batch_size, process_count)
         self.source = parse_spec(spec)
         self.streams = streams
@@ -547,7 +541,7 @@ class InputPipeline:
             _Stream(self.source, all_files[s::streams] if all_files is not None else None, config,
                     batch_size=global_batch_size // streams, image_size=image_size, train=train, seed=seed,
                     index=s, count=streams, context_length=context_length, tokenizer=tokenizer,
-                    state=state[k] if state is not None else None, num_epochs=num_epochs, views=views)
+                    state=state[k] if state is not None else None, num_epochs=num_epochs, inputs=resolved)
             for k, s in enumerate(self.stream_ids)
         ]
 
@@ -602,15 +596,6 @@ def _report_short(path, read, size):
     tf.print("clip_jax input: unreadable shard", path, "- read", read, "of", size,
              "bytes; the records after the damage are skipped", output_stream=sys.stderr)
     return tf.no_op()
-
-
-def _valid_utf8(s):
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    tf = import_tensorflow()
-    # Transcoding replaces each invalid byte sequence with U+FFFD: valid text comes back unchanged.
-    replaced = tf.strings.unicode_transcode(s, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
-    return tf.equal(replaced, s)
 
 
 def _count(counts, ex):
@@ -671,160 +656,6 @@ def _stop(carry, ex, whole_from: int, max_bad_in_a_row: int = 0, last_epoch: int
 def list_paths(files: Sequence[str], most: int = 4) -> str:
     shown = ", ".join(files[:most])
     return shown + (f" and {len(files) - most} more" if len(files) > most else "")
-
-
-def _stack_labels(values):
-    """Integer label features -> int64 [K] (an empty vector when no label_keys are configured)."""
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    tf = import_tensorflow()
-    return tf.stack([tf.cast(v, tf.int64) for v in values]) if values else tf.zeros([0], tf.int64)
-
-
-def _get_path(ex, path: str):
-    for part in path.split("/"):
-        ex = ex[part]
-    return ex
-
-
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def decode_and_crop(image_bytes, image_size: int, train: bool, seed, config):
-    """Encoded JPEG/PNG -> float32 [S, S, 3] normalized with CLIP's mean/std.
-
-    train: RandomResizedCrop (area scale `crop_scale`, default (0.9, 1.0) as open_clip;
-    aspect ratio 3/4..4/3) or, with crop='random', a random square crop of the resized
-    image. JPEGs decode only the crop window. Eval: resize the shorter side, center crop.
-    """
-    config = data_settings(config)
-    return _finish(_crop_pixels(image_bytes, image_size, train, seed, config), image_size, config)
-
-
-def _crop_pixels(image_bytes, image_size: int, train: bool, seed, config):
-    """decode_and_crop's crop, as float32 pixels in [0, 255]."""
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    tf = import_tensorflow()
-    method = config["resize_method"]
-    antialias = bool(config["antialias"])
-    is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")
-    if train and config["crop"] == "random_resized":
-        shape = tf.cond(
-            is_jpeg,
-            lambda: tf.io.extract_jpeg_shape(image_bytes),
-            lambda: tf.shape(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)),
-        )
-        scale = tuple(config["crop_scale"])
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3), area_range=scale, max_attempts=10, use_image_if_no_bounding_boxes=True,
-        )
-        window = tf.stack([begin[0], begin[1], size[0], size[1]])
-
-        def jpeg():
-            return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-
-        def other():
-            full = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-            return tf.slice(full, [begin[0], begin[1], 0], [size[0], size[1], 3])
-
-        image = tf.cond(is_jpeg, jpeg, other)
-        image = tf.image.resize(image, [image_size, image_size], method=method, antialias=antialias)
-    else:
-        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-        h = tf.cast(tf.shape(image)[0], tf.float32)
-        w = tf.cast(tf.shape(image)[1], tf.float32)
-        ratio = image_size / tf.minimum(h, w)
-        new_h = tf.maximum(image_size, tf.cast(tf.floor(h * ratio), tf.int32))
-        new_w = tf.maximum(image_size, tf.cast(tf.floor(w * ratio), tf.int32))
-        # Eval matches PIL (open_clip's eval transform), which always antialiases.
-        image = tf.image.resize(image, [new_h, new_w], method=method, antialias=antialias or not train)
-        if train:  # crop='random': a random square window of the resized image
-            image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=seed)
-        else:
-            top = (new_h - image_size + 1) // 2
-            left = (new_w - image_size + 1) // 2
-            image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
-    return tf.clip_by_value(image, 0.0, 255.0)  # bicubic overshoot, clipped as PIL does
-
-
-def _finish(image, image_size: int, config):
-    """Pixels in [0, 255] -> the model's input: uint8, or normalized with CLIP's mean and std."""
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    tf = import_tensorflow()
-    if config["image_dtype"] == "uint8":
-        # Normalize on the accelerator instead (clip_jax.preprocessing.normalize_images):
-        # a quarter of the host work and of the host-to-device bytes.
-        return tf.ensure_shape(tf.cast(tf.round(image), tf.uint8), [image_size, image_size, 3])
-    # (x / 255 - mean) / std as one multiply-add.
-    scale = tf.constant([1.0 / (255.0 * s) for s in STD])
-    offset = tf.constant([-m / s for m, s in zip(MEAN, STD)])
-    return tf.ensure_shape(image * scale + offset, [image_size, image_size, 3])
-
-
-# SimCLR's augmentation as SLIP uses it (its datasets.py): random resized crop of area 0.08-1,
-# colour jitter (brightness, contrast, saturation 0.4, hue 0.1) with p 0.8, grayscale p 0.2,
-# Gaussian blur (sigma 0.1-2) p 0.5, horizontal flip p 0.5.
-SIMCLR = {"crop_scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "p_jitter": 0.8, "p_gray": 0.2,
-          "blur_sigma": (0.1, 2.0), "p_blur": 0.5}
-
-
-def simclr_view(image_bytes, image_size: int, seed, config):
-    """One SimCLR view of an encoded image, deterministic in `seed` (stateless ops only). The
-    jitter's four parts run in a fixed order (torchvision draws one per call) and the blur is a
-    true Gaussian (PIL's is a box approximation)."""
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    tf = import_tensorflow()
-    config = {**data_settings(config), "crop": "random_resized", "crop_scale": SIMCLR["crop_scale"]}
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 10)
-    x = _crop_pixels(image_bytes, image_size, True, seeds[0], config) / 255.0
-    uniform = lambda i, low=0.0, high=1.0: tf.random.stateless_uniform([], seeds[i], low, high)  # noqa: E731
-    b, c, s, h = SIMCLR["jitter"]
-
-    def gray(img):
-        return tf.image.rgb_to_grayscale(img)  # [S, S, 1], ITU-R 601 weights as torchvision
-
-    def jitter(img):
-        img = tf.clip_by_value(img * uniform(2, 1 - b, 1 + b), 0.0, 1.0)
-        mean = tf.reduce_mean(gray(img))
-        img = tf.clip_by_value((img - mean) * uniform(3, 1 - c, 1 + c) + mean, 0.0, 1.0)
-        g = gray(img)
-        img = tf.clip_by_value((img - g) * uniform(4, 1 - s, 1 + s) + g, 0.0, 1.0)
-        return tf.image.adjust_hue(img, uniform(5, -h, h))
-
-    x = tf.cond(uniform(1) < SIMCLR["p_jitter"], lambda: jitter(x), lambda: x)
-    x = tf.cond(uniform(6) < SIMCLR["p_gray"], lambda: tf.tile(gray(x), [1, 1, 3]), lambda: x)
-    x = tf.cond(uniform(7) < SIMCLR["p_blur"], lambda: _gaussian_blur(x, uniform(8, *SIMCLR["blur_sigma"])),
-                lambda: x)
-    x = tf.image.stateless_random_flip_left_right(x, seeds[9])
-    return _finish(tf.clip_by_value(x * 255.0, 0.0, 255.0), image_size, config)
-
-
-def _gaussian_blur(image, sigma, radius: int = 6):
-    """A separable Gaussian blur of an [S, S, 3] image (edges reflected); radius covers 3 sigma at
-    the largest sigma."""
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    tf = import_tensorflow()
-    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernel = tf.exp(-0.5 * tf.square(taps / sigma))
-    kernel = kernel / tf.reduce_sum(kernel)
-    x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
-    cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])
-    x = tf.nn.depthwise_conv2d(x, rows, [1, 1, 1, 1], "VALID")
-    return tf.nn.depthwise_conv2d(x, cols, [1, 1, 1, 1], "VALID")[0]
 
 
 # -- host batch -> global jax.Array ------------------------------------------------------

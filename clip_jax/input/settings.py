@@ -34,6 +34,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# The numeric data settings' ranges (clip_jax.config.check_ranges' form), for every config with a data section.
+RANGES = {"streams": (">=", 0), "shuffle_buffer": (">=", 1), "threads": (">=", 0), "prefetch": (">=", 1),
+          "max_bad_in_a_row": (">=", 0), "shapes_seed": (">=", 0), "shapes_image_size": (">=", 8)}
+
+
 def data_settings(config: Optional[Mapping] = None) -> dict:
     """The defaults overlaid with `config` (a dict or ConfigDict); an unknown key is an error."""
     given = {} if config is None else dict(config.items())

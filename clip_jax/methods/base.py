@@ -9,6 +9,7 @@ parameter groups, sharding, accumulation, the non-finite guard, checkpoints and 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -76,6 +77,27 @@ class Method:
         a {name: array} written beside them (OUT.PART.safetensors). `extras`: the parts only training
         uses too (SLIP's SSL head); none by default."""
         return {"towers": self.model_variables(params, model_state)}
+
+
+    # -- input --
+    def inputs(self) -> tuple["BatchInput", ...]:
+        """How the input makes each of batch_keys from records: one BatchInput per key, by names that
+        clip_jax.input resolves (its ops and record features). () for a method whose batches do not come
+        from the training input (an adaptation's, in memory)."""
+        return ()
+
+@dataclasses.dataclass(frozen=True)
+class BatchInput:
+    """One batch key and how the input makes it: the input op `op` (clip_jax.input.ops: 'crop', 'tokenize',
+    'simclr_views', 'value', 'cached', ...) applied to the record features `reads` (clip_jax.input.features:
+    'image', 'caption', 'labels', 'segmentation', 'objects/shape', ...), with the op's `options`
+    ((name, value) pairs). Names only: the methods do not import the input."""
+
+    key: str
+    op: str
+    reads: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+
 
 
 class Prediction:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import Method
+from clip_jax.methods.base import BatchInput, Method
 from clip_jax.methods.losses import RINGS, make_loss
 from clip_jax.models import MAX_LOGIT_SCALE, dummy_inputs
 from clip_jax.parallel.sharding import BATCH_AXES
@@ -29,6 +29,10 @@ def _released_after_bwd(_, cotangents):
 
 
 _released_after.defvjp(_released_after_fwd, _released_after_bwd)
+
+
+# CLIP reads the image, cropped, and one caption of the record, tokenized.
+CLIP_INPUTS = (BatchInput("image", "crop", ("image",)), BatchInput("tokens", "tokenize", ("caption",)))
 
 
 @METHODS.register("clip")
@@ -62,6 +66,12 @@ class Clip(Method):
         if self.cached_images and not self.image_locked:
             raise ValueError(f"config.image_embeddings={self.config.image_embeddings!r} trains against precomputed "
                              "image embeddings, so the image tower must be locked: --config.optim.frozen='visual/.*'")
+
+    def inputs(self):
+        if self.cached_images:  # both keys from the cache `python -m clip_jax.embed` wrote
+            store = (("directory", self.config.image_embeddings),)
+            return (BatchInput("image_embeds", "cached", options=store), BatchInput("tokens", "cached", options=store))
+        return CLIP_INPUTS
 
     def batch_shapes(self, n):
         if self.cached_images:

@@ -2,7 +2,7 @@
 the one trainer: CLIP's loss plus SimCLR's on two more augmented views of each image.
 
 The image tower runs three times per step: on the CLIP view and on the two SimCLR views (the
-input pipeline makes them: clip_jax.input.pipeline, `image_views`). The SimCLR views' pooled
+input makes them from the declared `image_views` key: clip_jax.input.ops, 'simclr_views'). The SimCLR views' pooled
 features before the CLIP projection go through a 3-layer MLP head with BatchNorm over the
 global batch (SyncBN in the reference), are L2-normalized, and NT-Xent at temperature 0.1 pairs
 each view with its image's other view against the 2N - 2 views of the other images, over the
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.methods import METHODS
+from clip_jax.methods.base import BatchInput
 from clip_jax.methods.clip import Clip
 from clip_jax.methods.losses import make_nt_xent
 from clip_jax.models import dummy_inputs, l2_normalize
@@ -46,6 +47,10 @@ class SSLHead(nn.Module):
                         name="linear3")(x)
 
 
+# Two SimCLR views of each record's image beside CLIP's inputs.
+SIMCLR_VIEWS = BatchInput("image_views", "simclr_views", ("image",), (("views", 2),))
+
+
 @METHODS.register("slip")
 class Slip(Clip):
     """CLIP + SimCLR over the global batch {'image', 'tokens', 'image_views': [N, 2, S, S, 3]}."""
@@ -70,6 +75,9 @@ class Slip(Clip):
             raise ValueError(f"config.method='slip' puts its SimCLR head on the image tower's features before its "
                              f"projection; {model.config.vision.kind!r} towers do not expose them") from None
         self.pooled_dim = pooled.shape[-1]
+
+    def inputs(self):
+        return super().inputs() + (SIMCLR_VIEWS,)
 
     def batch_shapes(self, n):
         shapes = super().batch_shapes(n)

@@ -15,8 +15,8 @@ import jax
 from etils import epath
 
 from clip_jax.config import check_ranges
-from clip_jax.input.embedding_cache import EmbeddingCache, settings_of
-from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, InputPipeline, stream_count
+from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, stream_count
+from clip_jax.input.training import training_batches
 from clip_jax.methods import METHODS
 from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
@@ -183,19 +183,11 @@ def write_run_config(workdir: str, config) -> None:
 
 
 def training_input(config, model, method, input_states=None):
-    """This process's training batches of `config`, as the trainer reads them: its cache of image
-    embeddings where config.image_embeddings is set, else the input pipeline (with SimCLR views
-    where the method reads them), from `input_states` (a checkpoint's) or the start."""
-    if config.image_embeddings:
-        settings = settings_of(config, model.config.vision.image_size, model.config.text.context_length)
-        return EmbeddingCache(config.image_embeddings, settings, total_steps=config.total_steps,
-                              process_index=jax.process_index(), process_count=jax.process_count(), state=input_states)
-    return InputPipeline(config.data.train, _data_config(config), global_batch_size=config.batch_size,
-                         image_size=model.config.vision.image_size, train=True, seed=config.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         context_length=model.config.text.context_length, state=input_states,
-                         tokenizer=tokenizer_for(model.config.text),
-                         views=2 if "image_views" in method.batch_keys else 0)
+    """This process's training batches of `config`: the batch keys the method declares (Method.inputs),
+    as the input makes them, from `input_states` (a checkpoint's) or the start."""
+    return training_batches(method.inputs(), config, image_size=model.config.vision.image_size,
+                            context_length=model.config.text.context_length, tokenizer=tokenizer_for(model.config.text),
+                            process_index=jax.process_index(), process_count=jax.process_count(), state=input_states)
 
 
 def train_and_evaluate(config, workdir: str, stop_at: int | None = None, compiler_options: dict | None = None,
