@@ -155,8 +155,10 @@ def test_the_tests_here_cover_every_registered_method():
     from clip_jax.adapt.methods import ADAPTERS
     from clip_jax.methods import METHODS
 
-    assert {variant_config(name).method for name in VARIANTS} == set(METHODS.names())
-    assert set(FEW_SHOT) == set(ADAPTERS.names())
+    # Other test modules register methods of their own in the same process: the package's are compared.
+    ours = lambda registry: {n for n in registry.names() if registry.get(n).__module__.startswith("clip_jax.")}  # noqa: E731
+    assert {variant_config(name).method for name in VARIANTS} == ours(METHODS)
+    assert set(FEW_SHOT) == ours(ADAPTERS)
 
 
 # -- SLIP: the towers, its SSL head only on request --------------------------------------------
