@@ -50,6 +50,8 @@ def test_import_directions():
                  "input imports neither train nor evaluate"),
                 (_in(module, "clip_jax.methods"), any(_in(target, p) for p in (
                     "clip_jax.train", "clip_jax.evaluate", "clip_jax.input")), "methods sit below train and input"),
+                (_in(module, "clip_jax.methods"), _in(target, "clip_jax.config"),
+                 "the base config gathers the methods' sections: methods do not import it"),
                 (_in(target, "clip_jax.cpu") and not _in(module, "clip_jax.cpu"),
                  not (module.endswith(".__main__") or _in(module, "clip_jax.benchmark")),
                  "cpu support only in entry points and the benchmark"),
