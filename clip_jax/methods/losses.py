@@ -165,7 +165,7 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
         if bias is None:
             if kind == "sigmoid":
                 raise ValueError("the sigmoid loss needs the model's logit bias: build the model with init_logit_bias "
-                                 "(SigLIP: -10, with init_logit_scale log 10; config.loss='sigmoid' sets both)")
+                                 "(SigLIP: -10, with init_logit_scale log 10; config.clip.loss='sigmoid' sets both)")
             bias = jnp.zeros((), jnp.float32)
         per_device = partial(body, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum)
         if kind in RINGS and ring_unrolled(mesh):
