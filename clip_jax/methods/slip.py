@@ -65,6 +65,7 @@ class Slip(Clip):
 
     def __init__(self, config, model, mesh, **options):
         s = config.slip
+        _check_detach(config)  # built outside the trainer too (tests, the benchmark)
         self.detach_gather = bool(s.detach_clip_gather)
         super().__init__(config, model, mesh, **options)
         self.nt_xent = make_nt_xent(mesh, BATCH_AXES, float(s.ssl_temp), gather_by_sum=self.gather_by_sum)
@@ -136,11 +137,15 @@ class Slip(Clip):
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        if config.slip.detach_clip_gather and config.clip.loss != "softmax":
-            raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.clip.loss="
-                             f"{config.clip.loss!r} has no such form: set config.clip.loss='softmax' or the flag False")
+        _check_detach(config)
 
     @classmethod
     def train_flops(cls, forward):
         # the two SimCLR views: two more image passes, forward and backward (the small head not counted)
         return super().train_flops(forward) + 2 * 3 * forward["image"]
+
+
+def _check_detach(config) -> None:
+    if config.slip.detach_clip_gather and config.clip.loss != "softmax":
+        raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.clip.loss="
+                         f"{config.clip.loss!r} has no such form: set config.clip.loss='softmax' or the flag False")

@@ -117,7 +117,6 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     params (and model state) to start from, already on the mesh (those at a phase's start),
     instead of an init. `init_weights=False`: config.init_from is not read (a resumed run restores
     its checkpoint)."""
-    METHODS.get(config.method).check_config(config)
     phases = phases_of(config)
     shared = optimizer_phases(phases, phase)
     start = phases[shared[0]].start
