@@ -92,9 +92,9 @@ def advice(config) -> str:
         tips.append("split the params and moments over the chips: --config.mesh.data=1 --config.mesh.fsdp=-1")
     tips.append(f"a smaller batch per chip: --config.accum_steps={2 * config.accum_steps} (same global batch), "
                 "or a smaller --config.batch_size")
-    if config.loss == "softmax" and config.batch_size >= 65_536:
-        tips.append("--config.loss=softmax_ring (the same loss; the gathered [batch per chip, global batch] logits "
-                    "grow with the global batch, the ring's do not)")
+    if config.clip.loss == "softmax" and config.batch_size >= 65_536:
+        tips.append("--config.clip.loss=softmax_ring (the same loss; the gathered [batch per chip, global batch] "
+                    "logits grow with the global batch, the ring's do not)")
     return "; ".join(tips)
 
 
@@ -120,14 +120,16 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
         "topology": topology, "devices": len(devices), "device_kind": kind,
         "mesh": " x ".join(f"{a}={n}" for a, n in mesh.shape.items()),
         "global_batch": config.batch_size, "per_device_batch": config.batch_size // sharding.batch_devices(mesh),
-        "accum_steps": config.accum_steps, "model": config.model, "method": config.method, "loss": config.loss,
+        "accum_steps": config.accum_steps, "model": config.model, "method": config.method,
+        "loss": config.clip.loss,
         "remat": config.remat, "dtype": config.dtype, **_hbm(kind),
     }
     report.update(_compile(run.step_fn, (run.state, batch), report["limit_gib"]))
-    if run.unmasked_step_fn is not None:  # FLIP's unmasked tuning: a second program, every token kept
-        tuning = _compile(run.unmasked_step_fn, (run.state, batch), report["limit_gib"])
-        report.update({f"unmasked_{k}": tuning[k] for k in ("temp_gib", "fits", "compile_s") if k in tuning})
-        report["fits"] = report["fits"] and tuning["fits"]
+    for i, phase in enumerate(run.phases[1:], 1):  # each later phase's program (FLIP's keeps every token)
+        later = run if i in run.step_fns else build(config, mesh, abstract=True, phase=i)
+        checked = _compile(later.step_fns[i], (later.state, batch), report["limit_gib"])
+        report.update({f"{phase.name}_{k}": checked[k] for k in ("temp_gib", "fits", "compile_s") if k in checked})
+        report["fits"] = report["fits"] and checked["fits"]
     if not report["fits"]:
         report["advice"] = advice(config)
     if "argument_gib" in report:
@@ -236,7 +238,7 @@ def _compile(step_fn, args: tuple, limit_gib: float) -> dict:
 
 
 def compile_loss(config, topology: str, devices: Optional[list] = None) -> dict:
-    """The contrastive loss alone (value and gradient in the embeddings) of config.loss over
+    """The contrastive loss alone (value and gradient in the embeddings) of config.clip.loss over
     config.batch_size embeddings of the model's width, compiled for `topology`: the loss's own
     share of a step's memory, measured apart from the towers."""
     import jax
@@ -249,7 +251,7 @@ def compile_loss(config, topology: str, devices: Optional[list] = None) -> dict:
     devices = devices if devices is not None else topology_devices(topology)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     sharding.check_batch(config.batch_size, mesh)
-    loss = make_loss(config.loss, mesh, sharding.BATCH_AXES)
+    loss = make_loss(config.clip.loss, mesh, sharding.BATCH_AXES)
     dim = model_from_config(config).config.embed_dim
     embeds = jax.ShapeDtypeStruct((config.batch_size, dim), jnp.float32, sharding=sharding.batch_sharding(mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -257,7 +259,7 @@ def compile_loss(config, topology: str, devices: Optional[list] = None) -> dict:
     start = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(embeds, embeds, scalar, scalar).compile()
     memory = {k: v for k, v in memory_gib(compiled).items() if k in ("argument_gib", "temp_gib", "output_gib")}
-    return {"topology": topology, "devices": len(devices), "loss": config.loss, "global_batch": config.batch_size,
+    return {"topology": topology, "devices": len(devices), "loss": config.clip.loss, "global_batch": config.batch_size,
             "embed_dim": dim, "compile_s": time.perf_counter() - start, **memory,
             "collectives": collectives(compiled.as_text())}
 

@@ -1,4 +1,5 @@
-"""The base config: every key a run reads, with its default, in one place.
+"""The base config: every key a run reads, with its default, in one place; the keys of a method
+come with its registration (clip_jax.methods.base.Method.config_sections) and sit in its sections.
 
 Experiment files in configs/ start from `base_config()` and override what they change;
 `--config.KEY=VALUE` overrides on the command line, and an unknown key is refused there.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from clip_jax.input.settings import DEFAULTS as DATA_DEFAULTS
+from clip_jax.methods import registered
 
 OPTIM_DEFAULTS = {
     "learning_rate": 5e-4,
@@ -23,18 +25,6 @@ OPTIM_DEFAULTS = {
     # paths (e.g. 'visual/transformer/resblocks/attn/in_proj_kernel'), first full match wins.
     "param_groups": (),
     "frozen": "",  # shortcut: params whose path fully matches this regex are frozen ('' = none)
-}
-
-
-# SLIP (config.method='slip'): the SimCLR branch beside CLIP's loss (facts: SLIP's main.py).
-SLIP_DEFAULTS = {
-    "ssl_scale": 1.0,  # total loss = clip + ssl_scale * ssl
-    "ssl_temp": 0.1,  # NT-Xent temperature
-    "mlp_dim": 4096,  # the head: Linear-BN-ReLU, Linear-BN-ReLU to mlp_dim, then Linear to emb_dim
-    "emb_dim": 256,
-    # True: no gradient through the gathered embeddings of the CLIP loss, as SLIP's reference on more
-    # than one GPU (each term trains one tower); False: the full-gradient global-batch loss.
-    "detach_clip_gather": False,
 }
 
 
@@ -54,12 +44,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = "none"  # 'none' | 'full' | a jax.checkpoint_policies name
     c.scan = True
     c.attn_impl = "auto"  # cuDNN fused attention on NVIDIA GPUs in bf16 (lengths padded to x8), else XLA
-    c.loss = "softmax"  # clip_jax.methods.losses.LOSSES
-    c.patch_dropout = 0.0  # FLIP: the share of a ViT's patch tokens dropped in training (sets vision_cfg)
-    c.unmasked_from_step = 0  # FLIP's unmasked tuning: from this step on, no patch dropout (0: never)
-    # Two stages (Chinese-CLIP): optim.frozen holds until this step, then everything trains with a
-    # fresh optimizer and a fresh warmup + cosine over the remaining steps (0: one stage).
-    c.unfreeze_at_step = 0
     c.seed = 0
     c.batch_size = 256  # global, over every process
     c.total_steps = 1000
@@ -75,8 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.summary_png = False  # at the end: WORKDIR/summary.png, curves and (on shapes) zero-shot predictions
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.optim = ml_collections.ConfigDict(OPTIM_DEFAULTS)
-    c.slip = ml_collections.ConfigDict(SLIP_DEFAULTS)
     c.data = ml_collections.ConfigDict(DATA_DEFAULTS)
+    # Every registered method's sections, whichever config.method is: a config file or the command
+    # line may set the method after its settings, and config.json keeps one layout.
+    for name, defaults in registered("config_sections").items():
+        c[name] = ml_collections.ConfigDict(defaults)
     return c
 
 
@@ -91,8 +78,18 @@ def optim_settings(config=None) -> dict:
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
     """A run's config from its config.json: the base config with the saved values, so a workdir
-    written before a key existed reads with that key's default (keys no longer known are dropped)."""
+    written before a key existed reads with that key's default, one written before a key moved into a
+    method's section reads it from its old place, and keys no longer known are dropped."""
     config = base_config()
+    saved = dict(saved)
+    for old, new in registered("config_moved").items():
+        if old in saved and not isinstance(saved[old], dict):
+            *parents, leaf = new.split(".")
+            value, node = saved.pop(old), saved
+            for part in parents:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node.setdefault(leaf, value)
     _overlay(config, saved)
     return config
 
@@ -119,11 +116,10 @@ RANGES = {
     "batch_size": (">=", 1), "total_steps": (">=", 1), "accum_steps": (">=", 1), "prefetch_batches": (">=", 1),
     "log_every_steps": (">=", 1), "eval_every_steps": (">=", 0), "eval_batch_size": (">=", 1),
     "checkpoint_every_steps": (">=", 1), "keep_checkpoints": (">=", 1), "max_nonfinite_steps": (">=", 1),
-    "patch_dropout": ("[0,1)",), "unmasked_from_step": (">=", 0), "unfreeze_at_step": (">=", 0), "seed": (">=", 0),
+    "seed": (">=", 0),
     "optim.learning_rate": (">=", 0), "optim.end_learning_rate": (">=", 0), "optim.warmup_steps": (">=", 0),
     "optim.b1": ("[0,1)",), "optim.b2": ("[0,1)",), "optim.eps": (">", 0), "optim.weight_decay": (">=", 0),
     "optim.grad_clip_norm": (">=", 0),
-    "slip.ssl_scale": (">=", 0), "slip.ssl_temp": (">", 0), "slip.mlp_dim": (">=", 1), "slip.emb_dim": (">=", 1),
     "data.streams": (">=", 0), "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),
     "data.max_bad_in_a_row": (">=", 0), "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
 }
@@ -153,9 +149,15 @@ def _lookup(config, key: str):
     return node
 
 
-def check_ranges(config, ranges: dict = RANGES, scale_pairs=SCALE_PAIRS) -> None:
-    """Every numeric setting in its range, and the crop scales ordered: the first one out is an error
-    naming the field, its value and the allowed range."""
+def all_ranges() -> dict:
+    """RANGES and every registered method's (Method.config_ranges)."""
+    return {**RANGES, **registered("config_ranges")}
+
+
+def check_ranges(config, ranges: dict | None = None, scale_pairs=SCALE_PAIRS) -> None:
+    """Every numeric setting in its range (`ranges`: all_ranges()), and the crop scales ordered: the
+    first one out is an error naming the field, its value and the allowed range."""
+    ranges = all_ranges() if ranges is None else ranges
     for key, rule in ranges.items():
         value = _lookup(config, key)
         if value is None:

@@ -11,14 +11,14 @@ BERT/RoBERTa state dict for the text tower (its pooler and pretraining heads are
 released Chinese-CLIP checkpoint alone also works with --config.init_params='.*'.
 Stage 1 (locked-image tuning) trains the text tower against the locked image tower (no image
 gradient, no optimizer state for it; a ResNet's BatchNorm in inference mode); from
-`unfreeze_at_step` on (stage 2) both towers train, with a fresh optimizer and a fresh warmup +
+`clip.unfreeze_at_step` on (stage 2) both towers train, with a fresh optimizer and a fresh warmup +
 cosine over the remaining steps. Resuming is exact on both sides of the switch.
 
 From its code (cn_clip/training/params.py, main.py): AdamW, betas (0.9, 0.98), eps 1e-6, weight
 decay 0.2 on weight matrices, warmup 500, cosine; lr 5e-4 for ViT-B/16 (RN50's 5e-4 too;
 ViT-L/14 and H/14: 2e-4 and 1e-4 here, scaled down as their larger runs use), 52-token texts,
 logit scale clamped to ln 100. Batch 32,768 and the stage lengths come from the paper, not the
-repository: an even split is the default here (set --config.unfreeze_at_step for your data).
+repository: an even split is the default here (set --config.clip.unfreeze_at_step for your data).
 Not reproduced: its weight decay on embeddings and BERT's LayerNorm gains (its exclusion rule
 matches names with 'ln'/'bn'/'bias' only), and AutoAugment (`--use-augment`, off by default).
 """
@@ -38,7 +38,7 @@ def get_config(model: str = "cn-ViT-B-16"):
     c.optim.frozen = "visual/.*"
     c.batch_size = 32_768
     c.total_steps = 20_000
-    c.unfreeze_at_step = 10_000
+    c.clip.unfreeze_at_step = 10_000
     c.checkpoint_every_steps = 1_000
     c.optim.learning_rate = LEARNING_RATES.get(model, 5e-4)
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6

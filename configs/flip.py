@@ -10,7 +10,7 @@ From FLIP's configs/default.py: global batch 65,536; AdamW lr 4e-6 per 256 examp
 beta2 0.95, weight decay 0.2 on weight matrices; 12.8B samples seen after 40 "virtual epochs"
 (1.28M samples each) of warmup; temperature initialized at 0.01; the image embedding is the mean
 of the output tokens; random resized crops of area (0.5, 1); a text context of 32 tokens. Then
-100 virtual epochs unmasked (here the last steps of the same run, `unmasked_from_step`; FLIP's
+100 virtual epochs unmasked (here the last steps of the same run, `clip.unmasked_from_step`; FLIP's
 own tuning also lowers the learning rate to 4e-8 per 256, which this one-run form does not).
 Not reproduced: FLIP's horizontal flip, its BERT tokenizer (CLIP's BPE here), and its
 no-decay list (ours decays weight matrices only, which covers its bias/norm/embedding exclusions).
@@ -33,8 +33,8 @@ def get_config(model: str = "ViT-B-16"):
     c.model = model
     c.model_overrides = {"vision_cfg": {"pool_type": "avg"}, "text_cfg": {"context_length": 32},
                          "init_logit_scale": math.log(1 / 0.01)}
-    c.patch_dropout = 0.5
-    c.unmasked_from_step = MASKED_STEPS
+    c.clip.patch_dropout = 0.5
+    c.clip.unmasked_from_step = MASKED_STEPS
     c.dtype = "bfloat16"
     c.remat = "full"
     c.batch_size = BATCH

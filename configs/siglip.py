@@ -7,7 +7,7 @@ trained with the pairwise sigmoid loss instead of the softmax over the batch.
 The argument after ':' is a ViT preset, or 'PRESET,TOPOLOGY' for that TPU pod's mesh and remat
 plan (configs/clip_paper.py). The loss is -sum_ij log sigmoid(z_ij (t x_i.y_j + b)) / N with
 z = +1 for the N matching pairs and -1 for the rest, with its own temperature t = exp(t') (t'
-starts at log 10) and bias b (starts at -10; clip_jax.train.build.SIGLIP_INIT), in the ring
+starts at log 10) and bias b (starts at -10; clip_jax.methods.losses.MODEL_INIT), in the ring
 form: text chunks travel round the devices, so a device never holds more than [b_local,
 b_local] logits and the loss's memory stays flat in the global batch (docs/scaling.md).
 
@@ -45,7 +45,7 @@ def get_config(arg: str = "ViT-B-16"):
     if not model.startswith("ViT"):
         raise ValueError(f"configs/siglip.py takes a ViT preset (its image tower pools with 'map'): got {model!r}")
     c = _clip_paper().get_config(arg)
-    c.loss = "sigmoid"  # the ring form; the model gets t' = log 10, b = -10 with it
+    c.clip.loss = "sigmoid"  # the ring form; the model gets t' = log 10, b = -10 with it
     c.model_overrides = ml_collections.ConfigDict({
         "vision_cfg": {"pool_type": "map"},
         "text_cfg": {"context_length": CONTEXT_LENGTH, "no_causal_mask": True, "pool_type": "last"},

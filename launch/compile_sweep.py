@@ -56,7 +56,7 @@ def check(model: str, topology: str, mesh: dict | None = None, remat: str | None
             f"--topology={topology}", "--json"]
     for axis, size in (mesh or {}).items():
         args.append(f"--config.mesh.{axis}={size}")
-    for key, value in (("remat", remat), ("accum_steps", accum), ("batch_size", batch), ("loss", loss)):
+    for key, value in (("remat", remat), ("accum_steps", accum), ("batch_size", batch), ("clip.loss", loss)):
         if value is not None:
             args.append(f"--config.{key}={value}")
     if loss_only:
@@ -169,7 +169,7 @@ def _kind(r: dict) -> str:
         return "recipe"
     if "--config.mesh." in c:
         return "plan"
-    if "--config.loss=" in c:
+    if "--config.clip.loss=" in c:
         return "loss_step"
     return "max_batch"
 

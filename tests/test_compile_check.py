@@ -98,7 +98,7 @@ def test_fsdp_keeps_the_activations_batch_sharded():
 @needs_libtpu
 def test_flips_unmasked_tuning_step_is_checked_too():
     c = tiny_config()
-    c.batch_size, c.patch_dropout, c.unmasked_from_step = 64, 0.5, 5
+    c.batch_size, c.clip.patch_dropout, c.clip.unmasked_from_step = 64, 0.5, 5
     report = cc.compile_check(c, "v5e:2x2")
     # the tuning step keeps every token: more activations than the masked step
     assert report["unmasked_fits"] is True and report["unmasked_temp_gib"] > report["temp_gib"]

@@ -7,7 +7,7 @@ import pytest
 
 from clip_jax.adapt.config import RANGES as ADAPT_RANGES
 from clip_jax.adapt.config import adapt_config, check_adapt_ranges
-from clip_jax.config import RANGES, base_config, check_ranges, describe_range
+from clip_jax.config import all_ranges, base_config, check_ranges, describe_range
 
 
 def _set(config, key, value):
@@ -27,7 +27,7 @@ def _outside(rule):
     return 1.0 if rule[0] == "[0,1)" else 1.5
 
 
-@pytest.mark.parametrize("table,make,check", [(RANGES, base_config, check_ranges),
+@pytest.mark.parametrize("table,make,check", [(all_ranges(), base_config, check_ranges),
                                               (ADAPT_RANGES, adapt_config, check_adapt_ranges)])
 def test_every_range_is_checked_and_named(table, make, check):
     check(make())  # the defaults are in range

@@ -48,14 +48,15 @@ def test_patch_dropout_only_in_training():
 
 def test_the_step_masks_with_the_steps_rng_and_the_unmasked_phase_does_not():
     c = tiny_config()
-    c.patch_dropout, c.unmasked_from_step = 0.5, 1
+    c.clip.patch_dropout, c.clip.unmasked_from_step = 0.5, 1
     r = tiny_run(c)
-    assert r.step_for(0) is r.step_fn and r.step_for(1) is r.unmasked_step_fn
+    assert [p.name for p in r.phases] == ["train", "unmasked"]
+    assert r.step_for(0) is r.step_fn and r.step_for(1) is r.step_fns[1] is not r.step_fn
     data = text_batch(8, 32)
     copy = lambda s: jax.tree_util.tree_map(jnp.copy, s)  # noqa: E731  (the steps donate their input)
     masked = [float(r.step_fn(copy(r.state), data)[1]["loss"]) for _ in range(2)]
     assert masked[0] == masked[1]  # the mask comes from (seed, step): the same step, the same mask
-    unmasked = float(r.unmasked_step_fn(copy(r.state), data)[1]["loss"])
+    unmasked = float(r.step_fns[1](copy(r.state), data)[1]["loss"])
     plain = tiny_run()
     assert unmasked == pytest.approx(float(plain.step_fn(plain.state, data)[1]["loss"]), rel=1e-6)
     assert masked[0] != pytest.approx(unmasked, rel=1e-4)
@@ -68,7 +69,7 @@ def test_resume_across_the_unmasked_switch_is_exact(tmp_path):
         c = smoke_config()
         c.model, c.batch_size, c.total_steps, c.log_every_steps, c.checkpoint_every_steps = "ViT-Tiny-test", 16, 4, 1, 2
         c.eval_every_steps, c.compilation_cache_dir, c.summary_png = 0, "none", False
-        c.patch_dropout, c.unmasked_from_step = 0.5, 3
+        c.clip.patch_dropout, c.clip.unmasked_from_step = 0.5, 3
         c.data.cache_dir = str(tmp_path / "cache")
         c.data.shapes_sizes = {"train": 64, "validation": 8, "test": 8}
         c.data.shapes_shards = {"train": 4}
@@ -96,9 +97,9 @@ def test_flip_config_is_flips_recipe():
     flip = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flip)
     c = flip.get_config("ViT-B-16")
-    assert c.batch_size == 65536 and c.patch_dropout == 0.5 and c.optim.b2 == 0.95
+    assert c.batch_size == 65536 and c.clip.patch_dropout == 0.5 and c.optim.b2 == 0.95
     assert c.optim.learning_rate == pytest.approx(4e-6 * 65536 / 256)
-    assert c.unmasked_from_step == 12_800_000_000 // 65536 < c.total_steps
+    assert c.clip.unmasked_from_step == 12_800_000_000 // 65536 < c.total_steps
     model = model_from_config(c).config
     assert (model.vision.pool_type, model.vision.patch_dropout, model.text.context_length) == ("avg", 0.5, 32)
     assert model.init_logit_scale == pytest.approx(np.log(100.0))
@@ -106,13 +107,13 @@ def test_flip_config_is_flips_recipe():
     train.validate(c)
     with pytest.raises(ValueError, match="not a ViT preset"):
         flip.get_config("RN50")
-    c.patch_dropout = 1.0
-    with pytest.raises(ValueError, match="config.patch_dropout=1.0"):
+    c.clip.patch_dropout = 1.0
+    with pytest.raises(ValueError, match="config.clip.patch_dropout=1.0"):
         train.validate(c)
 
 
 def test_patch_dropout_on_a_resnet_is_refused():
     c = tiny_config("RN-Tiny-test")
-    c.patch_dropout = 0.5
+    c.clip.patch_dropout = 0.5
     with pytest.raises(ValueError, match="drops a ViT's patch tokens; this image tower is a ModifiedResNet"):
         tiny_run(c)

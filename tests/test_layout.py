@@ -53,6 +53,8 @@ def test_import_directions():
                 (_in(module, "clip_jax.methods"), any(_in(target, p) for p in (
                     "clip_jax.train", "clip_jax.evaluate", "clip_jax.input")), "methods sit below train and input"),
                 (_in(module, "clip_jax.evaluate"), _in(target, "clip_jax.train"), "evaluate imports nothing of train"),
+                (_in(module, "clip_jax.methods"), _in(target, "clip_jax.config"),
+                 "the base config gathers the methods' sections: methods do not import it"),
                 (_in(target, "clip_jax.cpu") and not _in(module, "clip_jax.cpu"),
                  not (module.endswith(".__main__") or _in(module, "clip_jax.benchmark")),
                  "cpu support only in entry points and the benchmark"),
@@ -66,9 +68,9 @@ def test_import_directions():
 LAYERS = (
     ("clip_jax.registry", "clip_jax.input.tf_runtime", "clip_jax.input.settings"),  # leaves
     ("clip_jax.models",),
-    ("clip_jax.parallel", "clip_jax.preprocessing", "clip_jax.convert", "clip_jax.tokenizers", "clip_jax.cpu",
-     "clip_jax.config"),
+    ("clip_jax.parallel", "clip_jax.preprocessing", "clip_jax.convert", "clip_jax.tokenizers", "clip_jax.cpu"),
     ("clip_jax.methods", "clip_jax.input", "clip_jax.api"),
+    ("clip_jax.config",),  # the base config gathers the registered methods' sections
     ("clip_jax.runs",),  # reads a run: below evaluation, export and adaptation
     ("clip_jax.evaluate",),
     ("clip_jax.train",),

@@ -245,7 +245,7 @@ def test_every_method_exports_what_its_reference_loads(tmp_path, name):
     written = export.export(str(tmp_path / name), str(tmp_path / "out" / name))
     with open(written["json"]) as f:
         saved = json.load(f)
-    if config.loss == "sigmoid":  # open_clip builds the bias from the JSON; its trained value is in the weights
+    if config.clip.loss == "sigmoid":  # open_clip builds the bias from the JSON; its trained value is in the weights
         assert saved["init_logit_bias"] == read.model.config.init_logit_bias
         assert "logit_bias" in read.variables["params"]
     check_against_reference(written, read.model, read.variables, images, tokens)

@@ -307,7 +307,7 @@ def test_ring_losses_run_the_text_backward_first_without_changing_the_step(model
     dropout's and the BERT tower's dropout draws equal those of the one joint apply the other
     losses use."""
     config = tiny_config(model=model, loss=loss)
-    config.patch_dropout = patch_dropout
+    config.clip.patch_dropout = patch_dropout
     r = tiny_run(config)
     method = r.method
     assert method.text_backward_first

@@ -56,13 +56,13 @@ SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
 # Each method of docs/methods.md by its override of the smoke config (LiT's weights: the fixture's).
 METHODS = {
     "clip": {},
-    "flip": {"patch_dropout": 0.5, "unmasked_from_step": 6},  # the unmasked step from step 6
+    "flip": {"clip.patch_dropout": 0.5, "clip.unmasked_from_step": 6},  # the unmasked step from step 6
     "slip": {"method": "slip", "slip.mlp_dim": 64, "slip.emb_dim": 16},
-    "siglip": {"loss": "sigmoid"},
+    "siglip": {"clip.loss": "sigmoid"},
     "lit": {"init_params": "visual/.*", "optim.frozen": "visual/.*"},
     # Chinese captions, the BERT tower with dropout, and its two stages (the switch after step 5)
     "chinese_clip": {"model": "cn-ViT-Tiny-test", "data.train": "shapes:train|lang=zh", "init_params": "visual/.*",
-                     "optim.frozen": "visual/.*", "unfreeze_at_step": 5},
+                     "optim.frozen": "visual/.*", "clip.unfreeze_at_step": 5},
 }
 
 

@@ -150,9 +150,9 @@ def test_slip_on_a_resnet_reads_the_attention_pools_output_before_its_projection
 
 
 def test_slip_refuses_what_it_cannot_do_before_compiling():
-    with pytest.raises(ValueError, match="detach_clip_gather.*config.loss='sigmoid'"):
+    with pytest.raises(ValueError, match="detach_clip_gather.*config.clip.loss='sigmoid'"):
         c = _slip_config(detach_clip_gather=True)
-        c.loss = "sigmoid"
+        c.clip.loss = "sigmoid"
         tiny_run(c)
 
 

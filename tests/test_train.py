@@ -173,7 +173,7 @@ def test_siglip_config_is_the_paper_recipe_with_the_sigmoid_loss_and_siglip_text
     siglip = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(siglip)
     c = siglip.get_config("ViT-B-16,v5p:4x4x8")
-    assert c.loss == "sigmoid" and c.batch_size == 32768
+    assert c.clip.loss == "sigmoid" and c.batch_size == 32768
     model = model_from_config(c)
     assert model.config.init_logit_bias == -10.0 and model.config.init_logit_scale == pytest.approx(math.log(10))
     text = model.config.text

@@ -1,4 +1,4 @@
-"""Chinese-CLIP's two stages in one run (config.unfreeze_at_step): stage 1 keeps the locked image
+"""Chinese-CLIP's two stages in one run (config.clip.unfreeze_at_step): stage 1 keeps the locked image
 tower bit-identical, stage 2 trains it, and a run stopped on either side of the switch (or at it)
 resumes to exactly what an uninterrupted run gives."""
 
@@ -29,7 +29,7 @@ def config(tmp_path, weights, total=6, switch=3):
     c = smoke_config(tmp_path, total)
     c.model = "cn-ViT-Tiny-test"
     c.init_from, c.init_params, c.optim.frozen = weights, "visual/.*", "visual/.*"
-    c.unfreeze_at_step = switch
+    c.clip.unfreeze_at_step = switch
     c.summary_png, c.keep_checkpoints = False, 10
     return c
 
@@ -86,7 +86,8 @@ def test_chinese_clip_config_is_its_recipe():
     c = module.get_config("cn-ViT-B-16")
     assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.warmup_steps) == (0.9, 0.98, 1e-6,
                                                                                                  0.2, 500)
-    assert c.optim.learning_rate == 5e-4 and c.optim.frozen == "visual/.*" and 0 < c.unfreeze_at_step < c.total_steps
+    assert c.optim.learning_rate == 5e-4 and c.optim.frozen == "visual/.*"
+    assert 0 < c.clip.unfreeze_at_step < c.total_steps
     from clip_jax.train.build import init_sources
 
     c.init_from = "clip.pt;roberta.bin"

@@ -209,12 +209,12 @@ def step_config(args):
     from clip_jax.config import base_config
 
     c = base_config()
-    c.model, c.dtype, c.remat, c.scan, c.loss = args.model, args.dtype, args.remat, args.scan, args.loss
+    c.model, c.dtype, c.remat, c.scan, c.clip.loss = args.model, args.dtype, args.remat, args.scan, args.loss
     c.attn_impl = args.attn
     c.batch_size, c.accum_steps = args.batch, args.accum_steps
     c.optim.warmup_steps = 10
     c.optim.frozen = args.frozen
-    c.patch_dropout = args.patch_dropout
+    c.clip.patch_dropout = args.patch_dropout
     c.method = args.method
     if args.cached_images:  # LiT from precomputed image embeddings (the batch carries them)
         c.image_embeddings = "synthetic"

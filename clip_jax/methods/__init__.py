@@ -10,4 +10,18 @@ METHODS: Registry[type] = Registry("method")
 
 from clip_jax.methods import clip, slip  # noqa: E402,F401  (registers 'clip', 'slip')
 
-__all__ = ["METHODS", "Method"]
+
+def registered(attribute: str) -> dict:
+    """The union over every registered method of a dict hook (config_sections, config_ranges,
+    config_moved): the base config holds every method's section. A key two methods define
+    differently is an error, since one config holds one value for it."""
+    out: dict = {}
+    for name in METHODS:
+        for key, value in getattr(METHODS.get(name), attribute).items():
+            if key in out and out[key] != value:
+                raise ValueError(f"method {name!r} defines {attribute} {key!r} unlike another method: share it")
+            out[key] = value
+    return out
+
+
+__all__ = ["METHODS", "Method", "registered"]

@@ -10,7 +10,7 @@ parameter groups, sharding, accumulation, the non-finite guard, checkpoints and 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 
@@ -78,13 +78,67 @@ class Method:
         uses too (SLIP's SSL head); none by default."""
         return {"towers": self.model_variables(params, model_state)}
 
-
     # -- input --
     def inputs(self) -> tuple["BatchInput", ...]:
         """How the input makes each of batch_keys from records: one BatchInput per key, by names that
         clip_jax.input resolves (its ops and record features). () for a method whose batches do not come
         from the training input (an adaptation's, in memory)."""
         return ()
+
+    # -- config, model, phases, cost --
+
+    # The config sections this method reads, {name: defaults}: clip_jax.config.base_config() holds every
+    # registered method's, so `--config.SECTION.KEY=VALUE` works whatever the method.
+    config_sections: dict[str, dict] = {}
+    # The allowed values of its numeric settings, per '.'-joined key (rules as clip_jax.config.RANGES').
+    config_ranges: dict[str, tuple] = {}
+    # Top-level keys of older configs and their place now ('.'-joined), so an old workdir's config.json reads.
+    config_moved: dict[str, str] = {}
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise a ValueError naming the setting and its fix for a bad combination of the method's
+        settings; called by the trainer before data is read or anything compiles."""
+
+    @classmethod
+    def model_overrides(cls, config, overrides: dict) -> dict:
+        """The open_clip-style model overrides to build with: `overrides` (config.model_overrides) with
+        what the method or its loss brings to the architecture or its init."""
+        return overrides
+
+    @classmethod
+    def phases(cls, config) -> tuple[Phase, ...]:
+        """The phases of a run, in the order of their start steps: what changes during training."""
+        return (Phase(0, "train"),)
+
+    @classmethod
+    def train_flops(cls, forward: Mapping[str, float]) -> float:
+        """Model FLOPs of one training step from the forward pass's parts over the batch
+        ({'image', 'text', 'logits', 'forward', 'train_step'}, clip_jax.train.flops.clip_forward_flops):
+        the backward pass counted as twice the forward."""
+        return forward["train_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A span of training from step `start` (the count of steps taken when it begins) to the next
+    phase's start, and what changes there; a phase keeps what the earlier ones set unless it sets it
+    again. The first phase starts at 0."""
+
+    start: int
+    name: str  # in logs and compiled programs' names
+    frozen: Optional[str] = None  # config.optim.frozen from here ('': nothing frozen); None keeps it
+    # A new optimizer state, and a warmup + schedule over the remaining steps; the params, the step and
+    # the skipped-step counts carry on. Needed where `frozen` changes: the trained params change.
+    fresh_optimizer: bool = False
+    attributes: tuple[tuple[str, Any], ...] = ()  # (name, value) set on the method for its step
+    note: str = ""  # what the trainer logs when the phase begins
+
+    def __post_init__(self):
+        if self.frozen is not None and not self.fresh_optimizer:
+            raise ValueError(f"phase {self.name!r} changes what is frozen, which changes the optimizer state's "
+                             "layout: give it fresh_optimizer=True")
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchInput:
@@ -97,7 +151,6 @@ class BatchInput:
     op: str
     reads: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
-
 
 
 class Prediction:

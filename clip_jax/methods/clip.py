@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import BatchInput, Method
-from clip_jax.methods.losses import RINGS, make_loss
+from clip_jax.methods.base import BatchInput, Method, Phase
+from clip_jax.methods.losses import LOSSES, MODEL_INIT, RINGS, make_loss
 from clip_jax.models import MAX_LOGIT_SCALE, dummy_inputs
 from clip_jax.parallel.sharding import BATCH_AXES
 from clip_jax.preprocessing import model_images
@@ -30,6 +30,16 @@ def _released_after_bwd(_, cotangents):
 
 _released_after.defvjp(_released_after_fwd, _released_after_bwd)
 
+# config.clip: the settings of CLIP and of the methods built on it (SigLIP's loss, FLIP, Chinese-CLIP).
+CLIP_DEFAULTS = {
+    "loss": "softmax",  # clip_jax.methods.losses.LOSSES; 'sigmoid' (SigLIP) brings its temperature and bias init
+    "patch_dropout": 0.0,  # FLIP: the share of a ViT's patch tokens dropped in training (sets vision_cfg)
+    "unmasked_from_step": 0,  # FLIP's unmasked tuning: from this step on, no patch dropout (0: never)
+    # Chinese-CLIP's two stages: optim.frozen holds until this step, then everything trains with a
+    # fresh optimizer and a fresh warmup + cosine over the remaining steps (0: one stage).
+    "unfreeze_at_step": 0,
+}
+
 
 # CLIP reads the image, cropped, and one caption of the record, tokenized.
 CLIP_INPUTS = (BatchInput("image", "crop", ("image",)), BatchInput("tokens", "tokenize", ("caption",)))
@@ -37,7 +47,7 @@ CLIP_INPUTS = (BatchInput("image", "crop", ("image",)), BatchInput("tokens", "to
 
 @METHODS.register("clip")
 class Clip(Method):
-    """Image-text contrastive loss (config.loss: softmax, softmax_ring or sigmoid) over the
+    """Image-text contrastive loss (config.clip.loss: softmax, softmax_ring or sigmoid) over the
     global batch {'image': [N, S, S, 3] float or uint8, 'tokens': [N, T] int32}."""
 
     batch_keys = ("image", "tokens")
@@ -50,15 +60,15 @@ class Clip(Method):
         self.cached_images = bool(config.image_embeddings)
         if self.cached_images:  # LiT from precomputed image embeddings: no images, no image tower run
             self.batch_keys = ("image_embeds", "tokens")
-        if config.loss == "sigmoid" and model.config.init_logit_bias is None:
-            raise ValueError("config.loss='sigmoid' needs a model with a logit bias (init_logit_bias, SigLIP: -10): "
-                             "build it through clip_jax.train.build.model_from_config, which adds SigLIP's init")
-        self.loss_fn = make_loss(config.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum,
+        if config.clip.loss == "sigmoid" and model.config.init_logit_bias is None:
+            raise ValueError("config.clip.loss='sigmoid' needs a model with a logit bias (init_logit_bias, SigLIP: "
+                             "-10): build it through clip_jax.train.build.model_from_config, which adds its init")
+        self.loss_fn = make_loss(config.clip.loss, mesh, BATCH_AXES, gather_by_sum=self.gather_by_sum,
                                  detach=self.detach_gather)
         # A ring loss hands both towers' cotangents back at once, and XLA:TPU then ran the image
         # tower's backward first, with the text tower's saved activations still live (1.5 GiB more
         # for ViT-B-16 at 128 per chip; docs/scaling.md): order them, text first.
-        self.text_backward_first = config.loss in RINGS
+        self.text_backward_first = config.clip.loss in RINGS
 
     def lock(self, frozen, paths):
         visual = [p for p in paths if p.startswith("visual/")]
@@ -136,3 +146,43 @@ class Clip(Method):
     def post_update(self, params):
         # CLIP clamps the learned temperature on the parameter after each step, as open_clip does.
         return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))
+
+    # -- config, model, phases, cost --
+
+    config_sections = {"clip": CLIP_DEFAULTS}
+    config_ranges = {"clip.patch_dropout": ("[0,1)",), "clip.unmasked_from_step": (">=", 0),
+                     "clip.unfreeze_at_step": (">=", 0)}
+    config_moved = {key: f"clip.{key}" for key in CLIP_DEFAULTS}  # top-level keys until this section
+
+    @classmethod
+    def check_config(cls, config):
+        c = config.clip
+        LOSSES.get(c.loss)  # an unknown name lists the known ones
+        if c.unfreeze_at_step:
+            if not 0 < c.unfreeze_at_step < config.total_steps:
+                raise ValueError(f"config.clip.unfreeze_at_step={c.unfreeze_at_step} must be in (0, total_steps="
+                                 f"{config.total_steps}) (0: one stage)")
+            if not config.optim.frozen:
+                raise ValueError(f"config.clip.unfreeze_at_step={c.unfreeze_at_step} ends a first stage that freezes "
+                                 "nothing: set config.optim.frozen (Chinese-CLIP: 'visual/.*')")
+
+    @classmethod
+    def model_overrides(cls, config, overrides):
+        overrides = {**MODEL_INIT.get(config.clip.loss, {}), **overrides}
+        if config.clip.patch_dropout:  # open_clip's vision_cfg key
+            vision = {**overrides.get("vision_cfg", {}), "patch_dropout": config.clip.patch_dropout}
+            overrides = {**overrides, "vision_cfg": vision}
+        return overrides
+
+    @classmethod
+    def phases(cls, config):
+        c = config.clip
+        phases = [Phase(0, "train")]
+        if c.unfreeze_at_step:
+            phases.append(Phase(c.unfreeze_at_step, "unfrozen", frozen="", fresh_optimizer=True, note=(
+                f"config.clip.unfreeze_at_step reached: config.optim.frozen={config.optim.frozen!r} trains too "
+                "(second stage: fresh optimizer and schedule)")))
+        if c.patch_dropout and c.unmasked_from_step:
+            phases.append(Phase(c.unmasked_from_step, "unmasked", attributes=(("mask_patches", False),),
+                                note="config.clip.unmasked_from_step reached: no patch dropout from here"))
+        return tuple(sorted(phases, key=lambda p: p.start))

@@ -18,6 +18,7 @@ Embeddings come in unit-normalized [N, d], sharded on the batch axis over `data_
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Sequence
 
@@ -131,6 +132,9 @@ def _sigmoid_ring(img, txt, scale, bias, *, axes, n_total, n_dev, gather_by_sum=
 
 
 RINGS = ("softmax_ring", "sigmoid")
+# The model init a loss comes with (open_clip-style overrides; a run's own model_overrides win):
+# SigLIP's temperature and bias, t = exp(t') with t' = log 10, and b = -10.
+MODEL_INIT = {"sigmoid": {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}}
 
 
 def ring_unrolled(mesh: Mesh) -> bool:
@@ -161,7 +165,7 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
         if bias is None:
             if kind == "sigmoid":
                 raise ValueError("the sigmoid loss needs the model's logit bias: build the model with init_logit_bias "
-                                 "(SigLIP: -10, with init_logit_scale log 10; config.loss='sigmoid' sets both)")
+                                 "(SigLIP: -10, with init_logit_scale log 10; config.clip.loss='sigmoid' sets both)")
             bias = jnp.zeros((), jnp.float32)
         per_device = partial(body, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum)
         if kind in RINGS and ring_unrolled(mesh):

@@ -7,7 +7,7 @@ features before the CLIP projection go through a 3-layer MLP head with BatchNorm
 global batch (SyncBN in the reference), are L2-normalized, and NT-Xent at temperature 0.1 pairs
 each view with its image's other view against the 2N - 2 views of the other images, over the
 global batch with gradients through every device's rows. Total: clip + ssl_scale * ssl.
-Settings: config.slip (clip_jax.config.SLIP_DEFAULTS).
+Settings: config.slip (SLIP_DEFAULTS) beside config.clip.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ from clip_jax.parallel.sharding import BATCH_AXES
 from clip_jax.preprocessing import model_images
 
 HEAD = "ssl_head"  # the head's params and BatchNorm statistics sit under this top-level name
+
+# config.slip: the SimCLR branch beside CLIP's loss (facts: SLIP's main.py).
+SLIP_DEFAULTS = {
+    "ssl_scale": 1.0,  # total loss = clip + ssl_scale * ssl
+    "ssl_temp": 0.1,  # NT-Xent temperature
+    "mlp_dim": 4096,  # the head: Linear-BN-ReLU, Linear-BN-ReLU to mlp_dim, then Linear to emb_dim
+    "emb_dim": 256,
+    # True: no gradient through the gathered embeddings of the CLIP loss, as SLIP's reference on more
+    # than one GPU (each term trains one tower); False: the full-gradient global-batch loss.
+    "detach_clip_gather": False,
+}
 
 
 class SSLHead(nn.Module):
@@ -59,9 +70,7 @@ class Slip(Clip):
 
     def __init__(self, config, model, mesh, **options):
         s = config.slip
-        if s.detach_clip_gather and config.loss != "softmax":
-            raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.loss="
-                             f"{config.loss!r} has no such form: set config.loss='softmax' or the flag False")
+        _check_detach(config)  # built outside the trainer too (tests, the benchmark)
         self.detach_gather = bool(s.detach_clip_gather)
         super().__init__(config, model, mesh, **options)
         self.nt_xent = make_nt_xent(mesh, BATCH_AXES, float(s.ssl_temp), gather_by_sum=self.gather_by_sum)
@@ -135,3 +144,25 @@ class Slip(Clip):
         metrics = {"clip_loss": clip_loss, "ssl_loss": ssl_loss, "ssl_acc": ssl_acc, "logit_scale": out["logit_scale"]}
         stats = {**tower.get("batch_stats", {}), HEAD: head_vars["batch_stats"]}
         return loss, metrics, {**model_state, **tower, "batch_stats": stats}
+
+    # -- config, model, phases, cost --
+
+    config_sections = {**Clip.config_sections, "slip": SLIP_DEFAULTS}
+    config_ranges = {**Clip.config_ranges, "slip.ssl_scale": (">=", 0), "slip.ssl_temp": (">", 0),
+                     "slip.mlp_dim": (">=", 1), "slip.emb_dim": (">=", 1)}
+
+    @classmethod
+    def check_config(cls, config):
+        super().check_config(config)
+        _check_detach(config)
+
+    @classmethod
+    def train_flops(cls, forward):
+        # the two SimCLR views: two more image passes, forward and backward (the small head not counted)
+        return super().train_flops(forward) + 2 * 3 * forward["image"]
+
+
+def _check_detach(config) -> None:
+    if config.slip.detach_clip_gather and config.clip.loss != "softmax":
+        raise ValueError(f"config.slip.detach_clip_gather reproduces SLIP's softmax CLIP loss; config.clip.loss="
+                         f"{config.clip.loss!r} has no such form: set config.clip.loss='softmax' or the flag False")

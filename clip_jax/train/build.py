@@ -15,8 +15,8 @@ import optax
 from flax import traverse_util
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import Method
-from clip_jax.methods.run_model import SIGLIP_INIT, model_from_config  # noqa: F401  (built below training: clip_jax.runs)
+from clip_jax.methods.base import Method, Phase
+from clip_jax.methods.run_model import model_from_config  # noqa: F401  (built below training: clip_jax.runs)
 from clip_jax.models import CLIP
 from clip_jax.parallel import sharding
 from clip_jax.train.optim import ParamGroups, make_optimizer, make_schedule, path_name, resolve_param_groups
@@ -34,34 +34,67 @@ class Run:
     optimizer: optax.GradientTransformation
     state: TrainState
     batch_sharding: jax.sharding.NamedSharding
-    step_fn: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated
-    # The same step without patch dropout, for FLIP's unmasked tuning (config.unmasked_from_step).
-    unmasked_step_fn: Optional[Callable] = None
-    stage: int = 1  # 2: the second stage of config.unfreeze_at_step (its schedule starts there)
+    step_fn: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated; phase `phase`'s
+    phases: tuple[Phase, ...] = (Phase(0, "train"),)  # the method's (phases_of)
+    phase: int = 0  # the phase build was asked for
+    # Every phase whose steps run on this run's optimizer state (from the one that began it to the next
+    # with a fresh optimizer): its jitted step.
+    step_fns: dict[int, Callable] = dataclasses.field(default_factory=dict)
+
+    @property
+    def start(self) -> int:
+        """The step (count of steps taken) this run's optimizer state and schedule began at."""
+        return self.phases[min(self.step_fns)].start if self.step_fns else 0
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step `step` (1-based, as logged)."""
-        start = self.config.unfreeze_at_step if self.stage == 2 else 0
-        return float(self.schedule(step - 1 - start))
-
-    def unmasked_at(self, step: int) -> bool:
-        """Whether step `step` (0-based count of steps already taken) runs unmasked_step_fn."""
-        return self.unmasked_step_fn is not None and step >= self.config.unmasked_from_step
+        return float(self.schedule(step - 1 - self.start))
 
     def step_for(self, step: int) -> Callable:
-        """The step function that runs step `step`."""
-        return self.unmasked_step_fn if self.unmasked_at(step) else self.step_fn
+        """The step function that runs step `step` (0-based count of steps already taken)."""
+        return self.step_fns[phase_at(self.phases, step)]
 
 
-def stage_of(config, steps_done: int) -> int:
-    """The stage whose state a checkpoint after `steps_done` steps holds (config.unfreeze_at_step:
-    stage 1 runs steps 1..S, stage 2 the rest)."""
-    return 2 if config.unfreeze_at_step and steps_done > config.unfreeze_at_step else 1
+def phases_of(config) -> tuple[Phase, ...]:
+    """The method's phases for `config`, ordered by start, the first at step 0; phases that start
+    at the same step are one, which changes what each of them changes."""
+    phases = sorted(METHODS.get(config.method).phases(config), key=lambda p: p.start)
+    if not phases or phases[0].start != 0:
+        phases.insert(0, Phase(0, "train"))
+    merged = [phases[0]]
+    for p in phases[1:]:
+        last = merged[-1]
+        if p.start != last.start:
+            merged.append(p)
+            continue
+        merged[-1] = Phase(p.start, f"{last.name}+{p.name}", p.frozen if p.frozen is not None else last.frozen,
+                           last.fresh_optimizer or p.fresh_optimizer, last.attributes + p.attributes,
+                           "; ".join(n for n in (last.note, p.note) if n))
+    return tuple(merged)
+
+
+def phase_at(phases: tuple[Phase, ...], step: int) -> int:
+    """The index of the phase that runs step `step` (0-based count of steps already taken)."""
+    return max(i for i, p in enumerate(phases) if p.start <= step)
+
+
+def phase_of_checkpoint(phases: tuple[Phase, ...], steps_done: int) -> int:
+    """The index of the phase whose state a checkpoint after `steps_done` steps holds: the one that
+    ran its last step (phase 0 before any)."""
+    return phase_at(phases, max(steps_done - 1, 0))
+
+
+def optimizer_phases(phases: tuple[Phase, ...], phase: int) -> range:
+    """The phases that share phase `phase`'s optimizer state: from the last fresh one at or before it
+    (or the first) to the next fresh one."""
+    first = max([0] + [i for i in range(phase + 1) if phases[i].fresh_optimizer])
+    end = next((i for i in range(phase + 1, len(phases)) if phases[i].fresh_optimizer), len(phases))
+    return range(first, end)
 
 
 def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] = None,
           gather_by_sum: bool = False, log: Callable[[str], None] = lambda message: None,
-          abstract: bool = False, stage: int = 1, variables: Optional[dict] = None,
+          abstract: bool = False, phase: int = 0, variables: Optional[dict] = None,
           init_weights: bool = True) -> Run:
     """Everything a run needs, with the params initialized in their shardings (and taken from
     config.init_from where set). Config errors are raised before anything compiles.
@@ -69,16 +102,20 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     `abstract`: nothing is allocated or run; the state is jax.ShapeDtypeStructs carrying their
     shardings, so the step can be lowered and compiled ahead of time for devices this host does
     not have (clip_jax.compile_check: a TPU topology).
-    `stage` 2 (config.unfreeze_at_step): nothing of config.optim.frozen is frozen, and the
-    schedule spans the steps after the switch. `variables`: the params (and model state) to
-    start from, already on the mesh (the first stage's at the switch), instead of an init.
-    `init_weights=False`: config.init_from is not read (a resumed run restores its checkpoint)."""
-    start = 0
-    if stage == 2:
-        start = config.unfreeze_at_step
+    `phase`: the index in phases_of(config) of the phase to run; the run's optimizer state and
+    schedule are those of the phase that began it (optimizer_phases), what the phases up to it
+    froze is frozen, and it holds the step of every phase that shares its state. `variables`: the
+    params (and model state) to start from, already on the mesh (those at a phase's start),
+    instead of an init. `init_weights=False`: config.init_from is not read (a resumed run restores
+    its checkpoint)."""
+    phases = phases_of(config)
+    shared = optimizer_phases(phases, phase)
+    start = phases[shared[0]].start
+    frozen = [p.frozen for p in phases[:shared[0] + 1] if p.frozen is not None]
+    if frozen:
         config = config.copy_and_resolve_references()
         with config.unlocked():
-            config.optim.frozen = ""
+            config.optim.frozen = frozen[-1]
     model = model_from_config(config)
     method = METHODS.get(config.method)(config, model, mesh, gather_by_sum=gather_by_sum)
     boxed = jax.eval_shape(method.init, jax.random.key(0))
@@ -103,15 +140,19 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     if frozen:
         log(f"parameter groups: {trained} param tensors trained, {frozen} frozen")
     batch_sharding = sharding.batch_sharding(mesh)
-    jit = lambda m: jit_train_step(m, optimizer, state, batch_sharding, groups=groups,  # noqa: E731
-                                   accum_steps=config.accum_steps, seed=config.seed, compiler_options=compiler_options)
-    unmasked = None
-    if config.patch_dropout and config.unmasked_from_step:
-        tuning = copy.copy(method)
-        tuning.mask_patches = False
-        unmasked = jit(tuning)
-    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, jit(method), unmasked,
-               stage)
+    step_fns = {}
+    for i in shared:
+        attributes = [a for p in phases[:i + 1] for a in p.attributes]
+        stepped = method
+        if attributes:  # the phase's own copy: the run's method stays as built
+            stepped = copy.copy(method)
+            for name, value in attributes:
+                setattr(stepped, name, value)
+        step_fns[i] = jit_train_step(stepped, optimizer, state, batch_sharding, groups=groups,
+                                     accum_steps=config.accum_steps, seed=config.seed,
+                                     compiler_options=compiler_options)
+    return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, step_fns[phase],
+               phases, phase, step_fns)
 
 
 def abstract_state(variables, optimizer: optax.GradientTransformation, groups: ParamGroups,

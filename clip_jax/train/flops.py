@@ -102,7 +102,7 @@ def count_flops(fn, *args, **kwargs) -> int:
 
 def clip_forward_flops(model_name, batch: int) -> dict:
     """Forward FLOPs of a CLIP model (a preset name or a CLIP module) on `batch` pairs: image
-    tower, text tower, the N x N logits; a ViT unmasked (no patch dropout).
+    tower, text tower, the N x N logits; a ViT with every patch token kept.
 
     Returns {'image', 'text', 'logits', 'forward', 'train_step'} (train_step = 3 x forward).
     """
@@ -121,8 +121,8 @@ def clip_forward_flops(model_name, batch: int) -> dict:
 
 
 def method_train_flops(model, batch: int, method: str = "clip") -> float:
-    """Model FLOPs of one training step of `method` on `batch` pairs: CLIP's (3 x forward), plus, for
-    SLIP, its two SimCLR views' image passes (3 x the image forward each; the small head not counted)."""
-    f = clip_forward_flops(model, batch)
-    extra_image_passes = {"slip": 2}.get(method, 0)
-    return f["train_step"] + extra_image_passes * 3 * f["image"]
+    """Model FLOPs of one training step of `method` on `batch` examples: what the method counts from
+    the forward pass's parts (Method.train_flops; CLIP's: 3 x forward)."""
+    from clip_jax.methods import METHODS
+
+    return METHODS.get(method).train_flops(clip_forward_flops(model, batch))

@@ -18,11 +18,10 @@ from clip_jax.config import check_ranges
 from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, stream_count
 from clip_jax.input.training import training_batches
 from clip_jax.methods import METHODS
-from clip_jax.methods.losses import LOSSES
 from clip_jax.parallel import distributed, sharding
 from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train import checkpoint
-from clip_jax.train.build import build, model_from_config, stage_of
+from clip_jax.train.build import build, model_from_config, phase_at, phase_of_checkpoint, phases_of
 from clip_jax.train.step import params_are_finite
 from clip_jax.train.workdir import check_free_space, check_writable, lock
 
@@ -41,22 +40,10 @@ def validate(config) -> None:
     from clip_jax.evaluate.evaluator import parse_evals
 
     parse_evals(config.data.eval)  # syntax only; make_evaluator checks the datasets
-    METHODS.get(config.method)  # an unknown name lists the known ones
-    if not 0.0 <= config.patch_dropout < 1.0:
-        raise ValueError(f"config.patch_dropout={config.patch_dropout}: use a share in [0, 1) (FLIP: 0.5)")
+    METHODS.get(config.method).check_config(config)  # an unknown name lists the known ones
     if config.optim.frozen and config.init_params != ".*" and not config.init_from:
         raise ValueError(f"config.optim.frozen={config.optim.frozen!r} with init_params={config.init_params!r} "
                          "locks weights that are never loaded: set --config.init_from=WEIGHTS")
-    if config.unmasked_from_step < 0:
-        raise ValueError(f"config.unmasked_from_step={config.unmasked_from_step} must be >= 0 (0: never unmask)")
-    if config.unfreeze_at_step:
-        if not 0 < config.unfreeze_at_step < config.total_steps:
-            raise ValueError(f"config.unfreeze_at_step={config.unfreeze_at_step} must be in (0, total_steps="
-                             f"{config.total_steps}) (0: one stage)")
-        if not config.optim.frozen:
-            raise ValueError(f"config.unfreeze_at_step={config.unfreeze_at_step} ends a first stage that freezes "
-                             "nothing: set config.optim.frozen (Chinese-CLIP: 'visual/.*')")
-    LOSSES.get(config.loss)
     if not config.data.train:
         raise ValueError("config.data.train is empty: set a source, e.g. --config.data.train='tfrecord:/data/shards-*'")
     streams = stream_count(config.data, config.batch_size, jax.process_count())
@@ -221,7 +208,8 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
     options = dict(compiler_options=compiler_options, gather_by_sum=sharding.slow_all_gather(mesh), log=log)
     saved = manager.all_steps()
     # A run that resumes restores its checkpoint: the init_from weights are read only to start afresh.
-    run = build(config, mesh, stage=stage_of(config, max(saved)) if saved else 1, init_weights=not saved, **options)
+    phase = phase_of_checkpoint(phases_of(config), max(saved)) if saved else 0
+    run = build(config, mesh, phase=phase, init_weights=not saved, **options)
     state = run.state
     input_states = None
     if saved:
@@ -232,8 +220,9 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             state = run.state
         else:
             state, input_states, step = restored
-            if stage_of(config, step) != run.stage:  # an unreadable newer checkpoint sent us across the switch
-                run = build(config, mesh, stage=stage_of(config, step), variables=_variables(state), **options)
+            phase = phase_of_checkpoint(run.phases, step)
+            if phase not in run.step_fns:  # an unreadable newer checkpoint sent us across a fresh optimizer's start
+                run = build(config, mesh, phase=phase, variables=_variables(state), **options)
             log(f"resumed from step {step} in {workdir}")
     if jax.process_index() == 0:
         checkpoint_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
@@ -246,9 +235,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
     metrics_file = batches = None
     try:
         pipe = training_input(config, model, run.method, input_states)
-        masked = retain(distributed.compile_together(run.step_fn, "train_step"))
-        unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked")) \
-            if run.unmasked_step_fn is not None else None
+        step_fns = _compiled(run, retain)
         batches = DevicePrefetch(pipe, run.batch_sharding, config.prefetch_batches, keys=run.method.batch_keys,
                                  interrupted=preemption.noticed)
         encoder = None
@@ -259,6 +246,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
         metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
         writer = _summary_writer(workdir)
         step = int(state.step)
+        current = phase_of_checkpoint(run.phases, step)  # the phase that took the last step
         last, previous = {}, None
         window_start, window_images = time.perf_counter(), 0
         end = min(config.total_steps, stop_at or config.total_steps)
@@ -271,13 +259,14 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             checkpoint.save(manager, step, state, batches.state(), force=True, log=log)
 
         while step < end:
-            # Chinese-CLIP's second stage begins: a new run of the step with nothing frozen
-            if run.stage == 1 and config.unfreeze_at_step and step == config.unfreeze_at_step:
-                run, state = _second_stage(config, mesh, state, options)
-                masked = retain(distributed.compile_together(run.step_fn, "train_step_stage2"))
-                unmasked = retain(distributed.compile_together(run.unmasked_step_fn, "train_step_unmasked_stage2")) \
-                    if run.unmasked_step_fn is not None else None
-            step_fn = unmasked if run.unmasked_at(step) else masked
+            phase = phase_at(run.phases, step)
+            if phase != current:  # the method's next phase begins here
+                current = phase
+                log(f"step {step}: phase {run.phases[phase].name!r} begins: {run.phases[phase].note}")
+                if phase not in step_fns:  # with a fresh optimizer state
+                    run, state = _fresh_optimizer(config, mesh, state, phase, options)
+                    step_fns = _compiled(run, retain)
+            step_fn = step_fns[phase]
             try:
                 batch = next(batches)
             except InputInterrupted:  # SIGTERM while the input stalls: the steps taken are kept
@@ -345,19 +334,25 @@ def _variables(state) -> dict:
 
 
 def _abstract_state(config, mesh, run, step: int):
-    """The shapes and shardings of a checkpoint after `step` steps: this run's, or the other stage's."""
-    if stage_of(config, step) == run.stage:
+    """The shapes and shardings of a checkpoint after `step` steps: this run's, or those of the phase
+    with the optimizer state it holds."""
+    phase = phase_of_checkpoint(run.phases, step)
+    if phase in run.step_fns:
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       run.state)
-    return build(config, mesh, stage=stage_of(config, step), abstract=True).state
+    return build(config, mesh, phase=phase, abstract=True).state
 
 
-def _second_stage(config, mesh, state, options: dict):
-    """(the stage-2 run, its state): every param trains from here, with a fresh optimizer; the step
-    and the skipped-step counts carry on. The same from a checkpoint as straight through."""
-    log(f"step {int(state.step)}: config.unfreeze_at_step reached, config.optim.frozen="
-        f"{config.optim.frozen!r} now trains too (second stage: fresh optimizer and schedule)")
-    run = build(config, mesh, stage=2, variables=_variables(state), **options)
+def _compiled(run, retain) -> dict:
+    """{phase: its step}, each compiled on every process before it first runs."""
+    return {i: retain(distributed.compile_together(fn, f"train_step_{i}_{run.phases[i].name}"))
+            for i, fn in run.step_fns.items()}
+
+
+def _fresh_optimizer(config, mesh, state, phase: int, options: dict):
+    """(the run of phase `phase`, its state): a fresh optimizer state and schedule from the current
+    params; the step and the skipped-step counts carry on. The same from a checkpoint as straight through."""
+    run = build(config, mesh, phase=phase, variables=_variables(state), **options)
     return run, run.state.replace(step=state.step, skipped=state.skipped, skipped_in_a_row=state.skipped_in_a_row)
 
 
