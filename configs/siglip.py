@@ -12,7 +12,8 @@ form: text chunks travel round the devices, so a device never holds more than [b
 b_local] logits and the loss's memory stays flat in the global batch (docs/scaling.md).
 
 Text tower as open_clip's SigLIP presets (ViT-B-16-SigLIP.json): 64 tokens, bidirectional
-attention with a padding mask, the last position pooled; the image tower pools with an
+attention over every position (the padding too, as open_clip's and big_vision's), the last position
+pooled; the image tower pools with an
 attention-pooling head (one learned query, 'map'). Global batch 32,768, which the paper found
 sufficient. Everything else is the CLIP paper's recipe for the preset (configs/clip_paper.py:
 AdamW, its learning rate, weight decay 0.2, 2,000 warmup steps, cosine, 390,625 steps): SigLIP's

@@ -48,8 +48,8 @@ def test_first_pooling_under_the_causal_mask_is_refused():
         init_variables(model, jax.random.key(0))
 
 
-def test_bidirectional_first_pooling_sees_the_whole_text_and_ignores_padding():
-    model = _text_model(pool_type="first", no_causal_mask=True)
+def test_bidirectional_first_pooling_sees_the_whole_text_and_the_pad_mask_ignores_padding():
+    model = _text_model(pool_type="first", no_causal_mask=True, use_pad_mask=True)
     params = init_variables(model, jax.random.key(0))["params"]
     encode = jax.jit(lambda tokens: model.apply({"params": params}, tokens, method=model.encode_text))
     a = clip_jax.tokenize(["a red circle", "a red square"])
@@ -57,10 +57,17 @@ def test_bidirectional_first_pooling_sees_the_whole_text_and_ignores_padding():
     # The padding mask: the same texts in a context of 16 or 77 tokens embed alike.
     short = clip_jax.tokenize(["a red circle", "a red square"], context_length=16)
     np.testing.assert_allclose(encode(short), encode(a), atol=1e-5)
-    # Without it (attending to the pad tokens too) the embedding would depend on the context length.
-    unmasked = _text_model(pool_type="first", no_causal_mask=True, pad_id=-1)
+    # Without it (open_clip's and big_vision's SigLIP: the pad tokens attended to) the embedding depends
+    # on the context length.
+    unmasked = _text_model(pool_type="first", no_causal_mask=True)
     encode_unmasked = jax.jit(lambda tokens: unmasked.apply({"params": params}, tokens, method=unmasked.encode_text))
     assert not np.allclose(encode_unmasked(short), encode_unmasked(a), atol=1e-4)
+
+
+def test_the_pad_mask_without_a_bidirectional_stack_is_refused():
+    model = _text_model(use_pad_mask=True)
+    with pytest.raises(ValueError, match="no_causal_mask=True"):
+        init_variables(model, jax.random.key(0))
 
 
 def test_optional_text_fields_stay_out_of_open_clip_json_by_default():

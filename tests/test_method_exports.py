@@ -79,13 +79,10 @@ def trained_workdir(config, workdir):
 
 
 def eval_tokens(model):
-    """Tokens to compare with the reference on: captions of the model's language, padded, except for
-    a bidirectional text tower (SigLIP's), whose captions fill the context: ours masks the padding
-    and open_clip's CLIP config cannot ask its tower to (its CLIPTextCfg has no use_pad_mask)."""
+    """Tokens to compare with the reference on: captions of the model's language, right-padded (a
+    bidirectional tower, SigLIP's, attends to the padding in both)."""
     if model.config.text.kind == "bert":
         return clip_jax.tokenize(TEXTS_ZH, model=model.config)
-    if model.config.text.no_causal_mask:
-        return clip_jax.tokenize([(text + " ") * 64 for text in TEXTS], model=model.config)
     return clip_jax.tokenize(TEXTS, model=model.config)
 
 

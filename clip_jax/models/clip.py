@@ -60,8 +60,8 @@ def _clip_text(clip: "CLIP") -> nn.Module:
     return TextTransformer(
         context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
         mlp_ratio=t.mlp_ratio, output_dim=clip.config.embed_dim, pool_type=t.pool_type,
-        no_causal_mask=t.no_causal_mask, pad_id=t.pad_id, quick_gelu=clip.config.quick_gelu, dtype=clip.dtype,
-        attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
+        no_causal_mask=t.no_causal_mask, use_pad_mask=t.use_pad_mask, pad_id=t.pad_id,
+        quick_gelu=clip.config.quick_gelu, dtype=clip.dtype, attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
 
 
 def _bert_text(clip: "CLIP") -> nn.Module:

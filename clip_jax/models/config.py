@@ -55,7 +55,10 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     pool_type: str = "argmax"
-    no_causal_mask: bool = False  # bidirectional attention with a padding mask (open_clip's key)
+    no_causal_mask: bool = False  # bidirectional attention over every position, padding too (open_clip's key)
+    # With no_causal_mask: keys stop after the last non-pad_id token (open_clip's TextTransformer key,
+    # which its CLIPTextCfg cannot set: an export with it does not build in open_clip 3.3).
+    use_pad_mask: bool = False
     pad_id: int = 0
     tokenizer: str = "clip_bpe"  # clip_jax.tokenizers.TOKENIZERS: 'clip_bpe', 'wordpiece[:PATH]', 'sentencepiece:PATH'
     # The tower (clip_jax.models.clip.TEXT_TOWERS): 'clip' (causal, pre-LN) or 'bert' (Chinese-CLIP's:
@@ -68,7 +71,7 @@ class TextConfig:
 
 
 # TextConfig fields written to open_clip's JSON only when they differ from these defaults.
-_TEXT_OPTIONAL = {"no_causal_mask": False, "pad_id": 0, "tokenizer": "clip_bpe", "kind": "clip",
+_TEXT_OPTIONAL = {"no_causal_mask": False, "use_pad_mask": False, "pad_id": 0, "tokenizer": "clip_bpe", "kind": "clip",
                   "max_positions": 512, "type_vocab_size": 2, "dropout": 0.0, "attn_dropout": 0.0}
 
 

@@ -1,5 +1,5 @@
-"""CLIP's text tower: learned positions, pre-LN blocks, a causal (or bidirectional, padding-masked)
-stack, EOT (or first / last token) pooling."""
+"""CLIP's text tower: learned positions, pre-LN blocks, a causal (or bidirectional) stack, EOT (or
+first / last token) pooling."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ class TextTransformer(nn.Module):
 
     pool_type: 'argmax' takes the position of the largest id, which is EOT (49407) for the
     CLIP vocabulary; 'first' / 'last' take position 0 / T-1 (for other vocabularies).
-    no_causal_mask: a bidirectional stack whose keys stop at the last non-`pad_id` token
-    (right padding); CLIP's own is causal. 'first' needs it: causally, token 0 sees only itself.
+    no_causal_mask: a bidirectional stack over every position, the padding too, as open_clip's and
+    big_vision's SigLIP towers; CLIP's own is causal. 'first' needs it: causally, token 0 sees only
+    itself. use_pad_mask (with no_causal_mask): keys stop after the last non-`pad_id` token (right
+    padding), so an embedding does not depend on the context length.
     """
 
     context_length: int = 77
@@ -41,6 +43,7 @@ class TextTransformer(nn.Module):
     output_dim: int = 512
     pool_type: str = "argmax"
     no_causal_mask: bool = False
+    use_pad_mask: bool = False
     pad_id: int = 0
     quick_gelu: bool = False
     dtype: Dtype = jnp.float32
@@ -69,6 +72,9 @@ class TextTransformer(nn.Module):
         if self.pool_type == "first" and not self.no_causal_mask:
             raise ValueError("text pool_type 'first' under the causal mask pools a token that sees only itself: "
                              "set text_cfg no_causal_mask=True (bidirectional) or use 'argmax' / 'last'")
+        if self.use_pad_mask and not self.no_causal_mask:
+            raise ValueError("text use_pad_mask masks padding keys of a bidirectional stack: set text_cfg "
+                             "no_causal_mask=True too, or drop use_pad_mask (the causal mask already hides them)")
         length = tokens.shape[1]
         embed = nn.Embed(
             self.vocab_size,
@@ -93,7 +99,7 @@ class TextTransformer(nn.Module):
         else:
             index = jnp.full(tokens.shape[:1], length - 1, jnp.int32)
         kv_lengths = None
-        if self.no_causal_mask:  # right padding: keys stop after the last real token
+        if self.no_causal_mask and self.use_pad_mask:  # right padding: keys stop after the last real token
             positions = jnp.arange(1, length + 1, dtype=jnp.int32)
             kv_lengths = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=-1)
         # The last layer computes only the pooled token's row ([batch, width] out).
