@@ -37,9 +37,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_overrides = ml_collections.ConfigDict()
     c.init_from = ""  # weights to start from: .safetensors / .pt / .msgpack (anything clip_jax.load reads)
     c.init_params = ".*"  # the params taken from init_from (regex over param paths); the rest stay fresh
-    # A directory of precomputed image embeddings (python -m clip_jax.embed): train against them instead
-    # of running the (locked) image tower; the same batches as training online.
-    c.image_embeddings = ""
     c.dtype = "float32"  # compute; params and optimizer state stay float32
     c.remat = "none"  # 'none' | 'full' | a jax.checkpoint_policies name
     c.scan = True

@@ -3,7 +3,7 @@
     python -m clip_jax.embed --config=configs/lit.py:ViT-B-16 --config.init_from=W.safetensors \
         --config.data.train='tfrecord:/data/pairs-*' --out=/data/lit_b16_embeds [--steps=N]
     python -m clip_jax.train --config=configs/lit.py:ViT-B-16 --config.init_from=W.safetensors \
-        --config.data.train='tfrecord:/data/pairs-*' --config.image_embeddings=/data/lit_b16_embeds --workdir=DIR
+        --config.data.train='tfrecord:/data/pairs-*' --config.clip.image_embeddings=/data/lit_b16_embeds --workdir=DIR
 
 The input pipeline runs exactly as the trainer's would (same seed, streams, crops, order), the
 image tower in inference mode (as a locked tower runs in training), and each step's global batch
@@ -41,7 +41,7 @@ def embed(config, out: str, steps: int = 0, chunk_steps: int = 100, log=print) -
     if not config.data.train:
         raise ValueError("config.data.train is empty: the cache embeds the run's training data")
     config = config.copy_and_resolve_references()
-    config.image_embeddings = ""  # building the run that makes the cache, not one that reads it
+    config.clip.image_embeddings = ""  # building the run that makes the cache, not one that reads it
     steps = steps or config.total_steps
     mesh = sharding.make_mesh({"data": -1})
     run = build(config, mesh, log=log)

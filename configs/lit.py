@@ -14,7 +14,7 @@ gradient clipping at 1.0, temperature initialized at 10, 16-token texts (to star
 from a 77-token checkpoint too, add --config.model_overrides.text_cfg.context_length=77). Not
 reproduced: its BERT text tower (CLIP's text tower here) and RandAugment. To train against
 image embeddings computed once instead of running the tower every step: python -m
-clip_jax.embed, then --config.image_embeddings=DIR (docs/methods.md).
+clip_jax.embed, then --config.clip.image_embeddings=DIR (docs/methods.md).
 """
 
 import math

@@ -53,16 +53,18 @@ def test_the_check_would_catch_what_the_flags_were():
 
 def test_the_base_config_holds_each_methods_section():
     c = base_config()
-    assert dict(c.clip) == {"loss": "softmax", "patch_dropout": 0.0, "unmasked_from_step": 0, "unfreeze_at_step": 0}
+    assert dict(c.clip) == {"loss": "softmax", "patch_dropout": 0.0, "unmasked_from_step": 0, "unfreeze_at_step": 0,
+                            "image_embeddings": ""}
     assert c.slip.ssl_temp == 0.1 and c.slip.mlp_dim == 4096
-    for old in ("loss", "patch_dropout", "unmasked_from_step", "unfreeze_at_step"):
+    for old in ("loss", "patch_dropout", "unmasked_from_step", "unfreeze_at_step", "image_embeddings"):
         assert old not in c
 
 
 def test_an_old_workdirs_config_reads_its_moved_keys():
     old = {"method": "slip", "loss": "sigmoid", "patch_dropout": 0.5, "unmasked_from_step": 7, "unfreeze_at_step": 3,
-           "slip": {"ssl_scale": 2.0}, "optim": {"frozen": "visual/.*"}, "total_steps": 9}
+           "slip": {"ssl_scale": 2.0}, "optim": {"frozen": "visual/.*"}, "total_steps": 9, "image_embeddings": "/e"}
     c = from_saved(old)
+    assert c.clip.image_embeddings == "/e"
     assert (c.clip.loss, c.clip.patch_dropout, c.clip.unmasked_from_step, c.clip.unfreeze_at_step) == (
         "sigmoid", 0.5, 7, 3)
     assert c.slip.ssl_scale == 2.0 and c.slip.ssl_temp == 0.1 and c.optim.frozen == "visual/.*"

@@ -278,24 +278,25 @@ def test_lit_from_cached_image_embeddings_gives_the_online_losses(tmp_path):
     _, weights = _weights(tmp_path)
     lit = {"init_from": weights, "init_params": "visual/.*", "optim.frozen": "visual/.*"}
     cache = str(tmp_path / "embeds")
+    from_cache = {"clip.image_embeddings": cache}
     train.train_and_evaluate(_smoke(tmp_path, 4, **lit), str(tmp_path / "online"))
     manifest = embed(_smoke(tmp_path, 4, **lit), cache, chunk_steps=3, log=lambda message: None)
     assert manifest["steps"] == 4 and sorted(os.listdir(cache)) == [
         "embeds-00000000.npz", "embeds-00000003.npz", "manifest.json"]
     # stopped after 2 steps and resumed: the cache's position is checkpointed as a pipeline's is
-    train.train_and_evaluate(_smoke(tmp_path, 4, image_embeddings=cache, **lit), str(tmp_path / "cached"), stop_at=2)
-    train.train_and_evaluate(_smoke(tmp_path, 4, image_embeddings=cache, **lit), str(tmp_path / "cached"))
+    train.train_and_evaluate(_smoke(tmp_path, 4, **from_cache, **lit), str(tmp_path / "cached"), stop_at=2)
+    train.train_and_evaluate(_smoke(tmp_path, 4, **from_cache, **lit), str(tmp_path / "cached"))
     online, cached = _rows(tmp_path / "online"), _rows(tmp_path / "cached")
     assert [r["step"] for r in cached] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in cached], [r["loss"] for r in online], rtol=1e-5)
     # a cache made with other settings, a tower not locked, too few steps: refused, the setting named
     with pytest.raises(ValueError, match="other settings than this run's.*seed: cache 0, run 1"):
-        train.train_and_evaluate(_smoke(tmp_path, 4, image_embeddings=cache, seed=1, **lit), str(tmp_path / "x"))
+        train.train_and_evaluate(_smoke(tmp_path, 4, **from_cache, seed=1, **lit), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="image tower must be locked"):
-        train.train_and_evaluate(_smoke(tmp_path, 4, image_embeddings=cache, init_from=weights,
+        train.train_and_evaluate(_smoke(tmp_path, 4, **from_cache, init_from=weights,
                                         init_params="visual/.*"), str(tmp_path / "y"))
     with pytest.raises(ValueError, match="holds 4 steps but config.total_steps=5"):
-        train.train_and_evaluate(_smoke(tmp_path, 5, image_embeddings=cache, **lit), str(tmp_path / "z"))
+        train.train_and_evaluate(_smoke(tmp_path, 5, **from_cache, **lit), str(tmp_path / "z"))
 
 
 @pytest.mark.parametrize("model,loss,patch_dropout", [("ViT-Tiny-test", "softmax_ring", 0.5),

@@ -147,7 +147,8 @@ def test_every_method_declares_exactly_its_batch_keys():
     from clip_jax.methods.slip import Slip
 
     class Config:
-        image_embeddings = ""
+        class clip:
+            image_embeddings = ""
 
     for cls in (Clip, Slip):
         method = cls.__new__(cls)  # the declaration needs no model
@@ -155,7 +156,7 @@ def test_every_method_declares_exactly_its_batch_keys():
         assert tuple(w.key for w, _ in ops.resolve(method.inputs())) == cls.batch_keys
     lit = Clip.__new__(Clip)
     lit.config, lit.cached_images = Config(), True
-    lit.config.image_embeddings = "/cache"
+    lit.config.clip.image_embeddings = "/cache"
     resolved = ops.resolve(lit.inputs())
     assert [w.key for w, _ in resolved] == ["image_embeds", "tokens"]
     assert ops.store_of(resolved).option("directory") == "/cache"

@@ -217,7 +217,7 @@ def step_config(args):
     c.clip.patch_dropout = args.patch_dropout
     c.method = args.method
     if args.cached_images:  # LiT from precomputed image embeddings (the batch carries them)
-        c.image_embeddings = "synthetic"
+        c.clip.image_embeddings = "synthetic"
     if args.text_context:
         c.model_overrides = {"text_cfg": {"context_length": args.text_context}}
     return c
@@ -749,7 +749,8 @@ def _step_options(p) -> None:
                    help="the text tower's context length over the preset's (LiT's texts: 16); 0 keeps it")
     p.add_argument("--method", default="clip", choices=METHODS.names(), help="the training method (config.method)")
     p.add_argument("--cached_images", action="store_true",
-                   help="LiT from precomputed image embeddings (config.image_embeddings; needs --frozen='visual/.*')")
+                   help="LiT from precomputed image embeddings (config.clip.image_embeddings; needs "
+                        "--frozen='visual/.*')")
     p.add_argument("--remat", default="none")
     p.add_argument("--scan", action="store_true", help="scan the Transformer layers")
     p.add_argument("--attn", default="auto", choices=ATTN_CHOICES,

@@ -3,7 +3,7 @@
 `python -m clip_jax.embed` runs the training input pipeline of a config exactly as the trainer
 would (same seed, streams, crops and order) through the locked image tower, once, and writes
 each step's global batch as (image embeddings, tokens) to DIR/embeds-STEP.npz, with
-DIR/manifest.json saying what made them. A run with `--config.image_embeddings=DIR` then reads
+DIR/manifest.json saying what made them. A run with `--config.clip.image_embeddings=DIR` then reads
 the batches back in step order instead of decoding images and running the tower: the same
 losses as training online, a fraction of the work per step. The manifest must agree with the
 run's config (model, weights, data, seed, batch); anything else is refused with the setting named.
@@ -76,7 +76,7 @@ class EmbeddingWriter:
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.image_embeddings={directory!r} holds no {MANIFEST}: make the cache with "
+        raise FileNotFoundError(f"config.clip.image_embeddings={directory!r} holds no {MANIFEST}: make the cache with "
                                 "python -m clip_jax.embed --config=... --out=DIR (an interrupted one writes none)")
     with open(path) as f:
         return json.load(f)
@@ -92,10 +92,11 @@ class EmbeddingCache:
         wrong = [f"{k}: cache {manifest.get(k)!r}, run {settings[k]!r}" for k in MATCH
                  if k in settings and _norm(manifest.get(k)) != _norm(settings[k])]
         if wrong:
-            raise ValueError(f"config.image_embeddings={directory!r} was made with other settings than this run's ("
+            raise ValueError(f"config.clip.image_embeddings={directory!r} was made with other settings than this "
+                             "run's ("
                              + "; ".join(wrong) + "): embed again with this config, or run with the cache's")
         if total_steps > manifest["steps"]:
-            raise ValueError(f"config.image_embeddings={directory!r} holds {manifest['steps']} steps but "
+            raise ValueError(f"config.clip.image_embeddings={directory!r} holds {manifest['steps']} steps but "
                              f"config.total_steps={total_steps}: embed more (python -m clip_jax.embed --steps=...) "
                              "or train fewer steps")
         self.directory, self.manifest = directory, manifest

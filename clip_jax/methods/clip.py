@@ -38,6 +38,9 @@ CLIP_DEFAULTS = {
     # Chinese-CLIP's two stages: optim.frozen holds until this step, then everything trains with a
     # fresh optimizer and a fresh warmup + cosine over the remaining steps (0: one stage).
     "unfreeze_at_step": 0,
+    # LiT: a directory of precomputed image embeddings (python -m clip_jax.embed) to train against
+    # instead of running the locked image tower; the same batches as training online.
+    "image_embeddings": "",
 }
 
 
@@ -57,7 +60,7 @@ class Clip(Method):
 
     def __init__(self, config, model, mesh, **options):
         super().__init__(config, model, mesh, **options)
-        self.cached_images = bool(config.image_embeddings)
+        self.cached_images = bool(config.clip.image_embeddings)
         if self.cached_images:  # LiT from precomputed image embeddings: no images, no image tower run
             self.batch_keys = ("image_embeds", "tokens")
         if config.clip.loss == "sigmoid" and model.config.init_logit_bias is None:
@@ -74,12 +77,13 @@ class Clip(Method):
         visual = [p for p in paths if p.startswith("visual/")]
         self.image_locked = bool(visual) and all(p in frozen for p in visual)
         if self.cached_images and not self.image_locked:
-            raise ValueError(f"config.image_embeddings={self.config.image_embeddings!r} trains against precomputed "
-                             "image embeddings, so the image tower must be locked: --config.optim.frozen='visual/.*'")
+            raise ValueError(f"config.clip.image_embeddings={self.config.clip.image_embeddings!r} trains against "
+                             "precomputed image embeddings, so the image tower must be locked: "
+                             "--config.optim.frozen='visual/.*'")
 
     def inputs(self):
         if self.cached_images:  # both keys from the cache `python -m clip_jax.embed` wrote
-            store = (("directory", self.config.image_embeddings),)
+            store = (("directory", self.config.clip.image_embeddings),)
             return (BatchInput("image_embeds", "cached", options=store), BatchInput("tokens", "cached", options=store))
         return CLIP_INPUTS
 
