@@ -98,6 +98,7 @@ class _Group:
     max_captions: int = 0
     caption_key: Optional[str] = None
     predictions: list = dataclasses.field(default_factory=list)
+    features: list = dataclasses.field(default_factory=list)  # other record features the tasks read
     optional: bool = True  # every read of it is optional: a split that does not exist is left out
     readers: list = dataclasses.field(default_factory=list)  # (task index, role, Read)
 
@@ -107,6 +108,10 @@ class _Group:
         self.max_captions = max(self.max_captions, read.max_captions)
         self.caption_key = self.caption_key or read.caption_key
         self.predictions += [p for p in read.predictions if p not in self.predictions]
+        self.features += [f for f in read.features if f not in self.features]
+        if set(self.features) & set(self.predictions):  # both arrive under their names in a task's features
+            raise ValueError(f"{sorted(set(self.features) & set(self.predictions))} name both a record feature and a "
+                             "prediction read from one split: name the method's prediction otherwise")
         self.optional = self.optional and read.optional
 
 
@@ -132,6 +137,7 @@ class Evaluator:
             try:
                 group.info = eval_data.describe(group.data, group.config, label_keys=group.label_keys,
                                                 need_captions=group.max_captions > 0)
+                eval_data.check_features(group.info, group.config, group.features)
             except (ValueError, FileNotFoundError) as e:
                 if group.optional and isinstance(e, ValueError):  # e.g. no validation split: a probe holds out train
                     del self.groups[key]
@@ -192,13 +198,13 @@ class Evaluator:
             info, config, batch_size=global_batch // jax.process_count(), image_size=self.image_size,
             context_length=self.context_length, label_keys=group.label_keys, max_captions=max_captions,
             process_index=jax.process_index(), process_count=jax.process_count(), limit=limit,
-            tokenizer=tokenizer_for(encoder.model.config.text) if max_captions else None)
+            tokenizer=tokenizer_for(encoder.model.config.text) if max_captions else None, features=group.features)
         total = min(info.num_examples, limit) if info.num_examples and limit else (info.num_examples or limit or None)
         from clip_jax.input.pipeline import NoUsableData, list_paths
 
         try:
             return extract(encoder, batches, predictions=group.predictions, desc=f"embedding {info.name}", total=total,
-                           log=self.log)
+                           log=self.log, features=group.features)
         except NoUsableData as e:
             files = f" Files: {list_paths(info.files)}." if info.files else ""
             raise NoUsableData(f"evaluation source {info.spec!r}: no usable example (records by kind: "

@@ -104,13 +104,14 @@ class Encoder:
 
 def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, predictions: Sequence[str] = (),
             desc: str = "", total: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
-            every_s: float = 10.0) -> dict:
+            every_s: float = 10.0, features: Sequence[str] = ()) -> dict:
     """Run the encoder's `predictions` (default image_embeds, and text_embeds with texts=True) on every
     real row of this process's `batches` (eval_data) on the mesh; gather on every process.
 
     Returns each prediction [n, ...] (text_embeds [n, M, d]: one per caption slot), labels [n, K],
-    and with captions caption_mask [n, M]; n counts the real rows of all processes, process-major
-    order. Processes whose share ends early feed padding until every process is done.
+    with captions caption_mask [n, M], and the batches' record `features` [n, ...]; n counts the real
+    rows of all processes, process-major order. Processes whose share ends early feed padding until
+    every process is done.
     """
     names = list(predictions) or ["image_embeds"] + (["text_embeds"] if texts else [])
     encoder.require(names, desc or "evaluation")
@@ -126,7 +127,7 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, p
         if like is None:
             like = local
         out = {name: encoder.predict(name, local[encoder.predictions[name].reads]) for name in names}
-        pending.append((out, {k: local[k] for k in ("mask", "labels", "caption_mask") if k in local}))
+        pending.append((out, {k: local[k] for k in ("mask", "labels", "caption_mask", *features) if k in local}))
         seen += int(local["mask"].sum()) * jax.process_count()  # an estimate while the shares are even
         now = time.perf_counter()
         if log and now - last_report >= every_s:
@@ -153,6 +154,8 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, p
         result["labels"] = meta["labels"][mask]
     if "caption_mask" in meta:
         result["caption_mask"] = meta["caption_mask"][mask].astype(bool)
+    for name in features:
+        result[name] = meta[name][mask]
     if log:
         log(f"  {desc}: {int(mask.sum())} images in {time.perf_counter() - start:.1f}s")
     return result

@@ -157,9 +157,11 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
 
 def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, context_length: int,
                  label_keys: Sequence[str] = (), max_captions: int = 0, process_index: int = 0,
-                 process_count: int = 1, tokenizer=None, limit: int = 0) -> Iterator[dict[str, Any]]:
+                 process_count: int = 1, tokenizer=None, limit: int = 0,
+                 features: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Host batches of this process: image [b,S,S,3], labels [b,K] int64 (-1 = absent),
-    tokens [b,M,ctx] and caption_mask [b,M] (M = max_captions > 0), mask [b] (real rows)."""
+    tokens [b,M,ctx] and caption_mask [b,M] (M = max_captions > 0), mask [b] (real rows), and each
+    other record feature in `features` (clip_jax.input.features) under its name, [b, ...]."""
     config = data_settings(config)
     from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -169,12 +171,15 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
 
         tokenizer = get_tokenizer()
     label_keys = list(label_keys)
-    ds = read_examples(info, config, ("image", "caption", "labels"), label_keys, process_index, process_count)
+    extra = [name for name in features if name not in ("image", "caption", "labels")]
+    ds = read_examples(info, config, ("image", "caption", "labels", *extra), label_keys, process_index, process_count)
+    _check_fixed(ds, extra)
     if limit:  # `limit` examples over all processes (tfds users can also slice: 'train[:5000]')
         ds = ds.take(limit // process_count + int(process_index < limit % process_count))
 
     def prepare(ex):
         out = {"image": decode_and_crop(ex["image"], image_size, False, None, config), "labels": ex["labels"]}
+        out.update({name: ex[name] for name in extra})
         if max_captions:
             captions = tf.strings.strip(ex["caption"][:max_captions])
             pad = max_captions - tf.shape(captions)[0]
@@ -198,6 +203,21 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
         ds = ds.map(_plain(tokenize), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for batch in ds.prefetch(2).as_numpy_iterator():
         yield pad_batch(batch, batch_size)
+
+
+def check_features(info: SplitInfo, config, features: Sequence[str]) -> None:
+    """An error naming a record feature evaluation batches cannot hold (unknown, or of no fixed shape per
+    example), without reading a record."""
+    if features:
+        _check_fixed(read_examples(info, config, tuple(features)), features)
+
+
+def _check_fixed(ds, names: Sequence[str]) -> None:
+    for name in names:  # rows of a batch stack: a feature of varying length (one value per object) cannot
+        if not ds.element_spec[name].shape.is_fully_defined():
+            raise ValueError(f"record feature {name!r} has shape {ds.element_spec[name].shape} per example, not a "
+                             "fixed one, so evaluation batches cannot hold it: register a feature of one shape "
+                             "(a count, a padded list) and read that")
 
 
 def pad_batch(batch: dict, batch_size: int) -> dict:

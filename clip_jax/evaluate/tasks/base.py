@@ -23,6 +23,8 @@ class Read:
     max_captions: int = 0  # captions per image, tokenized ('tokens') with a 'caption_mask'
     caption_key: Optional[str] = None  # where the captions are (None: the data config's, else detected)
     predictions: tuple = ("image_embeds",)  # the method's predict functions run on every example
+    # Other record features (clip_jax.input.features, each of one shape per example), by name, in the features
+    features: tuple = ()
     optional: bool = False  # a split that may not exist: left out (the task sees no such role), not an error
 
 
