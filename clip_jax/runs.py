@@ -154,7 +154,7 @@ def _training_run(workdir: str, step: Optional[int], log) -> Run:
     # the method's own view of its params (what are the towers, what else it trains), on one device
     method = METHODS.get(config.method)(config, trained, make_mesh({"data": 1}, jax.devices()[:1]))
     model = create_model(trained.config)
-    variables = unstacked(model, method.model_variables(params, model_state))
+    variables = unstacked(model, method.export(params, model_state)["towers"])
     return Run(workdir, TRAINING, config, model, variables, step, method, params, model_state)
 
 
