@@ -369,3 +369,31 @@ def test_patch_embedding_equals_the_strided_conv():
     want = conv.apply({"params": nn.unbox(params)}, images).reshape(2, 9, 32)
     assert out.shape == (2, 9, 32)
     np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_a_registered_vision_tower_is_chosen_by_its_kind():
+    """A tower of a new kind is one builder registered in VISION_TOWERS, named by vision_cfg.kind; the
+    JSON of a built-in tower carries no kind (open_clip's schema has none)."""
+    import flax.linen as nn
+
+    from clip_jax.models.clip import VISION_TOWERS
+
+    class MeanColour(nn.Module):
+        out: int
+
+        @nn.compact
+        def __call__(self, images, train=False, pooled_too=False, **_):
+            projected = nn.Dense(self.out, name="proj")(images.mean(axis=(1, 2)))
+            return (images.mean(axis=(1, 2)), projected) if pooled_too else projected
+
+    if "test_mean_colour" not in VISION_TOWERS:
+        VISION_TOWERS.register("test_mean_colour")(lambda clip: MeanColour(clip.config.embed_dim))
+    model = create_model("ViT-Tiny-test", overrides={"vision_cfg": {"kind": "test_mean_colour"}})
+    assert model.config.to_dict()["vision_cfg"]["kind"] == "test_mean_colour"
+    assert "kind" not in create_model("ViT-Tiny-test").config.to_dict()["vision_cfg"]
+    variables = init_variables(model, jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    dense = variables["params"]["visual"]["proj"]
+    want = images.mean(axis=(1, 2)) @ dense["kernel"] + dense["bias"]
+    want = want / jnp.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(model.apply(variables, images, method="encode_image"), want, rtol=1e-5, atol=1e-6)

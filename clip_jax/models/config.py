@@ -30,15 +30,17 @@ class VisionConfig:
     pool_type: str = "tok"  # 'tok' | 'avg' | 'map' (attentional pooler, one query)
     attn_pooler_heads: int = 8
     patch_dropout: float = 0.0  # FLIP: the share of patch tokens dropped in training (open_clip's key)
+    # The tower (clip_jax.models.clip.VISION_TOWERS); '' takes it from `layers`: 4 stage depths make a
+    # ModifiedResNet ('resnet'), else 'vit'. A registered tower of another kind is named here.
+    kind: str = ""
+
+    def __post_init__(self):
+        if not self.kind:
+            object.__setattr__(self, "kind", "resnet" if self.is_resnet else "vit")
 
     @property
     def is_resnet(self) -> bool:
         return isinstance(self.layers, tuple)
-
-    @property
-    def kind(self) -> str:
-        """The tower (clip_jax.models.clip.VISION_TOWERS): 4 stage depths make a ModifiedResNet."""
-        return "resnet" if self.is_resnet else "vit"
 
     @property
     def heads(self) -> int:
@@ -112,6 +114,8 @@ class CLIPConfig:
             vision.pop("attn_pooler_heads")
         if not vision["patch_dropout"]:
             vision.pop("patch_dropout")
+        if vision["kind"] == ("resnet" if self.vision.is_resnet else "vit"):  # open_clip's JSON has no such key
+            vision.pop("kind")
         if self.vision.is_resnet:
             vision.pop("patch_dropout", None)
             vision["layers"] = list(vision["layers"])
