@@ -10,6 +10,9 @@ from __future__ import annotations
 import ml_collections
 
 from clip_jax.input.settings import DEFAULTS as DATA_DEFAULTS
+from clip_jax.input.settings import MAPPINGS as DATA_MAPPINGS
+from clip_jax.input.settings import RANGES as DATA_RANGES
+from clip_jax.input.settings import check_mappings
 from clip_jax.methods import registered
 
 OPTIM_DEFAULTS = {
@@ -53,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.compilation_cache_dir = ""  # "" = ~/.cache/clip_jax/xla; "none" = off
     c.max_nonfinite_steps = 10  # stop after this many steps in a row with a NaN/inf loss or gradient
-    c.summary_png = False  # at the end: WORKDIR/summary.png, curves and (on shapes) zero-shot predictions
+    c.summary_png = False  # at the end: WORKDIR/summary.png, curves and (where the source offers) zero-shot predictions
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.optim = ml_collections.ConfigDict(OPTIM_DEFAULTS)
     c.data = ml_collections.ConfigDict(DATA_DEFAULTS)
@@ -91,13 +94,17 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     return config
 
 
+# ConfigDicts whose saved value replaces the default whole (free-form mappings, not sections).
+FREE_FORM = ("mesh",) + DATA_MAPPINGS
+
+
 def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
     for key, value in saved.items():
         if key not in config:
             continue
         current = config[key]
         if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
-            if len(current) and key not in ("shapes_sizes", "shapes_shards", "mesh"):
+            if len(current) and key not in FREE_FORM:
                 _overlay(current, value)
             else:  # free-form mappings: the saved one whole
                 config[key] = ml_collections.ConfigDict(value)
@@ -117,8 +124,7 @@ RANGES = {
     "optim.learning_rate": (">=", 0), "optim.end_learning_rate": (">=", 0), "optim.warmup_steps": (">=", 0),
     "optim.b1": ("[0,1)",), "optim.b2": ("[0,1)",), "optim.eps": (">", 0), "optim.weight_decay": (">=", 0),
     "optim.grad_clip_norm": (">=", 0),
-    "data.streams": (">=", 0), "data.shuffle_buffer": (">=", 1), "data.threads": (">=", 0), "data.prefetch": (">=", 1),
-    "data.max_bad_in_a_row": (">=", 0), "data.shapes_seed": (">=", 0), "data.shapes_image_size": (">=", 8),
+    **{f"data.{key}": rule for key, rule in DATA_RANGES.items()},
 }
 # (low, high) pairs that must be shares of the image area, ordered
 SCALE_PAIRS = ("data.crop_scale",)
@@ -169,7 +175,6 @@ def check_ranges(config, ranges: dict | None = None, scale_pairs=SCALE_PAIRS) ->
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"config.{key}={scale!r}: use (low, high) with 0 < low <= high <= 1 (the share of "
                              "the image's area a random crop keeps)")
-    sizes = _lookup(config, "data.shapes_sizes")
-    for split, n in (dict(sizes) if sizes else {}).items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"config.data.shapes_sizes.{split}={n!r} is out of range: it must be >= 1")
+    data = _lookup(config, "data")
+    if data is not None:
+        check_mappings(data)

@@ -34,9 +34,19 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Settings that are free-form {name: value} mappings: a saved config's value replaces the default whole.
+MAPPINGS = ("shapes_sizes", "shapes_shards")
+
 # The numeric data settings' ranges (clip_jax.config.check_ranges' form), for every config with a data section.
 RANGES = {"streams": (">=", 0), "shuffle_buffer": (">=", 1), "threads": (">=", 0), "prefetch": (">=", 1),
           "max_bad_in_a_row": (">=", 0), "shapes_seed": (">=", 0), "shapes_image_size": (">=", 8)}
+
+
+def check_mappings(data: Mapping, where: str = "config.data") -> None:
+    """Each split's size of the embedded dataset a positive int: an error naming the key otherwise."""
+    for split, n in dict(data.get("shapes_sizes") or {}).items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{where}.shapes_sizes.{split}={n!r} is out of range: it must be >= 1")
 
 
 def data_settings(config: Optional[Mapping] = None) -> dict:
