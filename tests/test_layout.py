@@ -199,3 +199,19 @@ def test_adaptation_and_the_trainers_input_name_no_dataset_and_no_input_op():
                 text = open(os.path.join(folder, name)).read()
                 found += [f"{folder}/{name}: {m.group(0)!r}" for m in re.finditer(words, text)]
     assert not found, "\n".join(found)
+
+
+def test_nothing_outside_the_input_names_the_embedded_dataset():
+    """The shapes dataset's knowledge (splits, sizes, labels, prompts) sits in clip_jax/input/, behind the
+    source registrations: no other module names it ('shapes:SPLIT', a shapes_* setting, 'shapes')."""
+    named = re.compile(r"\bshapes([:_\"'])|['\"]shapes\b|\bshapes (dataset|records)")
+    found = []
+    for where, _, files in os.walk(ROOT):
+        if os.path.relpath(where, ROOT).split(os.sep)[0] == "input":
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(where, name)
+                found += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(open(path), 1)
+                          if named.search(line)]
+    assert not found, found
