@@ -249,13 +249,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             return last
         if config.summary_png and jax.process_index() == 0:
             _write_summary(run, state, config, workdir)
-    except BaseException:  # an error before the loop, too, lets a save in flight complete
-        try:
-            manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001  (the save's own fault; the error in flight says more)
-            log(f"the checkpoint in flight was not completed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        raise
-    finally:
+    finally:  # the loop itself lets a save in flight complete on an error
         if batches is not None:
             batches.close()
         if metrics_file:
