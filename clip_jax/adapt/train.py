@@ -27,7 +27,6 @@ from clip_jax.models.clip import l2_normalize
 from clip_jax.parallel import sharding
 from clip_jax.preprocessing import normalize_images
 from clip_jax.train import optim
-from clip_jax.train.optim import merge
 
 # CoOp's epochs by shots (COOP.md): 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16.
 COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -107,7 +106,7 @@ class Runner:
                                for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
 
 
-def optim_settings(settings, steps_per_epoch: int) -> dict:
+def optim_config(settings, steps_per_epoch: int) -> dict:
     """config.optim of the one optimizer factory (clip_jax.train.optim) for an adaptation's settings:
     SGD (Dassl's): constant warmup_lr for warmup_epochs, then cosine by epoch over all epochs; AdamW
     (Tip-Adapter-F): optax.adamw's betas, cosine over every step; the decay on every learned tensor."""
@@ -125,7 +124,7 @@ def optim_settings(settings, steps_per_epoch: int) -> dict:
 
 def make_optimizer(settings, steps_per_epoch: int, epochs: int):
     """(optimizer, schedule) of the one factory over `epochs` epochs of `steps_per_epoch` steps."""
-    config = optim_settings(settings, steps_per_epoch)
+    config = optim_config(settings, steps_per_epoch)
     total = max(epochs * steps_per_epoch, 1)
     schedule = optim.make_schedule(config, total)
     return optim.make_optimizer(config, None, total, schedule=schedule), schedule
@@ -193,7 +192,7 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
         restored = checkpoint.restore_latest_good(manager, abstract, log)
         if restored is not None:
             kept, _, step = restored
-            state = kept.replace(params=merge(kept.params, groups.fixed(state.params)))
+            state = kept.replace(params=optim.merge(kept.params, groups.fixed(state.params)))
             log(f"resumed from step {step}")
     step = int(state.step)
     batches = EpochBatches(runner, train_set, batch, int(s.seed), step)
