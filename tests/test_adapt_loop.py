@@ -17,7 +17,7 @@ from clip_jax.train.loop import NonFiniteError
 NAMES = ["cat", "dog", "bus"]
 
 
-def _setup(monkeypatch=None, **kw):
+def _setup(**kw):
     model = create_model("ViT-Tiny-test")
     variables = init_variables(model, jax.random.key(3))
     s = adapt_config()
