@@ -16,13 +16,23 @@ from clip_jax.input.settings import check_mappings
 from clip_jax.methods import registered
 
 OPTIM_DEFAULTS = {
+    # 'adamw' (the paper's) or 'sgd' (torch.optim.SGD's: the weight decay added to the gradient, then momentum)
+    "optimizer": "adamw",
+    "momentum": 0.9,  # sgd only
     "learning_rate": 5e-4,
     "end_learning_rate": 0.0,
     "warmup_steps": 2000,
+    # 'warmup_cosine': linear from 0 to learning_rate over warmup_steps, then cosine to end_learning_rate;
+    # 'constant_warmup_cosine' (Dassl's): warmup_learning_rate for warmup_steps, then the cosine of the whole
+    # run from learning_rate, its position counted in whole schedule_every_steps (an epoch's steps: per epoch)
+    "schedule": "warmup_cosine",
+    "warmup_learning_rate": 0.0,
+    "schedule_every_steps": 1,
     "b1": 0.9,
     "b2": 0.98,  # the paper's ViT value; 0.999 for ResNets
     "eps": 1e-6,
     "weight_decay": 0.2,  # decoupled, on weight matrices only (clip_jax.train.optim.DECAY)
+    "weight_decay_on": "matrices",  # 'matrices' (the paper's) or 'all' (every trained param, as torch's optimizers)
     "grad_clip_norm": 1.0,  # 0 disables
     # Parameter groups: ((REGEX, {frozen, lr_mult, weight_decay}), ...) over '/'-joined param
     # paths (e.g. 'visual/transformer/resblocks/attn/in_proj_kernel'), first full match wins.
@@ -123,7 +133,8 @@ RANGES = {
     "seed": (">=", 0),
     "optim.learning_rate": (">=", 0), "optim.end_learning_rate": (">=", 0), "optim.warmup_steps": (">=", 0),
     "optim.b1": ("[0,1)",), "optim.b2": ("[0,1)",), "optim.eps": (">", 0), "optim.weight_decay": (">=", 0),
-    "optim.grad_clip_norm": (">=", 0),
+    "optim.grad_clip_norm": (">=", 0), "optim.momentum": ("[0,1)",), "optim.warmup_learning_rate": (">=", 0),
+    "optim.schedule_every_steps": (">=", 1),
     **{f"data.{key}": rule for key, rule in DATA_RANGES.items()},
 }
 # (low, high) pairs that must be shares of the image area, ordered

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from clip_jax.adapt.data import FewShot, Split, base_and_novel, load_few_shot
 from clip_jax.adapt.method import augment, build_adaptation, row_weights, towers_variables
@@ -27,7 +26,7 @@ from clip_jax.adapt.methods import ADAPTERS, TipAdapter, frozen_image_features, 
 from clip_jax.models.clip import l2_normalize
 from clip_jax.parallel import sharding
 from clip_jax.preprocessing import normalize_images
-from clip_jax.train.optim import merge
+from clip_jax.train import optim
 
 # CoOp's epochs by shots (COOP.md): 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16.
 COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -107,34 +106,60 @@ class Runner:
                                for i in range(0, len(features), batch)]) if len(features) else np.zeros((0, 0))
 
 
-def _schedule(settings, steps_per_epoch: int, epochs: int):
-    """The learning rate by step: SGD methods (Dassl): constant warmup_lr for warmup_epochs, then
-    cosine by epoch over all epochs; AdamW (Tip-Adapter-F): cosine over every step."""
-    lr = float(settings.learning_rate)
+def optim_config(settings, steps_per_epoch: int) -> dict:
+    """config.optim of the one optimizer factory (clip_jax.train.optim) for an adaptation's settings:
+    SGD (Dassl's): constant warmup_lr for warmup_epochs, then cosine by epoch over all epochs; AdamW
+    (Tip-Adapter-F): optax.adamw's betas, cosine over every step; the decay on every learned tensor."""
+    common = {"optimizer": settings.optimizer, "learning_rate": float(settings.learning_rate), "end_learning_rate": 0.0,
+              "weight_decay": float(settings.weight_decay), "weight_decay_on": "all", "grad_clip_norm": 0.0}
     if settings.optimizer == "adamw":
-        return optax.cosine_decay_schedule(lr, max(epochs * steps_per_epoch, 1))
-    warmup = int(settings.warmup_epochs)
-
-    def schedule(count):
-        epoch = count // steps_per_epoch
-        cosine = 0.5 * lr * (1 + jnp.cos(jnp.pi * epoch / epochs))
-        return jnp.where(epoch < warmup, float(settings.warmup_lr), cosine)
-
-    return schedule
+        return {**common, "b1": 0.9, "b2": 0.999, "eps": float(settings.adam_eps), "schedule": "warmup_cosine",
+                "warmup_steps": 0}
+    if settings.optimizer == "sgd":
+        return {**common, "momentum": float(settings.momentum), "schedule": "constant_warmup_cosine",
+                "warmup_steps": int(settings.warmup_epochs) * steps_per_epoch,
+                "warmup_learning_rate": float(settings.warmup_lr), "schedule_every_steps": steps_per_epoch}
+    raise ValueError(f"config.optimizer={settings.optimizer!r}: use 'sgd' or 'adamw'")
 
 
 def make_optimizer(settings, steps_per_epoch: int, epochs: int):
-    schedule = _schedule(settings, steps_per_epoch, epochs)
-    if settings.optimizer == "sgd":  # torch.optim.SGD: weight decay added to the gradient, then momentum
-        return optax.chain(optax.add_decayed_weights(float(settings.weight_decay)),
-                           optax.sgd(schedule, momentum=float(settings.momentum))), schedule
-    if settings.optimizer == "adamw":
-        return optax.adamw(schedule, eps=float(settings.adam_eps), weight_decay=float(settings.weight_decay)), schedule
-    raise ValueError(f"config.optimizer={settings.optimizer!r}: use 'sgd' or 'adamw'")
+    """(optimizer, schedule) of the one factory over `epochs` epochs of `steps_per_epoch` steps."""
+    config = optim_config(settings, steps_per_epoch)
+    total = max(epochs * steps_per_epoch, 1)
+    schedule = optim.make_schedule(config, total)
+    return optim.make_optimizer(config, None, total, schedule=schedule), schedule
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class EpochBatches:
+    """The in-memory training set's global batches from step `step` on: epoch e's order a seeded
+    permutation, each batch padded to `rows` (row weights 0 on the padding) and sharded. The step is
+    the whole position (the train state holds it), so a resume is exact and checkpoints hold no input."""
+
+    def __init__(self, runner: Runner, train_set: Split, batch: int, seed: int, step: int):
+        self.runner, self.set, self.batch, self.seed, self.step = runner, train_set, batch, seed, step
+        self.steps_per_epoch = -(-len(train_set) // batch)
+        self.rows = runner.pad(batch, runner.unit)
+        self.real = 0  # the real rows of the batch last given
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        epoch, i = divmod(self.step, self.steps_per_epoch)
+        order = _epoch_order(len(self.set), self.seed, epoch)[i * self.batch:(i + 1) * self.batch]
+        pad, images_all = self.rows - len(order), self.set.images
+        images = np.concatenate([images_all[order], np.zeros((pad,) + images_all.shape[1:], np.uint8)])
+        labels = np.concatenate([self.set.labels[order], np.zeros(pad, np.int32)])
+        self.step, self.real = self.step + 1, len(order)
+        shard = self.runner.shard
+        return {"image": shard(images), "label": shard(labels), "weight": shard(row_weights(len(order), self.rows))}
+
+    def state(self):
+        return None
 
 
 class Preempted(Exception):
@@ -143,10 +168,10 @@ class Preempted(Exception):
 
 def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     """Optimize the adapter's learned tensors with the one train step (the towers a frozen parameter
-    group); resumes from DIR/checkpoints, and on SIGTERM checkpoints and raises Preempted.
-    -> the final TrainState (its params hold the towers too)."""
+    group) through the trainer's loop (clip_jax.train.loop); resumes from DIR/checkpoints, and on
+    SIGTERM checkpoints and raises Preempted. -> the final TrainState (its params hold the towers too)."""
     from clip_jax.train import checkpoint
-    from clip_jax.train.trainer import PreemptionNotice
+    from clip_jax.train.loop import Loop, PreemptionNotice
 
     s = runner.settings
     n, batch = len(train_set), int(s.batch_size)
@@ -159,68 +184,54 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     state, groups = run.state, run.groups
     # Checkpoints hold what changes (the learned tensors, optimizer state, counters), not the towers.
     saved = lambda state: state.replace(params=groups.trainable(state.params))  # noqa: E731
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=2)
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=2,
+                                      save_every=max(int(s.checkpoint_every_steps), 1))
     if manager.all_steps():
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                           saved(state))
         restored = checkpoint.restore_latest_good(manager, abstract, log)
         if restored is not None:
             kept, _, step = restored
-            state = kept.replace(params=merge(kept.params, groups.fixed(state.params)))
+            state = kept.replace(params=optim.merge(kept.params, groups.fixed(state.params)))
             log(f"resumed from step {step}")
     step = int(state.step)
-    rows = runner.pad(batch, runner.unit)
-    images_all, labels_all = train_set.images, train_set.labels
+    batches = EpochBatches(runner, train_set, batch, int(s.seed), step)
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
-    started, epoch_loss, epoch_correct = time.perf_counter(), 0.0, 0.0
-    every = max(int(s.checkpoint_every_steps), 1)
+    started, epoch = time.perf_counter(), {"loss": 0.0, "correct": 0.0}
+
+    def after_step(step: int, metrics, state) -> None:
+        """A metrics row per epoch: the loss and top-1 over its real rows."""
+        real = batches.real
+        epoch["loss"] += float(metrics["loss"]) * real
+        epoch["correct"] += float(metrics["train_top1"]) * real
+        if step % steps_per_epoch and step != total:
+            return
+        done = step % steps_per_epoch or steps_per_epoch
+        seen = min(done * batch, n)
+        row = {"step": step, "epoch": -(-step // steps_per_epoch), "loss": epoch["loss"] / seen,
+               "train_top1": epoch["correct"] / seen, "learning_rate": float(schedule(step - 1)),
+               "elapsed_s": time.perf_counter() - started}
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if row["epoch"] % max(int(s.log_every_epochs), 1) == 0 or step == total:
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        epoch.update(loss=0.0, correct=0.0)
+
     preemption = PreemptionNotice()
     try:
-        while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            order = _epoch_order(n, int(s.seed), epoch)[i * batch:(i + 1) * batch]
-            pad = rows - len(order)
-            images = np.concatenate([images_all[order], np.zeros((pad,) + images_all.shape[1:], np.uint8)])
-            labels = np.concatenate([labels_all[order], np.zeros(pad, np.int32)])
-            state, metrics = run.step_fn(state, {"image": runner.shard(images), "label": runner.shard(labels),
-                                                 "weight": runner.shard(row_weights(len(order), rows))})
-            step += 1
-            in_a_row = int(metrics["skipped_in_a_row"])
-            if in_a_row >= int(s.max_nonfinite_steps):
-                from clip_jax.train.trainer import NonFiniteError
-
-                raise NonFiniteError(f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or "
-                                     f"gradient (config.max_nonfinite_steps={s.max_nonfinite_steps}); none was "
-                                     "applied. Lower config.learning_rate or use dtype=float32.")
-            epoch_loss += float(metrics["loss"]) * len(order)
-            epoch_correct += float(metrics["train_top1"]) * len(order)
-            if step % steps_per_epoch == 0 or step == total:
-                done = step % steps_per_epoch or steps_per_epoch
-                seen = min(done * batch, n)
-                row = {"step": step, "epoch": -(-step // steps_per_epoch), "loss": epoch_loss / seen,
-                       "train_top1": epoch_correct / seen, "learning_rate": float(schedule(step - 1)),
-                       "elapsed_s": time.perf_counter() - started}
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if row["epoch"] % max(int(s.log_every_epochs), 1) == 0 or step == total:
-                    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-                epoch_loss, epoch_correct = 0.0, 0.0
-            preempted = preemption.reached(step)
-            if step % every == 0 or step == total or preempted:
-                checkpoint.save(manager, step, saved(state), force=True, log=log)
-            if preempted:
-                checkpoint.finish(manager)
-                raise Preempted(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; "
-                                "the same command resumes from it")
-        checkpoint.finish(manager)
+        loop = Loop(manager, total, preemption, int(s.max_nonfinite_steps), saved=saved, log=log,
+                    advice="Lower config.learning_rate or use dtype=float32.")
+        outcome = loop.run(state, batches, lambda step, state: (run.step_fn, state), after_step)
     finally:
         preemption.restore()
-        manager.wait_until_finished()  # a no-op after finish(); after an error, the save in flight completes
-    return state
+    if outcome.stopped:  # in-memory batches never stall: SIGTERM reached the loop, which checkpointed the step
+        raise Preempted(f"preemption notice (SIGTERM): saved a checkpoint at step {outcome.step} in {workdir}; "
+                        "the same command resumes from it")
+    return outcome.state
 
 
 def top1(logits, labels) -> float:

@@ -1,8 +1,11 @@
-"""Optax optimizer of the CLIP paper (AdamW, weight decay on weight matrices only, warmup + cosine),
-with parameter groups: frozen params, per-group learning-rate multipliers and weight decay.
+"""The one optimizer factory: by default the CLIP paper's (AdamW, weight decay on weight matrices
+only, warmup + cosine), or torch.optim.SGD's (momentum, the weight decay added to the gradient) with
+Dassl's constant warmup and per-epoch cosine (the few-shot adaptations), with parameter groups:
+frozen params, per-group learning-rate multipliers and weight decay.
 
-Settings (``config.optim``; defaults in clip_jax.config.OPTIM_DEFAULTS): learning_rate,
-end_learning_rate, warmup_steps, b1, b2, eps, weight_decay, grad_clip_norm (0 disables),
+Settings (``config.optim``; defaults in clip_jax.config.OPTIM_DEFAULTS): optimizer, momentum,
+learning_rate, end_learning_rate, warmup_steps, schedule, warmup_learning_rate,
+schedule_every_steps, b1, b2, eps, weight_decay, weight_decay_on, grad_clip_norm (0 disables),
 param_groups and frozen. The schedule spans ``total_steps`` (the run's length).
 
 Parameter groups are a table ((REGEX, {frozen, lr_mult, weight_decay}), ...) over the
@@ -29,6 +32,16 @@ from clip_jax.config import optim_settings
 # Gains, biases, embeddings and the logit scale/bias match none of these.
 DECAY = (r"kernel$", r"(^|/)proj$", r"(^|/)text_projection$")
 GROUP_KEYS = ("frozen", "lr_mult", "weight_decay")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("warmup_cosine", "constant_warmup_cosine")
+DECAY_ON = {"matrices": DECAY, "all": (r".*",)}
+
+
+def _choice(settings: dict, key: str, known) -> str:
+    value = settings[key]
+    if value not in known:
+        raise ValueError(f"config.optim.{key}={value!r} is not known: use one of {', '.join(map(repr, known))}")
+    return value
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -118,7 +131,8 @@ def resolve_param_groups(params, config=None, method_groups: Sequence = ()) -> P
     table += _table(method_groups, "the method's param_groups")
     used = [False] * len(table)
     frozen_re = _compile(settings["frozen"], "config.optim.frozen") if settings["frozen"] else None
-    decays = traverse_util.flatten_dict(weight_decay_mask(params))
+    decays = traverse_util.flatten_dict(weight_decay_mask(params, DECAY_ON[_choice(settings, "weight_decay_on",
+                                                                                  DECAY_ON)]))
     frozen, lr_mult, weight_decay = {}, {}, {}
     frozen_hits = 0
     for path in paths:
@@ -147,6 +161,8 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
     s = optim_settings(config)
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if _choice(s, "schedule", SCHEDULES) == "constant_warmup_cosine":
+        return constant_warmup_cosine(s, total_steps)
     warmup = min(int(s["warmup_steps"]), total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -155,6 +171,24 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1),
         end_value=float(s["end_learning_rate"]),
     )
+
+
+def constant_warmup_cosine(settings: dict, total_steps: int) -> optax.Schedule:
+    """Dassl's ConstantWarmupScheduler around a cosine: warmup_learning_rate for warmup_steps, then the
+    cosine from learning_rate to end_learning_rate over the whole run (the warmup included), its
+    position counted in whole periods of schedule_every_steps (an epoch's steps: a per-epoch schedule)."""
+    every = int(settings["schedule_every_steps"])
+    if every < 1 or total_steps % every:
+        raise ValueError(f"config.optim.schedule_every_steps={every} does not divide the run's {total_steps} steps: "
+                         "use a divisor of them (an epoch's steps)")
+    lr, end, periods = float(settings["learning_rate"]), float(settings["end_learning_rate"]), total_steps // every
+    warmup, warmup_lr = int(settings["warmup_steps"]), float(settings["warmup_learning_rate"])
+
+    def schedule(count):
+        cosine = end + 0.5 * (lr - end) * (1 + jnp.cos(jnp.pi * (count // every) / periods))
+        return jnp.where(count < warmup, warmup_lr, cosine)
+
+    return schedule
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
@@ -179,11 +213,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
 def add_decayed_weights(coefficients) -> optax.GradientTransformation:
     """updates + c * params for each leaf whose coefficient c (a Python float) is not 0: optax's
-    add_decayed_weights with a per-leaf coefficient (a parameter group's weight decay)."""
+    add_decayed_weights with a per-leaf coefficient (a parameter group's weight decay), or one float
+    for every leaf."""
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("weight decay needs the params: optimizer.update(grads, state, params)")
+        if isinstance(coefficients, float):
+            c = coefficients
+            return jax.tree_util.tree_map(lambda g, p: g + c * p if c else g, updates, params), state
         return jax.tree_util.tree_map(lambda g, c, p: g + c * p if c else g, updates, coefficients, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -202,19 +240,37 @@ def scale_per_leaf(factors) -> optax.GradientTransformation:
 
 def make_optimizer(config, params, total_steps: int, groups: Optional[ParamGroups] = None,
                    schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
-    """Clipping by global norm, then AdamW with each group's decay and learning rate, over the
-    TRAINED params only: apply it to ``groups.trainable(params)`` (all of them without groups)."""
+    """Clipping by global norm, then AdamW (or SGD with momentum, the decay added before it) with each
+    group's decay and learning rate, over the TRAINED params only: apply it to
+    ``groups.trainable(params)`` (all of them without groups).
+
+    `params` (or `groups`) None: one optimizer for whatever params it is given, every leaf decayed
+    alike (weight_decay_on='all' and no param_groups: the few-shot adaptations', made before their
+    params)."""
     s = optim_settings(config)
-    groups = groups or resolve_param_groups(params, config)
+    kind = _choice(s, "optimizer", OPTIMIZERS)
     schedule = schedule or make_schedule(config, total_steps)
-    trainable = lambda flat: groups.trainable(traverse_util.unflatten_dict(flat))  # noqa: E731  (per-leaf floats)
+    if groups is None and params is None:
+        if _choice(s, "weight_decay_on", DECAY_ON) != "all" or s["param_groups"] or s["frozen"]:
+            raise ValueError("an optimizer made without the params decays every leaf alike and has no groups: set "
+                             "config.optim.weight_decay_on='all' and no param_groups / frozen, or pass the params")
+        decay, lr_mult = float(s["weight_decay"]), None
+    else:
+        groups = groups or resolve_param_groups(params, config)
+        trainable = lambda flat: groups.trainable(traverse_util.unflatten_dict(flat))  # noqa: E731  (per-leaf floats)
+        decay = trainable(groups.weight_decay)
+        lr_mult = trainable(groups.lr_mult) if any(m != 1.0 for m in groups.lr_mult.values()) else None
     parts = []
     clip = float(s["grad_clip_norm"])
     if clip > 0:
         parts.append(clip_by_global_norm(clip))
-    parts.append(optax.scale_by_adam(b1=float(s["b1"]), b2=float(s["b2"]), eps=float(s["eps"])))
-    parts.append(add_decayed_weights(trainable(groups.weight_decay)))
+    if kind == "adamw":
+        parts.append(optax.scale_by_adam(b1=float(s["b1"]), b2=float(s["b2"]), eps=float(s["eps"])))
+        parts.append(add_decayed_weights(decay))
+    else:  # torch.optim.SGD: the decay joins the gradient before the momentum buffer takes it
+        parts.append(add_decayed_weights(decay))
+        parts.append(optax.trace(decay=float(s["momentum"]), nesterov=False))
     parts.append(optax.scale_by_learning_rate(schedule))
-    if any(m != 1.0 for m in groups.lr_mult.values()):
-        parts.append(scale_per_leaf(trainable(groups.lr_mult)))
+    if lr_mult is not None:
+        parts.append(scale_per_leaf(lr_mult))
     return optax.chain(*parts)

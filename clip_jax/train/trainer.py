@@ -15,14 +15,16 @@ import jax
 from etils import epath
 
 from clip_jax.config import check_ranges
-from clip_jax.input.pipeline import DevicePrefetch, InputInterrupted, stream_count
+from clip_jax.input.pipeline import DevicePrefetch, stream_count
 from clip_jax.input.training import training_batches
 from clip_jax.methods import METHODS
 from clip_jax.parallel import distributed, sharding
 from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train import checkpoint
 from clip_jax.train.build import build, model_from_config, phase_at, phase_of_checkpoint, phases_of
-from clip_jax.train.step import params_are_finite
+from clip_jax.train.loop import Loop, NonFiniteError, PreemptionNotice
+
+__all__ = ["NonFiniteError", "PreemptionNotice", "train_and_evaluate", "validate", "write_run_config"]
 from clip_jax.train.workdir import check_free_space, check_writable, lock
 
 
@@ -79,60 +81,8 @@ def _evaluate(evaluator, encoder, method, state, config, workdir: str, step: int
     return metrics
 
 
-class PreemptionNotice:
-    """SIGTERM (a preemption notice, scancel, Ctrl-C's polite cousin) -> checkpoint and exit.
-
-    Several processes must stop at the same step, or the rest wait in a collective forever:
-    there JAX's preemption sync manager (started by jax.distributed.initialize) catches
-    SIGTERM and agrees on the step. A single process keeps a flag set by its own handler.
-    """
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self._flag = False
-        self._previous = None
-        self._synced = jax.distributed.is_initialized()
-        if not self._synced and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._notice)
-
-    def _notice(self, signum, frame):
-        self._flag = True
-
-    def noticed(self) -> bool:
-        """Whether this process's own handler has seen SIGTERM (a single process; several agree on
-        a step through reached)."""
-        return self._flag
-
-    def reached(self, step: int) -> bool:
-        if self._synced:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag
-
-    def restore(self):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def _check_streak(step: int, metrics, config) -> None:
-    """Stop after config.max_nonfinite_steps steps in a row whose loss or gradient was not finite."""
-    in_a_row = int(metrics["skipped_in_a_row"])
-    if in_a_row >= config.max_nonfinite_steps:
-        raise NonFiniteError(
-            f"stopping at step {step}: {in_a_row} steps in a row had a non-finite loss or gradient "
-            f"(config.max_nonfinite_steps={config.max_nonfinite_steps}); none of them was applied and no "
-            f"checkpoint holds them. Lower optim.learning_rate, use dtype=float32, or check the data."
-        )
+# what a streak of non-finite steps asks of the config (clip_jax.train.loop.check_streak)
+NONFINITE_ADVICE = "Lower optim.learning_rate, use dtype=float32, or check the data."
 
 
 def _trim_metrics(path: epath.Path, last_step: int) -> None:
@@ -245,20 +195,12 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             encoder = Encoder(model, None, mesh, predictions=run.method.predictions())
         metrics_file = metrics_path.open("a") if jax.process_index() == 0 else None
         writer = _summary_writer(workdir)
-        step = int(state.step)
-        current = phase_of_checkpoint(run.phases, step)  # the phase that took the last step
-        last, previous = {}, None
-        window_start, window_images = time.perf_counter(), 0
-        end = min(config.total_steps, stop_at or config.total_steps)
+        current = phase_of_checkpoint(run.phases, int(state.step))  # the phase that took the last step
+        last = {}
+        window = {"start": time.perf_counter(), "images": 0}
 
-        def save(step: int, metrics) -> None:
-            _check_streak(step, metrics, config)
-            # The step guards loss and gradient; an update that overflows is caught here.
-            if not bool(params_are_finite(state.params)):
-                raise NonFiniteError(f"step {step}: parameters are not finite; not writing a checkpoint")
-            checkpoint.save(manager, step, state, batches.state(), force=True, log=log)
-
-        while step < end:
+        def step_fn_at(step: int, state):
+            nonlocal run, step_fns, current
             phase = phase_at(run.phases, step)
             if phase != current:  # the method's next phase begins here
                 current = phase
@@ -266,62 +208,48 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
                 if phase not in step_fns:  # with a fresh optimizer state
                     run, state = _fresh_optimizer(config, mesh, state, phase, options)
                     step_fns = _compiled(run, retain)
-            step_fn = step_fns[phase]
-            try:
-                batch = next(batches)
-            except InputInterrupted:  # SIGTERM while the input stalls: the steps taken are kept
-                if previous is not None and step not in manager.all_steps():
-                    save(*previous)
-                checkpoint.finish(manager)
-                kept = manager.latest_step()
-                log(f"preemption notice (SIGTERM) while waiting for input at step {step}; exiting. "
-                    + (f"The latest checkpoint is step {kept} in {workdir}." if kept is not None else
-                       "No checkpoint was written yet."))
-                return last
-            state, metrics = step_fn(state, batch)
-            step += 1
-            if previous is not None:  # one step behind, so the host never waits on the step it just started
-                _check_streak(*previous, config)
-            previous = (step, metrics)
-            window_images += config.batch_size
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - window_start
-                row = _log_row(step, metrics, run.learning_rate(step), window_images / elapsed,
-                               sum(pipe.bad_records().values()))
-                row["elapsed_s"] = time.perf_counter() - started  # of this process, data and compiles included
-                eta = (config.total_steps - step) * elapsed / (window_images / config.batch_size)
-                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                    + f" eta={_duration(eta)}")
-                if evaluator and (step % config.eval_every_steps == 0 or step == config.total_steps):
-                    row.update(_evaluate(evaluator, encoder, run.method, state, config, workdir, step))
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                if writer is not None:
-                    _write_summaries(writer, step, row)
-                last = row
-                window_start, window_images = time.perf_counter(), 0
-            preempted = preemption.reached(step)
-            if step == end or preempted or manager.should_save(step):
-                save(step, metrics)
-            if preempted:
-                checkpoint.finish(manager)
-                log(f"preemption notice (SIGTERM): saved a checkpoint at step {step} in {workdir}; exiting. "
-                    f"The same command resumes from it.")
-                return last
-        if previous is not None:
-            _check_streak(*previous, config)
-        checkpoint.finish(manager)
+            return step_fns[phase], state
+
+        def after_step(step: int, metrics, state) -> None:
+            nonlocal last
+            window["images"] += config.batch_size
+            if step % config.log_every_steps and step != config.total_steps:
+                return
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window["start"]
+            row = _log_row(step, metrics, run.learning_rate(step), window["images"] / elapsed,
+                           sum(pipe.bad_records().values()))
+            row["elapsed_s"] = time.perf_counter() - started  # of this process, data and compiles included
+            eta = (config.total_steps - step) * elapsed / (window["images"] / config.batch_size)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                + f" eta={_duration(eta)}")
+            if evaluator and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                row.update(_evaluate(evaluator, encoder, run.method, state, config, workdir, step))
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if writer is not None:
+                _write_summaries(writer, step, row)
+            last = row
+            window.update(start=time.perf_counter(), images=0)
+
+        loop = Loop(manager, min(config.total_steps, stop_at or config.total_steps), preemption,
+                    config.max_nonfinite_steps, advice=NONFINITE_ADVICE, log=log)
+        outcome = loop.run(state, batches, step_fn_at, after_step)
+        state = outcome.state
+        if outcome.stopped == "input":
+            kept = manager.latest_step()
+            log(f"preemption notice (SIGTERM) while waiting for input at step {outcome.step}; exiting. "
+                + (f"The latest checkpoint is step {kept} in {workdir}." if kept is not None else
+                   "No checkpoint was written yet."))
+            return last
+        if outcome.stopped == "preempted":
+            log(f"preemption notice (SIGTERM): saved a checkpoint at step {outcome.step} in {workdir}; exiting. "
+                f"The same command resumes from it.")
+            return last
         if config.summary_png and jax.process_index() == 0:
             _write_summary(run, state, config, workdir)
-    except BaseException:  # an error, too, lets a save in flight complete: no half-written checkpoint
-        try:
-            manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001  (the save's own fault; the error in flight says more)
-            log(f"the checkpoint in flight was not completed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        raise
-    finally:
+    finally:  # the loop itself lets a save in flight complete on an error
         if batches is not None:
             batches.close()
         if metrics_file:
