@@ -332,8 +332,9 @@ def test_every_few_shot_method_exports_its_towers_and_adapter(tmp_path, clip_wor
     meta = json.loads(open(written["adapter_json"]).read())
     assert meta["method"] == name and adapter["text_features"].shape == (len(meta["classnames"]),
                                                                           frozen.model.config.embed_dim)
-    images = random_images(3, frozen.model.config.vision.image_size, 4)
-    check_against_reference(written, frozen.model, frozen.variables, images, clip_jax.tokenize(TEXTS))
+    if name == FEW_SHOT[0]:  # the towers are the CLIP run's for every method (asserted above): one reference load
+        images = random_images(3, frozen.model.config.vision.image_size, 4)
+        check_against_reference(written, frozen.model, frozen.variables, images, clip_jax.tokenize(TEXTS))
 
 
 def test_an_export_written_before_the_bias_kept_its_name_still_loads(tmp_path):
