@@ -58,22 +58,24 @@ def test_a_new_record_feature_is_one_registration_and_reaches_the_batch(tmp_path
     assert {n for _, n in want} == {1, 2}  # training images hold one or two objects: the count is not constant
 
 
+
+def png(array):
+    """A uint8 array [H, W] or [H, W, 3] as PNG bytes in a tf string."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return tf.constant(buf.getvalue())
+
 @pytest.mark.parametrize("train, crop", [(True, "random_resized"), (True, "random"), (False, "random_resized")])
 def test_a_label_map_is_cropped_with_the_images_geometry(train, crop):
     """The image's first channel, stored as a label map, comes out of the mask crop exactly as out of
     the image crop (both nearest-neighbour here): one window, one seed."""
-    from PIL import Image
-
     from clip_jax.input.settings import data_settings
     from clip_jax.input.transforms import crop_mask, crop_pixels
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-
-    def png(array):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, "PNG")
-        return tf.constant(buf.getvalue())
 
     config = data_settings({"crop": crop, "resize_method": "nearest", "crop_scale": (0.3, 0.6)})
     for s in range(4):
@@ -86,18 +88,11 @@ def test_a_label_map_is_cropped_with_the_images_geometry(train, crop):
 
 def test_the_crop_op_flips_the_image_and_its_label_map_together():
     """options flip=True: one flip decision per record for every spatial key (and some records flip)."""
-    from PIL import Image
-
     from clip_jax.input import ops
     from clip_jax.input.settings import data_settings
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-
-    def png(array):
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, "PNG")
-        return tf.constant(buf.getvalue())
 
     ex = {"image": png(pixels), "segmentation": png(pixels[..., 0])}
     config = data_settings({"resize_method": "nearest", "image_dtype": "uint8"})

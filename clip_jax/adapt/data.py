@@ -44,11 +44,6 @@ class FewShot:
     test: Split
 
 
-def split_specs(dataset) -> dict:
-    """A dataset's train, validation and test specs (clip_jax.input.dataset_info.split_specs)."""
-    return dataset_info.split_specs(dataset)
-
-
 def _labels(info, config, label_key: str) -> np.ndarray:
     """Every label of a split, in reading order, without decoding an image."""
     ds = eval_data.read_examples(info, config, ("labels",), [label_key]).map(lambda ex: ex["labels"][0])
@@ -98,7 +93,7 @@ def load_few_shot(dataset, label_key: str, shots: int, seed: int, image_size: in
     if int(shots) < 1:
         raise ValueError(f"config.shots={shots} must be >= 1")
     config = data_settings(data_config)
-    specs = split_specs(dataset)
+    specs = dataset_info.split_specs(dataset)
     infos = {split: eval_data.describe(spec, config, label_keys=[label_key]) for split, spec in specs.items()}
     declared = infos["train"].label_names.get(label_key)
     if classnames is None:
@@ -136,7 +131,7 @@ def base_and_novel(num_classes: int) -> tuple[list[int], list[int]]:
 def test_split(dataset, label_key: str, image_size: int, data_config=None) -> tuple[list, Split]:
     """(class names, the whole test split) of a classification source (cross-dataset transfer)."""
     config = data_settings(data_config)
-    spec = split_specs(dataset)["test"]
+    spec = dataset_info.split_specs(dataset)["test"]
     info = eval_data.describe(spec, config, label_keys=[label_key])
     classnames = info.label_names.get(label_key)
     if classnames is None:
