@@ -177,11 +177,15 @@ def test_tip_adapter_cache_search_and_alpha_zero_is_zero_shot(frozen):
     f = rng.standard_normal((5, model.config.embed_dim)).astype(np.float32)
     fn = f / np.linalg.norm(f, axis=1, keepdims=True)
     w = methods.text_classifier(model, variables, prompts)
+    # the CLIP term at the frozen model's own scale (the reference's 100 is OpenAI's models' scale)
+    scale = min(float(np.exp(np.asarray(variables["params"]["logit_scale"]))), 100.0)
+    assert scale < 50 and tip.scale == pytest.approx(scale, rel=1e-6)
     tip.alpha, tip.beta = 0.0, 5.0
-    np.testing.assert_allclose(np.asarray(tip.logits(learned, jnp.asarray(f))), 100 * fn @ w.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(tip.logits(learned, jnp.asarray(f))), scale * fn @ w.T, rtol=1e-5,
+                               atol=1e-4)
     tip.alpha, tip.beta = 2.0, 5.0
     onehot = np.eye(len(NAMES))[labels]
-    want = 100 * fn @ w.T + 2.0 * np.exp(-5.0 * (1 - fn @ keys.T)) @ onehot
+    want = scale * fn @ w.T + 2.0 * np.exp(-5.0 * (1 - fn @ keys.T)) @ onehot
     np.testing.assert_allclose(np.asarray(tip.logits(learned, jnp.asarray(f))), want, rtol=1e-5, atol=1e-4)
     # the grid is the reference's formula, and the search returns its best (first in loop order)
     betas, alphas = methods.search_grid((7, 3))
@@ -193,7 +197,7 @@ def test_tip_adapter_cache_search_and_alpha_zero_is_zero_shot(frozen):
     best = -1.0
     for b in methods.search_grid((7, 3), (20, 5))[0]:
         for a in methods.search_grid((7, 3), (20, 5))[1]:
-            logits = 100 * fn @ w.T + a * np.exp(-b * (1 - fn @ keys.T)) @ onehot
+            logits = scale * fn @ w.T + a * np.exp(-b * (1 - fn @ keys.T)) @ onehot
             got = float(np.mean(logits.argmax(1) == val_labels))
             if got > best:
                 best, want_ba = got, (b, a)
@@ -284,19 +288,38 @@ def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method
     stop = signal.SIGTERM if method in ("coop", "clip_adapter") else signal.SIGKILL
     cmd, env = _cli(tmp_path, tmp_path / "killed", 1, method, extra)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step=") or "epoch=1" in line:
-            break
+    first = _first_checkpoint(tmp_path / "killed" / "checkpoints", proc)
     proc.send_signal(stop)
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == (0 if stop == signal.SIGTERM else -signal.SIGKILL), rest[-2000:]
     if stop == signal.SIGTERM:
         assert "preemption notice (SIGTERM): saved a checkpoint at step" in rest, rest[-2000:]
-        assert not (tmp_path / "killed" / "results.json").exists()
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    assert not (tmp_path / "killed" / "results.json").exists()
+    again = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+    resumed_at = [int(line.split()[-1]) for line in again.stdout.splitlines() if line.startswith("resumed from step")]
+    assert resumed_at and resumed_at[0] >= first, again.stdout[-2000:]  # a resume, not a fresh start
     resumed = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
     for k in learned[1]:
         np.testing.assert_array_equal(resumed[k], learned[1][k], err_msg=k)
+    figures = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for key in ("zero_shot_top1", "val_top1", "top1"):
+        assert figures[key] == results[1][key], key
+
+
+def _first_checkpoint(directory, proc, timeout=600.0) -> int:
+    """The step of the first checkpoint on disk under `directory` (Orbax renames a step's folder to the
+    bare step number once it is written), waiting for it while `proc` runs."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = directory.glob("*") if directory.exists() else ()
+        steps = [int(p.name) for p in found if p.is_dir() and p.name.isdigit()]
+        if steps:
+            return min(steps)
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before writing a checkpoint"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint under {directory} within {timeout:.0f} s")
 
 
 @pytest.mark.slow

@@ -222,7 +222,7 @@ def test_eval_data_reads_the_chinese_captions(built):
     assert (en.lang, en.caption_key, en.name) == ("en", "caption", "shapes.test")
     assert en.label_names["label"] == shapes.class_names("combo")
     # What describe returns for a source whose language is Chinese (pipeline.Source.lang).
-    zh_source = _zh_source(en.source)
+    zh_source = dataclasses.replace(en.source, lang="zh")
     zh = dataclasses.replace(en, source=zh_source, caption_key=shapes.caption_feature("zh"), lang="zh")
     assert eval_data.metric_name(zh_source) == "shapes_zh.test" and eval_data.source_lang(en.source) == "en"
     for info, lang in ((en, "en"), (zh, "zh")):
@@ -232,21 +232,7 @@ def test_eval_data_reads_the_chinese_captions(built):
         assert texts == [shapes.make_example(0, "test", i, lang=lang)[1] for i in range(SIZES["test"])]
 
 
-def _zh_source(source):
-    if "lang" in {f.name for f in dataclasses.fields(source)}:
-        return dataclasses.replace(source, lang="zh")
-    return type("ZhSource", (), dict(kind=source.kind, name=source.name, split=source.split, lang="zh"))()
-
-
-def _needs_source_lang():
-    from clip_jax.input import pipeline
-
-    if "lang" not in {f.name for f in dataclasses.fields(pipeline.Source)}:
-        pytest.skip("the data spec parser has no lang option yet (pipeline.Source.lang)")
-
-
 def test_spec_lang_option_trains_on_the_chinese_captions(built):
-    _needs_source_lang()
     from clip_jax.input.pipeline import InputPipeline, parse_spec
 
     assert parse_spec("shapes:train|lang=zh").lang == "zh" and parse_spec("shapes:train").lang == "en"
@@ -262,7 +248,6 @@ def test_spec_lang_option_trains_on_the_chinese_captions(built):
 
 
 def test_spec_lang_option_evaluates_in_chinese(built):
-    _needs_source_lang()
     from clip_jax.evaluate import evaluator
 
     specs = evaluator.parse_evals("zero_shot=shapes:test|lang=zh,retrieval=shapes:test|lang=zh|max_captions=1,"

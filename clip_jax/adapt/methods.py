@@ -265,9 +265,10 @@ def search_grid(search_scale: Sequence[float], search_step: Sequence[int] = (200
     return betas, alphas
 
 
-def tip_logits(features, keys, values, clip_weights, alpha, beta, clip_scale: float = 100.0):
+def tip_logits(features, keys, values, clip_weights, alpha, beta, clip_scale: float):
     """clip_scale f W^T + alpha exp(-beta (1 - f K^T)) L, f unit-norm [B, E], keys [NK, E], values
-    one-hot [NK, C]."""
+    one-hot [NK, C]. The reference writes clip_scale as 100, the scale of OpenAI's released models:
+    here it is the frozen model's own (exp of its logit scale, clamped), which is 100 for those."""
     f = l2_normalize(features)
     affinity = f @ keys.T
     return clip_scale * f @ clip_weights.T + alpha * jnp.exp(-beta * (1.0 - affinity)) @ values
@@ -297,14 +298,15 @@ class TipAdapter(Adapter):
         return {"cache_keys": self.keys}
 
     def logits(self, learned, features, train=False, rng=None):
-        return tip_logits(features, learned["cache_keys"], self.values, self.weights, self.alpha, self.beta)
+        return tip_logits(features, learned["cache_keys"], self.values, self.weights, self.alpha, self.beta,
+                          self.scale)
 
     def search(self, learned, features, labels, search_scale, search_step=(200, 20)):
         """(best val top-1, beta, alpha) over the reference's grid, in one vectorized pass; ties go to
         the first in the reference's loop order (beta outer, alpha inner)."""
         betas, alphas = search_grid(search_scale, search_step)
         f = l2_normalize(jnp.asarray(features))
-        clip = 100.0 * f @ self.weights.T
+        clip = self.scale * f @ self.weights.T
         affinity = f @ learned["cache_keys"].T
         labels = jnp.asarray(labels)
 
