@@ -222,6 +222,36 @@ def test_few_shot_protocol(tmp_path):
     assert sorted(idx[:2]) == list(idx[:2]) and set(idx[2:]) == {1, 3}
 
 
+def test_one_split_is_partitioned_per_class_into_fixed_disjoint_parts(tmp_path):
+    """The default benchmark: the count of objects on the train split, partitioned 50 / 20 / 30 per class
+    (the same parts for every seed) into the shots' pool, the validation pool and the test set."""
+    from clip_jax.adapt.data import PARTS, partition
+    from clip_jax.adapt.prompts import class_prompts
+    from clip_jax.input import dataset_info, shapes
+
+    assert dataset_info.split_specs("shapes:train") == dict.fromkeys(("train", "validation", "test"), "shapes:train")
+    with pytest.raises(ValueError, match="shapes split 'nope'"):
+        dataset_info.split_specs("shapes:nope")
+    data = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
+    a = load_few_shot(adapt_config().dataset, adapt_config().label_key, 4, 1, 32, data)
+    assert a.classnames == ["one shape", "two shapes"]
+    truth = np.array([len(shapes.make_example(0, "train", i)[2]) - 1 for i in range(SIZES["train"])])
+    parts = partition(truth, [0, 1])
+    assert sorted(np.concatenate(parts).tolist()) == list(range(SIZES["train"]))  # disjoint, and all of the split
+    for c in (0, 1):
+        n = int(np.sum(truth == c))
+        assert [int(np.sum(truth[p] == c)) for p in parts[:2]] == [round(PARTS[0] * n), round(PARTS[1] * n)]
+    np.testing.assert_array_equal(a.test.labels, truth[parts[2]])
+    assert np.bincount(a.train.labels).tolist() == [4, 4] and np.bincount(a.val.labels).tolist() == [4, 4]
+    tested = {image.tobytes() for image in a.test.images}
+    assert not any(image.tobytes() in tested for image in np.concatenate([a.train.images, a.val.images]))
+    b = load_few_shot("shapes:train", "label_count", 4, 2, 32, data)
+    np.testing.assert_array_equal(b.test.images, a.test.images)  # fixed parts; the seed draws the shots
+    assert not np.array_equal(b.train.images, a.train.images)
+    prompts = class_prompts(adapt_config(), a.classnames)
+    assert prompts == shapes.prompts("count") and "an image of two shapes." in prompts[1]
+
+
 def test_bad_input_is_named(tmp_path):
     data = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
     with pytest.raises(ValueError, match=r"class 0 \('red circle'\) has \d+ examples in the train split, fewer "
@@ -259,7 +289,8 @@ def _cli(tmp_path, workdir, devices, method="coop", extra=()):
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return [sys.executable, "-m", "clip_jax.adapt", f"--config={ROOT}/configs/adapt/{method}.py",
             f"--workdir={workdir}", f"--config.weights={weights}", "--config.model=ViT-Tiny-test",
-            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.shots=2", "--config.batch_size=8",
+            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.dataset=shapes",
+            "--config.label_key=label_shape", "--config.shots=2", "--config.batch_size=8",
             "--config.epochs=3", "--config.checkpoint_every_steps=2", "--config.log_every_epochs=1",
             *[f"--config.data.shapes_sizes.{k}={v}" for k, v in SIZES.items()], *extra], env
 
@@ -278,7 +309,7 @@ def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method
         cmd, env = _cli(tmp_path, tmp_path / f"d{devices}", devices, method, extra + mesh)
         subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=900)
         results[devices] = json.loads((tmp_path / f"d{devices}" / "results.json").read_text())
-    for key in ("zero_shot_top1", "val_top1", "top1"):
+    for key in ("zero_shot_top1", "val_top1", "top1", "linear_probe_top1"):
         assert results[8][key] == pytest.approx(results[1][key], abs=1e-4), key
     from safetensors.numpy import load_file
 
@@ -302,7 +333,7 @@ def test_one_and_eight_devices_agree_and_a_kill_resumes_exactly(tmp_path, method
     for k in learned[1]:
         np.testing.assert_array_equal(resumed[k], learned[1][k], err_msg=k)
     figures = json.loads((tmp_path / "killed" / "results.json").read_text())
-    for key in ("zero_shot_top1", "val_top1", "top1"):
+    for key in ("zero_shot_top1", "val_top1", "top1", "linear_probe_top1"):
         assert figures[key] == results[1][key], key
 
 

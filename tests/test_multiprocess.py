@@ -92,7 +92,10 @@ def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache, wei
     steps = 20 if method == "clip" else 10
     common = dict(total_steps=steps, checkpoint_every_steps=steps, **SIZE_ARGS, **method_args(method, weights))
     runs = {}
-    for name, devices in (("1x1", 1), ("1x8", 8)):
+    # one process on 8 devices for CLIP only: the other methods differ in their loss and phases, not in
+    # how the mesh is made, and 2 processes x 4 devices below shard them over the same 8-device mesh
+    layouts = (("1x1", 1), ("1x8", 8)) if method == "clip" else (("1x1", 1),)
+    for name, devices in layouts:
         cmd = [sys.executable, "-m", "clip_jax.train"] + smoke_args(tmp_path / name, cache, **common)
         subprocess.run(cmd, env=env_with(devices), cwd=ROOT, check=True, capture_output=True, timeout=600)
         runs[name] = losses(tmp_path / name)
@@ -105,7 +108,7 @@ def test_losses_agree_on_1_device_8_devices_and_2_processes(tmp_path, cache, wei
     assert sorted(runs["1x1"]) == list(range(1, steps + 1))
     want = np.array([runs["1x1"][s] for s in range(1, steps + 1)])
     assert want[-1] < want[0]  # it trains
-    for name in ("1x8", "2x4"):
+    for name in sorted(set(runs) - {"1x1"}):
         got = np.array([runs[name][s] for s in range(1, steps + 1)])
         np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=name)
 

@@ -43,7 +43,7 @@ def test_layout_and_info(built):
     root, paths, data = built
     assert {s: len(v) for s, v in data.items()} == SIZES
     (d,) = glob.glob(os.path.join(root, "*"))  # nothing else left behind (no temp dirs)
-    assert os.path.basename(d) == "shapes-v3-seed0-64px-train100x1-validation20x1-test20x1"
+    assert os.path.basename(d) == "shapes-v4-seed0-64px-train100x1-validation20x1-test20x1"
     info = json.load(open(os.path.join(d, "dataset_info.json")))
     assert info["sizes"] == SIZES and info["seed"] == 0
     assert info["class_names"]["combo"] == shapes.class_names("combo")
@@ -220,8 +220,9 @@ def test_evaluation_is_well_posed_a_labeller_reading_the_objects_scores_100(buil
                                          label_keys=keys)
         labels = np.concatenate([b["labels"][b["mask"].astype(bool)] for b in batches])
         assert len(labels) == SIZES[split]
-        labeller = {"label": lambda o: shapes.combo_index(o["color"], o["shape"]),
-                    "label_color": lambda o: o["color"], "label_shape": lambda o: o["shape"]}
+        labeller = {"label": lambda o: shapes.combo_index(o[0]["color"], o[0]["shape"]),
+                    "label_color": lambda o: o[0]["color"], "label_shape": lambda o: o[0]["shape"],
+                    "label_count": lambda o: len(o) - 1}
         for j, key in enumerate(keys):
-            predicted = np.array([labeller[key](ex["objects"][0]) for ex in data[split]])
+            predicted = np.array([labeller[key](ex["objects"]) for ex in data[split]])
             assert (predicted == labels[:, j]).mean() == 1.0, (split, key)

@@ -179,7 +179,7 @@ def built(tmp_path_factory):
 
 def test_records_hold_both_captions(built):
     root, paths = built
-    assert f"shapes-v{shapes.VERSION}-" in paths["train"][0] and shapes.VERSION == 3
+    assert f"shapes-v{shapes.VERSION}-" in paths["train"][0] and shapes.VERSION == 4
     info = json.load(open(os.path.join(os.path.dirname(paths["train"][0]), "dataset_info.json")))
     assert info["captions"] == {"caption": "en", "caption_zh": "zh"}
     assert info["class_names_zh"]["combo"] == shapes.class_names("combo", "zh")

@@ -1,9 +1,12 @@
 """The few-shot protocol of CoOp and its successors, over any labelled evaluation source.
 
 K examples per class are drawn from the train split by seed; the validation set holds min(K, 4)
-per class from the validation split; the test split is read whole. Base-to-novel: classes in
-label order, the first ceil(C / 2) are base. Images are kept on the host as uint8 at the model's
-resolution (resize of the shorter side, center crop): training augments them on the device.
+per class from the validation split; the test split is read whole. A dataset named by one split
+('shapes:train') is first partitioned per class into fixed train / validation / test parts (50 / 20 /
+30%, the same for every seed), as CoOp's split files partition datasets that come without splits.
+Base-to-novel: classes in label order, the first ceil(C / 2) are base. Images are kept on the host
+as uint8 at the model's resolution (resize of the shorter side, center crop): training augments them
+on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from clip_jax.input.settings import data_settings
 from clip_jax.input.transforms import decode_and_crop
 
 VAL_SHOTS = 4  # the references' few-shot validation: min(K, 4) per class
+PARTS = (0.5, 0.2)  # one split's train and validation shares (the rest is test): Dassl's p_trn, p_val
+PARTITION_SEED = 0  # fixed: a split file, not a draw of the run's seed
 
 
 @dataclasses.dataclass
@@ -74,11 +79,28 @@ def _images(info, config, indices: np.ndarray, image_size: int, total: int) -> n
     return out
 
 
-def per_class(labels: np.ndarray, classes: Sequence[int], k: int, seed: int, split: str, classnames) -> np.ndarray:
-    """Indices of k examples of each class (by seed, without replacement), class by class."""
+def partition(labels: np.ndarray, classes: Sequence[int]) -> tuple:
+    """(train, validation, test) index arrays of one split: each class's examples in a fixed random order,
+    split PARTS[0] / PARTS[1] / the rest; each part in reading order."""
+    parts = ([], [], [])
+    for c in classes:
+        pool = np.random.default_rng([PARTITION_SEED, int(c)]).permutation(np.flatnonzero(labels == c))
+        a = int(round(PARTS[0] * len(pool)))
+        b = a + int(round(PARTS[1] * len(pool)))
+        for part, idx in zip(parts, (pool[:a], pool[a:b], pool[b:])):
+            part.append(idx)
+    return tuple(np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts)
+
+
+def per_class(labels: np.ndarray, classes: Sequence[int], k: int, seed: int, split: str, classnames,
+              within: Optional[np.ndarray] = None) -> np.ndarray:
+    """Indices of k examples of each class (by seed, without replacement), class by class; only among
+    the indices `within` where given (a part of a partitioned split)."""
     chosen = []
     for c in classes:
         pool = np.flatnonzero(labels == c)
+        if within is not None:
+            pool = np.intersect1d(pool, within)
         if len(pool) < k:
             raise ValueError(f"class {c} ({classnames[c]!r}) has {len(pool)} examples in the {split} split, fewer "
                              f"than the {k} asked (config.shots): lower shots or choose another label_key")
@@ -101,7 +123,11 @@ def load_few_shot(dataset, label_key: str, shots: int, seed: int, image_size: in
     elif declared is not None and len(declared) != len(classnames):
         raise ValueError(f"the class list has {len(classnames)} names but {specs['train']!r} declares "
                          f"{len(declared)} classes for {label_key!r}: give one name per class, in label order")
-    labels = {split: _labels(info, config, label_key) for split, info in infos.items()}
+    one_split = dataset_info.is_one_split(specs)
+    if one_split:
+        labels = dict.fromkeys(specs, _labels(infos["train"], config, label_key))
+    else:
+        labels = {split: _labels(info, config, label_key) for split, info in infos.items()}
     if classnames is None:
         raise ValueError(f"{specs['train']!r} declares no class names for {label_key!r}: set config.classnames "
                          "(a JSON file with 'classnames', as the zero-shot metadata)")
@@ -112,9 +138,11 @@ def load_few_shot(dataset, label_key: str, shots: int, seed: int, image_size: in
             raise ValueError(f"{specs[split]!r} has labels outside 0..{n - 1} for {label_key!r} (e.g. {int(bad[0])}):"
                              f" the class list ({n} names) does not match the dataset")
     classes = list(range(n))
-    train_idx = per_class(labels["train"], classes, int(shots), seed, "train", classnames)
-    val_idx = per_class(labels["validation"], classes, min(int(shots), VAL_SHOTS), seed, "validation", classnames)
-    test_idx = np.arange(len(labels["test"]))
+    pools = partition(labels["train"], classes) if one_split else (None, None, None)
+    train_idx = per_class(labels["train"], classes, int(shots), seed, "train", classnames, pools[0])
+    val_idx = per_class(labels["validation"], classes, min(int(shots), VAL_SHOTS), seed, "validation", classnames,
+                        pools[1])
+    test_idx = pools[2] if one_split else np.arange(len(labels["test"]))
     splits = {}
     for split, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx)):
         images = _images(infos[split], config, idx, image_size, len(labels[split]))

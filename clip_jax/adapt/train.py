@@ -261,6 +261,17 @@ def fit(runner: Runner, settings, classnames, prompts, data: FewShot, workdir: s
     return adapter, learned
 
 
+def linear_probe_top1(runner: Runner, data: FewShot, test_f: np.ndarray) -> float:
+    """CoOp's paper baseline on the same shots: logistic regression on the frozen image features of the
+    K-shot train set, C chosen on the few-shot validation set, tested on test_f (the test features)."""
+    from clip_jax.evaluate.linear_probe import linear_probe
+
+    train_f, val_f = runner.features(data.train.images), runner.features(data.val.images)
+    fit = linear_probe(train_f, data.train.labels, test_f, data.test.labels, num_classes=len(data.classnames),
+                       val_features=val_f, val_labels=data.val.labels)
+    return float(fit["top1"])
+
+
 def zero_shot_top1(runner: Runner, prompts, features: np.ndarray, labels: np.ndarray) -> float:
     weights = text_classifier(runner.model, runner.variables, prompts)
     return top1(np.asarray(l2_normalize(jnp.asarray(features))) @ weights.T, labels)
@@ -338,6 +349,7 @@ def _run(settings, workdir: str, log) -> dict:
         results["zero_shot_top1"] = zero_shot_top1(runner, prompts, test_f, data.test.labels)
         results["val_top1"] = top1(runner.logits(adapter, learned, val_f), data.val.labels)
         results["top1"] = top1(runner.logits(adapter, learned, method_f), data.test.labels)
+        results["linear_probe_top1"] = linear_probe_top1(runner, data, test_f)
     if isinstance(adapter, TipAdapter):
         results["alpha"], results["beta"] = adapter.alpha, adapter.beta
     if settings.transfer:

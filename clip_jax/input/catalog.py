@@ -173,7 +173,7 @@ class Tfds(Catalog):
 
 @CATALOGS.register("shapes")
 class Shapes(Catalog):
-    """The embedded dataset: three label tasks, class names and prompts in each of its languages."""
+    """The embedded dataset: four label tasks, class names and prompts in each of its languages."""
 
     data_options = frozenset({"lang"})
 
@@ -183,7 +183,8 @@ class Shapes(Catalog):
     def default_label_keys(self, source):
         from clip_jax.input import shapes
 
-        return list(shapes.LABEL_TASKS)
+        # validation and test images hold one object each: a count is a task of the train split only
+        return [key for key in shapes.LABEL_TASKS if key != "label_count" or source.split == "train"]
 
     def task_name(self, label_key):
         from clip_jax.input import shapes

@@ -59,7 +59,8 @@ from PIL import Image, ImageDraw
 
 from clip_jax.input import records
 
-VERSION = 3  # 2: single-object evaluation splits, dense labels; 3: Chinese captions (older caches are rebuilt)
+# 2: single-object evaluation splits, dense labels; 3: Chinese captions; 4: label_count (older caches are rebuilt)
+VERSION = 4
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
 
@@ -92,7 +93,13 @@ SHAPE_NAMES_ZH = ("圆形", "正方形", "三角形", "星形", "十字形", "�
 TEMPLATES_ZH = ["{}。", "一个{}。", "一张{}的照片。", "一幅{}的画。", "图中有一个{}。", "{}的图片。"]
 CAPTION_FEATURES = {"en": "caption", "zh": "caption_zh"}  # the record feature of each language's caption
 # The label features of every record and the zero-shot task (class_names) each one labels.
-LABEL_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape"}
+LABEL_TASKS = {"label": "combo", "label_color": "color", "label_shape": "shape", "label_count": "count"}
+# How many objects an image holds: the captions never say it in words ("a red circle and a blue square"),
+# so zero-shot prompts cannot, while the image features do (the few-shot benchmark's label).
+COUNT_NAMES = ("one shape", "two shapes")
+COUNT_NAMES_ZH = ("一个形状", "两个形状")
+COUNT_TEMPLATES = ["{}.", "an image of {}.", "a picture of {}.", "a drawing of {}."]
+COUNT_TEMPLATES_ZH = ["{}。", "图中有{}。", "一张{}的图片。"]
 
 # Caption wording. Colour and shape words are never varied: zero-shot prompts use them.
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
@@ -173,8 +180,9 @@ def parse_source(rest: str) -> Tuple[str, str]:
 
 
 def class_names(task: str, lang: str = "en") -> List[str]:
-    """Zero-shot class names: "color" (6), "shape" (6) or "combo" (36, index = label), in ``lang``
-    ("en": "red", "circle", "red circle"; "zh": "红色", "圆形", "红色圆形")."""
+    """Zero-shot class names: "color" (6), "shape" (6), "combo" (36, index = label) or "count" (2: one or
+    two objects), in ``lang`` ("en": "red", "circle", "red circle", "one shape"; "zh": "红色", "圆形", "红色圆形",
+    "一个形状")."""
     en = check_lang(lang) == "en"
     colors, kinds = (COLOR_NAMES, SHAPE_NAMES) if en else (COLOR_NAMES_ZH, SHAPE_NAMES_ZH)
     if task == "color":
@@ -183,7 +191,9 @@ def class_names(task: str, lang: str = "en") -> List[str]:
         return list(kinds)
     if task == "combo":
         return [f"{c} {s}" if en else c + s for c in colors for s in kinds]
-    raise ValueError(f"unknown task {task!r}; expected 'color', 'shape' or 'combo'")
+    if task == "count":
+        return list(COUNT_NAMES if en else COUNT_NAMES_ZH)
+    raise ValueError(f"unknown task {task!r}; expected 'color', 'shape', 'combo' or 'count'")
 
 
 def combo_index(color: int, shape: int) -> int:
@@ -207,12 +217,18 @@ def prompt(template: str, name: str) -> str:
 def prompts(task: str, templates: Optional[Sequence[str]] = None, lang: str = "en") -> List[List[str]]:
     """Prompt texts [class][k] for ``class_names(task, lang)``, to embed and average per class.
 
-    templates: default TEMPLATES ("en") or TEMPLATES_ZH ("zh").
+    templates: default TEMPLATES ("en") or TEMPLATES_ZH ("zh"); COUNT_TEMPLATES(_ZH) for "count".
     "combo": every template with "red circle", .... "color" and "shape": every template
     with every combo of that colour (shape), e.g. "a red circle.", "a red square.", ...:
     the captions never name a colour without a shape, so prompts that do would be
     off-distribution for a model trained on them; this marginalizes the other attribute.
+    "count": every template with "one shape" / "two shapes", the words a user would type.
     """
+    if task == "count":
+        names = class_names(task, lang)
+        if templates is None:
+            templates = COUNT_TEMPLATES if lang == "en" else COUNT_TEMPLATES_ZH
+        return [[t.format(n) for t in templates] for n in names]
     combos = class_names("combo", lang)
     if templates is None:
         templates = TEMPLATES if lang == "en" else TEMPLATES_ZH
@@ -442,7 +458,8 @@ def boxes(objs: Sequence[dict], size: int) -> np.ndarray:
 def serialize(png: bytes, caption: str, key: str, objs: Sequence[dict], mask_png: bytes, size: int,
               caption_zh: Optional[str] = None) -> bytes:
     """records' schema plus int64 ``label_color`` and ``label_shape`` (``label`` = combo) of the
-    main object, the dense labels of every object (see the module docstring) and, if given, the
+    main object, ``label_count`` (the number of objects less one: 0 or 1), the dense labels of every
+    object (see the module docstring) and, if given, the
     Chinese caption as ``caption_zh``."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -462,6 +479,7 @@ def serialize(png: bytes, caption: str, key: str, objs: Sequence[dict], mask_png
         records.LABEL: ints(combo_index(color, shape)),
         "label_color": ints(color),
         "label_shape": ints(shape),
+        "label_count": ints(len(objs) - 1),
         "objects/color": ints([o["color"] for o in objs]),
         "objects/shape": ints([o["shape"] for o in objs]),
         "objects/bbox": tf.train.Feature(float_list=tf.train.FloatList(value=boxes(objs, size).reshape(-1))),
@@ -574,16 +592,16 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
         sizes=sizes,
         num_shards=shards,
         files={s: [os.path.basename(p) for p in writers[s].paths] for s in SPLITS},
-        features={"label": "combo", "label_color": "color", "label_shape": "shape"},
+        features=dict(LABEL_TASKS),
         captions={feature: lang for lang, feature in CAPTION_FEATURES.items()},
         dense_features={"objects/color": "color of each object", "objects/shape": "shape of each object",
                         "objects/bbox": "[ymin, xmin, ymax, xmax] in [0, 1] of each object",
                         "segmentation": "PNG, 0 = background, k = the k-th object"},
-        class_names={t: class_names(t) for t in ("color", "shape", "combo")},
+        class_names={t: class_names(t) for t in LABEL_TASKS.values()},
         held_out=held_out_names(),
         held_out_labels=[int(k) for k in _HELD],
         templates=TEMPLATES,
-        class_names_zh={t: class_names(t, "zh") for t in ("color", "shape", "combo")},
+        class_names_zh={t: class_names(t, "zh") for t in LABEL_TASKS.values()},
         held_out_zh=held_out_names("zh"),
         templates_zh=TEMPLATES_ZH,
     )
@@ -597,7 +615,7 @@ def _write(out: str, seed: int, image_size: int, sizes, shards, workers: int) ->
 
 def parse(serialized: bytes) -> dict:
     """A record back as dict(image=uint8 [H, W, 3], caption, caption_zh, key, label, label_color,
-    label_shape, objects=[dict(color, shape, bbox)], segmentation=uint8 [H, W]). caption_zh is None
+    label_shape, label_count, objects=[dict(color, shape, bbox)], segmentation=uint8 [H, W]). caption_zh is None
     in a record without one."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -610,7 +628,7 @@ def parse(serialized: bytes) -> dict:
                     else None),
         key=f[records.KEY].bytes_list.value[0].decode("utf-8"),
     )
-    for name in (records.LABEL, "label_color", "label_shape"):
+    for name in LABEL_TASKS:
         out[name] = int(f[name].int64_list.value[0])
     bbox = np.asarray(f["objects/bbox"].float_list.value, np.float32).reshape(-1, 4)
     out["objects"] = [dict(color=int(c), shape=int(s), bbox=b) for c, s, b in
