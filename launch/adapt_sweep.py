@@ -1,14 +1,18 @@
-"""The few-shot adaptation sweep of docs/methods.md, in one process: every method at 1/2/4/8/16 shots and
-seeds 1/2/3, plus base-to-novel at 16 shots, each run in its own workdir, one JSON line per run.
+"""The few-shot tables of docs/adaptation.md, in one command: each benchmark's runs (every method at
+1/2/4/8/16 shots and seeds 1/2/3, each in its own workdir, one JSON line per run), the frozen smoke
+models they adapt trained first where missing, then the tables.
 
-    python launch/adapt_sweep.py [--weights /tmp/smoke_en] [--methods coop ...] [--shots 1 2 ...] [--seeds 1 2 3]
-    python launch/adapt_sweep.py table   # the markdown tables from docs/adapt_results.jsonl
+    python launch/adapt_sweep.py            # every benchmark, resumable, then every table
+    python launch/adapt_sweep.py sweep --benchmark count [--methods coop ...] [--shots 1 2 ...] [--seeds 1 2 3]
+    python launch/adapt_sweep.py table      # the tables from the jsonl files
 
-Each setting is configs/adapt/METHOD.py's get_config() (the references' defaults) with weights,
-dataset, label_key, shots, seed and data.cache_dir set; a run whose OUT/.../results.json exists is
-skipped, so the sweep resumes. Each finished run appends its results dict, with "wall_s" and the
-run's "batch_size", to docs/adapt_results.jsonl. MaPLe prompts a ViT image tower: it is not in
-the default grid (the smoke model, RN-Shapes-S, is a ResNet).
+The benchmarks (BENCHMARKS): "count" (the default of configs/adapt: the count of objects on the
+shapes train split, partitioned, one image distribution throughout; RN-Shapes-S), "composition"
+(shape labels, the held-out colour-shape combinations as test, base-to-novel at 16 shots) and
+"maple" (MaPLe prompts a ViT: the count benchmark on the ViT smoke model). Each setting is
+configs/adapt/METHOD.py's get_config() with weights, dataset, label_key, shots, seed and
+data.cache_dir set; a run whose OUT/.../results.json exists is skipped, so the sweep resumes. Each
+finished run appends its results dict, with "wall_s" and the run's "batch_size", to its jsonl.
 """
 
 from __future__ import annotations
@@ -31,14 +35,23 @@ if ROOT not in sys.path:
 
 from clip_jax.adapt.config import method_config  # noqa: E402  (after the checkout is on the path)
 
-RESULTS = os.path.join(ROOT, "docs", "adapt_results.jsonl")
 METHODS = ("coop", "cocoop", "clip_adapter", "tip_adapter", "tip_adapter_f")
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 B2N_METHODS = ("coop", "cocoop", "maple", "clip_adapter")  # Tip-Adapter's cache holds the base classes' labels
 B2N_SHOTS = 16
-NAMES = {"zero_shot": "zero-shot", "coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe",
-         "clip_adapter": "CLIP-Adapter", "tip_adapter": "Tip-Adapter", "tip_adapter_f": "Tip-Adapter-F"}
+NAMES = {"zero_shot": "zero-shot", "linear_probe": "linear probe", "coop": "CoOp", "cocoop": "CoCoOp",
+         "maple": "MaPLe", "clip_adapter": "CLIP-Adapter", "tip_adapter": "Tip-Adapter",
+         "tip_adapter_f": "Tip-Adapter-F"}
+SMOKE = {"/tmp/smoke_en": "configs/smoke.py", "/tmp/smoke_vit": "configs/smoke_vit.py"}  # frozen model -> its config
+BENCHMARKS = {
+    "count": dict(weights="/tmp/smoke_en", dataset="shapes:train", label_key="label_count", methods=METHODS,
+                  base_to_novel=False, results="docs/adapt_results.jsonl"),
+    "composition": dict(weights="/tmp/smoke_en", dataset="shapes", label_key="label_shape", methods=METHODS,
+                        base_to_novel=True, results="docs/adapt_results_composition.jsonl"),
+    "maple": dict(weights="/tmp/smoke_vit", dataset="shapes:train", label_key="label_count", methods=("maple",),
+                  base_to_novel=False, results="docs/adapt_results_vit.jsonl"),
+}
 
 
 def settings_for(args, method: str, shots: int, seed: int, base_to_novel: bool):
@@ -68,12 +81,25 @@ def grid(args) -> list:
     return runs
 
 
+def ensure_weights(weights: str) -> None:
+    """Train the smoke model a benchmark adapts (SMOKE) where its workdir holds no checkpoint yet."""
+    import subprocess
+
+    if os.path.isdir(os.path.join(weights, "checkpoints")) or weights not in SMOKE:
+        return
+    print(f"training the frozen model first: {SMOKE[weights]} -> {weights}", flush=True)
+    subprocess.run([sys.executable, "-m", "clip_jax.train", f"--config={os.path.join(ROOT, SMOKE[weights])}",
+                    f"--workdir={weights}", "--config.summary_png=False"], cwd=ROOT, check=True)
+
+
 def sweep(args) -> None:
     from clip_jax.adapt.train import run
     from clip_jax.parallel import distributed
 
     distributed.initialize()
     import jax
+
+    ensure_weights(args.weights)
 
     todo = grid(args)
     started = time.perf_counter()
@@ -134,12 +160,16 @@ def table(args) -> None:
     methods = [m for m in NAMES if any(r["method"] == m for r in few)]
     lines = ["| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |",
              "| --- |" + " --- |" * len(shots)]
-    # zero-shot: the frozen model on the same test set, one value per (shots, seed) (every method sees the same)
-    zs = {}
-    for r in few:
-        zs.setdefault((r["shots"], r["seed"]), []).append(r["zero_shot_top1"])
-    zero = {k: [sum(v) / len(v) for (kk, _), v in sorted(zs.items()) if kk == k] for k in shots}
-    lines.append("| zero-shot | " + " | ".join(cell(zero[k]) for k in shots) + " |")
+    # zero-shot and the linear probe: the frozen model on the same shots and test set, one value per
+    # (shots, seed) (every method's run computes the same)
+    for key, name in (("zero_shot_top1", "zero_shot"), ("linear_probe_top1", "linear_probe")):
+        per = {}
+        for r in few:
+            if key in r:
+                per.setdefault((r["shots"], r["seed"]), []).append(r[key])
+        if per:
+            values = {k: [sum(v) / len(v) for (kk, _), v in sorted(per.items()) if kk == k] for k in shots}
+            lines.append(f"| {NAMES[name]} | " + " | ".join(cell(values[k]) for k in shots) + " |")
     for m in methods:
         cells = [cell([r["top1"] for r in few if r["method"] == m and r["shots"] == k]) for k in shots]
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
@@ -156,37 +186,43 @@ def table(args) -> None:
                       [r["zero_shot_base_top1"] for r in mine], [r["zero_shot_novel_top1"] for r in mine],
                       [_hm(r["zero_shot_base_top1"], r["zero_shot_novel_top1"]) for r in mine]]
             print(f"| {NAMES[m]} | " + " | ".join(cell(v) for v in values) + " |")
-    notes = ["MaPLe is not run: it prompts a ViT image tower and RN-Shapes-S is a ResNet."]
-    for m in sorted({r["method"] for r in rows}):
-        sizes = sorted({r.get("batch_size") for r in rows if r["method"] == m and r.get("batch_size")})
-        if m == "cocoop" and sizes and sizes != [method_config("cocoop").batch_size]:
-            notes.append(f"CoCoOp ran at batch {', '.join(map(str, sizes))} (its reference: 1), as a run at batch 1 "
-                         "took over 10 minutes.")
     wall = sum(r.get("wall_s", 0.0) for r in rows)
-    notes.append(f"{len(rows)} runs, {wall:.0f} s ({wall / 3600:.2f} h) of run wall time in all.")
-    print("\nNotes: " + " ".join(notes))
+    print(f"\n{len(rows)} runs, {wall:.0f} s ({wall / 3600:.2f} h) of run wall time in all.")
+
+
+def benchmark_args(args, name: str) -> argparse.Namespace:
+    """The command line's settings over one benchmark's (BENCHMARKS)."""
+    bench = dict(BENCHMARKS[name])
+    bench["results"] = os.path.join(ROOT, bench["results"])
+    for key in ("methods", "weights"):
+        if getattr(args, key) is not None:
+            bench[key] = getattr(args, key)
+    if args.no_base_to_novel:
+        bench["base_to_novel"] = False
+    return argparse.Namespace(**{**vars(args), **bench, "out": os.path.join(args.out, name)})
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="sweep", choices=("sweep", "table"))
-    parser.add_argument("--weights", default="/tmp/smoke_en", help="the frozen CLIP: a training workdir or file")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("command", nargs="?", default="all", choices=("all", "sweep", "table"))
+    parser.add_argument("--benchmark", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("--weights", default=None, help="the frozen CLIP (default: the benchmark's smoke model)")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: the benchmark's")
     parser.add_argument("--shots", nargs="+", type=int, default=list(SHOTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--out", default="/tmp/adapt_sweep", help="one workdir per run under here")
+    parser.add_argument("--out", default="/tmp/adapt_sweep", help="one workdir per run under OUT/BENCHMARK")
     parser.add_argument("--cache_dir", default="/tmp/adapt_cache", help="the shapes dataset's cache")
-    parser.add_argument("--dataset", default="shapes")
-    parser.add_argument("--label_key", default="label_shape")
-    parser.add_argument("--no_base_to_novel", dest="base_to_novel", action="store_false",
+    parser.add_argument("--no_base_to_novel", action="store_true",
                         help=f"skip the base-to-novel runs ({B2N_SHOTS} shots, {', '.join(B2N_METHODS)})")
     parser.add_argument("--cocoop_batch_size", type=int, default=0, help="0: CoCoOp's reference batch (1)")
-    parser.add_argument("--results", default=RESULTS, help="the jsonl the runs append to and the tables read")
     args = parser.parse_args(argv)
-    if args.command == "table":
-        table(args)
-    else:
-        sweep(args)
+    for name in args.benchmark:
+        bench = benchmark_args(args, name)
+        if args.command in ("all", "sweep"):
+            sweep(bench)
+        if args.command in ("all", "table") and os.path.exists(bench.results):
+            print(f"\n## {name}: {bench.dataset} @ {bench.label_key}, {bench.weights}\n")
+            table(bench)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def vit_clip_closed_form(name: str, batch: int) -> dict:
     return {"image": batch * image, "text": batch * text, "logits": 2 * batch * batch * d}
 
 
-@pytest.mark.parametrize("name,batch", [("ViT-B-32", 4), ("ViT-L-14", 2), ("ViT-Tiny-test", 8)])
+@pytest.mark.parametrize("name,batch", [("ViT-B-32", 4), ("ViT-Tiny-test", 8)])
 def test_vit_clip_matches_closed_form(name, batch):
     got = clip_forward_flops(name, batch)
     want = vit_clip_closed_form(name, batch)

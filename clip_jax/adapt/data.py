@@ -2,7 +2,7 @@
 
 K examples per class are drawn from the train split by seed; the validation set holds min(K, 4)
 per class from the validation split; the test split is read whole. A dataset named by one split
-('shapes:train') is first partitioned per class into fixed train / validation / test parts (50 / 20 /
+('tfds:NAME:train') is first partitioned per class into fixed train / validation / test parts (50 / 20 /
 30%, the same for every seed), as CoOp's split files partition datasets that come without splits.
 Base-to-novel: classes in label order, the first ceil(C / 2) are base. Images are kept on the host
 as uint8 at the model's resolution (resize of the shorter side, center crop): training augments them
