@@ -143,10 +143,15 @@ def load_few_shot(dataset, label_key: str, shots: int, seed: int, image_size: in
     val_idx = per_class(labels["validation"], classes, min(int(shots), VAL_SHOTS), seed, "validation", classnames,
                         pools[1])
     test_idx = pools[2] if one_split else np.arange(len(labels["test"]))
-    splits = {}
-    for split, idx in (("train", train_idx), ("validation", val_idx), ("test", test_idx)):
-        images = _images(infos[split], config, idx, image_size, len(labels[split]))
-        splits[split] = Split(images, labels[split][idx].astype(np.int32))
+    parts = (("train", train_idx), ("validation", val_idx), ("test", test_idx))
+    if one_split:  # one pass over the split for the three parts (disjoint index sets)
+        every = np.concatenate([idx for _, idx in parts])
+        images = _images(infos["train"], config, every, image_size, len(labels["train"]))
+        ends = np.cumsum([len(idx) for _, idx in parts])
+        chunks = dict(zip(("train", "validation", "test"), np.split(images, ends[:-1])))
+    else:
+        chunks = {split: _images(infos[split], config, idx, image_size, len(labels[split])) for split, idx in parts}
+    splits = {split: Split(chunks[split], labels[split][idx].astype(np.int32)) for split, idx in parts}
     return FewShot(list(classnames), splits["train"], splits["validation"], splits["test"])
 
 
