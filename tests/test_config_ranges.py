@@ -82,3 +82,24 @@ def test_unknown_keys_in_overrides_are_refused_for_every_adaptation_config(metho
             config_path.set_value(key, config, 1)
     config_path.set_value("shots", config, 2)
     assert config.shots == 2
+
+
+def test_the_vit_smoke_config_is_the_smoke_run_with_a_vit_and_passes_the_trainers_checks():
+    """configs/smoke_vit.py (the frozen model MaPLe adapts) is configs/smoke.py with ViT-Shapes-M, and valid."""
+    import importlib.util
+    import os
+
+    from clip_jax.train import trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    configs = {}
+    for name in ("smoke", "smoke_vit"):
+        spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(root, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        configs[name] = module.get_config()
+    vit, smoke = configs["smoke_vit"], configs["smoke"]
+    assert vit.model == "ViT-Shapes-M" and vit.total_steps == 800
+    assert (vit.data.to_dict(), vit.optim.to_dict(), vit.batch_size) == (smoke.data.to_dict(), smoke.optim.to_dict(),
+                                                                         smoke.batch_size)
+    trainer.validate(vit)

@@ -144,11 +144,11 @@ def load_few_shot(dataset, label_key: str, shots: int, seed: int, image_size: in
                         pools[1])
     test_idx = pools[2] if one_split else np.arange(len(labels["test"]))
     parts = (("train", train_idx), ("validation", val_idx), ("test", test_idx))
-    if one_split:  # one pass over the split for the three parts (disjoint index sets)
-        every = np.concatenate([idx for _, idx in parts])
-        images = _images(infos["train"], config, every, image_size, len(labels["train"]))
-        ends = np.cumsum([len(idx) for _, idx in parts])
-        chunks = dict(zip(("train", "validation", "test"), np.split(images, ends[:-1])))
+    if one_split:  # the shots and validation in one pass; the test part (the same for every seed) in another
+        drawn = _images(infos["train"], config, np.concatenate([train_idx, val_idx]), image_size,
+                        len(labels["train"]))
+        chunks = {"train": drawn[:len(train_idx)], "validation": drawn[len(train_idx):],
+                  "test": _images(infos["test"], config, test_idx, image_size, len(labels["test"]))}
     else:
         chunks = {split: _images(infos[split], config, idx, image_size, len(labels[split])) for split, idx in parts}
     splits = {split: Split(chunks[split], labels[split][idx].astype(np.int32)) for split, idx in parts}
