@@ -95,32 +95,6 @@ def ensure_weights(weights: str) -> None:
                     f"--workdir={weights}", "--config.summary_png=False"], cwd=ROOT, check=True)
 
 
-def memoize_reads() -> None:
-    """The runs of a sweep read the same splits again and again (the same labels, the same test part):
-    each read of labels or images is kept for the process, keyed by what it reads."""
-    import functools
-
-    import numpy as np
-
-    from clip_jax.adapt import data
-
-    def keyed(read, key):
-        kept = {}
-
-        @functools.wraps(read)
-        def wrapper(*args):
-            k = key(*args)
-            if k not in kept:
-                kept[k] = read(*args)
-            return kept[k]
-        return wrapper
-
-    config_key = lambda config: json.dumps(config, sort_keys=True, default=str)  # noqa: E731
-    data._labels = keyed(data._labels, lambda info, config, label_key: (info.spec, config_key(config), label_key))
-    data._images = keyed(data._images, lambda info, config, indices, size, total: (
-        info.spec, config_key(config), np.asarray(indices, np.int64).tobytes(), size, total))
-
-
 def sweep(args) -> None:
     from clip_jax.adapt.train import run
     from clip_jax.parallel import distributed
@@ -129,7 +103,9 @@ def sweep(args) -> None:
     import jax
 
     ensure_weights(args.weights)
-    memoize_reads()
+    from clip_jax.adapt import data
+
+    data.keep_reads()  # the runs read the same splits again and again
 
     todo = grid(args)
     started = time.perf_counter()

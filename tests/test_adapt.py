@@ -252,6 +252,30 @@ def test_one_split_is_partitioned_per_class_into_fixed_disjoint_parts(tmp_path):
     assert prompts == shapes.prompts("count") and "an image of two shapes." in prompts[1]
 
 
+def test_kept_reads_give_the_same_few_shot_data_without_reading_again(tmp_path, monkeypatch):
+    """keep_reads() (a sweep's): a second load of the same split reads no record, and gives what a fresh read gives."""
+    from clip_jax.adapt import data as few_shot_data
+    from clip_jax.input import eval_data
+
+    data = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
+    fresh = load_few_shot("shapes:train", "label_count", 4, 1, 32, data)
+    monkeypatch.setattr(few_shot_data, "_kept_reads", None)  # off again once the test ends
+    reads = []
+    real = eval_data.read_examples
+    monkeypatch.setattr(eval_data, "read_examples", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    few_shot_data.keep_reads()
+    first = load_few_shot("shapes:train", "label_count", 4, 1, 32, data)
+    assert len(reads) == 3  # the labels, the shots with the validation set, the test part
+    second = load_few_shot("shapes:train", "label_count", 4, 1, 32, data)
+    assert len(reads) == 3
+    for got in (first, second):
+        for split in ("train", "val", "test"):
+            np.testing.assert_array_equal(getattr(got, split).images, getattr(fresh, split).images)
+            np.testing.assert_array_equal(getattr(got, split).labels, getattr(fresh, split).labels)
+    load_few_shot("shapes:train", "label_count", 4, 2, 32, data)  # another seed: only its shots are read
+    assert len(reads) == 4
+
+
 def test_bad_input_is_named(tmp_path):
     data = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
     with pytest.raises(ValueError, match=r"class 0 \('red circle'\) has \d+ examples in the train split, fewer "

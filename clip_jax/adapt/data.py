@@ -12,6 +12,7 @@ on the device.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Optional, Sequence
 
@@ -49,14 +50,48 @@ class FewShot:
     test: Split
 
 
+_kept_reads: Optional[dict] = None  # keep_reads(): what was read, by what it read
+
+
+def keep_reads() -> None:
+    """Keep every read of labels and images for the rest of the process, keyed by what it read: for a
+    sweep of many runs over the same splits (their labels, the test part, the same for every seed)."""
+    global _kept_reads
+    if _kept_reads is None:
+        _kept_reads = {}
+
+
+def _kept(key: tuple, read):
+    """read(), or its kept value where keep_reads() is on and it ran before for `key`."""
+    if _kept_reads is None:
+        return read()
+    if key not in _kept_reads:
+        _kept_reads[key] = read()
+    return _kept_reads[key]
+
+
+def _reading(info, config) -> tuple:
+    """What a read depends on besides its own arguments: the source and the readers' settings."""
+    return info.spec, json.dumps(config, sort_keys=True, default=str)
+
+
 def _labels(info, config, label_key: str) -> np.ndarray:
     """Every label of a split, in reading order, without decoding an image."""
-    ds = eval_data.read_examples(info, config, ("labels",), [label_key]).map(lambda ex: ex["labels"][0])
-    return np.fromiter(ds.as_numpy_iterator(), np.int64)
+    def read():
+        ds = eval_data.read_examples(info, config, ("labels",), [label_key]).map(lambda ex: ex["labels"][0])
+        return np.fromiter(ds.as_numpy_iterator(), np.int64)
+
+    return _kept(("labels", *_reading(info, config), label_key), read)
 
 
 def _images(info, config, indices: np.ndarray, image_size: int, total: int) -> np.ndarray:
     """uint8 [len(indices), S, S, 3] of the examples at `indices` (of `total`, reading order), eval transform."""
+    wanted = np.asarray(indices, np.int64)
+    return _kept(("images", *_reading(info, config), wanted.tobytes(), image_size, total),
+                 lambda: _read_images(info, config, wanted, image_size, total))
+
+
+def _read_images(info, config, indices: np.ndarray, image_size: int, total: int) -> np.ndarray:
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
