@@ -21,19 +21,11 @@ from clip_jax.parallel import distributed, sharding
 
 def host_copy(tree):
     """A numpy copy of a (possibly multi-process) pytree of arrays, on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
+    return distributed.allgather(tree)
 
 
 def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+    return any(row == b"1" for row in distributed.exchange("any", b"1" if flag else b"0"))
 
 
 class Encoder:

@@ -57,7 +57,19 @@ def initialize(environ: Optional[Mapping[str, str]] = None) -> bool:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
     jax.distributed.initialize(**kwargs)
+    _orbax_barriers_through_coordinator()
     return True
+
+
+def _orbax_barriers_through_coordinator() -> None:
+    """Orbax's checkpoint barriers wait at the coordination service (as `barrier` does) instead of
+    meeting at a collective, which gloo abandons after 30 s when one process is slower under load."""
+    from absl import flags
+    from orbax.checkpoint._src.multihost import multihost  # noqa: F401  (defines the flag)
+
+    name = "experimental_orbax_use_distributed_barrier"
+    if name in flags.FLAGS:  # a later orbax may drop the experiment; its default is then its own
+        flags.FLAGS[name].parse("true")
 
 
 _barriers = itertools.count()  # every process makes the same calls in the same order: names match
@@ -75,6 +87,30 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     from orbax.checkpoint import multihost  # the same client jax.distributed.initialize started
 
     multihost.get_jax_distributed_client().wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def exchange(name: str, payload: bytes, timeout_s: int = 3600) -> list[bytes]:
+    """Every process's `payload`, in process order, through the coordination service's key-value
+    store (no collective, so no 30 s gloo deadline); every process calls it with the same `name`."""
+    if jax.process_count() == 1:
+        return [payload]
+    from orbax.checkpoint import multihost
+
+    client = multihost.get_jax_distributed_client()
+    key = f"clip_jax/exchange/{name}/{next(_barriers)}"
+    client.key_value_set_bytes(f"{key}/{jax.process_index()}", payload)
+    return [client.blocking_key_value_get_bytes(f"{key}/{i}", timeout_s * 1000) for i in range(jax.process_count())]
+
+
+def allgather(tree):
+    """A numpy copy of a pytree of (possibly multi-process) arrays on every process: the tiled
+    multihost_utils.process_allgather, entered once every process has arrived (see `barrier`)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    barrier(f"clip_jax/allgather/{next(_barriers)}")
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def compile_together(jitted, name: str):

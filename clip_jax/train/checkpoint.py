@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from clip_jax.input.pipeline import InputState
+from clip_jax.parallel import distributed
 
 # Replica-parallel saving splits each replicated array over its replicas, so each writes a
 # part: worth it for large arrays on many hosts, but for small ones the slicing (a jax op
@@ -47,15 +48,8 @@ def _gather_input_states(states: Optional[Sequence[InputState]]) -> list[dict]:
         return mine
     import json
 
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(mine).encode(), np.uint8)
-    longest = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
-    buf = np.zeros(longest, np.uint8)
-    buf[: raw.size] = raw
-    gathered = multihost_utils.process_allgather(buf)
-    return [s for row in np.asarray(gathered) for s in json.loads(bytes(row).rstrip(b"\0").decode())]
+    gathered = distributed.exchange("input_states", json.dumps(mine).encode())
+    return [s for row in gathered for s in json.loads(row.decode())]
 
 
 class CheckpointWriteError(RuntimeError):
@@ -160,10 +154,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, log
                 f"moved to {path}.unreadable, trying the previous one")
             if jax.process_index() == 0:
                 epath.Path(path).rename(_free_name(path + ".unreadable"))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices(f"clip_jax unreadable checkpoint {step}")
+            distributed.barrier(f"clip_jax/unreadable_checkpoint/{step}")
             manager.reload()
     return None
 
