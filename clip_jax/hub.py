@@ -52,12 +52,14 @@ def _missing(name: str, repo: str, revision: str | None, files, offline: bool, c
         f"(python: {python}), into the same cache (HF_HOME / HF_HUB_CACHE).")
 
 
-def _snapshot(hub, name, repo, revision, files, offline) -> str:
+def _snapshot(hub, name, repo, revision, patterns, offline, wanted) -> str:
+    """The snapshot folder with the files of `patterns` that the repository has; an error naming the
+    `wanted` files where it cannot be had."""
     try:
-        return hub.snapshot_download(repo, revision=revision, allow_patterns=list(files),
+        return hub.snapshot_download(repo, revision=revision, allow_patterns=list(patterns),
                                      cache_dir=hub.constants.HF_HUB_CACHE, local_files_only=offline)
     except Exception as e:  # offline and uncached, no network, no such repo: each is "not here, fetch it"
-        raise _missing(name, repo, revision, files, offline, cause=e) from e
+        raise _missing(name, repo, revision, wanted, offline, cause=e) from e
 
 
 def resolve(name: str) -> str:
@@ -70,14 +72,14 @@ def resolve(name: str) -> str:
     hub = _hub()
     offline = bool(hub.constants.HF_HUB_OFFLINE)  # read at import time from the environment, so read it here
     wanted = (hf_layouts.CONFIG, hf_layouts.WEIGHTS)
-    snapshot = _snapshot(hub, name, repo, revision, CONFIG_FILES, offline)
+    snapshot = _snapshot(hub, name, repo, revision, CONFIG_FILES, offline, wanted)
     if os.path.exists(os.path.join(snapshot, hf_layouts.CONFIG)):
         weights = (hf_layouts.WEIGHTS, hf_layouts.SHARD_INDEX, "model-*-of-*.safetensors")
     elif os.path.exists(os.path.join(snapshot, hf_layouts.OPEN_CLIP_CONFIG)):
         weights, wanted = hf_layouts.OPEN_CLIP_WEIGHTS, (hf_layouts.OPEN_CLIP_CONFIG, hf_layouts.OPEN_CLIP_WEIGHTS[0])
     else:
         raise _missing(name, repo, revision, wanted, offline, cause="no config.json in the repository")
-    snapshot = _snapshot(hub, name, repo, revision, weights, offline)
+    snapshot = _snapshot(hub, name, repo, revision, weights, offline, wanted)
     try:
         hf_layouts.weight_files(snapshot)
     except FileNotFoundError:

@@ -95,7 +95,7 @@ def variables_to_hf(model, variables) -> dict:
 def write_tokenizer(config: CLIPConfig, out_dir: str):
     """vocab.txt and tokenizer_config.json of transformers' BertTokenizer (clip_jax's WordPiece ids:
     [CLS] ... [SEP], padded with [PAD] 0), and ChineseCLIPImageProcessor's preprocessor_config.json
-    (Chinese-CLIP resizes to the square, without a crop)."""
+    (clip_jax.preprocess's transform, as for every clip_jax model)."""
     from clip_jax.tokenizers import ZH_VOCAB_PATH
 
     t = config.text
@@ -115,5 +115,4 @@ def write_tokenizer(config: CLIPConfig, out_dir: str):
         "model_max_length": t.context_length, "do_lower_case": True, "tokenize_chinese_chars": True,
         "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
         "mask_token": "[MASK]"})
-    clip_family.write_image_processor(config, out_dir, "ChineseCLIPImageProcessor", "ChineseCLIPProcessor",
-                                      crop=False)
+    clip_family.write_image_processor(config, out_dir, "ChineseCLIPImageProcessor", "ChineseCLIPProcessor")

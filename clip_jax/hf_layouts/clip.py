@@ -189,16 +189,16 @@ def variables_to_hf(model, variables) -> dict:
 
 
 # -- tokenizer and image processor files ----------------------------------------------------------------
-def write_image_processor(config: CLIPConfig, out_dir: str, image_processor: str, processor: str, crop: bool):
+def write_image_processor(config: CLIPConfig, out_dir: str, image_processor: str, processor: str):
     """preprocessor_config.json: clip_jax.preprocess's transform (bicubic resize of the shorter side,
-    center crop, OpenAI's mean and std), or with `crop` False a resize to the square."""
+    center crop, OpenAI's mean and std)."""
     from clip_jax.preprocessing import MEAN, STD
 
     size = config.vision.image_size
     content: dict[str, Any] = {
         "image_processor_type": image_processor, "processor_class": processor, "do_resize": True,
-        "size": {"shortest_edge": size} if crop else {"height": size, "width": size}, "resample": 3,
-        "do_center_crop": crop, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(MEAN), "image_std": list(STD),
         "do_convert_rgb": True}
     write_json(os.path.join(out_dir, "preprocessor_config.json"), content)
@@ -224,7 +224,7 @@ def write_tokenizer(config: CLIPConfig, out_dir: str):
         "tokenizer_class": "CLIPTokenizer", "processor_class": "CLIPProcessor",
         "model_max_length": t.context_length, "bos_token": tokenizers.SOT_TOKEN, "eos_token": tokenizers.EOT_TOKEN,
         "unk_token": tokenizers.EOT_TOKEN, "pad_token": tokenizers.EOT_TOKEN, "do_lower_case": True})
-    write_image_processor(config, out_dir, "CLIPImageProcessor", "CLIPProcessor", crop=True)
+    write_image_processor(config, out_dir, "CLIPImageProcessor", "CLIPProcessor")
 
 
 def write_json(path: str, content):
