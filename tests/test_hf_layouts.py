@@ -302,6 +302,28 @@ def test_hub_names_resolve_from_the_cache_offline(tiny_dir, offline_cache):
     assert set(visual["params"]) == {"visual"}
 
 
+def test_init_from_takes_a_hub_name(offline_cache):
+    """--config.init_from=hf-hub:ORG/NAME with init_params: the trainer's start reads the matching
+    params from the cached directory (scanned model), the rest keep their fresh init."""
+    from flax import traverse_util
+    from tiny import tiny_config, tiny_run
+
+    _, cache = offline_cache
+    model = create_model("ViT-Tiny-test")
+    params = random_params(model, 5)
+    clip_jax.save_hf(model, params, str(cache.parent / "export"))
+    cached_repo(cache, "org/tiny", cache.parent / "export")
+    c = tiny_config()
+    fresh = convert.unstack_layers(traverse_util.flatten_dict(tiny_run(c).state.params))
+    c.init_from, c.init_params = "hf-hub:org/tiny", "text/.*|logit_scale"
+    got = convert.unstack_layers(traverse_util.flatten_dict(tiny_run(c).state.params))
+    want = convert.unstack_layers(traverse_util.flatten_dict(params["params"]))
+    for key, value in got.items():
+        expected = fresh[key] if key[0] == "visual" else want[key]
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=str(key))
+    assert not np.array_equal(np.asarray(fresh[("logit_scale",)]), want[("logit_scale",)])
+
+
 def test_hub_names_missing_from_the_cache_name_the_files_and_the_command(tiny_dir, offline_cache):
     _, cache = offline_cache
     cached_repo(cache, "org/no-weights", tiny_dir, files=["config.json"])
