@@ -55,8 +55,9 @@ def random_tokens(n: int, length: int, vocab: int, eos: int, seed: int) -> np.nd
 # -- transformers -> clip_jax --------------------------------------------------------------------------
 def test_transformers_models_load_with_their_embeddings(tmp_path, monkeypatch):
     """CLIPModel (quick_gelu with eos the last id; gelu with the legacy eos_token_id 2, pooled by
-    argmax) and ChineseCLIPModel, random weights with non-zero biases, saved by save_pretrained: clip_jax
-    builds their architecture from config.json and gives their normalized features."""
+    argmax, also saved in bfloat16) and ChineseCLIPModel, random weights with non-zero biases, saved by
+    save_pretrained: clip_jax builds their architecture from config.json and gives their normalized
+    features."""
     images = random_images(3, 32, 1)
     tokens = random_tokens(3, 16, 100, 99, 2)
     cn_tokens = random_tokens(3, 16, 100, 99, 3)
@@ -80,6 +81,12 @@ for name, text in {cases!r}.items():
         outputs[name + "_img"] = model.get_image_features(pixel_values=images).pooler_output.numpy()
         ids = torch.from_numpy(inputs["tokens"]).long()
         outputs[name + "_txt"] = model.get_text_features(input_ids=ids).pooler_output.numpy()
+half = model.to(torch.bfloat16)  # the last one (legacy) also as a bfloat16 checkpoint, as hub files often are
+half.save_pretrained({str(tmp_path / "bf16")!r})
+with torch.no_grad():
+    model = half.float()
+    outputs["bf16_img"] = model.get_image_features(pixel_values=images).pooler_output.numpy()
+    outputs["bf16_txt"] = model.get_text_features(input_ids=ids).pooler_output.numpy()
 model = noisy(ChineseCLIPModel(ChineseCLIPConfig(text_config={TEXT!r}, vision_config={VISION!r}, projection_dim=24)))
 model.save_pretrained({str(tmp_path / "cn")!r})
 ids = torch.from_numpy(inputs["cn_tokens"]).long()
@@ -92,10 +99,14 @@ with torch.no_grad():
     def unit(x):
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
-    for name, toks in (("quick", tokens), ("legacy", tokens), ("cn", cn_tokens)):
+    for name, toks in (("quick", tokens), ("legacy", tokens), ("bf16", tokens), ("cn", cn_tokens)):
         model, params = clip_jax.load(str(tmp_path / name))
         np.testing.assert_allclose(clip_jax.encode_image(model, params, images), unit(ref[name + "_img"]), atol=TOL)
         np.testing.assert_allclose(clip_jax.encode_text(model, params, toks), unit(ref[name + "_txt"]), atol=TOL)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as f:  # the bfloat16 reader was needed
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     vision = VisionConfig(image_size=32, layers=2, width=48, patch_size=8, head_width=12, mlp_ratio=2.0)
     text = TextConfig(context_length=16, vocab_size=100, width=32, heads=4, layers=2, mlp_ratio=2.0)
     assert clip_jax.load(str(tmp_path / "quick"))[0].config == CLIPConfig(24, vision, text, quick_gelu=True,

@@ -102,6 +102,36 @@ def weight_files(path: str) -> list[str]:
                             f"{TORCH_WEIGHTS}")
 
 
+# safetensors' dtype names -> numpy's (bfloat16 from ml_dtypes, which jax installs)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file as numpy arrays, bfloat16 ones (which safetensors' numpy
+    reader refuses; hub checkpoints are often bfloat16) upcast to float32."""
+    from clip_jax import convert
+
+    try:
+        return convert.read_state_dict(path)
+    except TypeError:  # a dtype numpy does not know: read the format's header and buffers directly
+        import ml_dtypes
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        dtype = ml_dtypes.bfloat16 if entry["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        value = np.frombuffer(data[start:end], dtype=dtype).reshape(entry["shape"])
+        out[name] = value.astype(np.float32) if entry["dtype"] == "BF16" else np.array(value)
+    return out
+
+
 def read(path: str):
     """(CLIPConfig, state dict of numpy arrays in the directory's own keys) of a model directory."""
     from clip_jax import convert
@@ -109,7 +139,7 @@ def read(path: str):
     config = config_of(path)
     state_dict: dict[str, np.ndarray] = {}
     for file in weight_files(path):
-        state_dict.update(convert.read_state_dict(file))
+        state_dict.update(read_safetensors(file) if file.endswith(".safetensors") else convert.read_state_dict(file))
     return config, state_dict
 
 
