@@ -25,8 +25,8 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hid
             max_position_embeddings=16)
 VISION = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=32,
               patch_size=8)
-CAPTIONS = ["a photo of a cat", "A Diagram, of 2 DOGS!", "it's   a café at 5pm"]
-CN_CAPTIONS = ["一张猫的照片", "两只狗在草地上奔跑", "a photo 的 Cat!"]
+CAPTIONS = ["a photo of a cat", "A Diagram, of 2 DOGS!", "it's   a café at 5pm", "a long caption " * 30]
+CN_CAPTIONS = ["一张猫的照片", "两只狗在草地上奔跑", "a photo 的 Cat!", "一只很长的猫" * 15]
 
 
 def transformers_reference(code: str, monkeypatch, **arrays):
@@ -195,6 +195,40 @@ def test_export_round_trips_and_configs_map_both_ways(tmp_path):
             assert flat[key].tobytes() == value.tobytes(), key
 
 
+def test_sharded_weights_and_open_clip_hub_directories_load(tmp_path, tiny_dir):
+    """transformers' sharded files (model.safetensors.index.json) and open_clip's hub layout
+    (open_clip_config.json + open_clip_model.safetensors) give the same variables; a missing shard
+    is named."""
+    model, params = clip_jax.load(str(tiny_dir))
+    _, state_dict = hf_layouts.read(str(tiny_dir))
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_dir, sharded)
+    os.remove(sharded / "model.safetensors")
+    keys = sorted(state_dict)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        convert.write_safetensors({k: state_dict[k] for k in part}, str(sharded / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    open_clip_dir = tmp_path / "open_clip"
+    open_clip_dir.mkdir()
+    clip_jax.save_open_clip(model.config, params, str(open_clip_dir / "open_clip_model.safetensors"))
+    os.remove(open_clip_dir / "open_clip_model.json")
+    (open_clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model.config.to_dict(),
+                                                                      "preprocess_cfg": {}}))
+    for path in (sharded, open_clip_dir):
+        assert hf_layouts.is_model_dir(path)
+        loaded_model, loaded = clip_jax.load(str(path))
+        assert loaded_model.config == model.config
+        for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    os.remove(sharded / "model-00002-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match="the shards model-00002-of-00002.safetensors named in"):
+        clip_jax.load(str(sharded))
+    assert not hf_layouts.is_model_dir(tmp_path) and not hf_layouts.is_model_dir(sharded / "config.json")
+
+
 # -- strictness and refusals ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -311,6 +345,17 @@ def test_hub_names_resolve_from_the_cache_offline(tiny_dir, offline_cache):
     # as init_from reads it: the given architecture, the selected variables only
     _, visual = clip_jax.load(model.config, "hf-hub:org/tiny", only=lambda path: path[1] == "visual")
     assert set(visual["params"]) == {"visual"}
+    # open_clip's hub layout
+    source = cache.parent / "open_clip"
+    source.mkdir()
+    clip_jax.save_open_clip(model.config, params, str(source / "open_clip_model.safetensors"),
+                            config_path=str(cache.parent / "unused.json"))
+    (source / "open_clip_config.json").write_text(json.dumps({"model_cfg": model.config.to_dict()}))
+    cached_repo(cache, "org/tiny-open-clip", source)
+    hub_model, hub_params = clip_jax.load("hf-hub:org/tiny-open-clip")
+    assert hub_model.config == model.config
+    for a, b in zip(jax.tree_util.tree_leaves(hub_params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_init_from_takes_a_hub_name(offline_cache):
