@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import convert
+from clip_jax import convert, hf_layouts, hub
 from clip_jax.models import CLIP, CLIPConfig, create_model, get_model_config
 from clip_jax.models.config import to_chinese_clip
 from clip_jax.models.vit import check_images
@@ -40,8 +40,6 @@ def load(
     only: a predicate on variable paths (('params', 'visual', ...)): read only those (partial
     initialization); a missing or mis-shaped one of them is an error naming it.
     """
-    from clip_jax import hf_layouts, hub
-
     if path is None:
         if not (hub.is_hub_name(name) or hf_layouts.is_model_dir(name)):
             raise ValueError(f"load({name!r}) without a weights path needs a model directory (config.json + "
@@ -99,8 +97,6 @@ def save_hf(model: Union[CLIP, str, dict, CLIPConfig], params, directory: str, t
     ChineseCLIPModel for a BERT text tower), and with `tokenizer` the tokenizer and image processor
     files of ``AutoProcessor.from_pretrained(directory)``. `model`: as ``clip_jax.load`` or
     ``create_model`` returns it, or a preset name / config. ``clip_jax.load(directory)`` reads it back."""
-    from clip_jax import hf_layouts
-
     if not isinstance(model, CLIP):
         model = create_model(model)
     return hf_layouts.save(model, params, directory, tokenizer=tokenizer)
