@@ -303,6 +303,14 @@ def test_configs_clip_jax_cannot_represent_are_refused_by_field(tmp_path):
         assert "clip_jax.save_open_clip" in str(e.value) and "chinese_clip: " in str(e.value)
     with pytest.raises(ValueError, match="without a weights path needs a model directory"):
         clip_jax.load("ViT-Tiny-test")
+    # a vocabulary CLIP's tokenizer does not have: the weights alone, where asked for
+    small = create_model("ViT-Tiny-test", overrides={"text_cfg": {"vocab_size": 100}})
+    params = random_params(small, 3)
+    with pytest.raises(ValueError, match="CLIPTokenizer is CLIP's BPE over 49408 ids.*tokenizer=False"):
+        clip_jax.save_hf(small, params, str(tmp_path / "small"))
+    clip_jax.save_hf(small, params, str(tmp_path / "small"), tokenizer=False)
+    assert sorted(os.listdir(tmp_path / "small")) == ["config.json", "model.safetensors"]
+    assert clip_jax.load(str(tmp_path / "small"))[0].config == small.config
 
 
 # -- hub names -----------------------------------------------------------------------------------------
