@@ -388,6 +388,24 @@ def test_init_from_takes_a_hub_name(offline_cache):
     assert not np.array_equal(np.asarray(fresh[("logit_scale",)]), want[("logit_scale",)])
 
 
+def test_evaluation_and_adaptation_take_model_directories_and_hub_names(tiny_dir, offline_cache):
+    """python -m clip_jax.evaluate --weights=DIR|hf-hub:... and clip_jax.adapt's config.weights: the
+    directory's config is the architecture (a transformers directory has a config.json, as a training
+    workdir has: it is not taken for one)."""
+    from clip_jax import runs
+    from clip_jax.evaluate.evaluator import load_model
+
+    _, cache = offline_cache
+    cached_repo(cache, "org/tiny", tiny_dir)
+    model, params = clip_jax.load(str(tiny_dir))
+    for weights in (str(tiny_dir), "hf-hub:org/tiny"):
+        for got_model, got in (load_model(None, weights, None, None)[:2], runs.towers(weights),
+                               runs.towers(weights, "ViT-Tiny-test", dtype="bfloat16")):
+            assert got_model.config == model.config
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_hub_names_missing_from_the_cache_name_the_files_and_the_command(tiny_dir, offline_cache):
     _, cache = offline_cache
     cached_repo(cache, "org/no-weights", tiny_dir, files=["config.json"])
