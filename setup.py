@@ -27,9 +27,11 @@ DATA = [
 # libtpu (with the jaxlib of the installed jax): clip_jax.compile_check describes Cloud TPU
 # topologies with it and compiles the step for them on any host.
 TPU = ["jax[tpu]"]
+# huggingface_hub: hf-hub:ORG/NAME model names (clip_jax.hub), read from and fetched into its cache.
+HUB = ["huggingface_hub>=0.34"]
 # scikit-learn: the reference the linear probe is tested against; importlib_resources: tfds needs
 # it to write the small test datasets the evaluation tests build; ruff: the linter CI runs.
-TEST = DATA + TPU + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3",
+TEST = DATA + TPU + HUB + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3",
                      "importlib_resources>=5", "ruff>=0.6"]
 
 setup(
@@ -40,5 +42,5 @@ setup(
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
     package_data={"clip_jax": ["assets/*", "assets/zero_shot/*.json", "model_configs/*.json"]},
     install_requires=CORE,
-    extras_require={"data": DATA, "tpu": TPU, "test": TEST},
+    extras_require={"data": DATA, "tpu": TPU, "hub": HUB, "test": TEST},
 )

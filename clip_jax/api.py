@@ -1,4 +1,4 @@
-"""The public inference/interop API: load, save_open_clip, encode_image, encode_text.
+"""The public inference/interop API: load, save_open_clip, save_hf, encode_image, encode_text.
 
 ``params`` here is the Flax variables dict: {'params': ...} plus 'batch_stats' for the
 ResNet towers. Inputs are validated on the host before anything is traced or compiled.
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import convert
+from clip_jax import convert, hf_layouts, hub
 from clip_jax.models import CLIP, CLIPConfig, create_model, get_model_config
 from clip_jax.models.config import to_chinese_clip
 from clip_jax.models.vit import check_images
@@ -21,21 +21,38 @@ from clip_jax.models.vit import check_images
 
 def load(
     name: Union[str, dict, CLIPConfig],
-    path: str,
+    path: Optional[str] = None,
     dtype: str = "float32",
     scan: bool = False,
     remat: str = "none",
     only=None,
 ):
-    """(model, params) from an OpenAI/open_clip checkpoint or a clip_jax export.
+    """(model, params) from an OpenAI/open_clip checkpoint, a clip_jax export or a model directory.
 
     name: a preset of ``clip_jax.list_models()`` (use the '-quickgelu' names for OpenAI's
-    weights), an open_clip-style config dict, or the path of such a JSON.
+    weights), an open_clip-style config dict, or the path of such a JSON; or, alone, a model
+    directory in transformers' layout (config.json + model.safetensors: CLIPModel,
+    ChineseCLIPModel, ...) or open_clip's hub layout, or a hub name "hf-hub:ORG/NAME[@REVISION]"
+    (clip_jax.hub: huggingface_hub's cache), whose config gives the architecture.
     path: ``.safetensors`` (no torch needed), ``.pt``/``.bin``/``.pth`` (needs torch),
-    or a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``.
+    a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``, or a model
+    directory / hub name as above, whose weights are read into `name`'s architecture.
     only: a predicate on variable paths (('params', 'visual', ...)): read only those (partial
     initialization); a missing or mis-shaped one of them is an error naming it.
     """
+    if path is None:
+        if not (hub.is_hub_name(name) or hf_layouts.is_model_dir(name)):
+            raise ValueError(f"load({name!r}) without a weights path needs a model directory (config.json + "
+                             "model.safetensors) or an hf-hub:ORG/NAME name; for a preset or config give the "
+                             "weights: load(name, path)")
+        directory = hub.resolve(name) if hub.is_hub_name(name) else name
+        return hf_layouts.load_dir(directory, dtype=dtype, scan=scan, remat=remat, only=only)
+    if hub.is_hub_name(name) or hf_layouts.is_model_dir(name):  # the architecture of a directory's config
+        name = hf_layouts.config_of(hub.resolve(name) if hub.is_hub_name(name) else name)
+    if hub.is_hub_name(path) or hf_layouts.is_model_dir(path):
+        create_model(name, dtype=dtype, scan=scan, remat=remat)  # unknown name fails here, before a download
+        directory = hub.resolve(path) if hub.is_hub_name(path) else path
+        return hf_layouts.load_dir(directory, dtype=dtype, scan=scan, remat=remat, only=only, architecture=name)
     model = create_model(name, dtype=dtype, scan=scan, remat=remat)  # unknown name fails here, first
     if path.endswith(".msgpack"):
         return model, read_flax_params(model, path, only)
@@ -72,6 +89,17 @@ def save_open_clip(name: Union[str, dict, CLIPConfig], params, path: str, config
         with open(config_path, "w") as f:
             json.dump(to_chinese_clip(config) if chinese else config.to_dict(), f, indent=2)
     return path
+
+
+def save_hf(model: Union[CLIP, str, dict, CLIPConfig], params, directory: str, tokenizer: bool = True) -> str:
+    """Write ``params`` to `directory` in transformers' layout: config.json and model.safetensors that
+    ``transformers.AutoModel.from_pretrained(directory)`` loads with strict keys (CLIPModel, or
+    ChineseCLIPModel for a BERT text tower), and with `tokenizer` the tokenizer and image processor
+    files of ``AutoProcessor.from_pretrained(directory)``. `model`: as ``clip_jax.load`` or
+    ``create_model`` returns it, or a preset name / config. ``clip_jax.load(directory)`` reads it back."""
+    if not isinstance(model, CLIP):
+        model = create_model(model)
+    return hf_layouts.save(model, params, directory, tokenizer=tokenizer)
 
 
 def write_flax_params(params, path: str):

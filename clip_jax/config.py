@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Architecture changes over the preset, in open_clip's JSON keys, e.g.
     # ConfigDict({"text_cfg": {"width": 256}, "init_logit_bias": -10.0}).
     c.model_overrides = ml_collections.ConfigDict()
-    c.init_from = ""  # weights to start from: .safetensors / .pt / .msgpack (anything clip_jax.load reads)
+    c.init_from = ""  # weights to start from: what clip_jax.load reads (.safetensors/.pt/.msgpack, model dir, hf-hub:)
     c.init_params = ".*"  # the params taken from init_from (regex over param paths); the rest stay fresh
     c.dtype = "float32"  # compute; params and optimizer state stay float32
     c.remat = "none"  # 'none' | 'full' | a jax.checkpoint_policies name

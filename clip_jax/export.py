@@ -1,8 +1,8 @@
 """Export a run for evaluation anywhere, what its method exports (clip_jax.runs reads the run):
 
-    python -m clip_jax.export --workdir=DIR --out=PATH [--step=N] [--extras]
+    python -m clip_jax.export --workdir=DIR --out=PATH [--step=N] [--extras] [--format=open_clip|hf]
 
-writes PATH.safetensors in open_clip's layout (``open_clip.create_model(name,
+--format=open_clip (the default) writes PATH.safetensors in open_clip's layout (``open_clip.create_model(name,
 pretrained=PATH.safetensors)``; a SigLIP run's logit bias with it), PATH.json (the open_clip
 model config, for ``open_clip.add_model_config``, with ``init_logit_bias`` where the model has a
 bias; written for every model, needed for those that are no open_clip preset; a cn-* model's is
@@ -10,6 +10,11 @@ Chinese-CLIP's), and PATH.msgpack (the plain Flax variables, unstacked). Both fi
 ``clip_jax.load(name, path)``. A SLIP run's SSL head is written only with --extras
 (PATH.ssl_head.safetensors); an adaptation workdir (python -m clip_jax.adapt) gives its frozen
 towers and PATH.adapter.safetensors / PATH.adapter.json.
+
+--format=hf writes the directory PATH in transformers' layout (clip_jax.save_hf): config.json,
+model.safetensors and the tokenizer and image processor files, which
+``transformers.AutoModel.from_pretrained(PATH)`` / ``AutoProcessor.from_pretrained(PATH)`` and
+``clip_jax.load(PATH)`` read; the parts and files named above go into it as PART.safetensors / NAME.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import os
 import shutil
 from typing import Optional
 
+FORMATS = ("open_clip", "hf")
 
-def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = False) -> dict:
+
+def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = False, format: str = "open_clip") -> dict:
     """A run's export (clip_jax.runs: what its method exports): a training run's towers at `step`
     (default: its newest good checkpoint), with the model's logit bias where it has one (SigLIP),
     and with `extras` the parts only training uses (SLIP's SSL head: PATH.ssl_head.safetensors); an
@@ -28,8 +35,12 @@ def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = Fa
     from clip_jax.api import save_open_clip, write_flax_params
     from clip_jax.convert import write_safetensors
 
+    if format not in FORMATS:
+        raise ValueError(f"export format {format!r}: choose one of {', '.join(FORMATS)}")
     run = runs.read(workdir, step)
     exported = run.exported(extras)
+    if format == "hf":
+        return {"step": run.step, **export_hf(exported, out)}
     out = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     paths = {"safetensors": out + ".safetensors", "json": out + ".json", "msgpack": out + ".msgpack"}
@@ -45,18 +56,37 @@ def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = Fa
     return {"step": run.step, **paths}
 
 
+def export_hf(exported, out: str) -> dict:
+    """The towers in transformers' layout in the directory `out`, the other parts and files beside them."""
+    from clip_jax.api import save_hf
+    from clip_jax.convert import write_safetensors
+
+    paths = {"hf": save_hf(exported.model, exported.variables, out)}
+    for part, tensors in exported.parts.items():
+        paths[part] = os.path.join(out, f"{part}.safetensors")
+        write_safetensors(tensors, paths[part])
+    for name, source in exported.files.items():
+        paths[name] = os.path.join(out, name)
+        shutil.copyfile(source, paths[name])
+    return paths
+
+
 def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m clip_jax.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training workdir (python -m clip_jax.train --workdir)")
-    parser.add_argument("--out", required=True, help="output path prefix (PATH.safetensors, PATH.json, PATH.msgpack)")
+    parser.add_argument("--out", required=True, help="output path prefix (PATH.safetensors, PATH.json, PATH.msgpack); "
+                        "with --format=hf the output directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that reads)")
     parser.add_argument("--extras", action="store_true",
                         help="also the parts only training uses (SLIP's SSL head: PATH.ssl_head.safetensors)")
+    parser.add_argument("--format", choices=FORMATS, default="open_clip",
+                        help="open_clip: open_clip's state dict, its JSON and Flax's msgpack (the default); "
+                             "hf: a transformers model directory")
     args = parser.parse_args(argv)
-    written = export(args.workdir, args.out, args.step, args.extras)
+    written = export(args.workdir, args.out, args.step, args.extras, args.format)
     print(f"exported step {written.pop('step')}:")
     for kind, path in written.items():
         print(f"  {kind}: {path}")

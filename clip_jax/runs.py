@@ -113,12 +113,15 @@ def towers(weights: str, model: str = "", **options):
     """(model, variables) of `weights`: a file clip_jax.load reads (with `model`, its architecture) or a
     training workdir (its method's towers, at its newest good checkpoint). `options`: create_model's
     runtime settings (dtype, remat); the weights stay float32."""
+    from clip_jax import hf_layouts, hub
     from clip_jax.api import load
     from clip_jax.models import create_model
 
     if not weights:
         raise ValueError("config.weights is empty: give a weights file (.safetensors, .pt, .msgpack) with "
                          "config.model, or a training workdir (python -m clip_jax.train --workdir=DIR)")
+    if hub.is_hub_name(weights) or hf_layouts.is_model_dir(weights):  # its config is the architecture
+        return load(model, weights, **options) if model else load(weights, **options)
     if os.path.isdir(weights):
         if not os.path.exists(os.path.join(weights, TRAINING_CONFIG)):
             raise ValueError(f"config.weights={weights!r} is a directory but not a training workdir (no config.json)")

@@ -11,7 +11,7 @@ from clip_jax.input import dataset_info, settings
 def adapt_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "coop"  # clip_jax.adapt.methods.ADAPTERS: coop, cocoop, clip_adapter, tip_adapter, tip_adapter_f
-    c.weights = ""  # the frozen CLIP: a file clip_jax.load reads (with c.model) or a training workdir
+    c.weights = ""  # the frozen CLIP: a file clip_jax.load reads (with c.model), a model dir / hf-hub: or a workdir
     c.model = ""  # the weights' architecture (a preset or model JSON); a workdir brings its own
     c.dtype = "float32"  # the frozen towers' compute dtype ('bfloat16'; the references run fp16)
     c.remat = "none"  # the towers' remat policy: 'full' lets MaPLe's and CoOp's text passes over many classes fit

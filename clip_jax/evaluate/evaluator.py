@@ -2,6 +2,7 @@
 
     python -m clip_jax.evaluate --workdir=DIR [--step=N] [--eval=SPEC ...] [--out=FILE.json]
     python -m clip_jax.evaluate --weights=PATH.safetensors|.msgpack|.pt [--model=NAME] --eval=SPEC ...
+    python -m clip_jax.evaluate --weights=DIR|hf-hub:ORG/NAME --eval=SPEC ...   (transformers' layouts)
 
 An evaluation SPEC is TASK=DATA[|key=value...]:
 
@@ -251,6 +252,13 @@ def load_model(workdir: Optional[str], weights: Optional[str], model_name: Optio
         return run.model, run.variables, f"{workdir} step {run.step}", run.config, run.step
     if not weights:
         raise ValueError("pass --workdir=DIR (a training run) or --weights=FILE (an exported or released model)")
+    from clip_jax import hf_layouts, hub
+
+    if hub.is_hub_name(weights) or hf_layouts.is_model_dir(weights):  # its config is the architecture
+        import clip_jax
+
+        model, variables = clip_jax.load(model_name, weights) if model_name else clip_jax.load(weights)
+        return model, variables, weights, None, None
     if not os.path.exists(weights) and "://" not in weights:
         raise FileNotFoundError(f"--weights={weights!r} does not exist")
     name = model_name or _model_beside(weights)
@@ -296,7 +304,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="a training workdir: its latest (or --step) checkpoint")
     parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--weights", help="an exported .safetensors/.msgpack, or open_clip/OpenAI weights")
+    parser.add_argument("--weights", help="an exported .safetensors/.msgpack, open_clip/OpenAI weights, or a "
+                        "transformers model directory / hf-hub:ORG/NAME (its config gives the model)")
     parser.add_argument("--model", help="model name or config JSON (default: the one exported beside --weights)")
     parser.add_argument("--eval", action="append", default=[],
                         help="TASK=DATA[|key=value...], repeatable (default: the run config's data.eval)")

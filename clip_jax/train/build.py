@@ -204,8 +204,9 @@ def initial_weights(config, model: CLIP, variables: dict, shardings, log=print) 
 
 def _weights_of(config, model: CLIP, variables: dict, shardings, path: str, regex: str, log) -> dict:
     from clip_jax.api import load
+    from clip_jax.hub import is_hub_name
 
-    if not os.path.exists(path) and "://" not in path:
+    if not os.path.exists(path) and "://" not in path and not is_hub_name(path):
         raise FileNotFoundError(f"config.init_from={path!r} does not exist")
     try:
         take = re.compile(regex)
