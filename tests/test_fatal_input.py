@@ -80,10 +80,10 @@ def test_records_that_do_not_parse_end_a_resumed_run_after_the_other_streams_rea
     # batch 512: stream 0 needs 256 epochs of its damaged shard for one batch, so it is still reading when
     # stream 1 stops
     size = {"batch_size": 512, "checkpoint_every_steps": 1}
-    first = train(workdir, good, tmp_path, total_steps=2, **size)
+    first = train(workdir, good, tmp_path, total_steps=1, **size)
     assert first.returncode == 0, first.stdout[-3000:]
     checkpoints = sorted(os.listdir(workdir / "checkpoints"))
-    assert "2" in checkpoints
+    assert "1" in checkpoints
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -91,16 +91,16 @@ def test_records_that_do_not_parse_end_a_resumed_run_after_the_other_streams_rea
     with tf.io.TFRecordWriter(str(mixed / "b.tfrecord")) as writer:
         for _ in range(20):
             writer.write(b"not an example")
-    done = train(workdir, mixed, tmp_path, total_steps=4, **size)
+    done = train(workdir, mixed, tmp_path, total_steps=3, **size)
     assert done.returncode != 0
-    assert "resumed from step 2" in done.stdout, done.stdout[-3000:]
+    assert "resumed from step 1" in done.stdout, done.stdout[-3000:]
     assert WARNING in done.stdout
     assert last_line(done.stdout).startswith("clip_jax.input.pipeline.NoUsableData: data stream 1 of 2 read a whole "
                                              "pass over its files without one usable example"), done.stdout[-3000:]
     assert "not_an_example=20. Files: " in last_line(done.stdout) and "b.tfrecord" in last_line(done.stdout)
     assert sorted(os.listdir(workdir / "checkpoints")) == checkpoints
-    again = train(workdir, good, tmp_path, total_steps=3, **size)
-    assert again.returncode == 0 and "resumed from step 2" in again.stdout, again.stdout[-3000:]
+    again = train(workdir, good, tmp_path, total_steps=1, **size)  # the checkpoint restores (no step is left)
+    assert again.returncode == 0 and "resumed from step 1" in again.stdout, again.stdout[-3000:]
 
 
 def mixed_streams(folder) -> str:
