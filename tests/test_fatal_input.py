@@ -86,11 +86,7 @@ def test_records_that_do_not_parse_end_a_resumed_run_after_the_other_streams_rea
     assert "1" in checkpoints
 
     mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    write_pictures(mixed / "a.tfrecord", 2, cut=10)
-    with tf.io.TFRecordWriter(str(mixed / "b.tfrecord")) as writer:
-        for _ in range(20):
-            writer.write(b"not an example")
+    mixed_streams(mixed)
     done = train(workdir, mixed, tmp_path, total_steps=3, **size)
     assert done.returncode != 0
     assert "resumed from step 1" in done.stdout, done.stdout[-3000:]
