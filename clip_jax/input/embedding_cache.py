@@ -127,6 +127,10 @@ class EmbeddingCache:
     def bad_records(self) -> dict:
         return dict(self.manifest.get("bad_records", {}))
 
+    def close(self) -> None:
+        """Drops the chunk held in memory (a cache runs no reader threads to stop)."""
+        self._chunk = None
+
 
 def _norm(value):
     return list(value) if isinstance(value, (tuple, list)) else value

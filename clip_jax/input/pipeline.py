@@ -49,6 +49,8 @@ import queue
 import re
 import sys
 import threading
+import time
+import traceback
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -220,6 +222,7 @@ class _Stream:
         self._state = state or InputState()
         self._files = files
         self._iterator = None
+        self._ended: Optional[BaseException] = None  # how the stream ended (its error, or StopIteration)
 
     # -- the raw stream of one epoch (built in-graph: `epoch` is a tensor) --------------
     def _seed(self, salt: int, epoch):
@@ -423,26 +426,41 @@ class _Stream:
 
     # -- iteration ------------------------------------------------------------------
     def __next__(self) -> dict[str, Any]:
+        if self._ended is not None:
+            raise self._ended
         if self._iterator is None:
             self._base = InputState.from_dict(self._state.to_dict())
             self._iterator = iter(self._build())
-        from clip_jax.input.tf_runtime import import_tensorflow
-
+        failed = None
         try:
             batch = next(self._iterator)
-        except import_tensorflow().errors.InvalidArgumentError as e:
-            stopped = _STOPPED.search(e.message)
-            if stopped is None:
-                raise
-            counts, epoch, reason, usable = (np.array(stopped[i].split(), np.int64) for i in (1, 2, 3, 4))
-            if int(reason[0]) == END_OF_STREAM:  # a finite stream's end: its final counts, then the end
-                self._state.bad = self._bad(counts, int(usable[0]))
-                raise StopIteration from None
-            raise self._no_usable_data(counts, epoch, reason, int(usable[0])) from None
+        except BaseException as e:  # noqa: BLE001  (every end stops the stream's readers before it is raised)
+            failed = e
+        if failed is not None:  # raised outside the except: the stop's tf error is not kept as its context
+            self._ended = self._end_of(failed)
+            traceback.clear_frames(failed.__traceback__)  # its finished frames would hold the iterator alive
+            self.close()
+            raise self._ended
         out = {k: v.numpy() for k, v in batch.items()}
         del out["status"]
         self._update_state(out)
         return out
+
+    def _end_of(self, error: BaseException) -> BaseException:
+        """What the stream raises for the error its iterator raised: the in-graph stop (_stop) becomes
+        NoUsableData, or StopIteration at a finite stream's end; any other error is itself."""
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        if not isinstance(error, import_tensorflow().errors.InvalidArgumentError):
+            return error
+        stopped = _STOPPED.search(error.message)
+        if stopped is None:
+            return error
+        counts, epoch, reason, usable = (np.array(stopped[i].split(), np.int64) for i in (1, 2, 3, 4))
+        if int(reason[0]) == END_OF_STREAM:  # a finite stream's end: its final counts, then the end
+            self._state.bad = self._bad(counts, int(usable[0]))
+            return StopIteration()
+        return self._no_usable_data(counts, epoch, reason, int(usable[0]))
 
     def _no_usable_data(self, counts, epoch, reason, usable: int) -> NoUsableData:
         bad = self._bad(counts, usable)
@@ -476,6 +494,14 @@ class _Stream:
 
     def state(self) -> InputState:
         return InputState.from_dict(self._state.to_dict())
+
+    def close(self) -> None:
+        """Ends the stream's tf.data iterator, whose destruction stops and joins its reader threads: nothing
+        they run (an unreadable shard's warning) prints after this returns. A later next() raises how the
+        stream ended, or that it was closed."""
+        if self._ended is None:
+            self._ended = ValueError(f"data stream {self.index} of {self.count} was closed")
+        self._iterator = None
 
 
 
@@ -544,6 +570,7 @@ class InputPipeline:
                     state=state[k] if state is not None else None, num_epochs=num_epochs, inputs=resolved)
             for k, s in enumerate(self.stream_ids)
         ]
+        self._ended: Optional[BaseException] = None  # how the pipeline ended (a stream's error or end), or closed
 
     def _all_files(self, config) -> Optional[list[str]]:
         kind = self.source.kind
@@ -562,7 +589,14 @@ class InputPipeline:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        parts = [next(s) for s in self._streams]
+        if self._ended is not None:
+            raise self._ended
+        try:
+            parts = [next(s) for s in self._streams]
+        except BaseException as e:  # one stream's end or error ends them all: the others' readers stop before it shows
+            self._ended = e
+            self.close()
+            raise
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -577,6 +611,15 @@ class InputPipeline:
             for k, v in s.state().bad.items():
                 out[k] = out.get(k, 0) + v
         return out
+
+    def close(self) -> None:
+        """Stops every stream's readers (joined: nothing of theirs prints after this returns); a later
+        next() raises how the pipeline ended, or that it was closed."""
+        if self._ended is None:
+            self._ended = ValueError(f"the input pipeline of {self.source.kind}:{self.source.name or self.source.split}"
+                                     " was closed")
+        for s in self._streams:
+            s.close()
 
 
 # -- in-graph helpers ------------------------------------------------------------------
@@ -723,26 +766,38 @@ class DevicePrefetch:
 
     def _read(self) -> None:
         """The reader thread: host batches with the position after each, one ahead at most, until
-        close()."""
-        while not self._closing.is_set():
-            try:
-                item = (next(self.pipe), self.pipe.state())
-            except BaseException as e:  # noqa: BLE001  (StopIteration, NoUsableData, ...: re-raised by the caller)
-                item = e
+        close(); the pipeline is closed by this thread, the one that reads it, on its way out."""
+        try:
             while not self._closing.is_set():
                 try:
-                    self._host.put(item, timeout=0.25)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
+                    item = (next(self.pipe), self.pipe.state())
+                except BaseException as e:  # noqa: BLE001  (StopIteration, NoUsableData, ...: re-raised by the caller)
+                    item = e
+                while not self._closing.is_set():
+                    try:
+                        self._host.put(item, timeout=0.25)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, BaseException):
+                    return
+        finally:
+            self.pipe.close()
 
-    def close(self, wait_s: float = 2.0) -> None:
-        """Stop the reader thread (a thread left inside a stalled read stays: input_reader_stuck)."""
+    def close(self, wait_s: float = 30.0) -> None:
+        """Stop the reader thread and the pipeline's readers, so that nothing of theirs prints after an
+        error the caller goes on to raise. The read in flight is waited for, up to `wait_s` and no longer
+        once `interrupted` (SIGTERM): a thread left inside a stalled read stays, and closes the pipeline
+        if it ever leaves it (input_reader_stuck)."""
         self._closing.set()
-        if self._reader is not None:
-            self._reader.join(timeout=wait_s)
+        if self._reader is None:  # no reader thread was started: the pipeline is read here
+            self.pipe.close()
+            return
+        deadline = time.monotonic() + wait_s
+        while self._reader.is_alive() and time.monotonic() < deadline:
+            self._reader.join(timeout=0.25)
+            if self.interrupted():
+                break
 
     def _next_host(self):
         if self.interrupted is None:
