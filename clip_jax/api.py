@@ -58,6 +58,10 @@ def save_open_clip(name: Union[str, dict, CLIPConfig], params, path: str, config
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_open_clip writes .safetensors; got path {path!r}")
     config = get_model_config(name)
+    if "siglip" in (config.vision.kind, config.text.kind):  # open_clip builds these from timm and HF parts
+        raise ValueError("open_clip's JSON and CLIP layout cannot hold SigLIP's towers (tower kind 'siglip'): write "
+                         "transformers' layout instead, clip_jax.save_hf(model, params, DIR) (python -m "
+                         "clip_jax.export --format=hf)")
     state_dict = convert.variables_to_state_dict(params)
     model = CLIP(config)
     expected = convert.expected_state_dict_shapes(model)

@@ -17,6 +17,7 @@ import numpy as np
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_configs")
 QUICKGELU_SUFFIX = "-quickgelu"
+DEFAULT_LOGIT_SCALE = float(np.log(1 / 0.07))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ class CLIPConfig:
     vision: VisionConfig
     text: TextConfig
     quick_gelu: bool = False
-    init_logit_scale: float = float(np.log(1 / 0.07))
+    init_logit_scale: float = DEFAULT_LOGIT_SCALE
     init_logit_bias: Optional[float] = None  # set (e.g. -10) for the SigLIP loss
 
     # -- open_clip JSON <-> dataclasses ------------------------------------------------
@@ -127,6 +128,8 @@ class CLIPConfig:
             out["quick_gelu"] = True
         if self.init_logit_bias is not None:
             out["init_logit_bias"] = self.init_logit_bias
+        if self.init_logit_scale != DEFAULT_LOGIT_SCALE:  # SigLIP's log 10 (open_clip's CLIP takes the key)
+            out["init_logit_scale"] = self.init_logit_scale
         out["vision_cfg"] = vision
         text = dataclasses.asdict(self.text)
         out["text_cfg"] = {k: v for k, v in text.items() if k not in _TEXT_OPTIONAL or v != _TEXT_OPTIONAL[k]}
@@ -150,8 +153,10 @@ def list_models() -> list[str]:
     names = []
     for base, path in _preset_files().items():
         with open(path) as f:
-            quick_already = json.load(f).get("quick_gelu", False)  # the cn-* presets: OpenAI's image towers
-        names += [base] if quick_already else [base, base + QUICKGELU_SUFFIX]
+            d = json.load(f)
+        quick_already = d.get("quick_gelu", False)  # the cn-* presets: OpenAI's image towers
+        fixed_act = d["vision_cfg"].get("kind") == "siglip"  # SigLIP's towers compute tanh GELU only
+        names += [base] if quick_already or fixed_act else [base, base + QUICKGELU_SUFFIX]
     return sorted(names)
 
 

@@ -1,0 +1,142 @@
+"""SigLIP's towers (clip_jax.models.siglip) against transformers' SiglipModel on random weights, through
+the SiglipModel <-> clip_jax table (clip_jax.hf_layouts.siglip), both ways, strict keys."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax.hf_layouts import siglip as hf_siglip
+from clip_jax.models import create_model, init_variables
+from tests.conftest import reference
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
+            max_position_embeddings=16, projection_size=48, pad_token_id=1, bos_token_id=None, eos_token_id=1)
+VISION = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+              patch_size=8)
+
+
+def _hf_model(seed=0, **vision):
+    torch = reference("torch")
+    transformers = reference("transformers")
+    torch.manual_seed(seed)
+    config = transformers.SiglipConfig(text_config=TEXT, vision_config={**VISION, **vision})
+    model = transformers.SiglipModel(config).eval()
+    with torch.no_grad():  # transformers' init leaves some biases zero and LayerNorms plain: randomize all
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _inputs(image_size=32):
+    rng = np.random.RandomState(0)
+    images = rng.uniform(-1, 1, (3, image_size, image_size, 3)).astype(np.float32)
+    tokens = rng.randint(2, 100, (3, 16))
+    tokens[0, 9:] = 1  # EOS then padding with EOS, as SigLIP's tokenizer writes them
+    tokens[1, 5:] = 1
+    return images, tokens.astype(np.int32)
+
+
+def _hf_outputs(hf, images, tokens):
+    torch = reference("torch")
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+                 pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)))
+    return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_text.numpy()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_siglip_matches_transformers(scan):
+    hf = _hf_model()
+    config = hf_siglip.config_from_hf(hf.config.to_dict())
+    model = create_model(config, scan=scan)
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    variables = hf_siglip.variables_from_hf(model, state)
+    images, tokens = _inputs()
+    want_img, want_txt, want_logits = _hf_outputs(hf, images, tokens)
+    out = model.apply(variables, images, tokens)
+    np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_img, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["text_embeds"]), want_txt, atol=1e-5)
+    logits = np.asarray(out["text_embeds"]) @ np.asarray(out["image_embeds"]).T * float(out["logit_scale"]) \
+        + float(out["logit_bias"])
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4)
+    # and back: the same tensors under transformers' names, every key
+    back = hf_siglip.variables_to_hf(model, variables)
+    assert sorted(back) == sorted(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+
+
+def test_siglip_export_loads_in_transformers():
+    transformers = reference("transformers")
+    torch = reference("torch")
+    model = create_model("ViT-SigLIP-Tiny-test")
+    variables = init_variables(model, jax.random.key(1))
+    hf = transformers.SiglipModel(transformers.SiglipConfig(**hf_siglip.config_to_hf(model.config))).eval()
+    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in
+                                              hf_siglip.variables_to_hf(model, variables).items()}, strict=True)
+    assert not missing and not unexpected
+    images, tokens = _inputs()
+    want_img, want_txt, _ = _hf_outputs(hf, images, tokens)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images, method="encode_image")), want_img, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, tokens, method="encode_text")), want_txt, atol=1e-5)
+
+
+def test_siglip_patch_grid_drops_the_remainder_as_transformers_does():
+    # So400m/14 at 384 pixels: 27 patches of 14, the last 6 rows and columns unseen ('VALID' conv)
+    hf = _hf_model(image_size=36)
+    config = hf_siglip.config_from_hf(hf.config.to_dict())
+    model = create_model(config)
+    variables = hf_siglip.variables_from_hf(model, {k: v.numpy() for k, v in hf.state_dict().items()})
+    images, tokens = _inputs(36)
+    want_img, _, _ = _hf_outputs(hf, images, tokens)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, images, method="encode_image")), want_img, atol=1e-5)
+
+
+def test_siglip_strict_keys_and_refused_configs():
+    hf = _hf_model()
+    model = create_model(hf_siglip.config_from_hf(hf.config.to_dict()))
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    state["vision_model.head.extra"] = np.zeros(3)
+    del state["text_model.head.bias"]
+    with pytest.raises(ValueError, match=r"missing: text_model.head.bias[\s\S]*unexpected: vision_model.head.extra"):
+        hf_siglip.variables_from_hf(model, state)
+    d = hf.config.to_dict()
+    d["text_config"]["hidden_act"] = "gelu"
+    with pytest.raises(ValueError, match="text_config.hidden_act"):
+        hf_siglip.config_from_hf(d)
+    d = hf.config.to_dict()
+    d["text_config"]["projection_size"] = 40
+    with pytest.raises(ValueError, match="projection_size"):
+        hf_siglip.config_from_hf(d)
+
+
+def test_siglip_presets():
+    import clip_jax
+    from clip_jax.models import variable_shapes
+
+    names = clip_jax.list_models()
+    assert "ViT-B-16-SigLIP" in names and "ViT-SO400M-14-SigLIP-384" in names
+    assert "ViT-B-16-SigLIP-quickgelu" not in names
+    config = clip_jax.get_model_config("ViT-B-16-SigLIP")
+    assert (config.text.vocab_size, config.text.context_length, config.embed_dim) == (32000, 64, 768)
+    assert config.init_logit_scale == pytest.approx(math.log(10)) and config.init_logit_bias == -10
+    # the overrides path goes through the JSON form: log 10 survives it
+    assert clip_jax.get_model_config("ViT-B-16-SigLIP", {"text_cfg": {"layers": 2}}).init_logit_scale == \
+        pytest.approx(math.log(10))
+    # SiglipModel's own shapes of google's B/16 at 224 (its config.json's fields)
+    assert hf_siglip.config_from_hf({"text_config": {}, "vision_config": {}}) == config
+    shapes = variable_shapes(create_model("ViT-SO400M-14-SigLIP-384"))["params"]
+    assert shapes["visual"]["positional_embedding"].shape == (27 * 27, 1152)
+    assert shapes["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"].shape == (1152, 4304)
+
+
+def test_siglip_open_clip_json_refused():
+    import clip_jax
+
+    model = create_model("ViT-SigLIP-Tiny-test")
+    with pytest.raises(ValueError, match="save_hf"):
+        clip_jax.save_open_clip("ViT-SigLIP-Tiny-test", init_variables(model, jax.random.key(0)), "/tmp/x.safetensors")
+    with pytest.raises(ValueError, match="quick_gelu"):
+        init_variables(create_model("ViT-SigLIP-Tiny-test", overrides={"quick_gelu": True}), jax.random.key(0))
