@@ -32,13 +32,19 @@ def load(
     name: a preset of ``clip_jax.list_models()`` (use the '-quickgelu' names for OpenAI's
     weights), an open_clip-style config dict, or the path of such a JSON.
     path: ``.safetensors`` (no torch needed), ``.pt``/``.bin``/``.pth`` (needs torch),
-    or a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``.
+    or a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``, or big_vision's
+    SigLIP ``.npz`` (with a SigLIP model: 'ViT-B-16-SigLIP', ...).
     only: a predicate on variable paths (('params', 'visual', ...)): read only those (partial
     initialization); a missing or mis-shaped one of them is an error naming it.
     """
     model = create_model(name, dtype=dtype, scan=scan, remat=remat)  # unknown name fails here, first
     if path.endswith(".msgpack"):
         return model, read_flax_params(model, path, only)
+    if path.endswith(".npz"):  # big_vision's SigLIP checkpoint (its two-tower model) for a SigLIP model
+        from clip_jax import convert_big_vision
+
+        variables = convert_big_vision.variables_from_big_vision(model, convert_big_vision.read_npz(path), only)
+        return model, jax.tree_util.tree_map(jnp.asarray, variables)
     state_dict = convert.read_state_dict(path)
     variables = convert.state_dict_to_variables(model, state_dict, only)
     return model, jax.tree_util.tree_map(jnp.asarray, variables)
