@@ -20,7 +20,11 @@ def _io():
 
 
 def _check(model, params, io):
-    np.testing.assert_allclose(clip_jax.encode_image(model, params, io["images"]), io["image_embeds"], atol=1e-5)
+    # big_vision's images are pixels in [-1, 1]; clip_jax's towers take them normalized as clip_jax.preprocess does
+    from clip_jax.preprocessing import MEAN, STD
+
+    images = (((io["images"] + 1) / 2 - np.asarray(MEAN)) / np.asarray(STD)).astype(np.float32)
+    np.testing.assert_allclose(clip_jax.encode_image(model, params, images), io["image_embeds"], atol=1e-5)
     np.testing.assert_allclose(clip_jax.encode_text(model, params, io["tokens"]), io["text_embeds"], atol=1e-5)
     scale, bias = model.apply(params, method="temperature")
     np.testing.assert_allclose(float(scale), float(io["t"][0]), rtol=1e-6)

@@ -30,19 +30,26 @@ def _hf_model(seed=0, **vision):
 
 
 def _inputs(image_size=32):
+    """(pixels in [0, 1], tokens): transformers takes 2 p - 1, clip_jax preprocess's (p - MEAN) / STD."""
     rng = np.random.RandomState(0)
-    images = rng.uniform(-1, 1, (3, image_size, image_size, 3)).astype(np.float32)
+    images = rng.uniform(0, 1, (3, image_size, image_size, 3)).astype(np.float32)
     tokens = rng.randint(2, 100, (3, 16))
     tokens[0, 9:] = 1  # EOS then padding with EOS, as SigLIP's tokenizer writes them
     tokens[1, 5:] = 1
     return images, tokens.astype(np.int32)
 
 
-def _hf_outputs(hf, images, tokens):
+def _clip_normalized(pixels):
+    from clip_jax.preprocessing import MEAN, STD
+
+    return ((pixels - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)).astype(np.float32)
+
+
+def _hf_outputs(hf, pixels, tokens):
     torch = reference("torch")
     with torch.no_grad():
         out = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
-                 pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)))
+                 pixel_values=torch.tensor((2 * pixels - 1).transpose(0, 3, 1, 2)))
     return out.image_embeds.numpy(), out.text_embeds.numpy(), out.logits_per_text.numpy()
 
 
@@ -55,7 +62,7 @@ def test_siglip_matches_transformers(scan):
     variables = hf_siglip.variables_from_hf(model, state)
     images, tokens = _inputs()
     want_img, want_txt, want_logits = _hf_outputs(hf, images, tokens)
-    out = model.apply(variables, images, tokens)
+    out = model.apply(variables, _clip_normalized(images), tokens)
     np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_img, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["text_embeds"]), want_txt, atol=1e-5)
     logits = np.asarray(out["text_embeds"]) @ np.asarray(out["image_embeds"]).T * float(out["logit_scale"]) \
@@ -79,7 +86,8 @@ def test_siglip_export_loads_in_transformers():
     assert not missing and not unexpected
     images, tokens = _inputs()
     want_img, want_txt, _ = _hf_outputs(hf, images, tokens)
-    np.testing.assert_allclose(np.asarray(model.apply(variables, images, method="encode_image")), want_img, atol=1e-5)
+    got = model.apply(variables, _clip_normalized(images), method="encode_image")
+    np.testing.assert_allclose(np.asarray(got), want_img, atol=1e-5)
     np.testing.assert_allclose(np.asarray(model.apply(variables, tokens, method="encode_text")), want_txt, atol=1e-5)
 
 
@@ -91,7 +99,8 @@ def test_siglip_patch_grid_drops_the_remainder_as_transformers_does():
     variables = hf_siglip.variables_from_hf(model, {k: v.numpy() for k, v in hf.state_dict().items()})
     images, tokens = _inputs(36)
     want_img, _, _ = _hf_outputs(hf, images, tokens)
-    np.testing.assert_allclose(np.asarray(model.apply(variables, images, method="encode_image")), want_img, atol=1e-5)
+    got = model.apply(variables, _clip_normalized(images), method="encode_image")
+    np.testing.assert_allclose(np.asarray(got), want_img, atol=1e-5)
 
 
 def test_siglip_strict_keys_and_refused_configs():
@@ -140,3 +149,10 @@ def test_siglip_open_clip_json_refused():
         clip_jax.save_open_clip("ViT-SigLIP-Tiny-test", init_variables(model, jax.random.key(0)), "/tmp/x.safetensors")
     with pytest.raises(ValueError, match="quick_gelu"):
         init_variables(create_model("ViT-SigLIP-Tiny-test", overrides={"quick_gelu": True}), jax.random.key(0))
+
+
+def test_siglip_input_normalization_is_clip_jax_preprocessings():
+    from clip_jax.models import siglip
+    from clip_jax.preprocessing import MEAN, STD
+
+    assert siglip.CLIP_MEAN == MEAN and siglip.CLIP_STD == STD

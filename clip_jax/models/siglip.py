@@ -35,6 +35,18 @@ from clip_jax.models.vit import AttentionalPooler, PatchEmbed, check_images
 
 SIGLIP_LN_EPS = 1e-6  # flax's LayerNorm default, which big_vision's SigLIP was trained with
 SIGLIP_ACT = "gelu_tanh"  # flax's nn.gelu default (approximate=True)
+# The normalization of every tower's input in clip_jax (clip_jax.preprocessing's MEAN and STD, tested equal:
+# models import nothing outside models).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_to_siglip_pixels(images):
+    """Images normalized with CLIP's mean and std -> SigLIP's input, the pixels in [0, 1] mapped to [-1, 1]
+    (one multiply-add per channel: 2 (x std + mean) - 1)."""
+    scale = jnp.asarray([2.0 * s for s in CLIP_STD], jnp.float32)
+    offset = jnp.asarray([2.0 * m - 1.0 for m in CLIP_MEAN], jnp.float32)
+    return images.astype(jnp.float32) * scale + offset
 
 
 class MAPHead(nn.Module):
@@ -55,7 +67,9 @@ class MAPHead(nn.Module):
 
 
 class SiglipVisionTransformer(nn.Module):
-    """images NHWC [N, S, S, 3] (normalized to [-1, 1]) -> image features [N, width] (not normalized)."""
+    """images NHWC [N, S, S, 3], normalized as for every clip_jax tower (clip_jax.preprocess, the input
+    pipeline: CLIP's mean and std) -> image features [N, width] (not normalized). The tower maps them to
+    the [-1, 1] pixels SigLIP was trained on first, so the input pipeline and the evaluations stay one."""
 
     image_size: int = 224
     patch_size: int = 16
@@ -79,7 +93,7 @@ class SiglipVisionTransformer(nn.Module):
         grid = self.image_size // self.patch_size
         # a 'VALID' strided conv, as big_vision's: the rows and columns past the last whole patch are not seen
         # (So400m/14 at 384 pixels: 27 patches of 14)
-        images = images[:, : grid * self.patch_size, : grid * self.patch_size]
+        images = clip_to_siglip_pixels(images[:, : grid * self.patch_size, : grid * self.patch_size])
         x = PatchEmbed(self.patch_size, self.width, self.dtype, use_bias=True, name="conv1")(images)
         pos = self.param("positional_embedding", param_with_axes(normal(self.width**-0.5), (None, "embed")),
                          (grid * grid, self.width))
