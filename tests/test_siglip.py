@@ -26,6 +26,7 @@ def _hf_model(seed=0, **vision):
     with torch.no_grad():  # transformers' init leaves some biases zero and LayerNorms plain: randomize all
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        model.logit_scale.fill_(5.0)  # past open_clip's clamp at log 100: SigLIP's temperature is not clamped
     return model
 
 

@@ -77,7 +77,7 @@ def config_from_hf(hf: dict) -> CLIPConfig:
                       heads=t_heads, layers=t["num_hidden_layers"], mlp_ratio=t_ratio, pool_type="last",
                       no_causal_mask=True, pad_id=t["pad_token_id"], tokenizer="sentencepiece", kind="siglip")
     return CLIPConfig(embed_dim=embed, vision=vision, text=text, init_logit_scale=math.log(10.0),
-                      init_logit_bias=-10.0)
+                      init_logit_bias=-10.0, max_logit_scale=None)
 
 
 def config_to_hf(config: CLIPConfig) -> dict:

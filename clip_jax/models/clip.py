@@ -17,7 +17,7 @@ from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
 from clip_jax.registry import Registry
 
-MAX_LOGIT_SCALE = math.log(100.0)
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIPConfig.max_logit_scale's default
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -179,8 +179,10 @@ class CLIP(nn.Module):
         return l2_normalize(self.text(tokens, train=train, embeddings=embeddings))
 
     def temperature(self):
-        """(exp(logit_scale) clamped at 100, logit_bias or None), in float32."""
-        scale = jnp.exp(jnp.minimum(self.logit_scale, MAX_LOGIT_SCALE))
+        """(exp(logit_scale) clamped at exp(config.max_logit_scale), 100 by default, logit_bias or None), in
+        float32."""
+        cap = self.config.max_logit_scale
+        scale = jnp.exp(self.logit_scale if cap is None else jnp.minimum(self.logit_scale, cap))
         bias = self.logit_bias if self.config.init_logit_bias is not None else None
         return scale, bias
 

@@ -18,6 +18,7 @@ import numpy as np
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_configs")
 QUICKGELU_SUFFIX = "-quickgelu"
 DEFAULT_LOGIT_SCALE = float(np.log(1 / 0.07))
+DEFAULT_MAX_LOGIT_SCALE = float(np.log(100.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,9 @@ class CLIPConfig:
     quick_gelu: bool = False
     init_logit_scale: float = DEFAULT_LOGIT_SCALE
     init_logit_bias: Optional[float] = None  # set (e.g. -10) for the SigLIP loss
+    # The clamp on the learned log-temperature, in the logits and after each training step (open_clip's
+    # log 100); None: unclamped, as big_vision's and transformers' SigLIP (the SigLIP presets).
+    max_logit_scale: Optional[float] = DEFAULT_MAX_LOGIT_SCALE
 
     # -- open_clip JSON <-> dataclasses ------------------------------------------------
     @classmethod
@@ -130,6 +134,8 @@ class CLIPConfig:
             out["init_logit_bias"] = self.init_logit_bias
         if self.init_logit_scale != DEFAULT_LOGIT_SCALE:  # SigLIP's log 10 (open_clip's CLIP takes the key)
             out["init_logit_scale"] = self.init_logit_scale
+        if self.max_logit_scale != DEFAULT_MAX_LOGIT_SCALE:
+            out["max_logit_scale"] = self.max_logit_scale
         out["vision_cfg"] = vision
         text = dataclasses.asdict(self.text)
         out["text_cfg"] = {k: v for k, v in text.items() if k not in _TEXT_OPTIONAL or v != _TEXT_OPTIONAL[k]}
