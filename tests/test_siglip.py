@@ -157,3 +157,43 @@ def test_siglip_input_normalization_is_clip_jax_preprocessings():
     from clip_jax.preprocessing import MEAN, STD
 
     assert siglip.CLIP_MEAN == MEAN and siglip.CLIP_STD == STD
+
+
+def _stacked(tree):
+    from flax import traverse_util
+
+    from clip_jax import convert
+
+    flat = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, tree))
+    return traverse_util.unflatten_dict(convert.stack_layers(flat))
+
+
+def test_siglip_scan_remat_and_bfloat16_match_plain():
+    import jax.numpy as jnp
+
+    plain = create_model("ViT-SigLIP-Tiny-test")
+    variables = init_variables(plain, jax.random.key(3))
+    images, tokens = _inputs()
+    images = _clip_normalized(images)
+
+    def loss(model, params):
+        out = model.apply({"params": params}, images, tokens)
+        logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T + out["logit_bias"]
+        return -jnp.mean(jax.nn.log_sigmoid((2 * jnp.eye(len(logits)) - 1) * logits))
+
+    ref_out = plain.apply(variables, images, tokens)
+    ref_grad = jax.grad(loss, argnums=1)(plain, variables["params"])
+    for scan, remat in ((True, "none"), (False, "full"), (True, "dots_with_no_batch_dims_saveable")):
+        model = create_model("ViT-SigLIP-Tiny-test", scan=scan, remat=remat)
+        stack = _stacked if scan else (lambda t: t)
+        out = model.apply({"params": stack(variables["params"])}, images, tokens)
+        for k in ref_out:
+            np.testing.assert_allclose(out[k], ref_out[k], atol=2e-6, err_msg=f"{k} scan={scan}")
+        grad = jax.grad(loss, argnums=1)(model, stack(variables["params"]))
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad),
+                                jax.tree_util.tree_leaves(stack(ref_grad))):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=f"{path} scan={scan}")
+    half = create_model("ViT-SigLIP-Tiny-test", dtype="bfloat16").apply(variables, images, tokens)
+    for k in ("image_embeds", "text_embeds"):
+        assert half[k].dtype == jnp.float32
+        np.testing.assert_allclose(half[k], ref_out[k], atol=5e-2)
