@@ -197,3 +197,38 @@ def test_siglip_scan_remat_and_bfloat16_match_plain():
     for k in ("image_embeds", "text_embeds"):
         assert half[k].dtype == jnp.float32
         np.testing.assert_allclose(half[k], ref_out[k], atol=5e-2)
+
+
+def test_siglip2_fixed_resolution_matches_transformers():
+    from clip_jax.hf_layouts import siglip2
+
+    torch = reference("torch")
+    transformers = reference("transformers")
+    torch.manual_seed(0)
+    vision = {k: v for k, v in VISION.items() if k != "image_size"}
+    hf = transformers.Siglip2Model(transformers.Siglip2Config(text_config=TEXT, vision_config={**vision,
+                                                                                              "num_patches": 16}))
+    hf.eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    config = siglip2.config_from_hf(hf.config.to_dict())
+    assert config.vision.image_size == 32
+    model = create_model(config)
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    variables = siglip2.variables_from_hf(model, state)
+    pixels, tokens = _inputs()
+    # transformers' Siglip2 input: each image as its patches flattened (rows, columns, channels), in [-1, 1]
+    patches = (2 * pixels - 1).reshape(3, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(3, 16, 192)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(tokens, dtype=torch.long), pixel_values=torch.tensor(patches),
+                 pixel_attention_mask=torch.ones(3, 16, dtype=torch.long),
+                 spatial_shapes=torch.tensor([[4, 4]] * 3))
+    ours = model.apply(variables, _clip_normalized(pixels), tokens)
+    np.testing.assert_allclose(np.asarray(ours["image_embeds"]), out.image_embeds.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours["text_embeds"]), out.text_embeds.numpy(), atol=1e-5)
+    back = siglip2.variables_to_hf(model, variables)
+    assert sorted(back) == sorted(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+    assert siglip2.config_to_hf(config)["vision_config"]["num_patches"] == 16

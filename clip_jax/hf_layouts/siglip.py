@@ -141,8 +141,14 @@ def _map_head(path: tuple, prefix: str, heads: int) -> list[rr.Rule]:
             + rr.dense(path + ("mlp", "c_proj"), f"{prefix}.mlp.fc2.weight", f"{prefix}.mlp.fc2.bias"))
 
 
-def rules(config: CLIPConfig) -> list[rr.Rule]:
-    """clip_jax's SigLIP variables <-> SiglipModel's state dict."""
+def conv_patches(path: tuple, key: str) -> rr.Rule:
+    """The patch embedding's kernel [p, p, C, D] (HWIO) <-> SiglipModel's Conv2d weight [D, C, p, p] (OIHW)."""
+    return rr.Rule((path,), (key,), lambda k: (k.transpose(3, 2, 0, 1),), lambda w: (w.transpose(2, 3, 1, 0),))
+
+
+def rules(config: CLIPConfig, patches=conv_patches) -> list[rr.Rule]:
+    """clip_jax's SigLIP variables <-> SiglipModel's state dict (`patches`: the patch embedding's rule, a
+    function of (variable path, key))."""
     config_to_hf(config)  # refuses towers of other kinds
     v, t = config.vision, config.text
     tv, vv = ("text",), ("visual",)
@@ -153,8 +159,7 @@ def rules(config: CLIPConfig) -> list[rr.Rule]:
         out += _block(tv + ("transformer", f"resblocks_{i}"), f"text_model.encoder.layers.{i}", t.heads)
     out += rr.layer_norm(tv + ("ln_final",), "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias")
     out += rr.dense(tv + ("head",), "text_model.head.weight", "text_model.head.bias")
-    out += [rr.Rule((vv + ("conv1", "kernel"),), ("vision_model.embeddings.patch_embedding.weight",),
-                    lambda k: (k.transpose(3, 2, 0, 1),), lambda w: (w.transpose(2, 3, 1, 0),)),
+    out += [patches(vv + ("conv1", "kernel"), "vision_model.embeddings.patch_embedding.weight"),
             rr.same(vv + ("conv1", "bias"), "vision_model.embeddings.patch_embedding.bias"),
             rr.same(vv + ("positional_embedding",), "vision_model.embeddings.position_embedding.weight")]
     for i in range(v.layers):
