@@ -232,3 +232,26 @@ def test_siglip2_fixed_resolution_matches_transformers():
     for k in state:
         np.testing.assert_array_equal(back[k], state[k], err_msg=k)
     assert siglip2.config_to_hf(config)["vision_config"]["num_patches"] == 16
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_tokenizer_files_give_clip_jax_ids(tmp_path, family):
+    import importlib
+
+    import clip_jax
+    from tests.test_big_vision import _spiece
+
+    transformers = reference("transformers")
+    layout = importlib.import_module(f"clip_jax.hf_layouts.{family}")
+    spiece = _spiece(tmp_path, 64)
+    config = clip_jax.get_model_config("ViT-SigLIP-Tiny-test", {"text_cfg": {"vocab_size": 64,
+                                                                             "tokenizer": "sentencepiece:" + spiece}})
+    out = tmp_path / "export"
+    out.mkdir()
+    layout.write_tokenizer(config, str(out))
+    processor = transformers.AutoProcessor.from_pretrained(str(out))
+    assert type(processor).__name__ == ("SiglipProcessor" if family == "siglip" else "Siglip2Processor")
+    texts = ["A photo of a Red circle!", "the  quick, brown fox jumps over the lazy dog; and a kite in the sky", ""]
+    want = processor.tokenizer(texts, padding="max_length", max_length=16, truncation=True).input_ids
+    got = clip_jax.tokenize(texts, model=config)
+    assert got.tolist() == want

@@ -185,10 +185,11 @@ def variables_to_hf(model, variables) -> dict:
 
 
 # -- tokenizer and image processor files ----------------------------------------------------------------
-def write_tokenizer(config: CLIPConfig, out_dir: str):
+def write_tokenizer(config: CLIPConfig, out_dir: str, processor: str = "SiglipProcessor", image_processor=None):
     """spiece.model and tokenizer_config.json of transformers' SiglipTokenizer (the model's own
     SentencePiece file, text_cfg tokenizer 'sentencepiece:PATH'), and preprocessor_config.json
-    (SiglipImageProcessor: a resize to the square, mean and std 0.5)."""
+    (`image_processor`'s fields; by default SiglipImageProcessor's: a resize to the square, mean and std
+    0.5)."""
     name, _, path = config.text.tokenizer.partition(":")
     if name != "sentencepiece" or not path:
         raise ValueError(f"transformers' SiglipTokenizer reads a SentencePiece model; this model's text tokenizer is "
@@ -196,14 +197,16 @@ def write_tokenizer(config: CLIPConfig, out_dir: str):
                          "tokenizer files")
     shutil.copyfile(path, os.path.join(out_dir, "spiece.model"))
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "SiglipTokenizer", "processor_class": "SiglipProcessor",
+        "tokenizer_class": "SiglipTokenizer", "processor_class": processor,
         "model_max_length": config.text.context_length, "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
         "do_lower_case": True})
     size = config.vision.image_size
+    image_processor = image_processor or {"image_processor_type": "SiglipImageProcessor",
+                                          "size": {"height": size, "width": size}}
     _write_json(os.path.join(out_dir, "preprocessor_config.json"), {
-        "image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor", "do_resize": True,
-        "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True})
+        **image_processor, "processor_class": processor, "do_resize": True, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True})
 
 
 def _write_json(path: str, content):

@@ -63,3 +63,14 @@ def variables_from_hf(model, state_dict, only=None) -> dict:
 
 def variables_to_hf(model, variables) -> dict:
     return rr.to_external(model, variables, rules(model.config))
+
+
+def write_tokenizer(config: CLIPConfig, out_dir: str):
+    """The model's own SentencePiece as transformers' SiglipTokenizer (clip_jax.hf_layouts.siglip), with
+    Siglip2ImageProcessor's preprocessor_config.json for the fixed resolution (a resize to
+    sqrt(num_patches) * patch_size pixels square, mean and std 0.5) under a Siglip2Processor. Google's
+    SigLIP 2 releases use Gemma's tokenizer instead: those models keep the tokenizer files they came with."""
+    grid = config.vision.image_size // config.vision.patch_size
+    siglip.write_tokenizer(config, out_dir, processor="Siglip2Processor", image_processor={
+        "image_processor_type": "Siglip2ImageProcessor", "patch_size": config.vision.patch_size,
+        "max_num_patches": grid * grid})
