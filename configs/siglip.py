@@ -18,11 +18,11 @@ attention-pooling head (one learned query, 'map'). Global batch 32,768, which th
 sufficient. Everything else is the CLIP paper's recipe for the preset (configs/clip_paper.py:
 AdamW, its learning rate, weight decay 0.2, 2,000 warmup steps, cosine, 390,625 steps): SigLIP's
 own optimizer settings are not in its released code; set them with --config.optim.*.
-Not reproduced: SigLIP's SentencePiece vocabulary (32,000 ids, trained on C4; give one with
---config.model_overrides.text_cfg.tokenizer=sentencepiece:PATH and
+With a CLIP preset, not reproduced: SigLIP's SentencePiece vocabulary (32,000 ids, trained on C4;
+give one with --config.model_overrides.text_cfg.tokenizer=sentencepiece:PATH and
 --config.model_overrides.text_cfg.vocab_size=32000), the text projection's bias, LayerNorm eps
-1e-6 and the 0.5 mean / std image normalization: CLIP's are kept, so weights stay in open_clip's
-CLIP layout.
+1e-6, tanh GELU and the [-1, 1] pixels: CLIP's are kept, so weights stay in open_clip's CLIP
+layout. A SigLIP preset (below) has them all.
 
 Continuing a big_vision SigLIP (its .npz, or transformers' weights): name a SigLIP preset, whose towers
 are SigLIP's own (clip_jax.models.siglip: the MAP head, the biased text head, LayerNorm eps 1e-6, tanh
