@@ -255,3 +255,31 @@ def test_tokenizer_files_give_clip_jax_ids(tmp_path, family):
     want = processor.tokenizer(texts, padding="max_length", max_length=16, truncation=True).input_ids
     got = clip_jax.tokenize(texts, model=config)
     assert got.tolist() == want
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_written_directory_loads_with_auto_classes(tmp_path, family):
+    """config.json + model.safetensors as the family module gives them: transformers' AutoModel loads them
+    with no missing or unexpected key, the same embeddings, and config.json reads back as the same config."""
+    import importlib
+    import json
+
+    from safetensors.numpy import save_file
+
+    transformers = reference("transformers")
+    torch = reference("torch")
+    layout = importlib.import_module(f"clip_jax.hf_layouts.{family}")
+    model = create_model("ViT-SigLIP-Tiny-test")
+    variables = init_variables(model, jax.random.key(2))
+    (tmp_path / "config.json").write_text(json.dumps(layout.config_to_hf(model.config)))
+    save_file(layout.variables_to_hf(model, variables), str(tmp_path / "model.safetensors"))
+    hf, info = transformers.AutoModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert type(hf).__name__ == ("SiglipModel" if family == "siglip" else "Siglip2Model")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert layout.config_from_hf(json.loads((tmp_path / "config.json").read_text())) == model.config
+    pixels, tokens = _inputs()
+    with torch.no_grad():
+        text = hf.get_text_features(input_ids=torch.tensor(tokens, dtype=torch.long))
+    text = getattr(text, "pooler_output", text).numpy()
+    text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(model.apply(variables, tokens, method="encode_text")), text, atol=1e-5)
