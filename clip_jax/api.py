@@ -35,8 +35,9 @@ def load(
     ChineseCLIPModel, ...) or open_clip's hub layout, or a hub name "hf-hub:ORG/NAME[@REVISION]"
     (clip_jax.hub: huggingface_hub's cache), whose config gives the architecture.
     path: ``.safetensors`` (no torch needed), ``.pt``/``.bin``/``.pth`` (needs torch),
-    a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``, or a model
-    directory / hub name as above, whose weights are read into `name`'s architecture.
+    a clip_jax ``.msgpack`` Flax parameter file written by ``clip_jax.export``, big_vision's
+    SigLIP ``.npz`` (with a SigLIP model: 'ViT-B-16-SigLIP', ...), or a model directory / hub
+    name as above, whose weights are read into `name`'s architecture.
     only: a predicate on variable paths (('params', 'visual', ...)): read only those (partial
     initialization); a missing or mis-shaped one of them is an error naming it.
     """
@@ -56,6 +57,11 @@ def load(
     model = create_model(name, dtype=dtype, scan=scan, remat=remat)  # unknown name fails here, first
     if path.endswith(".msgpack"):
         return model, read_flax_params(model, path, only)
+    if path.endswith(".npz"):  # big_vision's SigLIP checkpoint (its two-tower model) for a SigLIP model
+        from clip_jax import convert_big_vision
+
+        variables = convert_big_vision.variables_from_big_vision(model, convert_big_vision.read_npz(path), only)
+        return model, jax.tree_util.tree_map(jnp.asarray, variables)
     state_dict = convert.read_state_dict(path)
     variables = convert.state_dict_to_variables(model, state_dict, only)
     return model, jax.tree_util.tree_map(jnp.asarray, variables)
@@ -75,6 +81,10 @@ def save_open_clip(name: Union[str, dict, CLIPConfig], params, path: str, config
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_open_clip writes .safetensors; got path {path!r}")
     config = get_model_config(name)
+    if "siglip" in (config.vision.kind, config.text.kind):  # open_clip builds these from timm and HF parts
+        raise ValueError("open_clip's JSON and CLIP layout cannot hold SigLIP's towers (tower kind 'siglip'): write "
+                         "transformers' layout instead, clip_jax.save_hf(model, params, DIR) (python -m "
+                         "clip_jax.export --format=hf)")
     state_dict = convert.variables_to_state_dict(params)
     model = CLIP(config)
     expected = convert.expected_state_dict_shapes(model)

@@ -20,6 +20,8 @@ import functools
 import gzip
 import html
 import os
+import re
+import string
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -203,7 +205,10 @@ class SentencePieceTokenizer:
         add_eos: bool = True,
         lowercase: bool = False,
         pad_id: int = 0,
+        canonicalize: bool = False,
     ):
+        """canonicalize: SigLIP's text cleaning (open_clip's 'canonicalize', transformers' SiglipTokenizer):
+        lowercase, ASCII punctuation removed, each run of whitespace one space, none at the ends."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
         tf = import_tensorflow()
@@ -214,7 +219,8 @@ class SentencePieceTokenizer:
         self._sp = tf_text.SentencepieceTokenizer(model=model, add_eos=add_eos, out_type=tf.int32)
         self.context_length = context_length
         self.add_eos = add_eos
-        self.lowercase = lowercase
+        self.lowercase = lowercase or canonicalize
+        self.canonicalize = canonicalize
         self.pad_id = pad_id
         self.vocab_size = int(self._sp.vocab_size())
         self.eos_id = int(self._sp.string_to_id("</s>")) if add_eos else None
@@ -230,6 +236,9 @@ class SentencePieceTokenizer:
         texts = tf.reshape(texts, [-1])
         if self.lowercase:
             texts = tf.strings.lower(texts, encoding="utf-8")
+        if self.canonicalize:
+            texts = tf.strings.regex_replace(texts, "[" + re.escape(string.punctuation) + "]", "")
+            texts = tf.strings.strip(tf.strings.regex_replace(texts, r"\s+", " "))
         ragged = self._sp.tokenize(texts)
         if self.add_eos:
             # Truncation keeps EOS as the last id, like CLIP keeps EOT.
@@ -383,7 +392,8 @@ def get_tokenizer(context_length: int = 77) -> ClipTokenizer:
 TOKENIZERS: Registry = Registry("tokenizer")
 TOKENIZERS.register("clip_bpe")(lambda argument, text: get_tokenizer())
 TOKENIZERS.register("sentencepiece")(
-    lambda argument, text: SentencePieceTokenizer(argument, context_length=text.context_length, pad_id=text.pad_id))
+    lambda argument, text: SentencePieceTokenizer(argument, context_length=text.context_length, pad_id=text.pad_id,
+                                                  canonicalize=text.kind == "siglip"))
 TOKENIZERS.register("wordpiece")(
     lambda argument, text: WordPieceTokenizer(argument or ZH_VOCAB_PATH, context_length=text.context_length,
                                               pad_id=text.pad_id))

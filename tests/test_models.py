@@ -119,7 +119,7 @@ def test_scan_compiles_one_layer_whatever_the_depth():
     assert program_size(12, False) > 3 * program_size(2, False)
 
 
-@pytest.mark.parametrize("name", ["ViT-B-16", "RN50", "ViT-Tiny-test"])
+@pytest.mark.parametrize("name", ["ViT-B-16", "RN50", "ViT-Tiny-test", "ViT-B-16-SigLIP"])
 def test_every_param_has_logical_axes(name):
     model = create_model(name, scan=name.startswith("ViT"))
     specs = logical_axes(model)["params"]

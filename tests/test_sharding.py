@@ -35,7 +35,7 @@ def test_rules_give_expected_specs():
 
 
 @needs8
-@pytest.mark.parametrize("name", ["ViT-Tiny-test", "RN-Tiny-test", "cn-ViT-Tiny-test"])
+@pytest.mark.parametrize("name", ["ViT-Tiny-test", "RN-Tiny-test", "cn-ViT-Tiny-test", "ViT-SigLIP-Tiny-test"])
 def test_sharded_init_equals_plain_init(name):
     model = create_model(name, scan=True)
     mesh = make_mesh({"data": 2, "fsdp": 4})

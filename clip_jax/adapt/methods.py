@@ -97,6 +97,9 @@ class PromptLearner:
 
         if position not in ("end", "middle", "front"):
             raise ValueError(f"class token position {position!r}: use 'end', 'middle' or 'front'")
+        if model.config.text.kind not in ("clip", "bert"):  # the prompt layout below: [SOS|CLS] words [EOT|SEP]
+            raise ValueError(f"CoOp's prompts here are laid out for CLIP's and BERT's tokens; this text tower is "
+                             f"{model.config.text.kind!r} (SigLIP's: no start token, EOS padding)")
         self.model, self.position = model, position
         table = np.asarray(token_embedding_table(model.config, variables["params"]))
         self.width = table.shape[1]

@@ -22,9 +22,10 @@ from types import ModuleType
 
 import numpy as np
 
-from clip_jax.hf_layouts import chinese_clip, clip
+from clip_jax.hf_layouts import chinese_clip, clip, siglip, siglip2
 
-FAMILIES: dict[str, ModuleType] = {t: family for family in (clip, chinese_clip) for t in family.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: family for family in (clip, chinese_clip, siglip, siglip2)
+                                   for t in family.MODEL_TYPES}
 
 CONFIG = "config.json"
 # transformers' weight files, in the order they are looked for: one file, shards with an index, torch's.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from clip_jax.methods import METHODS
 from clip_jax.methods.base import BatchInput, Method, Phase
 from clip_jax.methods.losses import LOSSES, MODEL_INIT, RINGS, make_loss
-from clip_jax.models import MAX_LOGIT_SCALE, dummy_inputs
+from clip_jax.models import dummy_inputs
 from clip_jax.parallel.sharding import BATCH_AXES
 from clip_jax.preprocessing import model_images
 
@@ -148,8 +148,10 @@ class Clip(Method):
         return loss, metrics, model_state
 
     def post_update(self, params):
-        # CLIP clamps the learned temperature on the parameter after each step, as open_clip does.
-        return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE))
+        # CLIP clamps the learned temperature on the parameter after each step, as open_clip does (not SigLIP's
+        # towers: max_logit_scale None, as big_vision).
+        cap = self.model.config.max_logit_scale
+        return dict(params, logit_scale=jnp.clip(params["logit_scale"], 0.0, cap))
 
     # -- config, model, phases, cost --
 

@@ -12,11 +12,12 @@ from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import Dtype, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
+from clip_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
 from clip_jax.registry import Registry
 
-MAX_LOGIT_SCALE = math.log(100.0)
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIPConfig.max_logit_scale's default
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -55,6 +56,30 @@ VISION_TOWERS.register("resnet")(_resnet)
 VISION_TOWERS.register("vit")(_vit)
 
 
+def _no_quick_gelu(clip: "CLIP"):
+    if clip.config.quick_gelu:
+        raise ValueError("SigLIP's towers compute GELU's tanh approximation (their weights were trained with it): "
+                         "drop quick_gelu (and any '-quickgelu' suffix)")
+
+
+def _siglip_vision(clip: "CLIP") -> nn.Module:
+    v = clip.config.vision
+    _no_quick_gelu(clip)
+    if v.is_resnet or not v.patch_size:
+        raise ValueError("a SigLIP image tower (vision_cfg kind 'siglip') is a ViT: give an int layers and patch_size")
+    if clip.config.embed_dim != v.width:
+        raise ValueError(f"a SigLIP image tower has no projection, so its embedding is its width {v.width}: set "
+                         f"embed_dim={v.width} (got {clip.config.embed_dim})")
+    if v.patch_dropout:
+        raise ValueError(f"patch_dropout={v.patch_dropout}: the SigLIP image tower has no patch dropout; set it to 0")
+    return SiglipVisionTransformer(
+        image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers, heads=v.heads,
+        mlp_ratio=v.mlp_ratio, dtype=clip.dtype, attn_impl=clip.attn_impl, remat=clip.remat, scan=clip.scan)
+
+
+VISION_TOWERS.register("siglip")(_siglip_vision)
+
+
 def _clip_text(clip: "CLIP") -> nn.Module:
     t = clip.config.text
     return TextTransformer(
@@ -80,6 +105,18 @@ def _bert_text(clip: "CLIP") -> nn.Module:
 TEXT_TOWERS: Registry = Registry("text tower")
 TEXT_TOWERS.register("clip")(_clip_text)
 TEXT_TOWERS.register("bert")(_bert_text)
+
+
+def _siglip_text(clip: "CLIP") -> nn.Module:
+    t = clip.config.text
+    _no_quick_gelu(clip)
+    return SiglipTextTransformer(
+        context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads, layers=t.layers,
+        mlp_ratio=t.mlp_ratio, output_dim=clip.config.embed_dim, dtype=clip.dtype, attn_impl=clip.attn_impl,
+        remat=clip.remat, scan=clip.scan)
+
+
+TEXT_TOWERS.register("siglip")(_siglip_text)
 
 
 def token_embedding_table(config: CLIPConfig, params) -> jnp.ndarray:
@@ -142,8 +179,10 @@ class CLIP(nn.Module):
         return l2_normalize(self.text(tokens, train=train, embeddings=embeddings))
 
     def temperature(self):
-        """(exp(logit_scale) clamped at 100, logit_bias or None), in float32."""
-        scale = jnp.exp(jnp.minimum(self.logit_scale, MAX_LOGIT_SCALE))
+        """(exp(logit_scale) clamped at exp(config.max_logit_scale), 100 by default, logit_bias or None), in
+        float32."""
+        cap = self.config.max_logit_scale
+        scale = jnp.exp(self.logit_scale if cap is None else jnp.minimum(self.logit_scale, cap))
         bias = self.logit_bias if self.config.init_logit_bias is not None else None
         return scale, bias
 

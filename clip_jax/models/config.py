@@ -17,6 +17,8 @@ import numpy as np
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_configs")
 QUICKGELU_SUFFIX = "-quickgelu"
+DEFAULT_LOGIT_SCALE = float(np.log(1 / 0.07))
+DEFAULT_MAX_LOGIT_SCALE = float(np.log(100.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +85,11 @@ class CLIPConfig:
     vision: VisionConfig
     text: TextConfig
     quick_gelu: bool = False
-    init_logit_scale: float = float(np.log(1 / 0.07))
+    init_logit_scale: float = DEFAULT_LOGIT_SCALE
     init_logit_bias: Optional[float] = None  # set (e.g. -10) for the SigLIP loss
+    # The clamp on the learned log-temperature, in the logits and after each training step (open_clip's
+    # log 100); None: unclamped, as big_vision's and transformers' SigLIP (the SigLIP presets).
+    max_logit_scale: Optional[float] = DEFAULT_MAX_LOGIT_SCALE
 
     # -- open_clip JSON <-> dataclasses ------------------------------------------------
     @classmethod
@@ -127,6 +132,10 @@ class CLIPConfig:
             out["quick_gelu"] = True
         if self.init_logit_bias is not None:
             out["init_logit_bias"] = self.init_logit_bias
+        if self.init_logit_scale != DEFAULT_LOGIT_SCALE:  # SigLIP's log 10 (open_clip's CLIP takes the key)
+            out["init_logit_scale"] = self.init_logit_scale
+        if self.max_logit_scale != DEFAULT_MAX_LOGIT_SCALE:
+            out["max_logit_scale"] = self.max_logit_scale
         out["vision_cfg"] = vision
         text = dataclasses.asdict(self.text)
         out["text_cfg"] = {k: v for k, v in text.items() if k not in _TEXT_OPTIONAL or v != _TEXT_OPTIONAL[k]}
@@ -150,8 +159,10 @@ def list_models() -> list[str]:
     names = []
     for base, path in _preset_files().items():
         with open(path) as f:
-            quick_already = json.load(f).get("quick_gelu", False)  # the cn-* presets: OpenAI's image towers
-        names += [base] if quick_already else [base, base + QUICKGELU_SUFFIX]
+            d = json.load(f)
+        quick_already = d.get("quick_gelu", False)  # the cn-* presets: OpenAI's image towers
+        fixed_act = d["vision_cfg"].get("kind") == "siglip"  # SigLIP's towers compute tanh GELU only
+        names += [base] if quick_already or fixed_act else [base, base + QUICKGELU_SUFFIX]
     return sorted(names)
 
 

@@ -89,7 +89,20 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def activation(quick: bool) -> Callable:
+def gelu_tanh(x):
+    """GELU's tanh approximation (flax's nn.gelu default, torch's approximate='tanh'): SigLIP's towers."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+# The MLP activations by name (a block's ``act``; '' keeps the quick_gelu flag's choice).
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+
+
+def activation(quick: bool, act: str = "") -> Callable:
+    if act:
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}: use one of {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[act]
     return quick_gelu if quick else gelu
 
 
@@ -445,6 +458,7 @@ class Mlp(nn.Module):
     dtype: Dtype = jnp.float32
     fc_std: Optional[float] = None
     proj_std: Optional[float] = None
+    act: str = ""  # a name in ACTIVATIONS, over quick_gelu
 
     @nn.compact
     def __call__(self, x):
@@ -456,7 +470,7 @@ class Mlp(nn.Module):
             bias_init=param_with_axes(nn.initializers.zeros, ("mlp",)),
             name="c_fc",
         )(x)
-        h = activation(self.quick_gelu)(h)
+        h = activation(self.quick_gelu, self.act)(h)
         h = constrain(h, (BATCH, LENGTH, MLP))
         h = checkpoint_name(h, "mlp_hidden")
         return Dense(
@@ -478,6 +492,8 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
     attn_impl: Optional[str] = None
     depth: int = 12  # of the whole stack: scales the init of the residual projections
+    act: str = ""  # the MLP's activation by name (ACTIVATIONS); '' follows quick_gelu
+    ln_eps: float = 1e-5  # SigLIP's (flax's default) is 1e-6
 
     @nn.compact
     def __call__(self, x, query_index=None, kv_lengths=None):
@@ -487,15 +503,16 @@ class ResidualAttentionBlock(nn.Module):
         width = x.shape[-1]
         proj_std = width**-0.5 * (2 * self.depth) ** -0.5
         x = constrain(x, (BATCH, LENGTH, EMBED))
-        y = LayerNorm(self.dtype, name="ln_1")(x)
+        y = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_1")(x)
         if query_index is not None:
             x = take_rows(x, query_index)
         x = x + MultiHeadAttention(
             self.heads, self.causal, self.dtype, self.attn_impl, out_init_std=proj_std, name="attn"
         )(y, query_index, kv_lengths)
         x = constrain(x, (BATCH, LENGTH, EMBED))
-        y = LayerNorm(self.dtype, name="ln_2")(x)
-        x = x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, name="mlp")(y)
+        y = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_2")(x)
+        x = x + Mlp(int(width * self.mlp_ratio), self.quick_gelu, self.dtype, proj_std=proj_std, act=self.act,
+                    name="mlp")(y)
         return constrain(x, (BATCH, LENGTH, EMBED))
 
 
@@ -517,6 +534,8 @@ class Transformer(nn.Module):
     attn_impl: Optional[str] = None
     remat: str = "none"
     scan: bool = False
+    act: str = ""
+    ln_eps: float = 1e-5
 
     Block = ResidualAttentionBlock  # the layer; a subclass may stack another (BERT's post-LN layer)
 
@@ -524,11 +543,12 @@ class Transformer(nn.Module):
     def of_tower(cls, tower: nn.Module, causal: bool) -> "Transformer":
         """The stack of a tower module that has the same-named fields (layers, heads, dtype, ...)."""
         fields = ("layers", "heads", "mlp_ratio", "quick_gelu", "dtype", "attn_impl", "remat", "scan")
-        return cls(causal=causal, name="transformer", **{f: getattr(tower, f) for f in fields})
+        optional = {f: getattr(tower, f) for f in ("act", "ln_eps") if hasattr(tower, f)}  # SigLIP's towers
+        return cls(causal=causal, name="transformer", **{f: getattr(tower, f) for f in fields}, **optional)
 
     def _block_kwargs(self) -> dict:
         return dict(heads=self.heads, mlp_ratio=self.mlp_ratio, causal=self.causal, quick_gelu=self.quick_gelu,
-                    dtype=self.dtype, attn_impl=self.attn_impl, depth=self.layers)
+                    dtype=self.dtype, attn_impl=self.attn_impl, depth=self.layers, act=self.act, ln_eps=self.ln_eps)
 
     def _draws_dropout(self) -> bool:
         """Whether the layers draw from the 'dropout' rng stream (a scanned stack hands each its key)."""

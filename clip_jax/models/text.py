@@ -23,6 +23,19 @@ from clip_jax.models.layers import (
 TEXT_POOL_TYPES = ("argmax", "first", "last")
 
 
+def check_tokens(tokens, context_length: int):
+    """Raise a clear error for tokens of the wrong rank, length or dtype (at trace time)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
+    if tokens.shape[1] > context_length:
+        raise ValueError(
+            f"tokens have length {tokens.shape[1]} > context_length {context_length}; "
+            f"tokenize with context_length={context_length}"
+        )
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
+
+
 class TextTransformer(nn.Module):
     """tokens int32 [N, T] (T <= context_length) -> text features [N, output_dim] (not normalized).
 
@@ -58,15 +71,7 @@ class TextTransformer(nn.Module):
         token (EOT) and the padding. `deep_prompts` (values [layers, n, width], active [layers]):
         MaPLe's per-layer prompts, replacing tokens 1..n at the input of each active layer."""
         del train  # no dropout in CLIP's tower; the flag is the towers' common signature
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
-        if tokens.shape[1] > self.context_length:
-            raise ValueError(
-                f"tokens have length {tokens.shape[1]} > context_length {self.context_length}; "
-                f"tokenize with context_length={self.context_length}"
-            )
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
+        check_tokens(tokens, self.context_length)
         if self.pool_type not in TEXT_POOL_TYPES:
             raise ValueError(f"text pool_type {self.pool_type!r} not in {TEXT_POOL_TYPES}")
         if self.pool_type == "first" and not self.no_causal_mask:

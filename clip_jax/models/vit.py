@@ -53,14 +53,17 @@ class AttentionalPooler(nn.Module):
     heads: int = 8
     n_queries: int = 1
     dtype: Dtype = jnp.float32
+    layer_norms: bool = True  # False: no ln_k / ln_q (big_vision's MAP head attends to the raw tokens)
 
     @nn.compact
     def __call__(self, x):
         context_dim = x.shape[-1]
         head_dim = self.d_model // self.heads
         query = self.param("query", param_with_axes(normal(1.0), (None, "embed")), (self.n_queries, self.d_model))
-        x = LayerNorm(self.dtype, name="ln_k")(x)
-        q = LayerNorm(self.dtype, name="ln_q")(query.astype(self.dtype))
+        q = query.astype(self.dtype)
+        if self.layer_norms:
+            x = LayerNorm(self.dtype, name="ln_k")(x)
+            q = LayerNorm(self.dtype, name="ln_q")(q)
 
         def proj(name, dim_in, axes_in):
             return self.param(
@@ -97,6 +100,7 @@ class PatchEmbed(nn.Module):
     patch_size: int
     width: int
     dtype: Dtype = jnp.float32
+    use_bias: bool = False  # SigLIP's patch embedding has one
 
     @nn.compact
     def __call__(self, images):
@@ -106,6 +110,9 @@ class PatchEmbed(nn.Module):
                             (p, p, channels, self.width))
         patches = images.astype(self.dtype).reshape(batch, height // p, p, width // p, p, channels)
         x = jnp.einsum("bhpwqc,pqcd->bhwd", constrain(patches, (BATCH,) + (None,) * 5), kernel.astype(self.dtype))
+        if self.use_bias:
+            x = x + self.param("bias", param_with_axes(nn.initializers.zeros, ("embed",)), (self.width,)).astype(
+                self.dtype)
         return x.reshape(batch, (height // p) * (width // p), self.width)
 
 

@@ -1,0 +1,149 @@
+"""SigLIP's towers (big_vision's two-tower model; transformers' SiglipModel; open_clip's timm SigLIP).
+
+Image: a patch embedding with a bias, learned positions, no class token and no ln_pre, pre-LN blocks,
+ln_post, then the MAP head (one learned probe attending over the tokens, then x + MLP(LN(x))); the
+pooled token is the embedding (no projection: embed_dim is the image width). Text: token and
+position embeddings, a bidirectional pre-LN stack over every position, ln_final, the last position
+pooled, then a Linear head with a bias. Both: LayerNorm eps 1e-6, GELU's tanh approximation.
+
+The blocks are CLIP's (``layers.Transformer``, ``vit.PatchEmbed``, ``vit.AttentionalPooler``), so
+scan, remat, dtype, the attention kernels and the logical axes behave as in the other towers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clip_jax.models.layers import (
+    BATCH,
+    EMBED,
+    LENGTH,
+    Dense,
+    Dtype,
+    LayerNorm,
+    Mlp,
+    Transformer,
+    constrain,
+    normal,
+    param_with_axes,
+)
+from clip_jax.models.text import check_tokens
+from clip_jax.models.vit import AttentionalPooler, PatchEmbed, check_images
+
+SIGLIP_LN_EPS = 1e-6  # flax's LayerNorm default, which big_vision's SigLIP was trained with
+SIGLIP_ACT = "gelu_tanh"  # flax's nn.gelu default (approximate=True)
+# The normalization of every tower's input in clip_jax (clip_jax.preprocessing's MEAN and STD, tested equal:
+# models import nothing outside models).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_to_siglip_pixels(images):
+    """Images normalized with CLIP's mean and std -> SigLIP's input, the pixels in [0, 1] mapped to [-1, 1]
+    (one multiply-add per channel: 2 (x std + mean) - 1)."""
+    scale = jnp.asarray([2.0 * s for s in CLIP_STD], jnp.float32)
+    offset = jnp.asarray([2.0 * m - 1.0 for m in CLIP_MEAN], jnp.float32)
+    return images.astype(jnp.float32) * scale + offset
+
+
+class MAPHead(nn.Module):
+    """big_vision's multihead attention pooling: a learned probe attends over the tokens (no
+    LayerNorm before), then probe + MLP(LN(probe)); [N, L, D] -> [N, D]."""
+
+    heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = AttentionalPooler(width, self.heads, 1, self.dtype, layer_norms=False, name="attn")(x)
+        y = LayerNorm(self.dtype, eps=SIGLIP_LN_EPS, name="ln")(x)
+        x = x + Mlp(int(width * self.mlp_ratio), dtype=self.dtype, act=SIGLIP_ACT, name="mlp")(y)
+        return x[:, 0]
+
+
+class SiglipVisionTransformer(nn.Module):
+    """images NHWC [N, S, S, 3], normalized as for every clip_jax tower (clip_jax.preprocess, the input
+    pipeline: CLIP's mean and std) -> image features [N, width] (not normalized). The tower maps them to
+    the [-1, 1] pixels SigLIP was trained on first, so the input pipeline and the evaluations stay one."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False  # unused (the act below): Transformer.of_tower's common field
+    act: str = SIGLIP_ACT
+    ln_eps: float = SIGLIP_LN_EPS
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None
+    remat: str = "none"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, images, train: bool = False, pooled_too: bool = False):
+        """pooled_too: (pooled features, features), the same array here: SigLIP has no image projection."""
+        del train  # no dropout, no patch dropout
+        check_images(images, self.image_size)
+        grid = self.image_size // self.patch_size
+        # a 'VALID' strided conv, as big_vision's: the rows and columns past the last whole patch are not seen
+        # (So400m/14 at 384 pixels: 27 patches of 14)
+        images = clip_to_siglip_pixels(images[:, : grid * self.patch_size, : grid * self.patch_size])
+        x = PatchEmbed(self.patch_size, self.width, self.dtype, use_bias=True, name="conv1")(images)
+        pos = self.param("positional_embedding", param_with_axes(normal(self.width**-0.5), (None, "embed")),
+                         (grid * grid, self.width))
+        x = constrain(x + pos.astype(self.dtype), (BATCH, LENGTH, EMBED))
+        x = Transformer.of_tower(self, causal=False)(x)
+        x = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_post")(x)
+        pooled = MAPHead(self.heads, self.mlp_ratio, self.dtype, name="attn_pool")(x)
+        return (pooled, pooled) if pooled_too else pooled
+
+
+class SiglipTextTransformer(nn.Module):
+    """tokens int32 [N, T] (right-padded, EOS last before the padding) -> text features [N, output_dim].
+
+    The last position is pooled: SigLIP's tokenizer pads with EOS ("sticky" EOS), so it is an EOS at
+    every length; tokens shorter than context_length pool their own last position.
+    """
+
+    context_length: int = 64
+    vocab_size: int = 32000
+    width: int = 768
+    heads: int = 12
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    output_dim: int = 768
+    quick_gelu: bool = False  # unused (the act below): Transformer.of_tower's common field
+    act: str = SIGLIP_ACT
+    ln_eps: float = SIGLIP_LN_EPS
+    dtype: Dtype = jnp.float32
+    attn_impl: Optional[str] = None
+    remat: str = "none"
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, train: bool = False, embeddings=None):
+        """`embeddings` [N, T, width]: in place of the token embeddings of `tokens` (prompt learning)."""
+        del train  # no dropout
+        check_tokens(tokens, self.context_length)
+        length = tokens.shape[1]
+        embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                         embedding_init=param_with_axes(normal(0.02), ("vocab", "embed")), name="token_embedding")
+        pos = self.param("positional_embedding", param_with_axes(normal(self.width**-0.5), (None, "embed")),
+                         (self.context_length, self.width))
+        if embeddings is not None and embeddings.shape != tokens.shape + (self.width,):
+            raise ValueError(f"embeddings {embeddings.shape} must be the tokens' shape {tokens.shape} + "
+                             f"({self.width},)")
+        words = embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+        x = constrain(words + pos[:length].astype(self.dtype), (BATCH, LENGTH, EMBED))
+        # the last layer computes only the last position's row
+        x = Transformer.of_tower(self, causal=False)(x, jnp.full(tokens.shape[:1], length - 1, jnp.int32))
+        x = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_final")(x)
+        return Dense(self.output_dim, self.dtype, kernel_init=param_with_axes(normal(self.width**-0.5),
+                                                                               ("embed", None)),
+                     bias_init=param_with_axes(nn.initializers.zeros, (None,)), name="head")(x)
