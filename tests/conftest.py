@@ -5,6 +5,9 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 sys.path.insert(0, FIXTURES)  # random_weights.py, shared with make_fixtures.py
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# triton (torch's GPU kernel compiler, which transformers' models reach through torch._dynamo)
+# segfaults when loaded into a process that has TensorFlow; the CPU references never need it.
+sys.modules.setdefault("triton", None)
 # 8 simulated CPU devices for the mesh tests (set before jax is imported).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
