@@ -675,9 +675,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.add_argument(f"--{s}", type=int, default=DEFAULT_SIZES[s], help=f"{s} examples")
     p.add_argument("--workers", type=int, default=1, help="processes drawing images (see ensure_shapes_dataset)")
     p.add_argument("--preview", default="", help="write a grid of 8 train and 8 test examples here")
+    p.add_argument("--format", choices=("tfrecord", "clip_benchmark"), default="tfrecord",
+                   help="clip_benchmark: CLIP_benchmark's webdataset folders under --out (shapes_shape, shapes_color, "
+                        "shapes_combo, shapes_captions: clip_jax.input.clip_benchmark), from the TFRecords in "
+                        "--cache_dir")
+    p.add_argument("--cache_dir", default="", help="with --format=clip_benchmark: the TFRecords' cache "
+                   "(default ~/.cache/clip_jax, as training's data.cache_dir)")
     args = p.parse_args(argv)
     t = time.time()
     sizes = {s: getattr(args, s) for s in SPLITS}
+    if args.format == "clip_benchmark":
+        from clip_jax.input import clip_benchmark
+
+        config = {"cache_dir": args.cache_dir, "shapes_seed": args.seed, "shapes_image_size": args.image_size,
+                  "shapes_sizes": sizes}
+        clip_benchmark.write_shapes(args.out, config)
+        print(f"{args.out} ready in {time.time() - t:.1f}s")
+        return
     paths = ensure_shapes_dataset(args.out, args.seed, args.image_size, sizes, workers=args.workers)
     print(f"{os.path.dirname(paths['train'][0])} ready in {time.time() - t:.1f}s")
     if args.preview:

@@ -1,0 +1,144 @@
+"""CLIP_benchmark (a test-only reference: tests/references.txt) on clip_jax's data and models:
+the webdataset layout holds exactly the records of its split; its result files are CLIP_benchmark's
+(its `build` reads them); and docs/evaluation.md's commands, run as written on a tiny trained model,
+give CLIP_benchmark's zero-shot top-1 and retrieval Recall@5 within 0.5 points of clip_jax's own."""
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.input import clip_benchmark, shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {"train": 64, "validation": 12, "test": 30}
+
+
+def doc_commands() -> list[str]:
+    """The bash block after the marker in docs/evaluation.md, one command a line (continuations joined)."""
+    with open(os.path.join(ROOT, "docs", "evaluation.md")) as f:
+        text = f.read()
+    block = re.search(r"<!-- clip_benchmark commands -->\n```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _samples(folder, split):
+    """{key: {extension: bytes}} of a written split, read back with tarfile (shard order)."""
+    with open(os.path.join(folder, split, "nshards.txt")) as f:
+        n = int(f.read())
+    out = {}
+    for i in range(n):
+        with tarfile.open(os.path.join(folder, split, f"{i}.tar")) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                out.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return out
+
+
+def test_written_datasets_hold_exactly_the_records_of_their_split(tmp_path):
+    config = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
+    written = clip_benchmark.write_shapes(str(tmp_path / "root"), config, log=lambda *a: None)
+    assert written == {name: {"validation": SIZES["validation"], "test": SIZES["test"]}
+                       for name in clip_benchmark.SHAPES_DATASETS}
+    from clip_jax.input.pipeline import shapes_files
+
+    for split in ("validation", "test"):
+        records = shapes.read_split(shapes_files(split, config))
+        for name, label_key in clip_benchmark.SHAPES_DATASETS.items():
+            folder = tmp_path / "root" / name
+            got = _samples(str(folder), split)
+            assert list(got) == [r["key"] for r in records]  # every record once, in order, nothing else
+            for r in records:
+                sample = got[r["key"]]
+                assert sample["txt"].decode() == r["caption"]
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")), r["image"])
+                if label_key:
+                    assert int(sample["cls"]) == r[label_key]
+                else:
+                    assert set(sample) == {"png", "txt"}
+    for name, task in (("shapes_shape", "shape"), ("shapes_color", "color"), ("shapes_combo", "combo")):
+        folder = tmp_path / "root" / name
+        assert (folder / "classnames.txt").read_text().splitlines() == shapes.class_names(task)
+        with open(tmp_path / "root" / clip_benchmark.PROMPTS_FILE) as f:
+            prompts = json.load(f)[f"wds/{name}"]
+        assert list(prompts.values()) == shapes.prompts(task)
+        templates = (folder / "zeroshot_classification_templates.txt").read_text().splitlines()
+        # shape's prompts are one "{c}" template list (the colour is in the template); colour's and combo's
+        # "a"/"an" follows the class name, so only the prompt file words them exactly
+        exact = [[t.replace("{c}", n) for t in templates] for n in shapes.class_names(task)] == shapes.prompts(task)
+        assert exact == (task == "shape")
+    assert (tmp_path / "root" / "shapes_captions" / "dataset_type.txt").read_text().strip() == "retrieval"
+
+
+def test_result_files_are_clip_benchmarks():
+    from clip_jax.evaluate.clip_benchmark import results
+
+    metrics = {"zero_shot/shapes.test/shape/top1": 0.5, "zero_shot/shapes.test/shape/top5": 0.9,
+               "zero_shot/shapes.test/shape/mean_per_class": 0.4, "retrieval/shapes.test/text_to_image_R5": 0.3,
+               "retrieval/shapes.test/image_to_text_R5": 0.2, "zero_shot/cifar10.test/top1": 0.7,
+               "linear_probe/cifar10/top1": 0.8, "linear_probe/cifar10/C": 3.0}
+    got = {(r["dataset"], r["task"]): r for r in results(metrics, "RN-Shapes-S", "run step 2")}
+    assert got[("wds/shapes_shape", "zeroshot_classification")]["metrics"] == {
+        "acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.4}
+    assert got[("wds/shapes_captions", "zeroshot_retrieval")]["metrics"] == {
+        "image_retrieval_recall@5": 0.3, "text_retrieval_recall@5": 0.2}
+    assert got[("wds/cifar10", "zeroshot_classification")]["metrics"] == {"acc1": 0.7}
+    assert got[("wds/cifar10", "linear_probe")]["metrics"] == {"lp_acc1": 0.8}
+    assert {k for r in got.values() for k in r} == {"dataset", "model", "pretrained", "task", "metrics", "language",
+                                                    "split"}
+
+
+@pytest.mark.slow
+def test_clip_benchmark_agrees_with_clip_jax_as_the_docs_run_it(tmp_path):
+    from conftest import reference
+    from test_train import smoke_config
+
+    from clip_jax import train
+
+    for name in ("torch", "open_clip", "clip_benchmark", "webdataset"):
+        reference(name, load=False)
+    c = smoke_config(tmp_path, 12)
+    c.model = "RN-Tiny-test"  # 64 px, the images' size: no resize, so no resampling difference either
+    c.data.shapes_sizes = {"train": 256, "validation": 8, "test": 200}
+    c.checkpoint_every_steps = 12
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    env = {**os.environ, "WORKDIR": str(tmp_path / "run"), "MODEL": str(tmp_path / "model"),
+           "ROOT": str(tmp_path / "root"), "RESULTS": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    os.makedirs(env["RESULTS"])
+    for command in doc_commands():
+        if command.startswith("python -m clip_jax.input.shapes"):  # the run's splits: its cache and sizes
+            command += f" --cache_dir={c.data.cache_dir} --train=256 --validation=8 --test=200"
+        command = command.replace("python -m", f"{sys.executable} -m", 1)
+        done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+
+    def figures(pattern):
+        (path,) = glob.glob(os.path.join(env["RESULTS"], pattern))
+        with open(path) as f:
+            return json.load(f)["metrics"]
+
+    for name in ("shapes_shape", "shapes_color", "shapes_combo"):
+        theirs = figures(f"{name}_zeroshot_classification.json")
+        ours = figures(f"clip_jax/{name}_test_zeroshot_classification.json")
+        assert abs(theirs["acc1"] - ours["acc1"]) <= 0.005, (name, theirs, ours)
+        assert abs(theirs["mean_per_class_recall"] - ours["mean_per_class_recall"]) <= 0.005, (name, theirs, ours)
+    theirs = figures("shapes_captions_zeroshot_retrieval.json")
+    ours = figures("clip_jax/shapes_captions_test_zeroshot_retrieval.json")
+    for key in ("image_retrieval_recall@5", "text_retrieval_recall@5"):
+        assert abs(theirs[key] - ours[key]) <= 0.005, (key, theirs, ours)
+    with open(os.path.join(env["RESULTS"], "all.csv")) as f:
+        rows = list(csv.DictReader(f))
+    # CLIP_benchmark's build reads both evaluators' files into one table
+    assert {(r["model"], r["dataset"]) for r in rows} == {
+        (m, f"wds/{d}") for m in (f"local-dir:{env['MODEL']}", "RN-Tiny-test")
+        for d in ("shapes_shape", "shapes_color", "shapes_combo", "shapes_captions")}
