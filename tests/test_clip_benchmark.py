@@ -97,6 +97,24 @@ def test_result_files_are_clip_benchmarks():
                                                     "split"}
 
 
+def image_to_text_bounds(model_dir, cache_dir, sizes, k):
+    """Image-to-text Recall@k of the exported model on the shapes test split with every tie ordered
+    against the image's own caption, and with every tie ordered for it (a plain count of scores)."""
+    import clip_jax
+    from clip_jax.input.pipeline import shapes_files
+
+    records = shapes.read_split(shapes_files("test", {"cache_dir": cache_dir, "shapes_sizes": sizes}))
+    with open(os.path.join(model_dir, "open_clip_config.json")) as f:
+        config = json.load(f)["model_cfg"]
+    model, params = clip_jax.load(config, os.path.join(model_dir, "open_clip_model.safetensors"))
+    images = clip_jax.preprocess([r["image"] for r in records], model.config.vision.image_size)
+    tokens = clip_jax.tokenize([r["caption"] for r in records], model.config.text.context_length)
+    scores = clip_jax.encode_image(model, params, images) @ clip_jax.encode_text(model, params, tokens).T
+    own = np.diag(scores)[:, None]
+    above, tied = (scores > own).sum(1), (scores == own).sum(1) - 1
+    return float(np.mean(above + tied < k)), float(np.mean(above < k))
+
+
 @pytest.mark.slow
 def test_clip_benchmark_agrees_with_clip_jax_as_the_docs_run_it(tmp_path):
     from conftest import reference
@@ -134,8 +152,12 @@ def test_clip_benchmark_agrees_with_clip_jax_as_the_docs_run_it(tmp_path):
         assert abs(theirs["mean_per_class_recall"] - ours["mean_per_class_recall"]) <= 0.005, (name, theirs, ours)
     theirs = figures("shapes_captions_zeroshot_retrieval.json")
     ours = figures("clip_jax/shapes_captions_test_zeroshot_retrieval.json")
-    for key in ("image_retrieval_recall@5", "text_retrieval_recall@5"):
-        assert abs(theirs[key] - ours[key]) <= 0.005, (key, theirs, ours)
+    assert abs(theirs["image_retrieval_recall@5"] - ours["image_retrieval_recall@5"]) <= 0.005, (theirs, ours)
+    # image to text: a caption repeated word for word ties with the image's own, and the two break ties
+    # differently (clip_jax by index, CLIP_benchmark as torch.topk does); both lie within the tie order's bounds
+    low, high = image_to_text_bounds(env["MODEL"], c.data.cache_dir, c.data.shapes_sizes.to_dict(), 5)
+    for figure in (theirs["text_retrieval_recall@5"], ours["text_retrieval_recall@5"]):
+        assert low - 1e-9 <= figure <= high + 1e-9, (low, high, theirs, ours)
     with open(os.path.join(env["RESULTS"], "all.csv")) as f:
         rows = list(csv.DictReader(f))
     # CLIP_benchmark's build reads both evaluators' files into one table
