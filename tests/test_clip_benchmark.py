@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.input import clip_benchmark, shapes
+from clip_jax.input import clip_benchmark, shapes, wds_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"train": 64, "validation": 12, "test": 30}
@@ -46,14 +46,17 @@ def _samples(folder, split):
 
 def test_written_datasets_hold_exactly_the_records_of_their_split(tmp_path):
     config = {"cache_dir": str(tmp_path / "cache"), "shapes_sizes": SIZES}
-    written = clip_benchmark.write_shapes(str(tmp_path / "root"), config, log=lambda *a: None)
-    assert written == {name: {"validation": SIZES["validation"], "test": SIZES["test"]}
-                       for name in clip_benchmark.SHAPES_DATASETS}
+    shapes.main([f"--out={tmp_path / 'root'}", "--format=clip_benchmark", f"--cache_dir={tmp_path / 'cache'}",
+                 *(f"--{split}={n}" for split, n in SIZES.items())])
     from clip_jax.input.pipeline import shapes_files
 
+    # the converter from any evaluation source writes the same split as the embedded dataset's own writer
+    generic = clip_benchmark.convert("shapes:test", str(tmp_path / "generic" / "shapes_color"), config=config,
+                                     label_key="label_color", log=lambda *a: None)
+    assert _samples(generic["folder"], "test") == _samples(str(tmp_path / "root" / "shapes_color"), "test")
     for split in ("validation", "test"):
         records = shapes.read_split(shapes_files(split, config))
-        for name, label_key in clip_benchmark.SHAPES_DATASETS.items():
+        for name, label_key in shapes.CLIP_BENCHMARK_DATASETS.items():
             folder = tmp_path / "root" / name
             got = _samples(str(folder), split)
             assert list(got) == [r["key"] for r in records]  # every record once, in order, nothing else
@@ -68,7 +71,7 @@ def test_written_datasets_hold_exactly_the_records_of_their_split(tmp_path):
     for name, task in (("shapes_shape", "shape"), ("shapes_color", "color"), ("shapes_combo", "combo")):
         folder = tmp_path / "root" / name
         assert (folder / "classnames.txt").read_text().splitlines() == shapes.class_names(task)
-        with open(tmp_path / "root" / clip_benchmark.PROMPTS_FILE) as f:
+        with open(tmp_path / "root" / wds_layout.PROMPTS_FILE) as f:
             prompts = json.load(f)[f"wds/{name}"]
         assert list(prompts.values()) == shapes.prompts(task)
         templates = (folder / "zeroshot_classification_templates.txt").read_text().splitlines()

@@ -2,7 +2,7 @@
 beside any other model's (python -m clip_jax.evaluate --format=clip_benchmark --out=DIR).
 
 One JSON per dataset and task, as CLIP_benchmark's eval dumps it: dataset ("wds/NAME", the folder
-clip_jax.input.clip_benchmark writes the split to), model, pretrained, task (zeroshot_classification,
+clip_jax.input.wds_layout names), model, pretrained, task (zeroshot_classification,
 zeroshot_retrieval, linear_probe), metrics in its names (acc1, acc5, mean_per_class_recall;
 image_retrieval_recall@K = text to image, text_retrieval_recall@K = image to text; lp_acc1, ...) and
 language; with the split the figures are of, which CLIP_benchmark's own files leave to their name.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 
-from clip_jax.input.clip_benchmark import dataset_folder
+from clip_jax.input.wds_layout import dataset_folder, language_of
 
 TASK_NAMES = {"zero_shot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
               "linear_probe": "linear_probe"}
@@ -44,7 +44,7 @@ def results(metrics: dict, model: str, pretrained: str) -> list[dict]:
         folder = dataset_folder(base, task, "/".join(sub) or None)
         entry = grouped.setdefault((folder, split, task), {
             "dataset": f"wds/{folder}", "model": model, "pretrained": pretrained, "task": TASK_NAMES[task],
-            "metrics": {}, "language": "zh" if base == "shapes_zh" else "en", "split": split})
+            "metrics": {}, "language": language_of(base), "split": split})
         entry["metrics"][name] = float(value)
     return list(grouped.values())
 
