@@ -167,3 +167,41 @@ def test_clip_benchmark_agrees_with_clip_jax_as_the_docs_run_it(tmp_path):
     assert {(r["model"], r["dataset"]) for r in rows} == {
         (m, f"wds/{d}") for m in (f"local-dir:{env['MODEL']}", "RN-Tiny-test")
         for d in ("shapes_shape", "shapes_color", "shapes_combo", "shapes_captions")}
+
+
+def test_any_tfrecord_source_converts_record_for_record(tmp_path):
+    """A user's TFRecords: JPEG kept as stored, another format as PNG, keys with dots made webdataset keys,
+    class names from a file, several captions a line each, shards of shard_size samples."""
+    from clip_jax.input import records
+
+    def encoded(color, fmt):
+        out = io.BytesIO()
+        Image.new("RGB", (20, 12), color).save(out, format=fmt)
+        return out.getvalue()
+
+    pairs = [(encoded((200, 0, 0), "JPEG"), ["red one", "a red thing"], "img.0", 1),
+             (encoded((0, 0, 200), "GIF"), ["blue one"], "img.1", 0),
+             (encoded((0, 200, 0), "PNG"), ["green one"], "img.2", 1)]
+    writer = records.ShardWriter(str(tmp_path / "mine"), 1)
+    for image, captions, key, label in pairs:
+        writer.write(records.serialize_example(image, captions, key, label))
+    writer.close()
+    (tmp_path / "classes.json").write_text(json.dumps({"classnames": ["blue", "red"], "templates": ["a {} box."]}))
+    spec = f"tfrecord:{tmp_path}/mine-*.tfrecord"
+    done = clip_benchmark.convert(spec, str(tmp_path / "root" / "mine"), classes=str(tmp_path / "classes.json"),
+                                  shard_size=2, log=lambda *a: None)
+    assert (done["split"], done["count"], done["keys"]) == ("test", 3, ["img_0", "img_1", "img_2"])
+    assert (tmp_path / "root" / "mine" / "test" / "nshards.txt").read_text().strip() == "2"
+    got = _samples(str(tmp_path / "root" / "mine"), "test")
+    assert got["img_0"]["jpg"] == pairs[0][0] and got["img_2"]["png"] == pairs[2][0]  # as stored
+    assert np.asarray(Image.open(io.BytesIO(got["img_1"]["png"]))).tolist() == \
+        np.asarray(Image.open(io.BytesIO(pairs[1][0])).convert("RGB")).tolist()
+    assert [int(got[k]["cls"]) for k in ("img_0", "img_1", "img_2")] == [1, 0, 1]
+    assert got["img_0"]["txt"].decode().splitlines() == ["red one", "a red thing"]
+    assert (tmp_path / "root" / "mine" / "zeroshot_classification_templates.txt").read_text() == "a {c} box.\n"
+    retrieval = clip_benchmark.convert(spec, str(tmp_path / "root" / "mine_captions"), task="retrieval",
+                                       log=lambda *a: None)
+    assert retrieval["keys"] == done["keys"]
+    assert set(_samples(str(tmp_path / "root" / "mine_captions"), "test")["img_1"]) == {"png", "txt"}
+    with pytest.raises(ValueError, match="names no classes"):
+        clip_benchmark.convert(spec, str(tmp_path / "root" / "unnamed"), log=lambda *a: None)
