@@ -34,8 +34,12 @@ HUB = ["huggingface_hub>=0.34"]
 TEST = DATA + TPU + HUB + ["pytest>=8.0", "pytest-xdist>=3.5", "sentencepiece>=0.2", "scikit-learn>=1.3",
                      "importlib_resources>=5", "ruff>=0.6"]
 
+# The distribution's name: "clip-jax" (to which pip normalizes "clip_jax") is another project on the package
+# index; the import name stays clip_jax.
+DISTRIBUTION = "clip-jax-pretraining"
+
 setup(
-    name="clip_jax",
+    name=DISTRIBUTION,
     version="0.1.0",
     description="CLIP pretraining in JAX/Flax: ViT/ModifiedResNet/text towers, open_clip interop, sharded training",
     python_requires=">=3.10",

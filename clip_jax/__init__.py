@@ -9,13 +9,14 @@ The public API (TensorFlow is never imported here; the input pipeline imports it
     clip_jax.save_open_clip("ViT-B-32-quickgelu", params, "out.safetensors")
     model, params = clip_jax.load("hf-hub:openai/clip-vit-base-patch32")   # or a transformers model dir
     clip_jax.save_hf(model, params, "out_dir")                 # transformers.AutoModel.from_pretrained
+    clip_jax.save_open_clip_dir(model, params, "dir")   # open_clip.create_model_and_transforms("local-dir:dir")
 """
 
 from clip_jax.input.tf_runtime import quiet_cuda_probe
 
 quiet_cuda_probe()  # first, before anything (etils, tfds, the input pipeline) imports TensorFlow
 
-from clip_jax.api import encode_image, encode_text, load, save_hf, save_open_clip  # noqa: E402
+from clip_jax.api import encode_image, encode_text, load, save_hf, save_open_clip, save_open_clip_dir  # noqa: E402
 from clip_jax.models import create_model, get_model_config, init_variables, list_models  # noqa: E402
 from clip_jax.preprocessing import MEAN, STD, preprocess  # noqa: E402
 from clip_jax.tokenizers import tokenize  # noqa: E402
@@ -35,5 +36,6 @@ __all__ = [
     "preprocess",
     "save_hf",
     "save_open_clip",
+    "save_open_clip_dir",
     "tokenize",
 ]

@@ -112,6 +112,45 @@ def save_hf(model: Union[CLIP, str, dict, CLIPConfig], params, directory: str, t
     return hf_layouts.save(model, params, directory, tokenizer=tokenizer)
 
 
+# -- open_clip's local-dir: folder -------------------------------------------------------------
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # the file names open_clip's local-dir: loader reads
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def open_clip_preprocess_cfg(config: CLIPConfig) -> dict:
+    """open_clip's preprocess_cfg of clip_jax.preprocess's transform for `config`: OpenAI's mean and std,
+    a bicubic resize of the shorter side to the tower's size, then a center crop."""
+    from clip_jax.preprocessing import MEAN, STD
+
+    return {"size": config.vision.image_size, "mode": "RGB", "mean": list(MEAN), "std": list(STD),
+            "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+
+
+def save_open_clip_dir(model: Union[CLIP, str, dict, CLIPConfig], params, directory: str) -> str:
+    """Write ``params`` to `directory` as open_clip's local-dir: folder: open_clip_config.json (``model_cfg``,
+    ``preprocess_cfg``) and open_clip_model.safetensors, which
+    ``open_clip.create_model_and_transforms("local-dir:" + directory)`` loads with strict keys, with this
+    model's preprocessing; ``open_clip.get_tokenizer`` of the same name gives CLIP's BPE. Any preset or
+    config with overrides; not the BERT (cn-*) towers or another tokenizer than CLIP's, which open_clip
+    does not build."""
+    import os
+
+    config = model.config if isinstance(model, CLIP) else get_model_config(model)
+    if config.text.kind == "bert":
+        raise ValueError("open_clip has no Chinese-CLIP (BERT) text tower: export a cn-* model with save_open_clip "
+                         "(cn-clip's layout) or save_hf (transformers' ChineseCLIPModel)")
+    if config.text.tokenizer != "clip_bpe":
+        raise ValueError(f"open_clip's local-dir: tokenizer is CLIP's BPE, this model's is {config.text.tokenizer!r}: "
+                         "export it with save_hf, or train with text_cfg tokenizer 'clip_bpe'")
+    os.makedirs(directory, exist_ok=True)
+    config_path = os.path.join(directory, OPEN_CLIP_CONFIG)
+    # save_open_clip checks the keys and shapes and writes the model JSON, which the folder's config then replaces
+    save_open_clip(config, params, os.path.join(directory, OPEN_CLIP_WEIGHTS), config_path=config_path)
+    with open(config_path, "w") as f:
+        json.dump({"model_cfg": config.to_dict(), "preprocess_cfg": open_clip_preprocess_cfg(config)}, f, indent=2)
+    return directory
+
+
 def write_flax_params(params, path: str):
     from flax import serialization
 

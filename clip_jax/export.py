@@ -1,6 +1,6 @@
 """Export a run for evaluation anywhere, what its method exports (clip_jax.runs reads the run):
 
-    python -m clip_jax.export --workdir=DIR --out=PATH [--step=N] [--extras] [--format=open_clip|hf]
+    python -m clip_jax.export --workdir=DIR --out=PATH [--step=N] [--extras] [--format=open_clip|hf|open_clip_dir]
 
 --format=open_clip (the default) writes PATH.safetensors in open_clip's layout (``open_clip.create_model(name,
 pretrained=PATH.safetensors)``; a SigLIP run's logit bias with it), PATH.json (the open_clip
@@ -15,6 +15,11 @@ towers and PATH.adapter.safetensors / PATH.adapter.json.
 model.safetensors and the tokenizer and image processor files, which
 ``transformers.AutoModel.from_pretrained(PATH)`` / ``AutoProcessor.from_pretrained(PATH)`` and
 ``clip_jax.load(PATH)`` read; the parts and files named above go into it as PART.safetensors / NAME.
+
+--format=open_clip_dir writes the directory PATH as open_clip's local-dir: folder (clip_jax.save_open_clip_dir):
+open_clip_config.json (model_cfg, preprocess_cfg) and open_clip_model.safetensors, which
+``open_clip.create_model_and_transforms("local-dir:PATH")`` loads for any preset or override, and so
+CLIP_benchmark (``--model=local-dir:PATH``) and DataComp evaluate (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import shutil
 from typing import Optional
 
-FORMATS = ("open_clip", "hf")
+FORMATS = ("open_clip", "hf", "open_clip_dir")
 
 
 def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = False, format: str = "open_clip") -> dict:
@@ -41,6 +46,8 @@ def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = Fa
     exported = run.exported(extras)
     if format == "hf":
         return {"step": run.step, **export_hf(exported, out)}
+    if format == "open_clip_dir":
+        return {"step": run.step, **export_open_clip_dir(exported, out)}
     out = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     paths = {"safetensors": out + ".safetensors", "json": out + ".json", "msgpack": out + ".msgpack"}
@@ -71,6 +78,16 @@ def export_hf(exported, out: str) -> dict:
     return paths
 
 
+def export_open_clip_dir(exported, out: str) -> dict:
+    """The towers as open_clip's local-dir: folder `out`; the parts only training uses have no place there."""
+    from clip_jax.api import save_open_clip_dir
+
+    if exported.parts or exported.files:
+        raise ValueError(f"--format=open_clip_dir holds the two towers only; this run also exports "
+                         f"{sorted(exported.parts) + sorted(exported.files)}: use --format=open_clip or hf for those")
+    return {"open_clip_dir": save_open_clip_dir(exported.model, exported.variables, out)}
+
+
 def main(argv=None):
     import argparse
 
@@ -84,7 +101,7 @@ def main(argv=None):
                         help="also the parts only training uses (SLIP's SSL head: PATH.ssl_head.safetensors)")
     parser.add_argument("--format", choices=FORMATS, default="open_clip",
                         help="open_clip: open_clip's state dict, its JSON and Flax's msgpack (the default); "
-                             "hf: a transformers model directory")
+                             "hf: a transformers model directory; open_clip_dir: open_clip's local-dir: folder")
     args = parser.parse_args(argv)
     written = export(args.workdir, args.out, args.step, args.extras, args.format)
     print(f"exported step {written.pop('step')}:")

@@ -218,3 +218,19 @@ def test_nothing_outside_the_input_names_the_embedded_dataset():
                 found += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(open(path), 1)
                           if named.search(line)]
     assert not found, found
+
+
+def test_the_test_only_references_are_imported_in_functions_only():
+    """torch, open_clip, CLIP_benchmark and webdataset are no dependencies of the package (tests/references.txt):
+    a module that runs one (clip_jax.evaluate.clip_benchmark) imports it inside the function that needs it."""
+    references = ("torch", "open_clip", "clip_benchmark", "webdataset", "cn_clip", "transformers")
+    found = []
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                for node in ast.parse(open(path).read()).body:
+                    named = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                             else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                    found += [f"{os.path.relpath(path, ROOT)}: {n}" for n in named if n.split(".")[0] in references]
+    assert not found, found

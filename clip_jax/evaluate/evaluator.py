@@ -3,6 +3,7 @@
     python -m clip_jax.evaluate --workdir=DIR [--step=N] [--eval=SPEC ...] [--out=FILE.json]
     python -m clip_jax.evaluate --weights=PATH.safetensors|.msgpack|.pt [--model=NAME] --eval=SPEC ...
     python -m clip_jax.evaluate --weights=DIR|hf-hub:ORG/NAME --eval=SPEC ...   (transformers' layouts)
+    python -m clip_jax.evaluate --workdir=DIR --format=clip_benchmark --out=RESULTS   (CLIP_benchmark's JSON files)
 
 An evaluation SPEC is TASK=DATA[|key=value...]:
 
@@ -314,8 +315,14 @@ def main(argv=None):
                         help="a data setting over the run's config.data (JSON values), e.g. "
                              "--data=cache_dir=/tmp/c --data='label_keys=[\"label\"]'; repeatable")
     parser.add_argument("--batch_size", type=int, default=256, help="global images per step")
-    parser.add_argument("--out", default=None, help="JSON results (default: WORKDIR/eval_step{N}.json with --workdir)")
+    parser.add_argument("--out", default=None, help="JSON results (default: WORKDIR/eval_step{N}.json with --workdir); "
+                        "with --format=clip_benchmark a directory")
+    parser.add_argument("--format", choices=("clip_jax", "clip_benchmark"), default="clip_jax",
+                        help="clip_benchmark: one result JSON per dataset and task in CLIP_benchmark's format "
+                             "(clip_jax.evaluate.clip_benchmark), for `clip_benchmark build`")
     args = parser.parse_args(argv)
+    if args.format == "clip_benchmark" and not args.out:
+        parser.error("--format=clip_benchmark writes its files to a directory: pass --out=DIR")
 
     from clip_jax.parallel import distributed
 
@@ -352,6 +359,14 @@ def main(argv=None):
     start = time.perf_counter()
     metrics, details = evaluator.run(encoder, args.batch_size)
     log(format_table(metrics))
+    if args.format == "clip_benchmark":
+        if jax.process_index() == 0:
+            from clip_jax.evaluate import clip_benchmark
+
+            name = args.model or (run_config.model if run_config else "clip_jax")
+            for path in clip_benchmark.write(metrics, args.out, name if isinstance(name, str) else "clip_jax", what):
+                log(f"wrote {path}")
+        return metrics
     out = args.out or (os.path.join(args.workdir, f"eval_step{step}.json") if args.workdir else None)
     if out and jax.process_index() == 0:
         from etils import epath  # gs:// too

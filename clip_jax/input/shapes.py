@@ -666,6 +666,44 @@ def preview(examples: Sequence[dict], path: str, scale: int = 3, columns: int = 
     grid.save(path)
 
 
+# CLIP_benchmark's folders of the one-object splits: zero-shot by each label task, and retrieval
+CLIP_BENCHMARK_DATASETS = {"shapes_shape": "label_shape", "shapes_color": "label_color", "shapes_combo": "label",
+                           "shapes_captions": None}
+CLIP_BENCHMARK_SPLITS = ("validation", "test")
+
+
+def raw_records(paths: Sequence[str]):
+    """(key, encoded PNG, {label feature: int}, English caption) of every record of some shards, in order."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    for r in tf.data.TFRecordDataset(list(paths)):
+        f = tf.train.Example.FromString(r.numpy()).features.feature
+        labels = {name: int(f[name].int64_list.value[0]) for name in LABEL_TASKS}
+        yield (f[records.KEY].bytes_list.value[0].decode("utf-8"), f[records.IMAGE].bytes_list.value[0], labels,
+               f[records.CAPTION].bytes_list.value[0].decode("utf-8"))
+
+
+def write_clip_benchmark(root: str, paths: Dict[str, List[str]], log=print) -> dict:
+    """ROOT/shapes_shape, shapes_color, shapes_combo (zero_shot, English prompts) and shapes_captions
+    (retrieval) in CLIP_benchmark's layout (clip_jax.input.wds_layout), each with the validation and test
+    splits of the shards `paths` (ensure_shapes_dataset's). {folder: {split: records}}."""
+    from clip_jax.input import wds_layout
+
+    written = {}
+    for name, label_key in CLIP_BENCHMARK_DATASETS.items():
+        task = LABEL_TASKS.get(label_key)
+        for split in CLIP_BENCHMARK_SPLITS:
+            samples = ((key, png, labels[label_key] if label_key else None, [caption])
+                       for key, png, labels, caption in raw_records(paths[split]))
+            done = wds_layout.write_dataset(
+                os.path.join(root, name), split, samples, task="zero_shot" if task else "retrieval",
+                names=class_names(task) if task else None, prompts=prompts(task) if task else None,
+                what=f"shapes:{split}", log=log)
+            written.setdefault(name, {})[split] = done["count"]
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="cache directory; the dataset goes in a subdirectory")
@@ -675,9 +713,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         p.add_argument(f"--{s}", type=int, default=DEFAULT_SIZES[s], help=f"{s} examples")
     p.add_argument("--workers", type=int, default=1, help="processes drawing images (see ensure_shapes_dataset)")
     p.add_argument("--preview", default="", help="write a grid of 8 train and 8 test examples here")
+    p.add_argument("--format", choices=("tfrecord", "clip_benchmark"), default="tfrecord",
+                   help="clip_benchmark: CLIP_benchmark's webdataset folders under --out (shapes_shape, shapes_color, "
+                        "shapes_combo, shapes_captions: write_clip_benchmark), from the TFRecords in --cache_dir")
+    p.add_argument("--cache_dir", default="", help="with --format=clip_benchmark: the TFRecords' cache "
+                   "(default ~/.cache/clip_jax, as training's data.cache_dir)")
     args = p.parse_args(argv)
     t = time.time()
     sizes = {s: getattr(args, s) for s in SPLITS}
+    if args.format == "clip_benchmark":
+        cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax")
+        write_clip_benchmark(args.out, ensure_shapes_dataset(cache, args.seed, args.image_size, sizes,
+                                                             workers=args.workers))
+        print(f"{args.out} ready in {time.time() - t:.1f}s")
+        return
     paths = ensure_shapes_dataset(args.out, args.seed, args.image_size, sizes, workers=args.workers)
     print(f"{os.path.dirname(paths['train'][0])} ready in {time.time() - t:.1f}s")
     if args.preview:
