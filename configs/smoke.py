@@ -1,4 +1,4 @@
-"""Smoke run: a small CLIP on the embedded 'shapes' dataset, on a laptop CPU in under 5 minutes.
+"""Smoke run: a small CLIP on the embedded 'shapes' dataset, on a 2-core CPU in 5 to 10 minutes.
 
 RN-Shapes-S (a ModifiedResNet at 64 px, chosen by measurement against ViTs of similar cost:
 docs/training.md#the-smoke-run) learns colour and shape within the run; the picture of the
