@@ -73,11 +73,11 @@ def _numpy_refuses_array_scalars() -> bool:
 
 
 def _topk_accuracy(output, target, topk=(1,)):
-    """CLIP_benchmark 1.6.2's zero-shot accuracy, its lines but for the count's .item(): its own takes float()
-    of a 1-element array, which NumPy 2.4 refuses."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+    """The share of rows whose target is among their k largest logits, for each k (what CLIP_benchmark's
+    zero-shot accuracy reports), counted in Python floats: its own takes float() of a 1-element array,
+    which NumPy 2.4 refuses."""
+    hits = output.topk(max(topk), dim=1).indices == target[:, None]  # [N, max k], one True at most per row
+    return [hits[:, :k].any(dim=1).sum().item() / len(target) for k in topk]
 
 
 def main(argv=None):
