@@ -30,7 +30,7 @@ from clip_jax.models.layers import (
     normal,
     param_with_axes,
 )
-from clip_jax.models.text import check_tokens
+from clip_jax.models.text import check_tokens, embed_tokens
 from clip_jax.models.vit import AttentionalPooler, PatchEmbed, check_images
 
 SIGLIP_LN_EPS = 1e-6  # flax's LayerNorm default, which big_vision's SigLIP was trained with
@@ -132,15 +132,7 @@ class SiglipTextTransformer(nn.Module):
         del train  # no dropout
         check_tokens(tokens, self.context_length)
         length = tokens.shape[1]
-        embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                         embedding_init=param_with_axes(normal(0.02), ("vocab", "embed")), name="token_embedding")
-        pos = self.param("positional_embedding", param_with_axes(normal(self.width**-0.5), (None, "embed")),
-                         (self.context_length, self.width))
-        if embeddings is not None and embeddings.shape != tokens.shape + (self.width,):
-            raise ValueError(f"embeddings {embeddings.shape} must be the tokens' shape {tokens.shape} + "
-                             f"({self.width},)")
-        words = embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
-        x = constrain(words + pos[:length].astype(self.dtype), (BATCH, LENGTH, EMBED))
+        x = embed_tokens(self, tokens, embeddings, pos_std=self.width**-0.5)
         # the last layer computes only the last position's row
         x = Transformer.of_tower(self, causal=False)(x, jnp.full(tokens.shape[:1], length - 1, jnp.int32))
         x = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_final")(x)

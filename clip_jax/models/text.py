@@ -36,6 +36,21 @@ def check_tokens(tokens, context_length: int):
         raise TypeError(f"tokens must be an integer array, got {tokens.dtype}")
 
 
+def embed_tokens(module: nn.Module, tokens, embeddings, pos_std: float):
+    """Token plus learned position embeddings [N, T, width] inside `module`'s compact call (its params
+    'token_embedding' and 'positional_embedding' [context_length, width]); `embeddings` [N, T, width],
+    where given, stand in place of the token embeddings (prompt learning)."""
+    embed = nn.Embed(module.vocab_size, module.width, dtype=module.dtype, param_dtype=jnp.float32,
+                     embedding_init=param_with_axes(normal(0.02), ("vocab", "embed")), name="token_embedding")
+    pos = module.param("positional_embedding", param_with_axes(normal(pos_std), (None, "embed")),
+                       (module.context_length, module.width))
+    if embeddings is not None and embeddings.shape != tokens.shape + (module.width,):
+        raise ValueError(f"embeddings {embeddings.shape} must be the tokens' shape {tokens.shape} + "
+                         f"({module.width},)")
+    words = embed(tokens) if embeddings is None else embeddings.astype(module.dtype)
+    return constrain(words + pos[: tokens.shape[1]].astype(module.dtype), (BATCH, LENGTH, EMBED))
+
+
 class TextTransformer(nn.Module):
     """tokens int32 [N, T] (T <= context_length) -> text features [N, output_dim] (not normalized).
 
@@ -81,22 +96,7 @@ class TextTransformer(nn.Module):
             raise ValueError("text use_pad_mask masks padding keys of a bidirectional stack: set text_cfg "
                              "no_causal_mask=True too, or drop use_pad_mask (the causal mask already hides them)")
         length = tokens.shape[1]
-        embed = nn.Embed(
-            self.vocab_size,
-            self.width,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=param_with_axes(normal(0.02), ("vocab", "embed")),
-            name="token_embedding",
-        )
-        pos = self.param(
-            "positional_embedding", param_with_axes(normal(0.01), (None, "embed")), (self.context_length, self.width)
-        )
-        if embeddings is not None and embeddings.shape != tokens.shape + (self.width,):
-            raise ValueError(f"embeddings {embeddings.shape} must be the tokens' shape {tokens.shape} + "
-                             f"({self.width},)")
-        words = embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
-        x = constrain(words + pos[:length].astype(self.dtype), (BATCH, LENGTH, EMBED))
+        x = embed_tokens(self, tokens, embeddings, pos_std=0.01)
         if self.pool_type == "argmax":
             index = jnp.argmax(tokens, axis=-1)
         elif self.pool_type == "first":
