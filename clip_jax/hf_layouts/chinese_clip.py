@@ -57,10 +57,8 @@ def config_to_hf(config: CLIPConfig) -> dict:
     if config.init_logit_bias is not None:
         raise ValueError("transformers' ChineseCLIPModel has no logit bias (a SigLIP loss's): write it in "
                          "open_clip's layout (clip_jax.save_open_clip)")
-    intermediate = int(t.width * t.mlp_ratio)
-    if intermediate != t.width * t.mlp_ratio:
-        raise ValueError(f"text mlp_ratio {t.mlp_ratio} * width {t.width} is no whole intermediate_size")
-    text = {"vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": intermediate,
+    text = {"vocab_size": t.vocab_size, "hidden_size": t.width,
+            "intermediate_size": clip_family.intermediate_size(t.width, t.mlp_ratio, "text"),
             "num_hidden_layers": t.layers, "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions,
             "type_vocab_size": t.type_vocab_size, "hidden_act": "gelu", "layer_norm_eps": BERT_LN_EPS,
             "hidden_dropout_prob": t.dropout, "attention_probs_dropout_prob": t.attn_dropout, "pad_token_id": t.pad_id}

@@ -96,6 +96,13 @@ def config_from_hf(hf: dict) -> CLIPConfig:
                       init_logit_scale=hf.get("logit_scale_init_value", 2.6592))
 
 
+def intermediate_size(width: int, ratio: float, tower: str) -> int:
+    """The MLP width transformers' config names, refused where width * mlp_ratio is not whole."""
+    if int(width * ratio) != width * ratio:
+        raise ValueError(f"{tower} mlp_ratio {ratio} * width {width} is no whole intermediate_size")
+    return int(width * ratio)
+
+
 def vision_to_hf(config: CLIPConfig, family: str) -> dict:
     """A CLIP-style ViT vision_config; ValueError where transformers' `family` cannot hold the tower."""
     v = config.vision
@@ -105,10 +112,8 @@ def vision_to_hf(config: CLIPConfig, family: str) -> dict:
     if v.pool_type != "tok":
         raise ValueError(f"transformers' {family} pools the class token; vision pool_type is {v.pool_type!r}: "
                          "write it in open_clip's layout (clip_jax.save_open_clip)")
-    intermediate = int(v.width * v.mlp_ratio)
-    if intermediate != v.width * v.mlp_ratio:
-        raise ValueError(f"vision mlp_ratio {v.mlp_ratio} * width {v.width} is no whole intermediate_size")
-    return {"hidden_size": v.width, "intermediate_size": intermediate, "num_hidden_layers": v.layers,
+    return {"hidden_size": v.width, "intermediate_size": intermediate_size(v.width, v.mlp_ratio, "vision"),
+            "num_hidden_layers": v.layers,
             "num_attention_heads": v.heads, "num_channels": 3, "image_size": v.image_size,
             "patch_size": v.patch_size, "projection_dim": config.embed_dim,
             "hidden_act": "quick_gelu" if config.quick_gelu else "gelu", "layer_norm_eps": CLIP_LN_EPS,
@@ -127,11 +132,9 @@ def config_to_hf(config: CLIPConfig) -> dict:
         raise ValueError(f"transformers' CLIPModel pools the eos token of a causal tower; this text tower has "
                          f"pool_type={t.pool_type!r}, no_causal_mask={t.no_causal_mask}: write it in open_clip's "
                          "layout (clip_jax.save_open_clip)")
-    intermediate = int(t.width * t.mlp_ratio)
-    if intermediate != t.width * t.mlp_ratio:
-        raise ValueError(f"text mlp_ratio {t.mlp_ratio} * width {t.width} is no whole intermediate_size")
     # eos is the vocabulary's last id, so transformers' first-eos pooling is clip_jax's argmax.
-    text = {"vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": intermediate,
+    text = {"vocab_size": t.vocab_size, "hidden_size": t.width,
+            "intermediate_size": intermediate_size(t.width, t.mlp_ratio, "text"),
             "num_hidden_layers": t.layers, "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
             "projection_dim": config.embed_dim, "hidden_act": "quick_gelu" if config.quick_gelu else "gelu",
             "layer_norm_eps": CLIP_LN_EPS, "attention_dropout": 0.0, "bos_token_id": t.vocab_size - 2,
