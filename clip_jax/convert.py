@@ -217,7 +217,7 @@ def _split_pool_qkv(sd: dict) -> dict:
 
 
 # -- whole trees ---------------------------------------------------------------------
-def _expected(shapes) -> dict[str, tuple[tuple, tuple, Any]]:
+def expected_variables(shapes) -> dict[str, tuple[tuple, tuple, Any]]:
     """torch key -> (clip_jax path, flax shape, dtype) for the unstacked variables."""
     out = {}
     for path, s in traverse_util.flatten_dict(dict(shapes)).items():
@@ -236,7 +236,7 @@ def expected_state_dict_shapes(model) -> dict[str, tuple[int, ...]]:
     """The open_clip state-dict keys and PyTorch shapes this model imports/exports."""
     from clip_jax.models import variable_shapes
 
-    return _fuse_pool_qkv({k: torch_shape(p, s) for k, (p, s, _) in _expected(variable_shapes(model)).items()})
+    return _fuse_pool_qkv({k: torch_shape(p, s) for k, (p, s, _) in expected_variables(variable_shapes(model)).items()})
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -260,6 +260,22 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def mismatches(given: Mapping[str, Any], expected: Mapping[str, tuple], strict: bool = True):
+    """(missing, unexpected, mis-shaped) between named tensors and the names and shapes a model expects,
+    each sorted; unexpected ones only where `strict`; a mis-shaped one as 'KEY: got S, expected S'."""
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected)) if strict else []
+    wrong = [f"{k}: got {tuple(np.shape(given[k]))}, expected {tuple(expected[k])}"
+             for k in sorted(set(expected) & set(given)) if tuple(np.shape(given[k])) != tuple(expected[k])]
+    return missing, extra, wrong
+
+
+def listed(items, shown: int = 12) -> str:
+    """The first `shown` items, comma-separated, and how many there are in all where more."""
+    items = list(items)
+    return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+
+
 def state_dict_to_variables(model, state_dict: Mapping[str, Any], only=None) -> dict:
     """open_clip/OpenAI state dict (numpy arrays) -> clip_jax variables (numpy, float32 params).
 
@@ -270,7 +286,7 @@ def state_dict_to_variables(model, state_dict: Mapping[str, Any], only=None) -> 
     from clip_jax.models import variable_shapes
 
     state_dict = _split_pool_qkv(clean_state_dict(state_dict))
-    expected = _expected(variable_shapes(model))
+    expected = expected_variables(variable_shapes(model))
     if only is not None:
         expected = {k: v for k, v in expected.items() if only(v[0])}
         for k, (path, shape, _) in sorted(expected.items(), key=lambda kv: kv[1][0]):
@@ -281,22 +297,13 @@ def state_dict_to_variables(model, state_dict: Mapping[str, Any], only=None) -> 
                 raise ValueError(f"{path[0]} {name!r} has shape {tuple(np.shape(state_dict[k]))} in the weights "
                                  f"(key {k!r}), the model's is {torch_shape(path, shape)}")
         state_dict = {k: state_dict[k] for k in expected}
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(set(state_dict) - set(expected))
-    wrong = []
-    for k in sorted(set(expected) & set(state_dict)):
-        path, shape, _ = expected[k]
-        want = torch_shape(path, shape)
-        got = tuple(np.shape(state_dict[k]))
-        if got != want:
-            wrong.append(f"{k}: got {got}, expected {want}")
+    missing, extra, wrong = mismatches(state_dict, {k: torch_shape(p, shape) for k, (p, shape, _) in expected.items()})
     if missing or extra or wrong:
         name = getattr(model.config, "name", None) or "this model config"
         lines = [f"state dict does not match {name}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", extra), ("mis-shaped keys", wrong)):
             if items:
-                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-                lines.append(f"  {title}: {shown}")
+                lines.append(f"  {title}: {listed(items)}")
         bert_weights = any(k.startswith("bert.") for k in state_dict)
         bert_model = any(k.startswith("bert.") for k in expected)
         if bert_weights and not bert_model:

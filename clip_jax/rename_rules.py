@@ -92,16 +92,12 @@ def from_external(model, tensors: Mapping[str, Any], rules: list[Rule], where: s
     if only is not None:
         rules = [r for r in rules if all(only(("params",) + p) for p in r.paths)]
         expected = {k: expected[k] for r in rules for k in r.keys}
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected)) if only is None else []
-    wrong = [f"{k}: got {tuple(np.shape(given[k]))}, expected {expected[k]}"
-             for k in sorted(set(expected) & set(given)) if tuple(np.shape(given[k])) != expected[k]]
+    missing, extra, wrong = convert.mismatches(given, expected, strict=only is None)
     if missing or extra or wrong:
         lines = [f"{where} do not match the model:"]
         for title, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong)):
             if items:
-                lines.append(f"  {title}: " + ", ".join(items[:12]) + (f", ... ({len(items)} in all)"
-                                                                        if len(items) > 12 else ""))
+                lines.append(f"  {title}: {convert.listed(items)}")
         raise ValueError("\n".join(lines))
     flat = {}
     for rule in rules:

@@ -10,7 +10,7 @@ matrix), ``QKV`` (open_clip's fused ``in_proj`` [3 * d, ...] <-> separate q, k a
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -51,17 +51,15 @@ def from_hf(state_dict: Mapping[str, Any], open_clip_shapes: Mapping[str, tuple]
     Raises ValueError naming, in transformers' keys, every missing, mis-shaped and (where `strict`)
     unexpected tensor; keys matching `ignored` (buffers such as position_ids) are dropped first.
     """
+    from clip_jax.convert import listed, mismatches
+
     given = {k: v for k, v in state_dict.items() if not (ignored and ignored.fullmatch(k))}
-    expected = hf_shapes(open_clip_shapes, rename)
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected)) if strict else []
-    wrong = [f"{k}: got {tuple(np.shape(given[k]))}, expected {expected[k]}"
-             for k in sorted(set(expected) & set(given)) if tuple(np.shape(given[k])) != expected[k]]
+    missing, extra, wrong = mismatches(given, hf_shapes(open_clip_shapes, rename), strict)
     if missing or extra or wrong:
         lines = [f"{where} do not match the model (transformers' keys):"]
         for title, items in (("missing keys", missing), ("unexpected keys", extra), ("mis-shaped keys", wrong)):
             if items:
-                lines.append(f"  {title}: {_listed(items)}")
+                lines.append(f"  {title}: {listed(items)}")
         raise ValueError("\n".join(lines))
     out = {}
     for key in open_clip_shapes:
@@ -69,11 +67,6 @@ def from_hf(state_dict: Mapping[str, Any], open_clip_shapes: Mapping[str, tuple]
         parts = [np.asarray(given[name]) for name in names]
         out[key] = np.concatenate(parts, axis=0) if how == QKV else parts[0].T if how == TRANSPOSE else parts[0]
     return out
-
-
-def _listed(items: Iterable[str], shown: int = 12) -> str:
-    items = list(items)
-    return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
 
 
 def block_rename(prefix: str, layer: str, rest: str) -> tuple[tuple[str, ...], str]:
@@ -102,7 +95,7 @@ def variables_from_hf(model, state_dict: Mapping[str, Any], rename: Rename, only
 
     shapes = convert.expected_state_dict_shapes(model)
     if only is not None:
-        chosen = {key for key, (path, _, _) in convert._expected(variable_shapes(model)).items() if only(path)}
+        chosen = {key for key, (path, _, _) in convert.expected_variables(variable_shapes(model)).items() if only(path)}
         shapes = {k: v for k, v in shapes.items() if k in chosen}
     open_clip = from_hf(state_dict, shapes, rename, strict=only is None, ignored=ignored)
     return convert.state_dict_to_variables(model, open_clip, only)
