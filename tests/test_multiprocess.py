@@ -197,14 +197,17 @@ def _sigterm_after(cmd, env, step_line: str, target=None):
     """Start cmd, send SIGTERM (to `target` or the process) once `step_line` is printed; return (rc, output)."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines = []
+    lines, seen = [], False
     for line in proc.stdout:
         lines.append(line)
         if step_line in line:
             proc.send_signal(signal.SIGTERM)
+            seen = True
             break
     rest, _ = proc.communicate(timeout=300)
-    return proc.returncode, "".join(lines) + rest
+    out = "".join(lines) + rest
+    assert seen, f"the run ended (status {proc.returncode}) before {step_line!r}:\n" + out[-6000:]
+    return proc.returncode, out
 
 
 @pytest.mark.slow

@@ -49,6 +49,24 @@ def test_a_read_only_workdir_is_named_before_any_work(tmp_path):
         unmount(tmp_path / "ro")
 
 
+def _probe_many(workdir: str) -> None:
+    for _ in range(2000):
+        wd.check_writable(workdir)
+
+
+def test_the_processes_of_one_job_probe_their_shared_workdir_at_once(tmp_path):
+    """Every process of a job checks the workdir as it starts: one's probe must not remove another's."""
+    import multiprocessing
+
+    procs = [multiprocessing.get_context("fork").Process(target=_probe_many, args=(str(tmp_path),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_faults_are_told_by_cause():
     from clip_jax.train.checkpoint import _write_error
 

@@ -198,7 +198,7 @@ def train(runner: Runner, adapter, train_set: Split, workdir: str, log=print):
     batches = EpochBatches(runner, train_set, batch, int(s.seed), step)
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if step == 0 and os.path.exists(metrics_path):
+    if step == 0 and jax.process_index() == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     started, epoch = time.perf_counter(), {"loss": 0.0, "correct": 0.0}
 

@@ -29,7 +29,9 @@ def check_writable(workdir: str) -> None:
     """Create the workdir and write a file in it, or raise WorkdirError naming the reason."""
     if not is_local(workdir):
         return
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: the processes of a job share the workdir, and one's remove must not
+    # race another's write.
+    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     try:
         os.makedirs(workdir, exist_ok=True)
         with open(probe, "w") as f:
