@@ -17,7 +17,15 @@ from clip_jax.input.tf_runtime import quiet_cuda_probe
 
 quiet_cuda_probe()  # first, before anything (etils, tfds, the input pipeline) imports TensorFlow
 
-from clip_jax.api import encode_image, encode_image_dense, encode_text, load, save_hf, save_open_clip, save_open_clip_dir  # noqa: E402
+from clip_jax.api import (  # noqa: E402
+    encode_image,
+    encode_image_dense,
+    encode_text,
+    load,
+    save_hf,
+    save_open_clip,
+    save_open_clip_dir,
+)
 from clip_jax.models import create_model, get_model_config, init_variables, list_models  # noqa: E402
 from clip_jax.preprocessing import MEAN, STD, preprocess  # noqa: E402
 from clip_jax.tokenizers import tokenize  # noqa: E402
