@@ -184,3 +184,70 @@ def test_spec_errors():
     with pytest.raises(ValueError, match="example 0 holds class id 9"):
         task.evaluate({"data": {"image": np.zeros((2, 32, 32, 3), np.uint8), "mask/shape": masks}},
                       _encoder(model, {"params": {}}))
+
+
+def test_the_predictions_flag_goes_to_the_segmentation_specs():
+    from clip_jax.evaluate.__main__ import with_predictions
+
+    argv = ["--weights=w.safetensors", "--eval=segmentation=shapes:test|bg_thresh=0.3,zero_shot=shapes:test",
+            "--predictions", "/out"]
+    got = with_predictions(argv)
+    assert got[0] == "--weights=w.safetensors" and "--predictions" not in " ".join(got)
+    specs = evaluate.parse_evals(got[1].partition("=")[2])
+    assert [(s.task, s.get("predictions")) for s in specs] == [("segmentation", "/out"), ("zero_shot", None)]
+    assert specs[0].get("bg_thresh") == "0.3"
+    assert with_predictions(["--eval=zero_shot=shapes:test"]) == ["--eval=zero_shot=shapes:test"]
+    with pytest.raises(SystemExit, match="pass --eval=segmentation=DATA"):
+        with_predictions(["--eval=zero_shot=shapes:test", "--predictions=/out"])
+
+
+def _mask_records(path, n=6, size=40):
+    """TFRecords of image, segmentation_mask (class ids 0..6, 255 ignore) and key, as the VOC converter writes."""
+    import io
+
+    from clip_jax.input import records
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    rng = np.random.default_rng(4)
+    with records.ShardWriter(str(path / "seg"), 1) as writer:
+        for i in range(n):
+            image, mask = io.BytesIO(), io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(image, format="PNG")
+            ids = rng.integers(0, 7, (size, size)).astype(np.uint8)
+            ids[:4] = 255
+            Image.fromarray(ids).save(mask, format="PNG")
+            feature = {name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value])) for name, value in
+                       (("image", image.getvalue()), ("segmentation_mask", mask.getvalue()),
+                        ("key", f"img{i}".encode()))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    return f"tfrecord:{path}/seg-*"
+
+
+def test_the_cli_writes_the_predictions_contract(tiny, tmp_path):
+    """python -m clip_jax.evaluate --weights=... --eval=segmentation=...|labels=record --predictions=DIR."""
+    from clip_jax.input.features import FEATURES
+
+    if "mask/record" not in FEATURES:
+        pytest.skip("the evaluation mask features (clip_jax.input.segmentation) are not in this checkout")
+    from clip_jax.evaluate.__main__ import with_predictions
+    from clip_jax.evaluate.evaluator import main
+
+    model, variables, _, _ = tiny
+    data = _mask_records(tmp_path)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"classnames": shapes.class_names("shape"), "templates": ["a {}."]}))
+    weights = clip_jax.save_open_clip("ViT-Tiny-test", variables, str(tmp_path / "tiny.safetensors"),
+                                      config_path=str(tmp_path / "tiny.json"))
+    out = tmp_path / "out.json"
+    metrics = main(with_predictions([f"--weights={weights}", f"--eval=segmentation={data}|labels=record|"
+                                     f"classes={classes}", f"--predictions={tmp_path / 'pred'}", f"--out={out}"]))
+    (miou_key,) = [k for k in metrics if k.endswith("/miou")]
+    assert miou_key.startswith("segmentation/") and 0 <= metrics[miou_key] <= 1
+    directory = tmp_path / "pred" / "segmentation" / miou_key.split("/")[1]
+    assert json.loads((directory / "classes.json").read_text()) == ["background"] + shapes.class_names("shape")
+    names = [f"img{i}.png" for i in range(6)] if "key" in FEATURES else [f"{i:06d}.png" for i in range(6)]
+    for name in names:
+        png = Image.open(directory / name)
+        assert png.mode == "L" and png.size == (32, 32)
+    assert json.loads(out.read_text())["metrics"][miou_key] == metrics[miou_key]
