@@ -126,11 +126,14 @@ def test_siglip_maskclip_is_the_map_heads_value_path_in_transformers():
         clip_jax.encode_image_dense(model, variables, _clip_normalized(pixels), form="patch")
 
 
-def test_scan_and_an_8_device_mesh_give_the_same_dense_outputs():
+def test_scan_remat_and_an_8_device_mesh_give_the_same_dense_outputs():
     images = random_images(8, 32, 4)
     model, variables = _weights("ViT-Tiny-test")
     scanned, scanned_vars = _weights("ViT-Tiny-test", scan=True)
     assert "resblocks" in scanned_vars["params"]["visual"]["transformer"]
+    rematerialized = create_model("ViT-Tiny-test", scan=True, remat="full")
+    np.testing.assert_allclose(clip_jax.encode_image_dense(rematerialized, scanned_vars, images, form="maskclip"),
+                               clip_jax.encode_image_dense(model, variables, images, form="maskclip"), atol=1e-5)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     for form in ("patch", "maskclip"):

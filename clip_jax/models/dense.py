@@ -127,7 +127,6 @@ class DenseTransformer(Transformer):
                 outs[i + 1] = x
             if value_last:
                 x = ValueBlock(**kwargs, name=f"resblocks_{self.layers - 1}")(x)
-        outs[self.layers] = outs.get(self.layers, x)
         return x, [outs[i] for i in collect]
 
     def _init_stack(self, x):
