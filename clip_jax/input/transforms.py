@@ -102,8 +102,15 @@ def crop_mask(mask_bytes, image_bytes, image_size: int, train: bool, seed, confi
     nearest-neighbour so indices stay indices."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
+    return crop_label_map(import_tensorflow().io.decode_png(mask_bytes, channels=1), image_bytes, image_size, train,
+                          seed, config)
+
+
+def crop_label_map(mask, image_bytes, image_size: int, train: bool, seed, config):
+    """crop_mask of a decoded label map [H, W, 1]."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
     tf = import_tensorflow()
-    mask = tf.io.decode_png(mask_bytes, channels=1)
     nearest = tf.image.ResizeMethod.NEAREST_NEIGHBOR
     if train and config["crop"] == "random_resized":
         begin, size = _window(image_bytes, seed, config)
