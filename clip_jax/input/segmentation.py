@@ -93,6 +93,9 @@ def label_map(mask_bytes, image_bytes, objects, labels: str, image_size: int, tr
         n = tf.size(shape_ids, out_type=tf.int32)
         checks.append(tf.debugging.assert_less_equal(tf.reduce_max(tf.cast(mask, tf.int32)), n, message=(
             "segmentation holds an object index past the record's objects/shape")))
+        known = _known_objects(shape_ids, color_ids)
+        checks.append(tf.debugging.assert_equal(known, True, message=(
+            "objects/shape and objects/color differ in length or name a shape or colour that shapes does not have")))
     with tf.control_dependencies(checks):
         out = crop_label_map(tf.identity(mask), image_bytes, image_size, train, seed, config)
     if labels == RECORD:
@@ -147,15 +150,19 @@ def _bad_mask(picked: dict, wanted: ops.Wanted):
     image_png, ih, iw = png_size(picked["image"])
     bad = present & (~is_png | (image_png & (tf.not_equal(h, ih) | tf.not_equal(w, iw))))
     if _labels(wanted) != RECORD:
-        shape_ids, color_ids = picked["objects/shape"], picked["objects/color"]
-
-        def outside(ids, count):
-            return tf.reduce_any((ids < 0) | (ids >= count))
-
-        unknown = (tf.not_equal(tf.size(shape_ids), tf.size(color_ids)) | outside(shape_ids, len(shapes.SHAPE_NAMES))
-                   | outside(color_ids, len(shapes.COLOR_NAMES)))
-        bad = bad | (present & unknown)
+        bad = bad | (present & ~_known_objects(picked["objects/shape"], picked["objects/color"]))
     return bad
+
+
+def _known_objects(shape_ids, color_ids):
+    """Whether every object has a shape and a colour of the shapes dataset (a bool tensor; never raises)."""
+    tf = _tf()
+
+    def inside(ids, count):
+        return tf.reduce_all((ids >= 0) & (ids < count))
+
+    return (tf.equal(tf.size(shape_ids), tf.size(color_ids)) & inside(shape_ids, len(shapes.SHAPE_NAMES))
+            & inside(color_ids, len(shapes.COLOR_NAMES)))
 
 
 ops.OPS.register("mask")(ops.Op("record", _make, _blank, needs=("image",), checks=(("bad_mask", _bad_mask),),
