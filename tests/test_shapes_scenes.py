@@ -97,7 +97,11 @@ def _draw_alone(obj, ex):
     index = int(ex["key"].split("-")[1])
     _, _, objs, _, _ = shapes_scenes.make_example(0, ex["key"].split("-")[0], index)
     match = [o for o in objs if (o["color"], o["shape"]) == (obj["color"], obj["shape"])][0]
-    return shapes_scenes._own_mask(match, 64)
+    from PIL import Image, ImageDraw
+
+    alone = Image.new("L", (64, 64), 0)
+    shapes._draw(ImageDraw.Draw(alone), shapes.SHAPE_NAMES[match["shape"]], match["x"], match["y"], match["r"], 1)
+    return np.asarray(alone)
 
 
 def test_deterministic_whatever_the_sharding_and_seeded(built, tmp_path):

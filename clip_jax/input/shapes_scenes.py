@@ -76,12 +76,6 @@ def parse_source(rest: str):
 # ------------------------------------------------------------------------- one example
 
 
-def _own_mask(obj: dict, size: int) -> np.ndarray:
-    mask = Image.new("L", (size, size), 0)
-    _draw(ImageDraw.Draw(mask), shapes.SHAPE_NAMES[obj["shape"]], obj["x"], obj["y"], obj["r"], 1)
-    return np.asarray(mask, bool)
-
-
 def _where(box: np.ndarray) -> str:
     """The third of the image the centre of a visible box [ymin, xmin, ymax, xmax] (in [0, 1]) is in."""
     y, x = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -99,7 +93,7 @@ def _layout(rng: np.random.Generator, size: int):
     edge = shapes._EDGE * size
     objs: List[dict] = []
     owns: List[int] = []  # each object's own area (px)
-    labels = np.zeros((size, size), np.uint8)
+    labels = Image.new("L", (size, size), 0)
     for i in range(n):
         used = {(o["color"], o["shape"]) for o in objs}
         while True:  # distinct combos: a caption names each object unambiguously
@@ -112,16 +106,16 @@ def _layout(rng: np.random.Generator, size: int):
             r = rng.uniform(*_RADIUS[kind]) * size
             obj = dict(color=color, shape=shape, size=kind, r=r, x=rng.uniform(r + edge, size - r - edge),
                        y=rng.uniform(r + edge, size - r - edge))
-            own = _own_mask(obj, size)
-            trial = np.where(own, np.uint8(len(objs) + 1), labels)
-            visible = np.bincount(trial.ravel(), minlength=len(objs) + 2)[1:]
-            areas = owns + [np.count_nonzero(own)]
+            trial = labels.copy()
+            _draw(ImageDraw.Draw(trial), shapes.SHAPE_NAMES[shape], obj["x"], obj["y"], r, len(objs) + 1)
+            visible = np.bincount(np.asarray(trial).ravel(), minlength=len(objs) + 2)[1:]
+            areas = owns + [visible[-1]]  # drawn on top, the new object shows all of its own area
             if all(v >= max(MIN_PIXELS, MIN_VISIBLE * a) for v, a in zip(visible, areas)):
                 objs.append(obj)
                 owns.append(areas[-1])
                 labels = trial
                 break
-    return objs, labels
+    return objs, np.asarray(labels)
 
 
 def _example(seed: int, split: str, index: int, image_size: int):
