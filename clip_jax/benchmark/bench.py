@@ -121,16 +121,18 @@ def bench_input(args) -> None:
     pipe = InputPipeline(spec, config, global_batch_size=args.batch, image_size=args.size, train=True, inputs=inputs)
     for _ in range(args.warmup):
         next(pipe)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     images = 0
     for _ in range(args.steps):
         images += next(pipe)["image"].shape[0]
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu  # every thread of the process: a figure other processes on the host barely move
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"data: {spec}")
     print(f"image_size: {args.size} crop: {args.crop} resize: {args.resize} batch: {args.batch} cores: {cores}"
           + (f" mask: {args.mask}" if args.mask else ""))
-    print(f"images/s: {images / seconds:,.0f} (per core: {images / seconds / cores:,.0f})")
+    print(f"images/s: {images / seconds:,.0f} (per core: {images / seconds / cores:,.0f}; per CPU-second used: "
+          f"{images / cpu:,.0f})")
 
 
 

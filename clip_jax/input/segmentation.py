@@ -33,12 +33,11 @@ from typing import Optional
 from clip_jax.input import features as features_lib
 from clip_jax.input import ops, shapes
 from clip_jax.input.features import Feature, _skip_decoding, get_path
-from clip_jax.input.transforms import _image_shape, crop_label_map
+from clip_jax.input.transforms import _image_shape, crop_label_map, png_size
 
 IGNORE = 255
 LABEL_SETS = ("shape", "color", "combo")
 RECORD = "record"  # the record's own class ids (segmentation_mask)
-_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _tf():
@@ -63,16 +62,6 @@ def object_classes(shape_ids, color_ids, labels: str):
     return color_ids * len(shapes.SHAPE_NAMES) + shape_ids
 
 
-def png_size(data):
-    """(is a PNG, height, width) from a PNG's header, without decoding: never raises."""
-    tf = _tf()
-    ok = tf.logical_and(tf.strings.length(data) >= 24, tf.equal(tf.strings.substr(data, 0, 8), _PNG))
-    header = tf.where(ok, tf.strings.substr(data, 16, 8), tf.constant(b"\0" * 8))
-    raw = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64)
-    big_endian = lambda b: ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]  # noqa: E731
-    return ok, big_endian(raw[4:8]), big_endian(raw[0:4])
-
-
 def label_map(mask_bytes, image_bytes, objects, labels: str, image_size: int, train: bool, seed, config,
               num_classes: Optional[int] = None):
     """uint8 [S, S] class ids of one record, cropped as its image. objects: (shape ids, colour ids) for a
@@ -80,28 +69,34 @@ def label_map(mask_bytes, image_bytes, objects, labels: str, image_size: int, tr
     the image or holds an index or id outside the label set."""
     tf = _tf()
     mask = tf.io.decode_png(mask_bytes, channels=1)
-    image_shape = _image_shape(image_bytes)
-    checks = [tf.debugging.assert_equal(tf.shape(mask)[:2], image_shape[:2], message=(
-        "segmentation mask of another size than its image (height, width): write the mask at the image's size"))]
+    fits = tf.reduce_all(tf.equal(tf.shape(mask)[:2], _image_shape(image_bytes)[:2]))
+    problems = [(fits, "segmentation mask of another size than its image: write each mask at its image's size")]
     if labels == RECORD:
         if num_classes:
-            checks.append(tf.debugging.assert_equal(tf.reduce_all((mask < num_classes) | (mask == IGNORE)), True,
-                                                    message=f"segmentation_mask holds a class id >= num_classes="
-                                                            f"{num_classes} that is not {IGNORE} (ignore)"))
+            problems.append((tf.reduce_all((mask < num_classes) | (mask == IGNORE)),
+                             f"segmentation_mask holds a class id >= num_classes={num_classes} that is not {IGNORE} "
+                             "(ignore): give the op the label set's num_classes, or map the ids"))
     else:
         shape_ids, color_ids = objects
-        n = tf.size(shape_ids, out_type=tf.int32)
-        checks.append(tf.debugging.assert_less_equal(tf.reduce_max(tf.cast(mask, tf.int32)), n, message=(
-            "segmentation holds an object index past the record's objects/shape")))
-        known = _known_objects(shape_ids, color_ids)
-        checks.append(tf.debugging.assert_equal(known, True, message=(
-            "objects/shape and objects/color differ in length or name a shape or colour that shapes does not have")))
-    with tf.control_dependencies(checks):
-        out = crop_label_map(tf.identity(mask), image_bytes, image_size, train, seed, config)
+        problems.append((tf.reduce_max(tf.cast(mask, tf.int64)) <= tf.size(shape_ids, out_type=tf.int64),
+                         "segmentation holds an object index past the record's objects/shape"))
+        problems.append((_known_objects(shape_ids, color_ids), "objects/shape and objects/color differ in length or "
+                                                               "name a shape or colour that shapes does not have"))
+    out = crop_label_map(mask, image_bytes, image_size, train, seed, config) + _fails_unless(problems)
     if labels == RECORD:
         return out
     table = tf.cast(tf.concat([[0], object_classes(shape_ids, color_ids, labels) + 1], 0), tf.uint8)
     return tf.gather(table, tf.cast(out, tf.int32))
+
+
+def _fails_unless(problems):
+    """uint8 0, or an InvalidArgumentError quoting the first problem whose check is False: a pure op (a stateful
+    assertion would keep tf.data from optimizing the pipeline around it)."""
+    tf = _tf()
+    text = tf.constant("0")
+    for ok, message in reversed(problems):
+        text = tf.where(ok, text, tf.constant(f"bad mask: {message}"))
+    return tf.cast(tf.strings.to_number(text, tf.int32), tf.uint8)
 
 
 # -- the training op ------------------------------------------------------------------------
