@@ -217,3 +217,39 @@ def test_bad_declarations_are_named():
         ops.resolve([BatchInput("mask", "mask", ("segmentation",), (("labels", "shape"),))])
     with pytest.raises(ValueError, match="labels='record' reads \\('segmentation_mask',\\)"):
         ops.resolve([BatchInput("mask", "mask", READS, (("labels", "record"),))])
+
+
+def test_a_tfds_dataset_with_a_segmentation_mask_is_a_source(tmp_path):
+    """tfds' segmentation_mask image (as oxford_iiit_pet's) reaches the training key and the evaluation feature."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(2)
+    masks = [rng.integers(0, 4, (12, 12, 1), dtype=np.uint8) for _ in range(4)]
+
+    class TinySegments(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=(None, None, 3)),
+                 "segmentation_mask": tfds.features.Image(shape=(None, None, 1))}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, mask in enumerate(masks):
+                yield i, {"image": np.repeat(mask * 60, 3, axis=-1), "segmentation_mask": mask}
+
+    TinySegments(data_dir=str(tmp_path)).download_and_prepare()
+    config = {"data_dir": str(tmp_path), "resize_method": "nearest", "image_dtype": "uint8"}
+    inputs = (BatchInput("image", "crop", ("image",), (("flip", True),)),
+              BatchInput("mask", "mask", ("segmentation_mask",), (("labels", "record"), ("num_classes", 4))))
+    (batch,) = list(InputPipeline("tfds:tiny_segments:train", config, global_batch_size=4, image_size=12, train=True,
+                                  num_epochs=1, inputs=inputs))
+    np.testing.assert_array_equal(batch["mask"] * 60, batch["image"][..., 0])  # cropped and flipped together
+    info = eval_data.describe("tfds:tiny_segments:train", config)
+    (rows,) = list(eval_data.eval_batches(info, config, batch_size=4, image_size=12, context_length=77,
+                                          features=("mask/record",)))
+    got = rows["mask/record"]
+    np.testing.assert_array_equal(got * 60, rows["image"][..., 0])  # uint8 images (image_dtype)
+    assert sorted(m.tobytes() for m in got) == sorted(m[..., 0].tobytes() for m in masks)  # tfds' own order

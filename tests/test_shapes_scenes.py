@@ -141,3 +141,10 @@ def test_the_data_spec_trains_and_evaluates(built, tmp_path):
     labels = np.concatenate([b["labels"][b["mask"]] for b in rows])[:, 0]
     assert labels.tolist() == [ex["label_shape"] for ex in data["test"]]
     assert eval_data.metric_name(parse_spec("shapes_scenes:test|lang=zh")) == "shapes_scenes_zh.test"
+    from clip_jax.evaluate.evaluator import Evaluator, parse_evals
+
+    specs = parse_evals("zero_shot=shapes_scenes:test|lang=zh,linear_probe=shapes_scenes")
+    assert [s.data for s in specs] == ["shapes_scenes:test|lang=zh", "shapes_scenes"]
+    evaluator = Evaluator(specs, config, image_size=32, context_length=77)
+    assert sorted(g.data for g in evaluator.groups.values()) == ["shapes_scenes:test", "shapes_scenes:test|lang=zh",
+                                                                  "shapes_scenes:train", "shapes_scenes:validation"]
