@@ -185,8 +185,8 @@ def resolve(inputs: Optional[Sequence[Any]]) -> list[tuple[Wanted, Op]]:
         raise ValueError(f"the crops of one record are applied jointly, but the keys declare different options "
                          f"{sorted(crops)}: give every 'crop' key the same options")
     # A joint key (a label map) flips exactly as its record's image: the crops' flip option, not its own.
-    flip = bool(dict(next(iter(crops))).get("flip", False)) if crops else False
-    return [(dataclasses.replace(w, options=tuple(sorted({**dict(w.options), "flip": flip}.items()))) if op.joint
+    flips = bool(dict(next(iter(crops))).get("flip", False)) if crops else False
+    return [(dataclasses.replace(w, options=tuple(sorted({**dict(w.options), "flip": flips}.items()))) if op.joint
              else w, op) for w, op in out]
 
 
@@ -214,5 +214,6 @@ def features_read(resolved: list[tuple[Wanted, Op]]) -> list[str]:
 def store_of(resolved: list[tuple[Wanted, Op]]) -> Optional[Wanted]:
     """The first key of a store-made method (its options name the store), None for a record-made one."""
     return next((w for w, op in resolved if op.stage == "store"), None)
+
 
 from clip_jax.input import segmentation  # noqa: E402,F401  (registers the op 'mask' and the mask features)

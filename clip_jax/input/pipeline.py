@@ -60,8 +60,8 @@ from clip_jax.input.features import Reading, resolve
 from clip_jax.input.settings import data_settings
 from clip_jax.registry import Registry
 
-# The first four are a record's status (1..4, _check); records that do not parse are counted
-# per file (not_an_example, on the file's sentinel).
+# A record's status is the first kind it is (1-based, _check), but records that do not parse are
+# counted per file (not_an_example, on the file's sentinel).
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example",
              "missing_mask", "bad_mask")  # the masks': clip_jax.input.segmentation
 COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
