@@ -116,6 +116,14 @@ FEATURES.register("image")(Feature(
     checks=(("missing_image", lambda image: _tf().equal(_tf().strings.length(image), 0)),),
 ))
 
+# -- key: the record's id (records.KEY), which names its predictions' files; TFRecords only (a tfds
+# example is named by its position)
+FEATURES.register("key")(Feature(
+    parse=lambda r: {records.KEY: _tf().io.FixedLenFeature([], _tf().string, default_value="")},
+    value=lambda parsed, r: parsed[records.KEY],
+    empty=lambda r: _tf().constant(b""),
+))
+
 # -- caption: one or several per record, in the source's language (Reading.caption_key) ---------
 FEATURES.register("caption")(Feature(
     parse=lambda r: {r.caption_key or records.CAPTION: _tf().io.VarLenFeature(_tf().string)},
