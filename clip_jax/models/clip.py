@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clip_jax.models.bert import BertTextTower
+from clip_jax.models import groupvit
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import Dtype, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
@@ -78,6 +79,7 @@ def _siglip_vision(clip: "CLIP") -> nn.Module:
 
 
 VISION_TOWERS.register("siglip")(_siglip_vision)
+VISION_TOWERS.register("groupvit")(groupvit.vision_tower)
 
 
 def _clip_text(clip: "CLIP") -> nn.Module:
@@ -117,6 +119,7 @@ def _siglip_text(clip: "CLIP") -> nn.Module:
 
 
 TEXT_TOWERS.register("siglip")(_siglip_text)
+TEXT_TOWERS.register("groupvit")(groupvit.text_tower)
 
 
 def token_embedding_table(config: CLIPConfig, params) -> jnp.ndarray:
