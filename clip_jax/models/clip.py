@@ -8,8 +8,8 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clip_jax.models.bert import BertTextTower
 from clip_jax.models import groupvit
+from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.layers import Dtype, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
