@@ -1,0 +1,196 @@
+"""GroupViT (clip_jax.models.groupvit, clip_jax.hf_layouts.groupvit, clip_jax.methods.groupvit): parity with
+transformers' GroupViTModel on random weights both ways with strict keys, the straight-through assignment,
+the projectors' global-batch BatchNorm, and the multi-label loss and segmentation against numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax.models import create_model, get_model_config
+from clip_jax.models import groupvit as gv
+from tests.conftest import reference
+
+EOT = 63  # the tiny vocabulary's last id: the end of text, which both sides pool at
+TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=EOT, pad_token_id=1)
+VISION = dict(hidden_size=32, intermediate_size=64, depths=[1, 1, 1], num_hidden_layers=3, num_group_tokens=[8, 4, 0],
+              num_output_groups=[8, 4, 4], num_attention_heads=2, image_size=32, patch_size=8)
+
+
+def _hf_model(seed=0):
+    torch = reference("torch")
+    transformers = reference("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GroupViTConfig(text_config=TEXT, vision_config=VISION, projection_dim=16,
+                                         projection_intermediate_dim=48, logit_scale_init_value=2.0)
+    model = transformers.GroupViTModel(config).eval()
+    with torch.no_grad():  # transformers' init leaves biases, group tokens and BatchNorm plain: randomize all
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for bn in (model.visual_projection[1], model.text_projection[1]):
+            bn.running_mean.copy_(torch.randn_like(bn.running_mean) * 0.1)
+            bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+            bn.num_batches_tracked.fill_(7)
+    return model
+
+
+def _inputs():
+    rng = np.random.RandomState(0)
+    images = rng.normal(0, 1, (3, 32, 32, 3)).astype(np.float32)  # already normalized, as clip_jax's towers take
+    tokens = np.zeros((3, 16), np.int32)
+    for row, length in enumerate((16, 9, 4)):
+        tokens[row, :length] = rng.randint(2, EOT - 2, length)
+        tokens[row, 0], tokens[row, length - 1] = 62, EOT
+    return images, tokens
+
+
+def _hf_outputs(model, images, tokens):
+    torch = reference("torch")
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+        out = model(input_ids=torch.from_numpy(tokens).long(), pixel_values=pixels, output_attentions=True,
+                    return_dict=True)
+    return (out.image_embeds.numpy(), out.text_embeds.numpy(),
+            [a.numpy() for a in out.vision_model_output.attentions])
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("groupvit_hf")
+    model = _hf_model()
+    model.save_pretrained(str(path))
+    return path, model
+
+
+def test_parity_with_transformers(hf_dir):
+    """Imported from a GroupViTModel directory: image and text embeddings and both stages' soft assignments
+    equal transformers' in evaluation mode (1e-5)."""
+    path, hf = hf_dir
+    images, tokens = _inputs()
+    want_image, want_text, want_assign = _hf_outputs(hf, images, tokens)
+    model, variables = clip_jax.load(str(path))
+    assert model.config.vision.kind == "groupvit" and model.config.quick_gelu
+    assert set(variables) == {"params", "batch_stats"}
+    assert int(variables["batch_stats"]["visual"]["projection"]["bn"]["num_batches_tracked"]) == 7
+    out = gv.encode_groups(model, variables, jnp.asarray(images))
+    text = model.apply(variables, jnp.asarray(tokens), method="encode_text")
+    np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_image, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(text), want_text, atol=1e-5)
+    assert [a.shape for a in out["assignments"]] == [(3, 8, 16), (3, 4, 8)]  # 16 patches -> 8 -> 4 segments
+    for got, want in zip(out["assignments"], want_assign):
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    assert out["group_embeds"].shape == (3, 4, 16)
+
+
+def test_export_loads_strictly_in_transformers(hf_dir, tmp_path):
+    """save_hf's directory loads in GroupViTModel with no missing or unexpected keys and the same weights and
+    BatchNorm statistics, so its embeddings equal the original's."""
+    transformers = reference("transformers")
+    path, hf = hf_dir
+    model, variables = clip_jax.load(str(path))
+    clip_jax.save_hf(model, variables, str(tmp_path / "out"), tokenizer=False)
+    back, info = transformers.GroupViTModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    original = hf.state_dict()
+    for key, value in back.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), original[key].numpy(), err_msg=key)
+    images, tokens = _inputs()
+    for got, want in zip(_hf_outputs(back.eval(), images, tokens)[:2], _hf_outputs(hf, images, tokens)[:2]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_import_names_what_does_not_match(hf_dir):
+    from clip_jax.hf_layouts import groupvit as layout
+
+    path, hf = hf_dir
+    model, _ = clip_jax.load(str(path))
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    state.pop("visual_projection.1.running_var")
+    with pytest.raises(ValueError, match="visual_projection.1.running_var"):
+        layout.variables_from_hf(model, state)
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    state["vision_model.encoder.stages.0.extra.weight"] = np.zeros(3)
+    with pytest.raises(ValueError, match="stages.0.extra"):
+        layout.variables_from_hf(model, state)
+    with pytest.raises(ValueError, match="assign_eps"):
+        layout.config_from_hf({"model_type": "groupvit", "vision_config": {"assign_eps": 0.5}})
+
+
+def test_straight_through_assignment():
+    """Forward: one-hot along the group axis for every token; backward: the soft path's gradient."""
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+    hard = gv.hard_assign(logits, axis=-2)
+    np.testing.assert_allclose(np.asarray(hard.sum(-2)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(hard), np.asarray(jax.nn.one_hot(logits.argmax(-2), 5, axis=-2)), atol=1e-6)
+    weights = jax.random.normal(jax.random.key(1), logits.shape)
+    hard_grad = jax.grad(lambda x: (gv.hard_assign(x, axis=-2) * weights).sum())(logits)
+    soft_grad = jax.grad(lambda x: (jax.nn.softmax(x, axis=-2) * weights).sum())(logits)
+    np.testing.assert_allclose(np.asarray(hard_grad), np.asarray(soft_grad), rtol=1e-6, atol=1e-7)
+    # Gumbel noise moves the argmax: (logits + noise), not logits, is what gets one-hot
+    noise = jax.random.gumbel(jax.random.key(2), logits.shape)
+    want = jax.nn.one_hot((logits + noise).argmax(-2), 5, axis=-2)
+    np.testing.assert_allclose(np.asarray(gv.hard_assign(logits, -2, noise)), np.asarray(want), atol=1e-6)
+
+
+def _shapes_model():
+    model = create_model("GroupViT-Shapes")
+    images = jnp.asarray(np.random.RandomState(0).normal(0, 1, (4, 64, 64, 3)), jnp.float32)
+    return model, images
+
+
+def test_stages_token_counts_init_and_training_noise():
+    """64 px / patch 8 = 64 patches -> 16 -> 4 segments; stage 1's group tokens random, stage 2's zero (its
+    projector adds the previous stage's); training draws Gumbel noise from the 'gumbel' stream."""
+    model, images = _shapes_model()
+    tokens = jnp.zeros((4, 32), jnp.int32)
+    variables = model.init(jax.random.key(0), images, tokens)
+    stages = variables["params"]["visual"]
+    assert stages["stages_0"]["group_token"].shape == (16, 64) and float(jnp.std(stages["stages_0"]["group_token"])) > 0
+    assert not np.any(np.asarray(stages["stages_1"]["group_token"]))
+    assert "group_token" not in stages["stages_2"] and "projector_mlp" in stages["stages_1"]
+    groups = lambda m, x, train: m.visual(x, train=train, groups=True)  # noqa: E731
+    out = model.apply(variables, images, False, method=groups)
+    assert [a.shape for a in out["assignments"]] == [(4, 16, 64), (4, 4, 16)]
+    assert out["group_embeds"].shape == (4, 4, 64)
+    np.testing.assert_allclose(np.asarray(out["assignments"][0].sum(1)), 1.0, atol=1e-5)  # softmax over groups
+    train = [model.apply(variables, images, True, method=groups, rngs={"gumbel": jax.random.key(k)},
+                         mutable=["batch_stats"])[0]["embeds"] for k in (1, 1, 2)]
+    np.testing.assert_array_equal(np.asarray(train[0]), np.asarray(train[1]))
+    assert not np.allclose(np.asarray(train[0]), np.asarray(train[2]))
+
+
+def test_projector_batchnorm_is_global_over_a_sharded_batch():
+    """BatchNorm in training normalizes with the whole batch's statistics when the batch is sharded over 8
+    devices (the same output and running statistics as on one device), and updates them as PyTorch."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    proj = gv.Projector(hidden=12, out=5)
+    x = np.random.RandomState(0).normal(1.0, 2.0, (16, 6)).astype(np.float32)
+    variables = proj.init(jax.random.key(0), jnp.asarray(x), False)
+    step = jax.jit(lambda v, x: proj.apply(v, x, True, mutable=["batch_stats"]))
+    single = step(variables, jnp.asarray(x))
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharded = step(variables, jax.device_put(jnp.asarray(x), NamedSharding(mesh, PartitionSpec("data"))))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    p = variables["params"]
+    h = x @ np.asarray(p["linear1"]["kernel"]) + np.asarray(p["linear1"]["bias"])
+    mean, var = h.mean(0), h.var(0)
+    want = np.maximum((h - mean) / np.sqrt(var + 1e-5), 0) @ np.asarray(p["linear2"]["kernel"])
+    np.testing.assert_allclose(np.asarray(single[0]), want + np.asarray(p["linear2"]["bias"]), rtol=1e-4, atol=1e-4)
+    stats = single[1]["batch_stats"]["bn"]
+    np.testing.assert_allclose(np.asarray(stats["mean"]), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats["var"]), 0.9 + 0.1 * h.var(0, ddof=1), rtol=1e-5)
+    assert int(stats["num_batches_tracked"]) == 1
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="stage_depths"):
+        create_model(get_model_config("GroupViT-Shapes", {"vision_cfg": {"stage_depths": [2, 2]}})).init(
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 32), jnp.int32))
+    with pytest.raises(ValueError, match="projection_hidden"):
+        create_model(get_model_config("GroupViT-Shapes", {"projection_hidden": 0})).init(
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 32), jnp.int32))
+    assert get_model_config("GroupViT-S-16").to_dict()["vision_cfg"]["group_tokens"] == [64, 8, 0]
