@@ -194,3 +194,95 @@ def test_bad_configs_are_named():
         create_model(get_model_config("GroupViT-Shapes", {"projection_hidden": 0})).init(
             jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 32), jnp.int32))
     assert get_model_config("GroupViT-S-16").to_dict()["vision_cfg"]["group_tokens"] == [64, 8, 0]
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_multi_label_loss_against_a_numpy_double_loop():
+    from clip_jax.methods import groupvit as method
+
+    rng = np.random.RandomState(0)
+    batch, k = 4, 3
+    images, texts, prompts = _unit(rng.normal(size=(batch, 8))), _unit(rng.normal(size=(batch, 8))), \
+        _unit(rng.normal(size=(batch, k, 8)))
+    scale, ml_scale = np.log(10.0), np.log(1 / 0.07)
+
+    def lse(v):
+        return np.log(np.sum(np.exp(v - v.max()))) + v.max()
+
+    s = np.exp(ml_scale)
+    loss_image = 0.0
+    for i in range(batch):
+        row = np.array([s * images[i] @ prompts[j, m] for j in range(batch) for m in range(k)])
+        loss_image += -sum((1 / k) * (row[i * k + m] - lse(row)) for m in range(k))
+    loss_text = 0.0
+    for j in range(batch):
+        for m in range(k):
+            row = np.array([s * prompts[j, m] @ images[b] for b in range(batch)])
+            loss_text += -(row[j] - lse(row))
+    want_ml = 0.5 * (loss_image / batch + loss_text / (batch * k))
+    c = np.exp(scale)
+    i2t = sum(-(c * images[i] @ texts[i] - lse(np.array([c * images[i] @ t for t in texts]))) for i in range(batch))
+    t2i = sum(-(c * texts[i] @ images[i] - lse(np.array([c * texts[i] @ v for v in images]))) for i in range(batch))
+    want_ic = 0.5 * (i2t + t2i) / batch
+    total, parts = method.groupvit_loss(jnp.asarray(images), jnp.asarray(texts), jnp.asarray(prompts), scale, ml_scale)
+    np.testing.assert_allclose(float(parts["multi_label"]), want_ml, rtol=1e-5)
+    np.testing.assert_allclose(float(parts["image_caption"]), want_ic, rtol=1e-5)
+    np.testing.assert_allclose(float(total), want_ic + want_ml, rtol=1e-5)
+    # the temperature is clamped at 100, as the reference's
+    np.testing.assert_allclose(float(method.multi_label_loss(jnp.asarray(images), jnp.asarray(prompts), 6.0)),
+                               float(method.multi_label_loss(jnp.asarray(images), jnp.asarray(prompts), np.log(100))),
+                               rtol=1e-6)
+
+
+def _bilinear(maps, size):
+    """[grid, grid, G] -> [size, size, G], half-pixel centres, edges clamped (torch's align_corners=False)."""
+    grid = maps.shape[0]
+    src = np.clip((np.arange(size) + 0.5) * grid / size - 0.5, 0, grid - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, grid - 1)
+    w = src - lo
+    rows = maps[lo] * (1 - w)[:, None, None] + maps[hi] * w[:, None, None]
+    return rows[:, lo] * (1 - w)[None, :, None] + rows[:, hi] * w[None, :, None]
+
+
+def test_segmentation_against_numpy():
+    """Soft-assignment product, bilinear upsampling, top-k class restriction, affinity times its unmasked
+    softmax, per-pixel argmax group, background under the threshold: against a per-image numpy loop."""
+    from clip_jax.methods import groupvit as method
+
+    rng = np.random.RandomState(1)
+    n, grid, g1, g2, classes, dim, size, top_k, bg = 3, 4, 6, 3, 7, 8, 32, 5, 0.9
+    soft = lambda *shape: np.exp(rng.normal(size=shape) * 2) / np.exp(rng.normal(size=shape) * 2).sum(1, keepdims=True)  # noqa: E731,E501
+    a1, a2 = soft(n, g1, grid * grid), soft(n, g2, g1)
+    groups, images, names = _unit(rng.normal(size=(n, g2, dim))), _unit(rng.normal(size=(n, dim))), \
+        _unit(rng.normal(size=(classes, dim)))
+    scale = np.log(5.0)
+    ids, logits = method.segment((jnp.asarray(a1), jnp.asarray(a2)), jnp.asarray(groups), jnp.asarray(images),
+                                 jnp.asarray(names), scale, size, top_k, bg)
+    assert ids.shape == (n, size, size) and logits.shape == (n, classes + 1, size, size)
+
+    def softmax(v):
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    s = np.exp(scale)
+    seen = []
+    for i in range(n):
+        product = a1[i].T @ a2[i].T  # [patches, g2]
+        maps = _bilinear(product.reshape(grid, grid, g2), size)
+        group_logits = s * groups[i] @ names.T
+        top = np.argsort(-softmax(s * images[i] @ names.T))[:top_k]
+        masked = np.full_like(group_logits, -np.inf)
+        masked[:, top] = group_logits[:, top]
+        affinity = softmax(masked) * softmax(group_logits)
+        scores = affinity[maps.argmax(-1)]  # [H, W, C]
+        background = scores.max(-1) < min(bg, affinity.max())
+        want = np.where(background, 0, scores.argmax(-1) + 1)
+        np.testing.assert_array_equal(np.asarray(ids[i]), want)
+        np.testing.assert_allclose(np.asarray(logits[i, 1:]), scores.transpose(2, 0, 1), rtol=1e-5, atol=1e-6)
+        seen.append(background.mean())
+        assert set(np.unique(want[~background])) <= set(top + 1)
+    assert 0 < np.mean(seen) < 1  # background and classes both exercised
