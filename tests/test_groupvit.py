@@ -2,6 +2,7 @@
 transformers' GroupViTModel on random weights both ways with strict keys, the straight-through assignment,
 the projectors' global-batch BatchNorm, and the multi-label loss and segmentation against numpy."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,8 +75,8 @@ def test_parity_with_transformers(hf_dir):
     assert model.config.vision.kind == "groupvit" and model.config.quick_gelu
     assert set(variables) == {"params", "batch_stats"}
     assert int(variables["batch_stats"]["visual"]["projection"]["bn"]["num_batches_tracked"]) == 7
-    out = gv.encode_groups(model, variables, jnp.asarray(images))
-    text = model.apply(variables, jnp.asarray(tokens), method="encode_text")
+    both = jax.jit(lambda v, x, t: (gv.encode_groups(model, v, x), model.apply(v, t, method="encode_text")))
+    out, text = both(variables, jnp.asarray(images), jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_image, atol=1e-5)
     np.testing.assert_allclose(np.asarray(text), want_text, atol=1e-5)
     assert [a.shape for a in out["assignments"]] == [(3, 8, 16), (3, 4, 8)]  # 16 patches -> 8 -> 4 segments
@@ -134,31 +135,34 @@ def test_straight_through_assignment():
     np.testing.assert_allclose(np.asarray(gv.hard_assign(logits, -2, noise)), np.asarray(want), atol=1e-6)
 
 
-def _shapes_model():
-    model = create_model("GroupViT-Shapes")
-    images = jnp.asarray(np.random.RandomState(0).normal(0, 1, (4, 64, 64, 3)), jnp.float32)
-    return model, images
-
-
+@pytest.mark.slow  # two compiles of a whole model: ~30 s on 2 busy cores
 def test_stages_token_counts_init_and_training_noise():
-    """64 px / patch 8 = 64 patches -> 16 -> 4 segments; stage 1's group tokens random, stage 2's zero (its
-    projector adds the previous stage's); training draws Gumbel noise from the 'gumbel' stream."""
-    model, images = _shapes_model()
-    tokens = jnp.zeros((4, 32), jnp.int32)
-    variables = model.init(jax.random.key(0), images, tokens)
+    """GroupViT-Shapes: 64 px / patch 8 = 64 patches -> 16 -> 4 segments; stage 1's group tokens random, stage
+    2's zero (its projector adds the previous stage's); training draws Gumbel noise from the 'gumbel' stream."""
+    from clip_jax.models import init_variables
+
+    small = {"vision_cfg": {"width": 32, "layers": 3, "stage_depths": [1, 1, 1]},
+             "text_cfg": {"vocab_size": 64, "layers": 1}}
+    model = create_model(get_model_config("GroupViT-Shapes", small))
+    images = jnp.asarray(np.random.RandomState(0).normal(0, 1, (4, 64, 64, 3)), jnp.float32)
+    variables = init_variables(model, jax.random.key(0))
     stages = variables["params"]["visual"]
-    assert stages["stages_0"]["group_token"].shape == (16, 64) and float(jnp.std(stages["stages_0"]["group_token"])) > 0
+    assert stages["stages_0"]["group_token"].shape == (16, 32) and float(jnp.std(stages["stages_0"]["group_token"])) > 0
     assert not np.any(np.asarray(stages["stages_1"]["group_token"]))
     assert "group_token" not in stages["stages_2"] and "projector_mlp" in stages["stages_1"]
-    groups = lambda m, x, train: m.visual(x, train=train, groups=True)  # noqa: E731
-    out = model.apply(variables, images, False, method=groups)
+
+    @jax.jit
+    def run(variables, key):
+        groups = lambda m, x, train: m.visual(x, train=train, groups=True)  # noqa: E731
+        train = model.apply(variables, images, True, method=groups, rngs={"gumbel": key}, mutable=["batch_stats"])
+        return model.apply(variables, images, False, method=groups), train[0]["embeds"]
+
+    out, first = run(variables, jax.random.key(1))
     assert [a.shape for a in out["assignments"]] == [(4, 16, 64), (4, 4, 16)]
     assert out["group_embeds"].shape == (4, 4, 64)
     np.testing.assert_allclose(np.asarray(out["assignments"][0].sum(1)), 1.0, atol=1e-5)  # softmax over groups
-    train = [model.apply(variables, images, True, method=groups, rngs={"gumbel": jax.random.key(k)},
-                         mutable=["batch_stats"])[0]["embeds"] for k in (1, 1, 2)]
-    np.testing.assert_array_equal(np.asarray(train[0]), np.asarray(train[1]))
-    assert not np.allclose(np.asarray(train[0]), np.asarray(train[2]))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(run(variables, jax.random.key(1))[1]))
+    assert not np.allclose(np.asarray(first), np.asarray(run(variables, jax.random.key(2))[1]))
 
 
 def test_projector_batchnorm_is_global_over_a_sharded_batch():
@@ -168,7 +172,7 @@ def test_projector_batchnorm_is_global_over_a_sharded_batch():
 
     proj = gv.Projector(hidden=12, out=5)
     x = np.random.RandomState(0).normal(1.0, 2.0, (16, 6)).astype(np.float32)
-    variables = proj.init(jax.random.key(0), jnp.asarray(x), False)
+    variables = nn.meta.unbox(proj.init(jax.random.key(0), jnp.asarray(x), False))
     step = jax.jit(lambda v, x: proj.apply(v, x, True, mutable=["batch_stats"]))
     single = step(variables, jnp.asarray(x))
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
