@@ -290,3 +290,54 @@ def test_segmentation_against_numpy():
         seen.append(background.mean())
         assert set(np.unique(want[~background])) <= set(top + 1)
     assert 0 < np.mean(seen) < 1  # background and classes both exercised
+
+
+@pytest.mark.slow  # three compiles of the tiny model's loss: ~1 to 2 min on 2 busy cores
+def test_method_loss_wires_captions_and_prompts_and_is_the_same_on_1_and_8_devices():
+    """GroupViT's Method: in evaluation its loss is groupvit_loss of the towers' embeddings of the images,
+    captions and prompts; in training (BatchNorm on batch statistics, Gumbel noise) a batch sharded over 8
+    devices gives the loss and BatchNorm statistics of 1 device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clip_jax.config import base_config
+    from clip_jax.methods import groupvit as method
+    from clip_jax.parallel.sharding import BATCH_AXES, make_mesh
+
+    small = {"vision_cfg": {"width": 32, "layers": 3, "stage_depths": [1, 1, 1]},
+             "text_cfg": {"vocab_size": 64, "layers": 1, "context_length": 8}, "projection_hidden": 32}
+    model = create_model(get_model_config("GroupViT-Shapes", small))
+    rng = np.random.RandomState(0)
+    batch = {"image": rng.normal(size=(8, 64, 64, 3)).astype(np.float32),
+             "tokens": rng.randint(1, EOT, (8, 8)).astype(np.int32),
+             "prompt_tokens": rng.randint(1, EOT, (8, 3, 8)).astype(np.int32)}
+    batch["tokens"][:, 5] = EOT
+    batch["prompt_tokens"][:, :, 3] = EOT
+    results = {}
+    for devices in (1, 8):
+        mesh = make_mesh({"data": -1}, jax.devices()[:devices])
+        m = method.GroupViT(base_config(), model, mesh)
+        assert set(m.batch_shapes(8)) == {"image", "tokens", "prompt_tokens"}
+        variables = nn.meta.unbox(m.init(jax.random.key(0)))
+        params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+        sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+        step = jax.jit(lambda p, s, b, train: m.loss(p, s, b, jax.random.key(3), train), static_argnums=3)
+        results[devices] = step(params, state, sharded, True)
+        if devices == 1:
+            @jax.jit
+            def evaluated(params, state, batch):
+                towers = m.model_variables(params, state)
+                image = model.apply(towers, batch["image"], method="encode_image")
+                text = model.apply(towers, batch["tokens"], method="encode_text")
+                prompts = model.apply(towers, batch["prompt_tokens"].reshape(24, 8), method="encode_text")
+                want = method.groupvit_loss(image, text, prompts.reshape(8, 3, -1), params["logit_scale"],
+                                            params[method.ML_SCALE])[0]
+                return m.loss(params, state, batch, None, False), want
+
+            (loss, metrics, _), want = evaluated(params, state, batch)
+            np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+            assert float(metrics["multi_label_loss"]) > 0
+    (loss1, _, state1), (loss8, _, state8) = results[1], results[8]
+    np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+    assert int(state1["batch_stats"]["text"]["projection"]["bn"]["num_batches_tracked"]) == 1
+    for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

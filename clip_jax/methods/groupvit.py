@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from clip_jax.methods.base import BatchInput
+from clip_jax.methods.clip import Clip
+from clip_jax.preprocessing import model_images
 
 MAX_SCALE = 100.0  # both temperatures are clamped there, as the reference
 
@@ -105,3 +110,80 @@ def segment(assignments, group_embeds, image_embeds, class_embeds, logit_scale, 
     background = (scores.max(axis=1) < thresh).astype(jnp.float32)
     logits = jnp.concatenate([background[:, None], scores], axis=1)
     return jnp.argmax(logits, axis=1).astype(jnp.int32), logits
+
+
+# config.groupvit: the multi-label branch beside the image-caption loss (facts: GroupViT's configs).
+GROUPVIT_DEFAULTS = {
+    "multi_label_weight": 1.0,  # total = image_caption + this * multi_label (0: the image-caption loss only)
+    "prompts": 3,  # noun prompts per caption (the published config's multi_label)
+}
+ML_SCALE = "multi_label_logit_scale"  # the multi-label loss's own log temperature, a top-level param
+INIT_ML_SCALE = float(np.log(1 / 0.07))
+
+
+class GroupViT(Clip):
+    """GroupViT's training over the global batch {'image', 'tokens', 'prompt_tokens' [N, prompts, T]}: the
+    caption and its prompts go through the text tower in one pass (as the reference's encode_text of
+    [N, 1 + prompts, T]), so the text projector's BatchNorm sees all of them. Not registered yet: the
+    'prompt_tokens' input op and the export in transformers' layout come with the registration."""
+
+    batch_keys = ("image", "tokens", "prompt_tokens")
+
+    def __init__(self, config, model, mesh, **options):
+        if model.config.vision.kind != "groupvit" or model.config.text.kind != "groupvit":
+            raise ValueError("config.method='groupvit' trains GroupViT's towers: pick a GroupViT preset "
+                             "(--config.model=GroupViT-Shapes or GroupViT-S-16)")
+        super().__init__(config, model, mesh, **options)
+        section = config.get("groupvit", None) or {}
+        settings = {**GROUPVIT_DEFAULTS, **dict(section)}
+        self.prompts = int(settings["prompts"])
+        self.multi_label_weight = float(settings["multi_label_weight"])
+
+    def inputs(self):
+        return super().inputs() + (
+            BatchInput("prompt_tokens", "noun_prompts", ("caption",), (("prompts", self.prompts),)),)
+
+    def batch_shapes(self, n):
+        shapes = super().batch_shapes(n)
+        shapes["prompt_tokens"] = jax.ShapeDtypeStruct((n, self.prompts, self.model.config.text.context_length),
+                                                       jnp.int32)
+        return shapes
+
+    def init(self, rng):
+        variables = dict(super().init(rng))
+        variables["params"] = {**variables["params"], ML_SCALE: jnp.asarray(INIT_ML_SCALE, jnp.float32)}
+        return variables
+
+    def model_variables(self, params, model_state):
+        return {"params": {k: v for k, v in params.items() if k != ML_SCALE}, **model_state}
+
+    def loss(self, params, model_state, batch, rng, train: bool = True):
+        variables = self.model_variables(params, model_state)
+        tokens, prompts = batch["tokens"], batch["prompt_tokens"]
+        n = tokens.shape[0]
+        texts = jnp.concatenate([tokens[:, None], prompts], axis=1).reshape(n * (1 + self.prompts), -1)
+        rngs = None
+        if train and rng is not None:
+            rngs = {"dropout": rng, "gumbel": jax.random.fold_in(rng, 1)}
+        mutable = list(model_state) if train and model_state else False
+        image_train = train and not self.image_locked
+
+        def towers(module, images, texts):
+            return module.encode_image(images, image_train), module.encode_text(texts, train), module.temperature()[0]
+
+        out = self.model.apply(variables, model_images(batch["image"]), texts, method=towers, rngs=rngs,
+                               mutable=mutable)
+        (image, text, scale), state = (out[0], dict(out[1])) if mutable else (out, model_state)
+        text = text.reshape(n, 1 + self.prompts, -1)
+        total, parts = groupvit_loss(image, text[:, 0], text[:, 1:], jnp.log(scale), params[ML_SCALE],
+                                     self.multi_label_weight)
+        metrics = {**{f"{k}_loss": v for k, v in parts.items()}, "logit_scale": scale,
+                   "multi_label_logit_scale": _scale(params[ML_SCALE])}
+        return total, metrics, {**model_state, **state}
+
+    def post_update(self, params):
+        params = super().post_update(params)
+        return dict(params, **{ML_SCALE: jnp.clip(params[ML_SCALE], 0.0, np.log(MAX_SCALE))})
+
+    config_sections = {**Clip.config_sections, "groupvit": GROUPVIT_DEFAULTS}
+    config_ranges = {**Clip.config_ranges, "groupvit.multi_label_weight": (">=", 0), "groupvit.prompts": (">=", 1)}
