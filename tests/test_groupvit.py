@@ -341,3 +341,17 @@ def test_method_loss_wires_captions_and_prompts_and_is_the_same_on_1_and_8_devic
     assert int(state1["batch_stats"]["text"]["projection"]["bn"]["num_batches_tracked"]) == 1
     for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_stochastic_depth_drops_whole_residual_branches_per_example_in_training_only():
+    block = gv.Block(heads=2, drop_path=0.5)
+    x = jax.random.normal(jax.random.key(0), (64, 5, 8))
+    variables = block.init(jax.random.key(1), x, False)
+    plain = gv.Block(heads=2).apply(variables, x, True)
+    np.testing.assert_array_equal(np.asarray(block.apply(variables, x, False)), np.asarray(plain))
+    trained = np.asarray(block.apply(variables, x, True, rngs={"dropout": jax.random.key(2)}))
+    untouched = np.all(trained == np.asarray(x), axis=(1, 2))  # both branches dropped: x itself
+    assert 0 < untouched.sum() < 64 and not np.allclose(trained, np.asarray(plain))
+    with pytest.raises(ValueError, match="drop_path"):
+        create_model(get_model_config("GroupViT-Shapes", {"vision_cfg": {"drop_path": 1.0}})).init(
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 32), jnp.int32))

@@ -390,6 +390,8 @@ def vision_tower(clip) -> nn.Module:
         raise ValueError(f"vision_cfg layers={v.layers} must be the sum of stage_depths {list(v.stage_depths)}")
     if v.patch_dropout:
         raise ValueError(f"patch_dropout={v.patch_dropout}: the GroupViT image tower has no patch dropout; set it to 0")
+    if not 0 <= v.drop_path < 1:
+        raise ValueError(f"vision_cfg drop_path={v.drop_path} is a rate: give one in [0, 1) (the paper's 0.1)")
     return GroupViTVisionTransformer(
         image_size=v.image_size, patch_size=v.patch_size, width=v.width, heads=v.heads, mlp_ratio=v.mlp_ratio,
         stage_depths=tuple(v.stage_depths), group_tokens=tuple(v.group_tokens), output_groups=tuple(v.output_groups),
