@@ -200,6 +200,23 @@ def test_bad_configs_are_named():
     assert get_model_config("GroupViT-S-16").to_dict()["vision_cfg"]["group_tokens"] == [64, 8, 0]
 
 
+def test_presets_round_trip_through_transformers_config():
+    """config.json of each preset reads back as the preset (transformers has no stochastic depth field), and
+    GroupViT-S-16 is transformers' default GroupViTConfig, the paper's model."""
+    import dataclasses
+
+    from clip_jax.hf_layouts import groupvit as layout
+
+    for name in ("GroupViT-S-16", "GroupViT-Shapes"):
+        config = get_model_config(name)
+        back = layout.config_from_hf(layout.config_to_hf(config))
+        assert back == dataclasses.replace(config, vision=dataclasses.replace(config.vision, drop_path=0.0)), name
+    paper = layout.config_from_hf({"model_type": "groupvit"})
+    s16 = get_model_config("GroupViT-S-16")
+    assert paper == dataclasses.replace(s16, vision=dataclasses.replace(s16.vision, drop_path=0.0),
+                                        init_logit_scale=paper.init_logit_scale)
+
+
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
