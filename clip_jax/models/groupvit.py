@@ -316,7 +316,11 @@ class GroupViTVisionTransformer(nn.Module):
     attn_impl: Optional[str] = None
 
     @nn.compact
-    def __call__(self, images, train: bool = False, pooled_too: bool = False, groups: bool = False):
+    def __call__(self, images, train: bool = False, pooled_too: bool = False, groups: bool = False, dense=None,
+                 intermediates=None):
+        if dense is not None or intermediates is not None:  # CLIP's encode_image_dense / _intermediates
+            raise ValueError("a GroupViT image tower has no per-patch features in the joint space: its dense output "
+                             "is its segments, clip_jax.models.groupvit.encode_groups (with methods.groupvit.segment)")
         check_images(images, self.image_size)
         check_stages(self.stage_depths, self.group_tokens, self.output_groups)
         grid = self.image_size // self.patch_size
