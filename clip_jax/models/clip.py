@@ -8,6 +8,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.models import groupvit
 from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.dense import check_form
@@ -79,6 +80,7 @@ def _siglip_vision(clip: "CLIP") -> nn.Module:
 
 
 VISION_TOWERS.register("siglip")(_siglip_vision)
+VISION_TOWERS.register("groupvit")(groupvit.vision_tower)
 
 
 def _clip_text(clip: "CLIP") -> nn.Module:
@@ -118,6 +120,7 @@ def _siglip_text(clip: "CLIP") -> nn.Module:
 
 
 TEXT_TOWERS.register("siglip")(_siglip_text)
+TEXT_TOWERS.register("groupvit")(groupvit.text_tower)
 
 
 def token_embedding_table(config: CLIPConfig, params) -> jnp.ndarray:
