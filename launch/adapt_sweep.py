@@ -43,7 +43,11 @@ B2N_SHOTS = 16
 NAMES = {"zero_shot": "zero-shot", "linear_probe": "linear probe", "coop": "CoOp", "cocoop": "CoCoOp",
          "maple": "MaPLe", "clip_adapter": "CLIP-Adapter", "tip_adapter": "Tip-Adapter",
          "tip_adapter_f": "Tip-Adapter-F"}
-SMOKE = {"/tmp/smoke_en": "configs/smoke.py", "/tmp/smoke_vit": "configs/smoke_vit.py"}  # frozen model -> its config
+# frozen model -> its config and overrides: the tables were made on RN-Shapes-S, the smoke model until 2026-12-06
+SMOKE = {"/tmp/smoke_en": ("configs/smoke.py", ["--config.model=RN-Shapes-S", "--config.total_steps=600",
+                                                "--config.optim.learning_rate=1e-3", "--config.eval_every_steps=150",
+                                                "--config.checkpoint_every_steps=150"]),
+         "/tmp/smoke_vit": ("configs/smoke_vit.py", [])}
 BENCHMARKS = {
     "count": dict(weights="/tmp/smoke_en", dataset="shapes:train", label_key="label_count", methods=METHODS,
                   base_to_novel=False, results="docs/adapt_results.jsonl"),
@@ -90,9 +94,10 @@ def ensure_weights(weights: str) -> None:
 
     if os.path.isdir(os.path.join(weights, "checkpoints")) or weights not in SMOKE:
         return
-    print(f"training the frozen model first: {SMOKE[weights]} -> {weights}", flush=True)
-    subprocess.run([sys.executable, "-m", "clip_jax.train", f"--config={os.path.join(ROOT, SMOKE[weights])}",
-                    f"--workdir={weights}", "--config.summary_png=False"], cwd=ROOT, check=True)
+    config, overrides = SMOKE[weights]
+    print(f"training the frozen model first: {config} {' '.join(overrides)} -> {weights}", flush=True)
+    subprocess.run([sys.executable, "-m", "clip_jax.train", f"--config={os.path.join(ROOT, config)}",
+                    f"--workdir={weights}", "--config.summary_png=False", *overrides], cwd=ROOT, check=True)
 
 
 def sweep(args) -> None:
