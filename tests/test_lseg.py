@@ -347,3 +347,28 @@ def test_a_few_trainer_steps_on_random_masks_lower_the_loss():
     assert losses[-1] < 0.8 * losses[0], losses
     after = traverse_util.flatten_dict(jax.device_get(state.params["text"]))
     assert all(np.array_equal(v, after[k]) for k, v in traverse_util.flatten_dict(text).items())  # frozen
+
+
+def test_the_default_classes_are_the_shape_label_sets_and_the_configs_build():
+    """config.lseg.classes is the `shape` label set's id order (0 = background); both configs assemble a run
+    (abstractly: nothing allocated or compiled)."""
+    import importlib.util
+    import os
+
+    from clip_jax.input.shapes import class_names
+    from clip_jax.methods.lseg import LSEG_DEFAULTS
+    from clip_jax.train.build import build
+
+    assert LSEG_DEFAULTS["classes"] == ("background", *class_names("shape"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, argument in (("lseg", ("ViT-B-32",)), ("smoke_lseg", ())):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config(*argument)
+        if name == "lseg":
+            c.lseg.labels, c.lseg.classes = "shape", LSEG_DEFAULTS["classes"]  # ADE20K's names come from a file
+        run = build(c, make_mesh({"data": -1}, jax.devices()[:1]), abstract=True)
+        assert run.method.layers == ((6, 12, 18, 24) if name == "lseg" else (1, 2, 3, 4))
+        lr = {"/".join(p): m for p, m in run.groups.lr_mult.items() if not run.groups.frozen[p]}
+        assert lr[f"{HEAD}/head1/kernel"] == 10.0 and lr[f"{HEAD}/reassemble1/project/kernel"] == 1.0

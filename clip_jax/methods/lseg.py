@@ -47,6 +47,7 @@ LSEG_DEFAULTS = {
     # `labels`, clip_jax.input.shapes' names for 'shape'), fed raw to the text tower.
     "labels": "shape",
     "classes": ("background", "circle", "square", "triangle", "star", "cross", "diamond"),
+    "classes_file": "",  # a text file of the class names, one a line in id order, in place of `classes`
     "novel": ("star", "cross"),  # never trained on (clip_jax.input.shapes.NOVEL_SHAPES)
 }
 
@@ -136,7 +137,7 @@ class LSeg(Method):
                              f"{model.config.vision.kind!r}: pick a ViT preset (e.g. --config.model=ViT-Shapes-S)")
         self.layers = tapped_layers(model.config.vision.layers, s.layers)
         self.scale = float(s.logit_scale)
-        self.classes = tuple(s.classes)
+        self.classes = class_list(s)
         self.head = DPTHead(out_dim=model.config.embed_dim, features=int(s.features),
                             stage_features=tuple(int(f) for f in s.stage_features), readout=s.readout,
                             dtype=model.dtype)
@@ -251,16 +252,28 @@ class LSeg(Method):
             raise ValueError(f"config.lseg.readout={s.readout!r}: use 'project' (LSeg's), 'add' or 'ignore'")
         if len(tuple(s.stage_features)) != 4:
             raise ValueError(f"config.lseg.stage_features={tuple(s.stage_features)} needs 4 widths (one per stage)")
-        classes = tuple(s.classes)
+        classes = class_list(s)
         if len(classes) < 2 or len(set(classes)) != len(classes) or len(classes) > IGNORE:
-            raise ValueError(f"config.lseg.classes={classes} must be 2 to 255 distinct names in the mask's id order "
-                             "(0 = background first)")
+            raise ValueError(f"config.lseg.classes (or classes_file) must be 2 to 255 distinct names in the mask's id "
+                             f"order (0 = background first), got {len(classes)}: {classes[:8]}")
         unknown = [c for c in s.novel if c not in classes]
         if unknown or classes[0] in tuple(s.novel):
             raise ValueError(f"config.lseg.novel={tuple(s.novel)}: {unknown or [classes[0]]} is not a class that can "
                              f"be held out; name some of config.lseg.classes[1:] ({classes[1:]})")
         if len(classes) - len(set(s.novel)) < 2:
             raise ValueError(f"config.lseg.novel={tuple(s.novel)} leaves fewer than 2 classes to train on")
+
+
+def class_list(settings) -> tuple[str, ...]:
+    """config.lseg's class names: those of `classes_file` (one a line, blank lines skipped) where set."""
+    if not settings.classes_file:
+        return tuple(settings.classes)
+    try:
+        with open(settings.classes_file, encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+        raise ValueError(f"config.lseg.classes_file={settings.classes_file!r} cannot be read ({e}): give a text file "
+                         "of class names, one a line in the mask's id order") from None
 
 
 def _without_head(fn):
