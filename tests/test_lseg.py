@@ -372,3 +372,21 @@ def test_the_default_classes_are_the_shape_label_sets_and_the_configs_build():
         assert run.method.layers == ((6, 12, 18, 24) if name == "lseg" else (1, 2, 3, 4))
         lr = {"/".join(p): m for p, m in run.groups.lr_mult.items() if not run.groups.frozen[p]}
         assert lr[f"{HEAD}/head1/kernel"] == 10.0 and lr[f"{HEAD}/reassemble1/project/kernel"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_same_losses_on_1_and_8_devices():
+    """The head's BatchNorm normalizes over the global batch and the loss averages over its valid pixels,
+    so a batch split over 8 devices steps as on one."""
+    rng = np.random.default_rng(8)
+    batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32), "mask": _masks(8, 32, 7, 8)}
+    losses = {}
+    for devices in (1, 8):
+        c = _config()
+        c.batch_size = 8
+        run = tiny_run(c, devices=jax.devices()[:devices])
+        state, losses[devices] = run.state, []
+        for _ in range(2):
+            state, metrics = run.step_fn(state, jax.device_put(batch, run.batch_sharding))
+            losses[devices].append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
