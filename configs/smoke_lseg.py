@@ -32,7 +32,7 @@ def get_config():
     c.keep_checkpoints = 2
     o = c.optim
     o.optimizer, o.momentum = "sgd", 0.9
-    o.learning_rate, o.end_learning_rate = 0.05, 0.0
+    o.learning_rate, o.end_learning_rate = 0.01, 0.0  # the backbone trains from scratch here: 0.05 diverges
     o.schedule, o.warmup_steps = "poly", 0
     o.weight_decay, o.weight_decay_on = 1e-4, "all"
     o.grad_clip_norm = 0.0

@@ -390,3 +390,12 @@ def test_the_same_losses_on_1_and_8_devices():
             state, metrics = run.step_fn(state, jax.device_put(batch, run.batch_sharding))
             losses[devices].append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
+
+
+def test_the_export_holds_the_towers_and_the_head_beside_them(lseg):
+    method, variables = lseg
+    state = {k: v for k, v in variables.items() if k != "params"}
+    parts = method.export(variables["params"], state)
+    assert set(parts) == {"towers", HEAD} and HEAD not in parts["towers"]["params"]
+    assert "batch_stats" not in parts["towers"]  # a ViT's towers have no statistics; the head's go with it
+    assert "params/head1/kernel" in parts[HEAD] and "batch_stats/refinenet1/resConfUnit2/bn1/mean" in parts[HEAD]
