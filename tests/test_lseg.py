@@ -164,10 +164,15 @@ def test_novel_classes_pixels_are_ignored_and_out_of_the_training_softmax(lseg):
     mask = _masks(2, 32, 7, 5)
     images = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
     state = {k: v for k, v in variables.items() if k != "params"}
-    loss = lambda m: method.loss(variables["params"], state, {"image": images, "mask": m}, None, train=False)[0]  # noqa: E731
+    step = jax.jit(lambda m: method.loss(variables["params"], state, {"image": images, "mask": m}, None, False)[:2])
+    loss = lambda m: step(m)[0]  # noqa: E731
     ignored = np.where(np.isin(mask, novel), 255, mask).astype(np.uint8)
     assert (ignored != mask).any()
     assert float(loss(mask)) == pytest.approx(float(loss(ignored)), rel=1e-6)
+    metrics = step(np.where(mask == 2, 9, mask).astype(np.uint8))[1]
+    assert int(metrics["unknown_label_pixels"]) == int((mask == 2).sum()) > 0  # ids past the classes: counted
+    with pytest.raises(ValueError, match="not one \\[N, H, W\\] per image"):
+        method.loss(variables["params"], state, {"image": images, "mask": mask[:, :16]}, None, False)
     assert float(loss(mask)) != pytest.approx(float(loss(np.where(mask == 1, 255, mask).astype(np.uint8))), rel=1e-4)
 
 

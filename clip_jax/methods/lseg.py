@@ -201,15 +201,21 @@ class LSeg(Method):
 
     def loss(self, params, model_state, batch, rng, train: bool = True):
         images = model_images(batch["image"])
+        if batch["mask"].shape != images.shape[:3]:
+            raise ValueError(f"the batch's mask {batch['mask'].shape} is not one [N, H, W] per image {images.shape}: "
+                             "make the `mask` input at the model's image size (nearest resize with the image)")
         variables = {"params": params, **model_state}
         features, stats = self.dense_features(variables, images, train)
         text = jax.lax.stop_gradient(self.class_embeddings(variables))[self.train_classes]
         logits = self.logits(features, text, images.shape[1:3])
-        labels = jnp.asarray(self.label_table)[batch["mask"].astype(jnp.int32)]
+        ids = batch["mask"].astype(jnp.int32)
+        labels = jnp.asarray(self.label_table)[ids]
         loss, accuracy = masked_cross_entropy(logits, labels)
         if stats is not None:
             model_state = {**model_state, "batch_stats": {**model_state["batch_stats"], HEAD: stats}}
-        return loss, {"pixel_acc": accuracy}, model_state
+        # ids past the class list are ignored like 255, and counted so that a wrong label set shows in the logs
+        unknown = ((ids >= len(self.classes)) & (ids != IGNORE)).sum().astype(jnp.float32)
+        return loss, {"pixel_acc": accuracy, "unknown_label_pixels": unknown}, model_state
 
     # -- evaluation and export --
     def model_variables(self, params, model_state):
