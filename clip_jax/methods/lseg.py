@@ -181,6 +181,9 @@ class LSeg(Method):
     # -- the network --
     def dense_features(self, variables, images, train: bool = False):
         """(per-pixel embeddings [N, h', w', E] from the head, not normalized; new head statistics or None)."""
+        if HEAD not in variables["params"]:
+            raise ValueError(f"these variables hold the CLIP towers only, not LSeg's DPT head ({HEAD!r}): pass the "
+                             "method's model_variables(params, model_state) of the run")
         params, stats = variables["params"], variables["batch_stats"][HEAD]
         maps, cls = vit_intermediates(self.model, params, images, self.layers)
         head_vars = {"params": params[HEAD], "batch_stats": stats}
@@ -250,6 +253,12 @@ class LSeg(Method):
     # -- config --
     config_sections = {"lseg": LSEG_DEFAULTS}
     config_ranges = {"lseg.features": (">=", 1), "lseg.logit_scale": (">", 0)}
+
+    @classmethod
+    def train_flops(cls, forward):
+        # the image tower forward and backward; no per-example text pass, and the DPT head (its convolutions
+        # depend on config.lseg, which this hook does not see) is not counted: a lower bound
+        return 3 * forward["image"]
 
     @classmethod
     def check_config(cls, config):
