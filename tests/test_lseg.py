@@ -403,4 +403,6 @@ def test_the_export_holds_the_towers_and_the_head_beside_them(lseg):
     parts = method.export(variables["params"], state)
     assert set(parts) == {"towers", HEAD} and HEAD not in parts["towers"]["params"]
     assert "batch_stats" not in parts["towers"]  # a ViT's towers have no statistics; the head's go with it
+    with pytest.raises(ValueError, match="CLIP towers only"):
+        method.predictions()["segment_logits"].fn(parts["towers"], np.zeros((1, 32, 32, 3), np.float32))
     assert "params/head1/kernel" in parts[HEAD] and "batch_stats/refinenet1/resConfUnit2/bn1/mean" in parts[HEAD]
