@@ -25,10 +25,10 @@ def get_config():
     c.model_overrides = {"text_cfg": {"width": 64, "heads": 2}}  # RN-Shapes-S's text tower
     c.init_params = "text/.*"
     c.batch_size = 32
-    c.total_steps = 1_000
+    c.total_steps = 800  # about 0.55 s a step at batch 32 on 2 cores (docs/methods.md#lseg): within 10 minutes
     c.log_every_steps = 25
-    c.eval_every_steps = 250
-    c.checkpoint_every_steps = 250
+    c.eval_every_steps = 200
+    c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
     o = c.optim
     o.optimizer, o.momentum = "sgd", 0.9
