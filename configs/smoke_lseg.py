@@ -25,14 +25,14 @@ def get_config():
     c.model_overrides = {"text_cfg": {"width": 64, "heads": 2}}  # RN-Shapes-S's text tower
     c.init_params = "text/.*"
     c.batch_size = 32
-    c.total_steps = 800  # about 0.55 s a step at batch 32 on 2 cores (docs/methods.md#lseg): within 10 minutes
+    c.total_steps = 800  # within 10 minutes on 2 cores (the step time: docs/methods.md, LSeg)
     c.log_every_steps = 25
     c.eval_every_steps = 200
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
     o = c.optim
     o.optimizer, o.momentum = "sgd", 0.9
-    o.learning_rate, o.end_learning_rate = 0.01, 0.0  # the backbone trains from scratch here: 0.05 diverges
+    o.learning_rate, o.end_learning_rate = 0.01, 0.0  # a backbone from scratch: 0.05 diverged
     o.schedule, o.warmup_steps = "poly", 0
     o.weight_decay, o.weight_decay_on = 1e-4, "all"
     o.grad_clip_norm = 0.0
