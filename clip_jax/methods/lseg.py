@@ -72,7 +72,8 @@ def tapped_layers(depth: int, layers=()) -> tuple[int, ...]:
 def vit_intermediates(model, params, images, layers):
     """(maps: the outputs of blocks `layers` (1-based) as patch-token maps [N, h, w, width]; their class
     tokens [N, width]) of a CLIP ViT image tower, running only the blocks up to the last one asked for,
-    stacked (scan) or not. LSeg's readout needs the class tokens beside the maps."""
+    stacked (scan) or not. LSeg's readout needs the class tokens beside the maps, which the tower's
+    `encode_image_intermediates` (patch maps only) does not return."""
     from clip_jax.models.clip import VISION_TOWERS
     from clip_jax.models.layers import LayerNorm, Transformer, remat_policy
     from clip_jax.models.vit import PatchEmbed
