@@ -154,9 +154,13 @@ class LSeg(Method):
 
     # -- input --
     def inputs(self):
-        return (BatchInput("image", "crop", ("image",)),
-                BatchInput("mask", "mask", ("segmentation", "objects/shape", "objects/color"),
-                           (("labels", self.config.lseg.labels),)))
+        labels = self.config.lseg.labels
+        if labels == "record":  # class ids stored in the record (VOC / ADE20K style), checked against the classes
+            mask = BatchInput("mask", "mask", ("segmentation_mask",),
+                              (("labels", "record"), ("num_classes", len(self.classes))))
+        else:  # a shapes record's object map and objects, as the label set's ids
+            mask = BatchInput("mask", "mask", ("segmentation", "objects/shape", "objects/color"), (("labels", labels),))
+        return (BatchInput("image", "crop", ("image",)), mask)
 
     def batch_shapes(self, n):
         size = self.model.config.vision.image_size
