@@ -190,10 +190,10 @@ def read_flax_params(model: CLIP, path: str, only=None):
 _JIT_CACHE: dict = {}
 
 
-def _jitted(model: CLIP, method: str):
-    key = (model.config, model.dtype, model.remat, model.scan, model.attn_impl, method)
+def _jitted(model: CLIP, method: str, **options):
+    key = (model.config, model.dtype, model.remat, model.scan, model.attn_impl, method, tuple(sorted(options.items())))
     if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = jax.jit(lambda variables, x: model.apply(variables, x, method=method))
+        _JIT_CACHE[key] = jax.jit(lambda variables, x: model.apply(variables, x, method=method, **options))
     return _JIT_CACHE[key]
 
 
@@ -228,3 +228,15 @@ def encode_text(model: CLIP, params, tokens, batch_size: int = 256) -> np.ndarra
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"token ids must be in [0, {vocab}); got [{tokens.min()}, {tokens.max()}]")
     return _batched(_jitted(model, "encode_text"), params, tokens.astype(np.int32), batch_size)
+
+
+def encode_image_dense(model: CLIP, params, images, form: str = "patch", batch_size: int = 256) -> np.ndarray:
+    """images: NHWC float32 [N, S, S, 3], already normalized -> float32 [N, h, w, embed_dim] per-patch features
+    in the joint space, NOT normalized (normalize each position before a cosine). form: 'patch' (each patch token
+    through the tower's head) or 'maskclip' (MaskCLIP's value path); see CLIP.encode_image_dense."""
+    from clip_jax.models.dense import check_form
+
+    images = np.asarray(images)
+    check_images(images, model.config.vision.image_size)
+    check_form(form)
+    return _batched(_jitted(model, "encode_image_dense", form=form), params, images.astype(np.float32), batch_size)

@@ -100,6 +100,8 @@ def test_the_vit_smoke_config_is_the_smoke_run_with_a_vit_and_passes_the_trainer
         configs[name] = module.get_config()
     vit, smoke = configs["smoke_vit"], configs["smoke"]
     assert vit.model == "ViT-Shapes-M" and vit.total_steps == 800
+    assert vit.optim.learning_rate == 1e-3
+    vit.optim.learning_rate = smoke.optim.learning_rate
     assert (vit.data.to_dict(), vit.optim.to_dict(), vit.batch_size) == (smoke.data.to_dict(), smoke.optim.to_dict(),
                                                                          smoke.batch_size)
     trainer.validate(vit)

@@ -290,8 +290,8 @@ def test_configs_clip_jax_cannot_represent_are_refused_by_field(tmp_path):
     with pytest.raises(ValueError, match=r"text_config\.position_embedding_type='relative_key'"):
         chinese_clip.config_from_hf(cn)
     (tmp_path / "group").mkdir()
-    (tmp_path / "group" / "config.json").write_text(json.dumps({"model_type": "groupvit"}))
-    with pytest.raises(ValueError, match=r"model_type 'groupvit' is not a layout clip_jax reads; it reads "
+    (tmp_path / "group" / "config.json").write_text(json.dumps({"model_type": "owlvit"}))
+    with pytest.raises(ValueError, match=r"model_type 'owlvit' is not a layout clip_jax reads; it reads "
                                          r"chinese_clip, clip"):
         clip_jax.load(str(tmp_path / "group"))
     # what transformers cannot hold: each family's reason, with the fix

@@ -22,9 +22,9 @@ from types import ModuleType
 
 import numpy as np
 
-from clip_jax.hf_layouts import chinese_clip, clip, siglip, siglip2
+from clip_jax.hf_layouts import chinese_clip, clip, groupvit, siglip, siglip2
 
-FAMILIES: dict[str, ModuleType] = {t: family for family in (clip, chinese_clip, siglip, siglip2)
+FAMILIES: dict[str, ModuleType] = {t: family for family in (clip, chinese_clip, siglip, siglip2, groupvit)
                                    for t in family.MODEL_TYPES}
 
 CONFIG = "config.json"

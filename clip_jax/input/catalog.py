@@ -219,3 +219,28 @@ class Shapes(Catalog):
         examples = [shapes.parse(r.numpy()) for r in tf.data.TFRecordDataset(files).take(n)]
         return Preview([e["image"] for e in examples], [e["label"] for e in examples], shapes.class_names("combo"),
                        shapes.prompts("combo", lang=lang), "test images (held-out combinations)")
+
+
+@CATALOGS.register("shapes_scenes")
+class ShapesScenes(Shapes):
+    """The scenes variant: the label tasks of its first-named (largest) object, shapes' names and prompts."""
+
+    def with_split(self, data, split):
+        return f"shapes_scenes:{split}"
+
+    def default_label_keys(self, source):
+        from clip_jax.input import shapes_scenes
+
+        return list(shapes_scenes.LABEL_TASKS)
+
+    def preview(self, data, config, n):
+        from clip_jax.input import shapes, shapes_scenes
+        from clip_jax.input.pipeline import parse_spec
+        from clip_jax.input.tf_runtime import import_tensorflow
+
+        tf = import_tensorflow()
+        lang = parse_spec(data).lang
+        files = shapes_scenes.scenes_files("test", config)
+        examples = [shapes_scenes.parse(r.numpy()) for r in tf.data.TFRecordDataset(files).take(n)]
+        return Preview([e["image"] for e in examples], [e["label"] for e in examples], shapes.class_names("combo"),
+                       shapes.prompts("combo", lang=lang), "test scenes (label: the largest object)")

@@ -11,23 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from clip_jax.input import catalog, eval_data, records
-from clip_jax.input.features import FEATURES, Feature
+from clip_jax.input import catalog, eval_data
 from clip_jax.input.wds_layout import TASKS, write_dataset
-
-
-def _tf():
-    from clip_jax.input.tf_runtime import import_tensorflow
-
-    return import_tensorflow()
-
-
-# the record's id (records.KEY) names its sample; TFRecords only (a tfds example is named by its position)
-FEATURES.register("key")(Feature(
-    parse=lambda r: {records.KEY: _tf().io.FixedLenFeature([], _tf().string, default_value="")},
-    value=lambda parsed, r: parsed[records.KEY],
-    empty=lambda r: _tf().constant(b""),
-))
 
 
 def convert(data: str, out: str, *, config=None, task: str = "zero_shot", label_key: Optional[str] = None,

@@ -22,13 +22,13 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from clip_jax.input import reader, records, shapes
-from clip_jax.input.features import Reading
+from clip_jax.input.features import FEATURES, Reading
 from clip_jax.input.pipeline import (
     Source,
     _plain,
+    embedded_files,
     list_files,
     parse_spec,
-    shapes_files,
 )
 from clip_jax.input.settings import data_settings
 from clip_jax.input.transforms import decode_and_crop
@@ -60,8 +60,8 @@ def metric_name(source: Source) -> str:
     if source.kind == "tfrecord":
         base = source.name.split(",")[0].rsplit("/", 1)[-1]
         name = base.split("*")[0].split(".tfrecord")[0].rstrip("-_") or "tfrecord"
-    elif source.kind == "shapes" and source_lang(source) != "en":  # apart from the English figures
-        name = f"shapes_{source_lang(source)}.{source.split}"
+    elif source.kind in ("shapes", "shapes_scenes") and source_lang(source) != "en":  # apart from the English figures
+        name = f"{source.kind}_{source_lang(source)}.{source.split}"
     else:
         name = f"{source.name or source.kind}.{source.split}"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
@@ -115,13 +115,13 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
     config = data_settings(config)
     source = parse_spec(spec)
     name = metric_name(source)
-    if source.kind == "shapes":
-        files = shapes_files(source.split, config)
+    if source.kind in ("shapes", "shapes_scenes"):
+        files = embedded_files(source, config)
         from clip_jax.input import shapes
 
         lang = shapes.check_lang(source_lang(source))
         names = {key: shapes.class_names(task, lang) for key, task in SHAPES_TASKS.items()}
-        sizes = dict(config["shapes_sizes"])
+        sizes = dict(config["shapes_sizes" if source.kind == "shapes" else "scenes_sizes"])
         return SplitInfo(spec, source, name, int(sizes[source.split]), names, shapes.caption_feature(lang), files,
                          lang)
     if source.kind == "tfrecord":
@@ -172,6 +172,7 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
         tokenizer = get_tokenizer()
     label_keys = list(label_keys)
     extra = [name for name in features if name not in ("image", "caption", "labels")]
+    _check_names(extra)
     ds = read_examples(info, config, ("image", "caption", "labels", *extra), label_keys, process_index, process_count)
     _check_fixed(ds, extra)
     if limit:  # `limit` examples over all processes (tfds users can also slice: 'train[:5000]')
@@ -179,7 +180,9 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
 
     def prepare(ex):
         out = {"image": decode_and_crop(ex["image"], image_size, False, None, config), "labels": ex["labels"]}
-        out.update({name: ex[name] for name in extra})
+        for name in extra:  # a label map is cropped as the image (clip_jax.input.segmentation)
+            feature = FEATURES.get(name)
+            out[name] = feature.prepare(ex[name], ex["image"], image_size, config) if feature.prepare else ex[name]
         if max_captions:
             captions = tf.strings.strip(ex["caption"][:max_captions])
             pad = max_captions - tf.shape(captions)[0]
@@ -209,11 +212,21 @@ def check_features(info: SplitInfo, config, features: Sequence[str]) -> None:
     """An error naming a record feature evaluation batches cannot hold (unknown, or of no fixed shape per
     example), without reading a record."""
     if features:
+        _check_names(features)
         _check_fixed(read_examples(info, config, tuple(features)), features)
+
+
+def _check_names(names: Sequence[str]) -> None:
+    if "mask" in names:
+        raise ValueError("record feature 'mask': evaluation batches name their real rows 'mask'; read a mask "
+                         "of class ids as 'mask/shape', 'mask/color', 'mask/combo' or 'mask/record' "
+                         "(clip_jax.input.segmentation)")
 
 
 def _check_fixed(ds, names: Sequence[str]) -> None:
     for name in names:  # rows of a batch stack: a feature of varying length (one value per object) cannot
+        if FEATURES.get(name).prepare is not None:  # of the model's input size once prepared
+            continue
         if not ds.element_spec[name].shape.is_fully_defined():
             raise ValueError(f"record feature {name!r} has shape {ds.element_spec[name].shape} per example, not a "
                              "fixed one, so evaluation batches cannot hold it: register a feature of one shape "

@@ -47,6 +47,9 @@ class Feature:
     # training: (raw value, seed of the example, train) -> the example's value (one caption of several)
     pick: Optional[Callable[[Any, Any, bool], Any]] = None
     checks: tuple = ()  # ((bad kind in pipeline.BAD_KINDS, value -> bool tensor 'bad'), ...), on the picked value
+    # evaluation: (raw value, the record's encoded image, image size, data settings) -> the value of one example at
+    # the model's input size (a label map cropped as the image); None: the raw value as it is
+    prepare: Optional[Callable] = None
 
 
 # The raw features of records, by name (the names methods declare they read).
@@ -113,6 +116,14 @@ FEATURES.register("image")(Feature(
     checks=(("missing_image", lambda image: _tf().equal(_tf().strings.length(image), 0)),),
 ))
 
+# -- key: the record's id (records.KEY), which names its predictions' files; TFRecords only (a tfds
+# example is named by its position)
+FEATURES.register("key")(Feature(
+    parse=lambda r: {records.KEY: _tf().io.FixedLenFeature([], _tf().string, default_value="")},
+    value=lambda parsed, r: parsed[records.KEY],
+    empty=lambda r: _tf().constant(b""),
+))
+
 # -- caption: one or several per record, in the source's language (Reading.caption_key) ---------
 FEATURES.register("caption")(Feature(
     parse=lambda r: {r.caption_key or records.CAPTION: _tf().io.VarLenFeature(_tf().string)},
@@ -145,6 +156,7 @@ FEATURES.register("segmentation")(Feature(  # a PNG of each pixel's object index
     value=lambda parsed, r: parsed["segmentation"],
     empty=lambda r: _tf().constant(b""),
     spatial="mask",
+    checks=(("missing_mask", lambda mask: _tf().equal(_tf().strings.length(mask), 0)),),
 ))
 
 
@@ -165,6 +177,7 @@ def _objects(name: str, dtype: str, width: int = 0) -> Feature:
 FEATURES.register("objects/color")(_objects("objects/color", "int64"))
 FEATURES.register("objects/shape")(_objects("objects/shape", "int64"))
 FEATURES.register("objects/bbox")(_objects("objects/bbox", "float32", 4))  # [ymin, xmin, ymax, xmax] in [0, 1]
+FEATURES.register("objects/phrase_span")(_objects("objects/phrase_span", "int64", 2))  # [start, end) in the caption
 
 
 def resolve(names) -> list[tuple[str, Feature]]:

@@ -67,6 +67,11 @@ class Op:
     make: Optional[Callable] = None  # (OpContext, {feature: value}, Wanted) -> the key's value of one record / batch
     blank: Optional[Callable] = None  # record ops that decode: (OpContext, Wanted) -> zeros shaped as make's
     needs: tuple = ()  # features read besides the declared ones (a crop: the image's geometry)
+    # ((bad kind in pipeline.BAD_KINDS, ({feature: picked value}, Wanted) -> bool tensor), ...): checks of a
+    # record across the key's features, run on every record (sentinels too): they must never raise
+    checks: tuple = ()
+    joint: bool = False  # follows the record's crop: given the 'crop' keys' flip option
+    validate: Optional[Callable] = None  # (Wanted) -> None, raising a ValueError on bad reads or options
 
 
 OPS: Registry[Op] = Registry("input op")
@@ -97,11 +102,7 @@ def _crop(ctx: OpContext, ex: dict, wanted: Wanted):
     else:
         raise ValueError(f"batch key {wanted.key!r}: op 'crop' needs a spatial record feature (an image or a label "
                          f"map); {name!r} is not one")
-    if wanted.option("flip", False):
-        flipped = tf.image.stateless_random_flip_left_right(out if out.shape.rank == 3 else out[..., None],
-                                                            ctx.seed(FLIP_SALT))
-        out = flipped if out.shape.rank == 3 else flipped[..., 0]
-    return out
+    return flip(ctx, out, wanted)
 
 
 def _crop_blank(ctx: OpContext, wanted: Wanted):
@@ -172,6 +173,8 @@ def resolve(inputs: Optional[Sequence[Any]]) -> list[tuple[Wanted, Op]]:
         keys.add(w.key)
         op = OPS.get(w.op)
         features_lib.resolve(w.reads)  # an unknown feature fails here, naming the registered ones
+        if op.validate is not None:
+            op.validate(w)
         out.append((w, op))
     stores = {w.op for w, op in out if op.stage == "store"}
     if stores and (len(stores) > 1 or any(op.stage != "store" for _, op in out)):
@@ -181,7 +184,21 @@ def resolve(inputs: Optional[Sequence[Any]]) -> list[tuple[Wanted, Op]]:
     if len(crops) > 1:
         raise ValueError(f"the crops of one record are applied jointly, but the keys declare different options "
                          f"{sorted(crops)}: give every 'crop' key the same options")
-    return out
+    # A joint key (a label map) flips exactly as its record's image: the crops' flip option, not its own.
+    flips = bool(dict(next(iter(crops))).get("flip", False)) if crops else False
+    return [(dataclasses.replace(w, options=tuple(sorted({**dict(w.options), "flip": flips}.items()))) if op.joint
+             else w, op) for w, op in out]
+
+
+def flip(ctx: OpContext, out, wanted: Wanted):
+    """`out` ([S, S, C] or [S, S]) flipped left-right as every spatial key of the record (one decision per
+    record, FLIP_SALT) when the key's options say flip=True."""
+    tf = _tf()
+    if not wanted.option("flip", False):
+        return out
+    flipped = tf.image.stateless_random_flip_left_right(out if out.shape.rank == 3 else out[..., None],
+                                                        ctx.seed(FLIP_SALT))
+    return flipped if out.shape.rank == 3 else flipped[..., 0]
 
 
 def features_read(resolved: list[tuple[Wanted, Op]]) -> list[str]:
@@ -197,3 +214,6 @@ def features_read(resolved: list[tuple[Wanted, Op]]) -> list[str]:
 def store_of(resolved: list[tuple[Wanted, Op]]) -> Optional[Wanted]:
     """The first key of a store-made method (its options name the store), None for a record-made one."""
     return next((w for w, op in resolved if op.stage == "store"), None)
+
+
+from clip_jax.input import segmentation  # noqa: E402,F401  (registers the op 'mask' and the mask features)

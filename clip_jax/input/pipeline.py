@@ -60,9 +60,10 @@ from clip_jax.input.features import Reading, resolve
 from clip_jax.input.settings import data_settings
 from clip_jax.registry import Registry
 
-# The first four are a record's status (1..4, _check); records that do not parse are counted
-# per file (not_an_example, on the file's sentinel).
-BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example")
+# A record's status is the first kind it is (1-based, _check), but records that do not parse are
+# counted per file (not_an_example, on the file's sentinel).
+BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example",
+             "missing_mask", "bad_mask")  # the masks': clip_jax.input.segmentation
 COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
 END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
@@ -96,6 +97,14 @@ def _shapes_source(rest: str) -> Source:
 
     split, lang = shapes.parse_source(rest)
     return Source("shapes", split=split, lang=lang, caption_feature=shapes.caption_feature(lang))
+
+
+@SOURCES.register("shapes_scenes")
+def _scenes_source(rest: str) -> Source:
+    from clip_jax.input import shapes, shapes_scenes
+
+    split, lang = shapes_scenes.parse_source(rest)
+    return Source("shapes_scenes", split=split, lang=lang, caption_feature=shapes.caption_feature(lang))
 
 
 @SOURCES.register("tfds")
@@ -139,6 +148,15 @@ def list_files(patterns: str) -> list[str]:
             by[path] = pattern.strip()
         files += matched
     return files
+
+
+def embedded_files(source: Source, config) -> Optional[list[str]]:
+    """The shards of an embedded dataset's split (shapes, shapes_scenes), made on first use; None for other kinds."""
+    if source.kind == "shapes_scenes":
+        from clip_jax.input.shapes_scenes import scenes_files
+
+        return scenes_files(source.split, config)
+    return shapes_files(source.split, config) if source.kind == "shapes" else None
 
 
 def shapes_files(split: str, config) -> list[str]:
@@ -388,6 +406,8 @@ class _Stream:
             value = ex["features"][name]
             picked[name] = value = feature.pick(value, seed, self.train) if feature.pick else value
             flags += [(BAD_KINDS.index(kind) + 1, bad(value)) for kind, bad in feature.checks]
+        for w, op in self.inputs:  # checks across a key's features (a mask against its image)
+            flags += [(BAD_KINDS.index(kind) + 1, bad(picked, w)) for kind, bad in op.checks]
         cases = [(ex["short"], lambda: tf.constant(4, tf.int64)), (ex["sentinel"], lambda: tf.constant(-1, tf.int64))]
         flags.sort(key=lambda flag: flag[0])
         cases += [(bad, lambda status=status: tf.constant(status, tf.int64)) for status, bad in flags]
@@ -576,7 +596,7 @@ class InputPipeline:
         kind = self.source.kind
         if kind == "tfds":
             return None
-        files = shapes_files(self.source.split, config) if kind == "shapes" else list_files(self.source.name)
+        files = embedded_files(self.source, config) or list_files(self.source.name)
         if len(files) < self.streams:
             raise ValueError(
                 f"{len(files)} files for {self.streams} data streams ({self.process_count} processes): each stream "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 SHAPES_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
+SCENES_SIZES = {"train": 10000, "validation": 500, "test": 500}  # shapes_scenes (clip_jax.input.shapes_scenes)
 
 DEFAULTS: dict[str, Any] = {
     "train": "",  # 'shapes[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB[,GLOB...]'
@@ -31,11 +32,12 @@ DEFAULTS: dict[str, Any] = {
     "shapes_image_size": 64,
     "shapes_sizes": dict(SHAPES_SIZES),
     "shapes_shards": {},
+    "scenes_sizes": dict(SCENES_SIZES),
 }
 
 
 # Settings that are free-form {name: value} mappings: a saved config's value replaces the default whole.
-MAPPINGS = ("shapes_sizes", "shapes_shards")
+MAPPINGS = ("shapes_sizes", "shapes_shards", "scenes_sizes")
 
 # The numeric data settings' ranges (clip_jax.config.check_ranges' form), for every config with a data section.
 RANGES = {"streams": (">=", 0), "shuffle_buffer": (">=", 1), "threads": (">=", 0), "prefetch": (">=", 1),
@@ -44,9 +46,10 @@ RANGES = {"streams": (">=", 0), "shuffle_buffer": (">=", 1), "threads": (">=", 0
 
 def check_mappings(data: Mapping, where: str = "config.data") -> None:
     """Each split's size of the embedded dataset a positive int: an error naming the key otherwise."""
-    for split, n in dict(data.get("shapes_sizes") or {}).items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{where}.shapes_sizes.{split}={n!r} is out of range: it must be >= 1")
+    for key in ("shapes_sizes", "scenes_sizes"):
+        for split, n in dict(data.get(key) or {}).items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{where}.{key}.{split}={n!r} is out of range: it must be >= 1")
 
 
 def data_settings(config: Optional[Mapping] = None) -> dict:
@@ -57,6 +60,6 @@ def data_settings(config: Optional[Mapping] = None) -> dict:
         raise ValueError(f"unknown data settings {unknown}: known are {', '.join(DEFAULTS)}")
     out = dict(DEFAULTS)
     out.update(given)
-    for key in ("shapes_sizes", "shapes_shards"):
+    for key in MAPPINGS:
         out[key] = dict(out[key].items()) if out[key] else {}
     return out

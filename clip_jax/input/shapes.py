@@ -81,6 +81,8 @@ SHAPE_NAMES = ("circle", "square", "triangle", "star", "cross", "diamond")
 # appears in training in 5 combos: red square, green circle, blue diamond, yellow cross,
 # purple star, orange triangle.
 HELD_OUT = tuple((c, (5 * c + 1) % len(SHAPE_NAMES)) for c in range(len(COLOR_NAMES)))
+# Open-vocabulary protocols (base/novel classes): these shapes are never seen as masks in training.
+NOVEL_SHAPES = ("star", "cross")
 
 # Zero-shot prompt templates; fill them with prompt() or prompts(), which fix "a"/"an".
 TEMPLATES = ["a {}.", "a {} shape.", "a photo of a {}.", "a drawing of a {}.", "there is a {}.", "an image of a {}."]
@@ -707,10 +709,13 @@ def write_clip_benchmark(root: str, paths: Dict[str, List[str]], log=print) -> d
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="cache directory; the dataset goes in a subdirectory")
+    p.add_argument("--variant", choices=("shapes", "scenes"), default="shapes",
+                   help="scenes: 2 to 5 objects per image with visible masks (clip_jax.input.shapes_scenes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, default=64)
     for s in SPLITS:
-        p.add_argument(f"--{s}", type=int, default=DEFAULT_SIZES[s], help=f"{s} examples")
+        p.add_argument(f"--{s}", type=int, default=None, help=f"{s} examples (default {DEFAULT_SIZES[s]}; scenes: "
+                       "shapes_scenes.DEFAULT_SIZES)")
     p.add_argument("--workers", type=int, default=1, help="processes drawing images (see ensure_shapes_dataset)")
     p.add_argument("--preview", default="", help="write a grid of 8 train and 8 test examples here")
     p.add_argument("--format", choices=("tfrecord", "clip_benchmark"), default="tfrecord",
@@ -720,7 +725,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "(default ~/.cache/clip_jax, as training's data.cache_dir)")
     args = p.parse_args(argv)
     t = time.time()
-    sizes = {s: getattr(args, s) for s in SPLITS}
+    sizes = {s: getattr(args, s) for s in SPLITS if getattr(args, s) is not None}
+    if args.variant == "scenes":
+        from clip_jax.input import shapes_scenes
+
+        paths = shapes_scenes.ensure_scenes_dataset(args.out, args.seed, args.image_size, sizes)
+        print(f"{os.path.dirname(paths['train'][0])} ready in {time.time() - t:.1f}s")
+        if args.preview:
+            preview([x for s in ("train", "test") for x in shapes_scenes.read_split(paths[s][:1])[:8]], args.preview)
+            print(f"preview: {args.preview}")
+        return
     if args.format == "clip_benchmark":
         cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax")
         write_clip_benchmark(args.out, ensure_shapes_dataset(cache, args.seed, args.image_size, sizes,

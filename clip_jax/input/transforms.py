@@ -57,16 +57,31 @@ def crop_pixels(image_bytes, image_size: int, train: bool, seed, config):
 
 
 def _image_shape(image_bytes):
-    """[h, w, c] of an encoded image: read from a JPEG's header, else decoded."""
+    """[h, w, c] of an encoded image: read from a JPEG's or a PNG's header (c = 3 for a PNG), else decoded."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")
-    return tf.cond(
-        is_jpeg,
-        lambda: tf.io.extract_jpeg_shape(image_bytes),
-        lambda: tf.shape(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)),
-    )
+    is_png, h, w = png_size(image_bytes)
+    return tf.case([
+        (is_jpeg, lambda: tf.io.extract_jpeg_shape(image_bytes)),
+        (is_png, lambda: tf.cast(tf.stack([h, w, 3]), tf.int32)),
+    ], default=lambda: tf.shape(tf.io.decode_image(image_bytes, channels=3, expand_animations=False)))
+
+
+def png_size(data):
+    """(is a PNG, height, width) from a PNG's header, without decoding: never raises."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    ok = tf.logical_and(tf.strings.length(data) >= 24, tf.equal(tf.strings.substr(data, 0, 8), _PNG))
+    header = tf.where(ok, tf.strings.substr(data, 16, 8), tf.constant(b"\0" * 8))
+    raw = tf.cast(tf.io.decode_raw(header, tf.uint8), tf.int64)
+    big_endian = lambda b: ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]  # noqa: E731
+    return ok, big_endian(raw[4:8]), big_endian(raw[0:4])
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _window(image_bytes, seed, config):
@@ -102,8 +117,15 @@ def crop_mask(mask_bytes, image_bytes, image_size: int, train: bool, seed, confi
     nearest-neighbour so indices stay indices."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
+    return crop_label_map(import_tensorflow().io.decode_png(mask_bytes, channels=1), image_bytes, image_size, train,
+                          seed, config)
+
+
+def crop_label_map(mask, image_bytes, image_size: int, train: bool, seed, config):
+    """crop_mask of a decoded label map [H, W, 1]."""
+    from clip_jax.input.tf_runtime import import_tensorflow
+
     tf = import_tensorflow()
-    mask = tf.io.decode_png(mask_bytes, channels=1)
     nearest = tf.image.ResizeMethod.NEAREST_NEIGHBOR
     if train and config["crop"] == "random_resized":
         begin, size = _window(image_bytes, seed, config)

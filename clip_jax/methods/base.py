@@ -164,8 +164,26 @@ class Prediction:
 
 def two_tower_predictions(model) -> dict[str, Prediction]:
     """CLIP's: 'image_embeds' (unit vectors of images [N, S, S, 3], uint8 or float, normalized on the
-    device), 'text_embeds' (unit vectors of tokens [N, T]) and 'logit_scale' (the learned temperature)."""
+    device), 'text_embeds' (unit vectors of tokens [N, T]) and 'logit_scale' (the learned temperature);
+    'image_dense' / 'image_dense_patch' (per-patch features [N, h, w, E], not normalized: MaskCLIP's value path
+    / each patch token through the head) and 'segment_logits', the segmentation task's segmenter:
+    fn(variables, images, class_embeds [C, E] unit rows) -> [N, h, w, C] logits (MaskCLIP: cosine of the
+    'image_dense' features at the model's logit scale). A method with its own segmentation inference (GroupViT,
+    LSeg) replaces 'segment_logits' with a function of the same signature."""
+    import jax.numpy as jnp
+
+    from clip_jax.models.clip import l2_normalize
     from clip_jax.preprocessing import model_images
+
+    def dense(form):
+        def fn(variables, x):
+            return model.apply(variables, model_images(x), form=form, method="encode_image_dense")
+
+        return fn
+
+    def segment_logits(variables, x, class_embeds):
+        scale = model.apply(variables, method="temperature")[0]
+        return scale * jnp.einsum("nhwe,ce->nhwc", l2_normalize(dense("maskclip")(variables, x)), class_embeds)
 
     def images(variables, x):
         return model.apply(variables, model_images(x), method="encode_image")
@@ -177,4 +195,6 @@ def two_tower_predictions(model) -> dict[str, Prediction]:
         return model.apply(variables, method="temperature")[0]
 
     return {"image_embeds": Prediction(images, "image", 3), "text_embeds": Prediction(texts, "tokens", 1),
-            "logit_scale": Prediction(logit_scale)}
+            "logit_scale": Prediction(logit_scale), "image_dense": Prediction(dense("maskclip"), "image", 3),
+            "image_dense_patch": Prediction(dense("patch"), "image", 3),
+            "segment_logits": Prediction(segment_logits, "image", 3)}

@@ -8,8 +8,10 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.models import groupvit
 from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
+from clip_jax.models.dense import check_form
 from clip_jax.models.layers import Dtype, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer
@@ -78,6 +80,7 @@ def _siglip_vision(clip: "CLIP") -> nn.Module:
 
 
 VISION_TOWERS.register("siglip")(_siglip_vision)
+VISION_TOWERS.register("groupvit")(groupvit.vision_tower)
 
 
 def _clip_text(clip: "CLIP") -> nn.Module:
@@ -117,6 +120,7 @@ def _siglip_text(clip: "CLIP") -> nn.Module:
 
 
 TEXT_TOWERS.register("siglip")(_siglip_text)
+TEXT_TOWERS.register("groupvit")(groupvit.text_tower)
 
 
 def token_embedding_table(config: CLIPConfig, params) -> jnp.ndarray:
@@ -170,6 +174,30 @@ class CLIP(nn.Module):
         pooled, features = self.visual(images, train=train if self.is_resnet else train and mask_patches,
                                        pooled_too=True)
         return pooled.astype(jnp.float32), l2_normalize(features)
+
+    def encode_image_dense(self, images, form: str = "patch"):
+        """images NHWC [N, S, S, 3], normalized -> float32 [N, h, w, embed_dim] per-patch features in the joint
+        space, NOT normalized (models/dense.py): 'patch' each patch token through the tower's head, 'maskclip'
+        MaskCLIP's value path of the last attention (a ModifiedResNet: its attention pool's v and c projections,
+        without ('maskclip') or with ('patch') the pool's positional embedding)."""
+        return self.visual(images, dense=check_form(form)).astype(jnp.float32)
+
+    def encode_image_intermediates(self, images, layers=(1,)):
+        """images -> [[N, h, w, width] patch tokens (no class token) of the output of block i, for i in `layers`
+        (1-based)], in the compute dtype, as open_clip's forward_intermediates (NHWC here). ViT towers only."""
+        if self.is_resnet:
+            raise ValueError("encode_image_intermediates reads a ViT's transformer blocks; this image tower is a "
+                             "ModifiedResNet: use encode_image_dense, or a ViT preset")
+        return self.visual(images, intermediates=layers)
+
+    def encode_text_tokens(self, tokens):
+        """tokens int32 [N, T] -> (float32 [N, T, embed_dim]: every position through the final LayerNorm and the
+        projection, not normalized; the pooled position [N], the EOT for CLIP's vocabulary)."""
+        if self.config.text.kind == "bert":
+            raise ValueError("encode_text_tokens: the BERT text tower (cn-* presets) projects its [CLS] token only; "
+                             "per-token states are offered for the 'clip' and 'siglip' text towers")
+        states, index = self.text(tokens, per_token=True)
+        return states.astype(jnp.float32), index
 
     def encode_text(self, tokens, train: bool = False, embeddings=None):
         """tokens int32 [N, T] -> unit-norm float32 [N, embed_dim]. `embeddings` [N, T, width]: in place

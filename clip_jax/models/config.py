@@ -35,6 +35,12 @@ class VisionConfig:
     # The tower (clip_jax.models.clip.VISION_TOWERS); '' takes it from `layers`: 4 stage depths make a
     # ModifiedResNet ('resnet'), else 'vit'. A registered tower of another kind is named here.
     kind: str = ""
+    # kind 'groupvit' (clip_jax.models.groupvit): per stage, its blocks, its learned group tokens (0: none) and
+    # the segments it outputs; layers is their sum. drop_path: the largest stochastic-depth rate.
+    stage_depths: Tuple[int, ...] = ()
+    group_tokens: Tuple[int, ...] = ()
+    output_groups: Tuple[int, ...] = ()
+    drop_path: float = 0.0
 
     def __post_init__(self):
         if not self.kind:
@@ -90,6 +96,8 @@ class CLIPConfig:
     # The clamp on the learned log-temperature, in the logits and after each training step (open_clip's
     # log 100); None: unclamped, as big_vision's and transformers' SigLIP (the SigLIP presets).
     max_logit_scale: Optional[float] = DEFAULT_MAX_LOGIT_SCALE
+    # > 0: both towers end in GroupViT's projector, Linear(in, this) -> BatchNorm -> ReLU -> Linear(this, embed_dim)
+    projection_hidden: int = 0
 
     # -- open_clip JSON <-> dataclasses ------------------------------------------------
     @classmethod
@@ -105,6 +113,9 @@ class CLIPConfig:
         vision.pop("attn_pooler_queries", None)
         if isinstance(vision.get("layers"), (list, tuple)):
             vision["layers"] = tuple(vision["layers"])
+        for key in ("stage_depths", "group_tokens", "output_groups"):
+            if key in vision:
+                vision[key] = tuple(vision[key])
         vision = _known(VisionConfig, vision, "vision_cfg")
         text = _known(TextConfig, text, "text_cfg")
         d = _known(cls, d, "model config")
@@ -119,6 +130,11 @@ class CLIPConfig:
             vision.pop("attn_pooler_heads")
         if not vision["patch_dropout"]:
             vision.pop("patch_dropout")
+        for key in ("stage_depths", "group_tokens", "output_groups", "drop_path"):  # GroupViT's only
+            if vision[key]:
+                vision[key] = list(vision[key]) if key != "drop_path" else vision[key]
+            else:
+                vision.pop(key)
         if vision["kind"] == ("resnet" if self.vision.is_resnet else "vit"):  # open_clip's JSON has no such key
             vision.pop("kind")
         if self.vision.is_resnet:
@@ -136,6 +152,8 @@ class CLIPConfig:
             out["init_logit_scale"] = self.init_logit_scale
         if self.max_logit_scale != DEFAULT_MAX_LOGIT_SCALE:
             out["max_logit_scale"] = self.max_logit_scale
+        if self.projection_hidden:
+            out["projection_hidden"] = self.projection_hidden
         out["vision_cfg"] = vision
         text = dataclasses.asdict(self.text)
         out["text_cfg"] = {k: v for k, v in text.items() if k not in _TEXT_OPTIONAL or v != _TEXT_OPTIONAL[k]}

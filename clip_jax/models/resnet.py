@@ -11,11 +11,12 @@ sharded under jit) and updates the running averages (PyTorch momentum 0.1).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.models.dense import check_form, to_grid, value_path
 from clip_jax.models.layers import BATCH, Dtype, constrain, heads_major_attention, normal, param_with_axes
 from clip_jax.models.vit import check_images
 
@@ -93,15 +94,17 @@ class AttentionPool2d(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, pooled_too: bool = False):
-        """pooled_too: (the attention output before c_proj [N, C], the projected features)."""
+    def __call__(self, x, pooled_too: bool = False, dense: Optional[str] = None):
+        """pooled_too: (the attention output before c_proj [N, C], the projected features). dense: every
+        position of x through v_proj and c_proj, [N, h, w, output_dim]: 'maskclip' the feature map as it is
+        (MaskCLIP's ResNet head), 'patch' with the pool's positional embedding added (the values it attends)."""
         n, h, w, c = x.shape
         if c % self.heads:
             raise ValueError(f"attention-pool width {c} is not divisible by heads {self.heads}")
         head_dim = c // self.heads
         std = c**-0.5
-        x = x.reshape(n, h * w, c)
-        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+        spatial = x.reshape(n, h * w, c)
+        x = jnp.concatenate([spatial.mean(axis=1, keepdims=True), spatial], axis=1)
         pos = self.param("positional_embedding", param_with_axes(normal(std), (None, "embed")), (h * w + 1, c))
         x = x + pos.astype(self.dtype)
 
@@ -117,16 +120,19 @@ class AttentionPool2d(nn.Module):
         qk, qb = proj("q_proj")
         kk, kb = proj("k_proj")
         vk, vb = proj("v_proj")
-        # heads-major [batch, heads, length, head_dim]: heads_major_attention's layout
-        q = jnp.einsum("btc,chk->bhtk", x[:, :1], qk) + qb[:, None]
-        k = jnp.einsum("btc,chk->bhtk", x, kk) + kb[:, None]
-        v = jnp.einsum("btc,chk->bhtk", x, vk) + vb[:, None]
-        out = heads_major_attention(q, k, v, causal=False)[:, :, 0]
         out_kernel = self.param(
             "c_proj_kernel", param_with_axes(normal(std), ("heads", "kv", None)),
             (self.heads, head_dim, self.output_dim)
         )
         out_bias = self.param("c_proj_bias", param_with_axes(nn.initializers.zeros, (None,)), (self.output_dim,))
+        if dense is not None:
+            tokens = x[:, 1:] if check_form(dense) == "patch" else spatial
+            return to_grid(value_path(tokens, vk, vb, out_kernel, out_bias, self.dtype), h)
+        # heads-major [batch, heads, length, head_dim]: heads_major_attention's layout
+        q = jnp.einsum("btc,chk->bhtk", x[:, :1], qk) + qb[:, None]
+        k = jnp.einsum("btc,chk->bhtk", x, kk) + kb[:, None]
+        v = jnp.einsum("btc,chk->bhtk", x, vk) + vb[:, None]
+        out = heads_major_attention(q, k, v, causal=False)[:, :, 0]
         projected = jnp.einsum("bhk,hko->bo", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
         return (out.reshape(n, c), projected) if pooled_too else projected
 
@@ -143,8 +149,9 @@ class ModifiedResNet(nn.Module):
     remat: str = "none"  # 'none' or 'full': rematerialize each bottleneck in the backward pass
 
     @nn.compact
-    def __call__(self, images, train: bool = False, pooled_too: bool = False):
-        """pooled_too: (the attention pool's output before its projection [N, width * 32], features)."""
+    def __call__(self, images, train: bool = False, pooled_too: bool = False, dense: Optional[str] = None):
+        """pooled_too: (the attention pool's output before its projection [N, width * 32], features).
+        dense ('patch' | 'maskclip'): [N, S/32, S/32, output_dim] per-position features (AttentionPool2d)."""
         check_images(images, self.image_size)
         if self.image_size % 32:
             raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got {self.image_size}")
@@ -162,4 +169,4 @@ class ModifiedResNet(nn.Module):
             for b in range(blocks):
                 stride = 2 if (stage > 0 and b == 0) else 1
                 x = block(planes, stride, self.dtype, name=f"layer{stage + 1}_{b}")(x, train)
-        return AttentionPool2d(self.heads, self.output_dim, self.dtype, name="attnpool")(x, pooled_too)
+        return AttentionPool2d(self.heads, self.output_dim, self.dtype, name="attnpool")(x, pooled_too, dense)

@@ -12,11 +12,12 @@ scan, remat, dtype, the attention kernels and the logical axes behave as in the 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.models.dense import DenseTransformer, MAPValueHead, check_form, check_layers, to_grid
 from clip_jax.models.layers import (
     BATCH,
     EMBED,
@@ -86,8 +87,12 @@ class SiglipVisionTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, images, train: bool = False, pooled_too: bool = False):
-        """pooled_too: (pooled features, features), the same array here: SigLIP has no image projection."""
+    def __call__(self, images, train: bool = False, pooled_too: bool = False, dense: Optional[str] = None,
+                 intermediates: Optional[Sequence[int]] = None):
+        """pooled_too: (pooled features, features), the same array here: SigLIP has no image projection.
+        dense: 'maskclip' only, [N, grid, grid, width]: each token after ln_post through the MAP head's value
+        path (dense.MAPValueHead); 'patch' is an error (the MAP head is a cross-attention, no per-token map).
+        intermediates (1-based block indices): [[N, grid, grid, width] tokens of each block's output]."""
         del train  # no dropout, no patch dropout
         check_images(images, self.image_size)
         grid = self.image_size // self.patch_size
@@ -98,6 +103,17 @@ class SiglipVisionTransformer(nn.Module):
         pos = self.param("positional_embedding", param_with_axes(normal(self.width**-0.5), (None, "embed")),
                          (grid * grid, self.width))
         x = constrain(x + pos.astype(self.dtype), (BATCH, LENGTH, EMBED))
+        if dense is not None or intermediates is not None:
+            if dense is not None and check_form(dense) == "patch":
+                raise ValueError("a SigLIP image tower has no per-token head into the joint space (its MAP head "
+                                 "attends over all tokens): use form='maskclip', the head's value path per token")
+            collect = () if intermediates is None else check_layers(intermediates, self.layers)
+            x, maps = DenseTransformer.of_tower(self, causal=False)(x, collect)
+            if intermediates is not None:
+                return [to_grid(m, grid) for m in maps]
+            x = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_post")(x)
+            return to_grid(MAPValueHead(self.heads, self.mlp_ratio, self.ln_eps, self.act, self.dtype,
+                                        name="attn_pool")(x), grid)
         x = Transformer.of_tower(self, causal=False)(x)
         x = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_post")(x)
         pooled = MAPHead(self.heads, self.mlp_ratio, self.dtype, name="attn_pool")(x)
@@ -127,15 +143,17 @@ class SiglipTextTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False, embeddings=None):
-        """`embeddings` [N, T, width]: in place of the token embeddings of `tokens` (prompt learning)."""
+    def __call__(self, tokens, train: bool = False, embeddings=None, per_token: bool = False):
+        """`embeddings` [N, T, width]: in place of the token embeddings of `tokens` (prompt learning).
+        per_token: ([N, T, output_dim], every position through ln_final and the head; the pooled index [N])."""
         del train  # no dropout
         check_tokens(tokens, self.context_length)
         length = tokens.shape[1]
         x = embed_tokens(self, tokens, embeddings, pos_std=self.width**-0.5)
-        # the last layer computes only the last position's row
-        x = Transformer.of_tower(self, causal=False)(x, jnp.full(tokens.shape[:1], length - 1, jnp.int32))
+        index = jnp.full(tokens.shape[:1], length - 1, jnp.int32)
+        # the last layer computes only the last position's row (every row per_token)
+        x = Transformer.of_tower(self, causal=False)(x, None if per_token else index)
         x = LayerNorm(self.dtype, eps=self.ln_eps, name="ln_final")(x)
-        return Dense(self.output_dim, self.dtype, kernel_init=param_with_axes(normal(self.width**-0.5),
-                                                                               ("embed", None)),
-                     bias_init=param_with_axes(nn.initializers.zeros, (None,)), name="head")(x)
+        x = Dense(self.output_dim, self.dtype, kernel_init=param_with_axes(normal(self.width**-0.5), ("embed", None)),
+                  bias_init=param_with_axes(nn.initializers.zeros, (None,)), name="head")(x)
+        return (x, index) if per_token else x

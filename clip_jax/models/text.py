@@ -80,11 +80,12 @@ class TextTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False, embeddings=None, deep_prompts=None):
+    def __call__(self, tokens, train: bool = False, embeddings=None, deep_prompts=None, per_token: bool = False):
         """`embeddings` [N, T, width]: used in place of the token embeddings of `tokens` (prompt
         learning: learned context vectors among embedded words); `tokens` still place the pooled
         token (EOT) and the padding. `deep_prompts` (values [layers, n, width], active [layers]):
-        MaPLe's per-layer prompts, replacing tokens 1..n at the input of each active layer."""
+        MaPLe's per-layer prompts, replacing tokens 1..n at the input of each active layer.
+        per_token: ([N, T, output_dim], every position through ln_final and the projection; the pooled index [N])."""
         del train  # no dropout in CLIP's tower; the flag is the towers' common signature
         check_tokens(tokens, self.context_length)
         if self.pool_type not in TEXT_POOL_TYPES:
@@ -109,9 +110,11 @@ class TextTransformer(nn.Module):
             kv_lengths = jnp.max(jnp.where(tokens != self.pad_id, positions, 0), axis=-1)
         # The last layer computes only the pooled token's row ([batch, width] out).
         deep = None if deep_prompts is None else (deep_prompts[0], deep_prompts[1], 1)
-        x = Transformer.of_tower(self, causal=not self.no_causal_mask)(x, index, kv_lengths, deep)
+        x = Transformer.of_tower(self, causal=not self.no_causal_mask)(x, None if per_token else index, kv_lengths,
+                                                                        deep)
         pooled = LayerNorm(self.dtype, name="ln_final")(x)
         proj = self.param(
             "text_projection", param_with_axes(normal(self.width**-0.5), ("embed", None)), (self.width, self.output_dim)
         )
-        return pooled @ proj.astype(self.dtype)
+        out = pooled @ proj.astype(self.dtype)
+        return (out, index) if per_token else out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.dense import DenseTransformer, check_form, check_layers, to_grid
 from clip_jax.models.layers import (
     BATCH,
     EMBED,
@@ -153,14 +154,17 @@ class VisionTransformer(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, images, train: bool = False, pooled_too: bool = False, prompts=None, deep_prompts=None):
+    def __call__(self, images, train: bool = False, pooled_too: bool = False, prompts=None, deep_prompts=None,
+                 dense: Optional[str] = None, intermediates: Optional[Sequence[int]] = None):
         """In training with patch_dropout r > 0 (FLIP), each image keeps a uniform random
         max(1, int(L * (1 - r))) of its L patch tokens (and the class token), drawn from the
         'dropout' rng; evaluation sees every token. pooled_too: (pooled features before the
         projection [N, width], features) (SLIP's SimCLR head reads the former).
         MaPLe: `prompts` [n, width] are appended after the patch tokens (after the positions,
         before ln_pre); `deep_prompts` (values [layers, n, width], active [layers]) replace those
-        last n tokens at the input of each active layer."""
+        last n tokens at the input of each active layer.
+        dense ('patch' | 'maskclip'): [N, grid, grid, output_dim] per-patch features instead (models/dense.py);
+        intermediates (1-based block indices): [[N, grid, grid, width] patch tokens of each block's output]."""
         check_images(images, self.image_size)
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"vision patch_dropout must be in [0, 1), got {self.patch_dropout}")
@@ -186,6 +190,19 @@ class VisionTransformer(nn.Module):
             if deep_prompts is not None:
                 deep = (deep_prompts[0], deep_prompts[1], x.shape[1] - n)
         x = LayerNorm(self.dtype, name="ln_pre")(x)
+        if dense is not None or intermediates is not None:
+            if prompts is not None:
+                raise ValueError("dense outputs of a prompted ViT are not defined: call without prompts")
+            if dense is not None and check_form(dense) and self.pool_type == "map":
+                raise ValueError("a ViT with pool_type 'map' projects its attention pooler's output, not its tokens: "
+                                 "its patch tokens have no place in the joint space (use a 'tok' or 'avg' tower)")
+            collect = () if intermediates is None else check_layers(intermediates, self.layers)
+            x, maps = DenseTransformer.of_tower(self, causal=False)(x, collect, value_last=dense == "maskclip")
+            if intermediates is not None:
+                return [to_grid(m[:, 1:], grid) for m in maps]
+            x = LayerNorm(self.dtype, name="ln_post")(x[:, 1:])
+            proj = self.param("proj", param_with_axes(normal(scale), ("embed", None)), (self.width, self.output_dim))
+            return to_grid(x @ proj.astype(self.dtype), grid)
         transformer = Transformer.of_tower(self, causal=False)
         pool_dim = self.width
         if self.pool_type == "map":

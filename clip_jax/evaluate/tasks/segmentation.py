@@ -1,0 +1,337 @@
+"""segmentation=DATA: open-vocabulary semantic segmentation of a split's images against prompt-ensembled
+class embeddings, scored by mmsegmentation's mIoU (clip_jax.evaluate.segmentation_metrics).
+
+Options: labels=shape|color|combo (the mask's label set, feature 'mask/LABELS'; default shape) or
+labels=record with classes=FILE.json (the record's own class ids 1..K, its names in that order);
+background=threshold (default; MaskCLIP's head with bg_thresh: a pixel is background where the highest
+softmax probability over the classes, at the model's logit scale, is below bg_thresh, default 0.5) or
+background=prompt (background is one more class, "background" embedded with the templates);
+form=maskclip|patch (the dense features of a CLIP model; default the method's own segmenter, MaskCLIP's for
+CLIP); window=resize|slide and stride= for images larger than the model's (GroupViT's sliding window);
+predictions=DIR writes DIR/segmentation/DATASET.SPLIT/KEY.png (8-bit class indices, 0 = background),
+classes.json and a picture of the first images with true and predicted masks (picture.png).
+
+The segmenter is the method's prediction 'segment_logits', fn(variables, images, class_embeds [C, E]) ->
+logits [N, h, w, C], upsampled bilinearly to the mask's size (clip_jax.methods.base.two_tower_predictions:
+MaskCLIP's cosine of the value-path features). Metrics: segmentation/DATASET.SPLIT/{miou, pixel_acc,
+iou/CLASS}; details: per-class IoU (None where a class is absent from truth and prediction)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from clip_jax.evaluate.segmentation_metrics import IGNORE_INDEX, ConfusionMatrix, scores
+from clip_jax.evaluate.tasks.base import TASKS, Read, Task
+
+LABEL_SETS = ("shape", "color", "combo", "record")
+BACKGROUND_RULES = ("threshold", "prompt")
+WINDOWS = ("resize", "slide")
+DEFAULT_BG_THRESH = 0.5
+BATCH = 64  # images per segmenter call (rounded to the mesh)
+
+
+def _plain_classes(labels: str):
+    """(names with 'background' first, prompts [class][k] of the foreground classes) of a shapes label set."""
+    from clip_jax.input import shapes
+
+    return ["background"] + list(shapes.class_names(labels)), shapes.prompts(labels)
+
+
+@TASKS.register("segmentation")
+class Segmentation(Task):
+    options = frozenset({"limit", "labels", "classes", "background", "bg_thresh", "form", "window", "stride",
+                         "predictions"})
+    predictions = ("segment_logits", "text_embeds")
+
+    def __init__(self, spec, data_config, log=print):
+        super().__init__(spec, data_config, log)
+        self.labels = spec.get("labels", "shape")
+        if self.labels not in LABEL_SETS:
+            raise ValueError(f"{spec}: labels={self.labels!r} is not one of {LABEL_SETS}")
+        if self.labels == "record" and not spec.get("classes"):
+            raise ValueError(f"{spec}: labels=record reads the record's own class ids: pass classes=FILE.json naming "
+                             "classes 1..K in id order (0 is background)")
+        self.background = spec.get("background", "threshold")
+        if self.background not in BACKGROUND_RULES:
+            raise ValueError(f"{spec}: background={self.background!r} is not one of {BACKGROUND_RULES}")
+        self.bg_thresh = float(spec.get("bg_thresh", DEFAULT_BG_THRESH))
+        if not 0.0 <= self.bg_thresh <= 1.0:
+            raise ValueError(f"{spec}: bg_thresh={self.bg_thresh} must be a probability in [0, 1]")
+        self.form = spec.get("form")
+        if self.form not in (None, "maskclip", "patch"):
+            raise ValueError(f"{spec}: form={self.form!r} is not 'maskclip' or 'patch'")
+        self.window = spec.get("window", "resize")
+        if self.window not in WINDOWS:
+            raise ValueError(f"{spec}: window={self.window!r} is not one of {WINDOWS}")
+        self.stride = int(spec["stride"]) if spec.get("stride") else None
+        self.names, self.prompts = None, None
+
+    @property
+    def mask_feature(self) -> str:
+        return f"mask/{self.labels}"
+
+    def reads(self):
+        from clip_jax.input.features import FEATURES
+
+        extra = ("key",) if "key" in FEATURES else ()  # names the predictions' files where records carry one
+        # image_embeds: a prediction every method offers (the pass needs one); the segmenter runs in evaluate
+        return {"data": Read(self.spec.data, self.limit, predictions=("image_embeds",),
+                             features=("image", self.mask_feature) + extra)}
+
+    def prepare(self, infos):
+        super().prepare(infos)
+        if self.labels == "record":
+            from clip_jax.input import catalog
+
+            classes = catalog.from_file(self.spec.get("classes"))
+            self.names, self.prompts = ["background"] + list(classes.names), list(classes.prompts)
+        else:
+            self.names, self.prompts = _plain_classes(self.labels)
+
+    # -- running -------------------------------------------------------------------------------------
+    def class_embeds(self, encoder) -> np.ndarray:
+        """Unit rows [C, E]: the foreground classes', with background's first under background=prompt."""
+        from clip_jax.evaluate import zero_shot
+
+        prompts = self.prompts
+        if self.background == "prompt":  # the first class's templates, with "background" for its name
+            templates = [p.replace(self.names[1], "{}", 1) for p in prompts[0] if self.names[1] in p]
+            prompts = [[t.format("background") for t in templates or ["a photo of a {}."]]] + prompts
+        return zero_shot.classifier_weights(encoder.model, None, prompts, embed_texts=encoder.embed_texts)
+
+    def segmenter(self, encoder) -> Callable:
+        """fn(variables, images, class_embeds) -> logits [N, h, w, C]: the method's, or by form= the cosine of a
+        CLIP model's dense features at its logit scale."""
+        if self.form is None:
+            return encoder.predictions["segment_logits"].fn
+        name = "image_dense" if self.form == "maskclip" else "image_dense_patch"
+        encoder.require((name, "logit_scale"), str(self.spec))
+        dense, scale = encoder.predictions[name].fn, encoder.predictions["logit_scale"].fn
+
+        def fn(variables, images, class_embeds):
+            import jax.numpy as jnp
+
+            from clip_jax.models.clip import l2_normalize
+
+            return scale(variables) * jnp.einsum("nhwe,ce->nhwc", l2_normalize(dense(variables, images)),
+                                                 class_embeds)
+
+        return fn
+
+    def evaluate(self, features, encoder):
+        info, feats = self.infos["data"], features["data"]
+        images, masks = feats["image"], feats[self.mask_feature]
+        if masks.shape[:1] != images.shape[:1] or masks.ndim != 3:
+            raise ValueError(f"{self.spec}: feature {self.mask_feature!r} must be [n, H, W] class ids, one per image; "
+                             f"got {masks.shape} for {images.shape[0]} images")
+        bad = (masks != IGNORE_INDEX) & (masks >= len(self.names))
+        if bad.any():
+            row = int(np.argwhere(bad.reshape(len(masks), -1).any(1))[0, 0])
+            key = feats["key"][row] if "key" in feats else row
+            raise ValueError(f"{self.spec}: the mask of example {key!r} holds class id {int(masks[bad].max())}, "
+                             f"outside the {len(self.names)} classes {self.names}: pick the label set (labels=) or "
+                             "the classes file (classes=) the masks were made with")
+        classes = self.class_embeds(encoder)
+        size = encoder.model.config.vision.image_size
+        run = SegmenterRun(encoder, self.segmenter(encoder), len(self.names), self.background, self.bg_thresh,
+                           size, self.window, self.stride)
+        keep = bool(self.spec.get("predictions"))
+        confusion, predicted = run(images, masks, classes, keep_rows=len(images) if keep else 8)
+        result = scores(confusion, self.names)
+        name = info.name
+        metrics = {f"segmentation/{name}/miou": result["miou"], f"segmentation/{name}/pixel_acc": result["pixel_acc"]}
+        for cls, iou in result["iou_by_name"].items():
+            if not np.isnan(iou):  # a class absent from truth and prediction has no IoU
+                metrics[f"segmentation/{name}/iou/{cls}"] = iou
+        details = {"examples": int(len(images)), "classes": self.names,
+                   "iou": {c: (None if np.isnan(v) else v) for c, v in result["iou_by_name"].items()},
+                   "background": self.background if self.background == "prompt" else f"threshold {self.bg_thresh}"}
+        if keep:
+            import jax
+
+            if jax.process_index() == 0:
+                out = os.path.join(self.spec.get("predictions"), "segmentation", name)
+                write_predictions(out, predicted, feats.get("key"), self.names)
+                picture(os.path.join(out, "picture.png"), images[:8], masks[:8], predicted[:8], self.names)
+                details["predictions"] = out
+        return metrics, details
+
+
+class SegmenterRun:
+    """A segmenter over host images and masks, on the encoder's mesh: rows split over the batch devices, logits
+    upsampled to the mask size and reduced to class ids and a confusion matrix on the devices (XLA sums the
+    matrix over every device and process)."""
+
+    def __init__(self, encoder, segment: Callable, num_classes: int, background: str, bg_thresh: float,
+                 size: int, window: str = "resize", stride: Optional[int] = None):
+        import jax
+
+        self.encoder, self.size, self.num_classes = encoder, size, num_classes
+        self.window, self.stride = window, stride or max(1, size // 2)
+        self.replicated = replicated = jax.sharding.NamedSharding(encoder.mesh, jax.sharding.PartitionSpec())
+
+        def step(variables, images, masks, class_embeds):
+            logits = self._logits(segment, variables, images, class_embeds, masks.shape[1:3])
+            predicted = class_ids(logits, background, bg_thresh)
+            return predicted, confusion_matrix(predicted, masks, num_classes)
+
+        self._step = jax.jit(step, out_shardings=(encoder.sharding, replicated))
+
+    def _logits(self, segment, variables, images, class_embeds, mask_size):
+        """[n, H, W, C] logits at the mask's size: the image as it is at the model's size; larger ones resized to
+        it (window=resize) or cut into model-size windows every `stride` pixels whose logits are averaged where
+        they overlap (window=slide, mmseg's slide inference)."""
+        import jax
+        import jax.numpy as jnp
+
+        from clip_jax.preprocessing import model_images
+
+        images = model_images(images)
+        n, height, width = images.shape[:3]
+        s = self.size
+
+        def upsample(logits, h, w):
+            return jax.image.resize(logits.astype(jnp.float32), (logits.shape[0], h, w, logits.shape[-1]), "bilinear")
+
+        if (height, width) == (s, s) or self.window == "resize":
+            if (height, width) != (s, s):
+                images = jax.image.resize(images, (n, s, s, images.shape[-1]), "bilinear")
+            return upsample(segment(variables, images, class_embeds), *mask_size)
+        if height < s or width < s:
+            raise ValueError(f"window=slide needs images of at least the model's {s}x{s}; got {height}x{width}")
+        total = jnp.zeros((n, height, width, class_embeds.shape[0]), jnp.float32)
+        count = jnp.zeros((1, height, width, 1), jnp.float32)
+        for top in window_starts(height, s, self.stride):
+            for left in window_starts(width, s, self.stride):
+                crop = images[:, top : top + s, left : left + s]
+                total = total.at[:, top : top + s, left : left + s].add(
+                    upsample(segment(variables, crop, class_embeds), s, s))
+                count = count.at[:, top : top + s, left : left + s].add(1.0)
+        return upsample(total / count, *mask_size)
+
+    def __call__(self, images: np.ndarray, masks: np.ndarray, class_embeds: np.ndarray, keep_rows: int = 0):
+        """(confusion [C, C] int64 over every row, predicted class ids uint8 [keep_rows, H, W] of the first rows)."""
+        import jax
+
+        from clip_jax.evaluate.features import host_copy
+
+        encoder = self.encoder
+        batch = encoder.round_batch(min(BATCH, max(len(images), 1)))
+        total = np.zeros((self.num_classes, self.num_classes), np.int64)
+        kept = []
+        class_embeds = np.asarray(class_embeds, np.float32)
+        embeds = jax.make_array_from_callback(class_embeds.shape, self.replicated, lambda idx: class_embeds[idx])
+        for start in range(0, len(images), batch):
+            chunk_images, chunk_masks = images[start : start + batch], masks[start : start + batch]
+            n = len(chunk_images)
+            if n < batch:  # padding rows carry ignore masks: they count nowhere
+                chunk_images = np.concatenate([chunk_images, np.repeat(chunk_images[-1:], batch - n, 0)])
+                chunk_masks = np.concatenate([chunk_masks, np.full((batch - n,) + chunk_masks.shape[1:],
+                                                                   IGNORE_INDEX, chunk_masks.dtype)])
+            arrays = [jax.make_array_from_callback(a.shape, encoder.sharding, lambda idx, a=a: a[idx])
+                      for a in (chunk_images, chunk_masks)]
+            predicted, confusion = self._step(encoder.variables, *arrays, embeds)
+            total += np.asarray(host_copy(confusion), np.int64)
+            if start < keep_rows:
+                kept.append(np.asarray(host_copy(predicted))[:n])
+        predicted = np.concatenate(kept)[:keep_rows] if kept else np.zeros((0,) + masks.shape[1:], np.uint8)
+        return total, predicted
+
+
+def window_starts(length: int, window: int, stride: int) -> list:
+    """mmseg's slide inference: windows every `stride` pixels, the last one flush with the far edge."""
+    count = max(length - window + stride - 1, 0) // stride + 1
+    return sorted({min(i * stride, length - window) for i in range(count)})
+
+
+def class_ids(logits, background: str, bg_thresh: float):
+    """logits [..., C] -> uint8 class ids: background=prompt, the argmax (class 0 is background's prompt);
+    threshold, 1 + the argmax over the C foreground classes, 0 where their highest softmax probability is
+    below bg_thresh."""
+    import jax
+    import jax.numpy as jnp
+
+    best = jnp.argmax(logits, axis=-1)
+    if background == "prompt":
+        return best.astype(jnp.uint8)
+    confident = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(axis=-1) >= bg_thresh
+    return jnp.where(confident, best + 1, 0).astype(jnp.uint8)
+
+
+def confusion_matrix(predicted, masks, num_classes: int):
+    """confusion[true, predicted] of int class maps, ignore-index pixels dropped (on the devices, int32)."""
+    import jax.numpy as jnp
+
+    true = masks.astype(jnp.int32)
+    valid = true != IGNORE_INDEX  # ids past the classes are refused on the host first
+    index = jnp.where(valid, true * num_classes + predicted.astype(jnp.int32), 0)
+    counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[index.reshape(-1)].add(
+        valid.reshape(-1).astype(jnp.int32))
+    return counts.reshape(num_classes, num_classes)
+
+
+# -- predictions and picture --------------------------------------------------------------------------
+def write_predictions(directory: str, predicted: np.ndarray, keys: Optional[np.ndarray], names) -> None:
+    """DIR/KEY.png per image (8-bit class indices; the row number where records have no key) and classes.json."""
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    for i, classes in enumerate(predicted):
+        key = keys[i] if keys is not None else f"{i:06d}"
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        Image.fromarray(np.asarray(classes, np.uint8), mode="L").save(os.path.join(directory, f"{key}.png"))
+    with open(os.path.join(directory, "classes.json"), "w") as f:
+        json.dump(list(names), f)
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct RGB colours, background black; ignore pixels are drawn white."""
+    from clip_jax.evaluate.summary import PALETTE
+
+    colours = [(0, 0, 0)] + [PALETTE[i % len(PALETTE)] for i in range(max(n - 1, 0))]
+    return np.asarray(colours, np.uint8)
+
+
+def picture(path: str, images: np.ndarray, masks: np.ndarray, predicted: np.ndarray, names, scale: int = 2):
+    """Rows of (image, true mask, predicted mask) and a legend of the class colours, as a PNG."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from clip_jax.preprocessing import MEAN, STD
+
+    colours = palette(len(names))
+
+    def colour(mask):
+        out = np.full(mask.shape + (3,), 255, np.uint8)
+        known = mask < len(names)
+        out[known] = colours[mask[known]]
+        return out
+
+    def pixels(image):
+        if image.dtype != np.uint8:  # normalized floats back to pixels
+            image = np.clip((image * np.asarray(STD) + np.asarray(MEAN)) * 255, 0, 255).astype(np.uint8)
+        return image
+
+    side = masks.shape[1] * scale
+    width, legend = 3 * (side + 6) + 6, 14 * len(names) + 24
+    canvas = Image.new("RGB", (max(width, 160), 18 + len(images) * (side + 6) + legend), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for j, title in enumerate(("image", "true", "predicted")):
+        draw.text((6 + j * (side + 6), 3), title, fill="black", font=font)
+    for i in range(len(images)):
+        y = 18 + i * (side + 6)
+        tiles = (pixels(images[i]), colour(masks[i]), colour(predicted[i]))
+        for j, tile in enumerate(tiles):
+            canvas.paste(Image.fromarray(tile).resize((side, side), Image.NEAREST), (6 + j * (side + 6), y))
+    y = 18 + len(images) * (side + 6) + 6
+    for k, name in enumerate(names):
+        draw.rectangle((6, y + 14 * k, 16, y + 14 * k + 10), fill=tuple(int(c) for c in colours[k]))
+        draw.text((22, y + 14 * k), name, fill="black", font=font)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    canvas.save(path)
+
+
+__all__ = ["ConfusionMatrix", "Segmentation", "SegmenterRun", "class_ids", "confusion_matrix", "window_starts"]
