@@ -360,11 +360,12 @@ def test_the_default_classes_are_the_shape_label_sets_and_the_configs_build():
     import importlib.util
     import os
 
-    from clip_jax.input.shapes import class_names
+    from clip_jax.input.shapes import NOVEL_SHAPES, class_names
     from clip_jax.methods.lseg import LSEG_DEFAULTS
     from clip_jax.train.build import build
 
     assert LSEG_DEFAULTS["classes"] == ("background", *class_names("shape"))
+    assert LSEG_DEFAULTS["novel"] == tuple(NOVEL_SHAPES)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, argument in (("lseg", ("ViT-B-32",)), ("smoke_lseg", ())):
         spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))

@@ -48,7 +48,7 @@ LSEG_DEFAULTS = {
     "labels": "shape",
     "classes": ("background", "circle", "square", "triangle", "star", "cross", "diamond"),
     "classes_file": "",  # a text file of the class names, one a line in id order, in place of `classes`
-    "novel": ("star", "cross"),  # never trained on (clip_jax.input.shapes.NOVEL_SHAPES)
+    "novel": ("star", "cross"),  # never trained on: clip_jax.input.shapes.NOVEL_SHAPES (the methods import no input)
 }
 
 
