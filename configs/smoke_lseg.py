@@ -7,7 +7,7 @@ evaluated on every shape so the novel ones (config.lseg.novel) are zero-shot.
     python -m clip_jax.train --config=configs/smoke_lseg.py --workdir=/tmp/smoke_lseg \
         --config.init_from=/tmp/smoke_export/rn.msgpack
 
-Only the text tower is taken from init_from (init_params='text/.*'; its shape matches RN-Shapes-S's through
+Only the text tower is taken from init_from (init_params='text/.*'; its shape matches the smoke CLIP's through
 model_overrides); the image tower and the head start fresh, as no pretrained ViT exists for this data. LSeg's
 optimizer (SGD momentum 0.9, weight decay 1e-4, poly 0.9, the head's scratch at 10x) at a learning rate for a
 backbone trained from scratch, not LSeg's 0.004 / 16 x batch for a pretrained one; a small head (fusion width
@@ -22,7 +22,7 @@ def get_config():
     c = base_config()
     c.method = "lseg"
     c.model = "ViT-Shapes-M"
-    c.model_overrides = {"text_cfg": {"width": 64, "heads": 2}}  # RN-Shapes-S's text tower
+    c.model_overrides = {"text_cfg": {"width": 64, "heads": 2}}  # the smoke CLIP's (RN-Shapes-XS) text tower
     c.init_params = "text/.*"
     c.batch_size = 32
     c.total_steps = 800  # within 10 minutes on 2 cores (the step time: docs/methods.md, LSeg)
@@ -39,7 +39,7 @@ def get_config():
     c.lseg.features, c.lseg.stage_features = 32, (16, 32, 64, 64)
     c.lseg.labels = "shape"  # 0 = background, then the six shape names (config.lseg.classes)
     c.data.train = "shapes_scenes:train"
-    c.data.eval = "segmentation=shapes_scenes:test"
+    c.data.eval = "segmentation=shapes_scenes:test|background=prompt"  # LSeg trains background as a class
     c.data.image_dtype = "uint8"  # normalized on the device
     c.data.crop_scale = (0.5, 1.0)
     c.data.streams = 2
