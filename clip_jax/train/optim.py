@@ -1,6 +1,6 @@
 """The one optimizer factory: by default the CLIP paper's (AdamW, weight decay on weight matrices
 only, warmup + cosine), or torch.optim.SGD's (momentum, the weight decay added to the gradient) with
-Dassl's constant warmup and per-epoch cosine (the few-shot adaptations), with parameter groups:
+Dassl's constant warmup and per-epoch cosine (the few-shot adaptations) or a poly decay (LSeg's), with parameter groups:
 frozen params, per-group learning-rate multipliers and weight decay.
 
 Settings (``config.optim``; defaults in clip_jax.config.OPTIM_DEFAULTS): optimizer, momentum,
@@ -33,7 +33,8 @@ from clip_jax.config import optim_settings
 DECAY = (r"kernel$", r"(^|/)proj$", r"(^|/)text_projection$")
 GROUP_KEYS = ("frozen", "lr_mult", "weight_decay")
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("warmup_cosine", "constant_warmup_cosine")
+SCHEDULES = ("warmup_cosine", "constant_warmup_cosine", "poly")
+POLY_POWER = 0.9  # the segmentation codebases' poly decay (LSeg, DeepLab)
 DECAY_ON = {"matrices": DECAY, "all": (r".*",)}
 
 
@@ -161,8 +162,11 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
     s = optim_settings(config)
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if _choice(s, "schedule", SCHEDULES) == "constant_warmup_cosine":
+    kind = _choice(s, "schedule", SCHEDULES)
+    if kind == "constant_warmup_cosine":
         return constant_warmup_cosine(s, total_steps)
+    if kind == "poly":
+        return poly(s, total_steps)
     warmup = min(int(s["warmup_steps"]), total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -187,6 +191,24 @@ def constant_warmup_cosine(settings: dict, total_steps: int) -> optax.Schedule:
     def schedule(count):
         cosine = end + 0.5 * (lr - end) * (1 + jnp.cos(jnp.pi * (count // every) / periods))
         return jnp.where(count < warmup, warmup_lr, cosine)
+
+    return schedule
+
+
+def poly(settings: dict, total_steps: int, power: float = POLY_POWER) -> optax.Schedule:
+    """end + (learning_rate - end) * (1 - t / total_steps) ** power, t counted in whole periods of
+    schedule_every_steps (an epoch's steps: LSeg's LambdaLR steps per epoch), after a linear warmup from 0
+    over warmup_steps where set (none in LSeg's)."""
+    every = int(settings["schedule_every_steps"])
+    if every < 1:
+        raise ValueError(f"config.optim.schedule_every_steps={every} must be >= 1")
+    lr, end = float(settings["learning_rate"]), float(settings["end_learning_rate"])
+    warmup = int(settings["warmup_steps"])
+
+    def schedule(count):
+        t = (count // every) * every
+        value = end + (lr - end) * jnp.maximum(1.0 - t / total_steps, 0.0) ** power
+        return value * (jnp.minimum(1.0, count / warmup) if warmup > 0 else 1.0)
 
     return schedule
 
