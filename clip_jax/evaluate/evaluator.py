@@ -250,6 +250,10 @@ def load_model(workdir: Optional[str], weights: Optional[str], model_name: Optio
         run = runs.read(workdir, step)
         if run.kind == runs.ADAPTATION:  # python -m clip_jax.adapt's
             return run.model, run.variables, f"{workdir} (the towers its adaptation froze)", None, None
+        own = run.method.model_variables(run.params, run.model_state)
+        if set(own["params"]) - set(run.method.export(run.params, run.model_state)["towers"]["params"]):
+            # a model of more than the towers (LSeg's head): its predictions need the method's own variables
+            return run.method.model, own, f"{workdir} step {run.step}", run.config, run.step
         return run.model, run.variables, f"{workdir} step {run.step}", run.config, run.step
     if not weights:
         raise ValueError("pass --workdir=DIR (a training run) or --weights=FILE (an exported or released model)")
