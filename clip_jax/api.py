@@ -161,11 +161,15 @@ def write_flax_params(params, path: str):
 def read_flax_params(model: CLIP, path: str, only=None):
     from flax import serialization, traverse_util
 
+    from clip_jax import convert
     from clip_jax.models import variable_shapes
 
     with open(path, "rb") as f:
         raw = serialization.msgpack_restore(f.read())
     shapes = variable_shapes(model)
+    # the file's layers in the model's layout (an export is per layer; a scanned run stacks them)
+    flat = convert.unstack_layers(traverse_util.flatten_dict(raw))
+    raw = traverse_util.unflatten_dict(convert.stack_layers(flat) if model.scan else flat)
     if only is not None:  # the selected variables only, each checked by path
         got, out = traverse_util.flatten_dict(raw), {}
         for key, want in traverse_util.flatten_dict(shapes).items():

@@ -139,6 +139,26 @@ def test_flax_msgpack_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_msgpack_reads_into_either_layer_layout(tmp_path):
+    """An export (per layer) starts a scanned run (init_from), and a scanned run's params read per layer."""
+    import jax
+
+    from clip_jax.api import read_flax_params, write_flax_params
+    from clip_jax.models import init_variables
+
+    per_layer = create_model("ViT-Tiny-test", scan=False)
+    params = {"params": init_variables(per_layer, jax.random.key(0))["params"]}
+    write_flax_params(params, str(tmp_path / "per_layer.msgpack"))
+    scanned = read_flax_params(create_model("ViT-Tiny-test", scan=True), str(tmp_path / "per_layer.msgpack"))
+    blocks = params["params"]["text"]["transformer"]
+    np.testing.assert_array_equal(scanned["params"]["text"]["transformer"]["resblocks"]["ln_1"]["scale"][1],
+                                  blocks["resblocks_1"]["ln_1"]["scale"])
+    write_flax_params(scanned, str(tmp_path / "scanned.msgpack"))
+    again = read_flax_params(per_layer, str(tmp_path / "scanned.msgpack"))
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
 # -- bad input -----------------------------------------------------------------------
 def tiny_state_dict():
     model = create_model("ViT-Tiny-test")
