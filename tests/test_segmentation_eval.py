@@ -156,6 +156,21 @@ def test_a_methods_own_segmenter_replaces_maskclip(tiny):
     assert metrics["segmentation/scenes.test/miou"] == pytest.approx(numpy_scores(pred, masks, 7)[0], abs=1e-6)
 
 
+def test_a_method_names_the_templates_its_class_embeddings_were_trained_with(tiny):
+    """LSeg's classes are the bare names (background one of them): the task embeds them so, not with
+    the dataset's prompts."""
+    model, variables, _, _ = tiny
+    encoder = _encoder(model, variables, {**two_tower_predictions(model), "segment_logits": Prediction(
+        lambda v, x, c: x, "image", 3, templates=("{}",))})
+    task = _task("segmentation=shapes:test|background=prompt")
+    names = ["background"] + list(shapes.class_names("shape"))
+    want = np.asarray(clip_jax.encode_text(model, variables, clip_jax.tokenize(names, model=model.config)))
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(task.class_embeds(encoder), want, atol=1e-5)
+    dataset = _task("segmentation=shapes:test").class_embeds(_encoder(model, variables))  # the prompts, no background
+    assert dataset.shape == (6, want.shape[1]) and not np.allclose(dataset, want[1:], atol=1e-3)
+
+
 def test_sliding_windows_cover_the_image_as_mmseg():
     assert seg.window_starts(64, 32, 16) == [0, 16, 32]
     assert seg.window_starts(70, 32, 16) == [0, 16, 32, 38]

@@ -242,7 +242,8 @@ class LSeg(Method):
             embeds = self.class_embeddings(variables) if class_embeds is None else class_embeds
             return self.logits(features, embeds, x.shape[1:3])
 
-        return {**towers, "segment_logits": Prediction(segment_logits, "image", 3)}
+        # LSeg's classes are the bare names, background one of them
+        return {**towers, "segment_logits": Prediction(segment_logits, "image", 3, templates=("{}",))}
 
     def export(self, params, model_state, extras=False):
         """'towers': the CLIP model (open_clip's layout); 'lseg_head': the DPT head's params and statistics,

@@ -97,6 +97,11 @@ class Segmentation(Task):
         """Unit rows [C, E]: the foreground classes', with background's first under background=prompt."""
         from clip_jax.evaluate import zero_shot
 
+        own = self.form is None and getattr(encoder.predictions.get("segment_logits"), "templates", None)
+        if own:  # the method's own class texts (LSeg: the bare names)
+            names = self.names if self.background == "prompt" else self.names[1:]
+            return zero_shot.classifier_weights(encoder.model, None, [[t.format(n) for t in own] for n in names],
+                                                embed_texts=encoder.embed_texts)
         prompts = self.prompts
         if self.background == "prompt":  # the first class's templates, with "background" for its name
             templates = [p.replace(self.names[1], "{}", 1) for p in prompts[0] if self.names[1] in p]
