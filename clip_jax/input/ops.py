@@ -217,3 +217,4 @@ def store_of(resolved: list[tuple[Wanted, Op]]) -> Optional[Wanted]:
 
 
 from clip_jax.input import segmentation  # noqa: E402,F401  (registers the op 'mask' and the mask features)
+from clip_jax.input import noun_prompts  # noqa: E402,F401  (registers the op 'noun_prompts')

@@ -8,7 +8,7 @@ from clip_jax.registry import Registry
 
 METHODS: Registry[type] = Registry("method")
 
-from clip_jax.methods import clip, slip  # noqa: E402,F401  (registers 'clip', 'slip')
+from clip_jax.methods import clip, groupvit, slip  # noqa: E402,F401  (registers 'clip', 'groupvit', 'slip')
 
 
 def registered(attribute: str) -> dict:
