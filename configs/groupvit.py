@@ -1,10 +1,10 @@
 """GroupViT (Xu et al. 2022, "GroupViT: Semantic Segmentation Emerges from Text Supervision"): the reference's
 recipe (NVlabs/GroupViT configs/default.yml and group_vit_gcc_yfcc_30e.yml) on the one trainer.
 
-    python -m clip_jax.train --config=configs/groupvit.py --workdir=DIR \
+    python -m clip_jax.train --config=configs/groupvit.py:GroupViT-S-16 --workdir=DIR \
         --config.data.train='tfrecord:/data/gcc_yfcc-*' --config.data.eval='segmentation=...'
 
-Model GroupViT-S-16 (stages [6, 3, 3], group tokens [64, 8, 0], projectors 4096 -> 256); batch 4,096; AdamW
+The argument after ':' is a GroupViT preset; the default GroupViT-S-16 is the paper's (stages [6, 3, 3], group tokens [64, 8, 0], projectors 4096 -> 256); batch 4,096; AdamW
 at 1.6e-3 x batch / 4096, betas (0.9, 0.999), weight decay 0.05 on matrices only (no decay on 1-d params and
 biases), 2 of 30 epochs of linear warmup, then cosine to 4e-5; gradients clipped at norm 5; the multi-label loss
 with 3 noun prompts per caption (config.groupvit). The data is a placeholder: EPOCH_EXAMPLES is the size of the
@@ -21,11 +21,11 @@ EPOCHS, WARMUP_EPOCHS = 30, 2
 BASE_LR = 1.6e-3  # at batch 4096, scaled linearly with the batch
 
 
-def get_config(batch: int = BATCH):
+def get_config(model: str = "GroupViT-S-16"):
     c = base_config()
     c.method = "groupvit"
-    c.model = "GroupViT-S-16"
-    c.batch_size = int(batch)
+    c.model = model
+    c.batch_size = BATCH  # the learning rate follows a change: BASE_LR x batch / 4096
     epoch = EPOCH_EXAMPLES // c.batch_size
     c.total_steps = EPOCHS * epoch
     c.checkpoint_every_steps = 2_000
@@ -45,5 +45,3 @@ def get_config(batch: int = BATCH):
     c.data.crop_scale = (0.08, 1.0)  # DeiT's random resized crop
     return c
 
-
-MODEL = get_config

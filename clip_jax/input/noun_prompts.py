@@ -90,6 +90,7 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
     template_set = templates()
 
     def run(caption, seed):
+        caption = caption.item() if isinstance(caption, np.ndarray) else caption  # eager tf hands a 0-d array
         text = caption.decode("utf-8", errors="replace")
         return np.array([t.encode("utf-8") for t in prompt_texts(text, seed, vocabulary, count, template_set)],
                         dtype=object)
