@@ -4,13 +4,13 @@ recipe (NVlabs/GroupViT configs/default.yml and group_vit_gcc_yfcc_30e.yml) on t
     python -m clip_jax.train --config=configs/groupvit.py:GroupViT-S-16 --workdir=DIR \
         --config.data.train='tfrecord:/data/gcc_yfcc-*' --config.data.eval='segmentation=...'
 
-The argument after ':' is a GroupViT preset; the default GroupViT-S-16 is the paper's (stages [6, 3, 3], group tokens [64, 8, 0], projectors 4096 -> 256); batch 4,096; AdamW
-at 1.6e-3 x batch / 4096, betas (0.9, 0.999), weight decay 0.05 on matrices only (no decay on 1-d params and
-biases), 2 of 30 epochs of linear warmup, then cosine to 4e-5; gradients clipped at norm 5; the multi-label loss
-with 3 noun prompts per caption (config.groupvit). The data is a placeholder: EPOCH_EXAMPLES is the size of the
-reference's CC3M + CC12M + YFCC14M mix only roughly; set it (and data.train) to yours. Not reproduced: DeiT's
-augmentation (RandAugment, colour jitter, random erasing), the warmup's start at 4e-6 (here 0), the POS tagger
-(nouns come from a vocabulary: clip_jax/input/noun_prompts.py).
+The argument after ':' is a GroupViT preset; the default GroupViT-S-16 is the paper's (stages [6, 3, 3], group
+tokens [64, 8, 0], projectors 4096 -> 256); batch 4,096; AdamW at 1.6e-3 x batch / 4096, betas (0.9, 0.999), weight
+decay 0.05 on matrices only (no decay on 1-d params and biases), 2 of 30 epochs of linear warmup, then cosine to
+4e-5; gradients clipped at norm 5; the multi-label loss with 3 noun prompts per caption (config.groupvit). The data
+is a placeholder: EPOCH_EXAMPLES is the size of the reference's CC3M + CC12M + YFCC14M mix only roughly; set it
+(and data.train) to yours. Not reproduced: DeiT's augmentation (RandAugment, colour jitter, random erasing), the
+warmup's start at 4e-6 (here 0), the POS tagger (nouns come from a vocabulary: clip_jax/input/noun_prompts.py).
 """
 
 from clip_jax.config import base_config
