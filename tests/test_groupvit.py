@@ -440,7 +440,8 @@ def test_configs_parse_validate_and_read_no_masks():
     m = METHODS.get("groupvit")(smoke, model, make_mesh({"data": -1}, jax.devices()[:1]))
     resolved = ops.resolve(m.inputs())
     assert ops.features_read(resolved) == ["image", "caption"]
-    assert {w.key: w.op for w, _ in resolved} == {"image": "crop", "tokens": "tokenize", "prompt_tokens": "noun_prompts"}
+    ops_by_key = {w.key: w.op for w, _ in resolved}
+    assert ops_by_key == {"image": "crop", "tokens": "tokenize", "prompt_tokens": "noun_prompts"}
 
 
 def test_train_flops_count_the_prompts_through_the_text_tower_and_both_losses():
