@@ -275,14 +275,14 @@ def test_a_groupvit_run_exports_in_transformers_layout_only(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     read = runs.read(str(tmp_path / "gv"))
     assert int(read.variables["batch_stats"]["visual"]["projection"]["bn"]["num_batches_tracked"]) == STEPS
-    images, tokens = random_images(3, 64, 1), eval_tokens(read.model)
+    images, tokens = random_images(4, 64, 1), np.asarray(eval_tokens(read.model))
     with torch.no_grad():
-        hf = hf.eval()
-        img = hf.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-        txt = hf.get_text_features(input_ids=torch.from_numpy(np.asarray(tokens)).long()).numpy()
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    np.testing.assert_allclose(clip_jax.encode_image(read.model, read.variables, images), unit(img), atol=1e-5)
-    np.testing.assert_allclose(clip_jax.encode_text(read.model, read.variables, tokens), unit(txt), atol=1e-5)
+        out = hf.eval()(input_ids=torch.from_numpy(tokens).long(),
+                        pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), return_dict=True)
+    np.testing.assert_allclose(clip_jax.encode_image(read.model, read.variables, images), out.image_embeds.numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(clip_jax.encode_text(read.model, read.variables, tokens), out.text_embeds.numpy(),
+                               atol=1e-5)
 
 
 def _init(run):
