@@ -217,9 +217,6 @@ class GroupViT(Clip):
         out["segment_logits"] = Prediction(segment_logits, "image", 3)
         return out
 
-    def export(self, params, model_state, extras: bool = False):
-        return {"towers": self.model_variables(params, model_state)}
-
     @classmethod
     def train_flops(cls, forward):
         """CLIP's step plus the default `prompts` texts per image more through the text tower and the multi-label
