@@ -44,6 +44,9 @@ def export(workdir: str, out: str, step: Optional[int] = None, extras: bool = Fa
         raise ValueError(f"export format {format!r}: choose one of {', '.join(FORMATS)}")
     run = runs.read(workdir, step)
     exported = run.exported(extras)
+    if format != "hf" and exported.model.config.vision.kind == "groupvit":  # open_clip has no GroupViT
+        raise ValueError(f"{workdir} holds a GroupViT run, which open_clip's layouts cannot hold: export it with "
+                         "--format=hf (transformers' GroupViTModel)")
     if format == "hf":
         return {"step": run.step, **export_hf(exported, out)}
     if format == "open_clip_dir":

@@ -372,3 +372,85 @@ def test_stochastic_depth_drops_whole_residual_branches_per_example_in_training_
     with pytest.raises(ValueError, match="drop_path"):
         create_model(get_model_config("GroupViT-Shapes", {"vision_cfg": {"drop_path": 1.0}})).init(
             jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 32), jnp.int32))
+
+
+def test_segment_logits_score_by_groupvits_own_rule_under_the_segmentation_tasks_threshold(hf_dir):
+    """The registered method's 'segment_logits' through the segmentation task's threshold rule (any bg_thresh in
+    (1/C, 1)) gives exactly `segment`'s class ids: GroupViT's top-k and background threshold, not the task's."""
+    from clip_jax.config import base_config
+    from clip_jax.evaluate.tasks.segmentation import class_ids
+    from clip_jax.methods import METHODS
+    from clip_jax.methods import groupvit as method
+    from clip_jax.models.clip import l2_normalize
+    from clip_jax.parallel.sharding import make_mesh
+
+    path, _ = hf_dir
+    model, variables = clip_jax.load(str(path))
+    images, _ = _inputs()
+    out = jax.jit(lambda v, x: gv.encode_groups(model, v, x))(variables, jnp.asarray(images))
+    # classes near segments that win pixels (image 0: its groups 1 and 2; images 1 and 2: group 3)
+    noise = 0.1 * jax.random.normal(jax.random.key(1), (5, 16))
+    classes = np.asarray(l2_normalize(out["group_embeds"].reshape(12, 16)[jnp.array([1, 2, 7, 11, 0])] + noise))
+    scale = model.apply(variables, method="temperature")[0]
+    config = base_config()
+    config.method = "groupvit"
+    seen = []
+    for top_k, bg_thresh in ((2, 0.5), (5, 0.9)):
+        config.groupvit.top_k, config.groupvit.bg_thresh = top_k, bg_thresh
+        m = METHODS.get("groupvit")(config, model, make_mesh({"data": -1}, jax.devices()[:1]))
+        logits = jax.jit(m.predictions()["segment_logits"].fn)(variables, jnp.asarray(images), jnp.asarray(classes))
+        assert logits.shape == (3, 32, 32, 5)
+        want, _ = method.segment(out["assignments"], out["group_embeds"], out["image_embeds"], jnp.asarray(classes),
+                                 jnp.log(scale), 32, top_k, bg_thresh)
+        for task_thresh in (0.21, 0.5, 0.99):
+            np.testing.assert_array_equal(np.asarray(class_ids(logits, "threshold", task_thresh)), np.asarray(want))
+        seen += list(np.unique(np.asarray(want)))
+    assert 0 in seen and len(set(seen)) > 2  # background and several classes exercised
+
+
+def test_configs_parse_validate_and_read_no_masks():
+    """configs/groupvit.py is the reference's recipe and configs/smoke_groupvit.py the shapes_scenes smoke run; both
+    pass the trainer's checks, and the method's batch keys read the image and caption only."""
+    import importlib.util
+    import os
+
+    from clip_jax.input import ops
+    from clip_jax.methods import METHODS
+    from clip_jax.methods import groupvit as method
+    from clip_jax.parallel.sharding import make_mesh
+    from clip_jax.train import trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    configs = {}
+    for name in ("groupvit", "smoke_groupvit"):
+        spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(root, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        configs[name] = module.get_config()
+        trainer.validate(configs[name])
+    ref, smoke = configs["groupvit"], configs["smoke_groupvit"]
+    assert (ref.method, ref.model, ref.batch_size) == ("groupvit", "GroupViT-S-16", 4096)
+    assert (ref.optim.learning_rate, ref.optim.end_learning_rate, ref.optim.weight_decay) == (1.6e-3, 4e-5, 0.05)
+    assert (ref.optim.grad_clip_norm, ref.optim.b2, ref.optim.weight_decay_on) == (5.0, 0.999, "matrices")
+    assert ref.optim.warmup_steps * 15 == ref.total_steps and ref.groupvit.prompts == 3  # 2 of 30 epochs
+    assert smoke.method == "groupvit" and smoke.data.train == "shapes_scenes:train"
+    assert "segmentation=shapes_scenes:test" in smoke.data.eval.split(",")
+    assert METHODS.get("groupvit") is method.GroupViT
+    model = create_model(get_model_config(smoke.model, smoke.model_overrides.to_dict()))
+    m = METHODS.get("groupvit")(smoke, model, make_mesh({"data": -1}, jax.devices()[:1]))
+    resolved = ops.resolve(m.inputs())
+    assert ops.features_read(resolved) == ["image", "caption"]
+    ops_by_key = {w.key: w.op for w, _ in resolved}
+    assert ops_by_key == {"image": "crop", "tokens": "tokenize", "prompt_tokens": "noun_prompts"}
+
+
+def test_train_flops_count_the_prompts_through_the_text_tower_and_both_losses():
+    """A step's FLOPs: CLIP's forward with 1 + 3 texts per image and the multi-label logits (B x 3B) beside the
+    caption ones, times 3 (the backward twice the forward)."""
+    from clip_jax.train.flops import clip_forward_flops, method_train_flops
+
+    model = create_model("GroupViT-Shapes")
+    one, four = clip_forward_flops(model, 8), clip_forward_flops(model, 32)
+    texts = four["text"]  # the text tower on 4 x 8 texts: the captions and their prompts
+    want = 3 * (one["image"] + texts + one["logits"] * (1 + 3))
+    np.testing.assert_allclose(method_train_flops(model, 8, "groupvit"), want, rtol=1e-3)

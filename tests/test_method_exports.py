@@ -29,7 +29,9 @@ VARIANTS = {
     "slip": ("slip", "ViT-B-16", "ViT-Tiny-test"),
     "chinese_clip": ("chinese_clip", "cn-ViT-B-16", "cn-ViT-Tiny-test"),
     "lseg": ("lseg", "ViT-B-32", "ViT-Tiny-test"),
+    "groupvit": ("groupvit", "GroupViT-S-16", "GroupViT-Shapes"),  # transformers' layout: its own test below
 }
+OPEN_CLIP_LAYOUT = sorted(set(VARIANTS) - {"groupvit"})
 FEW_SHOT = ("coop", "cocoop", "maple", "clip_adapter", "tip_adapter", "tip_adapter_f")
 STEPS = 2
 TEXTS = ["red circle", "blue square", "a green star", "small red square"]
@@ -60,6 +62,10 @@ def synthetic_batch(method, model, n, seed):
     for key, shape in method.batch_shapes(n).items():
         if key == "tokens":
             out[key] = clip_jax.tokenize([texts[i % len(texts)] for i in range(n)], model=model.config)
+        elif key == "prompt_tokens":  # GroupViT's [n, prompts, T]
+            count = shape.shape[1]
+            tokens = clip_jax.tokenize([texts[i % len(texts)] for i in range(n * count)], model=model.config)
+            out[key] = tokens.reshape(n, count, -1)
         elif shape.dtype == jnp.uint8:
             out[key] = rng.integers(0, 256, shape.shape, dtype=np.uint8)
         else:
@@ -220,7 +226,7 @@ with torch.no_grad():
 
 # -- every method, in its reference ------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", OPEN_CLIP_LAYOUT)
 def test_every_method_exports_what_its_reference_loads(tmp_path, name):
     config = variant_config(name)
     run, state = trained_workdir(config, tmp_path / name)
@@ -255,6 +261,32 @@ def test_every_method_exports_what_its_reference_loads(tmp_path, name):
         _, back = clip_jax.load(written["json"], path)
         for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(read.variables)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_a_groupvit_run_exports_in_transformers_layout_only(tmp_path):
+    """A GroupViT run: --format=hf loads in transformers' GroupViTModel with strict keys and gives the run's
+    embeddings; open_clip's layouts, which have no GroupViT, are refused naming --format=hf."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = variant_config("groupvit")
+    trained_workdir(config, tmp_path / "gv")
+    for format in ("open_clip", "open_clip_dir"):
+        with pytest.raises(ValueError, match="--format=hf"):
+            export.export(str(tmp_path / "gv"), str(tmp_path / "out" / format), format=format)
+    written = export.export(str(tmp_path / "gv"), str(tmp_path / "out" / "hf"), format="hf")
+    hf, info = transformers.GroupViTModel.from_pretrained(written["hf"], output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    read = runs.read(str(tmp_path / "gv"))
+    assert int(read.variables["batch_stats"]["visual"]["projection"]["bn"]["num_batches_tracked"]) == STEPS
+    images, tokens = random_images(4, 64, 1), np.asarray(eval_tokens(read.model))
+    with torch.no_grad():
+        out = hf.eval()(input_ids=torch.from_numpy(tokens).long(),
+                        pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), return_dict=True)
+    np.testing.assert_allclose(clip_jax.encode_image(read.model, read.variables, images), out.image_embeds.numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(clip_jax.encode_text(read.model, read.variables, tokens), out.text_embeds.numpy(),
+                               atol=1e-5)
 
 
 def _init(run):

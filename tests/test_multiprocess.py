@@ -63,6 +63,8 @@ METHODS = {
     # Chinese captions, the BERT tower with dropout, and its two stages (the switch after step 5)
     "chinese_clip": {"model": "cn-ViT-Tiny-test", "data.train": "shapes:train|lang=zh", "init_params": "visual/.*",
                      "optim.frozen": "visual/.*", "clip.unfreeze_at_step": 5},
+    # BatchNorm over the global batch, Gumbel noise and the noun prompts made by the input
+    "groupvit": {"method": "groupvit", "model": "GroupViT-Shapes"},
 }
 
 

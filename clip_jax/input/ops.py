@@ -216,4 +216,5 @@ def store_of(resolved: list[tuple[Wanted, Op]]) -> Optional[Wanted]:
     return next((w for w, op in resolved if op.stage == "store"), None)
 
 
+from clip_jax.input import noun_prompts  # noqa: E402,F401,I001  (registers the op 'noun_prompts')
 from clip_jax.input import segmentation  # noqa: E402,F401  (registers the op 'mask' and the mask features)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.methods.base import BatchInput
+from clip_jax.methods import METHODS
+from clip_jax.methods.base import BatchInput, Prediction
 from clip_jax.methods.clip import Clip
 from clip_jax.preprocessing import model_images
 
@@ -116,16 +117,24 @@ def segment(assignments, group_embeds, image_embeds, class_embeds, logit_scale, 
 GROUPVIT_DEFAULTS = {
     "multi_label_weight": 1.0,  # total = image_caption + this * multi_label (0: the image-caption loss only)
     "prompts": 3,  # noun prompts per caption (the published config's multi_label)
+    "noun_vocabulary": "",  # a text file of one noun a line; '' = the shape names (clip_jax.input.noun_prompts)
+    "top_k": 5,  # segmentation: classes restricted to the image's top-k (the reference's)
+    "bg_thresh": 0.95,  # segmentation: background below min(this, the image's best group score) (VOC, COCO)
 }
+# A foreground pixel's class logit in 'segment_logits' (others 0; a background pixel's all 0): under the
+# segmentation task's threshold rule, any bg_thresh in (1/C, 1) then gives GroupViT's own decision.
+DECIDED = 30.0
 ML_SCALE = "multi_label_logit_scale"  # the multi-label loss's own log temperature, a top-level param
 INIT_ML_SCALE = float(np.log(1 / 0.07))
 
 
+@METHODS.register("groupvit")
 class GroupViT(Clip):
     """GroupViT's training over the global batch {'image', 'tokens', 'prompt_tokens' [N, prompts, T]}: the
     caption and its prompts go through the text tower in one pass (as the reference's encode_text of
-    [N, 1 + prompts, T]), so the text projector's BatchNorm sees all of them. Not registered yet: the
-    'prompt_tokens' input op and the export in transformers' layout come with the registration."""
+    [N, 1 + prompts, T]), so the text projector's BatchNorm sees all of them. Its 'segment_logits' is GroupViT's
+    own inference (`segment`, with config.groupvit.top_k and bg_thresh); its runs export in transformers'
+    GroupViTModel layout (--format=hf)."""
 
     batch_keys = ("image", "tokens", "prompt_tokens")
 
@@ -138,10 +147,13 @@ class GroupViT(Clip):
         settings = {**GROUPVIT_DEFAULTS, **dict(section)}
         self.prompts = int(settings["prompts"])
         self.multi_label_weight = float(settings["multi_label_weight"])
+        self.vocabulary = str(settings["noun_vocabulary"])
+        self.top_k, self.bg_thresh = int(settings["top_k"]), float(settings["bg_thresh"])
 
     def inputs(self):
         return super().inputs() + (
-            BatchInput("prompt_tokens", "noun_prompts", ("caption",), (("prompts", self.prompts),)),)
+            BatchInput("prompt_tokens", "noun_prompts", ("caption",),
+                       (("prompts", self.prompts), ("vocabulary", self.vocabulary))),)
 
     def batch_shapes(self, n):
         shapes = super().batch_shapes(n)
@@ -185,5 +197,33 @@ class GroupViT(Clip):
         params = super().post_update(params)
         return dict(params, **{ML_SCALE: jnp.clip(params[ML_SCALE], 0.0, np.log(MAX_SCALE))})
 
+    def predictions(self):
+        """The two towers' predictions, with 'segment_logits' GroupViT's segmentation: [N, S, S, C] logits that
+        are DECIDED on the pixel's class where `segment` finds one and 0 everywhere on background."""
+        from clip_jax.models.groupvit import encode_groups
+
+        out = super().predictions()
+        model, top_k, bg_thresh = self.model, self.top_k, self.bg_thresh
+
+        def segment_logits(variables, images, class_embeds):
+            images = model_images(images)
+            groups = encode_groups(model, variables, images)
+            scale = model.apply(variables, method="temperature")[0]
+            ids, _ = segment(groups["assignments"], groups["group_embeds"], groups["image_embeds"], class_embeds,
+                             jnp.log(scale), images.shape[1], top_k, bg_thresh)
+            onehot = jax.nn.one_hot(ids - 1, class_embeds.shape[0], dtype=jnp.float32)  # background: all zero
+            return DECIDED * onehot
+
+        out["segment_logits"] = Prediction(segment_logits, "image", 3)
+        return out
+
+    @classmethod
+    def train_flops(cls, forward):
+        """CLIP's step plus the default `prompts` texts per image more through the text tower and the multi-label
+        logits (B x B * prompts), each with its backward (twice the forward)."""
+        prompts = GROUPVIT_DEFAULTS["prompts"]
+        return forward["train_step"] + 3.0 * prompts * (forward["text"] + forward["logits"])
+
     config_sections = {**Clip.config_sections, "groupvit": GROUPVIT_DEFAULTS}
-    config_ranges = {**Clip.config_ranges, "groupvit.multi_label_weight": (">=", 0), "groupvit.prompts": (">=", 1)}
+    config_ranges = {**Clip.config_ranges, "groupvit.multi_label_weight": (">=", 0), "groupvit.prompts": (">=", 1),
+                     "groupvit.top_k": (">=", 1), "groupvit.bg_thresh": ("[0,1]",)}
