@@ -100,9 +100,10 @@ def bench_input(args) -> None:
     import os
     import tempfile
 
+    from clip_jax.input import segmentation
     from clip_jax.input.pipeline import InputPipeline
 
-    spec = args.data or ("shapes_scenes:train" if args.mask else "")
+    spec = args.data or (segmentation.DEFAULT_TRAIN if args.mask else "")
     if not spec:
         directory = os.path.join(tempfile.gettempdir(), "clip_jax_bench_jpeg")
         glob = os.path.join(directory, "bench-*.tfrecord")
@@ -833,7 +834,7 @@ def main(argv=None):
     p.add_argument("--resize", default="bicubic", choices=["bicubic", "bilinear"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "uint8"])
     p.add_argument("--mask", default="", choices=["", "shape", "color", "combo"],
-                   help="also make the batch key 'mask' of this label set (default data: shapes_scenes:train)")
+                   help="also make the batch key 'mask' of this label set (default: the embedded scenes)")
     p.set_defaults(fn=bench_input)
     from clip_jax.benchmark.adapt import add_parser
 

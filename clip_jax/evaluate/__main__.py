@@ -45,7 +45,7 @@ def with_predictions(argv: list) -> list:
         i += 1
     if not found:
         sys.exit("--predictions=DIR writes the masks of segmentation specs: pass --eval=segmentation=DATA with it "
-                 "(e.g. --eval=segmentation=shapes_scenes:test)")
+                 "(e.g. --eval=segmentation=DATA:test)")
     return out
 
 

@@ -215,6 +215,3 @@ def store_of(resolved: list[tuple[Wanted, Op]]) -> Optional[Wanted]:
     """The first key of a store-made method (its options name the store), None for a record-made one."""
     return next((w for w, op in resolved if op.stage == "store"), None)
 
-
-from clip_jax.input import noun_prompts  # noqa: E402,F401,I001  (registers the op 'noun_prompts')
-from clip_jax.input import segmentation  # noqa: E402,F401  (registers the op 'mask' and the mask features)

@@ -37,6 +37,7 @@ from clip_jax.input.transforms import _image_shape, crop_label_map, png_size
 
 IGNORE = 255
 LABEL_SETS = ("shape", "color", "combo")
+DEFAULT_TRAIN = "shapes_scenes:train"  # the data a mask needs where none is named (the input benchmark)
 RECORD = "record"  # the record's own class ids (segmentation_mask)
 
 
@@ -51,6 +52,12 @@ def class_names(labels: str) -> list:
     if labels not in LABEL_SETS:
         raise ValueError(f"unknown mask label set {labels!r}: use one of {', '.join(LABEL_SETS)} (or 'record')")
     return ["background"] + shapes.class_names(labels)
+
+
+def class_prompts(labels: str) -> list:
+    """The zero-shot prompts [class][k] of a label set's foreground classes."""
+    class_names(labels)  # checks the name
+    return shapes.prompts(labels)
 
 
 def object_classes(shape_ids, color_ids, labels: str):

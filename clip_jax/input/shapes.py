@@ -62,6 +62,7 @@ from clip_jax.input import records
 # 2: single-object evaluation splits, dense labels; 3: Chinese captions; 4: label_count (older caches are rebuilt)
 VERSION = 4
 SPLITS = ("train", "validation", "test")
+VARIANT_MODULES = {"scenes": "clip_jax.input.shapes_scenes"}  # the CLI's other variants, by module
 DEFAULT_SIZES = {"train": 20000, "validation": 1000, "test": 1000}
 
 # Saturated colours far apart in RGB (and from every grey background), so that a small
@@ -727,7 +728,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t = time.time()
     sizes = {s: getattr(args, s) for s in SPLITS if getattr(args, s) is not None}
     if args.variant == "scenes":
-        from clip_jax.input import shapes_scenes
+        import importlib
+
+        shapes_scenes = importlib.import_module(VARIANT_MODULES["scenes"])  # it builds on this module
 
         paths = shapes_scenes.ensure_scenes_dataset(args.out, args.seed, args.image_size, sizes)
         print(f"{os.path.dirname(paths['train'][0])} ready in {time.time() - t:.1f}s")

@@ -44,7 +44,7 @@ LSEG_DEFAULTS = {
     "readout": "project",  # the class token folded into each patch token: 'project', 'add' or 'ignore'
     "logit_scale": 1 / 0.07,  # fixed, not trained
     # The class names in the mask's id order (0 = background, then the label set's names: the `mask` op's
-    # `labels`, clip_jax.input.shapes' names for 'shape'), fed raw to the text tower.
+    # `labels`, the embedded dataset's names for 'shape'), fed raw to the text tower.
     "labels": "shape",
     "classes": ("background", "circle", "square", "triangle", "star", "cross", "diamond"),
     "classes_file": "",  # a text file of the class names, one a line in id order, in place of `classes`

@@ -12,7 +12,7 @@ from clip_jax.models import groupvit
 from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.dense import check_form
-from clip_jax.models.layers import Dtype, remat_policy
+from clip_jax.models.layers import Dtype, l2_normalize, remat_policy
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer
 from clip_jax.models.text import TextTransformer
@@ -20,13 +20,6 @@ from clip_jax.models.vit import VisionTransformer
 from clip_jax.registry import Registry
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIPConfig.max_logit_scale's default
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    """F.normalize semantics (divide by max(norm, eps)), computed in float32."""
-    x = x.astype(jnp.float32)
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
 
 
 def _resnet(clip: "CLIP") -> nn.Module:

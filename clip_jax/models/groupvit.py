@@ -37,6 +37,7 @@ from clip_jax.models.layers import (
     Transformer,
     constrain,
     gelu,
+    l2_normalize,
     normal,
     param_with_axes,
 )
@@ -416,8 +417,6 @@ def text_tower(clip) -> nn.Module:
 def encode_groups(model, variables, images) -> dict:
     """In evaluation mode: {'image_embeds' [N, E] and 'group_embeds' [N, G, E], unit-norm float32;
     'assignments', each grouping stage's soft assignment [N, groups, tokens]} of a GroupViT CLIP `model`."""
-    from clip_jax.models.clip import l2_normalize
-
     if model.config.vision.kind != "groupvit":
         raise ValueError(f"encode_groups needs a GroupViT image tower (vision_cfg kind 'groupvit'), not "
                          f"{model.config.vision.kind!r}")

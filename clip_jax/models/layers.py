@@ -33,6 +33,13 @@ BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embe
 HEADS, KV, MLP = "activation_heads", "activation_kv", "activation_mlp"
 
 
+def l2_normalize(x, eps: float = 1e-12):
+    """F.normalize semantics (divide by max(norm, eps)), computed in float32."""
+    x = x.astype(jnp.float32)
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(norm, eps)
+
+
 def constrain(x, names):
     """Pin an activation's layout by logical axis names (None: not sharded). Without it XLA's
     propagation may take a weight's layout for an activation: under FSDP it then gathers the

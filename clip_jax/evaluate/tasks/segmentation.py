@@ -35,10 +35,10 @@ BATCH = 64  # images per segmenter call (rounded to the mesh)
 
 
 def _plain_classes(labels: str):
-    """(names with 'background' first, prompts [class][k] of the foreground classes) of a shapes label set."""
-    from clip_jax.input import shapes
+    """(names with 'background' first, prompts [class][k] of the foreground classes) of a built-in label set."""
+    from clip_jax.input import segmentation
 
-    return ["background"] + list(shapes.class_names(labels)), shapes.prompts(labels)
+    return segmentation.class_names(labels), segmentation.class_prompts(labels)
 
 
 @TASKS.register("segmentation")
