@@ -87,6 +87,17 @@ def weights(tmp_path_factory):
 PHASED = ("flip", "chinese_clip")  # the methods whose step changes within the 8 steps
 
 
+def excerpt(*outputs: str) -> str:
+    """A failed run's output for the assertion message: the lines that name an error (the first of
+    them say why a process aborted; its module list at the end does not), then the tail."""
+    import re
+
+    text = "".join(o or "" for o in outputs)
+    lines = [line for line in text.splitlines()
+             if re.search(r"Error|Fatal|Traceback|Check failed|Aborted|^\[p\d\] [EF]\d{4} ", line)]
+    return "\n".join(lines[:40])[:4000] + "\n...\n" + text[-2000:]
+
+
 def method_args(method: str, weights: dict) -> dict:
     return {**METHODS[method], **({"init_from": weights[method]} if method in weights else {})}
 
@@ -136,7 +147,7 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
     for name, layout in layouts.items():
         layout_env = dict(env_with(1), PYTHON=sys.executable)
         done = subprocess.run(layout, env=layout_env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, excerpt(done.stdout, done.stderr)
         got = losses(tmp_path / name)
         np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-3,
                                    err_msg=name)
@@ -192,7 +203,7 @@ def test_evaluation_on_2_processes_equals_1_process(tmp_path, cache):
     env = dict(env_with(1), PYTHON=sys.executable, CLIP_JAX_MODULE="clip_jax.evaluate")
     done = subprocess.run(["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4", f"--out={tmp_path / 'two.json'}"]
                           + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, excerpt(done.stdout, done.stderr)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["details"]["retrieval=shapes:test|limit=97"]["images"] == 97
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-9)
@@ -229,7 +240,7 @@ def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path
         cmd = ["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4"] + args
         env = dict(env_with(1), PYTHON=sys.executable)
     rc, out = _sigterm_after(cmd, env, "step=3 ")
-    assert rc == (0 if layout == "1x1" else 143), out[-3000:]
+    assert rc == (0 if layout == "1x1" else 143), excerpt(out)
     saved = re.search(r"preemption notice \(SIGTERM\): saved a checkpoint at step (\d+)", out)
     assert saved, out[-3000:]
     stopped = int(saved.group(1))
