@@ -517,11 +517,6 @@ def _encoded_range(args) -> List[tuple]:
 # ------------------------------------------------------------------------------ caching
 
 
-def _dir_name(seed: int, image_size: int, sizes: Dict[str, int], shards: Dict[str, int]) -> str:
-    parts = "-".join(f"{s}{sizes[s]}x{shards[s]}" for s in SPLITS)
-    return f"shapes-v{VERSION}-seed{seed}-{image_size}px-{parts}"
-
-
 def ensure_shapes_dataset(
     cache_dir: str,
     seed: int = 0,
@@ -544,10 +539,21 @@ def ensure_shapes_dataset(
     Local paths only (os.rename).
     """
     sizes = dict(DEFAULT_SIZES, **(sizes or {}))
+    return cached_splits(cache_dir, "shapes", VERSION, seed, image_size, sizes, num_shards,
+                         lambda tmp, shards: _write(tmp, seed, image_size, sizes, shards, workers))
+
+
+def cached_splits(cache_dir: str, name: str, version: int, seed: int, image_size: int, sizes: Dict[str, int],
+                  num_shards: Optional[Dict[str, int]], write) -> Dict[str, List[str]]:
+    """split -> shard paths of a generated dataset under ``cache_dir``, made on first use by
+    ``write(directory, shards)``, which writes every split and dataset_info.json last. The version,
+    seed, image size, sizes and shards name the directory; it is written as a temporary sibling and
+    renamed, so a crash or a concurrent writer leaves no partial one under the final name."""
     shards = {s: max(1, math.ceil(sizes[s] / 2500)) for s in SPLITS}
     shards.update(num_shards or {})
     cache_dir = os.path.expanduser(cache_dir)
-    final = os.path.join(cache_dir, _dir_name(seed, image_size, sizes, shards))
+    parts = "-".join(f"{s}{sizes[s]}x{shards[s]}" for s in SPLITS)
+    final = os.path.join(cache_dir, f"{name}-v{version}-seed{seed}-{image_size}px-{parts}")
     paths = {s: [records.shard_name(os.path.join(final, s), i, shards[s]) for i in range(shards[s])] for s in SPLITS}
     if os.path.exists(os.path.join(final, "dataset_info.json")):
         return paths
@@ -555,7 +561,7 @@ def ensure_shapes_dataset(
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=cache_dir)
     try:
-        _write(tmp, seed, image_size, sizes, shards, workers)
+        write(tmp, shards)
         try:
             os.rename(tmp, final)  # atomic; fails if another process got there first
         except OSError:

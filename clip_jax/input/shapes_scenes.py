@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -272,53 +269,33 @@ def read_split(paths: Sequence[str]) -> List[dict]:
 # --------------------------------------------------------------------------- caching
 
 
-def _dir_name(seed: int, image_size: int, sizes: Dict[str, int], shards: Dict[str, int]) -> str:
-    parts = "-".join(f"{s}{sizes[s]}x{shards[s]}" for s in SPLITS)
-    return f"shapes_scenes-v{VERSION}-seed{seed}-{image_size}px-{parts}"
-
-
 def ensure_scenes_dataset(cache_dir: str, seed: int = 0, image_size: int = 64, sizes: Optional[Dict[str, int]] = None,
                           num_shards: Optional[Dict[str, int]] = None) -> Dict[str, List[str]]:
-    """The scenes TFRecords under ``cache_dir``, written on first use: split -> shard paths.
-
-    As shapes.ensure_shapes_dataset: version, seed, image size, sizes and shards name the directory,
-    written as a temporary sibling and renamed (a crash or a concurrent writer leaves no partial one)."""
+    """The scenes TFRecords under ``cache_dir``, written on first use: split -> shard paths (made as
+    shapes.ensure_shapes_dataset's: shapes.cached_splits)."""
     sizes = dict(DEFAULT_SIZES, **(sizes or {}))
-    shards = {s: max(1, math.ceil(sizes[s] / 2500)) for s in SPLITS}
-    shards.update(num_shards or {})
-    cache_dir = os.path.expanduser(cache_dir)
-    final = os.path.join(cache_dir, _dir_name(seed, image_size, sizes, shards))
-    paths = {s: [records.shard_name(os.path.join(final, s), i, shards[s]) for i in range(shards[s])] for s in SPLITS}
-    if os.path.exists(os.path.join(final, "dataset_info.json")):
-        return paths
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=cache_dir)
-    try:
-        for s in SPLITS:
-            with records.ShardWriter(os.path.join(tmp, s), shards[s]) as writer:
-                for i in range(sizes[s]):
-                    writer.write(encoded(seed, s, i, image_size))
-        info = dict(
-            name="shapes_scenes", version=VERSION, seed=seed, image_size=image_size, image_format="png", sizes=sizes,
-            num_shards=shards, objects=[MIN_OBJECTS, MAX_OBJECTS], min_visible=MIN_VISIBLE,
-            features=dict(LABEL_TASKS), captions={f: lang for lang, f in shapes.CAPTION_FEATURES.items()},
-            dense_features={"objects/color": "color of each object", "objects/shape": "shape of each object",
-                            "objects/bbox": "[ymin, xmin, ymax, xmax] in [0, 1] of each object's visible pixels",
-                            "objects/phrase_span": "[start, end) of each object's name in the English caption",
-                            "segmentation": "PNG, 0 = background, k = the k-th object (caption order), visible"},
-            class_names={t: shapes.class_names(t) for t in LABEL_TASKS.values()},
-            novel_shapes=list(shapes.NOVEL_SHAPES),
-        )
-        with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # last: marks a complete directory
-            json.dump(info, f, indent=1)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.exists(os.path.join(final, "dataset_info.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return paths
+    return shapes.cached_splits(cache_dir, "shapes_scenes", VERSION, seed, image_size, sizes, num_shards,
+                                lambda tmp, shards: _write(tmp, seed, image_size, sizes, shards))
+
+
+def _write(tmp: str, seed: int, image_size: int, sizes: Dict[str, int], shards: Dict[str, int]) -> None:
+    for s in SPLITS:
+        with records.ShardWriter(os.path.join(tmp, s), shards[s]) as writer:
+            for i in range(sizes[s]):
+                writer.write(encoded(seed, s, i, image_size))
+    info = dict(
+        name="shapes_scenes", version=VERSION, seed=seed, image_size=image_size, image_format="png", sizes=sizes,
+        num_shards=shards, objects=[MIN_OBJECTS, MAX_OBJECTS], min_visible=MIN_VISIBLE,
+        features=dict(LABEL_TASKS), captions={f: lang for lang, f in shapes.CAPTION_FEATURES.items()},
+        dense_features={"objects/color": "color of each object", "objects/shape": "shape of each object",
+                        "objects/bbox": "[ymin, xmin, ymax, xmax] in [0, 1] of each object's visible pixels",
+                        "objects/phrase_span": "[start, end) of each object's name in the English caption",
+                        "segmentation": "PNG, 0 = background, k = the k-th object (caption order), visible"},
+        class_names={t: shapes.class_names(t) for t in LABEL_TASKS.values()},
+        novel_shapes=list(shapes.NOVEL_SHAPES),
+    )
+    with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # last: marks a complete directory
+        json.dump(info, f, indent=1)
 
 
 def scenes_files(split: str, config) -> List[str]:
