@@ -113,23 +113,22 @@ def config_to_hf(config: CLIPConfig) -> dict:
 
 
 # -- the tensor table ----------------------------------------------------------------------------------
-def _denses(path: tuple, prefix: str, names) -> list[rr.Rule]:
-    """Dense modules named as transformers' Linears (path + 'a/b' <-> prefix.a.b)."""
+def _named(rule, path: tuple, prefix: str, names) -> list[rr.Rule]:
+    """rule (rr.dense, rr.layer_norm) for each module named as transformers' (path + 'a/b' <-> prefix.a.b)."""
     out = []
     for name in names:
         parts = tuple(name.split("/"))
         key = f"{prefix}.{'.'.join(parts)}"
-        out += rr.dense(path + parts, f"{key}.weight", f"{key}.bias")
+        out += rule(path + parts, f"{key}.weight", f"{key}.bias")
     return out
+
+
+def _denses(path: tuple, prefix: str, names) -> list[rr.Rule]:
+    return _named(rr.dense, path, prefix, names)
 
 
 def _norms(path: tuple, prefix: str, names) -> list[rr.Rule]:
-    out = []
-    for name in names:
-        parts = tuple(name.split("/"))
-        key = f"{prefix}.{'.'.join(parts)}"
-        out += rr.layer_norm(path + parts, f"{key}.weight", f"{key}.bias")
-    return out
+    return _named(rr.layer_norm, path, prefix, names)
 
 
 def _projector(path: tuple, prefix: str) -> list[rr.Rule]:
