@@ -19,6 +19,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
+def config_of(name: str, *args):
+    """configs/NAME.py's get_config(*args), read as the trainer's --config=configs/NAME.py reads it."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(root, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
 def torch_reference(code: str, **arrays):
     """Run `code` in a fresh Python with torch (the reference side of a test): the arrays are
     passed in as `inputs` (an npz's dict) and `outputs` (a dict the code fills) comes back.

@@ -86,18 +86,12 @@ def test_unknown_keys_in_overrides_are_refused_for_every_adaptation_config(metho
 
 def test_the_vit_smoke_config_is_the_smoke_run_with_a_vit_and_passes_the_trainers_checks():
     """configs/smoke_vit.py (the frozen model MaPLe adapts) is configs/smoke.py with ViT-Shapes-M, and valid."""
-    import importlib.util
-    import os
+
+    from conftest import config_of
 
     from clip_jax.train import trainer
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    configs = {}
-    for name in ("smoke", "smoke_vit"):
-        spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(root, "configs", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        configs[name] = module.get_config()
+    configs = {name: config_of(name) for name in ("smoke", "smoke_vit")}
     vit, smoke = configs["smoke_vit"], configs["smoke"]
     assert vit.model == "ViT-Shapes-M" and vit.total_steps == 800
     assert vit.optim.learning_rate == 1e-3

@@ -411,8 +411,8 @@ def test_segment_logits_score_by_groupvits_own_rule_under_the_segmentation_tasks
 def test_configs_parse_validate_and_read_no_masks():
     """configs/groupvit.py is the reference's recipe and configs/smoke_groupvit.py the shapes_scenes smoke run; both
     pass the trainer's checks, and the method's batch keys read the image and caption only."""
-    import importlib.util
-    import os
+
+    from conftest import config_of
 
     from clip_jax.input import ops
     from clip_jax.methods import METHODS
@@ -420,13 +420,9 @@ def test_configs_parse_validate_and_read_no_masks():
     from clip_jax.parallel.sharding import make_mesh
     from clip_jax.train import trainer
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     configs = {}
     for name in ("groupvit", "smoke_groupvit"):
-        spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(root, "configs", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        configs[name] = module.get_config()
+        configs[name] = config_of(name)
         trainer.validate(configs[name])
     ref, smoke = configs["groupvit"], configs["smoke_groupvit"]
     assert (ref.method, ref.model, ref.batch_size) == ("groupvit", "GroupViT-S-16", 4096)

@@ -357,8 +357,6 @@ def test_a_few_trainer_steps_on_random_masks_lower_the_loss():
 def test_the_default_classes_are_the_shape_label_sets_and_the_configs_build():
     """config.lseg.classes is the `shape` label set's id order (0 = background); both configs assemble a run
     (abstractly: nothing allocated or compiled)."""
-    import importlib.util
-    import os
 
     from clip_jax.input.shapes import NOVEL_SHAPES, class_names
     from clip_jax.methods.lseg import LSEG_DEFAULTS
@@ -366,12 +364,10 @@ def test_the_default_classes_are_the_shape_label_sets_and_the_configs_build():
 
     assert LSEG_DEFAULTS["classes"] == ("background", *class_names("shape"))
     assert LSEG_DEFAULTS["novel"] == tuple(NOVEL_SHAPES)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from conftest import config_of
+
     for name, argument in (("lseg", ("ViT-B-32",)), ("smoke_lseg", ())):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        c = module.get_config(*argument)
+        c = config_of(name, *argument)
         if name == "lseg":
             c.lseg.labels, c.lseg.classes = "shape", LSEG_DEFAULTS["classes"]  # ADE20K's names come from a file
         run = build(c, make_mesh({"data": -1}, jax.devices()[:1]), abstract=True)
