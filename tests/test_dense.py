@@ -62,7 +62,10 @@ t = clip.transformer(t, attn_mask=clip.attn_mask)
 outputs["text"] = (clip.ln_final(t) @ clip.text_projection).numpy()
 # ModifiedResNet: the final map through the attention pool's v and c projections
 rn = open_clip.create_model("RN-Tiny-test", pretrained="{rn}").eval().visual
-fmap = rn.layer4(rn.layer3(rn.layer2(rn.layer1(rn.stem(torch.from_numpy(inputs["rn_images"]).permute(0, 3, 1, 2))))))
+fmap = rn.stem(torch.from_numpy(inputs["rn_images"]).permute(0, 3, 1, 2))
+for i, stage in enumerate((rn.layer1, rn.layer2, rn.layer3, rn.layer4)):
+    fmap = stage(fmap)
+    outputs["rn_stage%d" % i] = fmap.permute(0, 2, 3, 1).numpy()
 fmap = fmap.flatten(2).permute(0, 2, 1)
 pool = rn.attnpool
 for name, tokens in (("rn_maskclip", fmap), ("rn_patch", fmap + pool.positional_embedding[1:])):
@@ -89,6 +92,10 @@ def test_dense_forms_and_intermediates_match_open_clip(tmp_path):
         got = clip_jax.encode_image_dense(rn, rn_vars, rn_images, form=form)
         assert got.shape == (2, 2, 2, 32)
         np.testing.assert_allclose(got.reshape(2, 4, 32), ref[f"rn_{form}"], atol=TOL, err_msg=f"RN {form}")
+    stages = rn.apply(rn_vars, rn_images, layers=(1, 2, 3, 4), method="encode_image_intermediates")
+    for i, m in enumerate(stages):  # the ResNet's stages: strides 4 to 32
+        assert m.shape == (2, 16 >> i, 16 >> i, ref[f"rn_stage{i}"].shape[-1])
+        np.testing.assert_allclose(np.asarray(m), ref[f"rn_stage{i}"], atol=TOL, err_msg=f"RN stage {i + 1}")
     maps = vit.apply(vit_vars, images, layers=(1, 2), method="encode_image_intermediates")
     for i, m in enumerate(maps):
         assert m.shape == (2, 4, 4, 64)

@@ -135,6 +135,35 @@ def test_the_text_tower_gets_no_gradient_and_the_head_does(lseg):
     assert all("/".join(p) in frozen for p in groups.frozen if p[0] == "text")
 
 
+def test_on_a_resnet_the_head_fuses_its_stages_and_its_batchnorm_stays_frozen():
+    """A ModifiedResNet backbone (DPT's hybrid): the head reads the tower's 4 stages (strides 4 to 32, no
+    class token), the logits come out at the input's size, the backbone trains but its BatchNorm statistics
+    and its unused attention pool do not move."""
+    c = _config()
+    c.model = "RN-Tiny-test"
+    method = _method(c)
+    variables = _init(method, 2)
+    images = np.random.default_rng(5).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    stages = method.model.apply({k: v for k, v in variables.items()}, images, (1, 2, 3, 4),
+                                method="encode_image_intermediates")
+    assert [s.shape[1] for s in stages] == [16, 8, 4, 2]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    batch = {"image": images, "mask": _masks(2, 64, 7, 5)}
+    (loss, (_, new_state)), grads = jax.jit(jax.value_and_grad(
+        lambda p: (lambda out: (out[0], (out[1], out[2])))(method.loss(p, state, batch, jax.random.key(0))),
+        has_aux=True))(variables["params"])
+    assert np.isfinite(float(loss))
+    features, _ = method.dense_features(variables, images)
+    assert features.shape == (2, 32, 32, method.model.config.embed_dim)  # 2x the stride-4 stage
+    norms = lambda tree: [float(jnp.abs(g).max()) for g in jax.tree.leaves(tree)]  # noqa: E731
+    assert max(norms(grads["visual"]["layer1_0"])) > 0 and max(norms(grads["visual"]["attnpool"])) == 0.0
+    before, after = state["batch_stats"], new_state["batch_stats"]
+    for a, b in zip(jax.tree.leaves(before["visual"]), jax.tree.leaves(after["visual"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["batch_stats"][HEAD]),
+                                                         jax.tree.leaves(new_state["batch_stats"][HEAD])))
+
+
 @pytest.mark.parametrize("patch", [8, 16])
 def test_the_logits_come_out_at_the_input_resolution(patch):
     c = _config()
@@ -326,9 +355,13 @@ outputs["train"] = forward()
 
 
 def test_lseg_refuses_what_it_cannot_do_before_compiling():
-    c = _config()
+    c = _config(layers=(1, 2, 3, 3))
     c.model = "RN-Tiny-test"
-    with pytest.raises(ValueError, match="pick a ViT preset"):
+    with pytest.raises(ValueError, match="on a ModifiedResNet the DPT head reads its 4 stages"):
+        _method(c)
+    c = _config()
+    c.model = "GroupViT-Shapes"
+    with pytest.raises(ValueError, match="pick a ViT or ModifiedResNet preset"):
         _method(c)
     with pytest.raises(ValueError, match="config.lseg.novel"):
         _method(_config(novel=("hexagon",)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +56,7 @@ LSEG_DEFAULTS = {
 # LSeg's optimizer holds the backbone (`pretrained`, the reassemble ops with it) at 1x and the head's `scratch`
 # at 10x; the text tower is left out of it (frozen), and so is what LSeg never runs (the tower's pooling head).
 PARAM_GROUPS = ((r"text/.*|logit_scale|logit_bias", {"frozen": True}),
-                (r"visual/(ln_post|proj|attn_pool)(/.*)?", {"frozen": True}),
+                (r"visual/(ln_post|proj|attn_pool|attnpool)(/.*)?", {"frozen": True}),
                 (rf"{HEAD}/{SCRATCH}/.*", {"lr_mult": 10.0}))
 
 
@@ -67,6 +68,16 @@ def tapped_layers(depth: int, layers=()) -> tuple[int, ...]:
         raise ValueError(f"config.lseg.layers={tuple(layers)} must be 4 ascending block numbers in [1, {depth}] "
                          f"(1-based; () picks {tuple(math.ceil(k * depth / 4) for k in range(1, 5))})")
     return chosen
+
+
+def backbone_maps(model, variables, images, layers):
+    """(4 maps, shallow to deep; their class tokens or None): a ViT's blocks `layers` as token maps with their
+    class tokens (LSeg's), or a ModifiedResNet's four stages (DPT's hybrid backbone: strides 4 to 32, no class
+    token), its BatchNorm on the running statistics as segmentation fine-tuning at small batches does."""
+    if model.config.vision.is_resnet:
+        towers = {k: {n: t for n, t in tree.items() if n != HEAD} for k, tree in variables.items()}
+        return model.apply(towers, images, (1, 2, 3, 4), method="encode_image_intermediates"), None
+    return vit_intermediates(model, variables["params"], images, layers)
 
 
 def vit_intermediates(model, params, images, layers):
@@ -133,15 +144,23 @@ class LSeg(Method):
         super().__init__(config, model, mesh, **options)
         self.check_config(config)
         s = config.lseg
-        if model.config.vision.kind != "vit":
-            raise ValueError(f"config.method='lseg' puts a DPT head on a ViT's blocks; the image tower is "
-                             f"{model.config.vision.kind!r}: pick a ViT preset (e.g. --config.model=ViT-Shapes-S)")
-        self.layers = tapped_layers(model.config.vision.layers, s.layers)
+        v = model.config.vision
+        if v.kind not in ("vit", "resnet"):
+            raise ValueError(f"config.method='lseg' puts a DPT head on a ViT's blocks or a ResNet's stages; the "
+                             f"image tower is {v.kind!r}: pick a ViT or ModifiedResNet preset "
+                             "(e.g. --config.model=ViT-Shapes-S)")
+        self.cnn = v.is_resnet
+        if self.cnn and (tuple(s.layers) not in ((), (1, 2, 3, 4)) or len(v.layers) != 4):
+            raise ValueError(f"config.lseg.layers={tuple(s.layers)}: on a ModifiedResNet the DPT head reads its 4 "
+                             "stages; leave config.lseg.layers=()")
+        self.layers = (1, 2, 3, 4) if self.cnn else tapped_layers(v.layers, s.layers)
         self.scale = float(s.logit_scale)
         self.classes = class_list(s)
+        # a CNN's stages already halve one by one, and carry no class token to read out
         self.head = DPTHead(out_dim=model.config.embed_dim, features=int(s.features),
-                            stage_features=tuple(int(f) for f in s.stage_features), readout=s.readout,
-                            dtype=model.dtype)
+                            stage_features=tuple(int(f) for f in s.stage_features),
+                            readout="ignore" if self.cnn else s.readout,
+                            scales=(1, 1, 1, 1) if self.cnn else (4, 2, 1, 0.5), dtype=model.dtype)
         from clip_jax.tokenizers import tokenizer_for
 
         self.tokens = np.asarray(tokenizer_for(model.config.text)(list(self.classes), model.config.text.context_length))
@@ -172,10 +191,11 @@ class LSeg(Method):
     def init(self, rng):
         model_rng, head_rng = jax.random.split(rng)
         variables = dict(self.model.init(model_rng, *dummy_inputs(self.model)))
-        v = self.model.config.vision
-        grid = v.image_size // v.patch_size
-        maps = [jnp.zeros((1, grid, grid, v.width), jnp.float32)] * 4
-        head = self.head.init(head_rng, maps, [jnp.zeros((1, v.width), jnp.float32)] * 4, train=False)
+        size = self.model.config.vision.image_size
+        maps, cls = jax.eval_shape(lambda: backbone_maps(self.model, nn.meta.unbox(variables),
+                                                         jnp.zeros((1, size, size, 3)), self.layers))
+        zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), t)  # noqa: E731
+        head = self.head.init(head_rng, zeros(maps), zeros(cls), train=False)
         variables["params"] = {**variables["params"], HEAD: head["params"]}
         variables["batch_stats"] = {**variables.get("batch_stats", {}), HEAD: head["batch_stats"]}
         return variables
@@ -190,7 +210,7 @@ class LSeg(Method):
             raise ValueError(f"these variables hold the CLIP towers only, not LSeg's DPT head ({HEAD!r}): pass the "
                              "method's model_variables(params, model_state) of the run")
         params, stats = variables["params"], variables["batch_stats"][HEAD]
-        maps, cls = vit_intermediates(self.model, params, images, self.layers)
+        maps, cls = backbone_maps(self.model, variables, images, self.layers)
         head_vars = {"params": params[HEAD], "batch_stats": stats}
         if train:
             out, updated = self.head.apply(head_vars, maps, cls, train=True, mutable=["batch_stats"])

@@ -177,10 +177,8 @@ class CLIP(nn.Module):
 
     def encode_image_intermediates(self, images, layers=(1,)):
         """images -> [[N, h, w, width] patch tokens (no class token) of the output of block i, for i in `layers`
-        (1-based)], in the compute dtype, as open_clip's forward_intermediates (NHWC here). ViT towers only."""
-        if self.is_resnet:
-            raise ValueError("encode_image_intermediates reads a ViT's transformer blocks; this image tower is a "
-                             "ModifiedResNet: use encode_image_dense, or a ViT preset")
+        (1-based)], in the compute dtype, as open_clip's forward_intermediates (NHWC here). A ModifiedResNet:
+        the outputs of its stages i (1..4, strides 4 to 32), BatchNorm in inference."""
         return self.visual(images, intermediates=layers)
 
     def encode_text_tokens(self, tokens):

@@ -10,6 +10,9 @@ coarsest up with residual conv units (ReLU-conv-BN twice, BatchNorm as LSeg's `u
 each fusion upsampling x2 bilinearly (align_corners=True) before a 1x1 conv, and ends in a 1x1
 conv to the embedding width: [N, 8h, 8w, E] for an h x w token grid (half the input for patch 16).
 
+A CNN's four stages (strides 4, 8, 16, 32: DPT's hybrid backbone) are already such a pyramid: with
+`scales=(1, 1, 1, 1)` and readout 'ignore' each is only projected to its stage's width.
+
 Layout NHWC; the names follow LSeg's modules (reassemble1..4 / layer1_rn.., refinenet1.., head1).
 """
 
@@ -120,13 +123,16 @@ class Reassemble(nn.Module):
 
 class DPTHead(nn.Module):
     """maps: 4 token maps [N, h, w, C] (shallow to deep), cls: None or 4 class tokens [N, C] ->
-    per-pixel features [N, 8h, 8w, out_dim] (not normalized)."""
+    per-pixel features [N, 8h, 8w, out_dim] (not normalized). `scales`: each map's resampling (a ViT's
+    one grid: 4, 2, 1, 1/2; a CNN's stages, each half the last: 1, 1, 1, 1), so that the reassembled
+    maps halve stage by stage."""
 
     out_dim: int = 512
     features: int = 256
     stage_features: Sequence[int] = (256, 512, 1024, 1024)  # LSeg's ViT-L/16 (ViT-B/32: 96, 192, 384, 768)
     readout: str = "project"
     batch_norm: bool = True
+    scales: Sequence[float] = (4, 2, 1, 0.5)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -136,13 +142,15 @@ class DPTHead(nn.Module):
                              f"{tuple(self.stage_features)}")
         if self.readout not in READOUTS:
             raise ValueError(f"DPT readout {self.readout!r} is not one of {READOUTS}")
-        shapes = {tuple(m.shape[:3]) for m in maps}
-        if len(shapes) != 1 or min(maps[0].shape[1:3]) < 2:
-            raise ValueError(f"the DPT head needs 4 token maps of one shape [N, h, w, C] with h, w >= 2 (the deepest "
-                             f"stage is halved): got {[tuple(m.shape) for m in maps]}")
+        sizes = [(int(m.shape[1] * k), int(m.shape[2] * k)) for m, k in zip(maps, self.scales)]
+        halving = all(abs(a[0] - 2 * b[0]) <= 1 and abs(a[1] - 2 * b[1]) <= 1 for a, b in zip(sizes, sizes[1:]))
+        if len({m.shape[0] for m in maps}) != 1 or not halving or min(sizes[3]) < 1:
+            raise ValueError(f"the DPT head fuses 4 maps [N, h, w, C] that, resampled by scales={tuple(self.scales)}, "
+                             f"halve stage by stage (a ViT's 4 maps of one grid h, w >= 2 at scales 4, 2, 1, 0.5; a "
+                             f"CNN's stages at 1, 1, 1, 1): got {[tuple(m.shape) for m in maps]}")
         cls = cls if cls is not None else [None] * 4
         layers = []
-        for k, (m, c, width, scale) in enumerate(zip(maps, cls, self.stage_features, (4, 2, 1, 0.5)), start=1):
+        for k, (m, c, width, scale) in enumerate(zip(maps, cls, self.stage_features, self.scales), start=1):
             x = Reassemble(width, scale, self.readout, self.dtype, name=f"reassemble{k}")(m, c)
             layers.append(nn.Conv(self.features, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
                                   name=f"layer{k}_rn")(x))

@@ -149,9 +149,12 @@ class ModifiedResNet(nn.Module):
     remat: str = "none"  # 'none' or 'full': rematerialize each bottleneck in the backward pass
 
     @nn.compact
-    def __call__(self, images, train: bool = False, pooled_too: bool = False, dense: Optional[str] = None):
+    def __call__(self, images, train: bool = False, pooled_too: bool = False, dense: Optional[str] = None,
+                 intermediates: Sequence[int] = ()):
         """pooled_too: (the attention pool's output before its projection [N, width * 32], features).
-        dense ('patch' | 'maskclip'): [N, S/32, S/32, output_dim] per-position features (AttentionPool2d)."""
+        dense ('patch' | 'maskclip'): [N, S/32, S/32, output_dim] per-position features (AttentionPool2d).
+        intermediates (stage numbers, 1-based): the outputs of those stages, [N, S/2^(i+1), S/2^(i+1), width*2^(i+1)]
+        for stage i, the stages after the last one asked for not run."""
         check_images(images, self.image_size)
         if self.image_size % 32:
             raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got {self.image_size}")
@@ -164,9 +167,16 @@ class ModifiedResNet(nn.Module):
         if self.remat != "none":
             # train is a Python bool: static for the rematerialized call.
             block = nn.remat(Bottleneck, static_argnums=(2,))
-        for stage, blocks in enumerate(self.layers):
+        wanted = tuple(int(i) for i in intermediates)
+        if wanted and not all(1 <= i <= len(self.layers) for i in wanted):
+            raise ValueError(f"intermediates={wanted}: a ModifiedResNet's stages are 1..{len(self.layers)}")
+        stages = []
+        for stage, blocks in enumerate(self.layers[:max(wanted)] if wanted else self.layers):
             planes = self.width * 2**stage
             for b in range(blocks):
                 stride = 2 if (stage > 0 and b == 0) else 1
                 x = block(planes, stride, self.dtype, name=f"layer{stage + 1}_{b}")(x, train)
+            stages.append(x)
+        if wanted:
+            return [stages[i - 1] for i in wanted]
         return AttentionPool2d(self.heads, self.output_dim, self.dtype, name="attnpool")(x, pooled_too, dense)
