@@ -315,20 +315,24 @@ def test_the_cli_writes_the_predictions_contract(tiny, tmp_path):
     weights = clip_jax.save_open_clip("ViT-Tiny-test", variables, str(tmp_path / "tiny.safetensors"),
                                       config_path=str(tmp_path / "tiny.json"))
     out = tmp_path / "out.json"
-    metrics = main(with_predictions([f"--weights={weights}", f"--eval=segmentation={data}|labels=record|"
-                                     f"classes={classes}", f"--predictions={tmp_path / 'pred'}", f"--out={out}"]))
-    (miou_key,) = [k for k in metrics if k.endswith("/miou")]
-    assert miou_key.startswith("segmentation/") and 0 <= metrics[miou_key] <= 1
-    directory = tmp_path / "pred" / "segmentation" / miou_key.split("/")[1]
-    assert json.loads((directory / "classes.json").read_text()) == ["background"] + shapes.class_names("shape")
-    names = [f"img{i}.png" for i in range(6)] if "key" in FEATURES else [f"{i:06d}.png" for i in range(6)]
-    predicted = []
-    for name, (height, width) in zip(names, sizes):  # each at its record's resolution
-        png = Image.open(directory / name)
-        assert png.mode == "L" and png.size == (width, height)
-        predicted.append(np.asarray(png))
-    assert json.loads(out.read_text())["metrics"][miou_key] == metrics[miou_key]
-    # the metric counts the written pixels against the records' own masks
+    spec = f"segmentation={data}|labels=record|classes={classes}"
+    # a second spec on the same records: its keys and folder carry the option that differs
+    metrics = main(with_predictions([f"--weights={weights}", f"--eval={spec}", f"--eval={spec}|bg_thresh=0.9",
+                                     f"--predictions={tmp_path / 'pred'}", f"--out={out}"]))
+    assert sorted(k for k in metrics if k.endswith("/miou")) == ["segmentation/seg.bg_thresh-0.9/miou",
+                                                                "segmentation/seg/miou"]
+    assert json.loads(out.read_text())["metrics"] == metrics
     true = [np.asarray(Image.open(io.BytesIO(m))) for m in _record_masks(data)]
-    want = numpy_scores(np.concatenate([p.ravel() for p in predicted]), np.concatenate([t.ravel() for t in true]), 7)
-    assert metrics[miou_key] == pytest.approx(want[0], abs=1e-9)
+    names = [f"img{i}.png" for i in range(6)] if "key" in FEATURES else [f"{i:06d}.png" for i in range(6)]
+    for where in ("seg", "seg.bg_thresh-0.9"):
+        directory = tmp_path / "pred" / "segmentation" / where
+        assert json.loads((directory / "classes.json").read_text()) == ["background"] + shapes.class_names("shape")
+        predicted = []
+        for name, (height, width) in zip(names, sizes):  # each at its record's resolution
+            png = Image.open(directory / name)
+            assert png.mode == "L" and png.size == (width, height)
+            predicted.append(np.asarray(png))
+        # the metric counts the written pixels against the records' own masks
+        want = numpy_scores(np.concatenate([p.ravel() for p in predicted]),
+                            np.concatenate([t.ravel() for t in true]), 7)
+        assert metrics[f"segmentation/{where}/miou"] == pytest.approx(want[0], abs=1e-9)

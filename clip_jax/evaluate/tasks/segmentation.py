@@ -152,7 +152,7 @@ class Segmentation(Task):
         keep = bool(self.spec.get("predictions"))
         confusion, predicted = run(images, masks, classes, keep_rows=len(images) if keep else 8)
         result = scores(confusion, self.names)
-        name = info.name
+        name = self.named(info.name)
         metrics = {f"segmentation/{name}/miou": result["miou"], f"segmentation/{name}/pixel_acc": result["pixel_acc"]}
         for cls, iou in result["iou_by_name"].items():
             if not np.isnan(iou):  # a class absent from truth and prediction has no IoU
