@@ -163,3 +163,37 @@ def test_adaptation_prompts_come_from_the_catalog():
     assert class_prompts(cifar, ["cat", "dog"]) == [[t.format(c) for t in templates] for c in ("cat", "dog")]
     own = SimpleNamespace(dataset="tfds:cifar10", label_key="label", templates=("{} here",))
     assert class_prompts(own, ["cat"]) == [["cat here"]]
+
+
+def test_specs_of_one_task_on_one_dataset_get_keys_of_their_own(shards, tiny_model, tmp_path):
+    """Two zero-shot specs on one split with other class files: keys told apart by the option that differs, each
+    with the figures of that spec evaluated alone; specs that differ in nothing are refused before any pass."""
+    spec, classes = shards
+    model, variables = tiny_model
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"classnames": CLASSES[::-1], "templates": ["{}"]}))
+    encoder = _encoder(model, variables, None)
+    both, _ = evaluate.Evaluator(f"zero_shot={spec}|classes={classes},zero_shot={spec}|classes={other}", {},
+                                 **KW).run(encoder, batch_size=8)
+    for path in (classes, str(other)):
+        alone, _ = evaluate.Evaluator(f"zero_shot={spec}|classes={path}", {}, **KW).run(encoder, batch_size=8)
+        tag = "classes-" + str(path).replace("/", "_").strip("_")
+        assert {k.replace("flat/", f"flat.{tag}/"): v for k, v in alone.items()} == pytest.approx(
+            {k: v for k, v in both.items() if f"flat.{tag}/" in k})
+    assert len(both) == 2 * len(alone)
+
+    def tags(*specs):
+        tasks = [TASKS.get(s.task)(s, {}) for s in evaluate.parse_evals(list(specs))]
+        for task in tasks:
+            task.infos = {"data": eval_data.SplitInfo(str(task.spec), None, "shapes_scenes.test", None, {}, None)}
+        evaluate.evaluator.tag_collisions(tasks)
+        return [task.named("shapes_scenes.test") for task in tasks]
+
+    # one spec keeps the contract's keys; a spec without the differing option keeps them too
+    assert tags("segmentation=shapes_scenes:test") == ["shapes_scenes.test"]
+    assert tags("segmentation=shapes_scenes:test", "segmentation=shapes_scenes:test|labels=color",
+                "segmentation=shapes_scenes:test|labels=combo|bg_thresh=0.9") == [
+        "shapes_scenes.test", "shapes_scenes.test.labels-color", "shapes_scenes.test.bg_thresh-0.9.labels-combo"]
+    assert tags("segmentation=shapes_scenes:test", "zero_shot=shapes_scenes:test") == ["shapes_scenes.test"] * 2
+    with pytest.raises(ValueError, match=r"segmentation=shapes_scenes:test\|labels=color and .* same evaluation"):
+        tags("segmentation=shapes_scenes:test|labels=color", "segmentation=shapes_scenes:test|labels=color")

@@ -52,6 +52,7 @@ def cache(tmp_path_factory):
 
 
 SIZES = {"train": 2560, "validation": 100, "test": 100}
+SCENES = {"train": 2560, "validation": 16, "test": 16}  # LSeg's masks (2 shards: one per data stream)
 SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
 # Each method of docs/methods.md by its override of the smoke config (LiT's weights: the fixture's).
 METHODS = {
@@ -65,6 +66,9 @@ METHODS = {
                      "optim.frozen": "visual/.*", "clip.unfreeze_at_step": 5},
     # BatchNorm over the global batch, Gumbel noise and the noun prompts made by the input
     "groupvit": {"method": "groupvit", "model": "GroupViT-Shapes"},
+    # the DPT head on four taps of a tiny ViT, per-pixel cross-entropy on the scenes' masks, frozen text tower
+    "lseg": {"method": "lseg", "data.train": "shapes_scenes:train", "lseg.features": 8,
+             "lseg.stage_features": (8, 8, 16, 16), **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
 }
 
 
@@ -131,6 +135,10 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
     1 device give the same losses (the same global batches); then runs killed at several moments and
     restarted end with the uninterrupted run's losses and params, bit for bit."""
     steps = 12 if method == "clip" else 8
+    if method == "lseg":  # made once here: the processes below would otherwise race to make it
+        from clip_jax.input import shapes_scenes
+
+        shapes_scenes.ensure_scenes_dataset(cache, seed=0, image_size=64, sizes=SCENES)
     args = dict(total_steps=steps, checkpoint_every_steps=2, batch_size=32, **SIZE_ARGS,
                 **method_args(method, weights))
     cmd = lambda w: [sys.executable, "-m", "clip_jax.train"] + smoke_args(w, cache, **args)  # noqa: E731

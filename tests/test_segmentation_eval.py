@@ -1,6 +1,7 @@
 """The segmentation evaluation: mIoU by mmseg's convention against a plain numpy count, the background rule,
 sliding-window inference, and the task end to end on a tiny CLIP (MaskCLIP) and a method's own segmenter."""
 
+import io
 import json
 import types
 
@@ -57,9 +58,6 @@ def test_miou_equals_a_numpy_count_with_ignore_pixels_and_absent_classes():
         assert got["miou"] == pytest.approx(miou, abs=1e-12) and got["pixel_acc"] == pytest.approx(acc, abs=1e-12)
         np.testing.assert_allclose(got["iou"], ious, atol=1e-12)
     assert np.isnan(whole["iou_by_name"]["c3"])
-    # the device version the task runs (per chunk, summed by XLA over the mesh) counts the same
-    np.testing.assert_array_equal(np.asarray(seg.confusion_matrix(jnp.asarray(pred), jnp.asarray(true), 7)),
-                                  matrix.matrix)
 
 
 def test_bad_maps_are_errors_naming_the_fix():
@@ -106,9 +104,10 @@ def test_the_task_scores_maskclip_as_computed_by_hand(tiny, tmp_path):
     model, variables, images, masks = tiny
     task = _task(f"segmentation=shapes:test|bg_thresh=0.3|predictions={tmp_path}")
     assert task.names == ["background"] + shapes.class_names("shape") and len(task.names) == 7
-    assert task.reads()["data"].features[:2] == ("image", "mask/shape")
+    assert task.reads()["data"].features[:2] == ("image/whole", "mask_png/shape")
     encoder = _encoder(model, variables)
-    metrics, details = task.evaluate({"data": {"image": images, "mask/shape": masks, "image_embeds": None}}, encoder)
+    metrics, details = task.evaluate({"data": {"image/whole": images, "mask_png/shape": masks, "image_embeds": None}},
+                                     encoder)
 
     # by hand: MaskCLIP features, prompt-ensembled shape embeddings, cosine at the logit scale, bilinear to 32 px
     normalized = np.asarray(jax.jit(lambda x: clip_jax.preprocessing.normalize_images(x))(images))
@@ -149,8 +148,8 @@ def test_a_methods_own_segmenter_replaces_maskclip(tiny):
 
     predictions = {**two_tower_predictions(model), "segment_logits": Prediction(by_red, "image", 3)}
     task = _task("segmentation=shapes:test|bg_thresh=0.5")
-    metrics, _ = task.evaluate({"data": {"image": images, "mask/shape": masks}}, _encoder(model, variables,
-                                                                                          predictions))
+    metrics, _ = task.evaluate({"data": {"image/whole": images, "mask_png/shape": masks}},
+                               _encoder(model, variables, predictions))
     normalized = np.asarray(clip_jax.preprocessing.normalize_images(jnp.asarray(images)))
     pred = np.clip(((normalized[..., 0] + 2.0) / 4.0 * 6).astype(np.int32), 0, 5) + 1
     assert metrics["segmentation/scenes.test/miou"] == pytest.approx(numpy_scores(pred, masks, 7)[0], abs=1e-6)
@@ -171,6 +170,57 @@ def test_a_method_names_the_templates_its_class_embeddings_were_trained_with(tin
     assert dataset.shape == (6, want.shape[1]) and not np.allclose(dataset, want[1:], atol=1e-3)
 
 
+def numpy_bilinear(logits, height, width):
+    """Bilinear resize of [h, w, C], pixel by pixel: half-pixel centres, edges clamped, no antialiasing
+    (torch's interpolate with align_corners=False, which mmseg resizes logits with)."""
+    h, w = logits.shape[:2]
+
+    def source(n_out, n_in):
+        pos = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        low = np.minimum(pos.astype(int), n_in - 1)
+        return low, np.minimum(low + 1, n_in - 1), pos - low
+
+    y0, y1, fy = source(height, h)
+    x0, x1, fx = source(width, w)
+    fy, fx = fy[:, None, None], fx[None, :, None]
+    top = logits[y0][:, x0] * (1 - fx) + logits[y0][:, x1] * fx
+    bottom = logits[y1][:, x0] * (1 - fx) + logits[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def test_predictions_and_scores_are_at_each_records_own_size(tiny, tmp_path):
+    """Records larger, smaller and of other aspects than the model's 32 px: each PNG has its record's size and
+    holds the classes of the segmenter's logits resized to it; mIoU counts those pixels against the masks."""
+    model, variables, _, _ = tiny
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)  # the whole image at the model's size
+    sizes = [(40, 40), (24, 56), (70, 48), (16, 12)]  # up, mixed, up, down
+    masks = [rng.integers(0, 4, size).astype(np.uint8) for size in sizes]
+    masks[1][:3] = 255
+
+    def coarse(variables, images, class_embeds):  # [N, 8, 8, C] logits of 4x4-pooled pixels
+        pooled = images.reshape(images.shape[0], 8, 4, 8, 4, 3).mean((2, 4))
+        return 10.0 * pooled @ class_embeds.T
+
+    predictions = {**two_tower_predictions(model), "segment_logits": Prediction(coarse, "image", 3)}
+    task = _task(f"segmentation=shapes:test|background=prompt|predictions={tmp_path}")
+    task.class_embeds = lambda encoder: np.eye(7, 3, dtype=np.float32)  # classes 0..2 score the channels
+    metrics, _ = task.evaluate({"data": {"image/whole": images, "mask_png/shape": masks,
+                                         "key": np.array([f"r{i}".encode() for i in range(4)])}},
+                               _encoder(model, variables, predictions))
+    pooled = images.reshape(4, 8, 4, 8, 4, 3).mean((2, 4))
+    want = [numpy_bilinear(10.0 * pooled[i] @ np.eye(7, 3).T, *sizes[i]).argmax(-1) for i in range(4)]
+    out = tmp_path / "segmentation" / "scenes.test"
+    for i, size in enumerate(sizes):
+        written = np.asarray(Image.open(out / f"r{i}.png"))
+        assert written.shape == size
+        np.testing.assert_array_equal(written, want[i])
+    flat_pred = np.concatenate([p.ravel() for p in want])
+    flat_true = np.concatenate([m.ravel() for m in masks])
+    assert metrics["segmentation/scenes.test/miou"] == pytest.approx(numpy_scores(flat_pred, flat_true, 7)[0],
+                                                                     abs=1e-9)
+
+
 def test_sliding_windows_cover_the_image_as_mmseg():
     assert seg.window_starts(64, 32, 16) == [0, 16, 32]
     assert seg.window_starts(70, 32, 16) == [0, 16, 32, 38]
@@ -183,7 +233,7 @@ def test_sliding_windows_cover_the_image_as_mmseg():
     masks = np.zeros((8, 56, 48), np.uint8)
     weights = np.eye(3, dtype=np.float32)
     _, predicted = run(images, masks, weights, keep_rows=8)
-    np.testing.assert_array_equal(predicted, images.argmax(-1))
+    np.testing.assert_array_equal(np.stack(predicted), images.argmax(-1))
 
 
 def test_spec_errors():
@@ -197,7 +247,7 @@ def test_spec_errors():
     task = _task("segmentation=shapes:test")
     masks = np.full((2, 32, 32), 9, np.uint8)
     with pytest.raises(ValueError, match="example 0 holds class id 9"):
-        task.evaluate({"data": {"image": np.zeros((2, 32, 32, 3), np.uint8), "mask/shape": masks}},
+        task.evaluate({"data": {"image/whole": np.zeros((2, 32, 32, 3), np.uint8), "mask_png/shape": masks}},
                       _encoder(model, {"params": {}}))
 
 
@@ -216,20 +266,19 @@ def test_the_predictions_flag_goes_to_the_segmentation_specs():
         with_predictions(["--eval=zero_shot=shapes:test", "--predictions=/out"])
 
 
-def _mask_records(path, n=6, size=40):
-    """TFRecords of image, segmentation_mask (class ids 0..6, 255 ignore) and key, as the VOC converter writes."""
-    import io
-
+def _mask_records(path, sizes=((40, 40),) * 6):
+    """TFRecords of image, segmentation_mask (class ids 0..6, 255 ignore) and key, as the VOC converter writes,
+    one record of each (height, width)."""
     from clip_jax.input import records
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
     rng = np.random.default_rng(4)
     with records.ShardWriter(str(path / "seg"), 1) as writer:
-        for i in range(n):
+        for i, size in enumerate(sizes):
             image, mask = io.BytesIO(), io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(image, format="PNG")
-            ids = rng.integers(0, 7, (size, size)).astype(np.uint8)
+            Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(image, format="PNG")
+            ids = rng.integers(0, 7, size).astype(np.uint8)
             ids[:4] = 255
             Image.fromarray(ids).save(mask, format="PNG")
             feature = {name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value])) for name, value in
@@ -237,6 +286,15 @@ def _mask_records(path, n=6, size=40):
                         ("key", f"img{i}".encode()))}
             writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     return f"tfrecord:{path}/seg-*"
+
+
+def _record_masks(data):
+    from clip_jax.input.tf_runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    files = sorted(tf.io.gfile.glob(data.partition(":")[2]))
+    spec = {"segmentation_mask": tf.io.FixedLenFeature([], tf.string)}
+    return [tf.io.parse_single_example(r, spec)["segmentation_mask"].numpy() for r in tf.data.TFRecordDataset(files)]
 
 
 def test_the_cli_writes_the_predictions_contract(tiny, tmp_path):
@@ -250,20 +308,31 @@ def test_the_cli_writes_the_predictions_contract(tiny, tmp_path):
     from clip_jax.input.features import FEATURES
 
     model, variables, _, _ = tiny
-    data = _mask_records(tmp_path)
+    sizes = [(40, 40), (24, 56), (70, 33), (16, 20), (32, 32), (45, 30)]  # the model reads 32 x 32
+    data = _mask_records(tmp_path, sizes)
     classes = tmp_path / "classes.json"
     classes.write_text(json.dumps({"classnames": shapes.class_names("shape"), "templates": ["a {}."]}))
     weights = clip_jax.save_open_clip("ViT-Tiny-test", variables, str(tmp_path / "tiny.safetensors"),
                                       config_path=str(tmp_path / "tiny.json"))
     out = tmp_path / "out.json"
-    metrics = main(with_predictions([f"--weights={weights}", f"--eval=segmentation={data}|labels=record|"
-                                     f"classes={classes}", f"--predictions={tmp_path / 'pred'}", f"--out={out}"]))
-    (miou_key,) = [k for k in metrics if k.endswith("/miou")]
-    assert miou_key.startswith("segmentation/") and 0 <= metrics[miou_key] <= 1
-    directory = tmp_path / "pred" / "segmentation" / miou_key.split("/")[1]
-    assert json.loads((directory / "classes.json").read_text()) == ["background"] + shapes.class_names("shape")
+    spec = f"segmentation={data}|labels=record|classes={classes}"
+    # a second spec on the same records: its keys and folder carry the option that differs
+    metrics = main(with_predictions([f"--weights={weights}", f"--eval={spec}", f"--eval={spec}|bg_thresh=0.9",
+                                     f"--predictions={tmp_path / 'pred'}", f"--out={out}"]))
+    assert sorted(k for k in metrics if k.endswith("/miou")) == ["segmentation/seg.bg_thresh-0.9/miou",
+                                                                "segmentation/seg/miou"]
+    assert json.loads(out.read_text())["metrics"] == metrics
+    true = [np.asarray(Image.open(io.BytesIO(m))) for m in _record_masks(data)]
     names = [f"img{i}.png" for i in range(6)] if "key" in FEATURES else [f"{i:06d}.png" for i in range(6)]
-    for name in names:
-        png = Image.open(directory / name)
-        assert png.mode == "L" and png.size == (32, 32)
-    assert json.loads(out.read_text())["metrics"][miou_key] == metrics[miou_key]
+    for where in ("seg", "seg.bg_thresh-0.9"):
+        directory = tmp_path / "pred" / "segmentation" / where
+        assert json.loads((directory / "classes.json").read_text()) == ["background"] + shapes.class_names("shape")
+        predicted = []
+        for name, (height, width) in zip(names, sizes):  # each at its record's resolution
+            png = Image.open(directory / name)
+            assert png.mode == "L" and png.size == (width, height)
+            predicted.append(np.asarray(png))
+        # the metric counts the written pixels against the records' own masks
+        want = numpy_scores(np.concatenate([p.ravel() for p in predicted]),
+                            np.concatenate([t.ravel() for t in true]), 7)
+        assert metrics[f"segmentation/{where}/miou"] == pytest.approx(want[0], abs=1e-9)

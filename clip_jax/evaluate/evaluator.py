@@ -21,7 +21,9 @@ of its data spec) comes from clip_jax.input.catalog. The same specs, comma-separ
 training config's data.eval and run every eval_every_steps; their figures go to metrics.jsonl
 and TensorBoard.
 Metric keys: TASK/DATASET.SPLIT/METRIC, e.g. zero_shot/cifar10.test/top1, or with a source's
-label task TASK/DATASET.SPLIT/SUBTASK/METRIC.
+label task TASK/DATASET.SPLIT/SUBTASK/METRIC. Several specs of one task on one dataset are told
+apart by the options in which they differ: segmentation/shapes_scenes.test.labels-color/miou
+beside segmentation/shapes_scenes.test/miou (tag_collisions).
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ class Evaluator:
         for index, task in enumerate(self.tasks):
             task.prepare({role: group.info for group in self.groups.values() for i, role, _ in group.readers
                           if i == index})
+        tag_collisions(self.tasks)
 
     def _names(self, group) -> str:
         return ", ".join(dict.fromkeys(str(self.specs[i]) for i, _, _ in group.readers))
@@ -212,6 +215,32 @@ class Evaluator:
             raise NoUsableData(f"evaluation source {info.spec!r}: no usable example (records by kind: "
                                f"{eval_data.diagnose(info, config)}).{files} Evaluation reads an encoded image "
                                "under 'image' (data/*_to_tfrecord.py writes them)") from e
+
+
+def tag_collisions(tasks) -> None:
+    """Specs of one task on one dataset would write the same keys TASK/DATASET/...: each gets the options in
+    which they differ as a tag, TASK/DATASET.OPTION-VALUE[.OPTION-VALUE]/... (an option a spec leaves out adds
+    nothing to its name, so a spec with none of them keeps the plain keys). Specs that differ in no option are
+    an error naming both."""
+    alike: dict = {}
+    for task in tasks:
+        named = tuple((k, task.spec.get(k)) for k in sorted(task.named_by))  # already apart in their keys
+        alike.setdefault((task.spec.task, task.dataset_name(), named), []).append(task)
+    for (kind, name, _), group in alike.items():
+        if len(group) < 2:
+            continue
+        options = [dict(task.spec.options) for task in group]
+        differ = sorted(k for k in set().union(*options) if len({o.get(k) for o in options}) > 1)
+        seen: dict = {}
+        for task, own in zip(group, options):
+            task.tag = ".".join(f"{k}-" + re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(own[k])).strip("_")
+                                for k in differ if k in own)
+            other = seen.setdefault(task.tag, task)
+            if other is not task:
+                fix = ("they read different data of one metric name: rename one's files or evaluate them apart"
+                       if other.spec.data != task.spec.data else "they are the same evaluation: drop one")
+                raise ValueError(f"evaluations {other.spec} and {task.spec} would both write the metric keys "
+                                 f"{kind}/{task.named(name)}/...: {fix}")
 
 
 def _view(feats: dict, group: _Group, read) -> dict:

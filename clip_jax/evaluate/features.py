@@ -132,7 +132,9 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, p
         raise NoUsableData(f"{desc or 'the evaluation split'}: no usable example in the whole split")
     device = host_copy([o for o, _ in pending])
     local_meta = {k: np.concatenate([m[k] for _, m in pending]) for k in pending[0][1]}
-    meta = host_copy(local_meta)
+    strings = {k for k, v in local_meta.items() if v.dtype.kind in "OSU"}  # keys, encoded masks: no device type
+    meta = host_copy({k: v for k, v in local_meta.items() if k not in strings})
+    meta.update({k: _gather_strings(local_meta[k], f"extract_{k}") for k in strings})
     # Rows of a global batch are process-major: regroup the per-process metadata to match.
     meta = _process_major(meta, [len(m["mask"]) for _, m in pending])
     mask = meta["mask"].astype(bool)
@@ -151,6 +153,16 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, p
     if log:
         log(f"  {desc}: {int(mask.sum())} images in {time.perf_counter() - start:.1f}s")
     return result
+
+
+def _gather_strings(local: np.ndarray, name: str) -> np.ndarray:
+    """Every process's rows of a string array, process after process (as host_copy tiles numbers)."""
+    if jax.process_count() == 1:
+        return local
+    import pickle
+
+    parts = [pickle.loads(b) for b in distributed.exchange(name, pickle.dumps(local))]
+    return np.concatenate(parts)
 
 
 def _process_major(meta: dict, sizes: list) -> dict:

@@ -17,7 +17,10 @@ the same flip (ops.resolve gives it the 'crop' keys' flip option).
 Evaluation reads the record features ``mask/shape``, ``mask/color``, ``mask/combo`` or
 ``mask/record`` (Read(features=("mask/shape",))): uint8 [n, S, S] at the model's input size, cropped
 as the evaluation image (shorter side resized, center crop; nearest). Not ``mask``: evaluation
-batches use that name for their real rows.
+batches use that name for their real rows. The segmentation task reads ``mask_png/LABELS`` instead:
+the same class ids at the record's own resolution, uncropped, as an 8-bit PNG per example (records of
+several sizes batch as one string each), beside ``image/whole``, the whole image resized to S x S
+(no crop, so every pixel of the record has a prediction).
 
 Bad records: a mask-reading key flags a record without a mask (``missing_mask``) and one whose mask is
 no PNG, or of another size than its PNG image, or whose objects name a colour or shape that does not
@@ -33,7 +36,7 @@ from typing import Optional
 from clip_jax.input import features as features_lib
 from clip_jax.input import ops, shapes
 from clip_jax.input.features import Feature, _skip_decoding, get_path
-from clip_jax.input.transforms import _image_shape, crop_label_map, png_size
+from clip_jax.input.transforms import _image_shape, crop_label_map, finish, png_size
 
 IGNORE = 255
 LABEL_SETS = ("shape", "color", "combo")
@@ -69,11 +72,12 @@ def object_classes(shape_ids, color_ids, labels: str):
     return color_ids * len(shapes.SHAPE_NAMES) + shape_ids
 
 
-def label_map(mask_bytes, image_bytes, objects, labels: str, image_size: int, train: bool, seed, config,
+def label_map(mask_bytes, image_bytes, objects, labels: str, image_size: Optional[int], train: bool, seed, config,
               num_classes: Optional[int] = None):
-    """uint8 [S, S] class ids of one record, cropped as its image. objects: (shape ids, colour ids) for a
-    label set of shapes, None for labels='record'. Raises (InvalidArgumentError) where the mask does not fit
-    the image or holds an index or id outside the label set."""
+    """uint8 [S, S] class ids of one record, cropped as its image (image_size None: [H, W], the record's own
+    size, uncropped). objects: (shape ids, colour ids) for a label set of shapes, None for labels='record'.
+    Raises (InvalidArgumentError) where the mask does not fit the image or holds an index or id outside the
+    label set."""
     tf = _tf()
     mask = tf.io.decode_png(mask_bytes, channels=1)
     fits = tf.reduce_all(tf.equal(tf.shape(mask)[:2], _image_shape(image_bytes)[:2]))
@@ -89,7 +93,8 @@ def label_map(mask_bytes, image_bytes, objects, labels: str, image_size: int, tr
                          "segmentation holds an object index past the record's objects/shape"))
         problems.append((_known_objects(shape_ids, color_ids), "objects/shape and objects/color differ in length or "
                                                                "name a shape or colour that shapes does not have"))
-    out = crop_label_map(mask, image_bytes, image_size, train, seed, config) + _fails_unless(problems)
+    cropped = mask[..., 0] if image_size is None else crop_label_map(mask, image_bytes, image_size, train, seed, config)
+    out = cropped + _fails_unless(problems)
     if labels == RECORD:
         return out
     table = tf.cast(tf.concat([[0], object_classes(shape_ids, color_ids, labels) + 1], 0), tf.uint8)
@@ -188,8 +193,9 @@ features_lib.FEATURES.register("segmentation_mask")(Feature(  # a PNG of class i
 ))
 
 
-def _eval_mask(labels: str) -> Feature:
-    """Evaluation's mask of a label set: the raw pieces at read, the class-id map at the model's size."""
+def _eval_mask(labels: str, png: bool = False) -> Feature:
+    """Evaluation's mask of a label set: the raw pieces at read, the class-id map at the model's size (png: at
+    the record's own size, encoded as an 8-bit PNG)."""
     if labels == RECORD:
         parts = {"segmentation_mask": features_lib.FEATURES.get("segmentation_mask")}
     else:
@@ -202,10 +208,13 @@ def _eval_mask(labels: str) -> Feature:
         return spec
 
     def prepare(value, image_bytes, image_size, config):
+        size = None if png else image_size
         if labels == RECORD:
-            return label_map(value["segmentation_mask"], image_bytes, None, RECORD, image_size, False, None, config)
-        return label_map(value["segmentation"], image_bytes, (value["objects/shape"], value["objects/color"]), labels,
-                         image_size, False, None, config)
+            out = label_map(value["segmentation_mask"], image_bytes, None, RECORD, size, False, None, config)
+        else:
+            out = label_map(value["segmentation"], image_bytes, (value["objects/shape"], value["objects/color"]),
+                            labels, size, False, None, config)
+        return _tf().io.encode_png(out[..., None]) if png else out
 
     return Feature(
         parse=parse,
@@ -219,3 +228,19 @@ def _eval_mask(labels: str) -> Feature:
 
 for _labels_name in LABEL_SETS + (RECORD,):
     features_lib.FEATURES.register(f"mask/{_labels_name}")(_eval_mask(_labels_name))
+    features_lib.FEATURES.register(f"mask_png/{_labels_name}")(_eval_mask(_labels_name, png=True))
+
+
+def _whole_image(value, image_bytes, image_size, config):
+    """The whole record image resized to S x S (no crop; antialiased as the evaluation image), as the model reads
+    it: a prediction for every pixel of the record, whatever its aspect."""
+    tf = _tf()
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(image, [image_size, image_size], method=config["resize_method"], antialias=True)
+    return finish(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0), image_size, config)
+
+
+_image = features_lib.FEATURES.get("image")
+features_lib.FEATURES.register("image/whole")(Feature(parse=_image.parse, value=_image.value, empty=_image.empty,
+                                                      tfds=_image.tfds, tfds_decoders=_image.tfds_decoders,
+                                                      prepare=_whole_image))

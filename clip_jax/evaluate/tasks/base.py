@@ -36,10 +36,23 @@ class Task:
     options: frozenset = frozenset({"limit"})
     # Every predict function of the method it calls (clip_jax.methods.base.Method.predictions).
     predictions: tuple = ("image_embeds",)
+    # Options whose value its metric keys already carry (zero-shot's label_key names a subtask).
+    named_by: frozenset = frozenset()
 
     def __init__(self, spec, data_config, log: Callable = print):
         self.spec, self.config, self.log = spec, data_config, log
         self.infos: dict = {}
+        # What tells its keys from those of another spec of this task on the same dataset (the Evaluator sets it:
+        # the options that differ between them, 'labels-color'); empty where the dataset has one such spec.
+        self.tag = ""
+
+    def dataset_name(self) -> str:
+        """The DATASET part of its metric keys TASK/DATASET/..., before any tag (known once prepared)."""
+        return self.infos["data"].name if "data" in self.infos else ""
+
+    def named(self, name: str) -> str:
+        """A dataset name as its metric keys and output folders spell it: NAME, or NAME.TAG."""
+        return f"{name}.{self.tag}" if self.tag else name
 
     @classmethod
     def check_data(cls, data: str) -> str:

@@ -21,6 +21,7 @@ _METRICS = ("top1", "top5", "mean_per_class", "val_top1")
 @TASKS.register("linear_probe")
 class LinearProbe(Task):
     options = frozenset({"label_key", "limit", "train", "val", "test", "val_fraction"})
+    named_by = frozenset({"label_key"})
 
     @classmethod
     def check_data(cls, data):
@@ -48,6 +49,9 @@ class LinearProbe(Task):
             reads["val"] = Read(entry.with_split(data, "validation"), self.limit, (self.label_key,), optional=True)
         return reads
 
+    def dataset_name(self) -> str:
+        return metric_name(self.infos["test"].source).rsplit(".", 1)[0]  # the dataset, whichever splits
+
     def evaluate(self, features, encoder):
         from clip_jax.evaluate.linear_probe import linear_probe
 
@@ -63,7 +67,7 @@ class LinearProbe(Task):
         start = time.perf_counter()
         result = linear_probe(*feats["train"], *feats["test"], num_classes, val_features=val[0], val_labels=val[1],
                               val_fraction=float(self.spec.get("val_fraction", 0.2)))
-        name = metric_name(self.infos["test"].source).rsplit(".", 1)[0]
+        name = self.named(self.dataset_name())
         sub = catalog.of(self.spec.data).task_name(key) or self.spec.get("label_key")
         if sub:  # which label task: 'cifar100/coarse_label', or the source's own name for it
             name += "/" + sub

@@ -36,7 +36,7 @@ class Retrieval(Task):
         if not len(images):
             raise ValueError(f"{self.spec}: no image of {info.spec} has a caption (caption_key={info.caption_key!r})")
         scores = recall_at_k(images, texts, owner)
-        metrics = {f"retrieval/{info.name}/{k}": v for k, v in scores.items()}
+        metrics = {f"retrieval/{self.named(info.name)}/{k}": v for k, v in scores.items()}
         details = {"images": int(len(images)), "captions": int(len(texts)),
                    "images_without_caption": int((~has_caption).sum())}
         if details["images_without_caption"]:

@@ -1,23 +1,27 @@
 """segmentation=DATA: open-vocabulary semantic segmentation of a split's images against prompt-ensembled
 class embeddings, scored by mmsegmentation's mIoU (clip_jax.evaluate.segmentation_metrics).
 
-Options: labels=shape|color|combo (the mask's label set, feature 'mask/LABELS'; default shape) or
+Options: labels=shape|color|combo (the mask's label set, feature 'mask_png/LABELS'; default shape) or
 labels=record with classes=FILE.json (the record's own class ids 1..K, its names in that order);
 background=threshold (default; MaskCLIP's head with bg_thresh: a pixel is background where the highest
 softmax probability over the classes, at the model's logit scale, is below bg_thresh, default 0.5) or
 background=prompt (background is one more class, "background" embedded with the templates);
 form=maskclip|patch (the dense features of a CLIP model; default the method's own segmenter, MaskCLIP's for
 CLIP); window=resize|slide and stride= for images larger than the model's (GroupViT's sliding window);
-predictions=DIR writes DIR/segmentation/DATASET.SPLIT/KEY.png (8-bit class indices, 0 = background),
-classes.json and a picture of the first images with true and predicted masks (picture.png).
+predictions=DIR writes DIR/segmentation/DATASET.SPLIT/KEY.png (8-bit class indices at the record's image
+resolution, 0 = background), classes.json and a picture of the first images with true and predicted masks
+(picture.png).
 
 The segmenter is the method's prediction 'segment_logits', fn(variables, images, class_embeds [C, E]) ->
-logits [N, h, w, C], upsampled bilinearly to the mask's size (clip_jax.methods.base.two_tower_predictions:
-MaskCLIP's cosine of the value-path features). Metrics: segmentation/DATASET.SPLIT/{miou, pixel_acc,
+logits [N, h, w, C] (clip_jax.methods.base.two_tower_predictions: MaskCLIP's cosine of the value-path
+features), run on the whole record image resized to the model's size ('image/whole'); its logits are
+upsampled bilinearly to each record's own mask size, where the metric counts them (mmseg's and GroupViT's
+evaluation against the original masks). Metrics: segmentation/DATASET.SPLIT/{miou, pixel_acc,
 iou/CLASS}; details: per-class IoU (None where a class is absent from truth and prediction)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Callable, Optional
@@ -72,15 +76,16 @@ class Segmentation(Task):
 
     @property
     def mask_feature(self) -> str:
-        return f"mask/{self.labels}"
+        return f"mask_png/{self.labels}"  # at the record's own resolution (clip_jax.input.segmentation)
 
     def reads(self):
         from clip_jax.input.features import FEATURES
 
         extra = ("key",) if "key" in FEATURES else ()  # names the predictions' files where records carry one
-        # image_embeds: a prediction every method offers (the pass needs one); the segmenter runs in evaluate
+        # image_embeds: a prediction every method offers (the pass needs one); the segmenter runs in evaluate on
+        # the whole image at the model's size
         return {"data": Read(self.spec.data, self.limit, predictions=("image_embeds",),
-                             features=("image", self.mask_feature) + extra)}
+                             features=("image/whole", self.mask_feature) + extra)}
 
     def prepare(self, infos):
         super().prepare(infos)
@@ -129,17 +134,17 @@ class Segmentation(Task):
 
     def evaluate(self, features, encoder):
         info, feats = self.infos["data"], features["data"]
-        images, masks = feats["image"], feats[self.mask_feature]
-        if masks.shape[:1] != images.shape[:1] or masks.ndim != 3:
-            raise ValueError(f"{self.spec}: feature {self.mask_feature!r} must be [n, H, W] class ids, one per image; "
-                             f"got {masks.shape} for {images.shape[0]} images")
-        bad = (masks != IGNORE_INDEX) & (masks >= len(self.names))
-        if bad.any():
-            row = int(np.argwhere(bad.reshape(len(masks), -1).any(1))[0, 0])
-            key = feats["key"][row] if "key" in feats else row
-            raise ValueError(f"{self.spec}: the mask of example {key!r} holds class id {int(masks[bad].max())}, "
-                             f"outside the {len(self.names)} classes {self.names}: pick the label set (labels=) or "
-                             "the classes file (classes=) the masks were made with")
+        images, masks = feats["image/whole"], decode_masks(feats[self.mask_feature])
+        if len(masks) != len(images):
+            raise ValueError(f"{self.spec}: {len(masks)} masks {self.mask_feature!r} for {len(images)} images")
+        for row, mask in enumerate(masks):
+            bad = (mask != IGNORE_INDEX) & (mask >= len(self.names))
+            if mask.ndim != 2 or bad.any():
+                key = feats["key"][row] if "key" in feats else row
+                what = (f"holds class id {int(mask[bad].max())}, outside the {len(self.names)} classes {self.names}: "
+                        "pick the label set (labels=) or the classes file (classes=) the masks were made with"
+                        if mask.ndim == 2 else f"is {mask.shape}, not [H, W] class ids")
+                raise ValueError(f"{self.spec}: the mask of example {key!r} {what}")
         classes = self.class_embeds(encoder)
         size = encoder.model.config.vision.image_size
         run = SegmenterRun(encoder, self.segmenter(encoder), len(self.names), self.background, self.bg_thresh,
@@ -147,7 +152,7 @@ class Segmentation(Task):
         keep = bool(self.spec.get("predictions"))
         confusion, predicted = run(images, masks, classes, keep_rows=len(images) if keep else 8)
         result = scores(confusion, self.names)
-        name = info.name
+        name = self.named(info.name)
         metrics = {f"segmentation/{name}/miou": result["miou"], f"segmentation/{name}/pixel_acc": result["pixel_acc"]}
         for cls, iou in result["iou_by_name"].items():
             if not np.isnan(iou):  # a class absent from truth and prediction has no IoU
@@ -166,30 +171,35 @@ class Segmentation(Task):
         return metrics, details
 
 
+def decode_masks(values) -> list:
+    """uint8 [H, W] class ids per example: 8-bit PNGs decoded (mask_png/LABELS), arrays as they are."""
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(v))) if isinstance(v, bytes) else np.asarray(v) for v in values]
+
+
 class SegmenterRun:
-    """A segmenter over host images and masks, on the encoder's mesh: rows split over the batch devices, logits
-    upsampled to the mask size and reduced to class ids and a confusion matrix on the devices (XLA sums the
-    matrix over every device and process)."""
+    """A segmenter over host images and masks: the logits of rows split over the encoder's mesh (at the
+    segmenter's output size, or the image's under window=slide), then on the host, image by image, upsampled
+    bilinearly to that image's mask (the record's resolution, whatever the model's), reduced to class ids and
+    counted in one confusion matrix."""
 
     def __init__(self, encoder, segment: Callable, num_classes: int, background: str, bg_thresh: float,
                  size: int, window: str = "resize", stride: Optional[int] = None):
         import jax
 
         self.encoder, self.size, self.num_classes = encoder, size, num_classes
+        self.background, self.bg_thresh = background, bg_thresh
         self.window, self.stride = window, stride or max(1, size // 2)
-        self.replicated = replicated = jax.sharding.NamedSharding(encoder.mesh, jax.sharding.PartitionSpec())
+        self.replicated = jax.sharding.NamedSharding(encoder.mesh, jax.sharding.PartitionSpec())
+        self._step = jax.jit(lambda variables, images, class_embeds: self._logits(segment, variables, images,
+                                                                                  class_embeds),
+                             out_shardings=encoder.sharding)
 
-        def step(variables, images, masks, class_embeds):
-            logits = self._logits(segment, variables, images, class_embeds, masks.shape[1:3])
-            predicted = class_ids(logits, background, bg_thresh)
-            return predicted, confusion_matrix(predicted, masks, num_classes)
-
-        self._step = jax.jit(step, out_shardings=(encoder.sharding, replicated))
-
-    def _logits(self, segment, variables, images, class_embeds, mask_size):
-        """[n, H, W, C] logits at the mask's size: the image as it is at the model's size; larger ones resized to
-        it (window=resize) or cut into model-size windows every `stride` pixels whose logits are averaged where
-        they overlap (window=slide, mmseg's slide inference)."""
+    def _logits(self, segment, variables, images, class_embeds):
+        """float32 [n, h, w, C]: the segmenter's output on the image at the model's size (larger ones resized to
+        it, window=resize), or at the image's size from model-size windows every `stride` pixels whose logits
+        are averaged where they overlap (window=slide, mmseg's slide inference)."""
         import jax
         import jax.numpy as jnp
 
@@ -198,14 +208,10 @@ class SegmenterRun:
         images = model_images(images)
         n, height, width = images.shape[:3]
         s = self.size
-
-        def upsample(logits, h, w):
-            return jax.image.resize(logits.astype(jnp.float32), (logits.shape[0], h, w, logits.shape[-1]), "bilinear")
-
         if (height, width) == (s, s) or self.window == "resize":
             if (height, width) != (s, s):
                 images = jax.image.resize(images, (n, s, s, images.shape[-1]), "bilinear")
-            return upsample(segment(variables, images, class_embeds), *mask_size)
+            return segment(variables, images, class_embeds).astype(jnp.float32)
         if height < s or width < s:
             raise ValueError(f"window=slide needs images of at least the model's {s}x{s}; got {height}x{width}")
         total = jnp.zeros((n, height, width, class_embeds.shape[0]), jnp.float32)
@@ -213,38 +219,61 @@ class SegmenterRun:
         for top in window_starts(height, s, self.stride):
             for left in window_starts(width, s, self.stride):
                 crop = images[:, top : top + s, left : left + s]
+                logits = segment(variables, crop, class_embeds).astype(jnp.float32)
                 total = total.at[:, top : top + s, left : left + s].add(
-                    upsample(segment(variables, crop, class_embeds), s, s))
+                    jax.image.resize(logits, (n, s, s, logits.shape[-1]), "bilinear"))
                 count = count.at[:, top : top + s, left : left + s].add(1.0)
-        return upsample(total / count, *mask_size)
+        return total / count
 
-    def __call__(self, images: np.ndarray, masks: np.ndarray, class_embeds: np.ndarray, keep_rows: int = 0):
-        """(confusion [C, C] int64 over every row, predicted class ids uint8 [keep_rows, H, W] of the first rows)."""
+    def __call__(self, images: np.ndarray, masks, class_embeds: np.ndarray, keep_rows: int = 0):
+        """(confusion [C, C] int64 over every row, the predicted class ids uint8 [H, W] of the first `keep_rows`
+        rows, each at its mask's size). masks: one [H, W] map per image, of any size."""
         import jax
 
         from clip_jax.evaluate.features import host_copy
 
         encoder = self.encoder
         batch = encoder.round_batch(min(BATCH, max(len(images), 1)))
-        total = np.zeros((self.num_classes, self.num_classes), np.int64)
+        matrix = ConfusionMatrix(self.num_classes)
         kept = []
         class_embeds = np.asarray(class_embeds, np.float32)
         embeds = jax.make_array_from_callback(class_embeds.shape, self.replicated, lambda idx: class_embeds[idx])
         for start in range(0, len(images), batch):
-            chunk_images, chunk_masks = images[start : start + batch], masks[start : start + batch]
-            n = len(chunk_images)
-            if n < batch:  # padding rows carry ignore masks: they count nowhere
-                chunk_images = np.concatenate([chunk_images, np.repeat(chunk_images[-1:], batch - n, 0)])
-                chunk_masks = np.concatenate([chunk_masks, np.full((batch - n,) + chunk_masks.shape[1:],
-                                                                   IGNORE_INDEX, chunk_masks.dtype)])
-            arrays = [jax.make_array_from_callback(a.shape, encoder.sharding, lambda idx, a=a: a[idx])
-                      for a in (chunk_images, chunk_masks)]
-            predicted, confusion = self._step(encoder.variables, *arrays, embeds)
-            total += np.asarray(host_copy(confusion), np.int64)
-            if start < keep_rows:
-                kept.append(np.asarray(host_copy(predicted))[:n])
-        predicted = np.concatenate(kept)[:keep_rows] if kept else np.zeros((0,) + masks.shape[1:], np.uint8)
-        return total, predicted
+            chunk = images[start : start + batch]
+            n = len(chunk)
+            if n < batch:  # padding rows: their logits are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)])
+            array = jax.make_array_from_callback(chunk.shape, encoder.sharding, lambda idx, a=chunk: a[idx])
+            logits = np.asarray(host_copy(self._step(encoder.variables, array, embeds)))[:n]
+            for row in range(n):  # every process counts every row: the same matrix everywhere
+                mask = masks[start + row]
+                predicted = class_ids(resize_bilinear(logits[row], mask.shape), self.background, self.bg_thresh)
+                matrix.update(predicted, mask)
+                if start + row < keep_rows:
+                    kept.append(predicted)
+        return matrix.matrix, kept
+
+
+def linear_weights(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of bilinear interpolation with half-pixel centres and clamped edges
+    (torch's interpolate with align_corners=False, as mmseg resizes logits; no antialiasing)."""
+    source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = (source - low).astype(np.float32)
+    weights = np.zeros((size_out, size_in), np.float32)
+    np.add.at(weights, (np.arange(size_out), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(size_out), high), frac)
+    return weights
+
+
+def resize_bilinear(logits: np.ndarray, size) -> np.ndarray:
+    """logits [h, w, C] -> float32 [H, W, C], bilinear (linear_weights along each axis)."""
+    logits = np.asarray(logits, np.float32)
+    if tuple(size) == logits.shape[:2]:
+        return logits
+    rows, cols = linear_weights(logits.shape[0], size[0]), linear_weights(logits.shape[1], size[1])
+    return np.einsum("Hh,hwc,Ww->HWc", rows, logits, cols, optimize=True)
 
 
 def window_starts(length: int, window: int, stride: int) -> list:
@@ -253,35 +282,23 @@ def window_starts(length: int, window: int, stride: int) -> list:
     return sorted({min(i * stride, length - window) for i in range(count)})
 
 
-def class_ids(logits, background: str, bg_thresh: float):
+def class_ids(logits, background: str, bg_thresh: float) -> np.ndarray:
     """logits [..., C] -> uint8 class ids: background=prompt, the argmax (class 0 is background's prompt);
     threshold, 1 + the argmax over the C foreground classes, 0 where their highest softmax probability is
     below bg_thresh."""
-    import jax
-    import jax.numpy as jnp
-
-    best = jnp.argmax(logits, axis=-1)
+    logits = np.asarray(logits, np.float32)
+    best = np.argmax(logits, axis=-1)
     if background == "prompt":
-        return best.astype(jnp.uint8)
-    confident = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).max(axis=-1) >= bg_thresh
-    return jnp.where(confident, best + 1, 0).astype(jnp.uint8)
-
-
-def confusion_matrix(predicted, masks, num_classes: int):
-    """confusion[true, predicted] of int class maps, ignore-index pixels dropped (on the devices, int32)."""
-    import jax.numpy as jnp
-
-    true = masks.astype(jnp.int32)
-    valid = true != IGNORE_INDEX  # ids past the classes are refused on the host first
-    index = jnp.where(valid, true * num_classes + predicted.astype(jnp.int32), 0)
-    counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[index.reshape(-1)].add(
-        valid.reshape(-1).astype(jnp.int32))
-    return counts.reshape(num_classes, num_classes)
+        return best.astype(np.uint8)
+    top = np.exp(logits - logits.max(-1, keepdims=True))
+    confident = 1.0 / top.sum(-1) >= bg_thresh  # the highest softmax probability
+    return np.where(confident, best + 1, 0).astype(np.uint8)
 
 
 # -- predictions and picture --------------------------------------------------------------------------
-def write_predictions(directory: str, predicted: np.ndarray, keys: Optional[np.ndarray], names) -> None:
-    """DIR/KEY.png per image (8-bit class indices; the row number where records have no key) and classes.json."""
+def write_predictions(directory: str, predicted, keys: Optional[np.ndarray], names) -> None:
+    """DIR/KEY.png per image (8-bit class indices at its mask's size; the row number where records have no key)
+    and classes.json."""
     from PIL import Image
 
     os.makedirs(directory, exist_ok=True)
@@ -301,8 +318,9 @@ def palette(n: int) -> np.ndarray:
     return np.asarray(colours, np.uint8)
 
 
-def picture(path: str, images: np.ndarray, masks: np.ndarray, predicted: np.ndarray, names, scale: int = 2):
-    """Rows of (image, true mask, predicted mask) and a legend of the class colours, as a PNG."""
+def picture(path: str, images: np.ndarray, masks, predicted, names, scale: int = 2):
+    """Rows of (image, true mask, predicted mask: [H, W] maps of any size) and a legend of the class colours, as a
+    PNG."""
     from PIL import Image, ImageDraw, ImageFont
 
     from clip_jax.preprocessing import MEAN, STD
@@ -320,7 +338,7 @@ def picture(path: str, images: np.ndarray, masks: np.ndarray, predicted: np.ndar
             image = np.clip((image * np.asarray(STD) + np.asarray(MEAN)) * 255, 0, 255).astype(np.uint8)
         return image
 
-    side = masks.shape[1] * scale
+    side = min(max((max(m.shape) for m in masks), default=32) * scale, 256)  # masks of any sizes, one square
     width, legend = 3 * (side + 6) + 6, 14 * len(names) + 24
     canvas = Image.new("RGB", (max(width, 160), 18 + len(images) * (side + 6) + legend), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
@@ -339,4 +357,4 @@ def picture(path: str, images: np.ndarray, masks: np.ndarray, predicted: np.ndar
     canvas.save(path)
 
 
-__all__ = ["ConfusionMatrix", "Segmentation", "SegmenterRun", "class_ids", "confusion_matrix", "window_starts"]
+__all__ = ["ConfusionMatrix", "Segmentation", "SegmenterRun", "class_ids", "resize_bilinear", "window_starts"]

@@ -18,6 +18,7 @@ from clip_jax.input.pipeline import parse_spec
 @TASKS.register("zero_shot")
 class ZeroShot(Task):
     options = frozenset({"label_key", "limit", "classes"})
+    named_by = frozenset({"label_key"})
     predictions = ("image_embeds", "text_embeds")  # the text tower embeds the prompts
 
     def __init__(self, spec, data_config, log=print):
@@ -75,7 +76,7 @@ class ZeroShot(Task):
             per_class = zero_shot.per_class_accuracy(logits, labels)
             scores["mean_per_class"] = float(np.nanmean(per_class))
             for name, value in scores.items():
-                metrics[f"zero_shot/{info.name}/{prefix}{name}"] = value
+                metrics[f"zero_shot/{self.named(info.name)}/{prefix}{name}"] = value
             details[prefix + "per_class"] = {n: (None if np.isnan(a) else float(a))
                                              for n, a in zip(classes.names, per_class)}
         return metrics, details
