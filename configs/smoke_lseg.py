@@ -36,9 +36,10 @@ def get_config():
     o.weight_decay, o.weight_decay_on = 1e-4, "all"
     o.grad_clip_norm = 0.0
     c.lseg.features, c.lseg.stage_features = 32, (16, 32, 64, 64)
+    c.lseg.background = "learned"  # the smoke text tower never saw the word "background" (its embedding is diamond's)
     c.lseg.labels = "shape"  # 0 = background, then the six shape names (config.lseg.classes)
     c.data.train = "shapes_scenes:train"
-    c.data.eval = "segmentation=shapes_scenes:test|background=prompt"  # LSeg trains background as a class
+    c.data.eval = "segmentation=shapes_scenes:test|background=model"  # LSeg trains background as a class
     c.data.image_dtype = "uint8"  # normalized on the device
     c.data.crop_scale = (0.5, 1.0)
     c.data.streams = 2

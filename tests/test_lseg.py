@@ -164,6 +164,39 @@ def test_on_a_resnet_the_head_fuses_its_stages_and_its_batchnorm_stays_frozen():
                                                          jax.tree.leaves(new_state["batch_stats"][HEAD])))
 
 
+def test_a_learned_background_is_class_zero_trained_at_the_heads_rate():
+    """config.lseg.background='learned': class 0's embedding is the text tower's plus a trained offset (in the
+    head's 10x group, starting at 0), the other rows the frozen text tower's; the segmenter given the foreground
+    classes' embeddings puts it first."""
+    import re
+
+    from clip_jax.methods.lseg import PARAM_GROUPS
+
+    method = _method(_config(background="learned"))
+    variables = _init(method, 3)
+    offset = np.random.default_rng(7).normal(size=variables["params"][HEAD]["background"].shape) * 0.1
+    assert not np.asarray(variables["params"][HEAD]["background"]).any()  # LSeg's embedding at the start
+    variables = {**variables, "params": {**variables["params"], HEAD: {**variables["params"][HEAD],
+                                                                       "background": jnp.asarray(offset)}}}
+    embeds = np.asarray(method.class_embeddings(variables))
+    text = np.asarray(method.model.apply({"params": {k: v for k, v in variables["params"].items() if k != HEAD}},
+                                         jnp.asarray(method.tokens), method="encode_text"))
+    own = text[0] + offset
+    np.testing.assert_allclose(embeds[0], own / np.linalg.norm(own), atol=1e-5)
+    np.testing.assert_allclose(embeds[1:], text[1:], atol=1e-6)
+    assert [opts for pattern, opts in PARAM_GROUPS if re.fullmatch(pattern, f"{HEAD}/background")] == [
+        {"lr_mult": 10.0}]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    batch = {"image": np.random.default_rng(6).normal(size=(2, 32, 32, 3)).astype(np.float32),
+             "mask": _masks(2, 32, 7, 6)}
+    grads = jax.grad(lambda p: method.loss(p, state, batch, jax.random.key(0))[0])(variables["params"])
+    assert float(jnp.abs(grads[HEAD]["background"]).max()) > 0
+    segment = method.predictions()["segment_logits"]
+    assert segment.background
+    np.testing.assert_allclose(segment.fn(variables, batch["image"], jnp.asarray(text[1:])),
+                               segment.fn(variables, batch["image"]), atol=1e-5)
+
+
 @pytest.mark.parametrize("patch", [8, 16])
 def test_the_logits_come_out_at_the_input_resolution(patch):
     c = _config()

@@ -170,6 +170,29 @@ def test_a_method_names_the_templates_its_class_embeddings_were_trained_with(tin
     assert dataset.shape == (6, want.shape[1]) and not np.allclose(dataset, want[1:], atol=1e-3)
 
 
+def test_a_segmenter_that_scores_background_itself_gets_the_foreground_classes(tiny):
+    """background=model: the task passes the foreground classes' embeddings and takes the segmenter's
+    first logit as background's (argmax); a segmenter that does not score background is refused."""
+    model, variables, images, masks = tiny
+
+    def own(variables, images, class_embeds):  # background where red is low, else class 1 + (green bin)
+        red, green = images[..., 0], images[..., 1]
+        k = class_embeds.shape[0]
+        fg = jax.nn.one_hot(jnp.clip(((green + 2.0) / 4.0 * k).astype(jnp.int32), 0, k - 1), k)
+        return 50.0 * jnp.concatenate([(red < 0)[..., None].astype(jnp.float32), fg * (red >= 0)[..., None]], -1)
+
+    predictions = {**two_tower_predictions(model), "segment_logits": Prediction(own, "image", 3, background=True)}
+    task = _task("segmentation=shapes:test|background=model")
+    encoder = _encoder(model, variables, predictions)
+    assert task.class_embeds(encoder).shape[0] == 6  # the foreground classes only
+    metrics, _ = task.evaluate({"data": {"image/whole": images, "mask_png/shape": masks}}, encoder)
+    x = np.asarray(clip_jax.preprocessing.normalize_images(jnp.asarray(images)))
+    pred = np.where(x[..., 0] < 0, 0, np.clip(((x[..., 1] + 2.0) / 4.0 * 6).astype(np.int32), 0, 5) + 1)
+    assert metrics["segmentation/scenes.test/miou"] == pytest.approx(numpy_scores(pred, masks, 7)[0], abs=1e-6)
+    with pytest.raises(ValueError, match="background=model needs a segmenter that scores background itself"):
+        _task("segmentation=shapes:test|background=model").class_embeds(_encoder(model, variables))
+
+
 def numpy_bilinear(logits, height, width):
     """Bilinear resize of [h, w, C], pixel by pixel: half-pixel centres, edges clamped, no antialiasing
     (torch's interpolate with align_corners=False, which mmseg resizes logits with)."""

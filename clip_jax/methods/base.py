@@ -158,11 +158,15 @@ class Prediction:
     inputs are the evaluation batch's `reads` key with items of rank `item_rank` (leading axes are
     flattened into rows); with reads=None, fn(variables) -> one value of the model."""
 
-    def __init__(self, fn, reads: str | None = None, item_rank: int = 0, templates: tuple | None = None):
+    def __init__(self, fn, reads: str | None = None, item_rank: int = 0, templates: tuple | None = None,
+                 background: bool = False):
         self.fn, self.reads, self.item_rank = fn, reads, item_rank
         # A prediction over class embeddings ('segment_logits') trained on class names in these templates
         # (LSeg: the bare name, "{}"): evaluation embeds its classes so; None: the dataset's prompts.
         self.templates = templates
+        # A segmenter that scores background itself: given the foreground classes' embeddings it returns
+        # background's logit first (the segmentation task's background=model).
+        self.background = background
 
 
 def two_tower_predictions(model) -> dict[str, Prediction]:

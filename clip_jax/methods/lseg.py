@@ -49,6 +49,10 @@ LSEG_DEFAULTS = {
     "labels": "shape",
     "classes": ("background", "circle", "square", "triangle", "star", "cross", "diamond"),
     "classes_file": "",  # a text file of the class names, one a line in id order, in place of `classes`
+    # Class 0's embedding: 'text' (LSeg's: the text tower's embedding of classes[0], e.g. "background") or
+    # 'learned' (trained, as ViLD's background embedding: that embedding plus a trained offset, starting at 0,
+    # for a text tower that never saw the word).
+    "background": "text",
     "novel": ("star", "cross"),  # never trained on: clip_jax.input.shapes.NOVEL_SHAPES (the methods import no input)
 }
 
@@ -57,7 +61,7 @@ LSEG_DEFAULTS = {
 # at 10x; the text tower is left out of it (frozen), and so is what LSeg never runs (the tower's pooling head).
 PARAM_GROUPS = ((r"text/.*|logit_scale|logit_bias", {"frozen": True}),
                 (r"visual/(ln_post|proj|attn_pool|attnpool)(/.*)?", {"frozen": True}),
-                (rf"{HEAD}/{SCRATCH}/.*", {"lr_mult": 10.0}))
+                (rf"{HEAD}/({SCRATCH}/.*|background)", {"lr_mult": 10.0}))
 
 
 def tapped_layers(depth: int, layers=()) -> tuple[int, ...]:
@@ -196,7 +200,10 @@ class LSeg(Method):
                                                          jnp.zeros((1, size, size, 3)), self.layers))
         zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), t)  # noqa: E731
         head = self.head.init(head_rng, zeros(maps), zeros(cls), train=False)
-        variables["params"] = {**variables["params"], HEAD: head["params"]}
+        head_params = dict(head["params"])
+        if self.config.lseg.background == "learned":
+            head_params["background"] = jnp.zeros((self.model.config.embed_dim,), jnp.float32)
+        variables["params"] = {**variables["params"], HEAD: head_params}
         variables["batch_stats"] = {**variables.get("batch_stats", {}), HEAD: head["batch_stats"]}
         return variables
 
@@ -211,17 +218,29 @@ class LSeg(Method):
                              "method's model_variables(params, model_state) of the run")
         params, stats = variables["params"], variables["batch_stats"][HEAD]
         maps, cls = backbone_maps(self.model, variables, images, self.layers)
-        head_vars = {"params": params[HEAD], "batch_stats": stats}
+        head_vars = {"params": {k: v for k, v in params[HEAD].items() if k != "background"}, "batch_stats": stats}
         if train:
             out, updated = self.head.apply(head_vars, maps, cls, train=True, mutable=["batch_stats"])
             return out, updated["batch_stats"]
         return self.head.apply(head_vars, maps, cls, train=False), None
 
     def class_embeddings(self, variables, tokens=None):
-        """The text tower's unit embeddings [K, E] of the class names (`tokens`, default config.lseg.classes)."""
+        """The text tower's unit embeddings [K, E] of the class names (`tokens`, default config.lseg.classes,
+        with the learned background's in row 0 under config.lseg.background='learned'); frozen."""
         tokens = self.tokens if tokens is None else tokens
-        return self.model.apply({"params": {k: v for k, v in variables["params"].items() if k != HEAD}},
+        text = self.model.apply({"params": {k: v for k, v in variables["params"].items() if k != HEAD}},
                                 jnp.asarray(tokens), method="encode_text")
+        text = jax.lax.stop_gradient(text)
+        return self.with_background(variables, text) if tokens is self.tokens else text
+
+    def with_background(self, variables, class_embeds):
+        """class_embeds [K, E] (row 0 the text tower's embedding of classes[0]) with row 0 plus the learned
+        offset, normalized (config.lseg.background='learned')."""
+        if self.config.lseg.background != "learned":
+            return class_embeds
+        offset = variables["params"][HEAD]["background"].astype(jnp.float32)
+        background = l2_normalize(class_embeds[0].astype(jnp.float32) + offset)
+        return class_embeds.at[0].set(background.astype(class_embeds.dtype))
 
     def logits(self, features, class_embeds, size: tuple[int, int]):
         """Per-pixel logits [N, *size, K] at the fixed scale, resized as LSeg's output Interpolate."""
@@ -234,7 +253,7 @@ class LSeg(Method):
                              "make the `mask` input at the model's image size (nearest resize with the image)")
         variables = {"params": params, **model_state}
         features, stats = self.dense_features(variables, images, train)
-        text = jax.lax.stop_gradient(self.class_embeddings(variables))[self.train_classes]
+        text = self.class_embeddings(variables)[self.train_classes]
         logits = self.logits(features, text, images.shape[1:3])
         ids = batch["mask"].astype(jnp.int32)
         labels = jnp.asarray(self.label_table)[ids]
@@ -256,14 +275,24 @@ class LSeg(Method):
         for name, p in super().predictions().items():
             towers[name] = Prediction(_without_head(p.fn), p.reads, p.item_rank)
 
+        learned = self.config.lseg.background == "learned"
+
         def segment_logits(variables, images, class_embeds=None):
             x = model_images(images)
             features, _ = self.dense_features(variables, x, train=False)
-            embeds = self.class_embeddings(variables) if class_embeds is None else class_embeds
+            if class_embeds is None:
+                embeds = self.class_embeddings(variables)
+            elif learned:  # the foreground classes' embeddings: the learned background goes first
+                text = self.class_embeddings(variables, self.tokens[:1])
+                embeds = self.with_background(variables, jnp.concatenate([text.astype(class_embeds.dtype),
+                                                                          class_embeds]))
+            else:
+                embeds = class_embeds
             return self.logits(features, embeds, x.shape[1:3])
 
-        # LSeg's classes are the bare names, background one of them
-        return {**towers, "segment_logits": Prediction(segment_logits, "image", 3, templates=("{}",))}
+        # LSeg's classes are the bare names, background one of them (or its own learned one)
+        return {**towers, "segment_logits": Prediction(segment_logits, "image", 3, templates=("{}",),
+                                                       background=learned)}
 
     def export(self, params, model_state, extras=False):
         """'towers': the CLIP model (open_clip's layout); 'lseg_head': the DPT head's params and statistics,
@@ -289,6 +318,9 @@ class LSeg(Method):
     @classmethod
     def check_config(cls, config):
         s = config.lseg
+        if s.background not in ("text", "learned"):
+            raise ValueError(f"config.lseg.background={s.background!r}: use 'text' (LSeg's: the text tower embeds "
+                             "classes[0]) or 'learned' (a trained background embedding)")
         if s.readout not in ("project", "add", "ignore"):
             raise ValueError(f"config.lseg.readout={s.readout!r}: use 'project' (LSeg's), 'add' or 'ignore'")
         if len(tuple(s.stage_features)) != 4:

@@ -5,7 +5,8 @@ Options: labels=shape|color|combo (the mask's label set, feature 'mask_png/LABEL
 labels=record with classes=FILE.json (the record's own class ids 1..K, its names in that order);
 background=threshold (default; MaskCLIP's head with bg_thresh: a pixel is background where the highest
 softmax probability over the classes, at the model's logit scale, is below bg_thresh, default 0.5) or
-background=prompt (background is one more class, "background" embedded with the templates);
+background=prompt (background is one more class, "background" embedded with the templates) or
+background=model (the method's segmenter scores background itself, as LSeg with a learned background embedding);
 form=maskclip|patch (the dense features of a CLIP model; default the method's own segmenter, MaskCLIP's for
 CLIP); window=resize|slide and stride= for images larger than the model's (GroupViT's sliding window);
 predictions=DIR writes DIR/segmentation/DATASET.SPLIT/KEY.png (8-bit class indices at the record's image
@@ -32,7 +33,7 @@ from clip_jax.evaluate.segmentation_metrics import IGNORE_INDEX, ConfusionMatrix
 from clip_jax.evaluate.tasks.base import TASKS, Read, Task
 
 LABEL_SETS = ("shape", "color", "combo", "record")
-BACKGROUND_RULES = ("threshold", "prompt")
+BACKGROUND_RULES = ("threshold", "prompt", "model")
 WINDOWS = ("resize", "slide")
 DEFAULT_BG_THRESH = 0.5
 BATCH = 64  # images per segmenter call (rounded to the mesh)
@@ -102,7 +103,12 @@ class Segmentation(Task):
         """Unit rows [C, E]: the foreground classes', with background's first under background=prompt."""
         from clip_jax.evaluate import zero_shot
 
-        own = self.form is None and getattr(encoder.predictions.get("segment_logits"), "templates", None)
+        segmenter = encoder.predictions.get("segment_logits")
+        if self.background == "model" and (self.form is not None or not getattr(segmenter, "background", False)):
+            raise ValueError(f"{self.spec}: background=model needs a segmenter that scores background itself (LSeg "
+                             "with config.lseg.background='learned'); this one does not: use background=prompt or "
+                             "threshold")
+        own = self.form is None and getattr(segmenter, "templates", None)
         if own:  # the method's own class texts (LSeg: the bare names)
             names = self.names if self.background == "prompt" else self.names[1:]
             return zero_shot.classifier_weights(encoder.model, None, [[t.format(n) for t in own] for n in names],
@@ -159,7 +165,7 @@ class Segmentation(Task):
                 metrics[f"segmentation/{name}/iou/{cls}"] = iou
         details = {"examples": int(len(images)), "classes": self.names,
                    "iou": {c: (None if np.isnan(v) else v) for c, v in result["iou_by_name"].items()},
-                   "background": self.background if self.background == "prompt" else f"threshold {self.bg_thresh}"}
+                   "background": self.background if self.background != "threshold" else f"threshold {self.bg_thresh}"}
         if keep:
             import jax
 
@@ -283,12 +289,12 @@ def window_starts(length: int, window: int, stride: int) -> list:
 
 
 def class_ids(logits, background: str, bg_thresh: float) -> np.ndarray:
-    """logits [..., C] -> uint8 class ids: background=prompt, the argmax (class 0 is background's prompt);
+    """logits [..., C] -> uint8 class ids: background=prompt or model, the argmax (class 0 is background's);
     threshold, 1 + the argmax over the C foreground classes, 0 where their highest softmax probability is
     below bg_thresh."""
     logits = np.asarray(logits, np.float32)
     best = np.argmax(logits, axis=-1)
-    if background == "prompt":
+    if background in ("prompt", "model"):
         return best.astype(np.uint8)
     top = np.exp(logits - logits.max(-1, keepdims=True))
     confident = 1.0 / top.sum(-1) >= bg_thresh  # the highest softmax probability
