@@ -440,6 +440,7 @@ def test_the_default_classes_are_the_shape_label_sets_and_the_configs_build():
         assert run.method.layers == ((6, 12, 18, 24) if name == "lseg" else (1, 2, 3, 4))
         lr = {"/".join(p): m for p, m in run.groups.lr_mult.items() if not run.groups.frozen[p]}
         assert lr[f"{HEAD}/head1/kernel"] == 10.0 and lr[f"{HEAD}/reassemble1/project/kernel"] == 1.0
+        assert lr.get(f"{HEAD}/background") == (10.0 if name == "smoke_lseg" else None)
     # the mask input each label set reads: a shapes record's objects, or a record's own class ids
     mask = {i.key: i for i in run.method.inputs()}["mask"]
     assert mask.reads == ("segmentation", "objects/shape", "objects/color") and mask.options == (("labels", "shape"),)
