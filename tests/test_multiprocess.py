@@ -66,8 +66,9 @@ METHODS = {
                      "optim.frozen": "visual/.*", "clip.unfreeze_at_step": 5},
     # BatchNorm over the global batch, Gumbel noise and the noun prompts made by the input
     "groupvit": {"method": "groupvit", "model": "GroupViT-Shapes"},
-    # the DPT head on four taps of a tiny ViT, per-pixel cross-entropy on the scenes' masks, frozen text tower
-    "lseg": {"method": "lseg", "data.train": "shapes_scenes:train", "lseg.features": 8,
+    # the DPT head on four taps of a tiny ViT, per-pixel cross-entropy on the scenes' masks, frozen text tower,
+    # a learned background
+    "lseg": {"method": "lseg", "data.train": "shapes_scenes:train", "lseg.features": 8, "lseg.background": "learned",
              "lseg.stage_features": (8, 8, 16, 16), **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
 }
 
