@@ -1,11 +1,13 @@
 """LSeg (Li et al. 2022, "Language-driven Semantic Segmentation") as a method of the one trainer.
 
-A DPT head (clip_jax.models.dpt) on four blocks of the image tower gives an embedding per pixel;
+A DPT head (clip_jax.models.dpt) on four blocks of a ViT image tower (or a ModifiedResNet's four
+stages, DPT's hybrid form) gives an embedding per pixel;
 its logits against the class names' text embeddings are s * norm(F) . norm(T)^T at LSeg's FIXED
 s = 1/0.07 (its `nn.Parameter(...).exp()` is a plain tensor, never trained), computed at the head's
 resolution and resized bilinearly (align_corners) to the input's, as LSeg's final Interpolate x2;
 the loss is the per-pixel cross-entropy over the batch key `mask` with ignore index 255. The class
-embeddings come from the frozen text tower on the raw class names, no template (LSeg's labels).
+embeddings come from the frozen text tower on the raw class names, no template (LSeg's labels);
+config.lseg.background='learned' adds a trained offset to class 0's (background's).
 
 Open vocabulary: training sees the masks of the base classes only. The novel classes
 (config.lseg.novel) are dropped from the training softmax and their pixels ignored, so at
