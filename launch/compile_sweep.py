@@ -3,7 +3,7 @@ row of docs/scaling.md comes from here, and each result keeps the command that m
 
     python launch/compile_sweep.py plans --out docs/scaling_results.jsonl [--models ViT-L-14 ...]
     python launch/compile_sweep.py losses --out docs/scaling_results.jsonl
-    python launch/compile_sweep.py recipes --out docs/scaling_results.jsonl   # LiT, FLIP
+    python launch/compile_sweep.py recipes --out docs/scaling_results.jsonl [--only groupvit]   # LiT, FLIP, ...
     python launch/compile_sweep.py max_batch --out docs/scaling_results.jsonl --models ViT-B-16 ViT-L-14
     python launch/compile_sweep.py table --out docs/scaling_results.jsonl   # the markdown tables
 
@@ -130,25 +130,30 @@ def losses(out: str, topology: str = "v5e:16x16") -> None:
             check("ViT-B-16", topology, batch=batch, loss=loss, config_arg=f"ViT-B-16,{topology}", out=out)
 
 
-# (preset, config file, global batch or None for the config's own)
+# (preset, config file, compile_check options: topology (default v5e:16x16), batch (default the config's), remat)
 RECIPES = (
-    ("ViT-B-16", "configs/lit.py", None),
-    ("ViT-B-16", "configs/lit.py", 32_768),
-    ("ViT-L-14", "configs/flip.py", None),
-    ("ViT-B-16", "configs/flip.py", None),
-    ("ViT-B-16", "configs/siglip.py", None),
-    ("ViT-L-14", "configs/siglip.py", None),
-    ("ViT-B-16", "configs/slip.py", None),
-    ("ViT-B-16", "configs/slip.py", 32_768),
+    ("ViT-B-16", "configs/lit.py", {}),
+    ("ViT-B-16", "configs/lit.py", {"batch": 32_768}),
+    ("ViT-L-14", "configs/flip.py", {}),
+    ("ViT-B-16", "configs/flip.py", {}),
+    ("ViT-B-16", "configs/siglip.py", {}),
+    ("ViT-L-14", "configs/siglip.py", {}),
+    ("ViT-B-16", "configs/slip.py", {}),
+    ("ViT-B-16", "configs/slip.py", {"batch": 32_768}),
+    ("GroupViT-S-16", "configs/groupvit.py", {"topology": "v5e:4x4"}),
+    ("GroupViT-S-16", "configs/groupvit.py", {"topology": "v5e:4x4", "remat": "full"}),
+    ("GroupViT-S-16", "configs/groupvit.py", {}),
+    ("ViT-B-32", "configs/lseg.py", {"topology": "v5e:4x4"}),
+    ("ViT-B-32", "configs/lseg.py", {"batch": 256}),  # its 16 does not split over 256 chips: 1 per chip
 )
 
 
 def recipes(out: str, topology: str = "v5e:16x16", only: str = "") -> None:
-    """The method recipes of configs/ as configured (LiT also at the paper's batch); `only`: those
-    whose config file contains it."""
-    for model, config_file, batch in RECIPES:
+    """The method recipes of configs/ as configured (LiT also at the paper's batch, GroupViT and LSeg
+    also on a v5e-16); `only`: those whose config file contains it."""
+    for model, config_file, options in RECIPES:
         if only in config_file:
-            check(model, topology, batch=batch, config_file=config_file, out=out)
+            check(model, **{"topology": topology, **options}, config_file=config_file, out=out)
 
 
 def _read(out: str) -> list[dict]:

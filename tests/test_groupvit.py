@@ -178,7 +178,8 @@ def test_projector_batchnorm_is_global_over_a_sharded_batch():
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     sharded = step(variables, jax.device_put(jnp.asarray(x), NamedSharding(mesh, PartitionSpec("data"))))
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        # float32 reassociation: to within 1e-5 of each gradient's largest entry
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
     p = variables["params"]
     h = x @ np.asarray(p["linear1"]["kernel"]) + np.asarray(p["linear1"]["bias"])
     mean, var = h.mean(0), h.var(0)
@@ -450,3 +451,33 @@ def test_train_flops_count_the_prompts_through_the_text_tower_and_both_losses():
     texts = four["text"]  # the text tower on 4 x 8 texts: the captions and their prompts
     want = 3 * (one["image"] + texts + one["logits"] * (1 + 3))
     np.testing.assert_allclose(method_train_flops(model, 8, "groupvit"), want, rtol=1e-3)
+
+
+@pytest.mark.slow  # two gradient compiles of a whole model: ~60 s on 2 busy cores
+def test_remat_reaches_the_image_towers_blocks_and_changes_no_gradient():
+    """config.remat rematerializes the image tower's blocks too (the bulk of its activations), with the
+    gradients of the tower without remat under the same Gumbel and stochastic-depth draws."""
+    small = {"vision_cfg": {"width": 32, "layers": 3, "stage_depths": [1, 1, 1], "drop_path": 0.2},
+             "text_cfg": {"vocab_size": 64, "layers": 1}}
+    images = jnp.asarray(np.random.RandomState(0).normal(0, 1, (4, 64, 64, 3)), jnp.float32)
+    rngs = {"gumbel": jax.random.key(1), "dropout": jax.random.key(2)}
+
+    def grads(remat):
+        model = create_model(get_model_config("GroupViT-Shapes", small), remat=remat)
+        variables = model.init(jax.random.key(0), images[:1], jnp.zeros((1, 32), jnp.int32))
+
+        def loss(params):
+            out, _ = model.apply({**variables, "params": params}, images, True, method=lambda m, x, t: m.visual(x, t),
+                                 rngs=rngs, mutable=["batch_stats"])
+            return jnp.sum(out**2)
+
+        return jax.grad(loss)(variables["params"]), jax.make_jaxpr(loss)(
+            variables["params"])
+
+    plain, plain_jaxpr = grads("none")
+    full, full_jaxpr = grads("full")
+    assert "remat" in str(full_jaxpr) and "remat" not in str(plain_jaxpr)  # jax.checkpoint's primitive
+    # float32 reassociation: to within 1e-5 of the largest gradient entry
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain["visual"]))
+    for a, b in zip(jax.tree.leaves(plain["visual"]), jax.tree.leaves(full["visual"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)

@@ -40,6 +40,7 @@ from clip_jax.models.layers import (
     l2_normalize,
     normal,
     param_with_axes,
+    remat_policy,
 )
 from clip_jax.models.text import check_tokens, embed_tokens
 from clip_jax.models.vit import PatchEmbed, check_images
@@ -255,6 +256,7 @@ class GroupViTStage(nn.Module):
     drop_paths: Tuple[float, ...] = ()
     dtype: Dtype = jnp.float32
     attn_impl: Optional[str] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, prev, train: bool):
@@ -272,8 +274,11 @@ class GroupViTStage(nn.Module):
                 y = LayerNorm(self.dtype, name="projector_norm")(prev)
                 group = group + GroupMlp(width // 2, n, mix_tokens=True, dtype=self.dtype, name="projector_mlp")(y)
             x = jnp.concatenate([x, group], axis=1)
+        block = Block
+        if self.remat != "none":  # train is a Python bool: static for the rematerialized call
+            block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(2,))
         for j in range(self.depth):
-            x = Block(self.heads, self.mlp_ratio, self.drop_paths[j] if self.drop_paths else 0.0, self.dtype,
+            x = block(self.heads, self.mlp_ratio, self.drop_paths[j] if self.drop_paths else 0.0, self.dtype,
                       self.attn_impl, name=f"blocks_{j}")(x, train)
         if not n:
             return x, None, None
@@ -315,6 +320,7 @@ class GroupViTVisionTransformer(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     attn_impl: Optional[str] = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images, train: bool = False, pooled_too: bool = False, groups: bool = False, dense=None,
@@ -336,7 +342,8 @@ class GroupViTVisionTransformer(nn.Module):
         for i, depth in enumerate(self.stage_depths):
             stage = GroupViTStage(depth, self.group_tokens[i], self.output_groups[i],
                                   self.group_tokens[i - 1] if i else 0, self.heads, self.mlp_ratio,
-                                  tuple(rates[start:start + depth]), self.dtype, self.attn_impl, name=f"stages_{i}")
+                                  tuple(rates[start:start + depth]), self.dtype, self.attn_impl, self.remat,
+                                  name=f"stages_{i}")
             x, prev, soft = stage(x, prev, train)
             start += depth
             if soft is not None:
@@ -401,7 +408,7 @@ def vision_tower(clip) -> nn.Module:
         image_size=v.image_size, patch_size=v.patch_size, width=v.width, heads=v.heads, mlp_ratio=v.mlp_ratio,
         stage_depths=tuple(v.stage_depths), group_tokens=tuple(v.group_tokens), output_groups=tuple(v.output_groups),
         output_dim=clip.config.embed_dim, projection_hidden=_check_projector(clip), drop_path=v.drop_path,
-        dtype=clip.dtype, attn_impl=clip.attn_impl)
+        dtype=clip.dtype, attn_impl=clip.attn_impl, remat=clip.remat)
 
 
 def text_tower(clip) -> nn.Module:
