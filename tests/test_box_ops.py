@@ -251,7 +251,13 @@ def test_select_proposals_vmapped(case):
     x, ref = case
     run = jax.jit(jax.vmap(functools.partial(box_ops.select_proposals, pre_nms_top_k=200, iou_threshold=0.6,
                                              post_nms_top_k=100)))
-    boxes, scores, ok, index = jax.tree.map(np.asarray, run(x["proposals"], x["proposal_scores"], x["proposal_valid"]))
+    inputs = (x["proposals"], x["proposal_scores"], x["proposal_valid"])
+    boxes, scores, ok, index = jax.tree.map(np.asarray, run(*inputs))
+    # the batch split over a 2-device mesh (Auto axes, as clip_jax.parallel's) gives the same proposals
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = run(*(jax.device_put(v, sharding) for v in inputs))
+    np.testing.assert_array_equal(sharded[3], index)
     for i in range(2):
         expected = _padded(ref[f"proposals_{i}"], 100)
         np.testing.assert_array_equal(index[i], expected)

@@ -294,19 +294,36 @@ def roi_align(features, boxes, box_batch_index, output_size, spatial_scale: floa
         grid_h = jnp.clip(jnp.ceil(roi_h / out_h), 0, grid_max_h).astype(jnp.int32)
         grid_w = jnp.clip(jnp.ceil(roi_w / out_w), 0, grid_max_w).astype(jnp.int32)
     count = jnp.maximum(grid_h * grid_w, 1).astype(dtype)
-    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y1, bin_h, grid_h, grid_max_h, out_h, height)
-    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x1, bin_w, grid_w, grid_max_w, out_w, width)
+    y = _axis_samples(y1, bin_h, grid_h, grid_max_h, out_h, height)
+    x = _axis_samples(x1, bin_w, grid_w, grid_max_w, out_w, width)
+    y_lo, y_hi, wy_lo, wy_hi = (v.reshape(r, out_h, grid_max_h)[:, :, :, None, None] for v in y)
+    x_lo, x_hi, wx_lo, wx_hi = (v.reshape(r, out_w, grid_max_w)[:, None, :, :, None] for v in x)
     flat = features.reshape(n * height * width, channels)
     base = jnp.clip(box_batch_index.astype(jnp.int32), 0, n - 1)[:, None, None] * (height * width)
 
-    def corner(ys, xs):  # [R, Sy, Sx, C]: the map at every (sample row, sample column) of each box
-        return flat[base + ys[:, :, None] * width + xs[:, None, :]]
+    def sample(iy, ix):
+        """[R, out_h, out_w, C]: sample (iy, ix) of every bin, as the kernel's w1 v1 + ... + w4 v4. One
+        sample at a time, so XLA fuses the four gathers into the sum instead of storing them."""
+        ys = [jax.lax.dynamic_index_in_dim(v, iy, 2, keepdims=False) for v in (y_lo, y_hi, wy_lo, wy_hi)]
+        xs = [v[:, :, :, ix] for v in (x_lo, x_hi, wx_lo, wx_hi)]
 
-    value = (wy_lo[:, :, None, None] * wx_lo[:, None, :, None] * corner(y_lo, x_lo)
-             + wy_lo[:, :, None, None] * wx_hi[:, None, :, None] * corner(y_lo, x_hi)
-             + wy_hi[:, :, None, None] * wx_lo[:, None, :, None] * corner(y_hi, x_lo)
-             + wy_hi[:, :, None, None] * wx_hi[:, None, :, None] * corner(y_hi, x_hi))
-    value = value.reshape(r, out_h, grid_max_h, out_w, grid_max_w, channels).sum(axis=(2, 4))
+        def corner(row, col):
+            return flat[(base[..., None] + row * width + col)[..., 0]]
+
+        return (ys[2] * xs[2] * corner(ys[0], xs[0]) + ys[2] * xs[3] * corner(ys[0], xs[1])
+                + ys[3] * xs[2] * corner(ys[1], xs[0]) + ys[3] * xs[3] * corner(ys[1], xs[1]))
+
+    def row(iy, value):
+        for ix in range(grid_max_w):
+            value = value + sample(iy, ix)
+        return value
+
+    value = jnp.zeros((r, out_h, out_w, channels), dtype)
+    if grid_max_h * grid_max_w <= 16:  # unrolled: the whole sum one fusion
+        for iy in range(grid_max_h):
+            value = row(iy, value)
+    else:  # the adaptive grid's many samples: a loop over the sample rows keeps the program small
+        value = jax.lax.fori_loop(0, grid_max_h, row, value)
     return value / count[:, None, None, None]
 
 
