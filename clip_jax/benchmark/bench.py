@@ -836,8 +836,9 @@ def main(argv=None):
     p.add_argument("--mask", default="", choices=["", "shape", "color", "combo"],
                    help="also make the batch key 'mask' of this label set (default: the embedded scenes)")
     p.set_defaults(fn=bench_input)
-    from clip_jax.benchmark.adapt import add_parser
+    from clip_jax.benchmark import adapt, box_ops
 
-    add_parser(sub)
+    adapt.add_parser(sub)
+    box_ops.add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
