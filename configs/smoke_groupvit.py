@@ -18,10 +18,10 @@ def get_config():
     c.model_overrides = ml_collections.ConfigDict({"vision_cfg": {"group_tokens": [16, 8, 0],
                                                                   "output_groups": [16, 8, 8]}})
     c.batch_size = 128
-    c.total_steps = 1000
+    c.total_steps = 800
     c.log_every_steps = 50
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
+    c.eval_every_steps = 400
+    c.checkpoint_every_steps = 400
     c.keep_checkpoints = 2
 
     c.optim.learning_rate = 2e-3
