@@ -22,8 +22,8 @@ training config's data.eval and run every eval_every_steps; their figures go to 
 and TensorBoard.
 Metric keys: TASK/DATASET.SPLIT/METRIC, e.g. zero_shot/cifar10.test/top1, or with a source's
 label task TASK/DATASET.SPLIT/SUBTASK/METRIC. Several specs of one task on one dataset are told
-apart by the options in which they differ: segmentation/shapes_scenes.test.labels-color/miou
-beside segmentation/shapes_scenes.test/miou (tag_collisions).
+apart by the options in which they differ: segmentation/ade20k.validation.labels-color/miou
+beside segmentation/ade20k.validation/miou (tag_collisions).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Detection ops on static shapes: IoU and GIoU, the box coder, anchors, RoIAlign, batched NMS with
+"""Detection ops, static in their array sizes: IoU and GIoU, the box coder, anchors, RoIAlign, batched NMS with
 a fixed number of outputs and proposal selection, each equal to its torchvision.ops counterpart.
 
 Boxes are [..., 4] float (x1, y1, x2, y2) in pixels; padded inputs come with a boolean `valid`.
@@ -331,7 +331,7 @@ def roi_align(features, boxes, box_batch_index, output_size, spatial_scale: floa
 
 
 def batched_nms(boxes, scores, classes, valid, iou_threshold: float, max_outputs: int):
-    """Greedy NMS within each class on static shapes: -> (indices [max_outputs] int32 into the
+    """Greedy NMS within each class, static in its array sizes: -> (indices [max_outputs] int32 into the
     inputs, -1 past the kept ones; their valid mask). The kept set and its order (score
     descending) equal torchvision.ops.batched_nms's first max_outputs: a box is dropped where its
     IoU with a kept, higher-scoring box of its class is > iou_threshold. Ties in score keep the
