@@ -160,23 +160,29 @@ FEATURES.register("segmentation")(Feature(  # a PNG of each pixel's object index
 ))
 
 
-def _objects(name: str, dtype: str, width: int = 0) -> Feature:
-    """A per-object feature: int64 [n] (or float32 [n, width]), empty where a record has no objects."""
+def _objects(name: str, dtype: str, width: int = 0, tfds: bool = False) -> Feature:
+    """A per-object feature: int64 [n] (or float32 [n, width]), empty where a record has no objects; tfds: also
+    read from a tfds dataset's feature of that path (coco's objects/bbox)."""
 
     def value(parsed, r):
         dense = _tf().sparse.to_dense(parsed[name])
         return _tf().reshape(dense, [-1, width]) if width else dense
 
+    def from_tfds(ex, r):
+        return _tf().reshape(_tf().cast(get_path(ex, name), getattr(_tf(), dtype)), [-1, width] if width else [-1])
+
     return Feature(
         parse=lambda r: {name: _tf().io.VarLenFeature(getattr(_tf(), dtype))},
         value=value,
         empty=lambda r: _tf().zeros([0, width] if width else [0], getattr(_tf(), dtype)),
+        tfds=from_tfds if tfds else None,
     )
 
 
 FEATURES.register("objects/color")(_objects("objects/color", "int64"))
 FEATURES.register("objects/shape")(_objects("objects/shape", "int64"))
-FEATURES.register("objects/bbox")(_objects("objects/bbox", "float32", 4))  # [ymin, xmin, ymax, xmax] in [0, 1]
+# [ymin, xmin, ymax, xmax] in [0, 1] of the image (tfds coco's objects/bbox too)
+FEATURES.register("objects/bbox")(_objects("objects/bbox", "float32", 4, tfds=True))
 FEATURES.register("objects/phrase_span")(_objects("objects/phrase_span", "int64", 2))  # [start, end) in the caption
 
 

@@ -72,6 +72,20 @@ class Op:
     checks: tuple = ()
     joint: bool = False  # follows the record's crop: given the 'crop' keys' flip option
     validate: Optional[Callable] = None  # (Wanted) -> None, raising a ValueError on bad reads or options
+    # A record op that makes several batch keys from one declaration (boxes with their labels): (Wanted) -> the
+    # keys, the declared one first; its make and blank then return {key: value}. None: the declared key alone.
+    makes: Optional[Callable] = None
+    # (Wanted) -> {made key: names}: keys of per-record int counts (entry i counted under names[i]) that the
+    # stream sums over the records it yields into its state (InputPipeline.tallies), like its bad-record counts.
+    tallies: Optional[Callable] = None
+
+    def keys(self, wanted: "Wanted") -> tuple:
+        """The batch keys one declaration of this op makes."""
+        return tuple(self.makes(wanted)) if self.makes is not None else (wanted.key,)
+
+    def made(self, wanted: "Wanted", value) -> dict:
+        """{batch key: value} of what make or blank returned."""
+        return dict(value) if self.makes is not None else {wanted.key: value}
 
 
 OPS: Registry[Op] = Registry("input op")
@@ -165,13 +179,14 @@ def resolve(inputs: Optional[Sequence[Any]]) -> list[tuple[Wanted, Op]]:
     wanted = [as_wanted(w) for w in (DEFAULT_INPUTS if inputs is None else inputs)]
     out, keys = [], set()
     for w in wanted:
-        if w.key in keys:
-            raise ValueError(f"batch key {w.key!r} is declared twice: declare each of a method's keys once")
-        if w.key in RESERVED:
-            raise ValueError(f"batch key {w.key!r} is the input's own bookkeeping ({', '.join(RESERVED)}): name the "
-                             "key otherwise")
-        keys.add(w.key)
         op = OPS.get(w.op)
+        for key in op.keys(w):
+            if key in keys:
+                raise ValueError(f"batch key {key!r} is declared twice: declare each of a method's keys once")
+            if key in RESERVED:
+                raise ValueError(f"batch key {key!r} is the input's own bookkeeping ({', '.join(RESERVED)}): name "
+                                 "the key otherwise")
+            keys.add(key)
         features_lib.resolve(w.reads)  # an unknown feature fails here, naming the registered ones
         if op.validate is not None:
             op.validate(w)

@@ -63,7 +63,8 @@ from clip_jax.registry import Registry
 # A record's status is the first kind it is (1-based, _check), but records that do not parse are
 # counted per file (not_an_example, on the file's sentinel).
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example",
-             "missing_mask", "bad_mask")  # the masks': clip_jax.input.segmentation
+             "missing_mask", "bad_mask",  # the masks': clip_jax.input.segmentation
+             "bad_boxes")  # the boxes': clip_jax.input.detection
 COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
 END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
@@ -183,6 +184,8 @@ class InputState:
     position: int = 0
     examples: int = 0
     bad: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COUNTED_KINDS, 0))
+    # the ops' per-record counts over the records yielded (ops.Op.tallies: boxes dropped, by rule)
+    tallies: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,7 +194,8 @@ class InputState:
     def from_dict(cls, d: dict) -> "InputState":
         bad = dict.fromkeys(COUNTED_KINDS, 0)
         bad.update({k: int(v) for k, v in d["bad"].items()})
-        return cls(int(d["epoch"]), int(d["position"]), int(d["examples"]), bad)
+        tallies = {k: int(v) for k, v in d.get("tallies", {}).items()}
+        return cls(int(d["epoch"]), int(d["position"]), int(d["examples"]), bad, tallies)
 
 
 def _mix(*ints: int) -> int:
@@ -395,7 +399,7 @@ class _Stream:
 
     def _check(self, ex):
         """Picks each feature's value of the example (one caption of several), then its status: 0 = good;
-        1..4 = BAD_KINDS (the first the features flag, in that order); -1 = a file-end sentinel or an
+        1.. = BAD_KINDS (the first the features flag, in that order); -1 = a file-end sentinel or an
         end-of-epoch marker (dropped, not counted)."""
         from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -425,11 +429,16 @@ class _Stream:
         ctx = self._context(ex)
         features = ex["features"]
         decoding = [(w, op) for w, op in self.inputs if op.stage == "record" and op.blank is not None]
-        keys = {w.key: op.make(ctx, features, w) for w, op in self.inputs if op.stage == "record" and op.blank is None}
+        keys = {}
+        for w, op in self.inputs:
+            if op.stage == "record" and op.blank is None:
+                keys.update(op.made(w, op.make(ctx, features, w)))
         if decoding:
             good = tf.equal(ex["status"], 0)
-            keys.update(tf.cond(good, lambda: {w.key: op.make(ctx, features, w) for w, op in decoding},
-                                lambda: {w.key: op.blank(ctx, w) for w, op in decoding}))
+            made = tf.cond(good, lambda: [op.make(ctx, features, w) for w, op in decoding],
+                           lambda: [op.blank(ctx, w) for w, op in decoding])
+            for (w, op), value in zip(decoding, made):
+                keys.update(op.made(w, value))
         carry = {name: features[name] for w, op in self.inputs if op.stage == "batch" for name in w.reads}
         return {"epoch": ex["epoch"], "position": ex["position"], "status": ex["status"], "counts": ex["counts"],
                 "keys": keys, "carry": carry}
@@ -502,6 +511,10 @@ class _Stream:
         self._state.position = int(batch["position"][-1]) + 1
         self._state.examples += len(batch["epoch"])
         self._state.bad = self._bad(counts, self._state.examples - base.examples)
+        for w, op in self.inputs:
+            for key, names in (op.tallies(w) if op.tallies is not None else {}).items():
+                for name, n in zip(names, np.asarray(batch[key]).sum(0)):
+                    self._state.tallies[name] = self._state.tallies.get(name, 0) + int(n)
 
     def _bad(self, counts, usable: int) -> dict:
         """Bad-record counts from this pipeline's in-graph counters (as of one record) and the usable
@@ -632,6 +645,15 @@ class InputPipeline:
                 out[k] = out.get(k, 0) + v
         return out
 
+    def tallies(self) -> dict:
+        """The ops' per-record counts (ops.Op.tallies: boxes dropped, by rule) over this process's streams,
+        summed by name."""
+        out: dict = {}
+        for s in self._streams:
+            for k, v in s.state().tallies.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     def close(self) -> None:
         """Stops every stream's readers (joined: nothing of theirs prints after this returns); a later
         next() raises how the pipeline ended, or that it was closed."""
@@ -662,7 +684,7 @@ def _report_short(path, read, size):
 
 
 def _count(counts, ex):
-    """counts[:5]: BAD_KINDS so far; counts[5]: raw records seen (sentinels and markers excluded)."""
+    """counts[:-1]: BAD_KINDS so far; counts[-1]: raw records seen (sentinels and markers excluded)."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
