@@ -22,4 +22,6 @@ def test_smoke_losses_equal_the_golden_file(tmp_path):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     with open(os.path.join(ROOT, "tests", "fixtures", "golden_losses_smoke.json")) as f:
         want = json.load(f)["losses"]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # XLA's CPU kernels round differently by instruction set (AVX-512 against AVX2: 5.7e-5 relative over the
+    # run); a change of what the step computes moves these losses by far more.
+    np.testing.assert_allclose(got, want, rtol=2e-4)
