@@ -57,6 +57,7 @@ from __future__ import annotations
 from clip_jax.input import features as features_lib
 from clip_jax.input import ops, segmentation
 from clip_jax.input.features import Feature, get_path
+from clip_jax.input.reader import example_spec
 from clip_jax.input.transforms import _image_shape, _resized, _window
 
 RECORD = "record"
@@ -278,12 +279,6 @@ def _eval_boxes(labels: str) -> Feature:
     names = (RECORD_READS + (CROWD,)) if labels == RECORD else SHAPE_READS
     parts = {name: features_lib.FEATURES.get(name) for name in names}
 
-    def parse(r):
-        spec: dict = {}
-        for feature in parts.values():
-            spec.update(feature.parse(r))
-        return spec
-
     def prepare(value, image_bytes, image_size, config):
         tf = _tf()
         n = tf.shape(value["objects/bbox"])[0]
@@ -300,7 +295,7 @@ def _eval_boxes(labels: str) -> Feature:
         return tf.io.serialize_tensor(tf.boolean_mask(rows, kept))
 
     return Feature(
-        parse=parse,
+        parse=lambda r: example_spec(tuple(parts), r),
         value=lambda parsed, r: {name: f.value(parsed, r) for name, f in parts.items()},
         empty=lambda r: {name: f.empty(r) for name, f in parts.items()},
         tfds=(lambda ex, r: {name: f.tfds(ex, r) for name, f in parts.items()}) if labels == RECORD else None,

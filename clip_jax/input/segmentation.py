@@ -36,6 +36,7 @@ from typing import Optional
 from clip_jax.input import features as features_lib
 from clip_jax.input import ops, shapes
 from clip_jax.input.features import Feature, _skip_decoding, get_path
+from clip_jax.input.reader import example_spec
 from clip_jax.input.transforms import _image_shape, crop_label_map, finish, png_size
 
 IGNORE = 255
@@ -201,12 +202,6 @@ def _eval_mask(labels: str, png: bool = False) -> Feature:
     else:
         parts = {name: features_lib.FEATURES.get(name) for name in ("segmentation", "objects/shape", "objects/color")}
 
-    def parse(r):
-        spec: dict = {}
-        for feature in parts.values():
-            spec.update(feature.parse(r))
-        return spec
-
     def prepare(value, image_bytes, image_size, config):
         size = None if png else image_size
         if labels == RECORD:
@@ -217,7 +212,7 @@ def _eval_mask(labels: str, png: bool = False) -> Feature:
         return _tf().io.encode_png(out[..., None]) if png else out
 
     return Feature(
-        parse=parse,
+        parse=lambda r: example_spec(tuple(parts), r),
         value=lambda parsed, r: {name: f.value(parsed, r) for name, f in parts.items()},
         empty=lambda r: {name: f.empty(r) for name, f in parts.items()},
         tfds=((lambda ex, r: {"segmentation_mask": get_path(ex, "segmentation_mask")}) if labels == RECORD else None),
