@@ -83,6 +83,27 @@ def test_boxes_take_the_crop_and_flip_of_the_segmentation(scenes):
     assert whole > 5 and cut > 5 and 0 < flipped < SIZES["train"]
 
 
+def test_excluded_classes_never_reach_a_batch_and_are_counted(scenes):
+    """Open-vocabulary training: the boxes of held-out classes are dropped before padding, in record order."""
+    config, _, data = scenes
+    by_caption = {ex["caption"]: ex for ex in data["train"]}
+    held_out = (shapes.SHAPE_NAMES.index("star"), shapes.SHAPE_NAMES.index("cross"))
+    inputs = (BatchInput("caption", "value", ("caption",)), boxes_key("shape", exclude=held_out))
+    pipe = InputPipeline("shapes_scenes:train", config, global_batch_size=8, image_size=64, train=False, num_epochs=1,
+                         inputs=inputs)
+    excluded = 0
+    for batch in pipe:
+        for i, caption in enumerate(batch["caption"]):
+            objects = [o for o in by_caption[caption.decode()]["objects"] if o["shape"] not in held_out]
+            n = len(objects)
+            excluded += len(by_caption[caption.decode()]["objects"]) - n
+            np.testing.assert_allclose(batch["boxes"][i][:n], [o["bbox"][[1, 0, 3, 2]] * 64 for o in objects],
+                                       atol=1e-4)
+            np.testing.assert_array_equal(batch["boxes/labels"][i][:n], [o["shape"] for o in objects])
+            assert batch["boxes/valid"][i].sum() == n
+    assert excluded > 0 and pipe.tallies()["boxes/excluded"] == excluded
+
+
 def test_padding_overflow_and_tallies_against_the_records(scenes):
     """Evaluation crop of a square record = the whole image: boxes = objects/bbox * S as (x1, y1, x2, y2); more
     objects than max_objects keep the first ones and count the rest."""
@@ -104,11 +125,12 @@ def test_padding_overflow_and_tallies_against_the_records(scenes):
             combos = [o["color"] * len(shapes.SHAPE_NAMES) + o["shape"] for o in objects[:n]]
             np.testing.assert_array_equal(batch["boxes/labels"][i], combos + [-1] * (3 - n))
             np.testing.assert_array_equal(batch["boxes/valid"][i], np.arange(3) < n)
-            np.testing.assert_array_equal(batch["boxes/counts"][i], [0, 0, 0, 0, len(objects) - n])
+            np.testing.assert_array_equal(batch["boxes/counts"][i], [0, 0, 0, 0, 0, len(objects) - n])
             overflow += len(objects) - n
             seen += 1
     assert seen == SIZES["train"] and overflow > 0
-    assert pipe.tallies() == {"boxes/invalid": 0, "boxes/clipped": 0, "boxes/crowd": 0, "boxes/cropped": 0,
+    assert pipe.tallies() == {"boxes/invalid": 0, "boxes/clipped": 0, "boxes/crowd": 0, "boxes/excluded": 0,
+                              "boxes/cropped": 0,
                               "boxes/overflow": overflow}
     resumed = InputPipeline("shapes_scenes:train", config, global_batch_size=8, image_size=64, train=False,
                             num_epochs=1, inputs=inputs, state=after_first)
@@ -191,7 +213,7 @@ def test_every_bad_input_rule_is_applied_and_counted(tmp_path, min_visible):
     np.testing.assert_array_equal(got["boxes/index"][0][:len(kept)], [RULES.index(r) for r in kept])
     outcome = [r[3] for r in RULES]
     cropped = outcome.count("cropped") + (outcome.count("small") if min_visible else 0)
-    want_counts = [outcome.count("invalid"), outcome.count("clipped"), outcome.count("crowd"), cropped, 0]
+    want_counts = [outcome.count("invalid"), outcome.count("clipped"), outcome.count("crowd"), 0, cropped, 0]
     np.testing.assert_array_equal(got["boxes/counts"][0], want_counts)
     assert not rows["empty"]["boxes/valid"].any() and not np.isnan(got["boxes"]).any()
     assert pipe.tallies() == dict(zip((f"boxes/{c}" for c in detection.COUNTS), want_counts))
@@ -229,7 +251,7 @@ def test_the_random_square_crop_and_flip_move_boxes_as_the_image(tmp_path):
             want = np.stack([64 - want[:, 2], want[:, 1], 64 - want[:, 0], want[:, 3]], -1)
         n = len(want)
         np.testing.assert_allclose(row["boxes"][0][:n], want, atol=1e-4)
-        assert row["boxes/valid"][0].sum() == n and row["boxes/counts"][0][3] == len(kept) - n
+        assert row["boxes/valid"][0].sum() == n and row["boxes/counts"][0][4] == len(kept) - n
         flips.add(bool(flip))
     assert flips == {False, True}
 

@@ -16,7 +16,7 @@ and one declaration makes five batch keys (ops.Op.makes), M = max_objects:
 - ``boxes/valid`` bool [B, M]: a real box (padding is all-zero boxes);
 - ``boxes/index`` int32 [B, M]: which of the record's objects each box is (-1 on padding), to match
   per-object features (phrase spans, region embeddings keyed by record);
-- ``boxes/counts`` int32 [B, 5]: what the rules below did to the record's boxes, by COUNTS; the
+- ``boxes/counts`` int32 [B, 6]: what the rules below did to the record's boxes, by COUNTS; the
   stream sums them over the records it yields (InputPipeline.tallies(): ``boxes/invalid``, ...).
 
 A method lists the keys it needs in batch_keys (``boxes``, ``boxes/labels``, ``boxes/valid``); the
@@ -35,6 +35,8 @@ flip option). Rules, in order (each counted in ``boxes/counts``):
    zero area, or wholly outside the image: dropped.
 2. ``clipped``: a box partly outside the image: clipped to it and kept.
 3. ``crowd``: a crowd box (only where the key reads objects/is_crowd): dropped.
+3b. ``excluded``: a box whose class is in the option ``exclude`` (class indices; open-vocabulary training
+   holds the novel classes' boxes out of every batch): dropped.
 4. ``cropped``: a box whose part inside the crop window is empty or smaller than ``min_visible``
    (option, default 0.0) of its area before the crop: dropped; the others are clipped to the window.
 5. ``overflow``: boxes past the first ``max_objects`` (default 100) of those left, in record order:
@@ -65,7 +67,7 @@ LABEL_SETS = segmentation.LABEL_SETS + (RECORD,)
 SHAPE_READS = ("objects/bbox", "objects/shape", "objects/color")
 RECORD_READS = ("objects/bbox", "objects/label")
 CROWD = "objects/is_crowd"
-COUNTS = ("invalid", "clipped", "crowd", "cropped", "overflow")  # the entries of boxes/counts, by rule
+COUNTS = ("invalid", "clipped", "crowd", "excluded", "cropped", "overflow")  # the entries of boxes/counts, by rule
 MAX_OBJECTS = 100  # COCO's detections per image
 
 
@@ -101,9 +103,11 @@ def geometry(image_bytes, image_size, train: bool, seed, config):
             tf.cast(left, tf.float32), h, w)
 
 
-def transform(bbox, crowd, image_bytes, image_size, train: bool, seed, config, min_visible: float = 0.0):
+def transform(bbox, crowd, image_bytes, image_size, train: bool, seed, config, min_visible: float = 0.0,
+              excluded=None):
     """Rules 1-4 on one record's boxes: (boxes float32 [n, 4] (x1, y1, x2, y2) in the model's input pixels
-    (image_size None: the record's), kept bool [n], counts int32 [4] (invalid, clipped, crowd, cropped))."""
+    (image_size None: the record's), kept bool [n], counts int32 [5] (invalid, clipped, crowd, excluded, cropped)).
+    excluded: bool [n], the boxes of classes held out (rule 3b), or None."""
     tf = _tf()
     bbox = tf.reshape(tf.cast(bbox, tf.float32), [-1, 4])
     finite = tf.reduce_all(tf.math.is_finite(bbox), -1)
@@ -115,7 +119,8 @@ def transform(bbox, crowd, image_bytes, image_size, train: bool, seed, config, m
     sy, sx, top, left, h, w = geometry(image_bytes, image_size, train, seed, config)
     x1, x2 = xmin * w * sx - left, xmax * w * sx - left
     y1, y2 = ymin * h * sy - top, ymax * h * sy - top
-    live = ok & ~crowd
+    excluded = tf.zeros_like(ok) if excluded is None else excluded
+    live = ok & ~crowd & ~excluded
     if image_size is None:
         boxes, survives = tf.stack([x1, y1, x2, y2], -1), tf.ones_like(ok)
     else:
@@ -125,7 +130,8 @@ def transform(bbox, crowd, image_bytes, image_size, train: bool, seed, config, m
         survives = (c[2] > c[0]) & (c[3] > c[1]) & (visible >= min_visible * (x2 - x1) * (y2 - y1))
         boxes = tf.stack(c, -1)
     count = lambda m: tf.reduce_sum(tf.cast(m, tf.int32))  # noqa: E731
-    counts = tf.stack([count(~ok), count(clipped), count(ok & crowd), count(live & ~survives)])
+    counts = tf.stack([count(~ok), count(clipped), count(ok & crowd), count(ok & ~crowd & excluded),
+                       count(live & ~survives)])
     return boxes, live & survives, counts
 
 
@@ -167,6 +173,11 @@ def _validate(wanted: ops.Wanted) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
         raise ValueError(f"batch key {wanted.key!r}: min_visible must be a fraction in [0, 1] (of a box's area "
                          f"left inside the crop), got {v!r}")
+    exclude = wanted.option("exclude", ())
+    if not isinstance(exclude, (tuple, list)) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
+                                                    for c in exclude):
+        raise ValueError(f"batch key {wanted.key!r}: exclude must be a tuple of class indices (0-based in the label "
+                         f"set's class list) whose boxes are dropped, got {exclude!r}")
     if labels == RECORD:
         n = wanted.option("num_classes")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -197,8 +208,12 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
     bbox = ex["objects/bbox"]
     n = tf.shape(bbox)[0]
     crowd = _crowd({k: v for k, v in ex.items() if k in wanted.reads}, n)
+    classes = tf.cast(_classes(ex, _labels(wanted)), tf.int32)
+    exclude = tuple(wanted.option("exclude", ()))
+    excluded = tf.reduce_any(tf.equal(classes[:, None], tf.constant(exclude, tf.int32)[None, :]), -1) if exclude \
+        else None
     boxes, kept, counts = transform(bbox, crowd, ex["image"], ctx.image_size, ctx.train, ctx.seed(ops.CROP_SALT),
-                                    ctx.config, float(wanted.option("min_visible", 0.0)))
+                                    ctx.config, float(wanted.option("min_visible", 0.0)), excluded)
     size = float(ctx.image_size)
     boxes = tf.cond(flipped(ctx, wanted),
                     lambda: tf.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], -1),
@@ -207,7 +222,7 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
     overflow = tf.maximum(tf.size(index) - m, 0)
     index = index[:m]
     pad = m - tf.size(index)
-    classes = tf.cast(tf.gather(_classes(ex, _labels(wanted)), index), tf.int32)
+    classes = tf.gather(classes, index)
     k = wanted.key
     return {
         k: tf.ensure_shape(tf.concat([tf.gather(boxes, index), tf.zeros([pad, 4])], 0), [m, 4]),

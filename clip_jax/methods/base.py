@@ -56,6 +56,12 @@ class Method:
         """Told, before the step is built, which of its params (`paths`, '/'-joined) are frozen: a
         method may run a fully frozen part in inference mode (a locked tower's BatchNorm)."""
 
+    def start_variables(self, variables: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The variables a fresh run starts from, given them once initialized and config.init_from loaded (not on a
+        resume, which restores them): a method may derive some from the loaded weights (ViLD's frozen classifier
+        from the text tower). The identity by default; called under jit with the variables' shardings kept."""
+        return variables
+
     def post_update(self, params):
         """Params after each applied update (a clamp, a projection); the identity by default."""
         return params

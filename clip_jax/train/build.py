@@ -135,6 +135,8 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
                                                             boxed=boxed)
             if config.init_from and init_weights:
                 variables = initial_weights(config, model, variables, shardings, log)
+            if type(method).start_variables is not Method.start_variables:
+                variables = jax.jit(method.start_variables, out_shardings=shardings)(variables)
         state = create_state(variables, optimizer, groups)
     trained, frozen = groups.count()
     if frozen:
