@@ -23,6 +23,7 @@ DATA = [
     "tensorflow>=2.18",
     "tensorflow-text>=2.18",
     "tensorflow-datasets>=4.9",
+    "pycocotools>=2.0.7",  # COCOeval: the detection evaluation's AP
 ]
 # libtpu (with the jaxlib of the installed jax): clip_jax.compile_check describes Cloud TPU
 # topologies with it and compiles the step for them on any host.

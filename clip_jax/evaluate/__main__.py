@@ -1,16 +1,21 @@
 """python -m clip_jax.evaluate [...] (clip_jax.evaluate.evaluator.main), plus
 
     --predictions=DIR   each segmentation spec of --eval writes DIR/segmentation/DATASET.SPLIT/KEY.png (8-bit
-                        class indices, 0 = background), classes.json and picture.png (its option predictions=DIR)
+                        class indices, 0 = background), classes.json and picture.png; each detection spec
+                        DIR/detection/DATASET.SPLIT/detections.json (COCO's results format), images.json,
+                        categories.json and picture.png (their option predictions=DIR)
 """
 
 import sys
 
 from clip_jax.evaluate.evaluator import main, parse_evals
 
+WRITERS = ("segmentation", "detection")  # the tasks whose spec takes predictions=DIR
+
 
 def with_predictions(argv: list) -> list:
-    """argv without --predictions=DIR, that DIR given to every segmentation spec of its --eval values."""
+    """argv without --predictions=DIR, that DIR given to every segmentation and detection spec of its --eval
+    values."""
     directory, rest, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -36,7 +41,7 @@ def with_predictions(argv: list) -> list:
         else:
             specs = []
             for spec in parse_evals(value):
-                if spec.task == "segmentation":
+                if spec.task in WRITERS:
                     found = True
                     spec = spec.__class__(spec.task, spec.data, tuple(sorted(dict(spec.options,
                                                                                  predictions=directory).items())))
@@ -44,8 +49,8 @@ def with_predictions(argv: list) -> list:
             out.append("--eval=" + ",".join(specs))
         i += 1
     if not found:
-        sys.exit("--predictions=DIR writes the masks of segmentation specs: pass --eval=segmentation=DATA with it "
-                 "(e.g. --eval=segmentation=DATA:test)")
+        sys.exit("--predictions=DIR writes the masks of segmentation specs and the boxes of detection specs: pass "
+                 "--eval=segmentation=DATA or --eval=detection=DATA with it (e.g. --eval=segmentation=DATA:test)")
     return out
 
 

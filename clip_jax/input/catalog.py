@@ -34,6 +34,7 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 class ClassNames:
     names: list  # one per class, in label order
     prompts: list  # [class][k] texts, embedded and averaged per class
+    novel: tuple = ()  # the names of the open-vocabulary protocol's novel classes (the file's "novel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,28 @@ def find_metadata(tfds_name: str) -> Optional[str]:
 
 
 def from_file(name_or_path: str) -> ClassNames:
-    """A shipped or a user's class-name file as ClassNames."""
+    """A shipped or a user's class-name file as ClassNames: {"classnames", "templates"[, "novel": [names]]}, or a
+    list of {"name"[, "index"][, "novel": true]} (convert_detection's classes JSON, the detection task's
+    categories.json) prompted with DEFAULT_TEMPLATE."""
+    if name_or_path.endswith(".json") and os.path.exists(name_or_path):
+        with open(name_or_path) as f:
+            entries = json.load(f)
+        if isinstance(entries, list):
+            if not entries or not all(isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"]
+                                      for e in entries):
+                raise ValueError(f"{name_or_path}: a class list needs a non-empty 'name' in every entry "
+                                 "([{'name': 'person', 'index': 0}, ...])")
+            entries = sorted(entries, key=lambda e: e.get("index", 0)) if all("index" in e for e in entries) \
+                else entries
+            names = [e["name"] for e in entries]
+            return ClassNames(names, [[DEFAULT_TEMPLATE.format(n)] for n in names],
+                              tuple(e["name"] for e in entries if e.get("novel")))
     meta = load_metadata(name_or_path)
-    return ClassNames(list(meta["classnames"]), prompts_for(meta))
+    novel = meta.get("novel", [])
+    unknown = [n for n in novel if n not in meta["classnames"]] if isinstance(novel, list) else novel
+    if unknown:
+        raise ValueError(f"{name_or_path}: 'novel' must list names of 'classnames'; not {unknown!r}")
+    return ClassNames(list(meta["classnames"]), prompts_for(meta), tuple(novel))
 
 
 # -- the entries ---------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ decode there: skipped with a warning, like a bad mask.
 from __future__ import annotations
 
 from clip_jax.input import features as features_lib
-from clip_jax.input import ops, segmentation
+from clip_jax.input import ops, segmentation, shapes
 from clip_jax.input.features import Feature, get_path
 from clip_jax.input.reader import example_spec
 from clip_jax.input.transforms import _image_shape, _resized, _window
@@ -325,6 +325,15 @@ _image = features_lib.FEATURES.get("image")
 features_lib.FEATURES.register("image/size")(Feature(  # int32 [2]: (height, width) of the record's image
     parse=_image.parse, value=_image.value, empty=_image.empty, tfds=_image.tfds, tfds_decoders=_image.tfds_decoders,
     prepare=lambda value, image_bytes, image_size, config: _image_shape(image_bytes)[:2]))
+
+
+def novel_classes(labels: str) -> list:
+    """The novel classes of a built-in label set's open-vocabulary protocol (no box of theirs reaches training):
+    the shapes of shapes.NOVEL_SHAPES, for labels="combo" every colour of them, none for labels="color"."""
+    names = segmentation.class_names(labels)[1:]  # checks the label set
+    if labels == "color":
+        return []
+    return [n for n in names if n.split()[-1] in shapes.NOVEL_SHAPES]
 
 
 def read_boxes(serialized: bytes) -> dict:

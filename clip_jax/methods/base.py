@@ -182,7 +182,9 @@ def two_tower_predictions(model) -> dict[str, Prediction]:
     / each patch token through the head) and 'segment_logits', the segmentation task's segmenter:
     fn(variables, images, class_embeds [C, E] unit rows) -> [N, h, w, C] logits (MaskCLIP: cosine of the
     'image_dense' features at the model's logit scale). A method with its own segmentation inference (GroupViT,
-    LSeg) replaces 'segment_logits' with a function of the same signature."""
+    LSeg) replaces 'segment_logits' with a function of the same signature. A detector (ViLD) adds 'detect', the
+    detection task's: fn(variables, images, class_embeds [C, E], novel [C] bool) -> {'boxes' [N, K, 4] (x1, y1,
+    x2, y2) in the input's pixels, 'scores' [N, K], 'classes' [N, K] int, 'valid' [N, K] bool}."""
     import jax.numpy as jnp
 
     from clip_jax.models.clip import l2_normalize

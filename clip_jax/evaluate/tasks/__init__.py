@@ -7,7 +7,13 @@ here (or by its user before the spec is parsed): it declares its options, the sp
 and the method's predictions it needs, and turns their features into metrics and details.
 """
 
-from clip_jax.evaluate.tasks import linear_probe, retrieval, segmentation, zero_shot  # noqa: F401  (registers them)
+from clip_jax.evaluate.tasks import (  # noqa: F401  (registers them)
+    detection,
+    linear_probe,
+    retrieval,
+    segmentation,
+    zero_shot,
+)
 from clip_jax.evaluate.tasks.base import TASKS, Read, Task
 
 __all__ = ["TASKS", "Read", "Task"]

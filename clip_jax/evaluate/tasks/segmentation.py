@@ -324,12 +324,19 @@ def palette(n: int) -> np.ndarray:
     return np.asarray(colours, np.uint8)
 
 
+def pixels(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] of an evaluation image: uint8 as it is, normalized floats back to pixels."""
+    from clip_jax.preprocessing import MEAN, STD
+
+    if image.dtype != np.uint8:
+        image = np.clip((image * np.asarray(STD) + np.asarray(MEAN)) * 255, 0, 255).astype(np.uint8)
+    return image
+
+
 def picture(path: str, images: np.ndarray, masks, predicted, names, scale: int = 2):
     """Rows of (image, true mask, predicted mask: [H, W] maps of any size) and a legend of the class colours, as a
     PNG."""
     from PIL import Image, ImageDraw, ImageFont
-
-    from clip_jax.preprocessing import MEAN, STD
 
     colours = palette(len(names))
 
@@ -338,11 +345,6 @@ def picture(path: str, images: np.ndarray, masks, predicted, names, scale: int =
         known = mask < len(names)
         out[known] = colours[mask[known]]
         return out
-
-    def pixels(image):
-        if image.dtype != np.uint8:  # normalized floats back to pixels
-            image = np.clip((image * np.asarray(STD) + np.asarray(MEAN)) * 255, 0, 255).astype(np.uint8)
-        return image
 
     side = min(max((max(m.shape) for m in masks), default=32) * scale, 256)  # masks of any sizes, one square
     width, legend = 3 * (side + 6) + 6, 14 * len(names) + 24
