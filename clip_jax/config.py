@@ -28,6 +28,10 @@ OPTIM_DEFAULTS = {
     "schedule": "warmup_cosine",
     "warmup_learning_rate": 0.0,
     "schedule_every_steps": 1,
+    # 'steps' (the detection codebases'): linear warmup from 0, then learning_rate times decay_factor at each of
+    # decay_boundaries (steps counted from the run's start)
+    "decay_boundaries": (),
+    "decay_factor": 0.1,
     "b1": 0.9,
     "b2": 0.98,  # the paper's ViT value; 0.999 for ResNets
     "eps": 1e-6,
@@ -134,7 +138,7 @@ RANGES = {
     "optim.learning_rate": (">=", 0), "optim.end_learning_rate": (">=", 0), "optim.warmup_steps": (">=", 0),
     "optim.b1": ("[0,1)",), "optim.b2": ("[0,1)",), "optim.eps": (">", 0), "optim.weight_decay": (">=", 0),
     "optim.grad_clip_norm": (">=", 0), "optim.momentum": ("[0,1)",), "optim.warmup_learning_rate": (">=", 0),
-    "optim.schedule_every_steps": (">=", 1),
+    "optim.schedule_every_steps": (">=", 1), "optim.decay_factor": (">", 0),
     **{f"data.{key}": rule for key, rule in DATA_RANGES.items()},
 }
 # (low, high) pairs that must be shares of the image area, ordered

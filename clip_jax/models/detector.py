@@ -137,11 +137,10 @@ def match(candidates, gt, gt_valid, fg_iou: float, bg_iou: float, low_quality: b
     iou = jnp.where(gt_valid[None, :], box_ops.box_iou(candidates, gt), -1.0)
     best, index = iou.max(1), iou.argmax(1)
     label = jnp.where(best >= fg_iou, 1, jnp.where(best < bg_iou, BACKGROUND, IGNORE))
-    if low_quality:
+    if low_quality:  # torchvision's Matcher: such a candidate keeps its own best true box as its match
         top = iou.max(0)  # [M]
         tied = (iou == top[None, :]) & (top[None, :] > 0) & gt_valid[None, :]
         label = jnp.where(tied.any(1), 1, label)
-        index = jnp.where(tied.any(1), jnp.argmax(tied, 1), index)
     return index, label
 
 
@@ -151,7 +150,7 @@ def sample(rng, label, num: int, fg_fraction: float):
     Fewer than `num` eligible: the picked mask is False on the rest."""
     k = label.shape[0]
     num = min(num, k)
-    fg_max = int(round(num * fg_fraction))
+    fg_max = int(num * fg_fraction)  # torchvision's BalancedPositiveNegativeSampler truncates
     noise = jax.random.uniform(rng, (k,))
     fg, bg = label >= 1, label == BACKGROUND
     # foreground first (random order among them), capped; then background
@@ -168,22 +167,23 @@ def sample(rng, label, num: int, fg_fraction: float):
 # -- region features ---------------------------------------------------------------------------------
 def roi_levels(boxes, levels: Sequence[int], canonical_size: float, canonical_level: int):
     """The pyramid level of each box [R, 4] (FPN's rule: floor(canonical_level + log2(sqrt(area) /
-    canonical_size)), clamped to the levels)."""
+    canonical_size) + 1e-6), clamped to the levels: torchvision's LevelMapper)."""
     area = jnp.maximum(box_ops.box_area(boxes), 1e-6)
-    level = jnp.floor(canonical_level + jnp.log2(jnp.sqrt(area) / canonical_size + 1e-8))
+    level = jnp.floor(canonical_level + jnp.log2(jnp.sqrt(area) / canonical_size) + 1e-6)  # torchvision's eps
     return jnp.clip(level, min(levels), max(levels)).astype(jnp.int32)
 
 
 def multilevel_roi_align(maps, levels: Sequence[int], boxes, image_index, output_size: int, canonical_size: float,
-                         canonical_level: int = 4, sampling_ratio: int = 2):
-    """RoIAlign (aligned, `sampling_ratio` samples per bin axis) of each box [R, 4] (image pixels) on its FPN
-    level -> [R, s, s, C]. Every level is pooled for every box and the box's own level selected: static
+                         canonical_level: int = 4, sampling_ratio: int = 2, aligned: bool = True):
+    """RoIAlign (`sampling_ratio` samples per bin axis; aligned: half-pixel centres, Detectron2's ROIAlignV2) of
+    each box [R, 4] (image pixels) on its FPN level -> [R, s, s, C] (torchvision's MultiScaleRoIAlign with
+    aligned=False). Every level is pooled for every box and the box's own level selected: static
     shapes, at levels-times the pooling work of a gather by level."""
     which = roi_levels(boxes, levels, canonical_size, canonical_level)
     out = 0.0
     for level, m in zip(levels, maps):
         pooled = box_ops.roi_align(m, boxes, image_index, output_size, spatial_scale=1.0 / 2 ** level,
-                                   sampling_ratio=sampling_ratio, aligned=True)
+                                   sampling_ratio=sampling_ratio, aligned=aligned)
         out = out + jnp.where((which == level)[:, None, None, None], pooled, 0.0)
     return out
 

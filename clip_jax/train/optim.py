@@ -1,11 +1,12 @@
 """The one optimizer factory: by default the CLIP paper's (AdamW, weight decay on weight matrices
 only, warmup + cosine), or torch.optim.SGD's (momentum, the weight decay added to the gradient) with
-Dassl's constant warmup and per-epoch cosine (the few-shot adaptations) or a poly decay (LSeg's), with parameter groups:
+Dassl's constant warmup and per-epoch cosine (the few-shot adaptations), a poly decay (LSeg's) or step decays (ViLD's),
+with parameter groups:
 frozen params, per-group learning-rate multipliers and weight decay.
 
 Settings (``config.optim``; defaults in clip_jax.config.OPTIM_DEFAULTS): optimizer, momentum,
 learning_rate, end_learning_rate, warmup_steps, schedule, warmup_learning_rate,
-schedule_every_steps, b1, b2, eps, weight_decay, weight_decay_on, grad_clip_norm (0 disables),
+schedule_every_steps, decay_boundaries, decay_factor, b1, b2, eps, weight_decay, weight_decay_on, grad_clip_norm (0 disables),
 param_groups and frozen. The schedule spans ``total_steps`` (the run's length).
 
 Parameter groups are a table ((REGEX, {frozen, lr_mult, weight_decay}), ...) over the
@@ -33,7 +34,7 @@ from clip_jax.config import optim_settings
 DECAY = (r"kernel$", r"(^|/)proj$", r"(^|/)text_projection$")
 GROUP_KEYS = ("frozen", "lr_mult", "weight_decay")
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("warmup_cosine", "constant_warmup_cosine", "poly")
+SCHEDULES = ("warmup_cosine", "constant_warmup_cosine", "poly", "steps")
 POLY_POWER = 0.9  # the segmentation codebases' poly decay (LSeg, DeepLab)
 DECAY_ON = {"matrices": DECAY, "all": (r".*",)}
 
@@ -167,6 +168,8 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
         return constant_warmup_cosine(s, total_steps)
     if kind == "poly":
         return poly(s, total_steps)
+    if kind == "steps":
+        return stepwise(s, total_steps)
     warmup = min(int(s["warmup_steps"]), total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -191,6 +194,22 @@ def constant_warmup_cosine(settings: dict, total_steps: int) -> optax.Schedule:
     def schedule(count):
         cosine = end + 0.5 * (lr - end) * (1 + jnp.cos(jnp.pi * (count // every) / periods))
         return jnp.where(count < warmup, warmup_lr, cosine)
+
+    return schedule
+
+
+def stepwise(settings: dict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over warmup_steps, then learning_rate multiplied by decay_factor at each of
+    decay_boundaries (Mask R-CNN's and ViLD's schedule)."""
+    bounds = tuple(int(b) for b in settings["decay_boundaries"])
+    if list(bounds) != sorted(set(bounds)) or any(not 0 < b < total_steps for b in bounds):
+        raise ValueError(f"config.optim.decay_boundaries={tuple(settings['decay_boundaries'])} must be increasing steps "
+                         f"inside the run (0 < step < {total_steps})")
+    lr, factor, warmup = float(settings["learning_rate"]), float(settings["decay_factor"]), int(settings["warmup_steps"])
+    decay = optax.piecewise_constant_schedule(lr, {b: factor for b in bounds})
+
+    def schedule(count):
+        return decay(count) * (jnp.minimum(1.0, count / warmup) if warmup > 0 else 1.0)
 
     return schedule
 
