@@ -117,6 +117,10 @@ def test_embeddings_equal_crop_resize_embed_sum_normalize(teacher, tmp_path):
             want.append(total / np.linalg.norm(total))
         np.testing.assert_allclose(g["regions/embeds"], np.array(want), atol=2e-5)
         np.testing.assert_allclose(np.linalg.norm(g["regions/embeds"], axis=-1), 1.0, atol=1e-6)
+    valid[:] = False  # no proposal left: no region, embeddings of the teacher's width all the same
+    for g in region_embeds.embed_regions(records, proposal_fn, embed, 32, max_regions=3, proposal_size=32,
+                                         batch_size=4, crop_batch=8):
+        assert g["regions/bbox"].shape == (0, 4) and g["regions/embeds"].shape == (0, 32)
 
 
 def _by_key(paths):

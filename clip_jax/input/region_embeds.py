@@ -171,16 +171,17 @@ def embed_regions(records: Iterable[dict], proposal_fn, teacher_embed_fn: Callab
             raise ValueError("embed_regions: a proposal function needs proposal_size, the input size it takes")
         source = ModelProposals(proposal_fn, proposal_size, batch_size, config)
     crops = _normalized_crops()
+    state = {"width": embed_dim}  # the teacher's width, once known
     batch: list = []
     for number, rec in enumerate(records):
         batch.append({"number": number, **rec})  # box proposals' jitter is keyed by it
         if len(batch) == batch_size:
             yield from _embed_batch(batch, source, crops, teacher_embed_fn, teacher_size, scales, max_regions,
-                                    crop_batch, resample, embed_dim)
+                                    crop_batch, resample, state)
             batch = []
     if batch:
         yield from _embed_batch(batch, source, crops, teacher_embed_fn, teacher_size, scales, max_regions, crop_batch,
-                                resample, embed_dim)
+                                resample, state)
 
 
 def _check_settings(scales, max_regions, batch_size, crop_batch, resample, teacher_size) -> None:
@@ -195,8 +196,7 @@ def _check_settings(scales, max_regions, batch_size, crop_batch, resample, teach
         raise ValueError(f"resample={resample!r}: use one of {', '.join(crop_resize.RESAMPLE)}")
 
 
-def _embed_batch(batch, source, crops_fn, teacher_embed_fn, size, scales, max_regions, crop_batch, resample,
-                 embed_dim):
+def _embed_batch(batch, source, crops_fn, teacher_embed_fn, size, scales, max_regions, crop_batch, resample, state):
     images = [_decode(rec["image"]) for rec in batch]
     proposals = source(batch, images)
     if isinstance(source, ModelProposals) and max_regions > source.count:
@@ -211,10 +211,11 @@ def _embed_batch(batch, source, crops_fn, teacher_embed_fn, size, scales, max_re
     stack = np.zeros((len(batch), hp, wp, 3), np.uint8)
     for i, im in enumerate(images):
         stack[i, : im.shape[0], : im.shape[1]] = im
-    sums = [np.zeros((len(b), 0), np.float32) for b in kept]  # width unknown until the teacher has run
     embeds = []
-    for start in range(0, len(jobs), crop_batch):
-        chunk = jobs[start : start + crop_batch]
+    chunks = [jobs[start : start + crop_batch] for start in range(0, len(jobs), crop_batch)]
+    if not chunks and state["width"] is None:
+        chunks = [[]]  # no region yet: the teacher's width from one batch of blank crops
+    for chunk in chunks:
         index = np.zeros(crop_batch, np.int32)
         kx = np.zeros((crop_batch, size, wp), np.float32)
         ky = np.zeros((crop_batch, size, hp), np.float32)
@@ -227,17 +228,15 @@ def _embed_batch(batch, source, crops_fn, teacher_embed_fn, size, scales, max_re
         if got.ndim != 2 or got.shape[0] != crop_batch:
             raise ValueError(f"the teacher's image embeddings of {crop_batch} crops came as {got.shape}: want "
                              f"[{crop_batch}, E]")
-        if embed_dim is not None and got.shape[1] != embed_dim:
+        if state["width"] is not None and got.shape[1] != state["width"]:
             raise ValueError(f"the teacher's image embeddings have width {got.shape[1]}, but the region embeddings "
-                             f"must have width {embed_dim} (the student's): use a teacher of embedding width "
-                             f"{embed_dim}")
+                             f"must have width {state['width']} (the student's): use a teacher of embedding width "
+                             f"{state['width']}")
+        state["width"] = got.shape[1]
         embeds.append(got[: len(chunk)])
-    if jobs:
-        flat = np.concatenate(embeds)
-        width = flat.shape[1]
-        sums = [np.zeros((len(b), width), np.float32) for b in kept]
-        for (i, r, _), e in zip(jobs, flat):
-            sums[i][r] += e
+    sums = [np.zeros((len(b), state["width"]), np.float32) for b in kept]
+    for (i, r, _), e in zip(jobs, np.concatenate(embeds) if jobs else []):
+        sums[i][r] += e
     for rec, boxes, total, im in zip(batch, kept, sums, images):
         h, w = im.shape[:2]
         norm = np.linalg.norm(total, axis=-1, keepdims=True)
@@ -302,7 +301,7 @@ def write_regions(spec: str, out: str, proposal_fn, teacher_embed_fn: Callable, 
             writers[rec["shard"]] = tf.io.TFRecordWriter(os.path.join(out, f".part-{rec['shard']:05d}"))
         writers[rec["shard"]].write(regions.serialize(rec["raw"], rec[regions.BBOX], rec[regions.EMBEDS]))
         k = len(rec[regions.BBOX])
-        width = width or (rec[regions.EMBEDS].shape[1] if k else None)
+        width = rec[regions.EMBEDS].shape[1]
         counts["records"] += 1
         counts["regions"] += k
         counts["records_without_regions"] += int(k == 0)

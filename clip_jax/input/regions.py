@@ -76,7 +76,9 @@ def serialize(example_bytes: bytes, bbox, embeds) -> bytes:
 
     tf = _tf()
     bbox = np.asarray(bbox, np.float32).reshape(-1, 4)
-    embeds = np.asarray(embeds, np.float32).reshape(len(bbox), -1)
+    embeds = np.asarray(embeds, np.float32)
+    if embeds.ndim != 2 or len(embeds) != len(bbox):
+        raise ValueError(f"region embeddings {embeds.shape} for {len(bbox)} boxes: want [{len(bbox)}, E]")
     ex = tf.train.Example.FromString(example_bytes)
     feature = ex.features.feature
     feature[BBOX].CopyFrom(tf.train.Feature(float_list=tf.train.FloatList(value=bbox.reshape(-1))))
