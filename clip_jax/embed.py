@@ -9,10 +9,16 @@ The input pipeline runs exactly as the trainer's would (same seed, streams, crop
 image tower in inference mode (as a locked tower runs in training), and each step's global batch
 is written as image embeddings and tokens (clip_jax.input.embedding_cache). `--steps` defaults
 to config.total_steps. One process.
+
+ViLD-image's region embeddings (clip_jax.input.region_embeds, record format clip_jax.input.regions):
+
+    python -m clip_jax.embed regions --data='tfrecord:/data/coco-*' --teacher=W.safetensors [--teacher_model=NAME] \
+        (--workdir=VILD_RUN [--step=N] | --proposals=boxes) --out=DIR [--max_regions=32] [--limit=N]
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from absl import app, flags
@@ -68,5 +74,112 @@ def main(argv):
     embed(flags.FLAGS.config, flags.FLAGS.out, flags.FLAGS.steps, flags.FLAGS.chunk_steps)
 
 
+def regions_main(argv=None) -> dict:
+    """python -m clip_jax.embed regions ...: the records of --data with their region embeddings, to --out."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.embed regions", description=regions_main.__doc__)
+    parser.add_argument("--data", required=True,
+                        help="the records: a data spec of TFRecords (tfrecord:GLOB, an embedded dataset's split)")
+    parser.add_argument("--out", required=True, help="directory of the new shards and regions.json")
+    parser.add_argument("--teacher", required=True, help="the teacher CLIP: an export (.safetensors/.msgpack), "
+                        "open_clip/OpenAI weights, or a model directory / hf-hub:ORG/NAME")
+    parser.add_argument("--teacher_model", default=None, help="the teacher's model name or config JSON (default: "
+                        "the one exported beside --teacher)")
+    parser.add_argument("--workdir", default=None, help="the run whose method's 'proposals' prediction (ViLD's "
+                        "proposal stage) proposes the regions")
+    parser.add_argument("--step", type=int, default=None, help="the workdir's checkpoint (default: the latest)")
+    parser.add_argument("--proposals", choices=("model", "boxes"), default=None,
+                        help="model: the workdir's proposals (the default with --workdir); boxes: the records' own "
+                             "objects/bbox and jittered copies, a stand-in without a trained proposal stage")
+    parser.add_argument("--copies", type=int, default=2, help="--proposals=boxes: jittered copies of each box")
+    parser.add_argument("--jitter", type=float, default=0.1, help="--proposals=boxes: jitter, a share of the box")
+    parser.add_argument("--seed", type=int, default=0, help="--proposals=boxes: the jitter's seed")
+    parser.add_argument("--max_regions", type=int, default=32, help="proposals kept per record, best first")
+    parser.add_argument("--scales", default="1.0,1.5", help="crop scales around each proposal's centre")
+    parser.add_argument("--resample", choices=("bicubic", "bilinear"), default="bicubic")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N records (0: all)")
+    parser.add_argument("--batch_size", type=int, default=16, help="records per proposal batch")
+    parser.add_argument("--crop_batch", type=int, default=64, help="crops per teacher batch")
+    parser.add_argument("--data_setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a data setting (JSON value) over the workdir's config.data, e.g. cache_dir=/tmp/c")
+    args = parser.parse_args(argv)
+    proposals = args.proposals or ("model" if args.workdir else None)
+    if proposals is None:
+        parser.error("say where the proposals come from: --workdir=VILD_RUN (its 'proposals' prediction) or "
+                     "--proposals=boxes (the records' own boxes, a stand-in)")
+    if proposals == "model" and not args.workdir:
+        parser.error("--proposals=model runs a trained proposal stage: pass --workdir=VILD_RUN")
+    if proposals == "boxes" and args.workdir:
+        parser.error("--proposals=boxes reads the records' boxes, not a run: drop --workdir (or --proposals)")
+    try:
+        scales = tuple(float(s) for s in args.scales.split(","))
+    except ValueError:
+        parser.error(f"--scales={args.scales!r}: give comma-separated numbers, e.g. 1.0,1.5")
+
+    import jax
+    import numpy as np
+
+    from clip_jax.evaluate.evaluator import load_model, method_predictions
+    from clip_jax.evaluate.features import Encoder
+    from clip_jax.input import region_embeds
+    from clip_jax.parallel import sharding
+
+    if jax.process_count() != 1:
+        raise ValueError("python -m clip_jax.embed regions runs as one process (it writes every record)")
+    mesh = sharding.make_mesh({"data": -1})
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    teacher, teacher_vars, teacher_what, _, _ = load_model(None, args.teacher, args.teacher_model, None)
+    width = int(teacher.config.embed_dim)
+    data_config, describe = {}, {"teacher": teacher_what, "teacher_model": args.teacher_model}
+    if proposals == "model":
+        model, variables, what, run_config, step = load_model(args.workdir, None, None, args.step)
+        predictions = method_predictions(run_config, model, mesh)
+        if "proposals" not in predictions:
+            method = run_config.method if run_config is not None else "none"
+            raise ValueError(f"--workdir={args.workdir!r}: its method ({method}) offers no 'proposals' prediction "
+                             f"(it offers {sorted(predictions)}): pass a ViLD run, or --proposals=boxes")
+        student = getattr(model.config, "embed_dim", None)
+        if student is not None and int(student) != width:
+            raise ValueError(f"--teacher={args.teacher!r} embeds in {width} dimensions but the run's model in "
+                             f"{student}: ViLD distils into the teacher's space, so use a teacher of width {student}")
+        if run_config is not None:
+            data_config = {k: v for k, v in run_config.data.to_dict().items() if k not in ("train", "eval")}
+        encoder = Encoder(model, jax.device_put(variables, replicated), mesh,
+                          predictions={"proposals": predictions["proposals"]})
+        batch = encoder.round_batch(args.batch_size)
+
+        def proposal_fn(images):
+            return jax.tree_util.tree_map(np.asarray, encoder.predict("proposals", images))
+
+        source = region_embeds.ModelProposals(proposal_fn, model.config.vision.image_size, batch, data_config,
+                                              {"workdir": args.workdir, "step": step, "run": what})
+    else:
+        batch = args.batch_size
+        source = region_embeds.BoxProposals(args.copies, args.jitter, args.seed)
+    for item in args.data_setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--data_setting={item!r}: expected KEY=VALUE")
+        try:
+            data_config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            data_config[key] = value
+    teacher_encoder = Encoder(teacher, jax.device_put(teacher_vars, replicated), mesh)
+    crop_batch = teacher_encoder.round_batch(args.crop_batch)
+    manifest = region_embeds.write_regions(
+        args.data, args.out, source, lambda crops: np.asarray(teacher_encoder.images(np.asarray(crops))),
+        teacher.config.vision.image_size, config=data_config, limit=args.limit, describe=describe,
+        scales=scales, max_regions=args.max_regions, batch_size=batch, crop_batch=crop_batch,
+        resample=args.resample, embed_dim=width)
+    print(f"wrote {manifest['records']} records with {manifest['regions']} regions to {args.out} "
+          f"({len(manifest['shards'])} shards): train on {manifest['read_with']}")
+    return manifest
+
+
 if __name__ == "__main__":
-    app.run(main)
+    if len(sys.argv) > 1 and sys.argv[1] == "regions":
+        regions_main(sys.argv[2:])
+    else:
+        app.run(main)

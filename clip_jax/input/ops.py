@@ -78,6 +78,9 @@ class Op:
     # (Wanted) -> {made key: names}: keys of per-record int counts (entry i counted under names[i]) that the
     # stream sums over the records it yields into its state (InputPipeline.tallies), like its bad-record counts.
     tallies: Optional[Callable] = None
+    # (the source's files, None for tfds; Wanted) -> None, raising a ValueError naming the fix where the source
+    # cannot make the key (region embeddings not written yet): run by the training input before it reads
+    probe: Optional[Callable] = None
 
     def keys(self, wanted: "Wanted") -> tuple:
         """The batch keys one declaration of this op makes."""

@@ -64,7 +64,8 @@ from clip_jax.registry import Registry
 # counted per file (not_an_example, on the file's sentinel).
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example",
              "missing_mask", "bad_mask",  # the masks': clip_jax.input.segmentation
-             "bad_boxes")  # the boxes': clip_jax.input.detection
+             "bad_boxes",  # the boxes': clip_jax.input.detection
+             "bad_regions")  # the region embeddings': clip_jax.input.regions
 COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
 END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
@@ -139,7 +140,8 @@ def list_files(patterns: str) -> list[str]:
     tf = import_tensorflow()
     files, by = [], {}
     for pattern in patterns.split(","):
-        matched = sorted(tf.io.gfile.glob(pattern.strip()))
+        # a dataset's JSON beside its shards (regions.json, the converters' classes) is no shard of 'DIR/*'
+        matched = sorted(p for p in tf.io.gfile.glob(pattern.strip()) if not p.endswith(".json"))
         if not matched:
             raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
         for path in matched:  # read twice a pass, a shard would silently weigh double
@@ -596,6 +598,9 @@ class InputPipeline:
 
             tokenizer = get_tokenizer()
         all_files = self._all_files(config)  # fails early on a bad spec / missing data
+        for w, op in resolved:
+            if op.probe is not None:
+                op.probe(all_files, w)
         self._streams = [
             _Stream(self.source, all_files[s::streams] if all_files is not None else None, config,
                     batch_size=global_batch_size // streams, image_size=image_size, train=train, seed=seed,
