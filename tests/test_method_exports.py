@@ -30,7 +30,12 @@ VARIANTS = {
     "chinese_clip": ("chinese_clip", "cn-ViT-B-16", "cn-ViT-Tiny-test"),
     "lseg": ("lseg", "ViT-B-32", "ViT-Tiny-test"),
     "groupvit": ("groupvit", "GroupViT-S-16", "GroupViT-Shapes"),  # transformers' layout: its own test below
+    "vild": ("vild", "ViT-B-32", "RN-Tiny-test"),
 }
+# ViLD's recipe sized for the tiny model: its R50 head and sampling (512 regions of 7x7x256 per image) are not
+SMALL_VILD = dict(fpn_width=8, head_convs=1, head_conv_dim=8, head_fcs=1, head_fc_dim=16, rpn_batch=32, roi_batch=16,
+                  rpn_pre_nms=100, rpn_post_nms=20, test_rpn_pre_nms=100, test_rpn_post_nms=20, max_objects=4,
+                  max_regions=3, detections=10)
 OPEN_CLIP_LAYOUT = sorted(set(VARIANTS) - {"groupvit"})
 FEW_SHOT = ("coop", "cocoop", "maple", "clip_adapter", "tip_adapter", "tip_adapter_f")
 STEPS = 2
@@ -45,8 +50,11 @@ def variant_config(name):
     spec.loader.exec_module(module)
     c = module.get_config(preset)
     c.model = tiny
-    if name == "lseg":  # its recipe's overrides (ViT-L at 480 px) are for its preset, not the tiny model
+    if name in ("lseg", "vild"):  # its recipe's overrides (ViT-L at 480 px, R50 at 1024) are for its preset
         c.model_overrides = {}
+    if name == "vild":
+        c.vild.update(SMALL_VILD)
+        c.optim.decay_boundaries = ()  # its decays at 162k.. steps lie past the test's 10
     c.dtype, c.remat, c.accum_steps, c.batch_size, c.total_steps = "float32", "none", 1, 8, 10
     c.init_from = ""  # the tiny model starts from its init
     c.optim.warmup_steps = 0

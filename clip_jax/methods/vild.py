@@ -155,10 +155,10 @@ class ViLD(Method):
             boxes = BatchInput("boxes", "boxes", ("objects/bbox", "objects/shape", "objects/color"),
                                (("labels", s.labels), ("max_objects", int(s.max_objects)),
                                 ("exclude", self.novel_ids)))
-        keys = (BatchInput("image", "crop", ("image",)), boxes)
+        keys = (BatchInput("image", "crop", ("image",), (("flip", True),)), boxes)  # ViLD's horizontal flips
         if self.distill:
             keys += (BatchInput("regions", "regions", ("regions/bbox", "regions/embeds"),
-                                (("max_regions", int(s.max_regions)),)),)
+                                (("max_regions", int(s.max_regions)), ("embed_dim", self.model.config.embed_dim))),)
         return keys
 
     def batch_shapes(self, n):
@@ -255,9 +255,13 @@ class ViLD(Method):
         s = self.config.vild
         p = variables["params"][HEAD]
         n, r = boxes.shape[:2]
-        index = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
-        pooled = det.multilevel_roi_align(levels[:len(ROI_LEVELS)], ROI_LEVELS, boxes.reshape(-1, 4), index,
-                                          int(s.roi_size), float(s.canonical_size), int(s.canonical_level))
+
+        def pool(maps, image_boxes):  # per image: its gathers keep the batch axis, which the mesh shards
+            return det.multilevel_roi_align([m[None] for m in maps], ROI_LEVELS, image_boxes,
+                                            jnp.zeros((r,), jnp.int32), int(s.roi_size), float(s.canonical_size),
+                                            int(s.canonical_level))
+
+        pooled = jax.vmap(pool)(levels[:len(ROI_LEVELS)], boxes).reshape(n * r, *([int(s.roi_size)] * 2), -1)
         h = self.head.apply({"params": p[f"{branch}_head"]}, pooled.astype(self.model.dtype))
         embeds = l2_normalize(self.project.apply({"params": p[f"{branch}_project"]}, h).astype(jnp.float32))
         return embeds.reshape(n, r, -1), h.reshape(n, r, -1)
