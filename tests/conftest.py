@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 sys.path.insert(0, FIXTURES)  # random_weights.py, shared with make_fixtures.py
 
@@ -66,3 +68,41 @@ def reference(name: str, *, load: bool = True):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return importlib.import_module(name) if load else None
+
+
+# The embedded dataset at the smoke run's sizes (seed 0, 64 px), which the multiprocess, golden and
+# full-disk tests all train on.
+SMOKE_SIZES = {"train": 2560, "validation": 100, "test": 100}
+
+
+def _shared_dir(tmp_path_factory, name: str):
+    """A folder every xdist worker of this run sees (their own temp dirs share a parent), and a lock
+    held while it is filled, so that the first worker writes it and the others wait for it."""
+    import contextlib
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+    @contextlib.contextmanager
+    def locked():
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield root / name
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    return locked()
+
+
+
+@pytest.fixture(scope="session")
+def smoke_shapes(tmp_path_factory) -> str:
+    """A cache_dir holding the smoke-sized embedded dataset, written once per test run, not once
+    per test or per worker (10-20 s each on 2 cores)."""
+    from clip_jax.input import shapes
+
+    with _shared_dir(tmp_path_factory, "smoke_shapes") as path:
+        shapes.ensure_shapes_dataset(str(path), seed=0, image_size=64, sizes=SMOKE_SIZES)
+    return str(path)

@@ -14,8 +14,9 @@ SCRIPT = os.path.join(ROOT, "tests", "fixtures", "golden_losses.py")
 
 
 @pytest.mark.slow
-def test_smoke_losses_equal_the_golden_file(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", GOLDEN_CACHE_DIR=str(tmp_path))
+def test_smoke_losses_equal_the_golden_file(smoke_shapes):
+    # the golden run's dataset is the smoke-sized one the other trainer tests share (written once)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", GOLDEN_CACHE_DIR=smoke_shapes)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SMOKE_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,22 +37,21 @@ def losses(workdir) -> dict:
 
 
 def smoke_args(workdir, cache, **overrides) -> list:
+    # No summary.png: these tests read losses and checkpoints (tests/test_train.py checks the picture),
+    # and it costs every finished run a zero-shot pass and its compile.
     args = [f"--config={ROOT}/configs/smoke.py", f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
-            "--config.eval_every_steps=0", "--config.log_every_steps=1", "--config.model=ViT-Tiny-test"]
+            "--config.eval_every_steps=0", "--config.log_every_steps=1", "--config.model=ViT-Tiny-test",
+            "--config.summary_png=False"]
     return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The embedded dataset, made once (the processes below would otherwise race to make it)."""
-    from clip_jax.input import shapes
-
-    path = tmp_path_factory.mktemp("cache")
-    shapes.ensure_shapes_dataset(str(path), seed=0, image_size=64, sizes=SIZES)
-    return str(path)
+def cache(smoke_shapes):
+    """The embedded dataset, made before any run (the processes below would otherwise race to make it)."""
+    return smoke_shapes
 
 
-SIZES = {"train": 2560, "validation": 100, "test": 100}
+SIZES = SMOKE_SIZES
 SCENES = {"train": 2560, "validation": 16, "test": 16}  # LSeg's masks (2 shards: one per data stream)
 SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
 # Each method of docs/methods.md by its override of the smoke config (LiT's weights: the fixture's).
@@ -242,7 +242,9 @@ def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path
     import re
 
     workdir = tmp_path / "run"
-    args = smoke_args(workdir, cache, total_steps=10, checkpoint_every_steps=100, **SIZE_ARGS)
+    # CLIP's run of the layouts test (steps, batch), so that these layouts' compiled steps are its own
+    # (the persistent compilation cache); checkpoints only at the stop (and Orbax's first).
+    args = smoke_args(workdir, cache, total_steps=12, checkpoint_every_steps=100, batch_size=32, **SIZE_ARGS)
     if layout == "1x1":
         cmd, env = [sys.executable, "-m", "clip_jax.train"] + args, env_with(1)
     else:  # the launcher passes SIGTERM on to both processes, which agree on the step to stop at
@@ -253,14 +255,14 @@ def test_sigterm_checkpoints_the_current_step_exits_cleanly_and_resumes(tmp_path
     saved = re.search(r"preemption notice \(SIGTERM\): saved a checkpoint at step (\d+)", out)
     assert saved, out[-3000:]
     stopped = int(saved.group(1))
-    assert 3 <= stopped < 10
+    assert 3 <= stopped < 12
     # (Orbax also keeps the step-1 checkpoint it makes when there is none yet.)
     assert max(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit()) == stopped
     assert sorted(losses(workdir)) == list(range(1, stopped + 1))  # every step up to the checkpoint, once
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"resumed from step {stopped}" in done.stdout
-    assert sorted(losses(workdir)) == list(range(1, 11))
+    assert sorted(losses(workdir)) == list(range(1, 13))
 
 
 @pytest.mark.slow

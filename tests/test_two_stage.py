@@ -57,12 +57,16 @@ def test_stage_one_locks_the_image_tower_then_stage_two_trains_it(tmp_path, weig
     # Stage 1 holds no optimizer state for the locked tower; stage 2 does, from zero at the switch.
     assert "visual" not in json.dumps(jax.tree_util.tree_map(lambda x: 0, stage1["opt_state"]))
     assert "visual" in json.dumps(jax.tree_util.tree_map(lambda x: 0, stage2["opt_state"]))
-    for stop in (2, 3, 4):  # before, at and after the switch
-        resumed = tmp_path / f"stopped_at_{stop}"
+    # One run stopped before, at and after the switch in turn, each stop resumed by the next run (one
+    # run fewer per stop than a workdir each): every resume must be exact for the losses to be the
+    # uninterrupted run's up to the next stop, and for the end to be its end.
+    resumed = tmp_path / "stopped"
+    for stop in (2, 3, 4):
         train.train_and_evaluate(config(tmp_path, path), str(resumed), stop_at=stop)
-        train.train_and_evaluate(config(tmp_path, path), str(resumed))
-        np.testing.assert_allclose(losses(resumed), losses(straight), rtol=1e-6, err_msg=f"stopped at {stop}")
-        assert same(saved(resumed, 6), stage2), f"stopped at {stop}"
+        np.testing.assert_allclose(losses(resumed), losses(straight)[:stop], rtol=1e-6, err_msg=f"stopped at {stop}")
+    train.train_and_evaluate(config(tmp_path, path), str(resumed))
+    np.testing.assert_allclose(losses(resumed), losses(straight), rtol=1e-6, err_msg="resumed from step 4")
+    assert same(saved(resumed, 6), stage2)
 
 
 def test_a_switch_without_a_first_stage_is_refused(tmp_path, weights):

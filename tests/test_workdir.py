@@ -100,17 +100,18 @@ def _train(workdir, cache, *extra, timeout=600):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_a_full_disk_stops_the_run_naming_the_last_complete_checkpoint_which_resumes(tmp_path):
-    from clip_jax.input import shapes
+SHARED_RUN = ("--config.total_steps=12", "--config.checkpoint_every_steps=2", "--config.batch_size=32",
+              "--config.summary_png=False")
 
-    cache = tmp_path / "cache"
-    shapes.ensure_shapes_dataset(str(cache), seed=0, image_size=64,
-                                 sizes={"train": 2560, "validation": 100, "test": 100})
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_naming_the_last_complete_checkpoint_which_resumes(tmp_path, smoke_shapes):
+    cache = smoke_shapes  # the smoke-sized dataset, shared with the other trainer tests
     disk = tmp_path / "disk"
     mount_tmpfs(disk, "12m")  # one checkpoint of ViT-Tiny-test (~7.4 MB on disk), not two
     try:
-        done = _train(disk / "run", cache, "--config.total_steps=12", "--config.checkpoint_every_steps=2")
+        # the run of tests/test_multiprocess.py's 1-device CLIP layout (steps, batch): its compiled step, cached
+        done = _train(disk / "run", cache, *SHARED_RUN)
         assert done.returncode != 0
         assert ("CheckpointWriteError: could not write step 2's checkpoint in " in done.stderr
                 and "the filesystem is full (no space left on device). The last complete checkpoint, step 1, is "
@@ -118,7 +119,7 @@ def test_a_full_disk_stops_the_run_naming_the_last_complete_checkpoint_which_res
         shutil.copytree(disk / "run", tmp_path / "moved")  # the user's fix: the workdir moved to a roomier disk
     finally:
         unmount(disk)
-    again = _train(tmp_path / "moved", cache, "--config.total_steps=4", "--config.checkpoint_every_steps=2")
+    again = _train(tmp_path / "moved", cache, *SHARED_RUN)
     assert again.returncode == 0 and "resumed from step 1" in again.stdout, again.stderr[-3000:]
 
 
