@@ -70,6 +70,14 @@ METHODS = {
     # a learned background
     "lseg": {"method": "lseg", "data.train": "shapes_scenes:train", "lseg.features": 8, "lseg.background": "learned",
              "lseg.stage_features": (8, 8, 16, 16), **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
+    # ViLD-text on a tiny ViT's simple feature pyramid: anchor matching and region sampling drawn from the step's
+    # rng, NMS in a loop, the scenes' boxes of base classes (its image distillation reads regions precomputed by
+    # another command; tests/test_regions.py checks that input)
+    "vild": {"method": "vild", "data.train": "shapes_scenes:train", "vild.distill_weight": 0, "vild.fpn_width": 8,
+             "vild.head_convs": 1, "vild.head_conv_dim": 8, "vild.head_fcs": 1, "vild.head_fc_dim": 16,
+             "vild.rpn_batch": 32, "vild.roi_batch": 16, "vild.rpn_pre_nms": 100, "vild.rpn_post_nms": 20,
+             "vild.anchor_scale": 2.0, "vild.canonical_size": 16.0, "vild.max_objects": 8, "vild.templates": ("a {}.",),
+             **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
 }
 
 
@@ -136,7 +144,7 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
     1 device give the same losses (the same global batches); then runs killed at several moments and
     restarted end with the uninterrupted run's losses and params, bit for bit."""
     steps = 12 if method == "clip" else 8
-    if method == "lseg":  # made once here: the processes below would otherwise race to make it
+    if method in ("lseg", "vild"):  # made once here: the processes below would otherwise race to make it
         from clip_jax.input import shapes_scenes
 
         shapes_scenes.ensure_scenes_dataset(cache, seed=0, image_size=64, sizes=SCENES)
