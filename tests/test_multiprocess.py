@@ -157,6 +157,10 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
     assert sorted(want) == list(range(1, steps + 1)) and len(set(want.values())) == steps  # every step moves
     if method == "clip":  # its 12 steps are enough to see the loss fall (the others' 8 at batch 32 are noisy)
         assert want[steps] < want[1]
+    if method == "vild":  # the novel shapes' boxes were dropped from every batch, and the log says how many
+        with open(tmp_path / "straight" / "metrics.jsonl") as f:
+            last = [json.loads(line) for line in f if '"loss"' in line][-1]
+        assert last["boxes/excluded"] > 0 and last["boxes/invalid"] == 0
     layouts = {"2x4": ["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", "4"] + smoke_args(tmp_path / "2x4", cache,
                                                                                                **args)}
     if method == "clip":  # one device, too: the other methods differ in loss and phases, not in the mesh
