@@ -119,42 +119,20 @@ def regions_main(argv=None) -> dict:
         parser.error(f"--scales={args.scales!r}: give comma-separated numbers, e.g. 1.0,1.5")
 
     import jax
-    import numpy as np
 
-    from clip_jax.evaluate.evaluator import load_model, method_predictions
-    from clip_jax.evaluate.features import Encoder
+    from clip_jax.evaluate.region_models import load_proposal_stage, load_teacher
     from clip_jax.input import region_embeds
     from clip_jax.parallel import sharding
 
     if jax.process_count() != 1:
         raise ValueError("python -m clip_jax.embed regions runs as one process (it writes every record)")
     mesh = sharding.make_mesh({"data": -1})
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    teacher, teacher_vars, teacher_what, _, _ = load_model(None, args.teacher, args.teacher_model, None)
-    width = int(teacher.config.embed_dim)
-    data_config, describe = {}, {"teacher": teacher_what, "teacher_model": args.teacher_model}
+    teacher = load_teacher(args.teacher, args.teacher_model, mesh)
+    width = teacher.width
+    data_config, describe = {}, {"teacher": teacher.what, "teacher_model": args.teacher_model}
     if proposals == "model":
-        model, variables, what, run_config, step = load_model(args.workdir, None, None, args.step)
-        predictions = method_predictions(run_config, model, mesh)
-        if "proposals" not in predictions:
-            method = run_config.method if run_config is not None else "none"
-            raise ValueError(f"--workdir={args.workdir!r}: its method ({method}) offers no 'proposals' prediction "
-                             f"(it offers {sorted(predictions)}): pass a ViLD run, or --proposals=boxes")
-        student = getattr(model.config, "embed_dim", None)
-        if student is not None and int(student) != width:
-            raise ValueError(f"--teacher={args.teacher!r} embeds in {width} dimensions but the run's model in "
-                             f"{student}: ViLD distils into the teacher's space, so use a teacher of width {student}")
-        if run_config is not None:
-            data_config = {k: v for k, v in run_config.data.to_dict().items() if k not in ("train", "eval")}
-        encoder = Encoder(model, jax.device_put(variables, replicated), mesh,
-                          predictions={"proposals": predictions["proposals"]})
-        batch = encoder.round_batch(args.batch_size)
-
-        def proposal_fn(images):
-            return jax.tree_util.tree_map(np.asarray, encoder.predict("proposals", images))
-
-        source = region_embeds.ModelProposals(proposal_fn, model.config.vision.image_size, batch, data_config,
-                                              {"workdir": args.workdir, "step": step, "run": what})
+        stage = load_proposal_stage(args.workdir, args.step, args.batch_size, mesh, width, args.teacher)
+        source, batch, data_config = stage.source, stage.batch_size, stage.data_config
     else:
         batch = args.batch_size
         source = region_embeds.BoxProposals(args.copies, args.jitter, args.seed)
@@ -166,12 +144,10 @@ def regions_main(argv=None) -> dict:
             data_config[key] = json.loads(value)
         except json.JSONDecodeError:
             data_config[key] = value
-    teacher_encoder = Encoder(teacher, jax.device_put(teacher_vars, replicated), mesh)
-    crop_batch = teacher_encoder.round_batch(args.crop_batch)
+    crop_batch = teacher.encoder.round_batch(args.crop_batch)
     manifest = region_embeds.write_regions(
-        args.data, args.out, source, lambda crops: np.asarray(teacher_encoder.images(np.asarray(crops))),
-        teacher.config.vision.image_size, config=data_config, limit=args.limit, describe=describe,
-        scales=scales, max_regions=args.max_regions, batch_size=batch, crop_batch=crop_batch,
+        args.data, args.out, source, teacher.embed_crops, teacher.image_size, config=data_config, limit=args.limit,
+        describe=describe, scales=scales, max_regions=args.max_regions, batch_size=batch, crop_batch=crop_batch,
         resample=args.resample, embed_dim=width)
     print(f"wrote {manifest['records']} records with {manifest['regions']} regions to {args.out} "
           f"({len(manifest['shards'])} shards): train on {manifest['read_with']}")

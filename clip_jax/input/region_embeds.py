@@ -27,6 +27,7 @@ from clip_jax.input import crop_resize, regions
 from clip_jax.preprocessing import MEAN, STD
 
 SCALES = (1.0, 1.5)  # ViLD's crops: the proposal and 1.5x around its centre
+SCORES = "regions/scores"  # embed_regions' proposal scores (objectness), beside the record format's keys; not written
 
 
 class BoxProposals:
@@ -119,12 +120,19 @@ class ModelProposals:
 def select(boxes: np.ndarray, valid: np.ndarray, scores: np.ndarray, h: int, w: int, max_regions: int) -> np.ndarray:
     """The best `max_regions` proposals (valid, finite, of positive area once clipped to the image), by score
     (ties: proposal order), as float64 [k, 4] (x1, y1, x2, y2) clipped to the image."""
+    return select_scored(boxes, valid, scores, h, w, max_regions)[0]
+
+
+def select_scored(boxes, valid, scores, h: int, w: int, max_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    """select's boxes [k, 4] and their scores [k] (float64)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, np.float64).reshape(-1)
     finite = np.isfinite(boxes).all(-1) & np.isfinite(scores)
     c = np.clip(np.where(finite[:, None], boxes, 0.0), 0.0, [w, h, w, h])
     ok = np.asarray(valid, bool) & finite & (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
     order = np.argsort(-np.where(ok, scores, -np.inf), kind="stable")
-    return c[order[: min(int(ok.sum()), max_regions)]]
+    top = order[: min(int(ok.sum()), max_regions)]
+    return c[top], scores[top]
 
 
 def crop_boxes(boxes: np.ndarray, scale: float, h: int, w: int) -> np.ndarray:
@@ -156,8 +164,8 @@ def embed_regions(records: Iterable[dict], proposal_fn, teacher_embed_fn: Callab
                   proposal_size: Optional[int] = None, batch_size: int = 16, crop_batch: int = 64,
                   resample: str = "bicubic", embed_dim: Optional[int] = None, config=None) -> Iterator[dict]:
     """Each record ({"image": encoded bytes, "objects/bbox" for box proposals, any other keys}) again, in order,
-    with "regions/bbox" float32 [k, 4] ([ymin, xmin, ymax, xmax] in [0, 1]) and "regions/embeds" float32 [k, E]
-    (unit rows) added, k <= max_regions.
+    with "regions/bbox" float32 [k, 4] ([ymin, xmin, ymax, xmax] in [0, 1]), "regions/embeds" float32 [k, E]
+    (unit rows) and "regions/scores" float32 [k] (the proposals' scores, best first) added, k <= max_regions.
 
     proposal_fn: a BoxProposals, or the proposal stage's fn(images [N, S, S, 3] uint8) -> {"boxes", "valid",
     "scores"} with proposal_size=S (N = batch_size). teacher_embed_fn: crops [crop_batch, T, T, 3] float32,
@@ -202,7 +210,8 @@ def _embed_batch(batch, source, crops_fn, teacher_embed_fn, size, scales, max_re
     if isinstance(source, ModelProposals) and max_regions > source.count:
         raise ValueError(f"max_regions={max_regions} but the proposal stage gives {source.count} proposals per "
                          f"image: pass max_regions <= {source.count}")
-    kept = [select(b, v, s, im.shape[0], im.shape[1], max_regions) for (b, v, s), im in zip(proposals, images)]
+    chosen = [select_scored(b, v, s, im.shape[0], im.shape[1], max_regions) for (b, v, s), im in zip(proposals, images)]
+    kept = [boxes for boxes, _ in chosen]
     # every crop of the batch: (record, region, the box at each scale)
     jobs = [(i, r, crop_boxes(boxes[r : r + 1], s, *images[i].shape[:2])[0])
             for i, boxes in enumerate(kept) for r in range(len(boxes)) for s in scales]
@@ -237,12 +246,12 @@ def _embed_batch(batch, source, crops_fn, teacher_embed_fn, size, scales, max_re
     sums = [np.zeros((len(b), state["width"]), np.float32) for b in kept]
     for (i, r, _), e in zip(jobs, np.concatenate(embeds) if jobs else []):
         sums[i][r] += e
-    for rec, boxes, total, im in zip(batch, kept, sums, images):
+    for rec, (boxes, scores), total, im in zip(batch, chosen, sums, images):
         h, w = im.shape[:2]
         norm = np.linalg.norm(total, axis=-1, keepdims=True)
         unit = (total / np.maximum(norm, 1e-12)).astype(np.float32)
         bbox = np.stack([boxes[:, 1] / h, boxes[:, 0] / w, boxes[:, 3] / h, boxes[:, 2] / w], -1).astype(np.float32)
-        yield {**rec, regions.BBOX: bbox.reshape(-1, 4), regions.EMBEDS: unit}
+        yield {**rec, regions.BBOX: bbox.reshape(-1, 4), regions.EMBEDS: unit, SCORES: scores.astype(np.float32)}
 
 
 # -- the writer ----------------------------------------------------------------------------------------------

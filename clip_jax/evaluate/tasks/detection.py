@@ -144,17 +144,8 @@ class Detection(Task):
         categories = [{"id": k + 1, "name": n, "novel": bool(v)} for k, (n, v) in enumerate(zip(self.names,
                                                                                                   self.novel))]
         truth_json = detection_metrics.truth_json(image_list, truth, categories)
-        scored = detection_metrics.coco_ap(truth_json, detections, self.max_detections)
+        figures, scored = score(truth_json, detections, self.max_detections, self.novel)
         name = self.named(info.name)
-        figures = {k: scored[k] for k in detection_metrics.STATS}
-        ids = np.arange(1, len(self.names) + 1)
-        if self.novel.any():
-            for part, which in (("base", ~self.novel), ("novel", self.novel)):
-                if which.any():
-                    split = detection_metrics.coco_ap(truth_json, detections, self.max_detections, ids[which])
-                    figures.update({f"AP_{part}": split["AP"], f"AP50_{part}": split["AP50"]})
-        else:  # every class is a base class
-            figures.update({"AP_base": scored["AP"], "AP50_base": scored["AP50"]})
         metrics = {f"detection/{name}/{k}": v for k, v in figures.items() if v is not None}
         labels = np.concatenate([t["labels"][~t["crowd"]] for t in truth]) if truth else np.zeros(0, int)
         per_class = scored["per_class"]
@@ -177,6 +168,23 @@ class Detection(Task):
                         kept[:PICTURE_IMAGES], sizes[:PICTURE_IMAGES], self.names, self.novel)
                 details["predictions"] = directory
         return metrics, details
+
+
+def score(truth_json: dict, detections: list, max_detections: int, novel: np.ndarray) -> tuple[dict, dict]:
+    """(the task's figures: STATS over every class, {AP, AP50}_base and _novel; COCOeval's scoring over every class,
+    with 'per_class') of `detections` against `truth_json`, categories 1..C with novel [C] bool."""
+    scored = detection_metrics.coco_ap(truth_json, detections, max_detections)
+    figures = {k: scored[k] for k in detection_metrics.STATS}
+    novel = np.asarray(novel, bool)
+    ids = np.arange(1, len(novel) + 1)
+    if novel.any():
+        for part, which in (("base", ~novel), ("novel", novel)):
+            if which.any():
+                split = detection_metrics.coco_ap(truth_json, detections, max_detections, ids[which])
+                figures.update({f"AP_{part}": split["AP"], f"AP50_{part}": split["AP50"]})
+    else:  # every class is a base class
+        figures.update({"AP_base": scored["AP"], "AP50_base": scored["AP50"]})
+    return figures, scored
 
 
 def _number(spec, key: str, default: str, kind, what: str):
@@ -341,4 +349,4 @@ def picture(path: str, images: np.ndarray, truth: list, kept: list, sizes: np.nd
     canvas.save(path)
 
 
-__all__ = ["Detection", "DetectorRun", "results"]
+__all__ = ["Detection", "DetectorRun", "results", "score"]
