@@ -6,7 +6,8 @@ frozen params, per-group learning-rate multipliers and weight decay.
 
 Settings (``config.optim``; defaults in clip_jax.config.OPTIM_DEFAULTS): optimizer, momentum,
 learning_rate, end_learning_rate, warmup_steps, schedule, warmup_learning_rate,
-schedule_every_steps, decay_boundaries, decay_factor, b1, b2, eps, weight_decay, weight_decay_on, grad_clip_norm (0 disables),
+schedule_every_steps, decay_boundaries, decay_factor, b1, b2, eps, weight_decay, weight_decay_on,
+grad_clip_norm (0 disables),
 param_groups and frozen. The schedule spans ``total_steps`` (the run's length).
 
 Parameter groups are a table ((REGEX, {frozen, lr_mult, weight_decay}), ...) over the
@@ -203,9 +204,10 @@ def stepwise(settings: dict, total_steps: int) -> optax.Schedule:
     decay_boundaries (Mask R-CNN's and ViLD's schedule)."""
     bounds = tuple(int(b) for b in settings["decay_boundaries"])
     if list(bounds) != sorted(set(bounds)) or any(not 0 < b < total_steps for b in bounds):
-        raise ValueError(f"config.optim.decay_boundaries={tuple(settings['decay_boundaries'])} must be increasing steps "
-                         f"inside the run (0 < step < {total_steps})")
-    lr, factor, warmup = float(settings["learning_rate"]), float(settings["decay_factor"]), int(settings["warmup_steps"])
+        raise ValueError(f"config.optim.decay_boundaries={tuple(settings['decay_boundaries'])} must be increasing "
+                         f"steps inside the run (0 < step < {total_steps})")
+    lr, factor = float(settings["learning_rate"]), float(settings["decay_factor"])
+    warmup = int(settings["warmup_steps"])
     decay = optax.piecewise_constant_schedule(lr, {b: factor for b in bounds})
 
     def schedule(count):

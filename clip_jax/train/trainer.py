@@ -219,7 +219,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             elapsed = time.perf_counter() - window["start"]
             row = _log_row(step, metrics, run.learning_rate(step), window["images"] / elapsed,
                            sum(pipe.bad_records().values()))
-            # what the input's ops dropped or clipped, by rule, over this process's records (boxes: invalid, excluded...)
+            # what the input's ops dropped or clipped, by rule, over this process's records (boxes/invalid, ...)
             row.update(getattr(pipe, "tallies", dict)())
             row["elapsed_s"] = time.perf_counter() - started  # of this process, data and compiles included
             eta = (config.total_steps - step) * elapsed / (window["images"] / config.batch_size)
