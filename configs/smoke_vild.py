@@ -10,7 +10,7 @@ are detected zero-shot.
 
 Both towers come from init_from; the detector starts fresh. Scaled to 64 px scenes of 2 to 5 objects 10 to 27 px
 wide: anchors of 8 px on P2 to 128 px on P6, regions pooled on P2 below 16 px and P3 to 32 px, 50 proposals per
-image, a one-conv one-fc region head. The class texts are the shape names with each colour of the data
+image, a one-conv one-fc region head per branch (ViLD-ensemble). The class texts are the shape names with each colour of the data
 ("a red {}."), averaged: the smoke CLIP was trained on captions that always name a colour.
 """
 
@@ -47,6 +47,7 @@ def get_config():
     v.head_convs, v.head_conv_dim, v.head_fcs, v.head_fc_dim = 1, 32, 1, 128
     v.max_regions = 16
     v.distill_weight = 0.5
+    v.ensemble = True  # ViLD-ensemble: one head per loss, their scores combined (the reference's best R50 row)
     v.detections = 20
     c.data.train = "shapes_scenes:train"
     c.data.eval = "detection=shapes_scenes:test"

@@ -157,7 +157,7 @@ def test_the_frozen_classifier_is_the_text_towers_and_training_leaves_it_bit_ide
 
 
 def test_the_loss_is_finite_on_batches_without_boxes_or_regions():
-    config = _config()
+    config = _config(ensemble=True)  # both branches: the image one distilled, the two scores combined at inference
     method = ViLD(config, *_model_and_mesh(config))
     variables = jax.jit(method.start_variables)(nn.meta.unbox(jax.jit(method.init)(jax.random.key(0))))
     batch = _batch()
