@@ -10,8 +10,8 @@ are detected zero-shot.
 
 Both towers come from init_from; the detector starts fresh. Scaled to 64 px scenes of 2 to 5 objects 10 to 27 px
 wide: anchors of 8 px on P2 to 128 px on P6, regions pooled on P2 below 16 px and P3 to 32 px, 50 proposals per
-image, a one-conv one-fc region head per branch (ViLD-ensemble). The class texts are the shape names with each colour of the data
-("a red {}."), averaged: the smoke CLIP was trained on captions that always name a colour.
+image, a one-conv one-fc region head per branch (ViLD-ensemble). The class texts are the shape names with each
+colour of the data ("a red {}."), averaged: the smoke CLIP was trained on captions that always name a colour.
 """
 
 from clip_jax.config import base_config
