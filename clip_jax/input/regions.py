@@ -44,6 +44,7 @@ BBOX, EMBEDS, EMBED_DIM = "regions/bbox", "regions/embeds", "regions/embed_dim"
 READS = (BBOX, EMBEDS)
 MANIFEST = "regions.json"
 COUNTS = ("invalid", "clipped", "cropped", "overflow")
+RULES = [detection.COUNTS.index(c) for c in COUNTS[:3]]  # where detection.transform's counts hold these
 MAX_REGIONS = 32
 COMMAND = ("python -m clip_jax.embed regions --data=SPEC --teacher=EXPORT (--workdir=VILD_RUN | --proposals=boxes) "
            "--out=DIR")
@@ -146,7 +147,7 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
         k: tf.ensure_shape(tf.concat([tf.gather(boxes, index), tf.zeros([pad, 4])], 0), [p, 4]),
         f"{k}/embeds": tf.ensure_shape(tf.concat([tf.gather(embeds, index), tf.zeros([pad, e])], 0), [p, e]),
         f"{k}/valid": tf.ensure_shape(tf.range(p) < tf.size(index), [p]),
-        f"{k}/counts": tf.concat([counts[:2], counts[3:], [overflow]], 0),  # no crowd rule for regions
+        f"{k}/counts": tf.concat([tf.gather(counts, RULES), [overflow]], 0),  # no crowd or excluded rule here
     }
 
 
