@@ -213,3 +213,24 @@ def two_tower_predictions(model) -> dict[str, Prediction]:
             "logit_scale": Prediction(logit_scale), "image_dense": Prediction(dense("maskclip"), "image", 3),
             "image_dense_patch": Prediction(dense("patch"), "image", 3),
             "segment_logits": Prediction(segment_logits, "image", 3)}
+
+
+def class_names(settings, section: str, order: str) -> tuple[str, ...]:
+    """A method section's class names (config.SECTION.classes), or those of its `classes_file` (one a line, blank
+    lines skipped) where set; `order` says in the error what order the file must list them in."""
+    if not settings.classes_file:
+        return tuple(settings.classes)
+    try:
+        with open(settings.classes_file, encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+        raise ValueError(f"config.{section}.classes_file={settings.classes_file!r} cannot be read ({e}): give a text "
+                         f"file of class names, one a line in {order}") from None
+
+
+def without_part(fn, part: str):
+    """A predict function of the towers alone, fed a method's variables that also hold `part` (its head)."""
+    def wrapped(variables, *args):
+        return fn({name: {k: v for k, v in tree.items() if k != part} for name, tree in variables.items()}, *args)
+
+    return wrapped

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import BatchInput, Method, Prediction
+from clip_jax.methods.base import BatchInput, Method, Prediction, class_names, without_part
 from clip_jax.models import dummy_inputs, l2_normalize
 from clip_jax.models.dpt import SCRATCH, DPTHead, resize_bilinear
 from clip_jax.preprocessing import model_images
@@ -275,7 +275,7 @@ class LSeg(Method):
         [K, E] or None: every config.lseg.classes) -> per-pixel logits float32 [N, S, S, K], every class."""
         towers = {}
         for name, p in super().predictions().items():
-            towers[name] = Prediction(_without_head(p.fn), p.reads, p.item_rank)
+            towers[name] = Prediction(without_part(p.fn, HEAD), p.reads, p.item_rank)
 
         learned = self.config.lseg.background == "learned"
 
@@ -340,20 +340,6 @@ class LSeg(Method):
 
 
 def class_list(settings) -> tuple[str, ...]:
-    """config.lseg's class names: those of `classes_file` (one a line, blank lines skipped) where set."""
-    if not settings.classes_file:
-        return tuple(settings.classes)
-    try:
-        with open(settings.classes_file, encoding="utf-8") as f:
-            return tuple(line.strip() for line in f if line.strip())
-    except OSError as e:
-        raise ValueError(f"config.lseg.classes_file={settings.classes_file!r} cannot be read ({e}): give a text file "
-                         "of class names, one a line in the mask's id order") from None
-
-
-def _without_head(fn):
-    def wrapped(variables, *args):
-        return fn({name: {k: v for k, v in tree.items() if k != HEAD} for name, tree in variables.items()}, *args)
-
-    return wrapped
+    """config.lseg's class names: those of `classes_file` where set."""
+    return class_names(settings, "lseg", "the mask's id order")
 

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import BatchInput, Method, Prediction
+from clip_jax.methods.base import BatchInput, Method, Prediction, class_names, without_part
 from clip_jax.models import box_ops, dummy_inputs, l2_normalize
 from clip_jax.models import detector as det
 from clip_jax.preprocessing import model_images
@@ -72,14 +72,8 @@ ROI_LEVELS = (2, 3, 4, 5)
 
 
 def class_list(settings) -> tuple[str, ...]:
-    if not settings.classes_file:
-        return tuple(settings.classes)
-    try:
-        with open(settings.classes_file, encoding="utf-8") as f:
-            return tuple(line.strip() for line in f if line.strip())
-    except OSError as e:
-        raise ValueError(f"config.vild.classes_file={settings.classes_file!r} cannot be read ({e}): give a text file "
-                         "of class names, one a line in label order") from None
+    """config.vild's class names: those of `classes_file` where set."""
+    return class_names(settings, "vild", "label order")
 
 
 def region_logits(embeds, class_embeds, background, temperature: float):
@@ -388,7 +382,7 @@ class ViLD(Method):
 
     def predictions(self):
         """The two towers' predictions (without the detector), 'detect' and 'proposals'."""
-        towers = {name: Prediction(_without_head(p.fn), p.reads, p.item_rank)
+        towers = {name: Prediction(without_part(p.fn, HEAD), p.reads, p.item_rank)
                   for name, p in super().predictions().items() if not name.startswith(("image_dense", "segment"))}
         return {**towers, "detect": Prediction(self.detect, "image", 3, templates=tuple(self.config.vild.templates)),
                 "proposals": Prediction(self.region_proposals, "image", 3)}
@@ -435,10 +429,3 @@ class ViLD(Method):
                 raise ValueError(f"config.vild.{name}={s[name]} must be in [0, 1]")
         if float(s.rpn_bg_iou) > float(s.rpn_fg_iou):
             raise ValueError(f"config.vild.rpn_bg_iou={s.rpn_bg_iou} is above rpn_fg_iou={s.rpn_fg_iou}")
-
-
-def _without_head(fn):
-    def wrapped(variables, *args):
-        return fn({name: {k: v for k, v in tree.items() if k != HEAD} for name, tree in variables.items()}, *args)
-
-    return wrapped
