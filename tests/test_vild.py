@@ -177,6 +177,23 @@ def test_the_loss_is_finite_on_batches_without_boxes_or_regions():
     assert (np.asarray(out["classes"]) < 4).all()
 
 
+def test_vild_image_alone_drops_the_text_loss_and_trains_no_background():
+    losses = {}
+    for weight in (1.0, 0.0):
+        config = _config(text_weight=weight)
+        method = ViLD(config, *_model_and_mesh(config))
+        variables = jax.jit(method.start_variables)(nn.meta.unbox(jax.jit(method.init)(jax.random.key(0))))
+        state = {k: v for k, v in variables.items() if k != "params"}
+        batch = {k: v for k, v in _batch().items() if k in method.batch_keys}
+        (loss, metrics), grads = jax.jit(jax.value_and_grad(
+            lambda p, b: method.loss(p, state, b, jax.random.key(1))[:2], has_aux=True))(variables["params"], batch)
+        losses[weight] = (float(loss), float(metrics["text_loss"]), np.asarray(grads[HEAD]["background"]))
+    (with_text, text, background), (alone, _, background_alone) = losses[1.0], losses[0.0]
+    assert text > 0 and np.abs(background).max() > 0
+    np.testing.assert_allclose(alone, with_text - text, rtol=1e-5)
+    assert not np.abs(background_alone).any()
+
+
 def _model_and_mesh(config):
     from clip_jax.methods.run_model import model_from_config
     from clip_jax.parallel.sharding import make_mesh
@@ -194,6 +211,7 @@ def test_training_reads_no_box_of_a_novel_class():
 def test_bad_settings_are_named():
     for bad, words in (({"novel": ("hexagon",)}, "not classes"), ({"templates": ("a photo",)}, "'{}'"),
                        ({"rpn_bg_iou": 0.9}, "above rpn_fg_iou"),
+                       ({"text_weight": 0.0, "distill_weight": 0.0}, "no region classifier"),
                        ({"novel": ("circle", "square", "triangle", "star", "cross", "diamond")}, "no base class")):
         with pytest.raises(ValueError, match=words):
             ViLD.check_config(_config(**bad))

@@ -62,6 +62,7 @@ VILD_DEFAULTS = {
     "head_convs": 4, "head_conv_dim": 256, "head_fcs": 2, "head_fc_dim": 1024,
     "temperature": 100.0,
     "distill_weight": 0.5,  # ViLD-image's weight; 0 trains ViLD-text alone (no regions read)
+    "text_weight": 1.0,  # ViLD-text's weight; 0 trains ViLD-image alone (the paper's ablation; boxes still regress)
     "max_regions": 300,  # precomputed proposals per image (batch key `regions`)
     "ensemble": False,
     "base_weight": 2 / 3,  # the ensemble's exponent of p_text on base classes (1 - it on novel ones)
@@ -317,7 +318,7 @@ class ViLD(Method):
         box_loss = jnp.where(roi_fg[..., None], det.smooth_l1(deltas - roi_target, 1.0), 0.0).sum() / count
         accuracy = jnp.where(roi_ok, jnp.argmax(logits, -1) == safe, False).sum() / count
 
-        loss = rpn_cls + rpn_box + text_loss + box_loss
+        loss = rpn_cls + rpn_box + float(s.text_weight) * text_loss + box_loss
         metrics = {"rpn_cls": rpn_cls, "rpn_box": rpn_box, "text_loss": text_loss, "box_loss": box_loss,
                    "region_acc": accuracy, "fg_regions": roi_fg.sum() / n, "rpn_fg": fg.sum() / n}
         if self.distill:
@@ -398,7 +399,8 @@ class ViLD(Method):
 
     # -- config --
     config_sections = {"vild": VILD_DEFAULTS}
-    config_ranges = {"vild.temperature": (">", 0), "vild.distill_weight": (">=", 0), "vild.rpn_batch": (">=", 1),
+    config_ranges = {"vild.temperature": (">", 0), "vild.distill_weight": (">=", 0),
+                     "vild.text_weight": (">=", 0), "vild.rpn_batch": (">=", 1),
                      "vild.roi_batch": (">=", 1), "vild.max_regions": (">=", 1), "vild.detections": (">=", 1),
                      "vild.fpn_width": (">=", 1), "vild.roi_size": (">=", 1), "vild.max_objects": (">=", 1)}
 
@@ -427,5 +429,8 @@ class ViLD(Method):
                      "nms", "base_weight"):
             if not 0.0 <= float(s[name]) <= 1.0:
                 raise ValueError(f"config.vild.{name}={s[name]} must be in [0, 1]")
+        if float(s.text_weight) == 0 and float(s.distill_weight) == 0:
+            raise ValueError("config.vild.text_weight=0 and distill_weight=0 train no region classifier; set one "
+                             "above 0 (text_weight=1 for ViLD-text, distill_weight=0.5 for ViLD-image)")
         if float(s.rpn_bg_iou) > float(s.rpn_fg_iou):
             raise ValueError(f"config.vild.rpn_bg_iou={s.rpn_bg_iou} is above rpn_fg_iou={s.rpn_fg_iou}")
