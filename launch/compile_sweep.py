@@ -145,6 +145,7 @@ RECIPES = (
     ("GroupViT-S-16", "configs/groupvit.py", {}),
     ("ViT-B-32", "configs/lseg.py", {"topology": "v5e:4x4"}),
     ("ViT-B-32", "configs/lseg.py", {"batch": 256}),  # its 16 does not split over 256 chips: 1 per chip
+    ("ViT-B-32", "configs/vild.py", {}),  # the R50 detector at 1024 px, batch 256 (the text tower's the preset's)
 )
 
 
