@@ -16,12 +16,14 @@ of BPE'd words. ``python -m clip_jax.benchmark tokenizer`` measures captions/s.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import gzip
 import html
 import os
 import re
 import string
+import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -76,6 +78,100 @@ def clean_text(text: str) -> str:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class _Provenance:
+    """A transformed text and, for each of its characters, the [start, end) span of the original text it
+    came from: what lets a tokenizer that cleans its input give offsets into the caller's string."""
+
+    def __init__(self, text: str, start: list | None = None, end: list | None = None):
+        self.text = text
+        self.start = list(range(len(text))) if start is None else start
+        self.end = list(range(1, len(text) + 1)) if end is None else end
+
+    def span(self, a: int, b: int) -> tuple[int, int]:
+        """Original span of characters [a, b) of this text (b > a)."""
+        return min(self.start[a:b]), max(self.end[a:b])
+
+    def sub(self, pattern, repl) -> "_Provenance":
+        """pattern.sub(repl, text), each replacement's characters tracing to the whole match."""
+        text, start, end, pos = [], [], [], 0
+        for m in pattern.finditer(self.text):
+            a, b = m.span()
+            if a == b:
+                continue
+            text.append(self.text[pos:a])
+            start += self.start[pos:a]
+            end += self.end[pos:a]
+            new = repl(m) if callable(repl) else repl
+            s, e = self.span(a, b)
+            text.append(new)
+            start += [s] * len(new)
+            end += [e] * len(new)
+            pos = b
+        text.append(self.text[pos:])
+        return _Provenance("".join(text), start + self.start[pos:], end + self.end[pos:])
+
+    def map_chars(self, per_char, whole) -> "_Provenance":
+        """whole(text), traced character by character through per_char, then aligned by difflib where the
+        two differ (str.lower's final sigma, NFD's reordering of combining marks)."""
+        pieces = [per_char(c) for c in self.text]
+        start = [s for p, s in zip(pieces, self.start) for _ in p]
+        end = [e for p, e in zip(pieces, self.end) for _ in p]
+        out, new = _Provenance("".join(pieces), start, end), whole(self.text)
+        return out if out.text == new else out.align(new)
+
+    def strip(self) -> "_Provenance":
+        a = len(self.text) - len(self.text.lstrip())
+        b = len(self.text.rstrip())
+        return _Provenance(self.text[a:b], self.start[a:b], self.end[a:b]) if b > a else _Provenance("", [], [])
+
+    def align(self, new: str) -> "_Provenance":
+        """Provenance of an arbitrary rewrite (ftfy's repairs): unchanged runs keep theirs, each changed
+        run traces to the whole run it replaced (an insertion to its neighbour)."""
+        start, end = [], []
+        for op, a, b, c, d in difflib.SequenceMatcher(None, self.text, new, autojunk=False).get_opcodes():
+            if op == "equal":
+                start += self.start[a:b]
+                end += self.end[a:b]
+            elif d > c:
+                lo, hi = (a, b) if b > a else (max(a - 1, 0), min(a + 1, len(self.text)))
+                s, e = self.span(lo, hi) if hi > lo else (0, 0)
+                start += [s] * (d - c)
+                end += [e] * (d - c)
+        return _Provenance(new, start, end)
+
+
+def _unescape(p: _Provenance) -> _Provenance:
+    """html.unescape with provenance: its own pattern and replacement (CPython's), checked against it."""
+    if "&" not in p.text:
+        return p
+    want = html.unescape(p.text)
+    pattern, replace = getattr(html, "_charref", None), getattr(html, "_replace_charref", None)
+    if pattern is not None and replace is not None:
+        out = p.sub(pattern, replace)
+        if out.text == want:
+            return out
+    return p.align(want)
+
+
+def clean_text_with_offsets(text: str) -> _Provenance:
+    """clean_text(text) with each cleaned character's span in ``text``."""
+    p = _Provenance(text)
+    if not _ftfy_is_identity(text):
+        import ftfy
+
+        p = p.align(ftfy.fix_text(text))
+    p = _unescape(_unescape(p)).strip()
+    p = p.sub(_whitespace_run(), " ").strip()
+    return p.map_chars(str.lower, str.lower)
+
+
+@functools.lru_cache(maxsize=1)
+def _whitespace_run():
+    import regex
+
+    return regex.compile(r"\s+")
 
 
 class ClipTokenizer:
@@ -138,6 +234,28 @@ class ClipTokenizer:
         for word in self.word_pattern.findall(clean_text(text)):
             ids.extend(self._word_ids(word))
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text) and each id's [start, end) character span in ``text`` (not the cleaned text).
+
+        A token covers the original characters its bytes came from: several tokens share a character
+        whose UTF-8 bytes BPE split, and a character lower-casing or ftfy expanded gives its span to each
+        piece. Whitespace, and what the cleaning drops or rewrites away, map to no token.
+        """
+        p = clean_text_with_offsets(text)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for m in self.word_pattern.finditer(p.text):
+            word = m.group()
+            byte_char = [i for i, c in enumerate(word) for _ in c.encode("utf-8")]
+            pos = 0
+            for i in self._word_ids(word):
+                symbol = self.decoder[i]
+                n = len(symbol) - (4 if symbol.endswith("</w>") else 0)
+                ids.append(i)
+                offsets.append(p.span(m.start() + byte_char[pos], m.start() + byte_char[pos + n - 1] + 1))
+                pos += n
+        return ids, offsets
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of one row of ids: after SOT, up to EOT (id 0 is "!", so padding is only cut at EOT)."""
@@ -270,6 +388,29 @@ _BERT_MAX_WORD_CHARS = 200  # longer words are one [UNK]
 _UNK_TOKEN, _CLS_TOKEN, _SEP_TOKEN = "[UNK]", "[CLS]", "[SEP]"
 
 
+@functools.lru_cache(maxsize=None)
+def _bert_regex(pattern: str):
+    """An RE2 pattern of the in-graph path compiled by Python's regex module (which spells \\x{HHHH} \\UHHHHHHHH)."""
+    import regex
+
+    return regex.compile(re.sub(r"\\x\{([0-9A-Fa-f]+)\}", lambda m: f"\\U{int(m.group(1), 16):08X}", pattern))
+
+
+def _bert_words(text: str) -> list[tuple[int, int]]:
+    """[start, end) of BERT's words in cleaned text: runs between whitespace and split characters, and each
+    split character (tf_text.regex_split with the delimiters kept that ``_wordpieces`` uses)."""
+    words, pos = [], 0
+    for m in _bert_regex(r"\s+|(" + _BERT_SPLIT + ")").finditer(text):
+        if m.start() > pos:
+            words.append((pos, m.start()))
+        if m.group(1) is not None:
+            words.append(m.span())
+        pos = m.end()
+    if pos < len(text):
+        words.append((pos, len(text)))
+    return words
+
+
 def _read_bert_vocab(path: str) -> tuple[list[str], dict[str, int]]:
     """Lines of a BERT vocab file and token -> id, read as BERT's load_vocab reads them: universal
     newlines, each line stripped, a repeated token keeping its last line."""
@@ -317,11 +458,13 @@ class WordPieceTokenizer:
         self.pad_id = pad_id
         self.unk_id, self.cls_id, self.sep_id = (vocab[t] for t in (_UNK_TOKEN, _CLS_TOKEN, _SEP_TOKEN))
         self._tokens = tokens
+        self._vocab = vocab
         table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(list(vocab)), tf.constant(list(vocab.values()), tf.int64)),
             default_value=-1)
         # No vocab entry is longer than this, so longer prefixes need no lookup (only a speed-up).
         longest = max(len(t[2:] if t.startswith("##") else t) for t in tokens)
+        self._longest = longest
         self._wordpiece = tf_text.WordpieceTokenizer(
             table, suffix_indicator="##", max_bytes_per_word=4 * _BERT_MAX_WORD_CHARS, max_chars_per_token=longest,
             token_out_type=tf.int32, unknown_token=_UNK_TOKEN, split_unknown_characters=False)
@@ -372,6 +515,49 @@ class WordPieceTokenizer:
             if not isinstance(text, str):
                 raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
         return np.asarray(self.tf_tokenize(list(texts), context_length), dtype=np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids tf_tokenize gives between [CLS] and [SEP] (untruncated), in Python, with each id's
+        [start, end) character span in ``text``.
+
+        The same steps as ``_wordpieces`` with Python's Unicode tables (str.lower, unicodedata, the regex
+        module) where TF uses ICU and RE2. A piece of a word covers the original characters it came from
+        (an accented letter gives its span to the unaccented one); an [UNK] word covers the whole word.
+        Whitespace and what the cleaning drops (control and format characters, accents' combining marks)
+        map to no token.
+        """
+        p = _Provenance(text).sub(_bert_regex(_BERT_DROP), "").sub(_bert_regex(_BERT_SPACE), " ")
+        if self.lower_case:
+            p = p.map_chars(str.lower, str.lower)
+            nfd = functools.partial(unicodedata.normalize, "NFD")
+            p = p.map_chars(nfd, nfd).sub(_bert_regex(r"\p{Mn}"), "")
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for a, b in _bert_words(p.text):
+            word = p.text[a:b]
+            pieces = None if b - a > _BERT_MAX_WORD_CHARS else self._word_pieces(word)
+            if pieces is None:
+                ids.append(self.unk_id)
+                offsets.append(p.span(a, b))
+                continue
+            for i, (s, e) in pieces:
+                ids.append(i)
+                offsets.append(p.span(a + s, a + e))
+        return ids, offsets
+
+    def _word_pieces(self, word: str):
+        """Greedy longest-match-first pieces of one word as [(id, (start, end))], None if some rest has none."""
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(min(len(word), start + self._longest), start, -1):
+                i = self._vocab.get(word[start:end] if start == 0 else "##" + word[start:end])
+                if i is not None:
+                    pieces.append((i, (start, end)))
+                    start = end
+                    break
+            else:
+                return None
+        return pieces
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of one row of ids: its word pieces between [CLS] and [SEP], "##" pieces joined to the previous."""
