@@ -67,9 +67,9 @@ def test_state_dict_layout_equals_open_clip_for_every_preset():
         tiny = "RN-Tiny-test" if name.startswith("RN") else "ViT-Tiny-test"
         keys = convert.expected_state_dict_shapes(create_model(name, scan=True))
         assert blockless(keys) == blockless(reference[tiny]), name
-    # SigLIP's and GroupViT's towers have no open_clip CLIP layout: tests/test_siglip.py and tests/test_groupvit.py
-    # check them against transformers'.
-    siglip = {n for n in list_models() if clip_jax.get_model_config(n).vision.kind in ("siglip", "groupvit")}
+    # SigLIP's, GroupViT's and Swin's towers have no open_clip CLIP layout: tests/test_siglip.py and
+    # tests/test_groupvit.py check them against transformers', tests/test_swin.py against timm's.
+    siglip = {n for n in list_models() if clip_jax.get_model_config(n).vision.kind in ("siglip", "groupvit", "swin")}
     names = [n for n in list_models()
              if not n.endswith("-quickgelu") and n not in demos and not n.startswith("cn-") and n not in siglip]
     assert sorted(names) == sorted(reference)

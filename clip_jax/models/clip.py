@@ -8,7 +8,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clip_jax.models import groupvit
+from clip_jax.models import groupvit, swin
 from clip_jax.models.bert import BertTextTower
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.dense import check_form
@@ -74,6 +74,7 @@ def _siglip_vision(clip: "CLIP") -> nn.Module:
 
 VISION_TOWERS.register("siglip")(_siglip_vision)
 VISION_TOWERS.register("groupvit")(groupvit.vision_tower)
+VISION_TOWERS.register("swin")(swin.vision_tower)
 
 
 def _clip_text(clip: "CLIP") -> nn.Module:
@@ -178,7 +179,8 @@ class CLIP(nn.Module):
     def encode_image_intermediates(self, images, layers=(1,)):
         """images -> [[N, h, w, width] patch tokens (no class token) of the output of block i, for i in `layers`
         (1-based)], in the compute dtype, as open_clip's forward_intermediates (NHWC here). A ModifiedResNet:
-        the outputs of its stages i (1..4, strides 4 to 32), BatchNorm in inference."""
+        the outputs of its stages i (1..4, strides 4 to 32), BatchNorm in inference; a Swin tower likewise its
+        stages' maps (strides 4 to 32)."""
         return self.visual(images, intermediates=layers)
 
     def encode_text_tokens(self, tokens):

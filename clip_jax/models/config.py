@@ -41,6 +41,10 @@ class VisionConfig:
     group_tokens: Tuple[int, ...] = ()
     output_groups: Tuple[int, ...] = ()
     drop_path: float = 0.0
+    # kind 'swin' (clip_jax.models.swin): stage_depths and drop_path as above, the heads of each stage and the
+    # attention window's side; width is the first stage's, patch_size the patch embedding's.
+    stage_heads: Tuple[int, ...] = ()
+    window_size: int = 0
 
     def __post_init__(self):
         if not self.kind:
@@ -113,7 +117,7 @@ class CLIPConfig:
         vision.pop("attn_pooler_queries", None)
         if isinstance(vision.get("layers"), (list, tuple)):
             vision["layers"] = tuple(vision["layers"])
-        for key in ("stage_depths", "group_tokens", "output_groups"):
+        for key in ("stage_depths", "group_tokens", "output_groups", "stage_heads"):
             if key in vision:
                 vision[key] = tuple(vision[key])
         vision = _known(VisionConfig, vision, "vision_cfg")
@@ -130,9 +134,9 @@ class CLIPConfig:
             vision.pop("attn_pooler_heads")
         if not vision["patch_dropout"]:
             vision.pop("patch_dropout")
-        for key in ("stage_depths", "group_tokens", "output_groups", "drop_path"):  # GroupViT's only
-            if vision[key]:
-                vision[key] = list(vision[key]) if key != "drop_path" else vision[key]
+        for key in ("stage_depths", "group_tokens", "output_groups", "stage_heads", "drop_path", "window_size"):
+            if vision[key]:  # GroupViT's and Swin's only
+                vision[key] = list(vision[key]) if isinstance(vision[key], tuple) else vision[key]
             else:
                 vision.pop(key)
         if vision["kind"] == ("resnet" if self.vision.is_resnet else "vit"):  # open_clip's JSON has no such key
