@@ -45,7 +45,7 @@ def get_config():
     v.test_rpn_pre_nms, v.test_rpn_post_nms = 300, 50
     v.roi_batch, v.canonical_size = 64, 32.0
     v.head_convs, v.head_conv_dim, v.head_fcs, v.head_fc_dim = 1, 32, 1, 128
-    v.max_regions = 16
+    v.max_regions = 8
     v.distill_weight = 0.5
     v.ensemble = True  # ViLD-ensemble: one head per loss, their scores combined (the reference's best R50 row)
     v.detections = 20

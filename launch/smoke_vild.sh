@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 # of its input wide, which a 2x-3x crop of an object gives (docs/methods.md: its accuracy on true boxes' crops).
 if [[ ! -f $OUT/regions/regions.json ]]; then
   "$PYTHON" -m clip_jax.embed regions --data=shapes_scenes:train --teacher="$EXPORT" --workdir="$OUT/proposals" \
-    --out="$OUT/regions" --max_regions=16 --scales=2.0,3.0
+    --out="$OUT/regions" --max_regions=8 --scales=2.0,3.0
 fi
 "$PYTHON" -m clip_jax.train --config=configs/smoke_vild.py --workdir="$OUT/vild" --config.init_from="$EXPORT" \
   --config.data.train="tfrecord:$OUT/regions/*"

@@ -165,8 +165,11 @@ class Prediction:
     flattened into rows); with reads=None, fn(variables) -> one value of the model."""
 
     def __init__(self, fn, reads: str | None = None, item_rank: int = 0, templates: tuple | None = None,
-                 background: bool = False):
+                 background: bool = False, class_inputs=None):
         self.fn, self.reads, self.item_rank = fn, reads, item_rank
+        # A detector that reads its classes its own way (GLIP: a prompt of their names): fn(names) -> a dict of
+        # arrays the detection task passes in place of the class embeddings.
+        self.class_inputs = class_inputs
         # A prediction over class embeddings ('segment_logits') trained on class names in these templates
         # (LSeg: the bare name, "{}"): evaluation embeds its classes so; None: the dataset's prompts.
         self.templates = templates

@@ -62,6 +62,7 @@ class FPN(nn.Module):
     width: int = 256
     extra: int = 1
     dtype: jnp.dtype = jnp.float32
+    extra_convs: bool = False  # RetinaNet's P6, P7 (ATSS, GLIP): 3x3 stride-2 convs, a ReLU between them
 
     @nn.compact
     def __call__(self, maps):
@@ -72,8 +73,13 @@ class FPN(nn.Module):
             up = jnp.repeat(jnp.repeat(top, lateral.shape[1] // top.shape[1], 1), lateral.shape[2] // top.shape[2], 2)
             merged.insert(0, lateral + up)
         outs = [nn.Conv(self.width, (3, 3), dtype=self.dtype, name=f"output{i}")(m) for i, m in enumerate(merged)]
-        for _ in range(self.extra):  # Mask R-CNN's P6: max pooling of kernel 1, stride 2
-            outs.append(outs[-1][:, ::2, ::2])
+        for i in range(self.extra):
+            if self.extra_convs:
+                x = outs[-1] if i == 0 else nn.relu(outs[-1])
+                outs.append(nn.Conv(self.width, (3, 3), (2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                                    name=f"extra{i}")(x))
+            else:  # Mask R-CNN's P6: max pooling of kernel 1, stride 2
+                outs.append(outs[-1][:, ::2, ::2])
         return outs
 
 

@@ -136,7 +136,8 @@ class Detection(Task):
                                  "with")
         size = encoder.model.config.vision.image_size
         run = DetectorRun(encoder, detect.fn, size, str(self.spec))
-        out = run(images, self.class_embeds(encoder), self.novel)
+        own = getattr(detect, "class_inputs", None)  # a detector that reads its classes its own way (GLIP: a prompt)
+        out = run(images, own(self.names) if own else self.class_embeds(encoder), self.novel)
         detections, kept, dropped = results(out, sizes, size, self.max_detections, self.min_score, len(self.names),
                                             str(self.spec))
         image_list = [{"id": row + 1, "key": keys[row], "width": int(w), "height": int(h)}
@@ -214,14 +215,14 @@ class DetectorRun:
                                                                          class_embeds, novel)
         self._step = distributed.compile_together(jax.jit(self._fn, out_shardings=encoder.sharding), "detect_task")
 
-    def check(self, shape, dtype, class_embeds: np.ndarray) -> None:
+    def check(self, shape, dtype, class_embeds, novel: np.ndarray) -> None:
         """An error naming what the detector returns where it is not the 'detect' interface's dict for `shape`."""
         import jax
         import jax.numpy as jnp
 
         spec = lambda s, d: jax.ShapeDtypeStruct(s, d)  # noqa: E731
         out = jax.eval_shape(self._fn, self.encoder.variables, spec(shape, dtype),
-                             spec(class_embeds.shape, np.float32), spec(class_embeds.shape[:1], np.bool_))
+                             jax.tree.map(lambda a: spec(a.shape, a.dtype), class_embeds), spec(novel.shape, np.bool_))
         n = shape[0]
         problem = None
         if not isinstance(out, dict) or set(out) != set(OUTPUTS):
@@ -239,17 +240,23 @@ class DetectorRun:
                              "{'boxes': float [N, K, 4], 'scores': float [N, K], 'classes': int [N, K], 'valid': "
                              "bool [N, K]} (clip_jax.evaluate.tasks.detection): fix the method's detector")
 
-    def __call__(self, images: np.ndarray, class_embeds: np.ndarray, novel: np.ndarray) -> dict:
-        """{boxes [n, K, 4], scores, classes, valid [n, K]} of every row, as numpy on every process."""
+    def __call__(self, images: np.ndarray, class_embeds, novel: np.ndarray) -> dict:
+        """{boxes [n, K, 4], scores, classes, valid [n, K]} of every row, as numpy on every process. class_embeds:
+        unit rows [C, E], or the detector's own class inputs (Prediction.class_inputs: a tree of arrays)."""
         import jax
 
         from clip_jax.evaluate.features import host_copy
 
         encoder = self.encoder
         batch = encoder.round_batch(min(BATCH, max(len(images), 1)))
-        class_embeds, novel = np.asarray(class_embeds, np.float32), np.asarray(novel, bool)
-        self.check((batch,) + images.shape[1:], images.dtype, class_embeds)
-        embeds = jax.make_array_from_callback(class_embeds.shape, self.replicated, lambda idx: class_embeds[idx])
+        if isinstance(class_embeds, dict):
+            class_embeds = jax.tree.map(np.asarray, class_embeds)
+        else:
+            class_embeds = np.asarray(class_embeds, np.float32)
+        novel = np.asarray(novel, bool)
+        self.check((batch,) + images.shape[1:], images.dtype, class_embeds, novel)
+        embeds = jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, self.replicated, lambda idx: a[idx]),
+                              class_embeds)
         flags = jax.make_array_from_callback(novel.shape, self.replicated, lambda idx: novel[idx])
         parts = []
         for start in range(0, len(images), batch):
