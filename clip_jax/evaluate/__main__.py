@@ -10,12 +10,12 @@ import sys
 
 from clip_jax.evaluate.evaluator import main, parse_evals
 
-WRITERS = ("segmentation", "detection")  # the tasks whose spec takes predictions=DIR
+WRITERS = ("segmentation", "detection", "grounding")  # the tasks whose spec takes predictions=DIR
 
 
 def with_predictions(argv: list) -> list:
-    """argv without --predictions=DIR, that DIR given to every segmentation and detection spec of its --eval
-    values."""
+    """argv without --predictions=DIR, that DIR given to every segmentation, detection and grounding spec of its
+    --eval values."""
     directory, rest, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -49,8 +49,9 @@ def with_predictions(argv: list) -> list:
             out.append("--eval=" + ",".join(specs))
         i += 1
     if not found:
-        sys.exit("--predictions=DIR writes the masks of segmentation specs and the boxes of detection specs: pass "
-                 "--eval=segmentation=DATA or --eval=detection=DATA with it (e.g. --eval=segmentation=DATA:test)")
+        sys.exit("--predictions=DIR writes the masks of segmentation specs and the boxes of detection and grounding "
+                 "specs: pass --eval=segmentation=DATA, --eval=detection=DATA or --eval=grounding=DATA with it (e.g. "
+                 "--eval=segmentation=DATA:test)")
     return out
 
 

@@ -187,7 +187,9 @@ def two_tower_predictions(model) -> dict[str, Prediction]:
     'image_dense' features at the model's logit scale). A method with its own segmentation inference (GroupViT,
     LSeg) replaces 'segment_logits' with a function of the same signature. A detector (ViLD) adds 'detect', the
     detection task's: fn(variables, images, class_embeds [C, E], novel [C] bool) -> {'boxes' [N, K, 4] (x1, y1,
-    x2, y2) in the input's pixels, 'scores' [N, K], 'classes' [N, K] int, 'valid' [N, K] bool}."""
+    x2, y2) in the input's pixels, 'scores' [N, K], 'classes' [N, K] int, 'valid' [N, K] bool}. A grounder (GLIP)
+    adds 'ground', the grounding task's: fn(variables, images, tokens [N, L] int32, phrases [N, P, L] bool,
+    phrase_valid [N, P] bool) -> {'boxes' [N, P, K, 4] in the input's pixels, 'scores' [N, P, K]}."""
     import jax.numpy as jnp
 
     from clip_jax.models.clip import l2_normalize
