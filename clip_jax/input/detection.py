@@ -202,7 +202,9 @@ def _crowd(ex: dict, n):
     return tf.cond(tf.equal(tf.size(c), n), lambda: tf.not_equal(c, 0), lambda: tf.zeros([n], tf.bool))
 
 
-def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
+def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted, exclude_now=None):
+    """The keys of one record; exclude_now (a bool tensor, None: True) says whether rule 3b applies to it (GLIP's
+    grounding records keep every class)."""
     tf = _tf()
     m = _max_objects(wanted)
     bbox = ex["objects/bbox"]
@@ -212,6 +214,8 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
     exclude = tuple(wanted.option("exclude", ()))
     excluded = tf.reduce_any(tf.equal(classes[:, None], tf.constant(exclude, tf.int32)[None, :]), -1) if exclude \
         else None
+    if excluded is not None and exclude_now is not None:
+        excluded = excluded & exclude_now
     boxes, kept, counts = transform(bbox, crowd, ex["image"], ctx.image_size, ctx.train, ctx.seed(ops.CROP_SALT),
                                     ctx.config, float(wanted.option("min_visible", 0.0)), excluded)
     size = float(ctx.image_size)
