@@ -121,7 +121,7 @@ def test_truncated_phrases_drop_their_boxes(scenes):
     the phrase's end tokenizes; the others are dropped, counted no_token, the kept ones first in record order."""
     config, by_caption, _ = scenes
     tok = ClipTokenizer()
-    inputs = (BatchInput("caption", "value", ("caption",)), glip_key(mode="grounding", query_length=8, max_objects=5))
+    inputs = (BatchInput("caption", "value", ("caption",)), glip_key(mode="grounding", length=8, max_objects=5))
     pipe = pipeline(config, inputs, tok, train=False)
     kept = cut = 0
     for batch in pipe:
@@ -142,7 +142,7 @@ def test_prompt_overflow_drops_whole_classes(scenes):
     own name's tokens."""
     config, by_caption, _ = scenes
     tok = ClipTokenizer()
-    inputs = (BatchInput("caption", "value", ("caption",)), glip_key(query_length=8), boxes_ref("held", exclude=NOVEL))
+    inputs = (BatchInput("caption", "value", ("caption",)), glip_key(length=8), boxes_ref("held", exclude=NOVEL))
     pipe = pipeline(config, inputs, tok, train=False)
     cut = middle = 0
     for batch in pipe:
@@ -187,18 +187,18 @@ def test_bad_declarations_are_named(scenes):
         ops.resolve([glip_key(mode="caption")])
     with pytest.raises(ValueError, match="grounding_fraction must be a fraction in \\[0, 1\\]"):
         ops.resolve([glip_key(mode="mix", grounding_fraction=1.5)])
-    with pytest.raises(ValueError, match="class_names has 6 names but the labels have 36 classes"):
-        ops.resolve([glip_key(class_names=tuple(shapes.SHAPE_NAMES))])
-    with pytest.raises(ValueError, match="labels='record' needs class_names"):
+    with pytest.raises(ValueError, match="classes has 6 names but the labels have 36 classes"):
+        ops.resolve([glip_key(classes=tuple(shapes.SHAPE_NAMES))])
+    with pytest.raises(ValueError, match="labels='record' needs classes"):
         ops.resolve([BatchInput("boxes", "glip_text", ("objects/bbox", "objects/label"),
                                 (("labels", "record"), ("num_classes", 3)))])
-    with pytest.raises(ValueError, match="class_names has 2 names but the labels have 3 classes"):
+    with pytest.raises(ValueError, match="classes has 2 names but the labels have 3 classes"):
         ops.resolve([BatchInput("boxes", "glip_text", ("objects/bbox", "objects/label"),
-                                (("labels", "record"), ("num_classes", 3), ("class_names", ("a", "b"))))])
+                                (("labels", "record"), ("num_classes", 3), ("classes", ("a", "b"))))])
     with pytest.raises(ValueError, match="reads the caption and its spans: add \\['objects/phrase_span'\\]"):
         ops.resolve([BatchInput("boxes", "glip_text", READS[:4], (("labels", "combo"), ("mode", "grounding")))])
-    with pytest.raises(ValueError, match="query_length must be an int >= 2"):
-        ops.resolve([glip_key(query_length=1)])
+    with pytest.raises(ValueError, match="length must be an int >= 2"):
+        ops.resolve([glip_key(length=1)])
     with pytest.raises(ValueError, match="exclude \\[40\\] names classes past the 36"):
         ops.resolve([glip_key(exclude=(40,))])
     (w, _), = ops.resolve([BatchInput("image", "crop", ("image",), (("flip", True),)), glip_key()])[1:]

@@ -8,7 +8,7 @@ tokens (microsoft/GLIP's positive map; the construction is clip_jax.input.ground
 
 One declaration makes the boxes keys of op 'boxes' (clip_jax.input.detection: K, K/labels, K/valid, K/index,
 K/counts for the declared key K, same options, same crop, flip and rules) and, under the option text_key T
-(default "glip"), L = query_length (default 256, GLIP's):
+(default "glip"), L = length (default 256, GLIP's query length):
 
 - ``T/tokens`` int32 [L]: the query's ids, as the text tower's tokenizer gives them in L (its first and last
   special ids, then padding);
@@ -21,9 +21,10 @@ The text of a record, by its mode (option mode: 'detection', 'grounding' or 'mix
 probability grounding_fraction from its own stateless seed):
 
 - detection: GLIP-T's training prompt of the boxes' class names (grounding.DetectionPrompts.training: the
-  image's classes and sampled negatives, shuffled, joined by ". "), from the record's seed. The class list
-  (option class_names; the label set's names by default, required for labels='record') less the classes of
-  ``exclude``: an excluded class's boxes are dropped (rule 3b) and its name is in no detection prompt.
+  image's classes and `negatives` (option, default 85) sampled others, shuffled, joined by ". "), from the
+  record's seed. The class list (option classes; the label set's names by default, required for
+  labels='record') less the classes of ``exclude``: an excluded class's boxes are dropped (rule 3b) and its
+  name is in no detection prompt.
 - grounding: the record's caption, each box spanned by its ``objects/phrase_span`` row (its object's, by
   K/index). No class is excluded: the caption names every object, the novel ones too (GLIP learns new words
   from grounding data). The caption as the pipeline picks it (stripped): spans count from its first
@@ -50,7 +51,7 @@ MODE_SALT = 23  # the per-example draw of a mix record's mode
 MODES = ("detection", "grounding", "mix")
 TEXT_READS = ("caption", "objects/phrase_span")
 TEXT_COUNTS = ("grounding", "no_phrase", "bad_span", "no_token")
-TEXT_OPTIONS = ("mode", "grounding_fraction", "query_length", "num_negatives", "class_names", "text_key")
+TEXT_OPTIONS = ("mode", "grounding_fraction", "length", "negatives", "classes", "text_key")
 
 
 def _text_key(wanted: ops.Wanted) -> str:
@@ -62,21 +63,21 @@ def _mode(wanted: ops.Wanted) -> str:
 
 
 def _query_length(wanted: ops.Wanted) -> int:
-    return int(wanted.option("query_length", grounding.GLIP_QUERY_LENGTH))
+    return int(wanted.option("length", grounding.GLIP_QUERY_LENGTH))
 
 
 def _boxes_wanted(wanted: ops.Wanted) -> ops.Wanted:
     """The declaration as op 'boxes' reads it: the box features alone, num_classes from the class list."""
     options = {k: v for k, v in wanted.options if k not in TEXT_OPTIONS}
-    if detection._labels(wanted) == detection.RECORD and "num_classes" not in options and wanted.option("class_names"):
-        options["num_classes"] = len(wanted.option("class_names"))
+    if detection._labels(wanted) == detection.RECORD and "num_classes" not in options and wanted.option("classes"):
+        options["num_classes"] = len(wanted.option("classes"))
     reads = tuple(r for r in wanted.reads if r not in TEXT_READS)
     return dataclasses.replace(wanted, op="boxes", reads=reads, options=tuple(sorted(options.items())))
 
 
 def class_list(wanted: ops.Wanted) -> tuple:
     """The names of the label set's classes, index = K/labels."""
-    names = wanted.option("class_names")
+    names = wanted.option("classes")
     if names is not None:
         return tuple(names)
     return tuple(shapes.class_names(detection._labels(wanted)))
@@ -97,13 +98,13 @@ def _validate(wanted: ops.Wanted) -> None:
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
         raise ValueError(f"batch key {k!r}: grounding_fraction must be a fraction in [0, 1] (the share of records "
                          f"made in grounding mode under mode='mix'), got {f!r}")
-    q = wanted.option("query_length", grounding.GLIP_QUERY_LENGTH)
+    q = wanted.option("length", grounding.GLIP_QUERY_LENGTH)
     if isinstance(q, bool) or not isinstance(q, int) or q < 2:
-        raise ValueError(f"batch key {k!r}: query_length must be an int >= 2 (the query's tokens, specials included; "
+        raise ValueError(f"batch key {k!r}: length must be an int >= 2 (the query's tokens, specials included; "
                          f"GLIP's is 256), got {q!r}")
-    n = wanted.option("num_negatives", grounding.GLIP_NEGATIVES)
+    n = wanted.option("negatives", grounding.GLIP_NEGATIVES)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"batch key {k!r}: num_negatives must be an int >= 0 (negative class names per detection "
+        raise ValueError(f"batch key {k!r}: negatives must be an int >= 0 (negative class names per detection "
                          f"prompt, GLIP-T's 85), got {n!r}")
     text = (TEXT_READS if mode != "detection" else ())
     missing = [r for r in text if r not in wanted.reads]
@@ -113,18 +114,18 @@ def _validate(wanted: ops.Wanted) -> None:
     if _text_key(wanted) == k:
         raise ValueError(f"batch key {k!r}: text_key must differ from the boxes key, got {_text_key(wanted)!r}")
     labels = detection._labels(wanted)
-    names = wanted.option("class_names")
+    names = wanted.option("classes")
     if names is not None and (not isinstance(names, (tuple, list)) or not all(isinstance(s, str) and s.strip()
                                                                              for s in names)):
-        raise ValueError(f"batch key {k!r}: class_names must be a tuple of non-empty names, got {names!r}")
+        raise ValueError(f"batch key {k!r}: classes must be a tuple of non-empty names, got {names!r}")
     if labels == detection.RECORD and names is None:
-        raise ValueError(f"batch key {k!r}: labels='record' needs class_names=(name, ...), one per class index of "
+        raise ValueError(f"batch key {k!r}: labels='record' needs classes=(name, ...), one per class index of "
                          "objects/label (the converter's classes JSON), for the detection prompts")
     boxes = _boxes_wanted(wanted)
     detection._validate(boxes)  # the label set, box reads and box options
     count = boxes.option("num_classes") if labels == detection.RECORD else len(shapes.class_names(labels))
     if names is not None and len(names) != count:
-        raise ValueError(f"batch key {k!r}: class_names has {len(names)} names but the labels have {count} classes "
+        raise ValueError(f"batch key {k!r}: classes has {len(names)} names but the labels have {count} classes "
                          f"(labels={labels!r}): give one name per class, in class index order")
     exclude = set(wanted.option("exclude", ()))
     if any(c >= count for c in exclude):
@@ -155,7 +156,7 @@ class RecordText:
         self.prompts = None
         if _mode(wanted) != "grounding":
             self.prompts = _prompts(tokenizer, tuple(names[c] for c in base), self.max_len,
-                                    int(wanted.option("num_negatives", grounding.GLIP_NEGATIVES)))
+                                    int(wanted.option("negatives", grounding.GLIP_NEGATIVES)))
 
     def __call__(self, labels, valid, index, is_grounding, caption, spans, seed):
         """-> (tokens int32 [L], token_valid bool [L], positive bool [M, L], matched bool [M], counts int32 [4])."""
