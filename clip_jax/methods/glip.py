@@ -245,14 +245,13 @@ class GLIP(Method):
         else:
             box_features, labels = ("objects/bbox", "objects/shape", "objects/color"), (("labels", s.labels),)
         options = labels + (("max_objects", int(s.max_objects)),)
-        # detection records drop the novel classes' boxes; grounding records keep every box (the prompt op decides)
-        boxes = BatchInput("boxes", "boxes", box_features + ("objects/phrase_span",),
-                           options + (("exclude", self.novel_ids), ("exclude_unless", "grounding")))
-        text = BatchInput("glip/tokens", "glip_text", ("caption", "objects/phrase_span"),
-                          options + (("classes", self.classes), ("exclude", self.novel_ids),
-                                     ("mode", s.prompts), ("grounding_fraction", float(s.grounding_fraction)),
-                                     ("negatives", int(s.negatives)), ("length", self.length)))
-        return (BatchInput("image", "crop", ("image",), (("flip", True),)), boxes, text)
+        # One op makes the boxes and their text (clip_jax.input.prompts): detection records drop the novel classes'
+        # boxes, grounding records keep every box, so which boxes a record keeps depends on its drawn mode.
+        boxes = BatchInput("boxes", "glip_text", box_features + ("caption", "objects/phrase_span"),
+                           options + (("classes", self.classes), ("exclude", self.novel_ids),
+                                      ("mode", s.prompts), ("grounding_fraction", float(s.grounding_fraction)),
+                                      ("negatives", int(s.negatives)), ("length", self.length)))
+        return (BatchInput("image", "crop", ("image",), (("flip", True),)), boxes)
 
     def batch_shapes(self, n):
         s = self.config.glip
