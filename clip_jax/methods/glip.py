@@ -22,7 +22,8 @@ caption for grounding data), so a class is detected by typing its name. Facts fr
   name in order); score = sqrt(p_class x p_centerness) where p_class > score_threshold; the best pre_nms
   (anchor, class) pairs through per-class NMS, `detections` kept.
 
-Language: the CLIP text tower's per-token states (encode_text_tokens: ln_final and the projection), trained at
+Language: the text tower's per-token states (encode_text_tokens: CLIP's through ln_final and the projection, or
+BERT's last hidden states, the reference's, through the projection), trained at
 config.glip.text_lr_mult of the learning rate (GLIP: 1e-5 against 1e-4). Open vocabulary: detection prompts
 name the base classes only (the boxes of config.glip.novel are dropped from detection records); grounding
 records keep every box, so novel classes are learned from the captions' words.
@@ -210,9 +211,9 @@ class GLIP(Method):
         if v.kind not in ("vit", "resnet", "swin"):
             raise ValueError(f"config.method='glip' puts its head on a ModifiedResNet's or Swin's stages or a ViT's "
                              f"patches; the image tower is {v.kind!r}: pick a ResNet, Swin or ViT preset")
-        if model.config.text.kind != "clip":
-            raise ValueError(f"config.method='glip' reads the prompt's tokens through a CLIP text tower; the preset's "
-                             f"is {model.config.text.kind!r}: pick a preset with a CLIP text tower")
+        if model.config.text.kind not in ("clip", "bert"):
+            raise ValueError(f"config.method='glip' reads the prompt's tokens through a CLIP or BERT text tower; the "
+                             f"preset's is {model.config.text.kind!r}: pick a preset with one of those")
         self.stages = v.kind in ("resnet", "swin")
         self.size = v.image_size
         self.classes = class_list(s)
@@ -423,8 +424,10 @@ class GLIP(Method):
         """The two towers' predictions (without the detector), 'detect' and 'ground'."""
         towers = {name: Prediction(without_part(p.fn, HEAD), p.reads, p.item_rank)
                   for name, p in super().predictions().items() if not name.startswith(("image_dense", "segment"))}
+        ground = Prediction(self.ground, "image", 3)
+        ground.query_length = self.length  # the grounding task tokenizes captions to the method's query length
         return {**towers, "detect": Prediction(self.detect, "image", 3, class_inputs=self.class_inputs),
-                "ground": Prediction(self.ground, "image", 3)}
+                "ground": ground}
 
     def export(self, params, model_state, extras=False):
         """'towers': the CLIP model (open_clip's layout); 'glip': the detector's params, '/'-joined names."""

@@ -121,8 +121,10 @@ class BertTextTower(nn.Module):
     scan: bool = False
 
     @nn.compact
-    def __call__(self, tokens, train: bool = False, embeddings=None):
-        """`embeddings` [N, T, width]: in place of the word embeddings of `tokens` (prompt learning)."""
+    def __call__(self, tokens, train: bool = False, embeddings=None, per_token: bool = False):
+        """`embeddings` [N, T, width]: in place of the word embeddings of `tokens` (prompt learning).
+        per_token: ([N, T, output_dim], every position's last hidden state through the projection; the [CLS]
+        index [N])."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be int [N, T], got shape {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -149,8 +151,9 @@ class BertTextTower(nn.Module):
         cls_index = jnp.zeros(tokens.shape[:1], jnp.int32)
         x = BertEncoder(layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
                         attn_impl=self.attn_impl, remat=self.remat, scan=self.scan, dropout=self.dropout,
-                        attn_dropout=self.attn_dropout, deterministic=not train, name="encoder")(x, cls_index,
-                                                                                                 kv_lengths)
+                        attn_dropout=self.attn_dropout, deterministic=not train, name="encoder")(
+            x, None if per_token else cls_index, kv_lengths)
         proj = self.param("text_projection", param_with_axes(normal(self.width**-0.5), ("embed", None)),
                           (self.width, self.output_dim))
-        return x @ proj.astype(self.dtype)
+        out = x @ proj.astype(self.dtype)
+        return (out, cls_index) if per_token else out

@@ -185,10 +185,7 @@ class CLIP(nn.Module):
 
     def encode_text_tokens(self, tokens):
         """tokens int32 [N, T] -> (float32 [N, T, embed_dim]: every position through the final LayerNorm and the
-        projection, not normalized; the pooled position [N], the EOT for CLIP's vocabulary)."""
-        if self.config.text.kind == "bert":
-            raise ValueError("encode_text_tokens: the BERT text tower (cn-* presets) projects its [CLS] token only; "
-                             "per-token states are offered for the 'clip' and 'siglip' text towers")
+        projection, not normalized; the pooled position [N], the EOT for CLIP's vocabulary, BERT's [CLS])."""
         states, index = self.text(tokens, per_token=True)
         return states.astype(jnp.float32), index
 
