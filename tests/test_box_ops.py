@@ -191,14 +191,35 @@ def test_anchors(case):
         box_ops.anchors(GRIDS, strides[:2], SIZES, RATIOS)
 
 
+@pytest.mark.parametrize("impl", ["gather", "dense"])
 @pytest.mark.parametrize("i", range(len(ROI_CASES)))
-def test_roi_align(case, i):
+def test_roi_align(case, i, impl):
     x, ref = case
     size, scale, ratio, aligned, max_sampling = ROI_CASES[i]
     outs = _both(box_ops.roi_align, x["features"], x["rois"], x["roi_batch"], output_size=size, spatial_scale=scale,
-                 sampling_ratio=ratio, aligned=aligned, max_sampling=max_sampling)
+                 sampling_ratio=ratio, aligned=aligned, max_sampling=max_sampling, impl=impl)
     for ours in outs:
         np.testing.assert_allclose(ours, ref[f"roi_{i}"], **TOL)
+
+
+def test_roi_align_dense_equals_gather_with_its_gradient_on_one_image(case):
+    """The detector's call (one image's map, all rows index 0): values and the map's gradient agree."""
+    x, _ = case
+    features = x["features"][:1]
+    index = np.zeros(len(x["rois"]), np.int32)
+
+    def pooled(impl):
+        fn = functools.partial(box_ops.roi_align, output_size=3, spatial_scale=0.5, impl=impl)
+        value = fn(features, x["rois"], index)
+        grad = jax.grad(lambda f: (fn(f, x["rois"], index) ** 2).sum())(features)
+        return np.asarray(value), np.asarray(grad)
+
+    (v_gather, g_gather), (v_dense, g_dense) = pooled("gather"), pooled("dense")
+    assert np.abs(g_gather).sum() > 0
+    np.testing.assert_allclose(v_dense, v_gather, **TOL)
+    np.testing.assert_allclose(g_dense, g_gather, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="impl"):
+        box_ops.roi_align(features, x["rois"], index, 3, impl="matmul")
 
 
 def test_roi_align_adaptive_default_grid(case):

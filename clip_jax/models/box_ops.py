@@ -248,8 +248,20 @@ def _axis_samples(start, bin_size, grid, grid_max: int, bins: int, extent: int):
     return tuple(v.reshape(r, bins * grid_max) for v in (low, high, w_low, w_high))
 
 
+def _axis_matrix(low, high, w_low, w_high, grid, bins: int, grid_max: int, extent: int):
+    """The axis's interpolation as a matrix [R, bins, extent]: each bin's samples' two corner weights, averaged
+    over the box's grid (bilinear weights factor by axis, so the 2-d average is the product of two of these)."""
+    r = low.shape[0]
+    w = (jax.nn.one_hot(low, extent, dtype=w_low.dtype) * w_low[..., None]
+         + jax.nn.one_hot(high, extent, dtype=w_low.dtype) * w_high[..., None])
+    return w.reshape(r, bins, grid_max, extent).sum(2) / jnp.maximum(grid, 1)[:, None, None].astype(w_low.dtype)
+
+
+DENSE_MAX_PIXELS = 32 * 32  # impl="auto" pools maps up to this size with matrices instead of gathers
+
+
 def roi_align(features, boxes, box_batch_index, output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = 2, aligned: bool = True, max_sampling: int | None = None):
+              sampling_ratio: int = 2, aligned: bool = True, max_sampling: int | None = None, impl: str = "auto"):
     """torchvision.ops.roi_align on NHWC features: [N, H, W, C] x [R, 4] boxes (image pixels,
     scaled by `spatial_scale` to the map) with their image's index [R] -> [R, out_h, out_w, C].
 
@@ -260,7 +272,14 @@ def roi_align(features, boxes, box_batch_index, output_size, spatial_scale: floa
     ceil(map size / output size) + 1, enough for any box within the map; larger boxes are sampled
     max_sampling times per bin and then differ from torchvision). An empty aligned box averages no
     sample under the adaptive grid and gives 0, as torchvision. A batch index outside [0, N) is
-    clamped (padding rows: mask their output)."""
+    clamped (padding rows: mask their output).
+
+    impl: "gather" reads the 4 corners of each sample (work per box independent of the map size, but its
+    gradient is a scatter, slow on CPU); "dense" multiplies the map by per-box interpolation matrices [out, H] and
+    [out, W] (work grows with the map, gradient a matmul); "auto" takes dense for maps of at most
+    DENSE_MAX_PIXELS pixels (small images, coarse levels). Both give the same values."""
+    if impl not in ("auto", "gather", "dense"):
+        raise ValueError(f"impl={impl!r}: pick 'auto', 'gather' or 'dense'")
     if jnp.ndim(features) != 4:
         raise ValueError(f"features must be [N, H, W, C] (NHWC), got shape {jnp.shape(features)}: "
                          "transpose an NCHW map with features.transpose(0, 2, 3, 1)")
@@ -296,6 +315,15 @@ def roi_align(features, boxes, box_batch_index, output_size, spatial_scale: floa
     count = jnp.maximum(grid_h * grid_w, 1).astype(dtype)
     y = _axis_samples(y1, bin_h, grid_h, grid_max_h, out_h, height)
     x = _axis_samples(x1, bin_w, grid_w, grid_max_w, out_w, width)
+    if impl == "dense" or (impl == "auto" and height * width <= DENSE_MAX_PIXELS):
+        wy = _axis_matrix(*y, grid_h, out_h, grid_max_h, height)
+        wx = _axis_matrix(*x, grid_w, out_w, grid_max_w, width)
+        if n == 1:  # one image (a detector vmaps over its batch): no gather of whole maps
+            rows = jnp.einsum("ryh,hwc->rywc", wy, features[0])
+        else:
+            index = jnp.clip(box_batch_index.astype(jnp.int32), 0, n - 1)
+            rows = jnp.einsum("ryh,rhwc->rywc", wy, features[index])
+        return jnp.einsum("rxw,rywc->ryxc", wx, rows)
     y_lo, y_hi, wy_lo, wy_hi = (v.reshape(r, out_h, grid_max_h)[:, :, :, None, None] for v in y)
     x_lo, x_hi, wx_lo, wx_hi = (v.reshape(r, out_w, grid_max_w)[:, None, :, :, None] for v in x)
     flat = features.reshape(n * height * width, channels)
