@@ -257,7 +257,7 @@ def _axis_matrix(low, high, w_low, w_high, grid, bins: int, grid_max: int, exten
     return w.reshape(r, bins, grid_max, extent).sum(2) / jnp.maximum(grid, 1)[:, None, None].astype(w_low.dtype)
 
 
-DENSE_MAX_PIXELS = 32 * 32  # impl="auto" pools maps up to this size with matrices instead of gathers
+DENSE_MAX_PIXELS = 16 * 16  # impl="auto" pools maps up to this size with matrices instead of gathers
 
 
 def roi_align(features, boxes, box_batch_index, output_size, spatial_scale: float = 1.0,
