@@ -1,4 +1,4 @@
-"""GLIP's prompts and positive maps (clip_jax.input.grounding) against the reference's construction: its
+"""GLIP's prompts and positive maps (clip_jax.phrases) against the reference's construction: its
 create_positive_map and create_positive_dict transcribed over a HF BertTokenizerFast's char_to_token on the
 same vocab; the tokenizers' offsets (ids against the reference corpora, WordPiece offsets against HF's, CLIP
 BPE round-trip); detection prompts' spans, negatives and determinism."""
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from clip_jax.input import grounding, shapes_scenes
+from clip_jax import phrases
+from clip_jax.input import shapes_scenes
 from clip_jax.tokenizers import ZH_VOCAB_PATH, ClipTokenizer, WordPieceTokenizer
 
 pytest.importorskip("tensorflow_text")
@@ -115,12 +116,12 @@ CASES = [  # (text, tokens_positive per box)
 def test_positive_map_equals_reference(tokenizers, text, tokens_positive, max_len):
     ours, hf = tokenizers
     tokenized = hf(text, max_length=max_len, truncation=True)
-    ids, offsets = grounding.query_tokens(ours, text, max_len)
+    ids, offsets = phrases.query_tokens(ours, text, max_len)
     n = len(tokenized["input_ids"])
     assert ids[:n].tolist() == tokenized["input_ids"] and (ids[n:] == 0).all()
     assert ids.tolist() == ours([text], max_len)[0].tolist()
     want = reference_positive_map(tokenized, tokens_positive)
-    got = grounding.positive_map(offsets, tokens_positive, max_len)  # (36, 37) and (33, 38) end past the text
+    got = phrases.positive_map(offsets, tokens_positive, max_len)  # (36, 37) and (33, 38) end past the text
     assert got.weights.shape == (len(tokens_positive), max_len) and got.weights.dtype == np.float32
     np.testing.assert_array_equal(got.weights, want[:, :max_len])
     assert not want[:, max_len:].any()
@@ -139,16 +140,16 @@ def test_shared_characters_go_to_their_first_token():
     text = "aé 你好 b é"
     enc = tok.encode(text)
     boxes = [[(0, 2)], [(1, 2)], [(3, 5)], [(2, 6)], [(4, 9)], [(9, 10)]]
-    got = grounding.positive_map(np.array(enc.offsets), boxes, len(enc.offsets))
+    got = phrases.positive_map(np.array(enc.offsets), boxes, len(enc.offsets))
     np.testing.assert_array_equal(got.weights, reference_positive_map(enc, boxes)[:, : len(enc.offsets)])
 
 
 def test_truncation_cases_are_exercised(tokenizers):
     """The cases above reach what they are for: a name cut in its middle and names cut whole."""
     ours, hf = tokenizers
-    _, offsets = grounding.query_tokens(ours, PROMPT, 9)
+    _, offsets = phrases.query_tokens(ours, PROMPT, 9)
     boxes = CASES[0][1]
-    got = grounding.positive_map(offsets, boxes, 9)
+    got = phrases.positive_map(offsets, boxes, 9)
     # [CLS] person . tooth ##brush . traffic light [SEP]: "lights" loses "##s" but keeps "light" (end - 2)
     assert got.positive[2].nonzero()[0].tolist() == [6, 7]
     assert got.matched.tolist() == [True, True, True, False, False, False]
@@ -160,8 +161,8 @@ def test_shapes_scenes_spans_fit(tokenizers):
         _, caption, objs, _, spans = shapes_scenes.make_example(0, "train", index)
         assert spans.shape == (len(objs), 2)
         tokenized = hf(caption, max_length=256, truncation=True)
-        _, offsets = grounding.query_tokens(ours, caption)
-        got = grounding.positive_map(offsets, spans, text_length=len(caption))
+        _, offsets = phrases.query_tokens(ours, caption)
+        got = phrases.positive_map(offsets, spans, text_length=len(caption))
         np.testing.assert_array_equal(got.weights, reference_positive_map(tokenized, [[s] for s in spans]))
         assert got.matched.all()
         for row, (a, b) in zip(got.positive, spans):
@@ -172,34 +173,34 @@ def test_shapes_scenes_spans_fit(tokenizers):
 def test_no_phrase_and_bad_spans(tokenizers):
     ours, _ = tokenizers
     text = "a red circle"
-    _, offsets = grounding.query_tokens(ours, text, 16)
-    got = grounding.positive_map(offsets, np.array([[2, 12], [-1, -1]]), 16, text_length=len(text))
+    _, offsets = phrases.query_tokens(ours, text, 16)
+    got = phrases.positive_map(offsets, np.array([[2, 12], [-1, -1]]), 16, text_length=len(text))
     assert got.matched.tolist() == [True, False] and not got.weights[1].any()
     with pytest.raises(ValueError, match="past the end"):
-        grounding.positive_map(offsets, [(2, 13)], 16, text_length=len(text))
+        phrases.positive_map(offsets, [(2, 13)], 16, text_length=len(text))
     with pytest.raises(ValueError, match="0 <= start < end"):
-        grounding.positive_map(offsets, [(5, 5)], 16)
+        phrases.positive_map(offsets, [(5, 5)], 16)
     with pytest.raises(ValueError, match="truncate with query_tokens"):
-        grounding.positive_map(np.zeros((20, 2)), [(0, 1)], 16)
+        phrases.positive_map(np.zeros((20, 2)), [(0, 1)], 16)
 
 
 def test_evaluation_prompt_and_class_scores(tokenizers):
     ours, hf = tokenizers
     names = ["person", "toothbrush", "traffic_light", "hot dog (food)", "teddy bear", "cat"]
-    prompts = grounding.DetectionPrompts(names, ours)
+    prompts = phrases.DetectionPrompts(names, ours)
     text, spans = prompts.evaluation()
     assert text == "person. toothbrush. traffic light. hot dog . teddy bear. cat"  # GLIP's clean_name
-    assert [text[a:b] for a, b in spans] == [grounding.clean_name(n) for n in names]
-    _, offsets = grounding.query_tokens(ours, text)
-    weights = grounding.class_token_weights(offsets, spans)
+    assert [text[a:b] for a, b in spans] == [phrases.clean_name(n) for n in names]
+    _, offsets = phrases.query_tokens(ours, text)
+    weights = phrases.class_token_weights(offsets, spans)
     tokenized = hf(text)
     positions = reference_label_to_token(tokenized, [[s] for s in spans])
     scores = np.random.default_rng(0).normal(size=256).astype(np.float32)
     want = [scores[positions[c]].mean() for c in range(len(names))]
     np.testing.assert_allclose(scores @ weights.T, want, rtol=1e-6)
-    _, short = grounding.query_tokens(ours, text, 8)
+    _, short = phrases.query_tokens(ours, text, 8)
     with pytest.raises(ValueError, match="chunks"):
-        grounding.class_token_weights(short, spans, 8)
+        phrases.class_token_weights(short, spans, 8)
 
 
 def test_offset_tokenization_gives_the_reference_ids():
@@ -238,7 +239,7 @@ def test_clip_offsets_round_trip():
     for text in captions:
         ids, offsets = tok.encode_with_offsets(text)
         assert ids == tok.encode(text) and len(offsets) == len(ids)
-        assert grounding.query_tokens(tok, text, 12)[0].tolist() == tok([text], 12)[0].tolist()
+        assert phrases.query_tokens(tok, text, 12)[0].tolist() == tok([text], 12)[0].tolist()
         covered = np.zeros(len(text), bool)
         for i, (a, b) in zip(ids, offsets):
             assert tok.decode([i]) == text[a:b].lower(), (text, tok.decoder[i], text[a:b])
@@ -253,7 +254,7 @@ def test_clip_offsets_round_trip():
 def test_training_prompts():
     tok = ClipTokenizer()
     names = [f"thing_{k} (kind {k})" if k % 7 == 0 else f"class {k}" for k in range(120)]
-    prompts = grounding.DetectionPrompts(names, tok)
+    prompts = phrases.DetectionPrompts(names, tok)
     labels = np.array([3, 14, 3, 77, 119, 14])
     for seed in range(30):
         out = prompts.training(labels, np.random.default_rng(seed))
@@ -263,20 +264,20 @@ def test_training_prompts():
         assert len(set(out.classes.tolist())) == len(out.classes) and set(labels) <= set(out.classes.tolist())
         assert out.text == ". ".join(prompts.names[c] for c in out.classes)
         for (a, b), label in zip(out.spans, labels):
-            assert out.text[a:b] == grounding.clean_name(names[label])
+            assert out.text[a:b] == phrases.clean_name(names[label])
         assert len(tok.encode(out.text)) <= 254  # the negatives screened to fit [SOT] ... [EOT] in 256
     assert len({prompts.training(labels, np.random.default_rng(s)).text for s in range(5)}) == 5
     # Unscreened (a long query): half the draws take all 85 (less the image's classes drawn among them), the
     # rest a uniform count in 1..85.
-    long = grounding.DetectionPrompts(names, tok, max_len=4096)
+    long = phrases.DetectionPrompts(names, tok, max_len=4096)
     counts = np.array([len(long.training(labels, np.random.default_rng(s)).negatives) for s in range(200)])
     assert counts.max() <= 85 and 0.4 < np.mean(counts >= 81) < 0.65 and 25 < np.mean(counts[counts < 81]) < 55
     # names past the query's length: their classes cut and their boxes dropped, no negatives left room
-    small = grounding.DetectionPrompts(names, tok, max_len=8)
+    small = phrases.DetectionPrompts(names, tok, max_len=8)
     out = small.training(labels, np.random.default_rng(0))
     assert 0 < len(set(out.classes.tolist())) < 4 and len(out.negatives) == 0
     assert (out.keep == np.isin(labels, out.classes)).all() and (out.spans[~out.keep] == -1).all()
-    none = grounding.DetectionPrompts(names, tok, num_negatives=0).training(labels, np.random.default_rng(0))
+    none = phrases.DetectionPrompts(names, tok, num_negatives=0).training(labels, np.random.default_rng(0))
     assert len(none.negatives) == 0 and sorted(none.classes.tolist()) == sorted(set(labels.tolist()))
     with pytest.raises(ValueError, match="outside the 120 class names"):
         prompts.training([120], np.random.default_rng(0))

@@ -69,8 +69,10 @@ LAYERS = (
     ("clip_jax.registry", "clip_jax.input.tf_runtime", "clip_jax.input.settings"),  # leaves
     ("clip_jax.models",),
     ("clip_jax.parallel", "clip_jax.preprocessing", "clip_jax.convert", "clip_jax.tokenizers", "clip_jax.cpu"),
+    ("clip_jax.phrases",),  # prompts and positive maps: character spans to tokens, for the input and the methods
     ("clip_jax.rename_rules",),  # tables of tensor renames, on convert's per-layer helpers
-    ("clip_jax.convert_big_vision", "clip_jax.hf_layouts"),  # other libraries' layouts, read by api's load
+    # other libraries' layouts, read by api's load
+    ("clip_jax.convert_big_vision", "clip_jax.convert_timm", "clip_jax.hf_layouts"),
     ("clip_jax.hub",),  # hub names -> model directories (hf_layouts says which files a directory needs)
     ("clip_jax.methods", "clip_jax.input", "clip_jax.api"),
     ("clip_jax.config",),  # the base config gathers the registered methods' sections

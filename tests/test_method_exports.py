@@ -31,11 +31,15 @@ VARIANTS = {
     "lseg": ("lseg", "ViT-B-32", "ViT-Tiny-test"),
     "groupvit": ("groupvit", "GroupViT-S-16", "GroupViT-Shapes"),  # transformers' layout: its own test below
     "vild": ("vild", "ViT-B-32", "RN-Tiny-test"),
+    "glip": ("glip", "GLIP-T", "RN-Tiny-test"),
 }
 # ViLD's recipe sized for the tiny model: its R50 head and sampling (512 regions of 7x7x256 per image) are not
 SMALL_VILD = dict(fpn_width=8, head_convs=1, head_conv_dim=8, head_fcs=1, head_fc_dim=16, rpn_batch=32, roi_batch=16,
                   rpn_pre_nms=100, rpn_post_nms=20, test_rpn_pre_nms=100, test_rpn_post_nms=20, max_objects=4,
                   max_regions=3, detections=10)
+# GLIP-T's head sized likewise (its 6 fused layers of 2,048 wide attention over 256 query tokens)
+SMALL_GLIP = dict(levels=(2, 3, 4, 5), fpn_width=8, gn_groups=4, num_convs=1, fusion_dim=8, fusion_heads=2,
+                  text_heads=2, anchor_scale=4.0, query_length=16, max_objects=4, pre_nms=50, detections=10)
 OPEN_CLIP_LAYOUT = sorted(set(VARIANTS) - {"groupvit"})
 FEW_SHOT = ("coop", "cocoop", "maple", "clip_adapter", "tip_adapter", "tip_adapter_f")
 STEPS = 2
@@ -50,10 +54,13 @@ def variant_config(name):
     spec.loader.exec_module(module)
     c = module.get_config(preset)
     c.model = tiny
-    if name in ("lseg", "vild"):  # its recipe's overrides (ViT-L at 480 px, R50 at 1024) are for its preset
+    if name in ("lseg", "vild", "glip"):  # its recipe's overrides (ViT-L at 480 px, R50 at 1024) are for its preset
         c.model_overrides = {}
     if name == "vild":
         c.vild.update(SMALL_VILD)
+    if name == "glip":
+        c.glip.update(SMALL_GLIP)
+    if name in ("vild", "glip"):
         c.optim.decay_boundaries = ()  # its decays at 162k.. steps lie past the test's 10
     c.dtype, c.remat, c.accum_steps, c.batch_size, c.total_steps = "float32", "none", 1, 8, 10
     c.init_from = ""  # the tiny model starts from its init
@@ -70,6 +77,8 @@ def synthetic_batch(method, model, n, seed):
     for key, shape in method.batch_shapes(n).items():
         if key == "tokens":
             out[key] = clip_jax.tokenize([texts[i % len(texts)] for i in range(n)], model=model.config)
+        elif key == "glip/tokens":  # GLIP's prompts, at its query length
+            out[key] = clip_jax.tokenize([texts[i % len(texts)] for i in range(n)], shape.shape[1], model=model.config)
         elif key == "prompt_tokens":  # GroupViT's [n, prompts, T]
             count = shape.shape[1]
             tokens = clip_jax.tokenize([texts[i % len(texts)] for i in range(n * count)], model=model.config)

@@ -78,6 +78,13 @@ METHODS = {
              "vild.rpn_batch": 32, "vild.roi_batch": 16, "vild.rpn_pre_nms": 100, "vild.rpn_post_nms": 20,
              "vild.anchor_scale": 2.0, "vild.canonical_size": 16.0, "vild.max_objects": 8, "vild.templates": ("a {}.",),
              **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
+    # GLIP on a tiny ViT's simple feature pyramid with deep fusion (its attention dropout drawn from the step's
+    # rng): detection prompts and captions mixed per record from its seed, ATSS targets under jit
+    "glip": {"method": "glip", "data.train": "shapes_scenes:train", "glip.levels": (2, 3, 4, 5),
+             "glip.fpn_width": 8, "glip.gn_groups": 4, "glip.num_convs": 1, "glip.fusion_dim": 8,
+             "glip.fusion_heads": 2, "glip.text_heads": 2, "glip.anchor_scale": 4.0, "glip.negatives": 2,
+             "glip.query_length": 32, "glip.max_objects": 8, "glip.pre_nms": 50, "glip.detections": 10,
+             **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
 }
 
 
@@ -144,7 +151,7 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
     1 device give the same losses (the same global batches); then runs killed at several moments and
     restarted end with the uninterrupted run's losses and params, bit for bit."""
     steps = 12 if method == "clip" else 8
-    if method in ("lseg", "vild"):  # made once here: the processes below would otherwise race to make it
+    if method in ("lseg", "vild", "glip"):  # made once here: the processes below would otherwise race to make it
         from clip_jax.input import shapes_scenes
 
         shapes_scenes.ensure_scenes_dataset(cache, seed=0, image_size=64, sizes=SCENES)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax.models.swin import SwinTransformer, model_from_timm, params_from_timm
+from clip_jax.convert_timm import model_from_timm, params_from_timm
+from clip_jax.models.swin import SwinTransformer
 from tests.conftest import reference
 
 TOL = 1e-5

@@ -1,5 +1,5 @@
 """The input op 'glip_text': GLIP's boxes with their text, a prompt or a caption tokenized with each box's
-tokens (microsoft/GLIP's positive map; the construction is clip_jax.input.grounding).
+tokens (microsoft/GLIP's positive map; the construction is clip_jax.phrases).
 
     BatchInput("boxes", "glip_text", ("objects/bbox", "objects/shape", "objects/color", "caption",
                                       "objects/phrase_span"),
@@ -20,7 +20,7 @@ K/counts for the declared key K, same options, same crop, flip and rules) and, u
 The text of a record, by its mode (option mode: 'detection', 'grounding' or 'mix', a record grounding with
 probability grounding_fraction from its own stateless seed):
 
-- detection: GLIP-T's training prompt of the boxes' class names (grounding.DetectionPrompts.training: the
+- detection: GLIP-T's training prompt of the boxes' class names (phrases.DetectionPrompts.training: the
   image's classes and `negatives` (option, default 85) sampled others, shuffled, joined by ". "), from the
   record's seed. The class list (option classes; the label set's names by default, required for
   labels='record') less the classes of ``exclude``: an excluded class's boxes are dropped (rule 3b) and its
@@ -44,7 +44,8 @@ import functools
 
 import numpy as np
 
-from clip_jax.input import detection, grounding, ops, shapes
+from clip_jax import phrases
+from clip_jax.input import detection, ops, shapes
 
 PROMPT_SALT = 22  # the per-example stream of a detection prompt's draws (ops' salts: 3, 4.., 16; noun_prompts': 21)
 MODE_SALT = 23  # the per-example draw of a mix record's mode
@@ -63,7 +64,7 @@ def _mode(wanted: ops.Wanted) -> str:
 
 
 def _query_length(wanted: ops.Wanted) -> int:
-    return int(wanted.option("length", grounding.GLIP_QUERY_LENGTH))
+    return int(wanted.option("length", phrases.GLIP_QUERY_LENGTH))
 
 
 def _boxes_wanted(wanted: ops.Wanted) -> ops.Wanted:
@@ -98,11 +99,11 @@ def _validate(wanted: ops.Wanted) -> None:
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
         raise ValueError(f"batch key {k!r}: grounding_fraction must be a fraction in [0, 1] (the share of records "
                          f"made in grounding mode under mode='mix'), got {f!r}")
-    q = wanted.option("length", grounding.GLIP_QUERY_LENGTH)
+    q = wanted.option("length", phrases.GLIP_QUERY_LENGTH)
     if isinstance(q, bool) or not isinstance(q, int) or q < 2:
         raise ValueError(f"batch key {k!r}: length must be an int >= 2 (the query's tokens, specials included; "
                          f"GLIP's is 256), got {q!r}")
-    n = wanted.option("negatives", grounding.GLIP_NEGATIVES)
+    n = wanted.option("negatives", phrases.GLIP_NEGATIVES)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"batch key {k!r}: negatives must be an int >= 0 (negative class names per detection "
                          f"prompt, GLIP-T's 85), got {n!r}")
@@ -138,7 +139,7 @@ def _validate(wanted: ops.Wanted) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _prompts(tokenizer, names: tuple, max_len: int, num_negatives: int):
-    return grounding.DetectionPrompts(names, tokenizer, max_len, num_negatives)
+    return phrases.DetectionPrompts(names, tokenizer, max_len, num_negatives)
 
 
 class RecordText:
@@ -156,7 +157,7 @@ class RecordText:
         self.prompts = None
         if _mode(wanted) != "grounding":
             self.prompts = _prompts(tokenizer, tuple(names[c] for c in base), self.max_len,
-                                    int(wanted.option("negatives", grounding.GLIP_NEGATIVES)))
+                                    int(wanted.option("negatives", phrases.GLIP_NEGATIVES)))
 
     def __call__(self, labels, valid, index, is_grounding, caption, spans, seed):
         """-> (tokens int32 [L], token_valid bool [L], positive bool [M, L], matched bool [M], counts int32 [4])."""
@@ -168,14 +169,14 @@ class RecordText:
             counts[0] = 1
             caption = caption.item() if isinstance(caption, np.ndarray) else caption  # eager tf: a 0-d array
             text = caption.decode("utf-8", errors="replace")
-            box_spans = np.full((len(live), 2), grounding.NO_PHRASE, np.int64)
+            box_spans = np.full((len(live), 2), phrases.NO_PHRASE, np.int64)
             at = index[live]
             has = at < len(spans)
             box_spans[has] = spans.reshape(-1, 2)[at[has]]
-            unspanned = (box_spans == grounding.NO_PHRASE).all(-1)
+            unspanned = (box_spans == phrases.NO_PHRASE).all(-1)
             bad = ~unspanned & ((box_spans[:, 0] < 0) | (box_spans[:, 0] >= box_spans[:, 1])
                                 | (box_spans[:, 1] > len(text)))
-            box_spans[bad] = grounding.NO_PHRASE
+            box_spans[bad] = phrases.NO_PHRASE
             counts[1], counts[2] = unspanned.sum(), bad.sum()
             unspanned |= bad
         else:
@@ -185,8 +186,8 @@ class RecordText:
                 raise AssertionError("an excluded class reached a detection prompt")
             prompt = self.prompts.training(base, rng)
             text, box_spans = prompt.text, prompt.spans
-        ids, offsets = grounding.query_tokens(self.tokenizer, text, self.max_len)
-        pm = grounding.positive_map(offsets, box_spans, self.max_len)
+        ids, offsets = phrases.query_tokens(self.tokenizer, text, self.max_len)
+        pm = phrases.positive_map(offsets, box_spans, self.max_len)
         counts[3] = (~pm.matched & ~unspanned).sum()
         positive = np.zeros((len(valid), self.max_len), bool)
         positive[live] = pm.positive

@@ -357,14 +357,14 @@ class GLIP(Method):
     def class_inputs(self, names):
         """The detection task's classes as GLIP reads them: the evaluation prompt (every name in order, ". "
         joined) as tokens [1, L] and each class's token weights [C, L] (the mean over its tokens)."""
-        from clip_jax.input import grounding
+        from clip_jax import phrases
         from clip_jax.tokenizers import tokenizer_for
 
         tokenizer = tokenizer_for(self.model.config.text)
-        text, spans = grounding.DetectionPrompts(names, tokenizer, self.length).evaluation()
-        ids, offsets = grounding.query_tokens(tokenizer, text, self.length)
+        text, spans = phrases.DetectionPrompts(names, tokenizer, self.length).evaluation()
+        ids, offsets = phrases.query_tokens(tokenizer, text, self.length)
         return {"tokens": ids[None].astype(np.int32),
-                "weights": grounding.class_token_weights(offsets, spans, self.length).astype(np.float32)}
+                "weights": phrases.class_token_weights(offsets, spans, self.length).astype(np.float32)}
 
     def detect(self, variables, images, classes, novel):
         """The 'detect' prediction: images [N, S, S, 3] x class_inputs' {tokens [1, L], weights [C, L]} ->

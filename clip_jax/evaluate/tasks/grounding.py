@@ -1,8 +1,8 @@
 """grounding=DATA: phrase grounding, each phrase of a record's caption located by a box, scored by Recall@k at
 IoU >= 0.5 per phrase (Flickr30k-Entities' protocol: clip_jax.evaluate.grounding_metrics).
 
-Records: a caption with each box's phrase as a character span (clip_jax.input.grounding_records: shapes_scenes,
-or convert_grounding's Flickr30k-Entities records). A record's phrases are its distinct spans in box order; a
+Records: a caption with each box's phrase as a character span (clip_jax.input.grounding_records: the embedded
+scenes, or convert_grounding's Flickr30k-Entities records). A record's phrases are its distinct spans in box order; a
 phrase's true boxes are the boxes of its span. A span outside the caption is an error naming the record; a box of
 no phrase (span (-1, -1)) and a phrase whose boxes all fail op 'boxes' rule 1 (no true box) are counted and left
 out; a phrase none of whose tokens fit in the query (truncated away) is counted and scored a miss.
@@ -14,8 +14,8 @@ boxes and its best candidate, and the caption); limit.
 
 The grounder is the method's prediction 'ground' (clip_jax.methods.base.Prediction):
 fn(variables, images [N, S, S, 3] as the towers take them, tokens [N, L] int32 (the caption by the method's text
-tokenizer, clip_jax.input.grounding.query_tokens), phrases [N, P, L] bool (each phrase's tokens: the positive map
-of its span, clip_jax.input.grounding.positive_map), phrase_valid [N, P] bool (a real phrase that covers a token;
+tokenizer, clip_jax.phrases.query_tokens), phrases [N, P, L] bool (each phrase's tokens: the positive map
+of its span, clip_jax.phrases.positive_map), phrase_valid [N, P] bool (a real phrase that covers a token;
 padding and truncated phrases are False)) -> {"boxes": float [N, P, K, 4] (x1, y1, x2, y2) in pixels of the S x S
 input, "scores": float [N, P, K]}: K candidates per phrase, ranked by score (best first; ties in the grounder's
 order; a non-finite score last). L is the text tower's context length and the tokenizer the one its config names,
@@ -96,7 +96,7 @@ class Grounding(Task):
         cases, counts = phrases_of(keys, captions, rows, str(self.spec))
         if not any(cases):
             raise ValueError(f"{self.spec}: no record of {info.spec} has a phrase with a box ({counts}): grounding "
-                             "reads records with a caption and objects/phrase_span per box (shapes_scenes, "
+                             "reads records with a caption and objects/phrase_span per box (the embedded scenes', "
                              "clip_jax.input.convert_grounding's)")
         tokens, masks, valid = query_inputs(tokenizer, captions, cases, length)
         size = encoder.model.config.vision.image_size
@@ -161,7 +161,7 @@ def phrases_of(keys, captions, rows, what: str = "grounding") -> tuple[list, dic
 def query_inputs(tokenizer, captions, cases, length: int):
     """(tokens int32 [N, L], phrases bool [N, P, L], phrase_valid bool [N, P]) of every record, P the most phrases
     of a record (at least 1); a phrase whose span covers no kept token is not valid."""
-    from clip_jax.input.grounding import positive_map, query_tokens
+    from clip_jax.phrases import positive_map, query_tokens
 
     n, most = len(captions), max([len(c) for c in cases] + [1])
     tokens = np.zeros((n, length), np.int32)
@@ -223,8 +223,8 @@ class GroundingRun:
         import jax
         import jax.numpy as jnp
 
-        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs]
-        out = jax.eval_shape(self._fn, self.encoder.variables, *shapes)
+        specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs]
+        out = jax.eval_shape(self._fn, self.encoder.variables, *specs)
         n, p = inputs[2].shape[:2]
         problem = None
         if not isinstance(out, dict) or set(out) != set(OUTPUTS):

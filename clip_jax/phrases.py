@@ -16,7 +16,7 @@ tf.data through numpy_function.
   [classes, tokens] matrix whose product with token scores gives a class's mean over its tokens, the
   inference score (``convert_grounding_to_od_logits`` with score_agg MEAN).
 
-Spans are ``objects/phrase_span``'s [n, 2] (one per box, as shapes_scenes carries them) or, as GLIP's
+Spans are ``objects/phrase_span``'s [n, 2] (one per box, as the embedded scenes carry them) or, as GLIP's
 ``tokens_positive``, a list per box of (start, end) pairs; a box spanned (-1, -1) has no phrase: a zero row.
 """
 
