@@ -233,9 +233,42 @@ def class_names(settings, section: str, order: str) -> tuple[str, ...]:
                          f"file of class names, one a line in {order}") from None
 
 
+def check_class_names(settings, section: str, classes: tuple) -> None:
+    """A detector section's classes are distinct names in label order, and its `novel` ones among them."""
+    if len(classes) < 1 or len(set(classes)) != len(classes):
+        raise ValueError(f"config.{section}.classes (or classes_file) must be distinct names in label order, got "
+                         f"{classes[:8]}")
+    unknown = [c for c in settings.novel if c not in classes]
+    if unknown:
+        raise ValueError(f"config.{section}.novel={tuple(settings.novel)}: {unknown} are not classes; name some of "
+                         f"config.{section}.classes ({classes})")
+
+
+def towers_only(variables, part: str) -> dict:
+    """A method's variables without `part` (its head): what the towers' own modules take."""
+    return {name: {k: v for k, v in tree.items() if k != part} for name, tree in variables.items()}
+
+
 def without_part(fn, part: str):
     """A predict function of the towers alone, fed a method's variables that also hold `part` (its head)."""
     def wrapped(variables, *args):
-        return fn({name: {k: v for k, v in tree.items() if k != part} for name, tree in variables.items()}, *args)
+        return fn(towers_only(variables, part), *args)
 
     return wrapped
+
+
+def tower_predictions(predictions: dict, part: str) -> dict:
+    """A detector method's two-tower predictions, fed its variables (head `part` left out); the dense and
+    segmentation ones dropped (its image tower is the detector's backbone)."""
+    return {name: Prediction(without_part(p.fn, part), p.reads, p.item_rank) for name, p in predictions.items()
+            if not name.startswith(("image_dense", "segment"))}
+
+
+def export_with_head(params, model_state, part: str) -> dict:
+    """'towers': the CLIP model (open_clip's layout); `part`: the head's params, '/'-joined names."""
+    from flax import traverse_util
+
+    towers = {k: v for k, v in params.items() if k != part}
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params[part]).items()}
+    stats = model_state.get("batch_stats", {})
+    return {"towers": {"params": towers, **({"batch_stats": stats} if stats else {})}, part: flat}

@@ -39,7 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import BatchInput, Method, Prediction, class_names, without_part
+from clip_jax.methods.base import (
+    BatchInput,
+    Method,
+    Prediction,
+    check_class_names,
+    class_names,
+    export_with_head,
+    tower_predictions,
+    towers_only,
+)
 from clip_jax.models import atss, box_ops, dummy_inputs
 from clip_jax.models import detector as det
 from clip_jax.preprocessing import model_images
@@ -294,12 +303,12 @@ class GLIP(Method):
     def backbone(self, variables, images):
         """The image tower's maps, shallow to deep: the stages C_low..C5 (ResNet: BatchNorm on its running
         statistics), or a ViT's last block as one patch map."""
-        towers = {k: {n: t for n, t in tree.items() if n != HEAD} for k, tree in variables.items()}
+        towers = towers_only(variables, HEAD)
         layers = tuple(i - 1 for i in self.fpn_inputs) if self.stages else (self.model.config.vision.layers,)
         return list(self.model.apply(towers, images, layers, method="encode_image_intermediates"))
 
     def language(self, variables, tokens):
-        towers = {k: {n: t for n, t in tree.items() if n != HEAD} for k, tree in variables.items()}
+        towers = towers_only(variables, HEAD)
         return self.model.apply(towers, tokens, method="encode_text_tokens")[0]
 
     def levels(self, variables, images):
@@ -422,8 +431,7 @@ class GLIP(Method):
 
     def predictions(self):
         """The two towers' predictions (without the detector), 'detect' and 'ground'."""
-        towers = {name: Prediction(without_part(p.fn, HEAD), p.reads, p.item_rank)
-                  for name, p in super().predictions().items() if not name.startswith(("image_dense", "segment"))}
+        towers = tower_predictions(super().predictions(), HEAD)
         ground = Prediction(self.ground, "image", 3)
         ground.query_length = self.length  # the grounding task tokenizes captions to the method's query length
         return {**towers, "detect": Prediction(self.detect, "image", 3, class_inputs=self.class_inputs),
@@ -431,12 +439,7 @@ class GLIP(Method):
 
     def export(self, params, model_state, extras=False):
         """'towers': the CLIP model (open_clip's layout); 'glip': the detector's params, '/'-joined names."""
-        from flax import traverse_util
-
-        towers = {k: v for k, v in params.items() if k != HEAD}
-        flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params[HEAD]).items()}
-        stats = model_state.get("batch_stats", {})
-        return {"towers": {"params": towers, **({"batch_stats": stats} if stats else {})}, HEAD: flat}
+        return export_with_head(params, model_state, HEAD)
 
     # -- config --
     config_sections = {"glip": GLIP_DEFAULTS}
@@ -453,13 +456,7 @@ class GLIP(Method):
     def check_config(cls, config):
         s = config.glip
         classes = class_list(s)
-        if len(classes) < 1 or len(set(classes)) != len(classes):
-            raise ValueError(f"config.glip.classes (or classes_file) must be distinct names in label order, got "
-                             f"{classes[:8]}")
-        unknown = [c for c in s.novel if c not in classes]
-        if unknown:
-            raise ValueError(f"config.glip.novel={tuple(s.novel)}: {unknown} are not classes; name some of "
-                             f"config.glip.classes ({classes})")
+        check_class_names(s, "glip", classes)
         if s.prompts not in ("detection", "grounding", "mix"):
             raise ValueError(f"config.glip.prompts={s.prompts!r}: pick 'detection', 'grounding' or 'mix'")
         if not 0.0 <= float(s.grounding_fraction) <= 1.0:

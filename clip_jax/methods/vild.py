@@ -34,7 +34,16 @@ import numpy as np
 import optax
 
 from clip_jax.methods import METHODS
-from clip_jax.methods.base import BatchInput, Method, Prediction, class_names, without_part
+from clip_jax.methods.base import (
+    BatchInput,
+    Method,
+    Prediction,
+    check_class_names,
+    class_names,
+    export_with_head,
+    tower_predictions,
+    towers_only,
+)
 from clip_jax.models import box_ops, dummy_inputs, l2_normalize
 from clip_jax.models import detector as det
 from clip_jax.preprocessing import model_images
@@ -221,7 +230,7 @@ class ViLD(Method):
     def backbone(self, variables, images):
         """The image tower's maps, shallow to deep: a ResNet's 4 stages (BatchNorm on its running statistics), or a
         ViT's last block as one patch map."""
-        towers = {k: {n: t for n, t in tree.items() if n != HEAD} for k, tree in variables.items()}
+        towers = towers_only(variables, HEAD)
         layers = (1, 2, 3, 4) if self.cnn else (self.model.config.vision.layers,)
         return list(self.model.apply(towers, images, layers, method="encode_image_intermediates"))
 
@@ -383,19 +392,13 @@ class ViLD(Method):
 
     def predictions(self):
         """The two towers' predictions (without the detector), 'detect' and 'proposals'."""
-        towers = {name: Prediction(without_part(p.fn, HEAD), p.reads, p.item_rank)
-                  for name, p in super().predictions().items() if not name.startswith(("image_dense", "segment"))}
+        towers = tower_predictions(super().predictions(), HEAD)
         return {**towers, "detect": Prediction(self.detect, "image", 3, templates=tuple(self.config.vild.templates)),
                 "proposals": Prediction(self.region_proposals, "image", 3)}
 
     def export(self, params, model_state, extras=False):
         """'towers': the CLIP model (open_clip's layout); 'vild': the detector's params, '/'-joined names."""
-        from flax import traverse_util
-
-        towers = {k: v for k, v in params.items() if k != HEAD}
-        flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params[HEAD]).items()}
-        stats = model_state.get("batch_stats", {})
-        return {"towers": {"params": towers, **({"batch_stats": stats} if stats else {})}, HEAD: flat}
+        return export_with_head(params, model_state, HEAD)
 
     # -- config --
     config_sections = {"vild": VILD_DEFAULTS}
@@ -413,13 +416,7 @@ class ViLD(Method):
     def check_config(cls, config):
         s = config.vild
         classes = class_list(s)
-        if len(classes) < 1 or len(set(classes)) != len(classes):
-            raise ValueError(f"config.vild.classes (or classes_file) must be distinct names in label order, got "
-                             f"{classes[:8]}")
-        unknown = [c for c in s.novel if c not in classes]
-        if unknown:
-            raise ValueError(f"config.vild.novel={tuple(s.novel)}: {unknown} are not classes; name some of "
-                             f"config.vild.classes ({classes})")
+        check_class_names(s, "vild", classes)
         if len(classes) - len(set(s.novel)) < 1:
             raise ValueError(f"config.vild.novel={tuple(s.novel)} leaves no base class to train on")
         if not s.templates or any("{}" not in t for t in s.templates):
