@@ -38,6 +38,9 @@ OPTIM_DEFAULTS = {
     "weight_decay": 0.2,  # decoupled, on weight matrices only (clip_jax.train.optim.DECAY)
     "weight_decay_on": "matrices",  # 'matrices' (the paper's) or 'all' (every trained param, as torch's optimizers)
     "grad_clip_norm": 1.0,  # 0 disables
+    # A moving average of the trained params, ema = decay * ema + (1 - decay) * params after every applied step
+    # (GLIP's 0.999): evaluation and export read it instead of the params. 0 keeps none.
+    "ema_decay": 0.0,
     # Parameter groups: ((REGEX, {frozen, lr_mult, weight_decay}), ...) over '/'-joined param
     # paths (e.g. 'visual/transformer/resblocks/attn/in_proj_kernel'), first full match wins.
     "param_groups": (),

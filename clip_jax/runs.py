@@ -141,6 +141,16 @@ def unstacked(model, variables) -> dict:
     return convert.state_dict_to_variables(model, convert.variables_to_state_dict(variables))
 
 
+def evaluated_params(params, ema) -> dict:
+    """The params that evaluation and export read: the training's moving average of its trained params where
+    it keeps one (config.optim.ema_decay), the frozen ones as they are; else the params."""
+    if not ema:
+        return params
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **traverse_util.flatten_dict(ema)})
+
+
 def _training_run(workdir: str, step: Optional[int], log) -> Run:
     import jax
 
@@ -151,7 +161,7 @@ def _training_run(workdir: str, step: Optional[int], log) -> Run:
 
     config = read_config(workdir)
     step, state = _restore(os.path.join(workdir, "checkpoints"), step, log)
-    params = jax.device_get(state["params"])
+    params = jax.device_get(evaluated_params(state["params"], state.get("ema") or {}))
     model_state = dict(jax.device_get(state.get("model_state") or {}))
     trained = model_from_config(config)
     # the method's own view of its params (what are the towers, what else it trains), on one device

@@ -10,11 +10,12 @@ each of the 6 head layers), 'GLIP-T-A' GLIP-T(A) (no fusion). Towers: Swin-T (ti
 layout, drop path 0.2) at 800 px (the reference's shorter side; its 480-800 multi-scale and 1333 px longer side
 are not reproduced: inputs here are square) and BERT-base's layout (uncased, 30,522 word pieces, 256 query
 tokens): pass its vocabulary with --config.model_overrides.text_cfg.tokenizer='wordpiece:PATH/vocab.txt'. Recipe:
-batch 64, AdamW lr 1e-4 (the language tower 1e-5), weight decay 1e-4, 2,000 warmup steps, x0.1 at 67% and 89%
-of the run, gradients clipped to norm 1.0; 85 negative class names a detection prompt; ATSS (9 candidates a
-level), anchors of 8 x stride on P3-P7, GroupNorm of 16 groups. STEPS is 30 epochs of Objects365 (~0.66M images)
-and GoldG (~0.8M) at batch 64; set total_steps to 30 epochs of your data. Not reproduced: DyHead's dynamic convs
-(an ATSS conv tower in their place), the model EMA (0.999) and AMP (here float32, or --config.dtype=bfloat16).
+batch 64, AdamW lr 1e-4 (the language tower 1e-5), weight decay 1e-4, 2,000 warmup steps, x0.1 at 67% and 89% of the
+run, gradients clipped to norm 1.0, a moving average of the params (0.999) evaluated and exported; 85 negative class
+names a detection prompt; ATSS (9 candidates a level), anchors of 8 x stride on P3-P7, GroupNorm of 16 groups. STEPS
+is 30 epochs of Objects365 (~0.66M images) and GoldG (~0.8M) at batch 64; set total_steps to 30 epochs of your data.
+Not reproduced: DyHead's dynamic convs (an ATSS conv tower in their place) and AMP (here float32, or
+--config.dtype=bfloat16).
 """
 
 from clip_jax.config import base_config
@@ -42,6 +43,7 @@ def get_config(arg: str = "GLIP-T"):
     o.schedule, o.decay_boundaries, o.decay_factor = "steps", (int(0.67 * STEPS), int(0.89 * STEPS)), 0.1
     o.weight_decay, o.weight_decay_on = 1e-4, "all"
     o.grad_clip_norm = 1.0
+    o.ema_decay = 0.999  # SOLVER.MODEL_EMA
     g = c.glip
     g.labels, g.novel = "record", ()
     g.prompts, g.negatives, g.query_length = "mix", 85, 256

@@ -173,27 +173,38 @@ def test_true_boxes_score_one_and_confused_classes_less(setup):
     assert confused["detection/shapes_scenes.test/AP"] < 0.2
 
 
-def test_a_detector_reading_its_classes_its_own_way_gets_its_class_inputs(setup):
+def test_a_detector_reading_its_classes_its_own_way_gets_its_class_inputs(setup, tmp_path):
     """Prediction.class_inputs (GLIP's prompt): called with the task's class names, its arrays reach 'detect' in
-    place of the class embeddings."""
+    place of the class embeddings; its prompt text goes to the details and above the picture's rows."""
     truth = oracle(setup["records"])
     seen = {}
 
     def class_inputs(names):
         seen["names"] = list(names)
-        return {"tokens": np.arange(4, dtype=np.int32)[None], "weights": np.eye(6, dtype=np.float32)}
+        return {"tokens": np.arange(4, dtype=np.int32)[None], "weights": np.eye(6, dtype=np.float32),
+                "prompt": ". ".join(names)}
 
     def detect(variables, images, classes, novel):
+        assert set(classes) == {"tokens", "weights"}  # the text stays with the task
         assert classes["tokens"].shape == (1, 4) and classes["tokens"].dtype == jnp.int32
         assert classes["weights"].shape == (6, 6)
         return truth(variables, images, jnp.zeros((6, 32)), novel)
 
     predictions = {**two_tower_predictions(setup["model"]),
                    "detect": Prediction(detect, "image", 3, class_inputs=class_inputs)}
-    metrics, _ = setup["task"].evaluate({"data": setup["feats"]},
-                                        _encoder(setup["model"], setup["variables"], predictions))
-    assert seen["names"] == list(setup["task"].names)
+    (spec,) = parse_evals(f"detection=shapes_scenes:test|predictions={tmp_path}")
+    task = type(setup["task"])(spec, setup["config"], log=lambda *_: None)
+    task.prepare(setup["task"].infos)
+    metrics, details = task.evaluate({"data": setup["feats"]}, _encoder(setup["model"], setup["variables"],
+                                                                        predictions))
+    assert seen["names"] == list(task.names)
     assert metrics["detection/shapes_scenes.test/AP"] == pytest.approx(1.0, abs=1e-9)
+    assert details["prompt"] == ". ".join(task.names)
+    from PIL import Image
+
+    with_prompt = Image.open(tmp_path / "detection" / "shapes_scenes.test" / "picture.png")
+    _run(setup, truth, task)  # the same boxes without a prompt: the picture is shorter by the prompt's lines
+    assert with_prompt.height > Image.open(tmp_path / "detection" / "shapes_scenes.test" / "picture.png").height
 
 
 def test_max_detections_and_min_score_and_record_classes(setup, tmp_path):

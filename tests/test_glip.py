@@ -165,7 +165,9 @@ def test_loss_is_finite_with_and_without_boxes_and_the_predictions_keep_their_co
     metrics = method.loss(params, state, batch, jax.random.key(1), train=False)[1]
     assert float(metrics["positive_anchors"]) > 0 and float(metrics["boxes_aligned"]) == 2.0
 
-    classes = jax.tree.map(jnp.asarray, method.class_inputs(method.classes))
+    classes = dict(method.class_inputs(method.classes))
+    assert classes.pop("prompt") == ". ".join(method.classes)  # the evaluation prompt, GLIP's separator
+    classes = jax.tree.map(jnp.asarray, classes)
     assert classes["weights"].shape == (6, method.length)
     np.testing.assert_allclose(classes["weights"].sum(-1), 1.0, rtol=1e-6)
     out = jax.jit(method.detect)(variables, batch["image"], classes, np.zeros(6, bool))

@@ -182,6 +182,26 @@ def test_same_seed_same_batches_and_resumption_is_exact(scenes):
     assert not np.array_equal(other["glip/tokens"], batches[0]["glip/tokens"])
 
 
+def test_records_with_novel_objects_can_be_routed_to_grounding(scenes):
+    """novel_records='grounding': a record holding an excluded class is always a grounding record (no box is then
+    excluded); the others keep the draw they get by default."""
+    config, by_caption, _ = scenes
+    modes = {}
+    for routed in ("detection", "grounding"):
+        inputs = (BatchInput("caption", "value", ("caption",)),
+                  glip_key(mode="mix", grounding_fraction=0.5, novel_records=routed))
+        pipe = pipeline(config, inputs, ClipTokenizer())
+        modes[routed] = {c.decode(): bool(g) for batch in pipe for c, g in zip(batch["caption"],
+                                                                                batch["glip/grounding"])}
+        tallies = pipe.tallies()
+        assert (tallies["boxes/excluded"] == 0) == (routed == "grounding")
+    has_novel = {c: any(o["color"] * len(shapes.SHAPE_NAMES) + o["shape"] in NOVEL for o in by_caption[c]["objects"])
+                 for c in modes["grounding"]}
+    assert 0 < sum(has_novel.values()) < len(has_novel)
+    for caption, grounded in modes["grounding"].items():
+        assert grounded == (has_novel[caption] or modes["detection"][caption]), caption
+
+
 def test_bad_declarations_are_named(scenes):
     with pytest.raises(ValueError, match="no mode 'caption'"):
         ops.resolve([glip_key(mode="caption")])
@@ -197,6 +217,8 @@ def test_bad_declarations_are_named(scenes):
                                 (("labels", "record"), ("num_classes", 3), ("classes", ("a", "b"))))])
     with pytest.raises(ValueError, match="reads the caption and its spans: add \\['objects/phrase_span'\\]"):
         ops.resolve([BatchInput("boxes", "glip_text", READS[:4], (("labels", "combo"), ("mode", "grounding")))])
+    with pytest.raises(ValueError, match="novel_records='all': use 'detection'"):
+        ops.resolve([glip_key(mode="mix", novel_records="all")])
     with pytest.raises(ValueError, match="length must be an int >= 2"):
         ops.resolve([glip_key(length=1)])
     with pytest.raises(ValueError, match="exclude \\[40\\] names classes past the 36"):

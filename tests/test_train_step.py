@@ -132,3 +132,41 @@ def test_bfloat16_step_takes_every_tower_matmul_in_bfloat16(name):
             f32 += 1
             assert all(shape in loss_shapes and dtype == "f32" for shape, dtype in operands), line.strip()[:300]
     assert dots > 50 and 1 <= f32 <= 6, (dots, f32)
+
+
+def test_moving_average_follows_the_applied_steps_of_the_trained_params():
+    """config.optim.ema_decay: ema_t = d * ema_{t-1} + (1 - d) * params_t over the trained params, starting at the
+    init; a skipped (non-finite) step leaves it as it was; evaluation reads it with the frozen params as they are."""
+    from flax import traverse_util
+
+    from clip_jax.runs import evaluated_params
+
+    d = 0.9
+    r = tiny_run(ema_decay=d, frozen=r"text/.*")
+    flat = lambda tree: traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, tree))  # noqa: E731
+    trained = {k: v for k, v in flat(r.state.params).items() if k[0] != "text"}
+    assert set(flat(r.state.ema)) == set(trained)  # the frozen tower is not averaged
+    want, state = trained, r.state
+    for i in range(2):
+        state, _ = r.step_fn(state, batch(8, 32, i))
+        now = flat(state.params)
+        want = {k: d * v + (1 - d) * now[k] for k, v in want.items()}
+    got = flat(state.ema)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=str(k))
+    assert any(not np.allclose(got[k], now[k]) for k in want)  # it lags the params
+    image = np.array(batch(8, 32, 5)["image"], np.float32)
+    image[0, 0, 0, 0] = np.nan
+    skipped, _ = r.step_fn(state, dict(batch(8, 32, 5), image=image))
+    assert int(skipped.skipped) == 1
+    for k, v in flat(skipped.ema).items():
+        np.testing.assert_array_equal(v, got[k])
+    read = flat(evaluated_params(skipped.params, skipped.ema))
+    params = flat(skipped.params)
+    for k, v in read.items():
+        np.testing.assert_array_equal(v, got[k] if k in got else params[k])
+
+
+def test_moving_average_decay_out_of_range_is_refused_before_compiling():
+    with pytest.raises(ValueError, match="ema_decay=1.0.*\\[0, 1\\)"):
+        tiny_run(ema_decay=1.0)

@@ -25,6 +25,9 @@ probability grounding_fraction from its own stateless seed):
   record's seed. The class list (option classes; the label set's names by default, required for
   labels='record') less the classes of ``exclude``: an excluded class's boxes are dropped (rule 3b) and its
   name is in no detection prompt.
+- novel_records='grounding' (option; default 'detection'): under mode='mix' a record holding an object of an
+  ``exclude`` class is always made in grounding mode, the others by the draw. As a detection record its novel
+  objects would be unlabelled background for every name of the prompt, the opposite of what its caption teaches.
 - grounding: the record's caption, each box spanned by its ``objects/phrase_span`` row (its object's, by
   K/index). No class is excluded: the caption names every object, the novel ones too (GLIP learns new words
   from grounding data). The caption as the pipeline picks it (stripped): spans count from its first
@@ -52,7 +55,8 @@ MODE_SALT = 23  # the per-example draw of a mix record's mode
 MODES = ("detection", "grounding", "mix")
 TEXT_READS = ("caption", "objects/phrase_span")
 TEXT_COUNTS = ("grounding", "no_phrase", "bad_span", "no_token")
-TEXT_OPTIONS = ("mode", "grounding_fraction", "length", "negatives", "classes", "text_key")
+TEXT_OPTIONS = ("mode", "grounding_fraction", "novel_records", "length", "negatives", "classes", "text_key")
+NOVEL_RECORDS = ("detection", "grounding")
 
 
 def _text_key(wanted: ops.Wanted) -> str:
@@ -132,6 +136,10 @@ def _validate(wanted: ops.Wanted) -> None:
     if any(c >= count for c in exclude):
         raise ValueError(f"batch key {k!r}: exclude {sorted(exclude)} names classes past the {count} of "
                          f"labels={labels!r}")
+    novel = wanted.option("novel_records", "detection")
+    if novel not in NOVEL_RECORDS:
+        raise ValueError(f"batch key {k!r}: novel_records={novel!r}: use 'detection' (a record holding an excluded "
+                         "class drawn as any other) or 'grounding' (always made in grounding mode under mode='mix')")
     if mode != "grounding" and len(exclude) >= count:
         raise ValueError(f"batch key {k!r}: every class is excluded, so no detection prompt can be made: exclude "
                          "fewer classes or use mode='grounding'")
@@ -205,6 +213,10 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
     if mode == "mix":
         draw = tf.random.stateless_uniform([], ctx.seed(MODE_SALT))
         is_grounding = draw < float(wanted.option("grounding_fraction", 0.5))
+        exclude = tuple(wanted.option("exclude", ()))
+        if wanted.option("novel_records", "detection") == "grounding" and exclude:
+            classes = tf.cast(detection._classes(ex, detection._labels(wanted)), tf.int32)
+            is_grounding |= tf.reduce_any(tf.equal(classes[:, None], tf.constant(exclude, tf.int32)[None, :]))
     else:
         is_grounding = tf.constant(mode == "grounding")
     boxes = detection._make(ctx, ex, _boxes_wanted(wanted), exclude_now=~is_grounding)

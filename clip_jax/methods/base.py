@@ -168,7 +168,8 @@ class Prediction:
                  background: bool = False, class_inputs=None):
         self.fn, self.reads, self.item_rank = fn, reads, item_rank
         # A detector that reads its classes its own way (GLIP: a prompt of their names): fn(names) -> a dict of
-        # arrays the detection task passes in place of the class embeddings.
+        # arrays the detection task passes in place of the class embeddings, plus optionally 'prompt' (str, the
+        # text read: the task shows it on its picture and in its details).
         self.class_inputs = class_inputs
         # A prediction over class embeddings ('segment_logits') trained on class names in these templates
         # (LSeg: the bare name, "{}"): evaluation embeds its classes so; None: the dataset's prompts.

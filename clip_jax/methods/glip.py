@@ -64,6 +64,9 @@ GLIP_DEFAULTS = {
     "novel": ("star", "cross"),  # never in a detection prompt, their boxes dropped from detection records
     "prompts": "mix",  # 'detection', 'grounding' (the record's caption and phrase spans) or 'mix'
     "grounding_fraction": 0.5,  # the share of grounding records under 'mix'
+    # 'grounding': under 'mix' a record holding a novel object is always a grounding record (as a detection record
+    # its novel objects would be background); 'detection': drawn as any other
+    "novel_records": "detection",
     "negatives": 85,  # negative class names sampled into a detection prompt (DATASETS.RANDOM_SAMPLE_NEG)
     "query_length": 256,  # MAX_QUERY_LEN; capped by the text tower's context length
     "max_objects": 100,
@@ -260,6 +263,7 @@ class GLIP(Method):
         boxes = BatchInput("boxes", "glip_text", box_features + ("caption", "objects/phrase_span"),
                            options + (("classes", self.classes), ("exclude", self.novel_ids),
                                       ("mode", s.prompts), ("grounding_fraction", float(s.grounding_fraction)),
+                                      ("novel_records", str(s.novel_records)),
                                       ("negatives", int(s.negatives)), ("length", self.length)))
         return (BatchInput("image", "crop", ("image",), (("flip", True),)), boxes)
 
@@ -365,7 +369,7 @@ class GLIP(Method):
 
     def class_inputs(self, names):
         """The detection task's classes as GLIP reads them: the evaluation prompt (every name in order, ". "
-        joined) as tokens [1, L] and each class's token weights [C, L] (the mean over its tokens)."""
+        joined) as tokens [1, L] and each class's token weights [C, L] (the mean over its tokens), and its text."""
         from clip_jax import phrases
         from clip_jax.tokenizers import tokenizer_for
 
@@ -373,7 +377,8 @@ class GLIP(Method):
         text, spans = phrases.DetectionPrompts(names, tokenizer, self.length).evaluation()
         ids, offsets = phrases.query_tokens(tokenizer, text, self.length)
         return {"tokens": ids[None].astype(np.int32),
-                "weights": phrases.class_token_weights(offsets, spans, self.length).astype(np.float32)}
+                "weights": phrases.class_token_weights(offsets, spans, self.length).astype(np.float32),
+                "prompt": text}
 
     def detect(self, variables, images, classes, novel):
         """The 'detect' prediction: images [N, S, S, 3] x class_inputs' {tokens [1, L], weights [C, L]} ->

@@ -14,6 +14,7 @@ import jax
 import optax
 from flax import traverse_util
 
+from clip_jax.config import optim_settings
 from clip_jax.methods import METHODS
 from clip_jax.methods.base import Method, Phase
 from clip_jax.methods.run_model import model_from_config  # noqa: F401  (built below training: clip_jax.runs)
@@ -124,11 +125,15 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
     method.lock({path_name(p) for p, frozen in groups.frozen.items() if frozen}, [path_name(p) for p in groups.frozen])
     schedule = make_schedule(config.optim, config.total_steps - start)
     optimizer = make_optimizer(config.optim, shapes["params"], config.total_steps - start, groups, schedule)
+    ema_decay = optim_settings(config.optim)["ema_decay"]
+    if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+        raise ValueError(f"config.optim.ema_decay={ema_decay!r}: the moving average's decay is a number in [0, 1) "
+                         "(GLIP's 0.999); 0 keeps no average")
     if abstract:
         shardings = sharding.init_shardings(method.init, mesh, boxed=boxed)
         variables = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                            shapes, shardings)
-        state = abstract_state(variables, optimizer, groups, mesh)
+        state = abstract_state(variables, optimizer, groups, mesh, ema=ema_decay > 0)
     else:
         if variables is None:
             variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed),
@@ -137,7 +142,7 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
                 variables = initial_weights(config, model, variables, shardings, log)
             if type(method).start_variables is not Method.start_variables:
                 variables = jax.jit(method.start_variables, out_shardings=shardings)(variables)
-        state = create_state(variables, optimizer, groups)
+        state = create_state(variables, optimizer, groups, ema=ema_decay > 0)
     trained, frozen = groups.count()
     if frozen:
         log(f"parameter groups: {trained} param tensors trained, {frozen} frozen")
@@ -151,16 +156,16 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
             for name, value in attributes:
                 setattr(stepped, name, value)
         step_fns[i] = jit_train_step(stepped, optimizer, state, batch_sharding, groups=groups,
-                                     accum_steps=config.accum_steps, seed=config.seed,
+                                     accum_steps=config.accum_steps, seed=config.seed, ema_decay=ema_decay,
                                      compiler_options=compiler_options)
     return Run(config, mesh, model, method, groups, schedule, optimizer, state, batch_sharding, step_fns[phase],
                phases, phase, step_fns)
 
 
 def abstract_state(variables, optimizer: optax.GradientTransformation, groups: ParamGroups,
-                   mesh: jax.sharding.Mesh) -> TrainState:
-    """create_state's result as shapes with shardings: the optimizer's moments laid out as the
-    params they follow, its other leaves (counts) and the scalars replicated."""
+                   mesh: jax.sharding.Mesh, ema: bool = False) -> TrainState:
+    """create_state's result as shapes with shardings: the optimizer's moments (and the moving average) laid
+    out as the params they follow, its other leaves (counts) and the scalars replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = variables["params"]
     trained = groups.trainable(params)
@@ -171,7 +176,7 @@ def abstract_state(variables, optimizer: optax.GradientTransformation, groups: P
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     scalar = jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=replicated)
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    return TrainState(scalar, params, model_state, opt_state, scalar, scalar)
+    return TrainState(scalar, params, model_state, opt_state, scalar, scalar, trained if ema else {})
 
 
 def _unbox(variables):

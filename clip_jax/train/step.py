@@ -34,16 +34,20 @@ class TrainState:
     # Steps whose loss or gradient was not finite: not applied, counted (total, and in a row).
     skipped: jax.Array
     skipped_in_a_row: jax.Array
+    ema: Any = flax.struct.field(default_factory=dict)  # the trained params' moving average; {} without one
 
 
-def create_state(variables, optimizer: optax.GradientTransformation, groups: ParamGroups | None = None) -> TrainState:
-    """The state on the params' mesh: optimizer moments sharded like the params, scalars replicated."""
+def create_state(variables, optimizer: optax.GradientTransformation, groups: ParamGroups | None = None,
+                 ema: bool = False) -> TrainState:
+    """The state on the params' mesh: optimizer moments (and with `ema` the moving average, starting at the
+    params) sharded like the params, scalars replicated."""
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     trained = groups.trainable(params) if groups is not None else params
     opt_state = jax.jit(optimizer.init)(trained)  # created where, and sharded as, the params are
+    average = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t))(trained) if ema else {}  # own buffers: donated
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
-    state = TrainState(zero(), params, model_state, opt_state, zero(), zero())
+    state = TrainState(zero(), params, model_state, opt_state, zero(), zero(), average)
     sharding = jax.tree_util.tree_leaves(params)[0].sharding
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return state
@@ -61,8 +65,9 @@ def step_rng(seed: int, step) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, *, method: Method, optimizer, groups: ParamGroups | None = None,
-               accum_steps: int = 1, seed: int = 0):
-    """One optimizer step on a global batch holding the method's batch_keys."""
+               accum_steps: int = 1, seed: int = 0, ema_decay: float = 0.0):
+    """One optimizer step on a global batch holding the method's batch_keys; with `ema_decay` the state's
+    moving average follows the updated params."""
     missing = [k for k in method.batch_keys if k not in batch]
     if missing:
         raise ValueError(f"the batch lacks {missing} "
@@ -111,21 +116,23 @@ def train_step(state: TrainState, batch: dict, *, method: Method, optimizer, gro
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(old):
-        trained, opt_state, _ = old
+        trained, opt_state, _, ema = old
         # the norm already taken, for the clipping (clip_jax.train.optim.clip_by_global_norm)
         updates, opt_state = optimizer.update(grads, opt_state, trained, grad_norm=grad_norm)
         params = method.post_update(merge(optax.apply_updates(trained, updates), frozen))
         trained = groups.trainable(params) if groups is not None else params  # frozen params never change
-        return trained, opt_state, model_state
+        if ema_decay:
+            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, trained)
+        return trained, opt_state, model_state, ema
 
-    trained, opt_state, model_state = jax.lax.cond(
-        finite, update, lambda old: old, (trained, state.opt_state, state.model_state))
+    trained, opt_state, model_state, ema = jax.lax.cond(
+        finite, update, lambda old: old, (trained, state.opt_state, state.model_state, state.ema))
     bad = 1 - finite.astype(jnp.int32)
     skipped, in_a_row = state.skipped + bad, (state.skipped_in_a_row + 1) * bad
     # No params' norm here: one more pass over every param each step, for a figure the
     # trainer needs only before a checkpoint (params_are_finite).
     metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "skipped_steps": skipped, "skipped_in_a_row": in_a_row}
-    new_state = TrainState(state.step + 1, merge(trained, frozen), model_state, opt_state, skipped, in_a_row)
+    new_state = TrainState(state.step + 1, merge(trained, frozen), model_state, opt_state, skipped, in_a_row, ema)
     return new_state, metrics
 
 
@@ -136,7 +143,7 @@ def params_are_finite(params):
 
 
 def jit_train_step(method: Method, optimizer, state: TrainState, batch_sharding, *, groups: ParamGroups | None = None,
-                   accum_steps: int = 1, seed: int = 0, compiler_options: dict | None = None):
+                   accum_steps: int = 1, seed: int = 0, ema_decay: float = 0.0, compiler_options: dict | None = None):
     """jit with explicit shardings: the state keeps its layout (donated), every batch key is split on
     the data axes. `compiler_options`: XLA options for this program alone."""
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -144,7 +151,7 @@ def jit_train_step(method: Method, optimizer, state: TrainState, batch_sharding,
     def fn(s, b):
         with sharding.activation_layouts(batch_sharding.mesh):
             return train_step(s, b, method=method, optimizer=optimizer, groups=groups, accum_steps=accum_steps,
-                              seed=seed)
+                              seed=seed, ema_decay=ema_decay)
 
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(

@@ -19,6 +19,7 @@ from clip_jax.input.pipeline import DevicePrefetch, stream_count
 from clip_jax.input.training import training_batches
 from clip_jax.methods import METHODS
 from clip_jax.parallel import distributed, sharding
+from clip_jax.runs import evaluated_params
 from clip_jax.tokenizers import tokenizer_for
 from clip_jax.train import checkpoint
 from clip_jax.train.build import build, model_from_config, phase_at, phase_of_checkpoint, phases_of
@@ -69,7 +70,7 @@ def _evaluate(evaluator, encoder, method, state, config, workdir: str, step: int
     """Run every evaluation on the current params; per-class details go to workdir/eval/step_N.json."""
     from clip_jax.evaluate.evaluator import format_table
 
-    encoder.variables = method.model_variables(state.params, state.model_state)
+    encoder.variables = method.model_variables(evaluated_params(state.params, state.ema), state.model_state)
     start = time.perf_counter()
     metrics, details = evaluator.run(encoder, config.eval_batch_size)
     if jax.process_index() == 0:
@@ -296,7 +297,8 @@ def _write_summary(run, state, config, workdir: str) -> None:
         examples = None
         preview = summary.preview_of(config.data.train, _data_config(config)) if jax.process_count() == 1 else None
         if preview:
-            variables = jax.device_get(run.method.model_variables(state.params, state.model_state))
+            variables = jax.device_get(run.method.model_variables(evaluated_params(state.params, state.ema),
+                                                                  state.model_state))
             examples = summary.zero_shot_predictions(run.model, variables, preview, run.method.predictions())
         rows = summary.read_rows(os.path.join(workdir, "metrics.jsonl"))
         title = f"{config.model} on {config.data.train}, step {rows[-1]['step']}"

@@ -137,7 +137,9 @@ class Detection(Task):
         size = encoder.model.config.vision.image_size
         run = DetectorRun(encoder, detect.fn, size, str(self.spec))
         own = getattr(detect, "class_inputs", None)  # a detector that reads its classes its own way (GLIP: a prompt)
-        out = run(images, own(self.names) if own else self.class_embeds(encoder), self.novel)
+        classes = dict(own(self.names)) if own else self.class_embeds(encoder)
+        prompt = classes.pop("prompt", None) if own else None
+        out = run(images, classes, self.novel)
         detections, kept, dropped = results(out, sizes, size, self.max_detections, self.min_score, len(self.names),
                                             str(self.spec))
         image_list = [{"id": row + 1, "key": keys[row], "width": int(w), "height": int(h)}
@@ -156,7 +158,8 @@ class Detection(Task):
                    "AP50": {n: per_class[k + 1]["AP50"] for k, n in enumerate(self.names)},
                    "truth_boxes": {n: int((labels == k).sum()) for k, n in enumerate(self.names)},
                    "crowd_boxes": int(sum(int(t["crowd"].sum()) for t in truth)), "detections": len(detections),
-                   "dropped": dropped, "max_detections": self.max_detections, "min_score": self.min_score}
+                   "dropped": dropped, "max_detections": self.max_detections, "min_score": self.min_score,
+                   **({"prompt": prompt} if prompt is not None else {})}
         if dropped:
             self.log(f"  {self.spec}: {dropped} valid detections with a non-finite or empty box or score dropped")
         if self.spec.get("predictions"):
@@ -166,7 +169,7 @@ class Detection(Task):
                 directory = os.path.join(self.spec.get("predictions"), "detection", name)
                 write_predictions(directory, detections, image_list, categories)
                 picture(os.path.join(directory, "picture.png"), images[:PICTURE_IMAGES], truth[:PICTURE_IMAGES],
-                        kept[:PICTURE_IMAGES], sizes[:PICTURE_IMAGES], self.names, self.novel)
+                        kept[:PICTURE_IMAGES], sizes[:PICTURE_IMAGES], self.names, self.novel, prompt=prompt)
                 details["predictions"] = directory
         return metrics, details
 
@@ -308,9 +311,13 @@ def write_predictions(directory: str, detections: list, images: list, categories
 
 
 def picture(path: str, images: np.ndarray, truth: list, kept: list, sizes: np.ndarray, names, novel,
-            scale: int = 3):
+            scale: int = 3, prompt: str | None = None):
     """Rows of (the image with its true boxes, the image with its best predicted boxes: score >= PICTURE_SCORE,
-    at most PICTURE_BOXES) with class names, and a legend of the class colours (novel classes marked), as a PNG."""
+    at most PICTURE_BOXES) with class names, and a legend of the class colours (novel classes marked), as a PNG.
+    `prompt`: the text a detector read its classes from (GLIP), written above the rows, each box labelled with its
+    words."""
+    import textwrap
+
     from PIL import Image, ImageDraw, ImageFont
 
     from clip_jax.evaluate.tasks.segmentation import palette, pixels
@@ -320,10 +327,15 @@ def picture(path: str, images: np.ndarray, truth: list, kept: list, sizes: np.nd
     side = min(max(size * scale, 160), 320)
     font = ImageFont.load_default()
     legend = 14 * len(names) + 12
-    canvas = Image.new("RGB", (2 * (side + 6) + 6, 18 + len(images) * (side + 6) + legend), "white")
+    width = 2 * (side + 6) + 6
+    lines = textwrap.wrap(f"prompt: {prompt}", max(width // 6 - 2, 20)) if prompt is not None else []
+    top = 18 + 12 * len(lines)
+    canvas = Image.new("RGB", (width, top + len(images) * (side + 6) + legend), "white")
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(("true", f"predicted (score >= {PICTURE_SCORE})")):
         draw.text((6 + j * (side + 6), 3), title, fill="black", font=font)
+    for j, line in enumerate(lines):
+        draw.text((6, 15 + 12 * j), line, fill="black", font=font)
 
     def tile(image, boxes, classes, scores, height, width):
         out = Image.fromarray(pixels(image)).resize((side, side), Image.BILINEAR)
@@ -340,7 +352,7 @@ def picture(path: str, images: np.ndarray, truth: list, kept: list, sizes: np.nd
         return out
 
     for i in range(len(images)):
-        y = 18 + i * (side + 6)
+        y = top + i * (side + 6)
         height, width = (int(v) for v in sizes[i])
         real = ~truth[i]["crowd"]
         canvas.paste(tile(images[i], truth[i]["boxes"][real], truth[i]["labels"][real],
@@ -348,7 +360,7 @@ def picture(path: str, images: np.ndarray, truth: list, kept: list, sizes: np.nd
         best = np.flatnonzero(kept[i]["scores"] >= PICTURE_SCORE)[:PICTURE_BOXES]  # kept is in score order
         canvas.paste(tile(images[i], kept[i]["boxes"][best], kept[i]["classes"][best], kept[i]["scores"][best],
                           height, width), (12 + side, y))
-    y = 18 + len(images) * (side + 6) + 6
+    y = top + len(images) * (side + 6) + 6
     for k, name in enumerate(names):
         draw.rectangle((6, y + 14 * k, 16, y + 14 * k + 10), fill=colours[k])
         draw.text((22, y + 14 * k), name + (" (novel)" if novel[k] else ""), fill="black", font=font)
