@@ -33,7 +33,8 @@ def get_config(arg: str = "GLIP-T"):
     c = base_config()
     c.method = "glip"
     c.model = "Swin-T"
-    c.model_overrides = {"vision_cfg": {"image_size": 800}, "text_cfg": dict(BERT_BASE)}
+    # the prompt's tokens 768 wide, BERT-base's hidden size (GLIP's LANG_DIM; 12 heads in the language layers)
+    c.model_overrides = {"embed_dim": 768, "vision_cfg": {"image_size": 800}, "text_cfg": dict(BERT_BASE)}
     c.batch_size = BATCH
     c.total_steps = STEPS
     c.checkpoint_every_steps = 5_000

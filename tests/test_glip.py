@@ -198,3 +198,27 @@ def test_bad_settings_are_named():
                        ({"grounding_fraction": 2.0}, r"\[0, 1\]")):
         with pytest.raises(ValueError, match=words):
             GLIP.check_config(_config(**bad))
+    from clip_jax.methods.run_model import model_from_config
+    from clip_jax.parallel.sharding import make_mesh
+
+    config = _config(text_heads=7)
+    with pytest.raises(ValueError, match="text_heads=7 must divide the prompt tokens' width"):
+        GLIP(config, model_from_config(config), make_mesh({"data": -1}, jax.devices()[:1]))
+
+
+def test_anchors_follow_the_maps_where_p6_and_p7_round_up():
+    """96 px: P5 is 3x3, so the stride-2 convs give P6 2x2 and P7 1x1 (ceil), as the anchors and ATSS's level
+    counts must (GLIP-T's 800 px: P6 13, P7 7)."""
+    from clip_jax.methods.run_model import model_from_config
+    from clip_jax.models.detector import level_size
+    from clip_jax.parallel.sharding import make_mesh
+
+    assert [level_size(800, lv) for lv in (3, 4, 5, 6, 7)] == [100, 50, 25, 13, 7]
+    config = _config(levels=(3, 4, 5, 6, 7))
+    config.model_overrides = {"vision_cfg": {"image_size": 96}}
+    method = GLIP(config, model_from_config(config), make_mesh({"data": -1}, jax.devices()[:1]))
+    variables = nn.meta.unbox(jax.jit(method.init)(jax.random.key(0)))
+    tokens = jnp.asarray(method.class_inputs(method.classes)["tokens"])
+    logits, _, _, _ = jax.jit(method.forward)(variables, jnp.zeros((1, 96, 96, 3)), tokens)
+    assert method.level_sizes == (144, 36, 9, 4, 1)
+    assert logits.shape[1] == method.anchors.shape[0] == sum(method.level_sizes)

@@ -226,6 +226,10 @@ class GLIP(Method):
         if model.config.text.kind not in ("clip", "bert"):
             raise ValueError(f"config.method='glip' reads the prompt's tokens through a CLIP or BERT text tower; the "
                              f"preset's is {model.config.text.kind!r}: pick a preset with one of those")
+        if s.fusion and model.config.embed_dim % int(s.text_heads):
+            raise ValueError(f"config.glip.text_heads={s.text_heads} must divide the prompt tokens' width, the "
+                             f"model's embed_dim={model.config.embed_dim} (the language layer after each fusion): "
+                             "pick a divisor, or set model_overrides.embed_dim")
         self.stages = v.kind in ("resnet", "swin")
         self.size = v.image_size
         self.classes = class_list(s)
@@ -235,7 +239,7 @@ class GLIP(Method):
         self.novel_ids = tuple(i for i, c in enumerate(self.classes) if c in novel)
         dtype = model.dtype
         self.anchors = det.pyramid_anchors(self.size, self.levels_used, float(s.anchor_scale), (1.0,))
-        self.level_sizes = tuple(max(self.size // 2 ** lv, 1) ** 2 for lv in self.levels_used)
+        self.level_sizes = tuple(det.level_size(self.size, lv) ** 2 for lv in self.levels_used)
         low = min(self.levels_used)
         self.fpn_inputs = tuple(range(low, 6))  # the stages C_low..C5 feed the FPN
         self.pyramid = None if self.stages else det.SimplePyramid(

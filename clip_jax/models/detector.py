@@ -128,10 +128,19 @@ class BoxHead(nn.Module):
 
 
 # -- anchors and targets -----------------------------------------------------------------------------
+def level_size(image_size: int, level: int) -> int:
+    """The side of pyramid level `level`'s map: the backbone's stage (image_size // 2**level) up to P5; above it
+    each level is a stride-2 conv or pool of padding 1 (kernel 3) or 0 (kernel 1) on the one below, so
+    ceil(previous / 2): P6 and P7 of a 800 px image are 13 and 7, not 12 and 6."""
+    if level <= 5:
+        return max(image_size // 2 ** level, 1)
+    return -(-level_size(image_size, level - 1) // 2)
+
+
 def pyramid_anchors(image_size: int, levels: Sequence[int], anchor_scale: float, aspect_ratios: Sequence[float]):
     """[A_total, 4] anchors of pyramid levels `levels` (level l has stride 2**l and one anchor size,
     anchor_scale * 2**l, per aspect ratio), in RPNHead's order."""
-    sizes = [(max(image_size // 2 ** level, 1),) * 2 for level in levels]
+    sizes = [(level_size(image_size, level),) * 2 for level in levels]
     return box_ops.anchors(sizes, [2 ** level for level in levels], [(anchor_scale * 2 ** level,) for level in levels],
                            list(aspect_ratios))
 

@@ -23,7 +23,6 @@ from typing import Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clip_jax.models.layers import (
     BATCH,
@@ -36,6 +35,8 @@ from clip_jax.models.layers import (
     MultiHeadAttention,
     Transformer,
     constrain,
+    drop_path,
+    drop_path_rates,
     gelu,
     l2_normalize,
     normal,
@@ -228,11 +229,7 @@ class Block(nn.Module):
     attn_impl: Optional[str] = None
 
     def _dropped(self, y, train: bool):
-        if not train or not self.drop_path:
-            return y
-        keep = 1.0 - self.drop_path
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-        return jnp.where(mask, y / keep, 0).astype(y.dtype)
+        return drop_path(self, y, self.drop_path, train)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -337,7 +334,7 @@ class GroupViTVisionTransformer(nn.Module):
         pos = self.param("positional_embedding", param_with_axes(normal(0.02), (None, "embed")),
                          (grid * grid, self.width))
         x = constrain(x + pos.astype(self.dtype), (BATCH, LENGTH, EMBED))
-        rates = np.linspace(0.0, self.drop_path, sum(self.stage_depths)).tolist()
+        rates = drop_path_rates(self.drop_path, sum(self.stage_depths))
         prev, assignments, start = None, [], 0
         for i, depth in enumerate(self.stage_depths):
             stage = GroupViTStage(depth, self.group_tokens[i], self.output_groups[i],

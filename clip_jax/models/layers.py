@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
@@ -111,6 +112,21 @@ def activation(quick: bool, act: str = "") -> Callable:
             raise ValueError(f"unknown activation {act!r}: use one of {sorted(ACTIVATIONS)}")
         return ACTIVATIONS[act]
     return quick_gelu if quick else gelu
+
+
+def drop_path(module: nn.Module, y, rate: float, train: bool):
+    """Stochastic depth: a residual branch `y` zeroed per example with probability `rate` in training, the kept
+    ones scaled by 1 / (1 - rate) (timm's DropPath), from the module's 'dropout' rng."""
+    if not train or not rate:
+        return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep, 0).astype(y.dtype)
+
+
+def drop_path_rates(rate: float, blocks: int) -> list:
+    """Each block's stochastic depth, rising linearly from 0 to `rate` at the last (Swin's, GroupViT's)."""
+    return np.linspace(0.0, rate, blocks).tolist()
 
 
 def param_with_axes(init, axes):

@@ -28,7 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.models.dense import check_form
-from clip_jax.models.layers import BATCH, Dense, Dtype, LayerNorm, constrain, gelu, param_with_axes
+from clip_jax.models.layers import (
+    BATCH,
+    Dense,
+    Dtype,
+    LayerNorm,
+    constrain,
+    drop_path,
+    drop_path_rates,
+    gelu,
+    param_with_axes,
+)
 from clip_jax.models.vit import PatchEmbed
 
 # timm's init of every Linear and of the relative position tables
@@ -128,11 +138,7 @@ class SwinBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     def _dropped(self, y, train: bool):
-        if not train or not self.drop_path:
-            return y
-        keep = 1.0 - self.drop_path
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-        return jnp.where(mask, y / keep, 0).astype(y.dtype)
+        return drop_path(self, y, self.drop_path, train)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -232,7 +238,7 @@ class SwinTransformer(nn.Module):
         for i, heads in enumerate(self.heads):
             if (self.width * 2**i) % heads:
                 raise ValueError(f"Swin stage {i + 1}: width {self.width * 2**i} is not divisible by heads {heads}")
-        rates = np.linspace(0.0, self.drop_path, sum(self.depths)).tolist()
+        rates = drop_path_rates(self.drop_path, sum(self.depths))
         starts = np.cumsum([0] + list(self.depths)).tolist()
         self.patch_embed = SwinPatchEmbed(self.patch_size, self.width, self.dtype)
         self.layers = [SwinStage(depth, heads, self.window_size, i > 0, tuple(rates[starts[i]:starts[i + 1]]),
