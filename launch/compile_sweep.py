@@ -146,6 +146,8 @@ RECIPES = (
     ("ViT-B-32", "configs/lseg.py", {"topology": "v5e:4x4"}),
     ("ViT-B-32", "configs/lseg.py", {"batch": 256}),  # its 16 does not split over 256 chips: 1 per chip
     ("ViT-B-32", "configs/vild.py", {}),  # the R50 detector at 1024 px, batch 256 (the text tower's the preset's)
+    # GLIP-T(B) at its batch of 64: one 800 px image on each of 64 data shards, the tensor axis over the other 4
+    ("Swin-T", "configs/glip.py", {"config_arg": "GLIP-T", "mesh": {"tensor": 4}}),
 )
 
 
