@@ -195,7 +195,7 @@ def test_the_token_mask_keeps_a_zero_id_inside_the_prompt_and_stops_at_the_paddi
 def test_bad_settings_are_named():
     for bad, words in (({"novel": ("hexagon",)}, "not classes"), ({"prompts": "captions"}, "'detection'"),
                        ({"levels": (3, 5)}, "consecutive"), ({"fpn_width": 10}, "gn_groups"),
-                       ({"grounding_fraction": 2.0}, r"\[0, 1\]")):
+                       ({"grounding_fraction": 2.0}, r"\[0, 1\]"), ({"fusion_dropout": 1.0}, "is a rate")):
         with pytest.raises(ValueError, match=words):
             GLIP.check_config(_config(**bad))
     from clip_jax.methods.run_model import model_from_config

@@ -78,6 +78,7 @@ GLIP_DEFAULTS = {
     "gn_groups": 32,
     "fusion": True,  # deep fusion (GLIP-T(B)); False: GLIP-T(A)
     "fusion_dim": 2048, "fusion_heads": 8,  # the bi-attention's width and heads (MHA-B)
+    "fusion_dropout": 0.1,  # on both of its attention maps while training (fuse_helper's)
     "text_heads": 8,  # the language layer's after each fusion (GLIP with a CLIP text tower: MODEL.CLIP.HEADS)
     "text_lr_mult": 0.1,  # the language tower's learning rate relative to the rest (1e-5 / 1e-4)
     "score_threshold": 0.05, "pre_nms": 1000, "nms": 0.6, "detections": 100,  # the ATSS post-processor's
@@ -132,12 +133,13 @@ class FusionBlock(nn.Module):
     heads: int
     init_scale: float
     dtype: jnp.dtype = jnp.float32
+    dropout: float = 0.1
 
     @nn.compact
     def __call__(self, v, lang, lang_mask, deterministic: bool = True):
         v = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm_v")(v)
         lang = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="layer_norm_l")(lang)
-        delta_v, delta_l = BiAttention(self.dim, self.heads, dtype=self.dtype, name="attn")(v, lang, lang_mask,
+        delta_v, delta_l = BiAttention(self.dim, self.heads, self.dropout, self.dtype, name="attn")(v, lang, lang_mask,
                                                                                            deterministic)
         gamma_v = self.param("gamma_v", nn.initializers.constant(self.init_scale), (v.shape[-1],))
         gamma_l = self.param("gamma_l", nn.initializers.constant(self.init_scale), (lang.shape[-1],))
@@ -181,6 +183,7 @@ class GroundingHead(nn.Module):
     fusion_heads: int
     text_heads: int
     dtype: jnp.dtype = jnp.float32
+    fusion_dropout: float = 0.1
 
     @nn.compact
     def __call__(self, levels, tokens, token_mask, deterministic: bool = True):
@@ -191,7 +194,8 @@ class GroundingHead(nn.Module):
             if self.fusion:
                 flat = jnp.concatenate([x.reshape(n, -1, x.shape[-1]) for x in levels], 1)
                 flat, tokens = FusionBlock(self.fusion_dim, self.fusion_heads, 1.0 / self.num_convs, self.dtype,
-                                           name=f"fuse{i}")(flat, tokens, token_mask, deterministic)
+                                           self.fusion_dropout, name=f"fuse{i}")(flat, tokens, token_mask,
+                                                                                 deterministic)
                 tokens = LanguageLayer(self.text_heads, self.dtype, name=f"language{i}")(tokens, token_mask)
                 cuts = np.cumsum([h * w for h, w in shapes])[:-1]
                 levels = [x.reshape(n, h, w, -1) for x, (h, w) in zip(jnp.split(flat, cuts, 1), shapes)]
@@ -247,7 +251,8 @@ class GLIP(Method):
             dtype=dtype)
         self.fpn = det.FPN(width=int(s.fpn_width), extra=max(self.levels_used) - 5, extra_convs=True, dtype=dtype)
         self.head = GroundingHead(int(s.num_convs), int(s.fpn_width), int(s.gn_groups), bool(s.fusion),
-                                  int(s.fusion_dim), int(s.fusion_heads), int(s.text_heads), dtype)
+                                  int(s.fusion_dim), int(s.fusion_heads), int(s.text_heads), dtype,
+                                  float(s.fusion_dropout))
 
     # -- input --
     @property
@@ -477,6 +482,9 @@ class GLIP(Method):
                              "to at least 5 (GLIP: 3 to 7)")
         if int(s.fpn_width) % int(s.gn_groups):
             raise ValueError(f"config.glip.fpn_width={s.fpn_width} must be a multiple of gn_groups={s.gn_groups}")
+        if not 0.0 <= float(s.fusion_dropout) < 1.0:
+            raise ValueError(f"config.glip.fusion_dropout={s.fusion_dropout} is a rate: give one in [0, 1) "
+                             "(GLIP's 0.1)")
         if s.fusion and (int(s.fusion_dim) % int(s.fusion_heads) or int(s.text_heads) < 1):
             raise ValueError(f"config.glip.fusion_dim={s.fusion_dim} must be a multiple of fusion_heads="
                              f"{s.fusion_heads}, and text_heads={s.text_heads} at least 1")
