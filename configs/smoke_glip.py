@@ -44,7 +44,6 @@ def get_config(fusion: str = "on"):
     g.num_convs = 2
     g.fusion = fusion == "on"
     g.fusion_dim, g.fusion_heads, g.text_heads = 64, 4, 4
-    g.fusion_dropout = 0.0  # its random masks cost a seventh of a fused step on a CPU
     g.detections = 20
     c.data.train = "shapes_scenes:train"
     c.data.eval = "detection=shapes_scenes:test,grounding=shapes_scenes:test"
