@@ -55,3 +55,32 @@ def test_state_written_on_8_devices_restores_on_4(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         checkpoint.restore(checkpoint.make_manager(str(tmp_path)), {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+
+
+def test_a_train_state_saved_before_the_moving_average_existed_restores(tmp_path):
+    """Checkpoints written before TrainState held 'ema' have no such entry: a run without a moving average reads
+    them (not moved aside as unreadable); one with an average gets its state, ema included, back as saved."""
+    from clip_jax.train.step import TrainState
+
+    one = NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
+                                      axis_types=(jax.sharding.AxisType.Auto,)), P())
+    put = lambda x: jax.device_put(jnp.asarray(x), one)  # noqa: E731
+    old = {"step": put(np.int32(5)), "params": {"w": put(np.arange(6, dtype=np.float32))}, "model_state": {},
+           "opt_state": {"mu": put(np.ones(6, np.float32))}, "skipped": put(np.int32(1)),
+           "skipped_in_a_row": put(np.int32(0))}
+    manager = checkpoint.make_manager(str(tmp_path / "old"))
+    checkpoint.save(manager, 5, old, None, force=True)
+    manager.wait_until_finished()
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                      TrainState(**old))
+    restored, _, step = checkpoint.restore_latest_good(checkpoint.make_manager(str(tmp_path / "old")), abstract)
+    assert step == 5 and isinstance(restored, TrainState) and restored.ema == {}
+    np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.arange(6))
+    assert int(restored.skipped) == 1
+    with_average = TrainState(**old, ema={"w": put(np.full(6, 2.0, np.float32))})
+    manager = checkpoint.make_manager(str(tmp_path / "new"))
+    checkpoint.save(manager, 5, with_average, None, force=True)
+    manager.wait_until_finished()
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), with_average)
+    restored, _, _ = checkpoint.restore(checkpoint.make_manager(str(tmp_path / "new")), target)
+    np.testing.assert_array_equal(np.asarray(restored.ema["w"]), np.full(6, 2.0))

@@ -10,6 +10,7 @@ One CheckpointManager per run, items:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
@@ -130,10 +131,21 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                         input=ocp.args.JsonRestore()))
+    read = lambda target: manager.restore(step, args=ocp.args.Composite(  # noqa: E731
+        state=ocp.args.StandardRestore(target), input=ocp.args.JsonRestore()))
+    try:
+        out = read(abstract_state)
+        state = out["state"]
+    except ValueError as e:
+        # A train state written before the state held a moving average has no 'ema' entry: read it without
+        # one where this run keeps none (its 'ema' is {}).
+        if getattr(abstract_state, "ema", None) != {} or "tree structures do not match" not in str(e):
+            raise
+        fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+        out = read({k: v for k, v in fields.items() if k != "ema"})
+        state = abstract_state.replace(**out["state"])
     inputs = [InputState.from_dict(s) for s in out["input"] or []]
-    return out["state"], inputs or None, step
+    return state, inputs or None, step
 
 
 def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, log=print):
