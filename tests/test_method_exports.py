@@ -249,9 +249,10 @@ def test_every_method_exports_what_its_reference_loads(tmp_path, name):
     run, state = trained_workdir(config, tmp_path / name)
     read = runs.read(str(tmp_path / name))
     assert (read.kind, read.step, read.config.method) == (runs.TRAINING, STEPS, config.method)
-    # what the run reads back is what the steps trained (not the init)
-    # the towers of the export (LSeg's head, a part of its model, is written beside them)
-    trained = runs.unstacked(read.model, run.method.export(state.params, state.model_state)["towers"])
+    # what the run reads back is what the steps trained (not the init), through its moving average where the
+    # recipe keeps one (GLIP-T's); the towers of the export (LSeg's head, a part of its model, is written beside them)
+    params = runs.evaluated_params(state.params, state.ema)
+    trained = runs.unstacked(read.model, run.method.export(params, state.model_state)["towers"])
     fresh = runs.unstacked(read.model, run.method.export(*_init(run))["towers"])
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(trained),
                                                      jax.tree_util.tree_leaves(fresh))]
