@@ -5,6 +5,7 @@ with SIGKILL at any moment and restarted ends exactly where an uninterrupted run
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,9 @@ PHASED = ("flip", "chinese_clip")  # the methods whose step changes within the 8
 # Run on 8 devices in one process and on 1 device too: CLIP, and GLIP, whose issue asks for it (the others differ
 # from CLIP in loss and phases, not in the mesh).
 ONE_DEVICE_TOO = ("clip", "glip")
+# A process group lost to a starved host, not to the code: the coordination service's fatal-error poll, a missed
+# heartbeat or a collective's deadline.
+COORDINATION_LOST = re.compile(r"distributed service detected fatal errors|heartbeat|DEADLINE_EXCEEDED")
 
 
 def excerpt(*outputs: str) -> str:
@@ -178,6 +182,11 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
     for name, layout in layouts.items():
         layout_env = dict(env_with(1), PYTHON=sys.executable)
         done = subprocess.run(layout, env=layout_env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if done.returncode and COORDINATION_LOST.search(done.stdout + done.stderr):
+            # An oversubscribed host (CI's 2 cores under xdist) can starve the coordination service's heartbeats;
+            # a crash of the code itself repeats, so one fresh retry hides no bug.
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
+            done = subprocess.run(layout, env=layout_env, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, excerpt(done.stdout, done.stderr)
         got = losses(tmp_path / name)
         np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-3,
