@@ -202,6 +202,21 @@ def _crowd(ex: dict, n):
     return tf.cond(tf.equal(tf.size(c), n), lambda: tf.not_equal(c, 0), lambda: tf.zeros([n], tf.bool))
 
 
+def object_classes(ex: dict, wanted: ops.Wanted):
+    """int32 [n]: the record's objects' classes in the declaration's label set."""
+    return _tf().cast(_classes(ex, _labels(wanted)), _tf().int32)
+
+
+def excluded_objects(classes, wanted: ops.Wanted):
+    """bool [n]: the objects (of object_classes) whose class is in the option ``exclude`` (rule 3b), or None
+    without one."""
+    tf = _tf()
+    exclude = tuple(wanted.option("exclude", ()))
+    if not exclude:
+        return None
+    return tf.reduce_any(tf.equal(classes[:, None], tf.constant(exclude, tf.int32)[None, :]), -1)
+
+
 def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted, exclude_now=None):
     """The keys of one record; exclude_now (a bool tensor, None: True) says whether rule 3b applies to it (GLIP's
     grounding records keep every class)."""
@@ -210,10 +225,8 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted, exclude_now=None):
     bbox = ex["objects/bbox"]
     n = tf.shape(bbox)[0]
     crowd = _crowd({k: v for k, v in ex.items() if k in wanted.reads}, n)
-    classes = tf.cast(_classes(ex, _labels(wanted)), tf.int32)
-    exclude = tuple(wanted.option("exclude", ()))
-    excluded = tf.reduce_any(tf.equal(classes[:, None], tf.constant(exclude, tf.int32)[None, :]), -1) if exclude \
-        else None
+    classes = object_classes(ex, wanted)
+    excluded = excluded_objects(classes, wanted)
     if excluded is not None and exclude_now is not None:
         excluded = excluded & exclude_now
     boxes, kept, counts = transform(bbox, crowd, ex["image"], ctx.image_size, ctx.train, ctx.seed(ops.CROP_SALT),

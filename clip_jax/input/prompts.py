@@ -210,16 +210,16 @@ def _make(ctx: ops.OpContext, ex: dict, wanted: ops.Wanted):
     k, t = wanted.key, _text_key(wanted)
     m, q = detection._max_objects(wanted), _query_length(wanted)
     mode = _mode(wanted)
+    boxes_wanted = _boxes_wanted(wanted)
     if mode == "mix":
         draw = tf.random.stateless_uniform([], ctx.seed(MODE_SALT))
         is_grounding = draw < float(wanted.option("grounding_fraction", 0.5))
-        exclude = tuple(wanted.option("exclude", ()))
-        if wanted.option("novel_records", "detection") == "grounding" and exclude:
-            classes = tf.cast(detection._classes(ex, detection._labels(wanted)), tf.int32)
-            is_grounding |= tf.reduce_any(tf.equal(classes[:, None], tf.constant(exclude, tf.int32)[None, :]))
+        if wanted.option("novel_records", "detection") == "grounding" and wanted.option("exclude", ()):
+            novel = detection.excluded_objects(detection.object_classes(ex, boxes_wanted), boxes_wanted)
+            is_grounding |= tf.reduce_any(novel)
     else:
         is_grounding = tf.constant(mode == "grounding")
-    boxes = detection._make(ctx, ex, _boxes_wanted(wanted), exclude_now=~is_grounding)
+    boxes = detection._make(ctx, ex, boxes_wanted, exclude_now=~is_grounding)
     run = RecordText(ctx.tokenizer, wanted)
     caption = ex["caption"] if "caption" in ex else tf.constant(b"")
     spans = ex["objects/phrase_span"] if "objects/phrase_span" in ex else tf.zeros([0, 2], tf.int64)
