@@ -19,6 +19,7 @@ OPTIM_DEFAULTS = {
     # 'adamw' (the paper's) or 'sgd' (torch.optim.SGD's: the weight decay added to the gradient, then momentum)
     "optimizer": "adamw",
     "momentum": 0.9,  # sgd only
+    "nesterov": False,  # sgd only: torch.optim.SGD(nesterov=True) (AudioCLIP's protocols)
     "learning_rate": 5e-4,
     "end_learning_rate": 0.0,
     "warmup_steps": 2000,
@@ -28,6 +29,8 @@ OPTIM_DEFAULTS = {
     "schedule": "warmup_cosine",
     "warmup_learning_rate": 0.0,
     "schedule_every_steps": 1,
+    # 'exponential' (torch's ExponentialLR stepped each epoch, AudioCLIP's): learning_rate times decay_factor to the
+    # number of whole schedule_every_steps periods done (no warmup)
     # 'steps' (the detection codebases'): linear warmup from 0, then learning_rate times decay_factor at each of
     # decay_boundaries (steps counted from the run's start)
     "decay_boundaries": (),

@@ -1,5 +1,7 @@
 """Every loss form over the mesh equals the plain single-device loss, in value and gradient."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,74 @@ def test_sigmoid_loss_equals_siglips_formula_in_numpy(devices):
     got = jax.jit(make_loss("sigmoid", mesh, ("data",)))(jax.device_put(img, batch), jax.device_put(txt, batch),
                                                          scale, bias)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def audioclip_loss_numpy(audio, image, text, log_scales):
+    """AudioCLIP's loss_fn transcribed (model/audioclip.py): every present pair adds CE(L) + CE(L^T) against
+    arange(N), the scales clamp(exp(s), 1, 100), the total divided by n_pairs!."""
+    def ce(logits):
+        logits = logits - logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return -np.mean(np.diag(logp))
+
+    scale = {k: float(np.clip(np.exp(np.float64(v)), 1.0, 100.0)) for k, v in log_scales.items()}
+    pairs = []
+    if audio is not None and image is not None:
+        pairs.append(scale["ai"] * audio @ image.T)
+    if audio is not None and text is not None:
+        pairs.append(scale["at"] * audio @ text.T)
+    if image is not None and text is not None:
+        pairs.append(scale["it"] * image @ text.T)
+    return sum(ce(L) + ce(L.T) for L in pairs) / math.factorial(len(pairs))
+
+
+@pytest.mark.parametrize("present", [("audio", "text"), ("audio", "image"), ("image", "text"),
+                                     ("audio", "image", "text")])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_pairs_loss_equals_audioclips_loss_in_numpy(present, devices):
+    from clip_jax.methods.losses import clamped_scale, make_pairs_loss
+
+    if devices > len(jax.devices()):
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(3)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    base = rng.standard_normal((16, 8))
+    embeds = {m: unit(base + 0.7 * rng.standard_normal((16, 8))) for m in ("audio", "image", "text")}
+    # one scale inside the clamp, one above it (exp 150 -> 100), one below (exp -1 -> 1)
+    log_scales = {"ai": np.float32(np.log(30.0)), "at": np.float32(np.log(150.0)), "it": np.float32(-1.0)}
+    want = audioclip_loss_numpy(*(embeds[m] if m in present else None for m in ("audio", "image", "text")),
+                                log_scales)
+    pairs = {("audio", "image"): "ai", ("audio", "text"): "at", ("image", "text"): "it"}
+    loss = make_pairs_loss(mesh, ("data",))
+    batch = NamedSharding(mesh, P("data"))
+
+    def total(e, s):
+        return loss(e, {p: clamped_scale(s[k]) for p, k in pairs.items()})[0]
+
+    got = jax.jit(total)({m: jax.device_put(embeds[m], batch) for m in present}, log_scales)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_clamped_scale_and_its_gradient_equal_torch_clamp_of_exp():
+    """AudioCLIP's clamp(exp(s), 1, 100), the bounds themselves included (exp(0) = 1); its init log(100) lies
+    just above 100 in float32 (exp gives 100.0000076), so it is clamped with no gradient."""
+    torch = pytest.importorskip("torch")
+    from clip_jax.methods.losses import clamped_scale
+
+    points = [0.0, float(np.float32(np.log(np.float32(100.0)))), 2.0, 5.0, -1.0]
+    for s in points:
+        t = torch.tensor(s, dtype=torch.float32, requires_grad=True)
+        value = torch.clamp(torch.exp(t), 1.0, 100.0)
+        value.backward()
+        got, grad = jax.value_and_grad(clamped_scale)(jnp.float32(s))
+        np.testing.assert_allclose(got, value.item(), rtol=1e-6, err_msg=str(s))
+        np.testing.assert_allclose(grad, t.grad.item(), rtol=1e-6, err_msg=str(s))
+
+
+def test_pairs_loss_needs_a_pair():
+    from clip_jax.methods.losses import make_pairs_loss
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match="no pair of modalities"):
+        make_pairs_loss(mesh)({"audio": jnp.ones((2, 4))}, {("audio", "text"): 1.0})

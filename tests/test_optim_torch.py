@@ -88,6 +88,42 @@ def test_the_adaptations_optimizer_is_torchs(optimizer):
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_audioclips_nesterov_sgd_under_a_per_epoch_exponential_decay_is_torchs():
+    """AudioCLIP's protocol: torch.optim.SGD(momentum 0.9, nesterov, weight decay) with ExponentialLR stepped at
+    each epoch's end, against config.optim's sgd + nesterov + 'exponential' schedule."""
+    from conftest import reference, torch_reference
+
+    reference("torch", load=False)
+    lr, gamma, wd = 0.5, 0.8, 5e-2  # large enough that the decay, the momentum and the schedule show
+    rng = np.random.default_rng(1)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    total = STEPS_PER_EPOCH * EPOCHS
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(total)]
+    names = sorted(params)
+    ref = torch_reference(f"""
+import torch
+names = {names!r}
+ps = [torch.nn.Parameter(torch.from_numpy(inputs["p_" + k].copy())) for k in names]
+opt = torch.optim.SGD(ps, lr={lr}, momentum=0.9, nesterov=True, weight_decay={wd})
+sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma={gamma})
+for t in range({total}):
+    for k, p in zip(names, ps):
+        p.grad = torch.from_numpy(inputs["g_" + k][t].copy())
+    opt.step()
+    if (t + 1) % {STEPS_PER_EPOCH} == 0:
+        sched.step()
+outputs.update({{k: p.detach().numpy() for k, p in zip(names, ps)}})
+""", **{f"p_{k}": v for k, v in params.items()}, **{f"g_{k}": np.stack([g[k] for g in grads]) for k in names})
+    config = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "learning_rate": lr, "weight_decay": wd,
+              "weight_decay_on": "all", "grad_clip_norm": 0.0, "schedule": "exponential", "decay_factor": gamma,
+              "schedule_every_steps": STEPS_PER_EPOCH}
+    params_j = {k: jnp.asarray(v) for k, v in params.items()}
+    got = _run(make_optimizer(config, params_j, total), params_j, grads)
+    for k in params:
+        assert not np.allclose(ref[k], params[k], atol=1e-3), k
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_bad_optimizer_settings_are_named():
     with pytest.raises(ValueError, match=r"config.optim.optimizer='lamb' is not known: use one of 'adamw', 'sgd'"):
         make_optimizer({"optimizer": "lamb"}, {"w": jnp.ones(2)}, 10)

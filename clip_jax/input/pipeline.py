@@ -831,7 +831,7 @@ class DevicePrefetch:
         finally:
             self.pipe.close()
 
-    def close(self, wait_s: float = 30.0) -> None:
+    def close(self, wait_s: float = 120.0) -> None:
         """Stop the reader thread and the pipeline's readers, so that nothing of theirs prints after an
         error the caller goes on to raise. The read in flight is waited for, up to `wait_s` and no longer
         once `interrupted` (SIGTERM): a thread left inside a stalled read stays, and closes the pipeline

@@ -176,6 +176,43 @@ def make_loss(kind: str, mesh: Mesh, data_axes: Sequence[str] = ("data",), gathe
     return loss
 
 
+# -- several towers: one contrastive term per pair of modalities a batch carries (AudioCLIP) ------
+def clamped_scale(log_scale, low: float = 1.0, high: float = 100.0):
+    """exp(log_scale) clamped to [low, high] as torch.clamp does it, the gradient passing strictly inside the
+    range only. AudioCLIP's new scales start at log 100, whose exp is 100.0000076 in float32: clamped, so they
+    get no gradient, in the reference as here."""
+    scale = jnp.exp(jnp.asarray(log_scale, jnp.float32))
+    inside = (scale > low) & (scale < high)
+    return jnp.where(inside, scale, jax.lax.stop_gradient(jnp.clip(scale, low, high)))
+
+
+def pair_name(a: str, b: str) -> str:
+    """The name of the pair (a, b) in logs and metrics: 'audio_image'."""
+    return f"{a}_{b}"
+
+
+def make_pairs_loss(mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool = False) -> Callable:
+    """loss(embeds {modality: [N, d] unit rows}, scales {(a, b): scale}) -> (scalar, {pair name: its term}).
+
+    AudioCLIP's loss: every pair (a, b) of `scales` whose two modalities are in `embeds` adds
+    CE(s * A B^T) + CE(s * B A^T) (each the mean over the N rows, the two directions summed), and the total is
+    divided by n! for n pairs present (1, 2 or 6 for one, two or three pairs). Each term is the sharded
+    'softmax' loss of make_loss (the full N x N over every device), which averages the two directions: twice it
+    is the pair's sum. No pair present is an error (a batch that carries fewer than two modalities).
+    """
+    pair_loss = make_loss("softmax", mesh, data_axes, gather_by_sum=gather_by_sum)
+
+    def loss(embeds: dict, scales: dict):
+        present = [(a, b) for (a, b) in scales if a in embeds and b in embeds]
+        if not present:
+            raise ValueError(f"no pair of modalities to contrast: the batch carries {sorted(embeds)}, the pairs are "
+                             f"{[pair_name(a, b) for a, b in scales]}")
+        terms = {pair_name(a, b): 2.0 * pair_loss(embeds[a], embeds[b], scales[a, b]) for a, b in present}
+        return sum(terms.values()) / math.factorial(len(present)), terms
+
+    return loss
+
+
 # -- SimCLR's NT-Xent over the global batch (SLIP's self-supervised branch) ------------------
 def nt_xent_reference(qa, qb, temperature: float = 0.1):
     """(loss, accuracy of view a) on one device: every image's other view is its positive among

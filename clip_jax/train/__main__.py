@@ -46,6 +46,9 @@ def main(argv):
     if input_reader_stuck():  # left waiting inside tf.data: the interpreter's teardown would abort on it
         import sys
 
+        trainer.log("the input reader is still inside tf.data; leaving without the interpreter's teardown")
+        if jax.process_count() > 1:  # os._exit skips JAX's exit hook: the coordinator would vanish under its peers
+            jax.distributed.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -35,7 +35,7 @@ from clip_jax.config import optim_settings
 DECAY = (r"kernel$", r"(^|/)proj$", r"(^|/)text_projection$")
 GROUP_KEYS = ("frozen", "lr_mult", "weight_decay")
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("warmup_cosine", "constant_warmup_cosine", "poly", "steps")
+SCHEDULES = ("warmup_cosine", "constant_warmup_cosine", "poly", "steps", "exponential")
 POLY_POWER = 0.9  # the segmentation codebases' poly decay (LSeg, DeepLab)
 DECAY_ON = {"matrices": DECAY, "all": (r".*",)}
 
@@ -171,6 +171,9 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
         return poly(s, total_steps)
     if kind == "steps":
         return stepwise(s, total_steps)
+    if kind == "exponential":
+        every, lr, gamma = int(s["schedule_every_steps"]), float(s["learning_rate"]), float(s["decay_factor"])
+        return lambda count: lr * gamma ** (count // every)
     warmup = min(int(s["warmup_steps"]), total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -312,7 +315,7 @@ def make_optimizer(config, params, total_steps: int, groups: Optional[ParamGroup
         parts.append(add_decayed_weights(decay))
     else:  # torch.optim.SGD: the decay joins the gradient before the momentum buffer takes it
         parts.append(add_decayed_weights(decay))
-        parts.append(optax.trace(decay=float(s["momentum"]), nesterov=False))
+        parts.append(optax.trace(decay=float(s["momentum"]), nesterov=bool(s.get("nesterov", False))))
     parts.append(optax.scale_by_learning_rate(schedule))
     if lr_mult is not None:
         parts.append(scale_per_leaf(lr_mult))
