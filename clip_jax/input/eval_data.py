@@ -158,10 +158,11 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
 def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, context_length: int,
                  label_keys: Sequence[str] = (), max_captions: int = 0, process_index: int = 0,
                  process_count: int = 1, tokenizer=None, limit: int = 0,
-                 features: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+                 features: Sequence[str] = (), image: bool = True) -> Iterator[dict[str, Any]]:
     """Host batches of this process: image [b,S,S,3], labels [b,K] int64 (-1 = absent),
     tokens [b,M,ctx] and caption_mask [b,M] (M = max_captions > 0), mask [b] (real rows), and each
-    other record feature in `features` (clip_jax.input.features) under its name, [b, ...]."""
+    other record feature in `features` (clip_jax.input.features) under its name, [b, ...] ('audio':
+    [b, C, T] float32, clip_jax.input.audio). image=False: records without images (audio ones), no 'image'."""
     config = data_settings(config)
     from clip_jax.input.tf_runtime import import_tensorflow
 
@@ -173,16 +174,20 @@ def eval_batches(info: SplitInfo, config, *, batch_size: int, image_size: int, c
     label_keys = list(label_keys)
     extra = [name for name in features if name not in ("image", "caption", "labels")]
     _check_names(extra)
-    ds = read_examples(info, config, ("image", "caption", "labels", *extra), label_keys, process_index, process_count)
+    read = ("image",) if image else ()
+    ds = read_examples(info, config, (*read, "caption", "labels", *extra), label_keys, process_index, process_count)
     _check_fixed(ds, extra)
     if limit:  # `limit` examples over all processes (tfds users can also slice: 'train[:5000]')
         ds = ds.take(limit // process_count + int(process_index < limit % process_count))
 
     def prepare(ex):
-        out = {"image": decode_and_crop(ex["image"], image_size, False, None, config), "labels": ex["labels"]}
+        out = {"labels": ex["labels"]}
+        if image:
+            out["image"] = decode_and_crop(ex["image"], image_size, False, None, config)
         for name in extra:  # a label map is cropped as the image (clip_jax.input.segmentation)
             feature = FEATURES.get(name)
-            out[name] = feature.prepare(ex[name], ex["image"], image_size, config) if feature.prepare else ex[name]
+            encoded = ex["image"] if image else tf.constant(b"")
+            out[name] = feature.prepare(ex[name], encoded, image_size, config) if feature.prepare else ex[name]
         if max_captions:
             captions = tf.strings.strip(ex["caption"][:max_captions])
             pad = max_captions - tf.shape(captions)[0]
@@ -235,7 +240,7 @@ def _check_fixed(ds, names: Sequence[str]) -> None:
 
 def pad_batch(batch: dict, batch_size: int) -> dict:
     """Pad every array to batch_size rows (zeros; labels -1) and add mask [b]."""
-    n = len(batch["image"])
+    n = len(batch["labels"])
     out = {}
     for key, value in batch.items():
         fill = -1 if key == "labels" else 0

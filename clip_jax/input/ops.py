@@ -30,6 +30,7 @@ from clip_jax.registry import Registry
 CROP_SALT = 3
 VIEWS_SALT = 4  # view v: VIEWS_SALT + v
 FLIP_SALT = 16
+AUDIO_SALT = 24  # the audio op's draws (clip_jax.input.audio); noun_prompts' and prompts' salts are 21-23
 # Batch-stream bookkeeping, not batch keys.
 RESERVED = ("epoch", "position", "counts", "status")
 

@@ -65,7 +65,8 @@ from clip_jax.registry import Registry
 BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadable_shard", "not_an_example",
              "missing_mask", "bad_mask",  # the masks': clip_jax.input.segmentation
              "bad_boxes",  # the boxes': clip_jax.input.detection
-             "bad_regions")  # the region embeddings': clip_jax.input.regions
+             "bad_regions",  # the region embeddings': clip_jax.input.regions
+             "missing_audio", "bad_audio", "empty_audio", "nonfinite_audio")  # the clips': clip_jax.input.audio
 COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
 END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",

@@ -33,6 +33,13 @@ DEFAULTS: dict[str, Any] = {
     "shapes_sizes": dict(SHAPES_SIZES),
     "shapes_shards": {},
     "scenes_sizes": dict(SCENES_SIZES),
+    # audio clips (clip_jax.input.audio): the op's defaults and evaluation's clip (ESC-50's 5 s at 44.1 kHz, mono)
+    "audio_rate": 44_100,
+    "audio_samples": 220_500,
+    "audio_channels": 1,
+    # the embedded datasets' synthesized sounds (clip_jax.input.sounds): their rate and length
+    "sounds_rate": 16_000,
+    "sounds_seconds": 1.0,
 }
 
 
@@ -41,7 +48,10 @@ MAPPINGS = ("shapes_sizes", "shapes_shards", "scenes_sizes")
 
 # The numeric data settings' ranges (clip_jax.config.check_ranges' form), for every config with a data section.
 RANGES = {"streams": (">=", 0), "shuffle_buffer": (">=", 1), "threads": (">=", 0), "prefetch": (">=", 1),
-          "max_bad_in_a_row": (">=", 0), "shapes_seed": (">=", 0), "shapes_image_size": (">=", 8)}
+          "max_bad_in_a_row": (">=", 0), "shapes_seed": (">=", 0), "shapes_image_size": (">=", 8),
+          "audio_rate": (">=", 1), "audio_samples": (">=", 1), "audio_channels": (">=", 1),
+          "sounds_rate": (">=", 8500),  # the star's 9th partial of the highest note stays below Nyquist
+          "sounds_seconds": (">", 0)}
 
 
 def check_mappings(data: Mapping, where: str = "config.data") -> None:
