@@ -8,6 +8,7 @@ and the method's predictions it needs, and turns their features into metrics and
 """
 
 from clip_jax.evaluate.tasks import (  # noqa: F401  (registers them)
+    audio,
     detection,
     grounding,
     linear_probe,

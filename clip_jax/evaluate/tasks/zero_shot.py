@@ -17,9 +17,11 @@ from clip_jax.input.pipeline import parse_spec
 
 @TASKS.register("zero_shot")
 class ZeroShot(Task):
+    metric_prefix = "zero_shot"
     options = frozenset({"label_key", "limit", "classes"})
     named_by = frozenset({"label_key"})
     predictions = ("image_embeds", "text_embeds")  # the text tower embeds the prompts
+    embeds = "image_embeds"  # the prediction classified (zero_shot_audio: the clips')
 
     def __init__(self, spec, data_config, log=print):
         super().__init__(spec, data_config, log)
@@ -38,7 +40,7 @@ class ZeroShot(Task):
         return keys
 
     def reads(self):
-        return {"data": Read(self.spec.data, self.limit, tuple(self.label_keys))}
+        return {"data": Read(self.spec.data, self.limit, tuple(self.label_keys), predictions=(self.embeds,))}
 
     def prepare(self, infos):
         super().prepare(infos)
@@ -62,7 +64,7 @@ class ZeroShot(Task):
 
     def evaluate(self, features, encoder):
         info, feats = self.infos["data"], features["data"]
-        metrics, details = {}, {"examples": int(len(feats["image_embeds"]))}
+        metrics, details = {}, {"examples": int(len(feats[self.embeds]))}
         for j, key in enumerate(self.label_keys):
             labels = feats["labels"][:, j]
             classes = self.classes[key]
@@ -71,12 +73,12 @@ class ZeroShot(Task):
             check_labels(self.spec, info, key, labels, len(classes.names))
             weights = zero_shot.classifier_weights(encoder.model, None, classes.prompts,
                                                    embed_texts=encoder.embed_texts)
-            logits = feats["image_embeds"] @ weights.T
+            logits = feats[self.embeds] @ weights.T
             scores = zero_shot.topk_accuracy(logits, labels, ks=(1, 5))
             per_class = zero_shot.per_class_accuracy(logits, labels)
             scores["mean_per_class"] = float(np.nanmean(per_class))
             for name, value in scores.items():
-                metrics[f"zero_shot/{self.named(info.name)}/{prefix}{name}"] = value
+                metrics[f"{self.metric_prefix}/{self.named(info.name)}/{prefix}{name}"] = value
             details[prefix + "per_class"] = {n: (None if np.isnan(a) else float(a))
                                              for n, a in zip(classes.names, per_class)}
         return metrics, details
