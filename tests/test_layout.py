@@ -72,7 +72,7 @@ LAYERS = (
     ("clip_jax.phrases",),  # prompts and positive maps: character spans to tokens, for the input and the methods
     ("clip_jax.rename_rules",),  # tables of tensor renames, on convert's per-layer helpers
     # other libraries' layouts, read by api's load
-    ("clip_jax.convert_big_vision", "clip_jax.convert_timm", "clip_jax.hf_layouts"),
+    ("clip_jax.convert_big_vision", "clip_jax.convert_timm", "clip_jax.convert_audioclip", "clip_jax.hf_layouts"),
     ("clip_jax.hub",),  # hub names -> model directories (hf_layouts says which files a directory needs)
     ("clip_jax.methods", "clip_jax.input", "clip_jax.api"),
     ("clip_jax.config",),  # the base config gathers the registered methods' sections
