@@ -199,11 +199,15 @@ class Evaluator:
         from clip_jax.tokenizers import tokenizer_for
 
         info, config, limit, max_captions = group.info, group.config, group.limit, group.max_captions
+        # the record features the predictions read besides images and captions (a clip), read but not kept
+        reads = {encoder.predictions[p].reads for p in group.predictions}
+        inputs = [r for r in sorted(reads - {"image", "tokens", None}) if r not in group.features]
         batches = eval_data.eval_batches(
             info, config, batch_size=global_batch // jax.process_count(), image_size=self.image_size,
             context_length=self.context_length, label_keys=group.label_keys, max_captions=max_captions,
             process_index=jax.process_index(), process_count=jax.process_count(), limit=limit,
-            tokenizer=tokenizer_for(encoder.model.config.text) if max_captions else None, features=group.features)
+            tokenizer=tokenizer_for(encoder.model.config.text) if max_captions else None,
+            features=list(group.features) + inputs, image="image" in reads or "image" in group.features)
         total = min(info.num_examples, limit) if info.num_examples and limit else (info.num_examples or limit or None)
         from clip_jax.input.pipeline import NoUsableData, list_paths
 
