@@ -137,3 +137,38 @@ def test_the_export_is_the_reference_state_dict(model):
         k for k in got if k.endswith("num_batches_tracked")}
     assert float(audio["logit_scale_at"]) == pytest.approx(np.log(100.0))
     assert "visual" in parts["towers"]["params"] and "audio" not in parts["towers"]["params"]
+
+
+@pytest.mark.slow  # two towers initialized and converted both ways: about 30 s
+def test_init_from_reads_the_references_checkpoint_and_the_exports_audio_part(model, tmp_path):
+    """A state dict in AudioCLIP's layout (the CLIP keys, 'audio.*' and the two scales) and the audio part of an
+    export are read by the method's `weights` into its variables, leaf for leaf."""
+    from flax import traverse_util
+
+    from clip_jax import convert
+    from clip_jax.convert_audioclip import audioclip_state_dict
+
+    mesh = make_mesh({"data": -1}, jax.devices()[:1])
+    m = method.AudioCLIP(config(), model, mesh)
+    source = jax.tree.map(np.asarray, nn.meta.unbox(m.init(jax.random.key(7))))
+    source["params"]["logit_scale_audio_text"] = np.float32(2.5)
+    clip, audio = m.split(source)
+    full = audioclip_state_dict(m.audio, audio, clip, logit_scale_ai=float(source["params"]["logit_scale_audio_image"]),
+                                logit_scale_at=2.5)
+    convert.write_safetensors(full, str(tmp_path / "audioclip.safetensors"))
+    got = traverse_util.flatten_dict(m.weights(str(tmp_path / "audioclip.safetensors")))
+    want = traverse_util.flatten_dict(source)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[key]), value, rtol=1e-6, err_msg=str(key))
+    part = m.export(source["params"], {k: v for k, v in source.items() if k != "params"})[method.AUDIO]
+    convert.write_safetensors({k: np.asarray(v) for k, v in part.items()}, str(tmp_path / "out.audio.safetensors"))
+    got = traverse_util.flatten_dict(m.weights(str(tmp_path / "out.audio.safetensors")))
+    assert {k[:2] for k in got} == {("params", "audio"), ("batch_stats", "audio"),
+                                    ("params", "logit_scale_audio_image"), ("params", "logit_scale_audio_text")}
+    for key, value in got.items():
+        np.testing.assert_allclose(np.asarray(value), want[key], rtol=1e-6, err_msg=str(key))
+    np.testing.assert_allclose(float(got[("params", "logit_scale_audio_text")]), 2.5)
+    # a CLIP file is the model's to read
+    convert.write_safetensors(convert.variables_to_state_dict(clip), str(tmp_path / "clip.safetensors"))
+    assert m.weights(str(tmp_path / "clip.safetensors")) is None

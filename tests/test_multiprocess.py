@@ -86,6 +86,10 @@ METHODS = {
              "glip.fusion_heads": 2, "glip.text_heads": 2, "glip.anchor_scale": 4.0, "glip.negatives": 2,
              "glip.query_length": 32, "glip.max_objects": 8, "glip.pre_nms": 50, "glip.detections": 10,
              **{f"data.scenes_sizes.{k}": v for k, v in SCENES.items()}},
+    # AudioCLIP: a test-sized audio tower on the embedded records' sounds (synthesized per record, cut at random),
+    # BatchNorm over the global batch, the loss over the three pairs
+    "audioclip": {"method": "audioclip", "audioclip.audio_tower": "esresnext-fbsp-test", "data.audio_rate": 16000,
+                  "data.audio_samples": 2048},
 }
 
 
@@ -106,9 +110,9 @@ def weights(tmp_path_factory):
 
 
 PHASED = ("flip", "chinese_clip")  # the methods whose step changes within the 8 steps
-# Run on 8 devices in one process and on 1 device too: CLIP, and GLIP, whose issue asks for it (the others differ
-# from CLIP in loss and phases, not in the mesh).
-ONE_DEVICE_TOO = ("clip", "glip")
+# Run on 8 devices in one process and on 1 device too: CLIP, and GLIP and AudioCLIP, whose issues ask for it (the
+# others differ from CLIP in loss and phases, not in the mesh).
+ONE_DEVICE_TOO = ("clip", "glip", "audioclip")
 # A process group lost to a starved host, not to the code: the coordination service's fatal-error poll, a missed
 # heartbeat or a collective's deadline.
 COORDINATION_LOST = re.compile(r"distributed service detected fatal errors|heartbeat|DEADLINE_EXCEEDED")

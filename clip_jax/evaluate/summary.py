@@ -154,6 +154,48 @@ def zero_shot_predictions(model, variables, preview, predictions: Optional[dict]
     return out
 
 
+def spectrogram_image(clip: np.ndarray, rate: int, size: int = 64) -> np.ndarray:
+    """uint8 [size, size, 3]: a clip's log-magnitude spectrogram (Hann frames of 32 ms, 0 to 4 kHz bottom to top,
+    time left to right), bright where loud."""
+    frame = max(16, int(0.032 * rate))
+    hop = max(1, (len(clip) - frame) // (size - 1)) if len(clip) > frame else 1
+    starts = np.arange(0, max(1, len(clip) - frame + 1), hop)[:size]
+    frames = np.stack([np.pad(clip[i:i + frame], (0, max(0, frame - len(clip[i:i + frame])))) for i in starts])
+    power = np.abs(np.fft.rfft(frames * np.hanning(frame), axis=1)) ** 2  # [time, freq]
+    top = max(2, int(4000 * frame / rate))
+    db = 10 * np.log10(power[:, :top] + 1e-10)
+    db = np.clip((db - (db.max() - 60)) / 60, 0, 1).T[::-1]  # 60 dB of range, low frequencies at the bottom
+    grey = (255 * db).astype(np.uint8)
+    image = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+    return np.stack([image, (0.6 * image).astype(np.uint8), 255 - image], axis=-1)  # loud: orange on blue
+
+
+def audio_zero_shot_predictions(model, variables, preview, predictions: dict, samples: int) -> list[dict]:
+    """The preview's clips as spectrograms with the model's top-3 zero-shot labels from their audio embeddings
+    (`predictions`: a method's, with 'audio_embeds' and 'text_embeds'), each clip cut or padded to `samples`."""
+    import jax
+
+    from clip_jax.evaluate.zero_shot import classifier_weights
+
+    predict = {k: p.fn for k, p in predictions.items()}
+    clips = np.stack([np.pad(c[:samples], (0, max(0, samples - len(c)))) for c in preview.clips])[:, None]
+    weights = classifier_weights(model, variables, preview.prompts,
+                                 embed_texts=lambda t: np.asarray(jax.jit(predict["text_embeds"])(variables, t)))
+    audio = np.asarray(jax.jit(predict["audio_embeds"])(variables, clips.astype(np.float32)))
+    scale = 100.0  # AudioCLIP's audio-text scale at its init, where a method names none
+    if "logit_scale_audio_text" in predict:
+        scale = float(jax.jit(predict["logit_scale_audio_text"])(variables))
+    logits = scale * audio @ weights.T
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    out = []
+    for clip, label, p in zip(preview.clips, preview.labels, probs):
+        top = np.argsort(-p)[:3]
+        out.append(dict(image=spectrogram_image(clip, preview.rate), label=preview.names[label],
+                        top3=[(preview.names[i], float(p[i])) for i in top]))
+    return out
+
+
 def write_summary(path: str, rows: Sequence[dict], examples: Optional[Sequence[dict]] = None, title: str = "",
                   grid_title: str = "test images") -> None:
     from etils import epath

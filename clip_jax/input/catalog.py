@@ -46,6 +46,8 @@ class Preview:
     names: list  # class names shown with the pictures
     prompts: list  # [class][k] texts in the source's language
     title: str  # what the examples are
+    clips: Optional[list] = None  # float32 [samples] each: the examples' sounds, where the source has them
+    rate: int = 0  # their sample rate
 
 
 # -- shipped class-name files ------------------------------------------------------------------
@@ -237,8 +239,15 @@ class Shapes(Catalog):
         lang = parse_spec(data).lang
         files = shapes_files("test", config)
         examples = [shapes.parse(r.numpy()) for r in tf.data.TFRecordDataset(files).take(n)]
+        from clip_jax.input import audio
+        from clip_jax.input.settings import data_settings
+
+        settings = data_settings(config)
+        rate, seconds = int(settings["sounds_rate"]), float(settings["sounds_seconds"])
+        clips = [audio.embedded_sound(e["key"], [o["shape"] for o in e["objects"]], [o["color"] for o in e["objects"]],
+                                      [o["bbox"] for o in e["objects"]], seconds, rate) for e in examples]
         return Preview([e["image"] for e in examples], [e["label"] for e in examples], shapes.class_names("combo"),
-                       shapes.prompts("combo", lang=lang), "test images (held-out combinations)")
+                       shapes.prompts("combo", lang=lang), "test images (held-out combinations)", clips, rate)
 
 
 @CATALOGS.register("shapes_scenes")

@@ -182,6 +182,39 @@ class AudioCLIP(Method):
             total = total + weight * reg
         return total, metrics, state
 
+    def weights(self, path):
+        """AudioCLIP's checkpoints (AudioCLIP-Full-Training.pt, AudioCLIP-Partial-Training.pt, ESRNXFBSP.pt, or this
+        method's export OUT.audio.safetensors: the tower and its scales only) as the method's variables; any other
+        file is the CLIP model's."""
+        if not path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            return None
+        from clip_jax import convert
+
+        state_dict = convert.clean_state_dict(convert.read_state_dict(path))
+        try:
+            layout = convert_audioclip.layout_of(state_dict)
+        except ValueError:
+            return None  # no audio tower in it: CLIP's weights
+        params, stats = {}, {}
+        if layout == "audioclip" and not any(k.startswith("visual.") for k in state_dict):  # an export's audio part
+            audio = {k[len(convert_audioclip.AUDIO_PREFIX):]: v for k, v in state_dict.items()
+                     if k.startswith(convert_audioclip.AUDIO_PREFIX)}
+            tower, _ = convert_audioclip.audio_variables(audio, self.audio, fc="raise")
+            scales = {k: state_dict[k] for k in convert_audioclip.SCALES if k in state_dict}
+        else:
+            loaded = convert_audioclip.load_audioclip(state_dict, self.audio, self.model)
+            tower, scales = loaded["audio"], {k: loaded[k] for k in convert_audioclip.SCALES}
+            if loaded["clip"] is not None:
+                params.update(loaded["clip"]["params"])
+                stats.update(loaded["clip"].get("batch_stats", {}))
+        params[AUDIO] = tower["params"]
+        if "batch_stats" in tower:
+            stats[AUDIO] = tower["batch_stats"]
+        for name, ours in (("logit_scale_ai", "logit_scale_audio_image"), ("logit_scale_at", "logit_scale_audio_text")):
+            if scales.get(name) is not None:
+                params[ours] = jnp.asarray(scales[name], jnp.float32)
+        return {"params": params, **({"batch_stats": stats} if stats else {})}
+
     # -- evaluation and export --
     def predictions(self):
         def without_audio(fn):

@@ -62,6 +62,12 @@ class Method:
         from the text tower). The identity by default; called under jit with the variables' shardings kept."""
         return variables
 
+    def weights(self, path: str) -> Optional[Mapping[str, Any]]:
+        """A weights file of config.init_from read the method's own way (its released checkpoints' layout): its
+        variables as the method's init lays them out (numpy leaves; a part may be missing), or None where the file
+        is read as the model's (the default)."""
+        return None
+
     def post_update(self, params):
         """Params after each applied update (a clamp, a projection); the identity by default."""
         return params

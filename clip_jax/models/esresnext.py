@@ -42,8 +42,8 @@ LOGMEL_EPS = 1e-6
 PRESETS = {
     "esresnext-fbsp": dict(sample_rate=44100, n_fft=2048, hop_length=561, win_length=1654,
                            layers=(3, 4, 6, 3), width=64, groups=32, width_per_group=4, embed_dim=1024),
-    "esresnext-fbsp-small": dict(sample_rate=16000, n_fft=512, hop_length=160, win_length=400,
-                                 layers=(1, 1, 1, 1), width=16, groups=8, width_per_group=8, embed_dim=256),
+    "esresnext-fbsp-small": dict(sample_rate=16000, n_fft=512, hop_length=320, win_length=512,
+                                 layers=(1, 1, 1, 1), width=8, groups=4, width_per_group=16, embed_dim=256),
     # for tests: the fewest channels the body takes, on short frames
     "esresnext-fbsp-test": dict(sample_rate=16000, n_fft=128, hop_length=128, win_length=128,
                                 layers=(1, 1, 1, 1), width=8, groups=2, width_per_group=16, embed_dim=64),

@@ -11,6 +11,7 @@ import re
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -139,7 +140,7 @@ def build(config, mesh: jax.sharding.Mesh, *, compiler_options: Optional[dict] =
             variables, shardings = sharding.sharded_init_fn(method.init, mesh, jax.random.key(config.seed),
                                                             boxed=boxed)
             if config.init_from and init_weights:
-                variables = initial_weights(config, model, variables, shardings, log)
+                variables = initial_weights(config, model, variables, shardings, log, method=method)
             if type(method).start_variables is not Method.start_variables:
                 variables = jax.jit(method.start_variables, out_shardings=shardings)(variables)
         state = create_state(variables, optimizer, groups, ema=ema_decay > 0)
@@ -199,17 +200,17 @@ def init_sources(config) -> list[tuple[str, str]]:
     return list(zip(paths, regexes))
 
 
-def initial_weights(config, model: CLIP, variables: dict, shardings, log=print) -> dict:
+def initial_weights(config, model: CLIP, variables: dict, shardings, log=print, method=None) -> dict:
     """config.init_from's variables (those whose path matches config.init_params, BatchNorm
     statistics too) in place of the fresh init; the rest keep it. A missing or mis-shaped one of
     the taken set is an error that names its path. Only where a run starts from step 0: a resumed
     run restores its checkpoint. Several files (init_sources) are read in order."""
     for path, regex in init_sources(config):
-        variables = _weights_of(config, model, variables, shardings, path, regex, log)
+        variables = _weights_of(config, model, variables, shardings, path, regex, log, method)
     return variables
 
 
-def _weights_of(config, model: CLIP, variables: dict, shardings, path: str, regex: str, log) -> dict:
+def _weights_of(config, model: CLIP, variables: dict, shardings, path: str, regex: str, log, method=None) -> dict:
     from clip_jax.api import load
     from clip_jax.hub import is_hub_name
 
@@ -220,12 +221,20 @@ def _weights_of(config, model: CLIP, variables: dict, shardings, path: str, rege
     except re.error as e:
         raise ValueError(f"config.init_params={regex!r} is not a valid regex ({e})") from None
     wanted = lambda key: bool(take.fullmatch(path_name(key[1:])))  # noqa: E731  (key: (collection, ...))
+    fresh = traverse_util.flatten_dict(variables)
     try:
-        _, loaded = load(model.config, path, scan=config.scan, only=wanted)
+        own = method.weights(path) if method is not None else None
+        if own is None:
+            _, loaded = load(model.config, path, scan=config.scan, only=wanted)
+            got = traverse_util.flatten_dict(dict(loaded))
+        else:  # the method's own layout: its variables by path, each checked as the model's loader does
+            got = {k: v for k, v in traverse_util.flatten_dict(dict(own)).items() if k in fresh and wanted(k)}
+            for key, value in got.items():
+                if tuple(np.shape(value)) != tuple(fresh[key].shape):
+                    raise ValueError(f"{key[0]} {path_name(key[1:])!r} has shape {tuple(np.shape(value))} in the "
+                                     f"weights, the model's is {tuple(fresh[key].shape)}")
     except ValueError as e:
         raise ValueError(f"config.init_from={path!r} (config.init_params={regex!r}): {e}") from None
-    fresh = traverse_util.flatten_dict(variables)
-    got = traverse_util.flatten_dict(dict(loaded))
     taken = sum(1 for key in fresh if key in got)
     if not taken:
         raise ValueError(f"config.init_params={regex!r} matches no parameter of {config.model!r} "

@@ -6,6 +6,7 @@ state, step, and every data stream's position), so it continues the same stream.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -299,7 +300,13 @@ def _write_summary(run, state, config, workdir: str) -> None:
         if preview:
             variables = jax.device_get(run.method.model_variables(evaluated_params(state.params, state.ema),
                                                                   state.model_state))
-            examples = summary.zero_shot_predictions(run.model, variables, preview, run.method.predictions())
+            predictions = run.method.predictions()
+            if "audio_embeds" in predictions and preview.clips:  # a model that hears: its clips' predictions
+                examples = summary.audio_zero_shot_predictions(run.model, variables, preview, predictions,
+                                                               int(config.data.audio_samples))
+                preview = dataclasses.replace(preview, title="test clips (spectrograms, 0-4 kHz)")
+            else:
+                examples = summary.zero_shot_predictions(run.model, variables, preview, predictions)
         rows = summary.read_rows(os.path.join(workdir, "metrics.jsonl"))
         title = f"{config.model} on {config.data.train}, step {rows[-1]['step']}"
         summary.write_summary(path, rows, examples, title=title, grid_title=preview.title if preview else "")
