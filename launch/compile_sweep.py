@@ -148,6 +148,8 @@ RECIPES = (
     ("ViT-B-32", "configs/vild.py", {}),  # the R50 detector at 1024 px, batch 256 (the text tower's the preset's)
     # GLIP-T(B) at its batch of 64: one 800 px image on each of 64 data shards, the tensor axis over the other 4
     ("Swin-T", "configs/glip.py", {"config_arg": "GLIP-T", "mesh": {"tensor": 4}}),
+    # AudioCLIP's full training (every tower trained; 5 s clips at 44.1 kHz) at its batch of 64 on a v5e-16
+    ("RN50-quickgelu", "configs/audioclip.py", {"config_arg": "full", "topology": "v5e:4x4"}),
 )
 
 

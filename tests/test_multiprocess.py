@@ -158,15 +158,17 @@ def final_params(workdir):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uninterrupted_run(
         tmp_path, cache, weights, method):
-    """One process (8 devices for CLIP, 4 for the others), 2 processes x 4 devices and, for CLIP,
-    1 device give the same losses (the same global batches); then runs killed at several moments and
-    restarted end with the uninterrupted run's losses and params, bit for bit."""
+    """One process (8 devices for CLIP, GLIP and AudioCLIP, 4 for the others), 2 processes x 4 devices and, for
+    those three, 1 device give the same losses (the same global batches); then CLIP's runs killed at several
+    moments, and the other methods' runs restarted from a checkpoint of the uninterrupted run, end with its losses
+    and params, bit for bit."""
     steps = 12 if method == "clip" else 8
     if method in ("lseg", "vild", "glip"):  # made once here: the processes below would otherwise race to make it
         from clip_jax.input import shapes_scenes
 
         shapes_scenes.ensure_scenes_dataset(cache, seed=0, image_size=64, sizes=SCENES)
-    args = dict(total_steps=steps, checkpoint_every_steps=2, batch_size=32, **SIZE_ARGS,
+    # every checkpoint kept: the restarts below start from the uninterrupted run's
+    args = dict(total_steps=steps, checkpoint_every_steps=2, keep_checkpoints=steps // 2, batch_size=32, **SIZE_ARGS,
                 **method_args(method, weights))
     cmd = lambda w: [sys.executable, "-m", "clip_jax.train"] + smoke_args(w, cache, **args)  # noqa: E731
     env = env_with(8 if method in ONE_DEVICE_TOO else 4)
@@ -195,32 +197,51 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
         got = losses(tmp_path / name)
         np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-3,
                                    err_msg=name)
-    # Kill points: during start-up (imports, dataset, compile), right after a step's log line
-    # (the step may be mid-save: saves are async), and twice in a row at the same step. The methods
-    # with phases: one kill on each side of their switch (FLIP's unmasked step, Chinese-CLIP's
-    # unfreezing); the others: one kill, as their step does not change within the run.
-    plan = ([("seconds", 3.0), ("step", 3), ("step", 6), ("step", 6)] if method == "clip" else
-            [("step", 3), ("step", 6)] if method in PHASED else [("step", 3)])
-    interrupted = tmp_path / "interrupted"
-    for kind, when in plan:
-        proc = subprocess.Popen(cmd(interrupted), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        start = time.monotonic()
-        if kind == "seconds":
-            time.sleep(when)
-        else:
-            for line in proc.stdout:
-                if line.startswith(f"step={when} "):
-                    break
-        assert proc.poll() is None, f"the run ended before the kill point {kind}={when}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert time.monotonic() - start < 600
-    subprocess.run(cmd(interrupted), env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    if method == "clip":
+        # Kill points: during start-up (imports, dataset, compile), right after a step's log line (the step may be
+        # mid-save: saves are async), and twice in a row at the same step.
+        interrupted = tmp_path / "interrupted"
+        for kind, when in [("seconds", 3.0), ("step", 3), ("step", 6), ("step", 6)]:
+            proc = subprocess.Popen(cmd(interrupted), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+            start = time.monotonic()
+            if kind == "seconds":
+                time.sleep(when)
+            else:
+                for line in proc.stdout:
+                    if line.startswith(f"step={when} "):
+                        break
+            assert proc.poll() is None, f"the run ended before the kill point {kind}={when}"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert time.monotonic() - start < 600
+        restarts = [interrupted]
+    else:
+        # The other methods' step is CLIP's trainer with their own state: a restart from a checkpoint of the
+        # uninterrupted run (what a SIGKILL after that save leaves) must end where it ended. The methods with
+        # phases restart on each side of their switch (FLIP's unmasked step, Chinese-CLIP's unfreezing).
+        restarts = []
+        for resume_at in ((4, 6) if method in PHASED else (4,)):
+            resumed = tmp_path / f"from_step_{resume_at}"
+            shutil.copytree(tmp_path / "straight", resumed)
+            for saved in (resumed / "checkpoints").iterdir():
+                if saved.name.isdigit() and int(saved.name) > resume_at:
+                    shutil.rmtree(saved)
+            restarts.append(resumed)
+    for interrupted in restarts:
+        done = subprocess.run(cmd(interrupted), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, excerpt(done.stdout, done.stderr)
+        assert method == "clip" or f"resumed from step {interrupted.name.rsplit('_', 1)[1]}" in done.stdout
+        check_restart(tmp_path / "straight", interrupted, want, steps)
+
+
+def check_restart(straight, interrupted, want: dict, steps: int) -> None:
+    """The restarted run logged every step once, with the uninterrupted run's losses, and ends with its state,
+    bit for bit."""
     got = losses(interrupted)
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-6)
-    (step_a, a), (step_b, b) = final_params(tmp_path / "straight"), final_params(interrupted)
+    (step_a, a), (step_b, b) = final_params(straight), final_params(interrupted)
     assert step_a == step_b == steps
     import jax
 

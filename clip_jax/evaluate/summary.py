@@ -74,8 +74,11 @@ def chart(title: str, series: dict, percent: bool = False, x_label: str = "step"
 def charts(rows: Sequence[dict]) -> list[Image.Image]:
     """Loss, learning rate, and every zero-shot top-1 (one line per dataset/task)."""
     line = lambda key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731
-    zero_shot = sorted({k for r in rows for k in r if k.startswith("zero_shot/") and k.endswith("/top1")})
-    accuracy = {k[len("zero_shot/"):-len("/top1")]: line(k) for k in zero_shot}
+    zero_shot = sorted({k for r in rows for k in r if k.startswith(("zero_shot/", "zero_shot_audio/"))
+                        and k.endswith("/top1")})
+    # an audio task's lines say so: 'audio: shapes.validation/color'
+    accuracy = {k.replace("zero_shot_audio/", "audio: ").replace("zero_shot/", "")[:-len("/top1")]: line(k)
+                for k in zero_shot}
     return [chart("loss", {"loss": line("loss")}), chart("learning rate", {"lr": line("learning_rate")}),
             chart("zero-shot top-1", accuracy, percent=True)]
 

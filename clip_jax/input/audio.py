@@ -368,7 +368,7 @@ def transform(data, rate: int, samples: int, channels: int, train: bool = False,
     """float32 [channels, samples] in [-1, 1] of one WAV clip: decode, mix, resample, (RandomScale), fit,
     (RandomNoise). Raises on a clip that decode rejects."""
     tf = _tf()
-    clip, rate_in = decode(data)
+    clip, rate_in = decode(realize(data))
     clip = mix_channels(clip, channels)
     clip = tf.cond(tf.equal(rate_in, rate), lambda: clip, lambda: resample(clip, rate_in, rate))
     augment = bool(train and augment)
@@ -490,15 +490,50 @@ def _parse(r) -> dict:
             "audio/channels": tf.io.FixedLenFeature([], tf.int64, default_value=0)}
 
 
-def _value(parsed, r):
+# An embedded record's sound as a recipe (its objects, seed and length), made into a WAV only by the op, after the
+# shuffle buffer: synthesizing at parse time filled a 5000-record buffer with sounds before the first step.
+RECIPE = b"clip_jax/sound\0"
+
+
+def _recipe(key, shape_ids, color_ids, boxes, seconds: float, rate: int):
+    """RECIPE + 'shapes\0colours\0boxes\0seconds\0rate\0key' (comma-separated numbers, the boxes' float32 in 9
+    significant digits, which read back to the same float32; the key last, as is)."""
     tf = _tf()
+    def join(x, **options):
+        return tf.strings.reduce_join(tf.strings.as_string(x, **options), separator=",")
+
+    return tf.strings.join([RECIPE, join(shape_ids), "\0", join(color_ids), "\0",
+                            join(tf.reshape(tf.cast(boxes, tf.float32), [-1]), scientific=True, precision=8), "\0",
+                            str(float(seconds)), "\0",
+                            str(int(rate)), "\0", key])
+
+
+def _recipe_wav(data: bytes) -> bytes:
+    raw = data.item() if isinstance(data, np.ndarray) else bytes(data)  # numpy_function passes a 0-d array
+    shapes_, colors, boxes, seconds, rate, key = raw[len(RECIPE):].split(b"\0", 5)
+    numbers = lambda b, kind: [kind(x) for x in b.split(b",") if x]  # noqa: E731
+    return _embedded_wav(key, numbers(shapes_, int), numbers(colors, int),
+                         np.asarray(numbers(boxes, float), np.float32).reshape(-1, 4), float(seconds), int(rate))
+
+
+def is_recipe(data):
+    tf = _tf()
+    return tf.equal(tf.strings.substr(data, 0, len(RECIPE)), RECIPE)
+
+
+def realize(data):
+    """A clip's WAV bytes: an embedded record's recipe synthesized, any other value as it is."""
+    tf = _tf()
+    return tf.cond(is_recipe(data),
+                   lambda: tf.reshape(tf.numpy_function(_recipe_wav, [data], tf.string, stateful=False), []),
+                   lambda: data)
+
+
+def _value(parsed, r):
     if getattr(r.source, "kind", "") in EMBEDDED:
         get = features_lib.FEATURES.get
         args = [get(name).value(parsed, r) for name in ("key", "objects/shape", "objects/color", "objects/bbox")]
-        wav = tf.numpy_function(_embedded_wav, args + [tf.constant(float(r.config.get("sounds_seconds", 1.0))),
-                                                       tf.constant(int(r.config.get("sounds_rate", 16000)))],
-                                tf.string, stateful=False)
-        return tf.reshape(wav, [])
+        return _recipe(*args, float(r.config.get("sounds_seconds", 1.0)), int(r.config.get("sounds_rate", 16000)))
     return _pcm_wav(parsed["audio"], parsed["audio/format"], parsed["audio/rate"], parsed["audio/channels"])
 
 
@@ -511,7 +546,7 @@ def _prepare(value, image_bytes, image_size, config):
 
 def _bad(data):
     tf = _tf()
-    return tf.logical_not(wav_info(data)["ok"]) & (tf.strings.length(data) > 0)
+    return tf.logical_not(wav_info(data)["ok"]) & (tf.strings.length(data) > 0) & tf.logical_not(is_recipe(data))
 
 
 def _empty(data):
