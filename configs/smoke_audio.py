@@ -43,7 +43,8 @@ def get_config(mode: str = "partial"):
     o.weight_decay = 1e-4
     c.data.train = "shapes:train"
     c.data.streams = 2
-    c.data.eval = "zero_shot_audio=shapes:validation,retrieval_audio=shapes:test,zero_shot=shapes:validation"
+    c.data.eval = (
+        "zero_shot_audio=shapes:validation,retrieval_audio=shapes:test,zero_shot=shapes:validation,retrieval=shapes:test")
     c.data.image_dtype = "uint8"
     c.data.crop_scale = (0.9, 1.0)
     c.data.resize_method = "bilinear"

@@ -76,7 +76,7 @@ def charts(rows: Sequence[dict]) -> list[Image.Image]:
     line = lambda key: [(r["step"], r[key]) for r in rows if key in r]  # noqa: E731
     zero_shot = sorted({k for r in rows for k in r if k.startswith(("zero_shot/", "zero_shot_audio/"))
                         and k.endswith("/top1")})
-    # an audio task's lines say so: 'audio: shapes.validation/color'
+    # an audio task's lines say so: 'audio: DATASET/color'
     accuracy = {k.replace("zero_shot_audio/", "audio: ").replace("zero_shot/", "")[:-len("/top1")]: line(k)
                 for k in zero_shot}
     return [chart("loss", {"loss": line("loss")}), chart("learning rate", {"lr": line("learning_rate")}),
