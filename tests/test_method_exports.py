@@ -32,6 +32,7 @@ VARIANTS = {
     "groupvit": ("groupvit", "GroupViT-S-16", "GroupViT-Shapes"),  # transformers' layout: its own test below
     "vild": ("vild", "ViT-B-32", "RN-Tiny-test"),
     "glip": ("glip", "GLIP-T", "RN-Tiny-test"),
+    "audioclip": ("audioclip", "full", "RN-Tiny-test"),
 }
 # ViLD's recipe sized for the tiny model: its R50 head and sampling (512 regions of 7x7x256 per image) are not
 SMALL_VILD = dict(fpn_width=8, head_convs=1, head_conv_dim=8, head_fcs=1, head_fc_dim=16, rpn_batch=32, roi_batch=16,
@@ -62,6 +63,9 @@ def variant_config(name):
         c.glip.update(SMALL_GLIP)
     if name in ("vild", "glip"):
         c.optim.decay_boundaries = ()  # its decays at 162k.. steps lie past the test's 10
+    if name == "audioclip":  # the test-sized tower on short clips (the reference's takes 5 s at 44.1 kHz)
+        c.audioclip.audio_tower = "esresnext-fbsp-test"
+        c.data.audio_rate, c.data.audio_samples = 16000, 2048
     c.dtype, c.remat, c.accum_steps, c.batch_size, c.total_steps = "float32", "none", 1, 8, 10
     c.init_from = ""  # the tiny model starts from its init
     c.optim.warmup_steps = 0
