@@ -147,13 +147,17 @@ def zero_shot_predictions(model, variables, preview, predictions: Optional[dict]
                                  embed_texts=lambda t: np.asarray(jax.jit(predict["text_embeds"])(variables, t)))
     image_embeds = np.asarray(jax.jit(predict["image_embeds"])(variables, images))
     scale = float(jax.jit(predict["logit_scale"])(variables))
-    logits = scale * image_embeds @ weights.T
+    return top3_examples(preview.images, preview.labels, preview.names, scale * image_embeds @ weights.T)
+
+
+def top3_examples(pictures, labels, names, logits) -> list[dict]:
+    """prediction_grid's examples: each picture with its true label and the softmax's top 3 of its logits."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    names, out = preview.names, []
-    for image, label, p in zip(preview.images, preview.labels, probs):
+    out = []
+    for picture, label, p in zip(pictures, labels, probs):
         top = np.argsort(-p)[:3]
-        out.append(dict(image=image, label=names[label], top3=[(names[i], float(p[i])) for i in top]))
+        out.append(dict(image=picture, label=names[label], top3=[(names[i], float(p[i])) for i in top]))
     return out
 
 
@@ -188,15 +192,8 @@ def audio_zero_shot_predictions(model, variables, preview, predictions: dict, sa
     scale = 100.0  # AudioCLIP's audio-text scale at its init, where a method names none
     if "logit_scale_audio_text" in predict:
         scale = float(jax.jit(predict["logit_scale_audio_text"])(variables))
-    logits = scale * audio @ weights.T
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    out = []
-    for clip, label, p in zip(preview.clips, preview.labels, probs):
-        top = np.argsort(-p)[:3]
-        out.append(dict(image=spectrogram_image(clip, preview.rate), label=preview.names[label],
-                        top3=[(preview.names[i], float(p[i])) for i in top]))
-    return out
+    pictures = [spectrogram_image(clip, preview.rate) for clip in preview.clips]
+    return top3_examples(pictures, preview.labels, preview.names, scale * audio @ weights.T)
 
 
 def write_summary(path: str, rows: Sequence[dict], examples: Optional[Sequence[dict]] = None, title: str = "",

@@ -36,10 +36,7 @@ class RetrievalAudio(Retrieval):
         # one image per clip: the record's own
         for key, value in recall_at_k(audio, images, np.arange(n)).items():
             metrics[key.replace("image_to_text", "audio_to_image").replace("text_to_image", "image_to_audio")] = value
-        mask = feats["caption_mask"][:, :self.max_captions]
-        has_caption = mask.any(axis=1)
-        texts = feats["text_embeds"][has_caption][:, :self.max_captions][mask[has_caption]]
-        owner = np.nonzero(mask[has_caption])[0]
+        has_caption, texts, owner = self.captions(feats)
         if len(texts):
             for key, value in recall_at_k(audio[has_caption], texts, owner).items():
                 metrics[key.replace("image_to_text", "audio_to_text").replace("text_to_image", "text_to_audio")] = value

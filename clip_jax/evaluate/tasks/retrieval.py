@@ -24,15 +24,19 @@ class Retrieval(Task):
         return {"data": Read(self.spec.data, self.limit, max_captions=self.max_captions,
                              caption_key=self.spec.get("caption_key"), predictions=self.predictions)}
 
+    def captions(self, feats) -> tuple:
+        """(which rows have a caption [n] bool, their captions' embeddings [T, d], each caption's row among those
+        with one [T])."""
+        mask = feats["caption_mask"][:, :self.max_captions]
+        has_caption = mask.any(axis=1)
+        mask = mask[has_caption]
+        texts = feats["text_embeds"][has_caption][:, :self.max_captions][mask]
+        return has_caption, texts, np.nonzero(mask)[0]
+
     def evaluate(self, features, encoder):
         info, feats = self.infos["data"], features["data"]
-        m = self.max_captions
-        mask = feats["caption_mask"][:, :m]
-        has_caption = mask.any(axis=1)
+        has_caption, texts, owner = self.captions(feats)
         images = feats["image_embeds"][has_caption]
-        mask = mask[has_caption]
-        texts = feats["text_embeds"][has_caption][:, :m][mask]
-        owner = np.nonzero(mask)[0]
         if not len(images):
             raise ValueError(f"{self.spec}: no image of {info.spec} has a caption (caption_key={info.caption_key!r})")
         scores = recall_at_k(images, texts, owner)
