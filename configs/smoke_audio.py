@@ -26,8 +26,8 @@ def get_config(mode: str = "partial"):
     # The new scales start at 30 (about the smoke CLIP's own), inside the clamp so that they train: from AudioCLIP's
     # clamped 100 the clips' colours were 5 points lower after the run (docs/performance.md)
     c.audioclip.init_logit_scale = 3.4
-    # The embedded sounds made at 9 kHz (the highest partial, 4.2 kHz, stays below Nyquist): the small tower's 512-point
-    # frames then resolve 17.6 Hz, and the notes (whole tones from 262 Hz) lie 2 bins or more apart
+    # The embedded sounds made at 9 kHz: the small tower's 512-point frames then resolve 17.6 Hz, so the notes (fourths
+    # from 262 to 1109 Hz) lie 5 bins or more apart, all in the first of its three bands
     c.data.sounds_rate = 9000
     c.data.audio_rate, c.data.audio_samples = 9000, 9000
     c.audioclip.tower = {"sample_rate": 9000, "hop_length": 180}  # 50 frames a second, as at 16 kHz

@@ -129,6 +129,24 @@ def test_gradient_scaling_is_an_identity_forward():
     assert float(fbsp_regularizer(init)) < 1e-10
 
 
+def test_window_exponent_gradient_is_ill_conditioned_near_its_init():
+    """The reason AudioCLIP's layouts agree only with m frozen (tests/test_multiprocess.py): near m = 0 the
+    window sinc(fb t / m) ** m moves little with m while its max-scaled m gradient turns with a relative change
+    of m a million times smaller than the turn; at m = 1 the same change barely moves it."""
+    from clip_jax.models.esresnext import fbsp_weights
+
+    k, n = 65, 128
+    fb, fc = jnp.ones(k), jnp.arange(k, dtype=jnp.float32)
+    probe = jnp.asarray(np.random.default_rng(0).standard_normal((k, n, 2)), jnp.float32)
+
+    def turn(m0, rel=1e-5):
+        grad = jax.grad(lambda m: jnp.sum(fbsp_weights(m, fb, fc, n) * probe))
+        a, b = (grad(jnp.full((k,), m0 * (1 + d), jnp.float32)) for d in (0.0, rel))
+        return float(jnp.abs(a / jnp.abs(a).max() - b / jnp.abs(b).max()).max()) / rel
+
+    assert turn(7e-4) > 1e3 and turn(1.0) < 30
+
+
 # -- checkpoint layouts ------------------------------------------------------------------------------------
 # the small preset as these tests were written for (its sizes are for step time and may move)
 SMALL = dict(embed_dim=32, hop_length=160, win_length=400, width=16, groups=8, width_per_group=8)

@@ -36,10 +36,12 @@ def test_one_object_says_its_colour_by_pitch_and_its_shape_by_rhythm(shape):
         assert envelope_rate(clip) == pytest.approx(sounds.VOICES[SHAPE_NAMES[shape]][1], abs=0.5)
 
 
-def test_notes_are_one_whole_tone_scale_within_an_octave():
+def test_notes_are_a_chain_of_fourths_and_none_is_near_a_partial_of_another():
     notes = np.asarray([sounds.PITCH_HZ[n] for n in COLOR_NAMES])
-    np.testing.assert_allclose(notes[1:] / notes[:-1], 2 ** (2 / 12), rtol=1e-9)
-    assert notes.max() / notes.min() < 2  # no note is a partial of another
+    np.testing.assert_allclose(notes[1:] / notes[:-1], 2 ** (5 / 12), rtol=1e-9)
+    ratio = notes[None, :] / notes[:, None]
+    above = ratio[ratio > 1.01]
+    assert np.abs(above / np.round(above) - 1).min() > 0.05
 
 
 def test_a_scene_carries_every_objects_note_and_the_seed_fixes_the_clip():
@@ -60,5 +62,16 @@ def test_bad_requests_are_named():
         sounds.scene_sound([(6, 0, 1.0)], seed=0)
     with pytest.raises(ValueError, match="at least one object"):
         sounds.scene_sound([], seed=0)
-    with pytest.raises(ValueError, match="cannot carry the partials"):
-        sounds.scene_sound([(3, 5, 1.0)], seed=0, rate=8_000)  # a star's 9th partial of A#4 is 4.2 kHz
+    with pytest.raises(ValueError, match="cannot carry the note"):
+        sounds.scene_sound([(3, 5, 1.0)], seed=0, rate=2_000)  # C#6 is 1.1 kHz
+
+
+def test_partials_above_half_the_rate_are_left_out():
+    rate = 9_000
+    clip = sounds.scene_sound([(3, 5, 1.0)], seed=0, seconds=SECONDS, rate=rate)  # a star: every partial of C#6
+    freqs, power = spectrum(clip, rate)
+    f0 = sounds.PITCH_HZ[COLOR_NAMES[5]]
+    peaks = [power[np.abs(freqs - k * f0) < 0.01 * k * f0].max() for k in (1, 2, 3, 4)]
+    assert min(peaks) > 1e3 * np.median(power)  # the 4 partials under 4.5 kHz sound, none folded back below
+    folded = rate - 5 * f0  # where the 5th would alias
+    assert power[np.abs(freqs - folded) < 0.01 * folded].max() < 1e-3 * peaks[0]

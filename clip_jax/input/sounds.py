@@ -2,14 +2,16 @@
 
 The rule: colour is pitch, shape is timbre and rhythm.
 
-- Colour -> the fundamental, one note of the whole-tone scale from C4 (PITCH_HZ): red C4 261.6 Hz, green D4,
-  blue E4, yellow F#4, purple G#4, orange A#4. All six lie within one octave, so no note is a partial of
-  another, and the strongest spectral peak of a one-object clip is its colour's note.
+- Colour -> the fundamental, one note of a chain of fourths from C4 (PITCH_HZ): red C4 261.6 Hz, green F4,
+  blue A#4, yellow D#5, purple G#5, orange C#6 1108.7 Hz. Neighbours lie a third apart in frequency (the
+  notes are told apart after a network's first strides), no note is within 5% of a partial of another, and
+  the strongest spectral peak of a one-object clip is its colour's note.
 - Shape -> the partials over that fundamental and a pulse rate (VOICES): a circle is a steady sine; a square
   odd partials at 1/k, pulsing twice a second; a triangle odd partials at 1/k^2, 3 a second; a star every
   partial at 1/k, 4 a second; a cross the fundamental and its octave, 5 a second; a diamond the fundamental
   and its twelfth, 6 a second. A pulse is a raised cosine of the amplitude, so the clip's energy envelope
-  peaks at the shape's rate.
+  peaks at the shape's rate. Partials at or above half the sample rate are left out, as a recording's
+  anti-alias filter would.
 - A scene sums its objects' sounds, each at its own loudness, then scales the sum to a peak of 0.9.
 
 Deterministic per seed: each object's partials start at phases drawn from the seed, its pitch is detuned by
@@ -25,7 +27,7 @@ import numpy as np
 
 from clip_jax.input.shapes import COLOR_NAMES, SHAPE_NAMES
 
-PITCH_HZ = {name: 261.63 * 2.0 ** (2 * k / 12) for k, name in enumerate(COLOR_NAMES)}
+PITCH_HZ = {name: 261.63 * 2.0 ** (5 * k / 12) for k, name in enumerate(COLOR_NAMES)}
 # shape -> ((amplitude of partial 1, 2, ...), pulses per second; 0 = steady)
 VOICES = {
     "circle": ((1.0,), 0.0),
@@ -48,12 +50,13 @@ def object_sound(shape: int, color: int, seconds: float, rate: int, rng: np.rand
                          f"[0, {len(COLOR_NAMES)}), got shape {shape} and colour {color}")
     partials, pulses = VOICES[SHAPE_NAMES[int(shape)]]
     f0 = PITCH_HZ[COLOR_NAMES[int(color)]] * (1.0 + rng.uniform(-DETUNE, DETUNE))
-    if f0 * len(partials) >= rate / 2:
-        raise ValueError(f"a sample rate of {rate} Hz cannot carry the partials up to {f0 * len(partials):.0f} Hz: "
-                         f"use at least {int(2 * f0 * len(partials)) + 1} Hz")
+    if f0 >= rate / 2:
+        raise ValueError(f"a sample rate of {rate} Hz cannot carry the note of {f0:.0f} Hz: use at least "
+                         f"{int(2 * f0) + 1} Hz")
     t = np.arange(int(round(seconds * rate))) / rate
     phases = rng.uniform(0, 2 * np.pi, len(partials))
-    tone = sum(a * np.sin(2 * np.pi * f0 * (k + 1) * t + p) for k, (a, p) in enumerate(zip(partials, phases)) if a)
+    tone = sum(a * np.sin(2 * np.pi * f0 * (k + 1) * t + p) for k, (a, p) in enumerate(zip(partials, phases))
+               if a and f0 * (k + 1) < rate / 2)
     envelope = 0.5 * (1.0 - np.cos(2 * np.pi * pulses * t)) if pulses else np.ones_like(t)
     return loudness * envelope * tone
 
