@@ -289,3 +289,46 @@ def _shard_map(f, mesh, in_specs, out_specs):
     from jax.experimental.shard_map import shard_map
 
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+# -- ActionCLIP's KL loss over the global batch: clips of one label are all positives -----------------
+KL_TARGET_SHARPNESS = 10.0  # utils/KLLoss.py: the target is softmax(label * 10) of the 0/1 equal-label matrix
+
+
+def _kl_rows(logits, same):
+    """sum over rows of KL(softmax(10 * same) || softmax(logits)), each row over all its columns."""
+    log_target = jax.nn.log_softmax(KL_TARGET_SHARPNESS * same.astype(jnp.float32), axis=1)
+    return jnp.sum(jnp.exp(log_target) * (log_target - jax.nn.log_softmax(logits, axis=1)))
+
+
+def kl_loss_reference(video, text, labels, scale):
+    """ActionCLIP's train.py loss on one device: video, text unit rows [N, d], labels [N] (ints), scale =
+    exp(logit_scale). KLLoss (nn.KLDivLoss's 'mean' over the N x N entries, times N) of the video->text and the
+    text->video logits against the equal-label matrix (symmetric: one target for both), averaged."""
+    logits = scale * video.astype(jnp.float32) @ text.astype(jnp.float32).T
+    same = labels[:, None] == labels[None, :]
+    n = logits.shape[0]
+    return (_kl_rows(logits, same) + _kl_rows(logits.T, same)) / (2 * n)
+
+
+def _kl(video, text, labels, scale, *, axes, n_total, n_dev, gather_by_sum=False):
+    gather = _gather(axes, n_dev, gather_by_sum)
+    all_video, all_text, all_labels = gather(video), gather(text), gather(labels)
+    same = labels[:, None] == all_labels[None, :]  # my rows of the global equal-label matrix
+    local = _kl_rows(scale * video @ all_text.T, same) + _kl_rows(scale * text @ all_video.T, same)
+    return jax.lax.psum(local, axes) / (2 * n_total)
+
+
+def make_kl_loss(mesh: Mesh, data_axes: Sequence[str] = ("data",), gather_by_sum: bool = False) -> Callable:
+    """kl(video [N, d], text [N, d], labels [N], scale) -> ActionCLIP's loss of the global batch, each device
+    scoring its own rows against every gathered row ([b_local, N] logits); equals kl_loss_reference."""
+    axes, n_dev = _data_devices(mesh, data_axes)
+
+    def loss(video, text, labels, scale):
+        n_total = _global_batch(video, n_dev, axes)
+        body = partial(_kl, axes=axes, n_total=n_total, n_dev=n_dev, gather_by_sum=gather_by_sum)
+        sharded = _shard_map(body, mesh, in_specs=(P(axes), P(axes), P(axes), P()), out_specs=P())
+        return sharded(video.astype(jnp.float32), text.astype(jnp.float32), labels.astype(jnp.int32),
+                       jnp.asarray(scale, jnp.float32))
+
+    return loss
