@@ -10,17 +10,6 @@ import tempfile
 import time
 
 
-def write_clip_shards(directory: str, n: int, image_size: int, shards: int = 4, seed: int = 0) -> str:
-    """TFRecords of n embedded clips (clip_jax.input.shapes_video's records), round the shards."""
-    from clip_jax.input import records, shapes_video
-
-    os.makedirs(directory, exist_ok=True)
-    with records.ShardWriter(os.path.join(directory, "bench"), shards) as writer:
-        for i in range(n):
-            writer.write(shapes_video.encoded(seed, "train", i, image_size))
-    return os.path.join(directory, "bench-*.tfrecord")
-
-
 def _rate(spec: str, args, train: bool) -> tuple:
     """(clips/s, clips per CPU-second) of the pipeline in one mode."""
     from clip_jax.input import ops
@@ -49,7 +38,9 @@ def bench_video_input(args) -> None:
         directory = os.path.join(tempfile.gettempdir(), f"clip_jax_bench_clips_{args.clips}_{args.stored}")
         pattern = os.path.join(directory, "bench-*.tfrecord")
         if len(glob.glob(pattern)) != 4:
-            write_clip_shards(directory, args.clips, args.stored)
+            from clip_jax.input import video
+
+            video.write_embedded_clips(os.path.join(directory, "bench"), args.clips, args.stored, shards=4)
         spec = "tfrecord:" + pattern
     cores = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     print(f"data: {spec}")

@@ -17,7 +17,8 @@ Layouts:
   index several CSVs alike), caption = the class name.
 
 Each record holds ``frames`` (JPEG, quality --quality), ``frames/count``, ``frames/time`` (seconds),
-``caption``, ``key`` (the video's id) and, for kinetics, ``label`` (clip_jax.input.video.clip_example). Frames:
+``caption``, ``key`` (the video's id) and, for kinetics, ``label`` (records.serialize_clip; clip_jax.input.video
+reads it). Frames:
 --frames N at the centres of N equal parts of the video (default 12), or with --fps F one at the centre of each
 1/F s; each the decoded frame nearest that time, resized (bicubic) so that its short side is --short_side
 (default 256; a smaller frame is kept as it is). Writes DIR/SPLIT-0000k-of-0000n.tfrecord and DIR/dataset_info.json
@@ -171,8 +172,6 @@ def convert(items: list, video_dir: str, out: str, *, layout: str, frames: int =
             short_side: int = 256, quality: int = 90, classes: Optional[list] = None, per_shard: int = 1000,
             log=print) -> dict:
     """Writes the records of `items` (msrvtt_items', kinetics_items') and dataset_info.json; returns its dict."""
-    from clip_jax.input import video
-
     os.makedirs(out, exist_ok=True)
     by_split = collections.defaultdict(list)
     for item in items:
@@ -194,7 +193,7 @@ def convert(items: list, video_dir: str, out: str, *, layout: str, frames: int =
                     skipped.append({"file": path, "reason": f"{type(e).__name__}: {e}"})
                     log(f"warning: skipped {path}: it does not decode ({type(e).__name__}: {e})", file=sys.stderr)
                     continue
-                writer.write(video.clip_example(jpegs, captions, key, label, times=times))
+                writer.write(records.serialize_clip(jpegs, captions, key, label, times=times))
         written[split] = writer.written
     info_path = os.path.join(out, "dataset_info.json")
     info = {}

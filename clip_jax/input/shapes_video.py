@@ -6,7 +6,7 @@ right, up or down (by 30-40% of the frame), grows or shrinks (its radius x2 or /
 clockwise; never a circle, whose turn cannot be seen) or changes colour (to one of the 5 others). Every
 record holds:
 
-- ``frames`` (FRAMES PNGs) and ``frames/count``: the clip (clip_jax.input.video);
+- ``frames`` (FRAMES PNGs) and ``frames/count``: the clip (records.serialize_clip; read by clip_jax.input.video);
 - ``caption``: what happens, "a small red circle at the top moves to the left", "a big blue square in the
   center grows", "a little green star on the left turns yellow": the size word names the object's size at the
   start, the place where it starts (its row for a move left or right, its column for a move up or down, else
@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clip_jax.input import records, shapes, shapes_scenes, video
+from clip_jax.input import records, shapes, shapes_scenes
 from clip_jax.input.settings import VIDEO_SIZES
 
 VERSION = 1
@@ -179,7 +179,7 @@ def _png(array: np.ndarray) -> bytes:
 def encoded(seed: int, split: str, index: int, image_size: int) -> bytes:
     """The serialized record of one example."""
     pixels, text, labels = make_clip(seed, split, index, image_size)
-    return video.clip_example([_png(f) for f in pixels], [text], f"{split}-{index:07d}", ints=labels)
+    return records.serialize_clip([_png(f) for f in pixels], [text], f"{split}-{index:07d}", ints=labels)
 
 
 def parse(serialized: bytes) -> dict:
@@ -189,7 +189,7 @@ def parse(serialized: bytes) -> dict:
     tf = import_tensorflow()
     f = tf.train.Example.FromString(serialized).features.feature
     out = dict(frames=np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-                                for b in f[video.FRAMES].bytes_list.value]),
+                                for b in f[records.FRAMES].bytes_list.value]),
                caption=f[records.CAPTION].bytes_list.value[0].decode("utf-8"),
                key=f[records.KEY].bytes_list.value[0].decode("utf-8"))
     for name in LABEL_TASKS:

@@ -2,7 +2,7 @@
 
 Record feature ``frames``: a clip as a list of encoded frames (PNG or JPEG bytes, in time order), with
 ``frames/count`` beside it (how many were stored; the readers go by the list). clip_jax.input.shapes_video
-and clip_jax.input.convert_video write them (``clip_example``).
+and clip_jax.input.convert_video write them (``records.serialize_clip``).
 
 Batch key (training):
 
@@ -32,7 +32,6 @@ record features (eval_data.eval_batches(features=("frames", "frame_mask"))).
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -41,9 +40,7 @@ from clip_jax.input import ops, records, transforms
 from clip_jax.input.features import Feature
 from clip_jax.input.settings import data_settings
 
-FRAMES = "frames"  # the record feature: encoded frames
-COUNT = "frames/count"  # int64: how many frames the list holds
-TIMES = "frames/time"  # float: each frame's timestamp in seconds (the converter's records)
+FRAMES = records.FRAMES  # the record feature: encoded frames (records.serialize_clip writes it)
 SAMPLINGS = ("uniform", "random")
 _JPEG = b"\xff\xd8"
 
@@ -54,30 +51,19 @@ def _tf():
     return import_tensorflow()
 
 
-# -- records ------------------------------------------------------------------------------------
-def clip_example(frames: Sequence[bytes], captions: Sequence[str] = (), key: str = "", label: Optional[int] = None,
-                 ints: Optional[dict] = None, times: Optional[Sequence[float]] = None) -> bytes:
-    """A serialized tf.train.Example of one clip: frames (encoded, in time order), its captions, key, label, other
-    int64 features {name: value} and the frames' timestamps."""
-    tf = _tf()
+# -- records ------------------------------------------------------------------------------------------
+def write_embedded_clips(prefix: str, n: int, image_size: int = 64, shards: int = 4, seed: int = 0) -> list:
+    """Shards PREFIX-0000k-of-0000n.tfrecord of the first n train clips of the embedded video dataset (benchmarks
+    and tests of records outside its cache); their paths."""
+    import os
 
-    def int64(v):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+    from clip_jax.input import shapes_video
 
-    feature = {
-        FRAMES: tf.train.Feature(bytes_list=tf.train.BytesList(value=list(frames))),
-        COUNT: int64(len(frames)),
-        records.CAPTION: tf.train.Feature(bytes_list=tf.train.BytesList(value=[c.encode("utf-8") for c in captions])),
-        records.KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
-    }
-    if label is not None:
-        feature[records.LABEL] = int64(label)
-    for name, value in (ints or {}).items():
-        feature[name] = int64(value)
-    if times is not None:
-        feature[TIMES] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(t) for t in times]))
-    # deterministic: the same clip gives the same bytes in every process
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    with records.ShardWriter(prefix, shards) as writer:
+        for i in range(n):
+            writer.write(shapes_video.encoded(seed, "train", i, image_size))
+    return list(writer.paths)
 
 
 # -- sampling -----------------------------------------------------------------------------------
