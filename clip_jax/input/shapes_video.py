@@ -208,6 +208,8 @@ def read_split(paths: Sequence[str], most: int = 0) -> List[dict]:
 
 def preview(clips: Sequence[dict], path: str, scale: int = 2) -> None:
     """A PNG strip: one clip a row, its frames side by side (upscaled `scale` times), its caption beside them."""
+    import textwrap
+
     from PIL import ImageFont
 
     font = ImageFont.load_default()
@@ -219,8 +221,9 @@ def preview(clips: Sequence[dict], path: str, scale: int = 2) -> None:
         y = row * (side + 4) + 2
         for k, frame in enumerate(clip["frames"]):
             grid.paste(Image.fromarray(frame).resize((side, side), Image.NEAREST), (k * (side + 2), y))
-        label = f"[{clip['key']}] {clip['caption']} ({ACTIONS[clip['label_action']]})"
-        draw.text((t * (side + 2) + 4, y + side // 2 - 6), label[:44], fill="black", font=font)
+        label = f"[{clip['key']}] {clip['caption']} (label: {ACTIONS[clip['label_action']]})"
+        for j, line in enumerate(textwrap.wrap(label, width=text_w // 6)[:4]):
+            draw.text((t * (side + 2) + 4, y + 4 + 12 * j), line, fill="black", font=font)
     grid.save(path)
 
 
