@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.input import convert_video, records, shapes, shapes_video, video
+from clip_jax.input import convert_video, eval_data, records, shapes, shapes_video, video
 from clip_jax.input.pipeline import InputPipeline
 from clip_jax.input.tf_runtime import import_tensorflow
 from clip_jax.methods.base import BatchInput
@@ -201,6 +201,13 @@ def test_shapes_video_trains_through_the_pipeline(tmp_path):
     for caption, labels in zip(a["caption"], a["labels"]):
         ex = by_caption[caption.decode()]
         assert list(labels) == [ex["label_action"], ex["label_color"], ex["label_shape"]]
+    # evaluation: the test split's clips at their stored size, every frame, labels as the records say
+    info = eval_data.describe("shapes_video:test", config)
+    (batch,) = list(eval_data.eval_batches(info, config, batch_size=4, image_size=64, context_length=77,
+                                           label_keys=["label_action"], features=("frames", "frame_mask"), image=False))
+    want = shapes_video.read_split(info.files)
+    np.testing.assert_allclose(batch["frames"], normalized([ex["frames"] for ex in want]), atol=1e-5)
+    assert batch["frame_mask"].all() and batch["labels"][:, 0].tolist() == [ex["label_action"] for ex in want]
 
 
 # -- the converter --------------------------------------------------------------------------------------------
