@@ -24,6 +24,7 @@ DATA = [
     "tensorflow-text>=2.18",
     "tensorflow-datasets>=4.9",
     "pycocotools>=2.0.7",  # COCOeval: the detection evaluation's AP
+    "av>=12",  # PyAV: clip_jax.input.convert_video decodes video files (mp4, webm, avi) with it
 ]
 # libtpu (with the jaxlib of the installed jax): clip_jax.compile_check describes Cloud TPU
 # topologies with it and compiles the step for them on any host.

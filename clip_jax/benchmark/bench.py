@@ -1,5 +1,5 @@
 """Benchmarks that print figures: ``python -m clip_jax.benchmark
-{train,ab,parts,dots,max_batch,matmul,tokenizer,input,audio_input,...} ...``.
+{train,ab,parts,dots,max_batch,matmul,tokenizer,input,audio_input,video_input,...} ...``.
 
 Each prints ``key: value`` lines, the headline figure last. TensorFlow is imported only
 by the sub-benchmarks that need it (``tokenizer``, ``input``): the step's benchmarks need only
@@ -836,10 +836,11 @@ def main(argv=None):
     p.add_argument("--mask", default="", choices=["", "shape", "color", "combo"],
                    help="also make the batch key 'mask' of this label set (default: the embedded scenes)")
     p.set_defaults(fn=bench_input)
-    from clip_jax.benchmark import adapt, audio, box_ops
+    from clip_jax.benchmark import adapt, audio, box_ops, video
 
     adapt.add_parser(sub)
     audio.add_parser(sub)
     box_ops.add_parser(sub)
+    video.add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)

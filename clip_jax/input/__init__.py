@@ -5,4 +5,4 @@ dataset with what it offers its consumers (dataset_info). Imports neither traini
 
 # The ops and features defined outside ops.py and features.py register themselves when imported: the
 # package imports them, so any use of clip_jax.input finds them.
-from clip_jax.input import audio, detection, grounding_records, noun_prompts, prompts, regions, segmentation  # noqa: E402,F401
+from clip_jax.input import audio, detection, grounding_records, noun_prompts, prompts, regions, segmentation, video  # noqa: E402,F401

@@ -273,3 +273,34 @@ class ShapesScenes(Shapes):
         examples = [shapes_scenes.parse(r.numpy()) for r in tf.data.TFRecordDataset(files).take(n)]
         return Preview([e["image"] for e in examples], [e["label"] for e in examples], shapes.class_names("combo"),
                        shapes.prompts("combo", lang=lang), "test scenes (label: the largest object)")
+
+
+@CATALOGS.register("shapes_video")
+class ShapesVideo(Catalog):
+    """The embedded clips: the action, colour and shape of their one object, with their class names and prompts
+    (English only)."""
+
+    def with_split(self, data, split):
+        return f"shapes_video:{split}"
+
+    def default_label_keys(self, source):
+        from clip_jax.input import shapes_video
+
+        return list(shapes_video.LABEL_TASKS)
+
+    def task_name(self, label_key):
+        from clip_jax.input import shapes_video
+
+        return shapes_video.LABEL_TASKS.get(label_key)
+
+    def class_names(self, info, label_key, log=print):
+        from clip_jax.input import shapes_video
+
+        task = shapes_video.LABEL_TASKS.get(label_key)
+        return ClassNames(shapes_video.class_names(task), shapes_video.prompts(task)) if task else None
+
+    def class_prompts(self, source, label_key):
+        from clip_jax.input import shapes_video
+
+        task = shapes_video.LABEL_TASKS.get(label_key)
+        return shapes_video.prompts(task) if task else None

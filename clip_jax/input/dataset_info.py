@@ -8,7 +8,7 @@ from __future__ import annotations
 SPLITS = ("train", "validation", "test")
 # Source kinds whose spec ends in a split ('KIND[:NAME]:SPLIT[|options]'), and whether they take a NAME:
 # a dataset named without its split gets each of SPLITS.
-SPLIT_KINDS = {"shapes": False, "shapes_scenes": False, "tfds": True}
+SPLIT_KINDS = {"shapes": False, "shapes_scenes": False, "shapes_video": False, "tfds": True}
 # The adaptation's default data: the embedded dataset's train split (partitioned: one image distribution for
 # the shots, validation and test) and its count labels, which zero-shot prompts cannot say; no download.
 DEFAULT_DATASET = "shapes:train"

@@ -124,6 +124,12 @@ def describe(spec: str, config, *, label_keys: Sequence[str] = (), need_captions
         sizes = dict(config["shapes_sizes" if source.kind == "shapes" else "scenes_sizes"])
         return SplitInfo(spec, source, name, int(sizes[source.split]), names, shapes.caption_feature(lang), files,
                          lang)
+    if source.kind == "shapes_video":
+        from clip_jax.input import shapes_video
+
+        names = {key: shapes_video.class_names(task) for key, task in shapes_video.LABEL_TASKS.items()}
+        return SplitInfo(spec, source, name, int(dict(config["video_sizes"])[source.split]), names, records.CAPTION,
+                         embedded_files(source, config))
     if source.kind == "tfrecord":
         # Keys are checked while reading: a missing label reads as -1 and is reported then.
         return SplitInfo(spec, source, name, None, {}, records.CAPTION, list_files(source.name))

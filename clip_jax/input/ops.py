@@ -31,6 +31,7 @@ CROP_SALT = 3
 VIEWS_SALT = 4  # view v: VIEWS_SALT + v
 FLIP_SALT = 16
 AUDIO_SALT = 24  # the audio op's draws (clip_jax.input.audio); noun_prompts' and prompts' salts are 21-23
+VIDEO_SALT = 25  # the frames op's sampling (clip_jax.input.video; its crop and flip: CROP_SALT, FLIP_SALT)
 # Batch-stream bookkeeping, not batch keys.
 RESERVED = ("epoch", "position", "counts", "status")
 

@@ -66,7 +66,8 @@ BAD_KINDS = ("missing_image", "empty_caption", "invalid_utf8_caption", "unreadab
              "missing_mask", "bad_mask",  # the masks': clip_jax.input.segmentation
              "bad_boxes",  # the boxes': clip_jax.input.detection
              "bad_regions",  # the region embeddings': clip_jax.input.regions
-             "missing_audio", "bad_audio", "empty_audio", "nonfinite_audio")  # the clips': clip_jax.input.audio
+             "missing_audio", "bad_audio", "empty_audio", "nonfinite_audio",  # the clips': clip_jax.input.audio
+             "missing_frames", "bad_frames")  # the video clips': clip_jax.input.video
 COUNTED_KINDS = BAD_KINDS + ("undecodable",)  # undecodable: seen, neither flagged nor usable (the host's count)
 END_OF_STREAM = 3  # the stop of a finite stream (num_epochs) at its last marker: not an error
 STOP_REASONS = {1: "a whole pass over its files without one usable example",
@@ -82,7 +83,7 @@ class NoUsableData(ValueError):
 # -- sources ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Source:
-    kind: str  # 'tfrecord' | 'tfds' | 'shapes'
+    kind: str  # 'tfrecord' | 'tfds' | 'shapes' | 'shapes_scenes' | 'shapes_video'
     name: str = ""  # tfds name[/config]; tfrecord glob(s)
     split: str = "train"
     lang: str = "en"  # shapes: the language of its captions ('shapes:SPLIT|lang=zh')
@@ -91,7 +92,8 @@ class Source:
 
 # Data source kinds: 'KIND[:REST]' -> Source, by the parser registered for KIND.
 SOURCES: Registry = Registry("data source")
-_SPEC_FORMS = "'shapes[:SPLIT][|lang=zh]', 'tfds:NAME[/CONFIG][:SPLIT]' or 'tfrecord:GLOB[,GLOB...]'"
+_SPEC_FORMS = ("'shapes[:SPLIT][|lang=zh]', 'shapes_video[:SPLIT]', 'tfds:NAME[/CONFIG][:SPLIT]' or "
+               "'tfrecord:GLOB[,GLOB...]'")
 
 
 @SOURCES.register("shapes")
@@ -108,6 +110,13 @@ def _scenes_source(rest: str) -> Source:
 
     split, lang = shapes_scenes.parse_source(rest)
     return Source("shapes_scenes", split=split, lang=lang, caption_feature=shapes.caption_feature(lang))
+
+
+@SOURCES.register("shapes_video")
+def _video_source(rest: str) -> Source:
+    from clip_jax.input import shapes_video
+
+    return Source("shapes_video", split=shapes_video.parse_source(rest))
 
 
 @SOURCES.register("tfds")
@@ -155,7 +164,12 @@ def list_files(patterns: str) -> list[str]:
 
 
 def embedded_files(source: Source, config) -> Optional[list[str]]:
-    """The shards of an embedded dataset's split (shapes, shapes_scenes), made on first use; None for other kinds."""
+    """The shards of an embedded dataset's split (shapes, shapes_scenes, shapes_video), made on first use; None for
+    other kinds."""
+    if source.kind == "shapes_video":
+        from clip_jax.input.shapes_video import video_files
+
+        return video_files(source.split, config)
     if source.kind == "shapes_scenes":
         from clip_jax.input.shapes_scenes import scenes_files
 

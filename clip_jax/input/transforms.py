@@ -143,19 +143,20 @@ def crop_label_map(mask, image_bytes, image_size: int, train: bool, seed, config
     return tf.ensure_shape(tf.cast(mask[..., 0], tf.uint8), [image_size, image_size])
 
 
-def finish(image, image_size: int, config):
-    """Pixels in [0, 255] -> the model's input: uint8, or normalized with CLIP's mean and std."""
+def finish(image, image_size: int, config, leading: tuple = ()):
+    """Pixels in [0, 255] -> the model's input: uint8, or normalized with CLIP's mean and std. leading: the
+    static dims before [S, S, 3] (a clip's frames: (None,))."""
     from clip_jax.input.tf_runtime import import_tensorflow
 
     tf = import_tensorflow()
     if config["image_dtype"] == "uint8":
         # Normalize on the accelerator instead (clip_jax.preprocessing.normalize_images):
         # a quarter of the host work and of the host-to-device bytes.
-        return tf.ensure_shape(tf.cast(tf.round(image), tf.uint8), [image_size, image_size, 3])
+        return tf.ensure_shape(tf.cast(tf.round(image), tf.uint8), [*leading, image_size, image_size, 3])
     # (x / 255 - mean) / std as one multiply-add.
     scale = tf.constant([1.0 / (255.0 * s) for s in STD])
     offset = tf.constant([-m / s for m, s in zip(MEAN, STD)])
-    return tf.ensure_shape(image * scale + offset, [image_size, image_size, 3])
+    return tf.ensure_shape(image * scale + offset, [*leading, image_size, image_size, 3])
 
 
 # SimCLR's augmentation as SLIP uses it (its datasets.py): random resized crop of area 0.08-1,
