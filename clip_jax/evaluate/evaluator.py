@@ -272,7 +272,9 @@ def format_table(metrics: dict) -> str:
 
 
 def _fmt(metric: str, value: float) -> str:
-    return f"{value:.3g}" if metric == "C" else f"{100 * value:.1f}%"
+    if metric == "C" or metric.endswith(("_MdR", "_MnR")):  # a linear probe's C; video retrieval's ranks
+        return f"{value:.3g}"
+    return f"{100 * value:.1f}%"
 
 
 # -- command line ------------------------------------------------------------------------------
