@@ -144,6 +144,8 @@ class VideoMethod(Method):
         return None
 
     def export(self, params, model_state, extras=False):
+        if not params.get(HEAD):  # meanP: no head params, the towers alone
+            return {"towers": self.split({"params": params, **model_state})[0]}
         return export_with_head(params, model_state, HEAD)
 
 
