@@ -1,5 +1,6 @@
 """ActionCLIP's Kinetics-400 recipe (sallymmx/ActionCLIP configs/k400/k400_train.yaml, train.py): OpenAI's ViT-B/32,
-8 frames a clip (one random frame in each of 8 segments; the middle ones at evaluation), the Transf fusion, batch
+8 frames a clip (one random frame in each of 8 segments; the middle ones at evaluation), the Transf fusion
+(`configs/actionclip.py:FUSION` another of meanP, LSTM, Conv_1D, Transf_cls), batch
 128, 50 epochs, AdamW (b1 0.9, b2 0.98, eps 1e-8, weight decay 0.2) at lr 5e-6 for CLIP's weights and 10 x for the
 fusion, 5 warmup epochs then a cosine; seed 1024.
 
@@ -23,14 +24,14 @@ from clip_jax.config import base_config
 TRAIN_CLIPS = 240_000  # Kinetics-400's training clips, about (downloads are never complete)
 
 
-def get_config():
+def get_config(fusion: str = "Transf"):
     c = base_config()
     c.method = "actionclip"
     c.model = "ViT-B-32-quickgelu"
     c.init_params = "text/.*|visual/.*|logit_scale"
     c.seed = 1024
     a = c.actionclip
-    a.fusion, a.fusion_layers, a.fusion_lr_scale = "Transf", 6, 10.0
+    a.fusion, a.fusion_layers, a.fusion_lr_scale = fusion, 6, 10.0
     a.label_key = "label"
     c.batch_size = 128
     per_epoch = TRAIN_CLIPS // 128
