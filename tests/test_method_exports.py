@@ -33,6 +33,8 @@ VARIANTS = {
     "vild": ("vild", "ViT-B-32", "RN-Tiny-test"),
     "glip": ("glip", "GLIP-T", "RN-Tiny-test"),
     "audioclip": ("audioclip", "full", "RN-Tiny-test"),
+    "clip4clip": ("clip4clip", "seqTransf", "ViT-Tiny-test"),  # its embed_dim is its text width, as seqTransf needs
+    "actionclip": ("actionclip", "Transf", "ViT-Tiny-test"),
 }
 # ViLD's recipe sized for the tiny model: its R50 head and sampling (512 regions of 7x7x256 per image) are not
 SMALL_VILD = dict(fpn_width=8, head_convs=1, head_conv_dim=8, head_fcs=1, head_fc_dim=16, rpn_batch=32, roi_batch=16,
@@ -66,6 +68,9 @@ def variant_config(name):
     if name == "audioclip":  # the test-sized tower on short clips (the reference's takes 5 s at 44.1 kHz)
         c.audioclip.audio_tower = "esresnext-fbsp-test"
         c.data.audio_rate, c.data.audio_samples = 16000, 2048
+    if name in ("clip4clip", "actionclip"):  # short clips; ActionCLIP's classes named (its recipe reads a file)
+        c.data.video_frames = 2
+        c.actionclip.classes = ("running", "jumping", "swimming")
     c.dtype, c.remat, c.accum_steps, c.batch_size, c.total_steps = "float32", "none", 1, 8, 10
     c.init_from = ""  # the tiny model starts from its init
     c.optim.warmup_steps = 0
@@ -87,6 +92,10 @@ def synthetic_batch(method, model, n, seed):
             count = shape.shape[1]
             tokens = clip_jax.tokenize([texts[i % len(texts)] for i in range(n * count)], model=model.config)
             out[key] = tokens.reshape(n, count, -1)
+        elif key == "frame_mask":  # every frame real
+            out[key] = np.ones(shape.shape, np.int32)
+        elif key == "labels":  # ActionCLIP's: class indices
+            out[key] = rng.integers(0, 3, shape.shape).astype(np.int32)
         elif shape.dtype == jnp.uint8:
             out[key] = rng.integers(0, 256, shape.shape, dtype=np.uint8)
         else:

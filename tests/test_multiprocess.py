@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from conftest import SMOKE_SIZES
 
+from clip_jax.input import shapes_video
+from clip_jax.input.shapes_video import ACTIONS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +58,9 @@ def cache(smoke_shapes):
 SIZES = SMOKE_SIZES
 SCENES = {"train": 2560, "validation": 16, "test": 16}  # LSeg's masks (2 shards: one per data stream)
 SIZE_ARGS = {f"data.shapes_sizes.{k}": v for k, v in SIZES.items()}
+VIDEO = {"train": 2560, "validation": 16, "test": 16}  # shapes_video's clips (2 shards: one per data stream)
+VIDEO_ARGS = {"data.train": "shapes_video:train", "data.video_frames": 2,
+              **{f"data.video_sizes.{k}": v for k, v in VIDEO.items()}}
 # Each method of docs/methods.md by its override of the smoke config (LiT's weights: the fixture's).
 METHODS = {
     "clip": {},
@@ -92,6 +98,13 @@ METHODS = {
     # part after 3 steps, as two runs of one layout would on any change of summation order.
     "audioclip": {"method": "audioclip", "audioclip.audio_tower": "esresnext-fbsp-test", "data.audio_rate": 16000,
                   "data.audio_samples": 2048, "optim.frozen": "audio/fbsp/m"},
+    # CLIP4Clip: 2 frames a clip folded into the image tower's batch, seqTransf started from the text tower, the CLIP
+    # weights at 1e-3 of the header's lr
+    "clip4clip": {"method": "clip4clip", "clip4clip.sim_header": "seqTransf", "clip4clip.layers": 2, **VIDEO_ARGS},
+    # ActionCLIP: the action labels as text in a template drawn from the step's rng, the Transf fusion, the KL loss
+    # over the global batch's equal-label matrix
+    "actionclip": {"method": "actionclip", "actionclip.fusion": "Transf", "actionclip.fusion_layers": 1,
+                   "actionclip.classes": ACTIONS, "data.label_keys": ("label_action",), **VIDEO_ARGS},
 }
 
 
@@ -169,6 +182,8 @@ def test_layouts_agree_and_a_sigkill_at_any_moment_then_restart_ends_like_an_uni
         from clip_jax.input import shapes_scenes
 
         shapes_scenes.ensure_scenes_dataset(cache, seed=0, image_size=64, sizes=SCENES)
+    if method in ("clip4clip", "actionclip"):
+        shapes_video.ensure_video_dataset(cache, seed=0, image_size=64, sizes=VIDEO)
     # every checkpoint kept: the restarts below start from the uninterrupted run's
     args = dict(total_steps=steps, checkpoint_every_steps=2, keep_checkpoints=steps // 2, batch_size=32, **SIZE_ARGS,
                 **method_args(method, weights))

@@ -200,7 +200,8 @@ class Evaluator:
 
         info, config, limit, max_captions = group.info, group.config, group.limit, group.max_captions
         # the record features the predictions read besides images and captions (a clip), read but not kept
-        reads = {encoder.predictions[p].reads for p in group.predictions}
+        reads = {r for name in group.predictions
+                 for r in (encoder.predictions[name].reads,) + encoder.predictions[name].also_reads}
         inputs = [r for r in sorted(reads - {"image", "tokens", None}) if r not in group.features]
         batches = eval_data.eval_batches(
             info, config, batch_size=global_batch // jax.process_count(), image_size=self.image_size,
@@ -271,7 +272,9 @@ def format_table(metrics: dict) -> str:
 
 
 def _fmt(metric: str, value: float) -> str:
-    return f"{value:.3g}" if metric == "C" else f"{100 * value:.1f}%"
+    if metric == "C" or metric.endswith(("_MdR", "_MnR")):  # a linear probe's C; video retrieval's ranks
+        return f"{value:.3g}"
+    return f"{100 * value:.1f}%"
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -60,13 +60,20 @@ class Encoder:
         shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
-    def predict(self, name: str, local: np.ndarray):
-        """This process's rows of the batch key the prediction reads -> global [rows * processes, ...]
-        (on the devices); axes before the items' are flattened into rows."""
+    def predict(self, name: str, local: np.ndarray, *also: np.ndarray):
+        """This process's rows of the batch key the prediction reads (and of those it also reads) -> global
+        [rows * processes, ...] (on the devices); axes before the items' are flattened into rows."""
         p = self.predictions[name]
         local = np.asarray(local)
-        local = local.reshape((-1,) + local.shape[local.ndim - p.item_rank:])
-        return self._jitted[name](self.variables, self._global(local))
+        lead = local.ndim - p.item_rank
+        local = local.reshape((-1,) + local.shape[lead:])
+        also = [np.asarray(a).reshape((-1,) + np.asarray(a).shape[lead:]) for a in also]
+        return self._jitted[name](self.variables, self._global(local), *map(self._global, also))
+
+    def predict_batch(self, name: str, local: dict):
+        """predict() on the keys of a batch the prediction reads."""
+        p = self.predictions[name]
+        return self.predict(name, local[p.reads], *(local[k] for k in p.also_reads))
 
     def value(self, name: str) -> np.ndarray:
         """A prediction of the model itself (reads=None), e.g. 'logit_scale', on the host."""
@@ -118,7 +125,7 @@ def extract(encoder: Encoder, batches: Iterable[dict], *, texts: bool = False, p
             local = empty_batch(like)
         if like is None:
             like = local
-        out = {name: encoder.predict(name, local[encoder.predictions[name].reads]) for name in names}
+        out = {name: encoder.predict_batch(name, local) for name in names}
         pending.append((out, {k: local[k] for k in ("mask", "labels", "caption_mask", *features) if k in local}))
         seen += int(local["mask"].sum()) * jax.process_count()  # an estimate while the shares are even
         now = time.perf_counter()

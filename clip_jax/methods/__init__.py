@@ -8,7 +8,17 @@ from clip_jax.registry import Registry
 
 METHODS: Registry[type] = Registry("method")
 
-from clip_jax.methods import audioclip, clip, glip, groupvit, lseg, slip, vild  # noqa: E402,F401  (registers each one)
+from clip_jax.methods import (  # noqa: E402,F401  (registers each one)
+    actionclip,
+    audioclip,
+    clip,
+    clip4clip,
+    glip,
+    groupvit,
+    lseg,
+    slip,
+    vild,
+)
 
 
 def registered(attribute: str) -> dict:

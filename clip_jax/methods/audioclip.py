@@ -220,7 +220,7 @@ class AudioCLIP(Method):
         def without_audio(fn):
             return lambda variables, *args: fn(self.split(variables)[0], *args)
 
-        out = {name: Prediction(without_audio(p.fn), p.reads, p.item_rank)
+        out = {name: p.with_fn(without_audio(p.fn))
                for name, p in two_tower_predictions(self.model).items() if not name.startswith(("image_dense",
                                                                                                 "segment"))}
 

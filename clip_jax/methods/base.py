@@ -168,11 +168,14 @@ class BatchInput:
 class Prediction:
     """One predict function of a method: fn(variables, inputs) -> one row per input item, where the
     inputs are the evaluation batch's `reads` key with items of rank `item_rank` (leading axes are
-    flattened into rows); with reads=None, fn(variables) -> one value of the model."""
+    flattened into rows); with reads=None, fn(variables) -> one value of the model. `also_reads`: further
+    batch keys passed after it, fn(variables, inputs, *others), each with the same leading axes (a clip's
+    frame mask beside its frames)."""
 
     def __init__(self, fn, reads: str | None = None, item_rank: int = 0, templates: tuple | None = None,
-                 background: bool = False, class_inputs=None):
+                 background: bool = False, class_inputs=None, also_reads: tuple = ()):
         self.fn, self.reads, self.item_rank = fn, reads, item_rank
+        self.also_reads = tuple(also_reads)
         # A detector that reads its classes its own way (GLIP: a prompt of their names): fn(names) -> a dict of
         # arrays the detection task passes in place of the class embeddings, plus optionally 'prompt' (str, the
         # text read: the task shows it on its picture and in its details).
@@ -184,10 +187,20 @@ class Prediction:
         # background's logit first (the segmentation task's background=model).
         self.background = background
 
+    def with_fn(self, fn) -> "Prediction":
+        """The same prediction (inputs, templates, ...) computed by `fn` (a wrapper of this one's)."""
+        import copy
+
+        out = copy.copy(self)
+        out.fn = fn
+        return out
+
 
 def two_tower_predictions(model) -> dict[str, Prediction]:
     """CLIP's: 'image_embeds' (unit vectors of images [N, S, S, 3], uint8 or float, normalized on the
-    device), 'text_embeds' (unit vectors of tokens [N, T]) and 'logit_scale' (the learned temperature);
+    device), 'text_embeds' (unit vectors of tokens [N, T]), 'logit_scale' (the learned temperature) and
+    'video_embeds' (unit vectors of clips [N, T, S, S, 3] with their frame masks [N, T]: the mean of the frames'
+    unit embeddings, CLIP4Clip's meanP without training);
     'image_dense' / 'image_dense_patch' (per-patch features [N, h, w, E], not normalized: MaskCLIP's value path
     / each patch token through the head) and 'segment_logits', the segmentation task's segmenter:
     fn(variables, images, class_embeds [C, E] unit rows) -> [N, h, w, C] logits (MaskCLIP: cosine of the
@@ -221,7 +234,16 @@ def two_tower_predictions(model) -> dict[str, Prediction]:
     def logit_scale(variables):
         return model.apply(variables, method="temperature")[0]
 
+    def videos(variables, frames, mask):
+        # CLIP without a video head: CLIP4Clip's meanP on its frames (unit frames, masked mean, unit again)
+        from clip_jax.models.video import pool_frames
+
+        b, t = frames.shape[:2]
+        flat = model.apply(variables, model_images(frames.reshape((b * t,) + frames.shape[2:])), method="encode_image")
+        return pool_frames(flat.reshape(b, t, -1), mask)
+
     return {"image_embeds": Prediction(images, "image", 3), "text_embeds": Prediction(texts, "tokens", 1),
+            "video_embeds": Prediction(videos, "frames", 4, also_reads=("frame_mask",)),
             "logit_scale": Prediction(logit_scale), "image_dense": Prediction(dense("maskclip"), "image", 3),
             "image_dense_patch": Prediction(dense("patch"), "image", 3),
             "segment_logits": Prediction(segment_logits, "image", 3)}
@@ -267,7 +289,7 @@ def without_part(fn, part: str):
 def tower_predictions(predictions: dict, part: str) -> dict:
     """A detector method's two-tower predictions, fed its variables (head `part` left out); the dense and
     segmentation ones dropped (its image tower is the detector's backbone)."""
-    return {name: Prediction(without_part(p.fn, part), p.reads, p.item_rank) for name, p in predictions.items()
+    return {name: p.with_fn(without_part(p.fn, part)) for name, p in predictions.items()
             if not name.startswith(("image_dense", "segment"))}
 
 

@@ -275,7 +275,7 @@ class LSeg(Method):
         [K, E] or None: every config.lseg.classes) -> per-pixel logits float32 [N, S, S, K], every class."""
         towers = {}
         for name, p in super().predictions().items():
-            towers[name] = Prediction(without_part(p.fn, HEAD), p.reads, p.item_rank)
+            towers[name] = p.with_fn(without_part(p.fn, HEAD))
 
         learned = self.config.lseg.background == "learned"
 

@@ -14,6 +14,7 @@ from clip_jax.evaluate.tasks import (  # noqa: F401  (registers them)
     linear_probe,
     retrieval,
     segmentation,
+    video,
     zero_shot,
 )
 from clip_jax.evaluate.tasks.base import TASKS, Read, Task
