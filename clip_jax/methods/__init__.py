@@ -8,10 +8,10 @@ from clip_jax.registry import Registry
 
 METHODS: Registry[type] = Registry("method")
 
+from clip_jax.methods import clip  # noqa: E402,F401,I001  (first: the default method leads the registry's list)
 from clip_jax.methods import (  # noqa: E402,F401  (registers each one)
     actionclip,
     audioclip,
-    clip,
     clip4clip,
     glip,
     groupvit,
