@@ -72,7 +72,8 @@ class VideoMethod(Method):
         clip_rng, head_rng = jax.random.split(rng)
         variables = dict(self.model.init(clip_rng, *dummy_inputs(self.model)))
         head = self.head.init(head_rng, *dummy_video_inputs(self.head, self.model.config.embed_dim))
-        variables["params"] = {**variables["params"], HEAD: head.get("params", {})}
+        if head.get("params"):  # meanP has none: an empty subtree would not survive a weights file's flattening
+            variables["params"] = {**variables["params"], HEAD: head["params"]}
         return variables
 
     def param_groups(self):
