@@ -543,6 +543,17 @@ def ensure_shapes_dataset(
                          lambda tmp, shards: _write(tmp, seed, image_size, sizes, shards, workers))
 
 
+def write_splits(directory: str, sizes: Dict[str, int], shards: Dict[str, int], encode, info: dict) -> None:
+    """Each split's records in order (``encode(split, index)`` -> serialized bytes) into its shards, one
+    process, then ``info`` as dataset_info.json, last: what marks a complete directory for cached_splits."""
+    for split, size in sizes.items():
+        with records.ShardWriter(os.path.join(directory, split), shards[split]) as writer:
+            for i in range(size):
+                writer.write(encode(split, i))
+    with open(os.path.join(directory, "dataset_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
 def cached_splits(cache_dir: str, name: str, version: int, seed: int, image_size: int, sizes: Dict[str, int],
                   num_shards: Optional[Dict[str, int]], write) -> Dict[str, List[str]]:
     """split -> shard paths of a generated dataset under ``cache_dir``, made on first use by

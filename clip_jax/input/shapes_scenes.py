@@ -30,7 +30,6 @@ CLI: ``python -m clip_jax.input.shapes --out=DIR --variant=scenes``. Data spec:
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -279,10 +278,6 @@ def ensure_scenes_dataset(cache_dir: str, seed: int = 0, image_size: int = 64, s
 
 
 def _write(tmp: str, seed: int, image_size: int, sizes: Dict[str, int], shards: Dict[str, int]) -> None:
-    for s in SPLITS:
-        with records.ShardWriter(os.path.join(tmp, s), shards[s]) as writer:
-            for i in range(sizes[s]):
-                writer.write(encoded(seed, s, i, image_size))
     info = dict(
         name="shapes_scenes", version=VERSION, seed=seed, image_size=image_size, image_format="png", sizes=sizes,
         num_shards=shards, objects=[MIN_OBJECTS, MAX_OBJECTS], min_visible=MIN_VISIBLE,
@@ -294,8 +289,8 @@ def _write(tmp: str, seed: int, image_size: int, sizes: Dict[str, int], shards: 
         class_names={t: shapes.class_names(t) for t in LABEL_TASKS.values()},
         novel_shapes=list(shapes.NOVEL_SHAPES),
     )
-    with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # last: marks a complete directory
-        json.dump(info, f, indent=1)
+    shapes.write_splits(tmp, {split: sizes[split] for split in SPLITS}, shards,
+                        lambda split, i: encoded(seed, split, i, image_size), info)
 
 
 def scenes_files(split: str, config) -> List[str]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import time
@@ -240,17 +239,13 @@ def ensure_video_dataset(cache_dir: str, seed: int = 0, image_size: int = 64,
 
 
 def _write(tmp: str, seed: int, image_size: int, sizes: Dict[str, int], shards: Dict[str, int]) -> None:
-    for s in SPLITS:
-        with records.ShardWriter(os.path.join(tmp, s), shards[s]) as writer:
-            for i in range(sizes[s]):
-                writer.write(encoded(seed, s, i, image_size))
     info = dict(
         name="shapes_video", version=VERSION, seed=seed, image_size=image_size, image_format="png", frames=FRAMES,
         sizes=sizes, num_shards=shards, features=dict(LABEL_TASKS), actions=list(ACTIONS),
         class_names={t: class_names(t) for t in LABEL_TASKS.values()}, action_templates=ACTION_TEMPLATES,
     )
-    with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # last: marks a complete directory
-        json.dump(info, f, indent=1)
+    shapes.write_splits(tmp, {split: sizes[split] for split in SPLITS}, shards,
+                        lambda split, i: encoded(seed, split, i, image_size), info)
 
 
 def video_files(split: str, config) -> List[str]:
