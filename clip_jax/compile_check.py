@@ -135,7 +135,7 @@ def compile_check(config, topology: str, devices: Optional[list] = None) -> dict
     if "argument_gib" in report:
         # The compiled count sees each loop body once (scanned layers, accumulation); the model's own
         # matmul FLOPs per chip (3 x forward, no remat; SLIP's extra image passes) compare across settings.
-        train_step = flops.method_train_flops(run.model, config.batch_size, config.method)
+        train_step = flops.method_train_flops(run.model, config.batch_size, config.method, config)
         report["model_flops_per_chip"] = train_step / len(devices)
     return report
 

@@ -190,3 +190,13 @@ def test_bad_settings_are_named_before_anything_compiles(model):
     narrow = SimpleNamespace(embed_dim=16, text=SimpleNamespace(width=32))
     with pytest.raises(ValueError, match="embed_dim"):
         check_widths(narrow, "seqTransf", "config.clip4clip.sim_header")
+
+
+@pytest.mark.parametrize("method", ["clip4clip", "actionclip"])
+def test_model_flops_count_every_frame_through_the_image_tower(model, method):
+    from clip_jax.train.flops import clip_forward_flops, method_train_flops
+
+    clips, frames = 4, T
+    per_clip, per_frame = clip_forward_flops(model, clips), clip_forward_flops(model, clips * frames)
+    want = 3 * (per_frame["image"] + per_clip["text"] + per_clip["logits"])
+    np.testing.assert_allclose(method_train_flops(model, clips, method, config(method)), want, rtol=1e-6)

@@ -124,10 +124,10 @@ class Method:
         return (Phase(0, "train"),)
 
     @classmethod
-    def train_flops(cls, forward: Mapping[str, float]) -> float:
+    def train_flops(cls, forward: Mapping[str, float], config=None) -> float:
         """Model FLOPs of one training step from the forward pass's parts over the batch
         ({'image', 'text', 'logits', 'forward', 'train_step'}, clip_jax.train.flops.clip_forward_flops):
-        the backward pass counted as twice the forward."""
+        the backward pass counted as twice the forward; config: the run's, where the count depends on it."""
         return forward["train_step"]
 
 

@@ -120,6 +120,13 @@ class VideoMethod(Method):
         """The head's unit video embeddings [B, D] from frame features [B, T, D] and the frame mask."""
         raise NotImplementedError
 
+    @classmethod
+    def train_flops(cls, forward, config=None):
+        """CLIP's step with each clip's frames (config.data.video_frames; 1 without a config) through the image
+        tower, forward and backward; the head is not counted: a lower bound."""
+        frames = int(config.data.video_frames) if config is not None else 1
+        return forward["train_step"] + 3 * (frames - 1) * forward["image"]
+
     def post_update(self, params):
         # CLIP's temperature clamped on the parameter after each step (CLIP4Clip clamps it to log 100)
         cap = self.model.config.max_logit_scale

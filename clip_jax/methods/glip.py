@@ -462,7 +462,7 @@ class GLIP(Method):
                      "glip.negatives": (">=", 0), "glip.pre_nms": (">=", 1), "glip.text_lr_mult": (">=", 0)}
 
     @classmethod
-    def train_flops(cls, forward):
+    def train_flops(cls, forward, config=None):
         # the image tower forward and backward; the head is not counted: a lower bound
         return 3 * forward["image"]
 

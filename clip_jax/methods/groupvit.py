@@ -218,7 +218,7 @@ class GroupViT(Clip):
         return out
 
     @classmethod
-    def train_flops(cls, forward):
+    def train_flops(cls, forward, config=None):
         """CLIP's step plus the default `prompts` texts per image more through the text tower and the multi-label
         logits (B x B * prompts), each with its backward (twice the forward)."""
         prompts = GROUPVIT_DEFAULTS["prompts"]

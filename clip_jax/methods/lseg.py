@@ -312,7 +312,7 @@ class LSeg(Method):
     config_ranges = {"lseg.features": (">=", 1), "lseg.logit_scale": (">", 0)}
 
     @classmethod
-    def train_flops(cls, forward):
+    def train_flops(cls, forward, config=None):
         # the image tower forward and backward; no per-example text pass, and the DPT head (its convolutions
         # depend on config.lseg, which this hook does not see) is not counted: a lower bound
         return 3 * forward["image"]

@@ -157,9 +157,9 @@ class Slip(Clip):
         _check_detach(config)
 
     @classmethod
-    def train_flops(cls, forward):
+    def train_flops(cls, forward, config=None):
         # the two SimCLR views: two more image passes, forward and backward (the small head not counted)
-        return super().train_flops(forward) + 2 * 3 * forward["image"]
+        return super().train_flops(forward, config) + 2 * 3 * forward["image"]
 
 
 def _check_detach(config) -> None:

@@ -408,7 +408,7 @@ class ViLD(Method):
                      "vild.fpn_width": (">=", 1), "vild.roi_size": (">=", 1), "vild.max_objects": (">=", 1)}
 
     @classmethod
-    def train_flops(cls, forward):
+    def train_flops(cls, forward, config=None):
         # the image tower forward and backward; the detector's heads are not counted: a lower bound
         return 3 * forward["image"]
 

@@ -120,9 +120,10 @@ def clip_forward_flops(model_name, batch: int) -> dict:
     return {"image": image, "text": text, "logits": logits, "forward": forward, "train_step": 3 * forward}
 
 
-def method_train_flops(model, batch: int, method: str = "clip") -> float:
+def method_train_flops(model, batch: int, method: str = "clip", config=None) -> float:
     """Model FLOPs of one training step of `method` on `batch` examples: what the method counts from
-    the forward pass's parts (Method.train_flops; CLIP's: 3 x forward)."""
+    the forward pass's parts (Method.train_flops; CLIP's: 3 x forward), given the run's config where the count
+    depends on it (a video method's frames a clip)."""
     from clip_jax.methods import METHODS
 
-    return METHODS.get(method).train_flops(clip_forward_flops(model, batch))
+    return METHODS.get(method).train_flops(clip_forward_flops(model, batch), config)
