@@ -183,3 +183,16 @@ def test_siglip_config_is_the_paper_recipe_with_the_sigmoid_loss_and_siglip_text
     assert model.config.vision.pool_type == "map"
     with pytest.raises(ValueError, match="takes a ViT preset"):
         siglip.get_config("RN50")
+
+
+def test_evaluations_come_at_their_steps_between_log_steps(tmp_path):
+    c = smoke_config(tmp_path, 3)
+    c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 1, 3
+    c.data.eval = "zero_shot=shapes:validation"
+    c.eval_batch_size, c.summary_png = 8, False
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+    rows = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    assert all("zero_shot/shapes.validation/color/top1" in m for m in rows)
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["step_1.json", "step_2.json",
+                                                                            "step_3.json"]

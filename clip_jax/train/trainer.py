@@ -215,7 +215,9 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
         def after_step(step: int, metrics, state) -> None:
             nonlocal last
             window["images"] += config.batch_size
-            if step % config.log_every_steps and step != config.total_steps:
+            evaluates = evaluator and (step % config.eval_every_steps == 0 or step == config.total_steps)
+            # an evaluation step logs too, so that eval_every_steps need not be a multiple of log_every_steps
+            if step % config.log_every_steps and step != config.total_steps and not evaluates:
                 return
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - window["start"]
@@ -227,7 +229,7 @@ def _train_and_evaluate(config, workdir: str, stop_at, compiler_options, retain,
             eta = (config.total_steps - step) * elapsed / (window["images"] / config.batch_size)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                 + f" eta={_duration(eta)}")
-            if evaluator and (step % config.eval_every_steps == 0 or step == config.total_steps):
+            if evaluates:
                 row.update(_evaluate(evaluator, encoder, run.method, state, config, workdir, step))
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
