@@ -312,7 +312,8 @@ def bench_train(args) -> dict:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):  # TensorBoard + Perfetto
             train.run(3)
     step_s = float(np.median(times))
-    model_flops = flops.method_train_flops(train.model, args.batch, args.method)  # the model built (overrides)
+    # the model and config built (overrides; a video method's frames a clip)
+    model_flops = flops.method_train_flops(train.model, args.batch, args.method, train.run_.config)
     if peak is not None:
         peak_total, peak_note = peak * n, f"{peak / 1e12:.0f} TFLOP/s per device ({device.device_kind}, bf16 table)"
         mfu = model_flops / step_s / peak_total
@@ -496,7 +497,7 @@ def bench_ab(args) -> dict:
         # a variant that skips part of the model (frozen, cached, masked) has no MFU by the full count
         partial = any(settings.get(k) for k in ("frozen", "patch_dropout", "cached_images"))
         model_flops = float("nan") if partial else flops.method_train_flops(
-            steps[name].model, args.batch, settings.get("method", args.method))
+            steps[name].model, args.batch, settings.get("method", args.method), steps[name].run_.config)
         paired = base / t  # > 1: faster than the first variant in the same round
         results[name] = {
             "settings": {**settings, **options}, "step_s": float(np.median(t)), "step_s_min": float(t.min()),

@@ -314,7 +314,7 @@ class LSeg(Method):
     @classmethod
     def train_flops(cls, forward, config=None):
         # the image tower forward and backward; no per-example text pass, and the DPT head (its convolutions
-        # depend on config.lseg, which this hook does not see) is not counted: a lower bound
+        # depend on config.lseg) is not counted: a lower bound
         return 3 * forward["image"]
 
     @classmethod
